@@ -1,0 +1,76 @@
+//! `vcpu_scheduler PERIOD`: re-pin vCPUs every PERIOD seconds so pCPU load stays balanced.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use log::info;
+use vmbalance::cpu_plan::CpuPolicy;
+use vmbalance::daemon::{CommonArgs, StopSignal, exit_with, parse_args, parse_non_negative, parse_period};
+use vmbalance::libvirt::LibvirtHost;
+use vmbalance::scheduler::Scheduler;
+
+/// Balance the vCPUs of the running libvirt domains over the host's pCPUs.
+///
+/// Every PERIOD seconds it samples the CPU time of every vCPU of every active domain, derives
+/// per-vCPU and per-pCPU usage, and re-pins vCPUs so that the busiest pCPU is at most THRESHOLD
+/// points above the freest one, with as few pin changes as it can. vCPUs not pinned to a single
+/// pCPU are pinned once. It exits 0 when a cycle finds no active domain, and on Ctrl-C or SIGTERM.
+#[derive(Parser, Debug)]
+#[command(name = "vcpu_scheduler", version, allow_negative_numbers = true)]
+struct Args {
+    /// Seconds between two samples: a positive number, e.g. 3 or 0.5
+    #[arg(value_name = "PERIOD", value_parser = parse_period)]
+    period: Duration,
+
+    /// Largest allowed gap between the busiest and the freest pCPU, in percentage points
+    #[arg(long, value_name = "POINTS", default_value_t = 10.0, value_parser = parse_non_negative)]
+    threshold: f64,
+
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn run(args: Args) -> Result<()> {
+    let uri = args.common.uri();
+    let mut host = LibvirtHost::connect(&uri)?;
+    let mut stop = StopSignal::install()?;
+    let policy = CpuPolicy {
+        threshold: args.threshold,
+    };
+    let mut scheduler = Scheduler::new(policy, args.common.dry_run);
+    info!(
+        "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}",
+        args.period,
+        args.threshold,
+        if args.common.dry_run { ", dry run (no change is made)" } else { "" }
+    );
+    let mut cycle = 0u64;
+    loop {
+        cycle += 1;
+        if cycle > 1 && stop.sleep(args.period) {
+            info!("stopping on signal after {} cycles", cycle - 1);
+            return Ok(());
+        }
+        let Some(report) = scheduler.cycle(&mut host)? else {
+            info!("no active domain on {uri}: nothing to balance, exiting");
+            return Ok(());
+        };
+        info!("cycle {cycle}: {report}");
+        if args.common.cycles.is_some_and(|n| cycle >= n) {
+            info!("done after {cycle} cycles");
+            return Ok(());
+        }
+        if stop.requested() {
+            info!("stopping on signal after {cycle} cycles");
+            return Ok(());
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Args = parse_args();
+    args.common.init_logging();
+    exit_with(run(args))
+}

@@ -1,0 +1,252 @@
+//! Decide: which vCPUs to re-pin so pCPU load is balanced, with as few pin changes as possible.
+//!
+//! Pure: a [`CpuSnapshot`] in, a [`CpuPlan`] out, no I/O. The rules, in order:
+//!
+//! 1. Every vCPU whose affinity is not exactly one online pCPU (libvirt's default spans them all)
+//!    is pinned to one, heaviest first onto the least-loaded pCPU.
+//! 2. The host is balanced when the busiest pCPU that runs two or more vCPUs is at most
+//!    `threshold` points above the freest pCPU. A pCPU running a single vCPU cannot be made less
+//!    busy by moving that vCPU (it would only make another pCPU as busy), so it never counts as the
+//!    busiest. A balanced host gets no move.
+//! 3. Otherwise the planner repeatedly takes the busiest such pCPU and the freest pCPU and moves
+//!    the one vCPU that best evens the pair; only when no single move helps does it swap two vCPUs
+//!    (two changes). Every step narrows the pair's gap and never widens the host's spread.
+//! 4. A step must pay for itself, which is what keeps the daemon stable under sampling noise: it
+//!    closes at least `threshold` points of the pair's gap, or it brings the pair within
+//!    `threshold` while closing at least half of it. A move that only trades which pCPU is busier
+//!    (a vCPU about as large as the gap) is refused, so noise cannot make a vCPU ping-pong.
+//! 5. vCPUs whose usage is not known yet (first sample) are neither moved nor pinned.
+//!
+//! The plan is the difference between the final placement and the current pins, so a vCPU
+//! moved and moved back costs nothing, and one moved twice costs one change.
+
+use std::collections::BTreeMap;
+
+use crate::sampling::{CpuSnapshot, VcpuKey};
+
+/// Tuning of the vCPU planner.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuPolicy {
+    /// Largest allowed gap, in percentage points, between the busiest and the freest pCPU.
+    pub threshold: f64,
+}
+
+impl Default for CpuPolicy {
+    fn default() -> Self {
+        Self { threshold: 10.0 }
+    }
+}
+
+/// One pin change: put vCPU `key` on pCPU `to`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PinMove {
+    /// The vCPU.
+    pub key: VcpuKey,
+    /// Its pCPU before: `None` when its affinity spanned several pCPUs (or an offline one).
+    pub from: Option<u32>,
+    /// The single pCPU it is pinned to.
+    pub to: u32,
+    /// Its usage, in percent of one pCPU.
+    pub usage: f64,
+}
+
+/// How uneven the pCPU loads are.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Balance {
+    /// Busiest pCPU minus freest pCPU, in points.
+    pub spread: f64,
+    /// Busiest pCPU running two or more vCPUs minus freest pCPU (0 when none runs two): the part
+    /// of the spread that moving vCPUs can reduce. The host is balanced when this is within the
+    /// threshold.
+    pub fixable_spread: f64,
+}
+
+/// The planner's answer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CpuPlan {
+    /// Pin changes to make, sorted by vCPU.
+    pub moves: Vec<PinMove>,
+    /// The balance before the plan.
+    pub before: Balance,
+    /// The balance the plan predicts, with usages as measured.
+    pub after: Balance,
+    /// Predicted usage of each online pCPU after the plan.
+    pub predicted: BTreeMap<u32, f64>,
+}
+
+/// Working state: where every vCPU sits and what each pCPU carries.
+struct Placement {
+    /// Per vCPU: its pCPU index now (None = not placed on a single online pCPU).
+    at: Vec<Option<usize>>,
+    /// Per vCPU: usage, 0 when unknown.
+    usage: Vec<f64>,
+    /// Per vCPU: may the planner move it?
+    movable: Vec<bool>,
+    /// Per pCPU: summed usage.
+    load: Vec<f64>,
+    /// Per pCPU: vCPU indices on it.
+    members: Vec<Vec<usize>>,
+}
+
+impl Placement {
+    fn put(&mut self, v: usize, p: usize) {
+        self.at[v] = Some(p);
+        self.load[p] += self.usage[v];
+        self.members[p].push(v);
+    }
+
+    fn take(&mut self, v: usize) {
+        if let Some(p) = self.at[v].take() {
+            self.load[p] -= self.usage[v];
+            self.members[p].retain(|&m| m != v);
+        }
+    }
+
+    fn freest(&self) -> usize {
+        (0..self.load.len())
+            .min_by(|&a, &b| {
+                self.load[a]
+                    .total_cmp(&self.load[b])
+                    .then(self.members[a].len().cmp(&self.members[b].len()))
+                    .then(a.cmp(&b))
+            })
+            .expect("at least one pCPU")
+    }
+
+    /// The busiest pCPU running at least two vCPUs.
+    fn busiest_shared(&self) -> Option<usize> {
+        (0..self.load.len())
+            .filter(|&p| self.members[p].len() >= 2)
+            .max_by(|&a, &b| self.load[a].total_cmp(&self.load[b]).then(b.cmp(&a)))
+    }
+
+    fn balance(&self) -> Balance {
+        let min = self.load.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.load.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let fixable = self
+            .busiest_shared()
+            .map_or(0.0, |p| (self.load[p] - min).max(0.0));
+        Balance {
+            spread: max - min,
+            fixable_spread: fixable,
+        }
+    }
+}
+
+/// Does closing a pair's `gap` down to `new_gap` pay for a pin change? See the module docs, rule 4.
+fn pays(gap: f64, new_gap: f64, threshold: f64) -> bool {
+    let gain = gap - new_gap;
+    gain > 1e-9 && (gain >= threshold || (new_gap <= threshold && gain >= threshold / 2.0))
+}
+
+/// Plan the pin changes for one snapshot.
+pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
+    let threshold = policy.threshold.max(0.0);
+    let pcpus = &snapshot.pcpus;
+    if pcpus.is_empty() {
+        return CpuPlan::default();
+    }
+    let index_of = |p: u32| pcpus.binary_search(&p).ok();
+    let n = snapshot.vcpus.len();
+    let mut s = Placement {
+        at: vec![None; n],
+        usage: snapshot.vcpus.iter().map(|v| v.usage.unwrap_or(0.0).max(0.0)).collect(),
+        movable: snapshot.vcpus.iter().map(|v| v.usage.is_some()).collect(),
+        load: vec![0.0; pcpus.len()],
+        members: vec![Vec::new(); pcpus.len()],
+    };
+    // Where each vCPU sits now: its single pin. Unpinned vCPUs are charged to their last pCPU for
+    // the "before" picture, then taken off to be placed.
+    let original: Vec<Option<usize>> = snapshot
+        .vcpus
+        .iter()
+        .map(|v| v.pinned.and_then(index_of))
+        .collect();
+    for (v, load) in snapshot.vcpus.iter().enumerate() {
+        if let Some(p) = load.charged_pcpu().and_then(index_of) {
+            s.put(v, p);
+        }
+    }
+    let before = s.balance();
+
+    // Rule 1: pin the unpinned, heaviest first, onto the least-loaded pCPU.
+    let mut unplaced: Vec<usize> = (0..n)
+        .filter(|&v| original[v].is_none() && s.movable[v])
+        .collect();
+    for &v in &unplaced {
+        s.take(v);
+    }
+    unplaced.sort_by(|&a, &b| s.usage[b].total_cmp(&s.usage[a]).then(a.cmp(&b)));
+    for v in unplaced {
+        let p = s.freest();
+        s.put(v, p);
+    }
+
+    // Rules 2-4: even out the busiest shared pCPU against the freest one, step by step.
+    let max_steps = 4 * n + 16;
+    for _ in 0..max_steps {
+        let Some(src) = s.busiest_shared() else { break };
+        let dst = s.freest();
+        let gap = s.load[src] - s.load[dst];
+        if src == dst || gap <= threshold {
+            break;
+        }
+        // Prefer the step that closes the most gap; among equals, the one that adds fewest changes.
+        let new_changes = |v: usize, to: usize| usize::from(original[v] != Some(to)) as f64;
+        let best_move = s.members[src]
+            .iter()
+            .copied()
+            .filter(|&v| s.movable[v])
+            .map(|v| ((gap - 2.0 * s.usage[v]).abs(), new_changes(v, dst), v))
+            .filter(|&(new_gap, _, _)| pays(gap, new_gap, threshold))
+            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
+        if let Some((_, _, v)) = best_move {
+            s.take(v);
+            s.put(v, dst);
+            continue;
+        }
+        let mut best_swap: Option<(f64, f64, usize, usize)> = None;
+        for &v in s.members[src].iter().filter(|&&v| s.movable[v]) {
+            for &w in s.members[dst].iter().filter(|&&w| s.movable[w]) {
+                let d = s.usage[v] - s.usage[w];
+                let new_gap = (gap - 2.0 * d).abs();
+                if d <= 0.0 || !pays(gap, new_gap, threshold) {
+                    continue;
+                }
+                let cand = (new_gap, new_changes(v, dst) + new_changes(w, src), v, w);
+                let better = best_swap.is_none_or(|b| {
+                    cand.0.total_cmp(&b.0).then(cand.1.total_cmp(&b.1)).is_lt()
+                });
+                if better {
+                    best_swap = Some(cand);
+                }
+            }
+        }
+        let Some((_, _, v, w)) = best_swap else { break };
+        s.take(v);
+        s.take(w);
+        s.put(v, dst);
+        s.put(w, src);
+    }
+
+    let moves = snapshot
+        .vcpus
+        .iter()
+        .enumerate()
+        .filter_map(|(v, load)| {
+            let to = s.at[v]?;
+            (s.movable[v] && original[v] != Some(to)).then(|| PinMove {
+                key: load.key,
+                from: load.pinned,
+                to: pcpus[to],
+                usage: s.usage[v],
+            })
+        })
+        .collect();
+    CpuPlan {
+        moves,
+        before,
+        after: s.balance(),
+        predicted: pcpus.iter().copied().zip(s.load.iter().copied()).collect(),
+    }
+}

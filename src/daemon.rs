@@ -1,0 +1,192 @@
+//! What both daemons share: command-line conventions, logging, the stop signal and the exit path.
+
+use std::process::ExitCode;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::libvirt::DEFAULT_URI;
+
+/// Longest PERIOD accepted: a day. Anything longer is almost certainly a unit mistake.
+pub const MAX_PERIOD_SECS: f64 = 86_400.0;
+
+/// Options every daemon takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// libvirt URI to manage [default: $LIBVIRT_DEFAULT_URI, else qemu:///system]
+    #[arg(short = 'c', long = "connect", value_name = "URI")]
+    pub connect: Option<String>,
+
+    /// Log what would change, but change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Stop after N cycles (the first cycle only samples) [default: run until stopped]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub cycles: Option<u64>,
+
+    /// More log output (-v debug, -vv trace); RUST_LOG also works
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Less log output (-q warnings only, -qq errors only)
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub quiet: u8,
+}
+
+impl CommonArgs {
+    /// The URI to connect to: `--connect`, else `LIBVIRT_DEFAULT_URI`, else [`DEFAULT_URI`].
+    pub fn uri(&self) -> String {
+        self.connect
+            .clone()
+            .or_else(|| std::env::var("LIBVIRT_DEFAULT_URI").ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| DEFAULT_URI.to_string())
+    }
+
+    /// Set up logging to stderr: info by default, `RUST_LOG` if set, `-v`/`-q` over both.
+    pub fn init_logging(&self) {
+        let mut builder = env_logger::Builder::new();
+        builder.filter_level(log::LevelFilter::Info);
+        builder.parse_env(env_logger::Env::default());
+        let level = match (self.verbose, self.quiet) {
+            (0, 0) => None,
+            (1, _) => Some(log::LevelFilter::Debug),
+            (v, _) if v >= 2 => Some(log::LevelFilter::Trace),
+            (_, 1) => Some(log::LevelFilter::Warn),
+            _ => Some(log::LevelFilter::Error),
+        };
+        if let Some(level) = level {
+            builder.filter_level(level);
+        }
+        builder.format_target(false).init();
+    }
+}
+
+/// Parse PERIOD: a positive, finite number of seconds, at most a day.
+pub fn parse_period(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("PERIOD must be a positive number of seconds, not {text}"));
+    }
+    if secs > MAX_PERIOD_SECS {
+        return Err(format!("PERIOD {text} is longer than a day ({MAX_PERIOD_SECS} s)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parse a non-negative, finite number (thresholds, percentages).
+pub fn parse_non_negative(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("'{text}' is not a non-negative number")),
+    }
+}
+
+/// Parse the command line; on bad input print one line to stderr and exit with status 2.
+/// `--help` and `--version` print as usual and exit 0.
+pub fn parse_args<T: Parser>() -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            // clap's message is its first paragraph; usage and hints follow a blank line.
+            let rendered = e.render().to_string();
+            let message: Vec<&str> = rendered
+                .trim_start()
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("{} (see --help)", message.join(" "));
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Run a daemon's body: an error becomes one line on stderr and exit status 1.
+pub fn exit_with(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::logger().flush();
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Ctrl-C and SIGTERM, as something a loop can sleep on.
+pub struct StopSignal {
+    rx: Receiver<()>,
+    stopped: bool,
+}
+
+impl StopSignal {
+    /// Install the handler for SIGINT, SIGTERM and SIGHUP. Call once per process.
+    pub fn install() -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        ctrlc::set_handler(move || {
+            let _ = tx.send(());
+        })
+        .context("installing the Ctrl-C/SIGTERM handler")?;
+        Ok(Self { rx, stopped: false })
+    }
+
+    /// Sleep for `period`, waking at once on a signal. Returns true when a stop was requested.
+    pub fn sleep(&mut self, period: Duration) -> bool {
+        if !self.stopped {
+            self.stopped = match self.rx.recv_timeout(period) {
+                Ok(()) => true,
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(period);
+                    false
+                }
+            };
+        }
+        self.stopped
+    }
+
+    /// True when a stop was requested, without sleeping.
+    pub fn requested(&mut self) -> bool {
+        if !self.stopped {
+            self.stopped = self.rx.try_recv().is_ok();
+        }
+        self.stopped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn period_accepts_positive_seconds() {
+        assert_eq!(parse_period("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_period("0.5"), Ok(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn period_refuses_zero_negative_garbage_and_absurd_values() {
+        for bad in ["0", "-1", "abc", "", "nan", "inf", "1e9", "3s"] {
+            assert!(parse_period(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn non_negative_numbers() {
+        assert_eq!(parse_non_negative("10"), Ok(10.0));
+        assert_eq!(parse_non_negative("0"), Ok(0.0));
+        assert!(parse_non_negative("-1").is_err());
+        assert!(parse_non_negative("x").is_err());
+    }
+}

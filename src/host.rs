@@ -1,0 +1,89 @@
+//! Observe: what the daemons need to know about a hypervisor host, and the two things they change.
+//!
+//! The [`Host`] trait is the only door to the hypervisor. [`crate::libvirt_host::LibvirtHost`] is the
+//! real implementation; tests and benchmarks implement it with a simulated host. Domains are keyed by
+//! UUID ([`DomainId`]), never by their position in a listing, so a domain that restarts or a listing
+//! that changes order between two samples cannot be confused with another one.
+
+use std::fmt;
+
+/// A domain's UUID: the stable key of a guest across samples.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DomainId(pub [u8; 16]);
+
+impl fmt::Display for DomainId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                f.write_str("-")?;
+            }
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for DomainId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// An active domain as listed by the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainRef {
+    /// Stable key.
+    pub id: DomainId,
+    /// Human-readable name, for logs.
+    pub name: String,
+}
+
+/// One vCPU of a running domain, as read at one instant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VcpuInfo {
+    /// vCPU number inside the guest.
+    pub number: u32,
+    /// Cumulative CPU time consumed by this vCPU, in nanoseconds.
+    pub cpu_time_ns: u64,
+    /// The pCPU it last ran on, if the hypervisor reports one.
+    pub last_pcpu: Option<u32>,
+    /// The pCPUs it may run on (its affinity), sorted ascending.
+    pub affinity: Vec<u32>,
+}
+
+/// The host's physical CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeCpus {
+    /// Number of pCPUs present (online or not); bitmaps are sized from this.
+    pub present: u32,
+    /// pCPUs that are online, sorted ascending. Only these may be pinned to.
+    pub online: Vec<u32>,
+}
+
+/// Why a change to a domain did not happen, when the reason is not an error worth stopping for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The change was made.
+    Done,
+    /// The domain stopped or vanished before the change could be made; it is skipped this cycle.
+    Vanished,
+}
+
+/// A hypervisor host, as the daemons see it.
+///
+/// Reads of a single domain return `Ok(None)` when the domain stopped or vanished since it was
+/// listed: that is a normal event on a live host, not an error. `Err` is kept for failures the
+/// operator must hear about (lost connection, permission, unsupported driver).
+pub trait Host {
+    /// Active (running or paused) domains, in no particular order.
+    fn active_domains(&mut self) -> anyhow::Result<Vec<DomainRef>>;
+
+    /// Every online vCPU of a domain: cumulative CPU time, last pCPU and affinity.
+    fn vcpus(&mut self, domain: &DomainId) -> anyhow::Result<Option<Vec<VcpuInfo>>>;
+
+    /// The host's present and online pCPUs.
+    fn node_cpus(&mut self) -> anyhow::Result<NodeCpus>;
+
+    /// Pin one vCPU of a running domain to exactly one pCPU.
+    fn pin_vcpu(&mut self, domain: &DomainId, vcpu: u32, pcpu: u32) -> anyhow::Result<Applied>;
+}

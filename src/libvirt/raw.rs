@@ -1,0 +1,145 @@
+//! Safe wrappers over the few libvirt calls that `virt` 0.5 does not wrap.
+//!
+//! Every `unsafe` block in the crate lives in this file. Each wrapper owns the buffers it hands
+//! to libvirt, sizes them from libvirt's own answers, and frees what libvirt allocated, so callers
+//! only ever see owned Rust values.
+
+use std::os::raw::{c_int, c_uchar, c_uint, c_void};
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::Error;
+use virt::sys;
+
+unsafe extern "C" {
+    /// The C library's `free`, which libvirt's documentation names for buffers it allocates.
+    fn free(ptr: *mut c_void);
+}
+
+/// Bytes needed for a CPU bitmap of `cpus` CPUs (libvirt's `VIR_CPU_MAPLEN`).
+pub fn cpu_map_len(cpus: u32) -> usize {
+    cpus.div_ceil(8) as usize
+}
+
+/// The CPU numbers set in a libvirt CPU bitmap (bit `n % 8` of byte `n / 8` is CPU `n`), limited to
+/// the first `cpus` bits.
+pub fn cpus_in_map(map: &[u8], cpus: u32) -> Vec<u32> {
+    (0..cpus)
+        .filter(|&cpu| {
+            map.get((cpu / 8) as usize)
+                .is_some_and(|byte| byte & (1 << (cpu % 8)) != 0)
+        })
+        .collect()
+}
+
+/// A libvirt CPU bitmap of `cpus` CPUs with exactly `cpu` set.
+pub fn map_of_one_cpu(cpu: u32, cpus: u32) -> Vec<u8> {
+    let mut map = vec![0u8; cpu_map_len(cpus.max(cpu + 1))];
+    map[(cpu / 8) as usize] |= 1 << (cpu % 8);
+    map
+}
+
+/// `virNodeGetCPUMap`: the number of CPUs present on the host and the online ones.
+pub fn node_cpu_map(conn: &Connect) -> Result<(u32, Vec<u32>), Error> {
+    let mut map: *mut c_uchar = std::ptr::null_mut();
+    let mut online: c_uint = 0;
+    // SAFETY: `conn` holds a live connection pointer. libvirt allocates `map` (sized for the
+    // returned CPU count) and hands its ownership to us; we copy it and free it exactly once.
+    let present = unsafe { sys::virNodeGetCPUMap(conn.as_ptr(), &mut map, &mut online, 0) };
+    if present < 0 {
+        return Err(Error::last_error());
+    }
+    let present = present as u32;
+    let online_cpus = if map.is_null() {
+        Vec::new()
+    } else {
+        // SAFETY: libvirt returned a bitmap of VIR_CPU_MAPLEN(present) bytes at `map`.
+        let bytes = unsafe { std::slice::from_raw_parts(map, cpu_map_len(present)) }.to_vec();
+        // SAFETY: `map` was allocated by libvirt with malloc and is not used after this.
+        unsafe { free(map.cast()) };
+        cpus_in_map(&bytes, present)
+    };
+    Ok((present, online_cpus))
+}
+
+/// One vCPU as `virDomainGetVcpus` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawVcpu {
+    /// vCPU number.
+    pub number: u32,
+    /// Cumulative CPU time, ns.
+    pub cpu_time_ns: u64,
+    /// Real CPU it last ran on; negative when unknown.
+    pub cpu: i32,
+    /// Affinity bitmap, decoded.
+    pub affinity: Vec<u32>,
+}
+
+/// `virDomainGetVcpus`: every online vCPU of a running domain with its CPU time, last pCPU and
+/// affinity, for a host with `present_cpus` pCPUs.
+pub fn domain_vcpus(dom: &Domain, present_cpus: u32) -> Result<Vec<RawVcpu>, Error> {
+    let nvcpus = dom.info()?.nr_virt_cpu as usize;
+    if nvcpus == 0 {
+        return Ok(Vec::new());
+    }
+    let maplen = cpu_map_len(present_cpus.max(1));
+    let mut info = vec![
+        sys::virVcpuInfo {
+            number: 0,
+            state: 0,
+            cpuTime: 0,
+            cpu: -1,
+        };
+        nvcpus
+    ];
+    let mut maps = vec![0u8; nvcpus * maplen];
+    // SAFETY: `info` has room for `nvcpus` records and `maps` for `nvcpus` bitmaps of `maplen`
+    // bytes, exactly what we tell libvirt; it writes at most that and returns how many it filled.
+    let filled = unsafe {
+        sys::virDomainGetVcpus(
+            dom.as_ptr(),
+            info.as_mut_ptr(),
+            nvcpus as c_int,
+            maps.as_mut_ptr(),
+            maplen as c_int,
+        )
+    };
+    if filled < 0 {
+        return Err(Error::last_error());
+    }
+    Ok(info
+        .iter()
+        .zip(maps.chunks(maplen))
+        .take(filled as usize)
+        .map(|(vcpu, map)| RawVcpu {
+            number: vcpu.number,
+            cpu_time_ns: vcpu.cpuTime,
+            cpu: vcpu.cpu,
+            affinity: cpus_in_map(map, present_cpus),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_round_trip() {
+        for cpus in [1u32, 7, 8, 9, 64, 130] {
+            for cpu in 0..cpus {
+                let map = map_of_one_cpu(cpu, cpus);
+                assert_eq!(map.len(), cpu_map_len(cpus));
+                assert_eq!(cpus_in_map(&map, cpus), vec![cpu]);
+            }
+        }
+    }
+
+    #[test]
+    fn bitmap_decodes_several_bits_and_ignores_bits_past_the_count() {
+        // 0b0001_0101 = CPUs 0, 2, 4; byte 1 bit 1 = CPU 9.
+        assert_eq!(cpus_in_map(&[0x15, 0x02], 16), vec![0, 2, 4, 9]);
+        assert_eq!(cpus_in_map(&[0x15, 0x02], 4), vec![0, 2]);
+        assert_eq!(cpus_in_map(&[0x15], 16), vec![0, 2, 4]);
+    }
+}

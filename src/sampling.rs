@@ -1,0 +1,320 @@
+//! Derive: turn successive raw readings into rates over the measured wall-clock interval.
+//!
+//! [`Rates`] keeps the previous reading of every series (a vCPU's CPU time, a guest's free memory)
+//! with the instant it was taken, and answers with a per-second rate once a series has two
+//! readings. A series that was not read in a cycle (its domain vanished) is forgotten at the end of
+//! that cycle, and a counter that goes backwards (its domain restarted) starts again, so a stale
+//! reading is never compared with a new one.
+//!
+//! [`CpuSampler`] applies that to vCPU CPU times and builds the [`CpuSnapshot`] the planner decides
+//! on, and [`pcpu_usage`] charges each vCPU's usage to a pCPU.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::time::Instant;
+
+use crate::host::{DomainId, VcpuInfo};
+
+struct Reading {
+    value: f64,
+    at: Instant,
+    generation: u64,
+}
+
+/// Per-key rates of change between successive readings, over the measured interval.
+pub struct Rates<K> {
+    last: HashMap<K, Reading>,
+    generation: u64,
+}
+
+impl<K> Default for Rates<K> {
+    fn default() -> Self {
+        Self {
+            last: HashMap::new(),
+            generation: 0,
+        }
+    }
+}
+
+impl<K: Hash + Eq> Rates<K> {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Record `value` read at `at`; return the per-second change since the previous reading of
+    /// `key`, or `None` for a new series or a non-positive interval.
+    pub fn gauge(&mut self, key: K, value: f64, at: Instant) -> Option<f64> {
+        let now = Reading {
+            value,
+            at,
+            generation: self.generation,
+        };
+        let before = self.last.insert(key, now)?;
+        let secs = at.checked_duration_since(before.at)?.as_secs_f64();
+        (secs > 0.0).then(|| (value - before.value) / secs)
+    }
+
+    /// Like [`Rates::gauge`] for a cumulative counter: a counter lower than its previous reading
+    /// (the domain restarted) starts a new series and has no rate yet.
+    pub fn counter(&mut self, key: K, value: u64, at: Instant) -> Option<f64> {
+        let rate = self.gauge(key, value as f64, at)?;
+        (rate >= 0.0).then_some(rate)
+    }
+
+    /// Close a cycle: forget every series that was not read since the previous call.
+    pub fn end_cycle(&mut self) {
+        let current = self.generation;
+        self.last.retain(|_, r| r.generation == current);
+        self.generation += 1;
+    }
+
+    /// Number of series currently tracked.
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    /// True when no series is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
+    }
+}
+
+/// A vCPU across domains: domain UUID and vCPU number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VcpuKey {
+    /// The domain.
+    pub domain: DomainId,
+    /// The vCPU number inside it.
+    pub vcpu: u32,
+}
+
+/// One vCPU as the planner sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VcpuLoad {
+    /// Which vCPU.
+    pub key: VcpuKey,
+    /// Percent of one pCPU used over the last interval; `None` until it has two samples.
+    pub usage: Option<f64>,
+    /// The pCPU it is pinned to, when its affinity is exactly one online pCPU.
+    pub pinned: Option<u32>,
+    /// The online pCPU it last ran on, if known.
+    pub last_pcpu: Option<u32>,
+}
+
+impl VcpuLoad {
+    /// The pCPU this vCPU's usage is charged to: its pin, else the pCPU it last ran on.
+    pub fn charged_pcpu(&self) -> Option<u32> {
+        self.pinned.or(self.last_pcpu)
+    }
+}
+
+/// Everything the vCPU planner needs about the host at one instant.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CpuSnapshot {
+    /// Online pCPUs, ascending.
+    pub pcpus: Vec<u32>,
+    /// Every vCPU of every active domain.
+    pub vcpus: Vec<VcpuLoad>,
+}
+
+/// Usage of every online pCPU: the sum of the usages of the vCPUs charged to it (pinned to exactly
+/// that pCPU, or spanning several and last run there). vCPUs without a usage yet count as 0.
+pub fn pcpu_usage(snapshot: &CpuSnapshot) -> BTreeMap<u32, f64> {
+    let mut usage: BTreeMap<u32, f64> = snapshot.pcpus.iter().map(|&p| (p, 0.0)).collect();
+    for v in &snapshot.vcpus {
+        if let Some(slot) = v.charged_pcpu().and_then(|p| usage.get_mut(&p)) {
+            *slot += v.usage.unwrap_or(0.0);
+        }
+    }
+    usage
+}
+
+/// Turns successive vCPU CPU-time readings into a [`CpuSnapshot`].
+#[derive(Default)]
+pub struct CpuSampler {
+    rates: Rates<VcpuKey>,
+    pcpus: Vec<u32>,
+    vcpus: Vec<VcpuLoad>,
+}
+
+impl CpuSampler {
+    /// A sampler with no history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Start a cycle on a host whose online pCPUs are `online`.
+    pub fn begin(&mut self, online: &[u32]) {
+        self.pcpus = online.to_vec();
+        self.vcpus.clear();
+    }
+
+    /// Record the vCPUs of one domain, read at `at`.
+    pub fn record(&mut self, domain: DomainId, at: Instant, vcpus: &[VcpuInfo]) {
+        for v in vcpus {
+            let key = VcpuKey {
+                domain,
+                vcpu: v.number,
+            };
+            let usage = self.rates.counter(key, v.cpu_time_ns, at).map(|ns_per_s| ns_per_s / 1e7);
+            let online = |p: &u32| self.pcpus.binary_search(p).is_ok();
+            let pinned = match v.affinity.as_slice() {
+                [only] if online(only) => Some(*only),
+                _ => None,
+            };
+            self.vcpus.push(VcpuLoad {
+                key,
+                usage,
+                pinned,
+                last_pcpu: v.last_pcpu.filter(online),
+            });
+        }
+    }
+
+    /// Close the cycle: forget vCPUs that were not recorded, and return the snapshot.
+    pub fn finish(&mut self) -> CpuSnapshot {
+        self.rates.end_cycle();
+        let mut vcpus = std::mem::take(&mut self.vcpus);
+        vcpus.sort_by_key(|v| v.key);
+        CpuSnapshot {
+            pcpus: self.pcpus.clone(),
+            vcpus,
+        }
+    }
+
+    /// Number of vCPU series with history.
+    pub fn tracked(&self) -> usize {
+        self.rates.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn dom(n: u8) -> DomainId {
+        DomainId([n; 16])
+    }
+
+    fn vcpu(number: u32, ns: u64, pcpu: u32, affinity: &[u32]) -> VcpuInfo {
+        VcpuInfo {
+            number,
+            cpu_time_ns: ns,
+            last_pcpu: Some(pcpu),
+            affinity: affinity.to_vec(),
+        }
+    }
+
+    #[test]
+    fn rate_uses_the_measured_interval_not_the_period() {
+        let mut r = Rates::new();
+        let t0 = Instant::now();
+        assert_eq!(r.counter("a", 1_000, t0), None);
+        // 1.5 s of CPU over 3 s measured = 0.5 s/s, whatever the nominal period was.
+        let rate = r.counter("a", 1_000 + 1_500_000_000, t0 + Duration::from_secs(3));
+        assert!((rate.unwrap() - 5e8).abs() < 1.0);
+    }
+
+    #[test]
+    fn counter_going_backwards_restarts_the_series() {
+        let mut r = Rates::new();
+        let t0 = Instant::now();
+        r.counter("a", 5_000, t0);
+        assert_eq!(r.counter("a", 10, t0 + Duration::from_secs(1)), None);
+        let rate = r.counter("a", 1_010, t0 + Duration::from_secs(2)).unwrap();
+        assert!((rate - 1_000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn gauge_reports_signed_change() {
+        let mut r = Rates::new();
+        let t0 = Instant::now();
+        r.gauge(1, 100.0, t0);
+        let rate = r.gauge(1, 40.0, t0 + Duration::from_secs(2)).unwrap();
+        assert!((rate + 30.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn zero_interval_has_no_rate() {
+        let mut r = Rates::new();
+        let t0 = Instant::now();
+        r.gauge(1, 1.0, t0);
+        assert_eq!(r.gauge(1, 2.0, t0), None);
+    }
+
+    #[test]
+    fn series_not_read_in_a_cycle_is_forgotten() {
+        let mut r = Rates::new();
+        let t0 = Instant::now();
+        r.counter("gone", 1, t0);
+        r.counter("stays", 1, t0);
+        r.end_cycle();
+        r.counter("stays", 2, t0 + Duration::from_secs(1));
+        r.end_cycle();
+        assert_eq!(r.len(), 1);
+        // The vanished series comes back as new: no rate against its stale reading.
+        assert_eq!(r.counter("gone", 10_000, t0 + Duration::from_secs(2)), None);
+    }
+
+    #[test]
+    fn sampler_derives_vcpu_usage_and_tolerates_domains_coming_and_going() {
+        let mut s = CpuSampler::new();
+        let t0 = Instant::now();
+        s.begin(&[0, 1]);
+        s.record(dom(1), t0, &[vcpu(0, 0, 0, &[0]), vcpu(1, 0, 1, &[0, 1])]);
+        let first = s.finish();
+        assert!(first.vcpus.iter().all(|v| v.usage.is_none()));
+
+        let t1 = t0 + Duration::from_secs(2);
+        s.begin(&[0, 1]);
+        // vCPU 0 used 1 s of its 2 s: 50 %. vCPU 1 used 0.2 s: 10 %. Domain 2 is new.
+        s.record(dom(1), t1, &[vcpu(0, 1_000_000_000, 0, &[0]), vcpu(1, 200_000_000, 1, &[0, 1])]);
+        s.record(dom(2), t1, &[vcpu(0, 9_000_000_000, 1, &[1])]);
+        let snap = s.finish();
+        let u: Vec<_> = snap.vcpus.iter().map(|v| v.usage).collect();
+        assert!((u[0].unwrap() - 50.0).abs() < 1e-9);
+        assert!((u[1].unwrap() - 10.0).abs() < 1e-9);
+        assert_eq!(u[2], None);
+        assert_eq!(snap.vcpus[0].pinned, Some(0));
+        assert_eq!(snap.vcpus[1].pinned, None);
+
+        // Domain 1 vanishes; its series are dropped at the end of the cycle.
+        s.begin(&[0, 1]);
+        s.record(dom(2), t1 + Duration::from_secs(1), &[vcpu(0, 9_500_000_000, 1, &[1])]);
+        let snap = s.finish();
+        assert_eq!(snap.vcpus.len(), 1);
+        assert!((snap.vcpus[0].usage.unwrap() - 50.0).abs() < 1e-9);
+        assert_eq!(s.tracked(), 1);
+    }
+
+    #[test]
+    fn pin_to_an_offline_pcpu_does_not_count_as_pinned() {
+        let mut s = CpuSampler::new();
+        s.begin(&[0, 2]);
+        s.record(dom(1), Instant::now(), &[vcpu(0, 0, 1, &[1])]);
+        let v = &s.finish().vcpus[0];
+        assert_eq!(v.pinned, None);
+        assert_eq!(v.last_pcpu, None);
+    }
+
+    #[test]
+    fn pcpu_usage_charges_pins_and_spanning_vcpus_to_their_last_pcpu() {
+        let key = |d, n| VcpuKey {
+            domain: dom(d),
+            vcpu: n,
+        };
+        let snap = CpuSnapshot {
+            pcpus: vec![0, 1, 2],
+            vcpus: vec![
+                VcpuLoad { key: key(1, 0), usage: Some(30.0), pinned: Some(0), last_pcpu: Some(0) },
+                VcpuLoad { key: key(1, 1), usage: Some(20.0), pinned: None, last_pcpu: Some(2) },
+                VcpuLoad { key: key(2, 0), usage: Some(5.0), pinned: Some(0), last_pcpu: Some(0) },
+                VcpuLoad { key: key(2, 1), usage: None, pinned: Some(1), last_pcpu: Some(1) },
+            ],
+        };
+        let u = pcpu_usage(&snap);
+        assert_eq!(u.into_iter().collect::<Vec<_>>(), vec![(0, 35.0), (1, 0.0), (2, 20.0)]);
+    }
+}

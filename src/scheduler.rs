@@ -1,0 +1,148 @@
+//! One cycle of the vCPU scheduler: observe the host, derive usage, decide, apply.
+//!
+//! Generic over [`Host`], so the same cycle runs against libvirt in the daemon and against a
+//! simulated host in tests and benchmarks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Instant;
+
+use log::{debug, warn};
+
+use crate::cpu_plan::{CpuPlan, CpuPolicy, PinMove, plan};
+use crate::host::{Applied, DomainId, Host};
+use crate::sampling::{CpuSampler, pcpu_usage};
+
+/// What one cycle saw and did.
+#[derive(Clone, Debug, Default)]
+pub struct CycleReport {
+    /// Number of active domains seen.
+    pub domains: usize,
+    /// Number of vCPUs seen.
+    pub vcpus: usize,
+    /// Usage of each online pCPU, as measured this cycle (empty on the first cycle).
+    pub usage: BTreeMap<u32, f64>,
+    /// The plan, from the second cycle on.
+    pub plan: Option<CpuPlan>,
+    /// Moves made (or, in a dry run, that would have been made).
+    pub applied: Vec<PinMove>,
+    /// Moves skipped because the domain vanished, or that failed.
+    pub skipped: usize,
+    /// Domain names, for the report.
+    pub names: HashMap<DomainId, String>,
+    /// True when nothing was changed on purpose.
+    pub dry_run: bool,
+    /// The balance threshold in force, in points.
+    pub threshold: f64,
+}
+
+impl CycleReport {
+    fn name(&self, id: &DomainId) -> String {
+        self.names.get(id).cloned().unwrap_or_else(|| id.to_string())
+    }
+}
+
+impl fmt::Display for CycleReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} domains, {} vCPUs", self.domains, self.vcpus)?;
+        let Some(plan) = &self.plan else {
+            return write!(f, "; first sample, usage from the next cycle");
+        };
+        f.write_str("; pCPU usage %:")?;
+        for (p, u) in &self.usage {
+            write!(f, " {p}:{u:.1}")?;
+        }
+        write!(f, " (spread {:.1})", plan.before.spread)?;
+        if plan.moves.is_empty() {
+            return if plan.before.fixable_spread <= self.threshold {
+                f.write_str("; balanced, no change")
+            } else {
+                f.write_str("; no pin change would pay off, no change")
+            };
+        }
+        let verb = if self.dry_run { "would move" } else { "moved" };
+        write!(f, "; {verb} {}:", self.applied.len())?;
+        for m in &self.applied {
+            let from = m.from.map_or("*".to_string(), |p| p.to_string());
+            write!(f, " {} vCPU{} {}->{}", self.name(&m.key.domain), m.key.vcpu, from, m.to)?;
+        }
+        if self.skipped > 0 {
+            write!(f, "; {} skipped", self.skipped)?;
+        }
+        write!(f, "; predicted spread {:.1}", plan.after.spread)
+    }
+}
+
+/// The vCPU scheduler's state across cycles.
+pub struct Scheduler {
+    sampler: CpuSampler,
+    policy: CpuPolicy,
+    dry_run: bool,
+    cycles: u64,
+}
+
+impl Scheduler {
+    /// A scheduler with no history.
+    pub fn new(policy: CpuPolicy, dry_run: bool) -> Self {
+        Self {
+            sampler: CpuSampler::new(),
+            policy,
+            dry_run,
+            cycles: 0,
+        }
+    }
+
+    /// Run one cycle. `Ok(None)` when the host has no active domain.
+    pub fn cycle(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<CycleReport>> {
+        self.cycles += 1;
+        let domains = host.active_domains()?;
+        if domains.is_empty() {
+            return Ok(None);
+        }
+        let node = host.node_cpus()?;
+        let mut report = CycleReport {
+            dry_run: self.dry_run,
+            threshold: self.policy.threshold,
+            ..CycleReport::default()
+        };
+        self.sampler.begin(&node.online);
+        for dom in &domains {
+            match host.vcpus(&dom.id) {
+                Ok(Some(vcpus)) => {
+                    self.sampler.record(dom.id, Instant::now(), &vcpus);
+                    report.domains += 1;
+                    report.vcpus += vcpus.len();
+                    report.names.insert(dom.id, dom.name.clone());
+                }
+                Ok(None) => debug!("domain {} stopped while being read; skipped", dom.name),
+                Err(e) => warn!("domain {}: {e:#}; skipped this cycle", dom.name),
+            }
+        }
+        let snapshot = self.sampler.finish();
+        if self.cycles == 1 {
+            return Ok(Some(report));
+        }
+        report.usage = pcpu_usage(&snapshot);
+        let plan = plan(&snapshot, &self.policy);
+        for m in &plan.moves {
+            if self.dry_run {
+                report.applied.push(*m);
+                continue;
+            }
+            let name = report.name(&m.key.domain);
+            match host.pin_vcpu(&m.key.domain, m.key.vcpu, m.to) {
+                Ok(Applied::Done) => report.applied.push(*m),
+                Ok(Applied::Vanished) => {
+                    debug!("domain {name} stopped before vCPU{} could be pinned", m.key.vcpu);
+                    report.skipped += 1;
+                }
+                Err(e) => {
+                    warn!("{e:#}");
+                    report.skipped += 1;
+                }
+            }
+        }
+        report.plan = Some(plan);
+        Ok(Some(report))
+    }
+}
