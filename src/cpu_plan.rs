@@ -150,7 +150,11 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     let n = snapshot.vcpus.len();
     let mut s = Placement {
         at: vec![None; n],
-        usage: snapshot.vcpus.iter().map(|v| v.usage.unwrap_or(0.0).max(0.0)).collect(),
+        usage: snapshot
+            .vcpus
+            .iter()
+            .map(|v| v.usage.unwrap_or(0.0).max(0.0))
+            .collect(),
         movable: snapshot.vcpus.iter().map(|v| v.usage.is_some()).collect(),
         load: vec![0.0; pcpus.len()],
         members: vec![Vec::new(); pcpus.len()],
@@ -199,7 +203,11 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
             .filter(|&v| s.movable[v])
             .map(|v| ((gap - 2.0 * s.usage[v]).abs(), new_changes(v, dst), v))
             .filter(|&(new_gap, _, _)| pays(gap, new_gap, threshold))
-            .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
+            .min_by(|a, b| {
+                a.0.total_cmp(&b.0)
+                    .then(a.1.total_cmp(&b.1))
+                    .then(a.2.cmp(&b.2))
+            });
         if let Some((_, _, v)) = best_move {
             s.take(v);
             s.put(v, dst);
@@ -214,9 +222,8 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
                     continue;
                 }
                 let cand = (new_gap, new_changes(v, dst) + new_changes(w, src), v, w);
-                let better = best_swap.is_none_or(|b| {
-                    cand.0.total_cmp(&b.0).then(cand.1.total_cmp(&b.1)).is_lt()
-                });
+                let better = best_swap
+                    .is_none_or(|b| cand.0.total_cmp(&b.0).then(cand.1.total_cmp(&b.1)).is_lt());
                 if better {
                     best_swap = Some(cand);
                 }

@@ -41,7 +41,11 @@ impl CommonArgs {
     pub fn uri(&self) -> String {
         self.connect
             .clone()
-            .or_else(|| std::env::var("LIBVIRT_DEFAULT_URI").ok().filter(|u| !u.is_empty()))
+            .or_else(|| {
+                std::env::var("LIBVIRT_DEFAULT_URI")
+                    .ok()
+                    .filter(|u| !u.is_empty())
+            })
             .unwrap_or_else(|| DEFAULT_URI.to_string())
     }
 
@@ -71,10 +75,14 @@ pub fn parse_period(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("'{text}' is not a number of seconds"))?;
     if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("PERIOD must be a positive number of seconds, not {text}"));
+        return Err(format!(
+            "PERIOD must be a positive number of seconds, not {text}"
+        ));
     }
     if secs > MAX_PERIOD_SECS {
-        return Err(format!("PERIOD {text} is longer than a day ({MAX_PERIOD_SECS} s)"));
+        return Err(format!(
+            "PERIOD {text} is longer than a day ({MAX_PERIOD_SECS} s)"
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }

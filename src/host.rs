@@ -6,6 +6,7 @@
 //! that changes order between two samples cannot be confused with another one.
 
 use std::fmt;
+use std::time::Instant;
 
 /// A domain's UUID: the stable key of a guest across samples.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -86,4 +87,10 @@ pub trait Host {
 
     /// Pin one vCPU of a running domain to exactly one pCPU.
     fn pin_vcpu(&mut self, domain: &DomainId, vcpu: u32, pcpu: u32) -> anyhow::Result<Applied>;
+
+    /// The host's monotonic clock, which rates are measured against. A simulated host overrides
+    /// it with simulated time.
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
 }

@@ -157,7 +157,10 @@ impl CpuSampler {
                 domain,
                 vcpu: v.number,
             };
-            let usage = self.rates.counter(key, v.cpu_time_ns, at).map(|ns_per_s| ns_per_s / 1e7);
+            let usage = self
+                .rates
+                .counter(key, v.cpu_time_ns, at)
+                .map(|ns_per_s| ns_per_s / 1e7);
             let online = |p: &u32| self.pcpus.binary_search(p).is_ok();
             let pinned = match v.affinity.as_slice() {
                 [only] if online(only) => Some(*only),
@@ -270,7 +273,14 @@ mod tests {
         let t1 = t0 + Duration::from_secs(2);
         s.begin(&[0, 1]);
         // vCPU 0 used 1 s of its 2 s: 50 %. vCPU 1 used 0.2 s: 10 %. Domain 2 is new.
-        s.record(dom(1), t1, &[vcpu(0, 1_000_000_000, 0, &[0]), vcpu(1, 200_000_000, 1, &[0, 1])]);
+        s.record(
+            dom(1),
+            t1,
+            &[
+                vcpu(0, 1_000_000_000, 0, &[0]),
+                vcpu(1, 200_000_000, 1, &[0, 1]),
+            ],
+        );
         s.record(dom(2), t1, &[vcpu(0, 9_000_000_000, 1, &[1])]);
         let snap = s.finish();
         let u: Vec<_> = snap.vcpus.iter().map(|v| v.usage).collect();
@@ -282,7 +292,11 @@ mod tests {
 
         // Domain 1 vanishes; its series are dropped at the end of the cycle.
         s.begin(&[0, 1]);
-        s.record(dom(2), t1 + Duration::from_secs(1), &[vcpu(0, 9_500_000_000, 1, &[1])]);
+        s.record(
+            dom(2),
+            t1 + Duration::from_secs(1),
+            &[vcpu(0, 9_500_000_000, 1, &[1])],
+        );
         let snap = s.finish();
         assert_eq!(snap.vcpus.len(), 1);
         assert!((snap.vcpus[0].usage.unwrap() - 50.0).abs() < 1e-9);
@@ -308,13 +322,36 @@ mod tests {
         let snap = CpuSnapshot {
             pcpus: vec![0, 1, 2],
             vcpus: vec![
-                VcpuLoad { key: key(1, 0), usage: Some(30.0), pinned: Some(0), last_pcpu: Some(0) },
-                VcpuLoad { key: key(1, 1), usage: Some(20.0), pinned: None, last_pcpu: Some(2) },
-                VcpuLoad { key: key(2, 0), usage: Some(5.0), pinned: Some(0), last_pcpu: Some(0) },
-                VcpuLoad { key: key(2, 1), usage: None, pinned: Some(1), last_pcpu: Some(1) },
+                VcpuLoad {
+                    key: key(1, 0),
+                    usage: Some(30.0),
+                    pinned: Some(0),
+                    last_pcpu: Some(0),
+                },
+                VcpuLoad {
+                    key: key(1, 1),
+                    usage: Some(20.0),
+                    pinned: None,
+                    last_pcpu: Some(2),
+                },
+                VcpuLoad {
+                    key: key(2, 0),
+                    usage: Some(5.0),
+                    pinned: Some(0),
+                    last_pcpu: Some(0),
+                },
+                VcpuLoad {
+                    key: key(2, 1),
+                    usage: None,
+                    pinned: Some(1),
+                    last_pcpu: Some(1),
+                },
             ],
         };
         let u = pcpu_usage(&snap);
-        assert_eq!(u.into_iter().collect::<Vec<_>>(), vec![(0, 35.0), (1, 0.0), (2, 20.0)]);
+        assert_eq!(
+            u.into_iter().collect::<Vec<_>>(),
+            vec![(0, 35.0), (1, 0.0), (2, 20.0)]
+        );
     }
 }

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::time::Instant;
 
 use log::{debug, warn};
 
@@ -38,7 +37,10 @@ pub struct CycleReport {
 
 impl CycleReport {
     fn name(&self, id: &DomainId) -> String {
-        self.names.get(id).cloned().unwrap_or_else(|| id.to_string())
+        self.names
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
     }
 }
 
@@ -64,7 +66,14 @@ impl fmt::Display for CycleReport {
         write!(f, "; {verb} {}:", self.applied.len())?;
         for m in &self.applied {
             let from = m.from.map_or("*".to_string(), |p| p.to_string());
-            write!(f, " {} vCPU{} {}->{}", self.name(&m.key.domain), m.key.vcpu, from, m.to)?;
+            write!(
+                f,
+                " {} vCPU{} {}->{}",
+                self.name(&m.key.domain),
+                m.key.vcpu,
+                from,
+                m.to
+            )?;
         }
         if self.skipped > 0 {
             write!(f, "; {} skipped", self.skipped)?;
@@ -109,7 +118,7 @@ impl Scheduler {
         for dom in &domains {
             match host.vcpus(&dom.id) {
                 Ok(Some(vcpus)) => {
-                    self.sampler.record(dom.id, Instant::now(), &vcpus);
+                    self.sampler.record(dom.id, host.now(), &vcpus);
                     report.domains += 1;
                     report.vcpus += vcpus.len();
                     report.names.insert(dom.id, dom.name.clone());
@@ -133,7 +142,10 @@ impl Scheduler {
             match host.pin_vcpu(&m.key.domain, m.key.vcpu, m.to) {
                 Ok(Applied::Done) => report.applied.push(*m),
                 Ok(Applied::Vanished) => {
-                    debug!("domain {name} stopped before vCPU{} could be pinned", m.key.vcpu);
+                    debug!(
+                        "domain {name} stopped before vCPU{} could be pinned",
+                        m.key.vcpu
+                    );
                     report.skipped += 1;
                 }
                 Err(e) => {

@@ -7,7 +7,9 @@ use anyhow::Result;
 use clap::Parser;
 use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
-use vmbalance::daemon::{CommonArgs, StopSignal, exit_with, parse_args, parse_non_negative, parse_period};
+use vmbalance::daemon::{
+    CommonArgs, StopSignal, exit_with, parse_args, parse_non_negative, parse_period,
+};
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::scheduler::Scheduler;
 
@@ -44,7 +46,11 @@ fn run(args: Args) -> Result<()> {
         "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}",
         args.period,
         args.threshold,
-        if args.common.dry_run { ", dry run (no change is made)" } else { "" }
+        if args.common.dry_run {
+            ", dry run (no change is made)"
+        } else {
+            ""
+        }
     );
     let mut cycle = 0u64;
     loop {

@@ -30,7 +30,9 @@ fn is_vanished(e: &virt::error::Error) -> bool {
 /// One line telling the operator what to do about a failed connection.
 fn connect_hint(message: &str) -> &'static str {
     let m = message.to_ascii_lowercase();
-    if m.contains("permission denied") || m.contains("authentication") || m.contains("access denied")
+    if m.contains("permission denied")
+        || m.contains("authentication")
+        || m.contains("access denied")
     {
         "this user may not use the libvirt socket: run as root or as a member of the 'libvirt' group"
     } else if m.contains("no such file") || m.contains("connection refused") {
@@ -55,6 +57,17 @@ impl LibvirtHost {
     /// switched off: errors reach the operator once, through our own messages.
     pub fn connect(uri: &str) -> anyhow::Result<Self> {
         virt::error::clear_error_callback();
+        // The test driver hands a missing node file to libxml2, which prints its own warning to
+        // stderr before libvirt fails; say it once, ourselves, instead.
+        if let Some(path) = uri
+            .strip_prefix("test://")
+            .filter(|p| p.starts_with('/') && *p != "/default")
+        {
+            anyhow::ensure!(
+                std::path::Path::new(path).is_file(),
+                "cannot connect to libvirt at '{uri}': no node file at {path} (give the absolute path of a test-driver node XML)"
+            );
+        }
         let conn = Connect::open(Some(uri)).map_err(|e| {
             anyhow!(
                 "cannot connect to libvirt at '{uri}': {} ({})",
@@ -186,8 +199,16 @@ mod tests {
 
     #[test]
     fn hints_name_the_likely_cause() {
-        assert!(connect_hint("Failed to connect socket to '/run/libvirt/libvirt-sock': Permission denied").contains("group"));
-        assert!(connect_hint("Failed to connect socket to '/x': No such file or directory").contains("daemon running"));
+        assert!(
+            connect_hint(
+                "Failed to connect socket to '/run/libvirt/libvirt-sock': Permission denied"
+            )
+            .contains("group")
+        );
+        assert!(
+            connect_hint("Failed to connect socket to '/x': No such file or directory")
+                .contains("daemon running")
+        );
         assert!(connect_hint("no connection driver available for foo:///").contains("URI"));
     }
 }

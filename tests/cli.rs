@@ -1,0 +1,221 @@
+//! The binaries as an operator runs them: bad input, unreachable hosts, test-driver runs, signals.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SCHEDULER: &str = env!("CARGO_BIN_EXE_vcpu_scheduler");
+
+fn run(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("LIBVIRT_DEFAULT_URI")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failure an operator can read: the given status, one line on stderr, no panic or backtrace.
+fn assert_one_line_error(o: &Output, status: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(status), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_period_is_refused_with_one_line() {
+    let uri = common::test_uri("node.xml");
+    for (args, needle) in [
+        (vec![], "PERIOD"),
+        (vec!["0"], "positive"),
+        (vec!["-1"], "positive"),
+        (vec!["-0.5"], "positive"),
+        (vec!["abc"], "not a number"),
+        (vec!["3s"], "not a number"),
+        (vec!["1e12"], "longer than a day"),
+    ] {
+        let mut all = vec!["--connect", uri.as_str()];
+        all.extend(args.iter().copied());
+        assert_one_line_error(&run(SCHEDULER, &all), 2, needle);
+    }
+}
+
+#[test]
+fn bad_options_are_refused_with_one_line() {
+    assert_one_line_error(&run(SCHEDULER, &["--bogus", "1"]), 2, "--bogus");
+    assert_one_line_error(
+        &run(SCHEDULER, &["--threshold", "-5", "1"]),
+        2,
+        "--threshold",
+    );
+    assert_one_line_error(
+        &run(SCHEDULER, &["--threshold", "x", "1"]),
+        2,
+        "--threshold",
+    );
+    assert_one_line_error(&run(SCHEDULER, &["--cycles", "0", "1"]), 2, "--cycles");
+    assert_one_line_error(&run(SCHEDULER, &["1", "2"]), 2, "'2'");
+}
+
+#[test]
+fn help_describes_every_option() {
+    let o = run(SCHEDULER, &["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&o.stdout);
+    for option in [
+        "PERIOD",
+        "--connect",
+        "--threshold",
+        "--dry-run",
+        "--cycles",
+        "--verbose",
+        "--quiet",
+    ] {
+        assert!(help.contains(option), "--help lacks {option}");
+    }
+}
+
+#[test]
+fn unreachable_uri_exits_1_with_the_uri_and_a_hint() {
+    let o = run(SCHEDULER, &["--connect", "test:///no/such/node.xml", "1"]);
+    assert_one_line_error(&o, 1, "test:///no/such/node.xml");
+    // A qemu URI whose daemon socket does not exist names the daemon as the likely cause.
+    let o = Command::new(SCHEDULER)
+        .args([
+            "--connect",
+            "qemu+unix:///system?socket=/nonexistent/libvirt-sock",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, 1, "daemon");
+}
+
+#[test]
+fn default_uri_comes_from_the_environment() {
+    let o = Command::new(SCHEDULER)
+        .args(["--cycles", "1", "0.1"])
+        .env("LIBVIRT_DEFAULT_URI", common::test_uri("node.xml"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tests/data/node.xml"));
+}
+
+#[test]
+fn dry_run_logs_the_plan() {
+    let uri = common::test_uri("node.xml");
+    let o = run(
+        SCHEDULER,
+        &["--connect", &uri, "--dry-run", "--cycles", "2", "0.2"],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("dry run"), "{err}");
+    assert!(
+        err.contains("cycle 1: 3 domains, 7 vCPUs; first sample"),
+        "{err}"
+    );
+    // The test driver's vCPUs span several pCPUs: the plan pins the six unpinned ones.
+    assert!(
+        err.contains("cycle 2:") && err.contains("would move 6:"),
+        "{err}"
+    );
+    assert!(err.contains("done after 2 cycles"), "{err}");
+}
+
+#[test]
+fn a_real_run_pins_then_stays_put() {
+    let uri = common::test_uri("node.xml");
+    let o = run(SCHEDULER, &["-c", &uri, "--cycles", "4", "0.2"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("cycle 2:") && err.contains("moved 6:"),
+        "{err}"
+    );
+    // The pins took: the next cycles see every vCPU pinned and change nothing.
+    for cycle in [3, 4] {
+        let line = err
+            .lines()
+            .find(|l| l.contains(&format!("cycle {cycle}:")))
+            .unwrap();
+        assert!(line.ends_with("balanced, no change"), "{line}");
+    }
+}
+
+#[test]
+fn no_active_domain_exits_0_on_the_first_cycle() {
+    let uri = common::test_uri("empty-node.xml");
+    let o = run(SCHEDULER, &["--connect", &uri, "1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no active domain"));
+}
+
+#[test]
+fn quiet_silences_info() {
+    let uri = common::test_uri("node.xml");
+    let o = run(
+        SCHEDULER,
+        &["-q", "--connect", &uri, "--cycles", "2", "0.1"],
+    );
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stderr(&o), "");
+}
+
+/// Start the daemon with a long PERIOD, wait for its first cycle, send `signal`, and expect a clean
+/// exit long before the PERIOD is over.
+fn stops_cleanly_on(signal: &str) {
+    let uri = common::test_uri("node.xml");
+    let mut child = Command::new(SCHEDULER)
+        .args(["--connect", &uri, "3600"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+        s
+    });
+    // The first cycle runs at once; give it a moment to be in its sleep.
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after {signal}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = reader.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("stopping on signal"), "{log}");
+}
+
+#[test]
+fn sigterm_stops_without_waiting_out_the_period() {
+    stops_cleanly_on("-TERM");
+}
+
+#[test]
+fn sigint_stops_without_waiting_out_the_period() {
+    stops_cleanly_on("-INT");
+}

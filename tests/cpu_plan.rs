@@ -1,0 +1,331 @@
+//! The vCPU planner, rule by rule, and its invariants over random hosts.
+
+use proptest::prelude::*;
+use vmbalance::cpu_plan::{CpuPlan, CpuPolicy, plan};
+use vmbalance::host::DomainId;
+use vmbalance::sampling::{CpuSnapshot, VcpuKey, VcpuLoad, pcpu_usage};
+
+/// Where a test vCPU sits.
+#[derive(Clone, Copy, Debug)]
+enum Pin {
+    /// Pinned to exactly this pCPU.
+    On(u32),
+    /// Affinity spans several pCPUs; last ran on this one.
+    Spans(u32),
+}
+
+fn key(domain: u8, vcpu: u32) -> VcpuKey {
+    VcpuKey {
+        domain: DomainId([domain; 16]),
+        vcpu,
+    }
+}
+
+/// A snapshot from (usage, pin) per vCPU; vCPU i belongs to domain i / 4.
+fn snapshot(pcpus: &[u32], vcpus: &[(Option<f64>, Pin)]) -> CpuSnapshot {
+    CpuSnapshot {
+        pcpus: pcpus.to_vec(),
+        vcpus: vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, &(usage, pin))| {
+                let (pinned, last) = match pin {
+                    Pin::On(p) => (pcpus.contains(&p).then_some(p), Some(p)),
+                    Pin::Spans(p) => (None, Some(p)),
+                };
+                VcpuLoad {
+                    key: key((i / 4) as u8, (i % 4) as u32),
+                    usage,
+                    pinned,
+                    last_pcpu: last.filter(|p| pcpus.contains(p)),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn on(p: u32, usage: f64) -> (Option<f64>, Pin) {
+    (Some(usage), Pin::On(p))
+}
+
+fn default_plan(s: &CpuSnapshot) -> CpuPlan {
+    plan(s, &CpuPolicy::default())
+}
+
+/// The snapshot after a plan is applied: every moved vCPU pinned where the plan put it.
+fn apply(s: &CpuSnapshot, p: &CpuPlan) -> CpuSnapshot {
+    let mut out = s.clone();
+    for m in &p.moves {
+        let v = out.vcpus.iter_mut().find(|v| v.key == m.key).unwrap();
+        v.pinned = Some(m.to);
+        v.last_pcpu = Some(m.to);
+    }
+    out
+}
+
+fn spread(s: &CpuSnapshot) -> f64 {
+    let u = pcpu_usage(s);
+    let max = u.values().copied().fold(f64::MIN, f64::max);
+    let min = u.values().copied().fold(f64::MAX, f64::min);
+    max - min
+}
+
+#[test]
+fn balanced_host_gets_no_move() {
+    let s = snapshot(
+        &[0, 1, 2],
+        &[on(0, 40.0), on(1, 35.0), on(1, 10.0), on(2, 48.0)],
+    );
+    let p = default_plan(&s);
+    assert!(p.moves.is_empty(), "{:?}", p.moves);
+}
+
+#[test]
+fn all_vcpus_on_one_pcpu_are_spread_in_one_plan_with_the_fewest_moves() {
+    let s = snapshot(
+        &[0, 1, 2, 3],
+        &[on(0, 25.0), on(0, 25.0), on(0, 25.0), on(0, 25.0)],
+    );
+    let p = default_plan(&s);
+    // Three vCPUs must leave pCPU 0: one per other pCPU.
+    assert_eq!(p.moves.len(), 3);
+    let after = apply(&s, &p);
+    assert_eq!(spread(&after), 0.0);
+    let mut targets: Vec<u32> = p.moves.iter().map(|m| m.to).collect();
+    targets.sort();
+    assert_eq!(targets, vec![1, 2, 3]);
+}
+
+#[test]
+fn uneven_vcpus_on_one_pcpu_need_only_as_many_moves_as_the_balance_needs() {
+    // 30+30+20+20 on pCPU 0 of 2: moving one 30 and one 20 gives 50/50.
+    let s = snapshot(
+        &[0, 1],
+        &[on(0, 30.0), on(0, 30.0), on(0, 20.0), on(0, 20.0)],
+    );
+    let p = default_plan(&s);
+    assert_eq!(p.moves.len(), 2);
+    assert_eq!(spread(&apply(&s, &p)), 0.0);
+}
+
+#[test]
+fn heavy_and_light_vcpus_end_one_heavy_with_one_light_per_pcpu() {
+    let s = snapshot(
+        &[0, 1, 2, 3],
+        &[
+            on(0, 40.0),
+            on(0, 40.0),
+            on(1, 40.0),
+            on(1, 40.0),
+            on(2, 10.0),
+            on(2, 10.0),
+            on(3, 10.0),
+            on(3, 10.0),
+        ],
+    );
+    let p = default_plan(&s);
+    let after = apply(&s, &p);
+    for pcpu in 0..4 {
+        let mut on_it: Vec<f64> = after
+            .vcpus
+            .iter()
+            .filter(|v| v.pinned == Some(pcpu))
+            .map(|v| v.usage.unwrap())
+            .collect();
+        on_it.sort_by(f64::total_cmp);
+        assert_eq!(on_it, vec![10.0, 40.0], "pCPU {pcpu}");
+    }
+    // Each pCPU must give or take one vCPU: four changes is the minimum.
+    assert_eq!(p.moves.len(), 4);
+}
+
+#[test]
+fn unpinned_vcpus_are_each_pinned_once_and_then_left_alone() {
+    let s = snapshot(
+        &[0, 1],
+        &[
+            (Some(60.0), Pin::Spans(0)),
+            (Some(50.0), Pin::Spans(0)),
+            (Some(10.0), Pin::Spans(1)),
+        ],
+    );
+    let p = default_plan(&s);
+    assert_eq!(p.moves.len(), 3);
+    assert!(p.moves.iter().all(|m| m.from.is_none()));
+    let after = apply(&s, &p);
+    // 60 | 50+10: balanced within the threshold.
+    assert!(spread(&after) <= 10.0);
+    assert!(default_plan(&after).moves.is_empty());
+}
+
+#[test]
+fn more_pcpus_than_vcpus_gives_each_busy_vcpu_its_own_pcpu() {
+    let s = snapshot(
+        &[0, 1, 2, 3, 4, 5, 6, 7],
+        &[on(3, 30.0), on(3, 30.0), on(3, 30.0)],
+    );
+    let p = default_plan(&s);
+    assert_eq!(p.moves.len(), 2);
+    let after = apply(&s, &p);
+    let mut used: Vec<u32> = after.vcpus.iter().map(|v| v.pinned.unwrap()).collect();
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), 3);
+}
+
+#[test]
+fn a_pcpu_running_a_single_vcpu_is_not_fixed_by_moving_it() {
+    // One vCPU saturates pCPU 0; moving it would only make pCPU 1 as busy.
+    let s = snapshot(&[0, 1], &[on(0, 100.0)]);
+    assert!(default_plan(&s).moves.is_empty());
+    // Same with small company elsewhere.
+    let s = snapshot(&[0, 1, 2], &[on(0, 100.0), on(1, 4.0), on(1, 4.0)]);
+    assert!(default_plan(&s).moves.is_empty());
+    // The lone busy vCPU does not hide the imbalance the planner can fix: 30+30 | nothing.
+    let s = snapshot(&[0, 1, 2], &[on(0, 100.0), on(1, 30.0), on(1, 30.0)]);
+    let p = default_plan(&s);
+    assert_eq!(p.moves.len(), 1);
+    assert_eq!((p.moves[0].to, p.after.fixable_spread), (2, 0.0));
+}
+
+#[test]
+fn sampling_noise_causes_no_move() {
+    // Three equal vCPUs on two pCPUs cannot be balanced: moving one only swaps which pCPU is
+    // busier. With a few points of noise, the planner must still leave them alone.
+    for (a, b, c) in [(40.0, 40.0, 40.0), (41.0, 41.0, 38.0), (38.0, 39.0, 43.0)] {
+        let s = snapshot(&[0, 1], &[on(0, a), on(0, b), on(1, c)]);
+        let p = default_plan(&s);
+        assert!(p.moves.is_empty(), "{a} {b} {c}: {:?}", p.moves);
+    }
+    // A balanced host whose readings jitter by a few points.
+    for jitter in [-4.0, -2.0, 0.0, 3.0, 4.5] {
+        let s = snapshot(
+            &[0, 1],
+            &[
+                on(0, 30.0 + jitter),
+                on(0, 20.0),
+                on(1, 30.0 - jitter),
+                on(1, 20.0),
+            ],
+        );
+        assert!(default_plan(&s).moves.is_empty(), "jitter {jitter}");
+    }
+}
+
+#[test]
+fn swaps_when_no_single_move_helps() {
+    // 50+50 | 30+30: moving a 50 overshoots (60 → 40 the other way); swapping 50 with 30 gives 80/80.
+    let s = snapshot(
+        &[0, 1],
+        &[on(0, 50.0), on(0, 50.0), on(1, 30.0), on(1, 30.0)],
+    );
+    let p = default_plan(&s);
+    assert_eq!(p.moves.len(), 2);
+    assert_eq!(spread(&apply(&s, &p)), 0.0);
+}
+
+#[test]
+fn never_pins_to_an_offline_pcpu() {
+    // pCPU 1 is offline; the vCPU pinned there must be re-pinned to an online one.
+    let s = snapshot(
+        &[0, 2, 3],
+        &[on(1, 20.0), on(0, 10.0), (Some(5.0), Pin::Spans(2))],
+    );
+    let p = default_plan(&s);
+    assert!(p.moves.iter().all(|m| [0, 2, 3].contains(&m.to)));
+    assert!(p.moves.iter().any(|m| m.key == key(0, 0)));
+}
+
+#[test]
+fn vcpus_without_a_usage_yet_are_not_touched() {
+    let s = snapshot(
+        &[0, 1],
+        &[
+            (None, Pin::Spans(0)),
+            (None, Pin::On(0)),
+            on(0, 50.0),
+            on(0, 50.0),
+        ],
+    );
+    let p = default_plan(&s);
+    assert!(
+        p.moves
+            .iter()
+            .all(|m| m.key != key(0, 0) && m.key != key(0, 1))
+    );
+    assert_eq!(p.moves.len(), 1);
+}
+
+#[test]
+fn threshold_is_respected() {
+    // A 20-point gap: unbalanced at threshold 10, balanced at threshold 25.
+    let s = snapshot(&[0, 1], &[on(0, 30.0), on(0, 10.0), on(1, 20.0)]);
+    assert_eq!(default_plan(&s).moves.len(), 1);
+    assert!(plan(&s, &CpuPolicy { threshold: 25.0 }).moves.is_empty());
+}
+
+#[test]
+fn no_pcpu_no_plan() {
+    let s = snapshot(&[], &[(Some(10.0), Pin::Spans(0))]);
+    assert!(default_plan(&s).moves.is_empty());
+}
+
+fn arb_host() -> impl Strategy<Value = CpuSnapshot> {
+    (1u32..12, 0usize..40).prop_flat_map(|(npcpu, nvcpu)| {
+        // pCPUs 0..npcpu+2 exist; two random ones may be offline.
+        let present = npcpu + 2;
+        let vcpu = (
+            prop::option::weighted(0.9, 0u32..=100),
+            0u32..present,
+            prop::bool::weighted(0.8),
+        );
+        (
+            prop::collection::btree_set(0..present, 1..=present as usize),
+            prop::collection::vec(vcpu, nvcpu),
+        )
+            .prop_map(|(online, vcpus)| {
+                let pcpus: Vec<u32> = online.into_iter().collect();
+                let vcpus: Vec<(Option<f64>, Pin)> = vcpus
+                    .into_iter()
+                    .map(|(u, p, pinned)| {
+                        (
+                            u.map(f64::from),
+                            if pinned { Pin::On(p) } else { Pin::Spans(p) },
+                        )
+                    })
+                    .collect();
+                snapshot(&pcpus, &vcpus)
+            })
+    })
+}
+
+proptest! {
+    #[test]
+    fn plans_obey_the_rules(s in arb_host(), threshold in 0u32..30) {
+        let policy = CpuPolicy { threshold: f64::from(threshold) };
+        let p = plan(&s, &policy);
+        for m in &p.moves {
+            let v = s.vcpus.iter().find(|v| v.key == m.key).unwrap();
+            prop_assert!(s.pcpus.contains(&m.to), "pinned to offline pCPU {}", m.to);
+            prop_assert!(v.usage.is_some(), "moved a vCPU of unknown usage");
+            prop_assert_ne!(v.pinned, Some(m.to), "no-op move");
+        }
+        // Every vCPU with a usage and no single online pin gets pinned.
+        for v in s.vcpus.iter().filter(|v| v.usage.is_some() && v.pinned.is_none()) {
+            prop_assert!(p.moves.iter().any(|m| m.key == v.key), "{:?} left unpinned", v.key);
+        }
+        let unplaced = s.vcpus.iter().any(|v| v.pinned.is_none());
+        if !unplaced {
+            // Moves never make the host worse, and a balanced host is left alone.
+            prop_assert!(p.after.spread <= p.before.spread + 1e-6);
+            prop_assert!(p.after.fixable_spread <= p.before.fixable_spread + 1e-6);
+            if p.before.fixable_spread <= policy.threshold {
+                prop_assert!(p.moves.is_empty());
+            }
+        }
+        // Stable: once applied, the next plan on the same loads changes nothing.
+        let after = apply(&s, &p);
+        let again = plan(&after, &policy);
+        prop_assert!(again.moves.is_empty(), "second plan moved {:?}", again.moves);
+    }
+}

@@ -1,0 +1,118 @@
+//! The libvirt layer against the real libvirt library, with its in-process test driver.
+
+mod common;
+
+use vmbalance::host::{Applied, DomainId, Host};
+use vmbalance::libvirt::LibvirtHost;
+
+fn host() -> LibvirtHost {
+    LibvirtHost::connect(&common::test_uri("node.xml")).expect("test driver connects")
+}
+
+fn id_of(host: &mut LibvirtHost, name: &str) -> DomainId {
+    host.active_domains()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == name)
+        .unwrap_or_else(|| panic!("{name} is listed"))
+        .id
+}
+
+#[test]
+fn lists_active_domains_by_uuid_and_skips_inactive_ones() {
+    let mut h = host();
+    // An inactive domain exists too; it must not be listed.
+    h.connection()
+        .define_domain_xml(
+            "<domain type='test'><name>parked</name><memory>65536</memory><vcpu>1</vcpu>\
+             <os><type>hvm</type></os></domain>",
+        )
+        .expect("define an inactive domain");
+    let mut listed: Vec<(String, String)> = h
+        .active_domains()
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.name, d.id.to_string()))
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        vec![
+            (
+                "batch".into(),
+                "5eb0a7e5-0000-4000-8000-000000000003".into()
+            ),
+            ("db".into(), "5eb0a7e5-0000-4000-8000-000000000002".into()),
+            ("web".into(), "5eb0a7e5-0000-4000-8000-000000000001".into()),
+        ]
+    );
+}
+
+#[test]
+fn reads_node_cpus() {
+    let mut h = host();
+    let node = h.node_cpus().unwrap();
+    assert!(!node.online.is_empty());
+    assert!(node.online.iter().all(|&p| p < node.present));
+    assert!(node.online.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[test]
+fn reads_every_vcpu_with_its_affinity() {
+    let mut h = host();
+    let present = h.node_cpus().unwrap().present;
+    let db = id_of(&mut h, "db");
+    let vcpus = h.vcpus(&db).unwrap().expect("db is running");
+    assert_eq!(
+        vcpus.iter().map(|v| v.number).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    // vCPU 0 is pinned to pCPU 2 in the node file; the others may run anywhere.
+    assert_eq!(vcpus[0].affinity, vec![2]);
+    for v in &vcpus[1..] {
+        assert_eq!(v.affinity, (0..present.min(4)).collect::<Vec<_>>());
+    }
+    assert!(vcpus.iter().all(|v| v.cpu_time_ns > 0));
+}
+
+#[test]
+fn pin_round_trip() {
+    let mut h = host();
+    let web = id_of(&mut h, "web");
+    let online = h.node_cpus().unwrap().online;
+    for &pcpu in &online {
+        assert_eq!(h.pin_vcpu(&web, 1, pcpu).unwrap(), Applied::Done);
+        let vcpus = h.vcpus(&web).unwrap().unwrap();
+        assert_eq!(vcpus[1].affinity, vec![pcpu]);
+        // The other vCPU is untouched.
+        assert!(vcpus[0].affinity.len() > 1);
+    }
+}
+
+#[test]
+fn a_vanished_domain_is_none_not_an_error() {
+    let mut h = host();
+    let batch = id_of(&mut h, "batch");
+    h.connection()
+        .lookup_domain_by_name("batch")
+        .unwrap()
+        .destroy()
+        .unwrap();
+    // Listed a moment ago, stopped now: reads and pins skip it.
+    assert_eq!(h.vcpus(&batch).unwrap(), None);
+    assert_eq!(h.pin_vcpu(&batch, 0, 0).unwrap(), Applied::Vanished);
+    // A UUID libvirt never knew behaves the same.
+    let unknown = DomainId([0xab; 16]);
+    assert_eq!(h.vcpus(&unknown).unwrap(), None);
+    assert_eq!(h.pin_vcpu(&unknown, 0, 0).unwrap(), Applied::Vanished);
+    assert_eq!(h.active_domains().unwrap().len(), 2);
+}
+
+#[test]
+fn unreachable_uri_is_one_clear_error() {
+    let uri = "test:///no/such/dir/node.xml";
+    let err = LibvirtHost::connect(uri).err().expect("must fail");
+    let text = format!("{err:#}");
+    assert!(text.contains(uri), "{text}");
+    assert!(!text.contains('\n'), "{text}");
+}

@@ -1,0 +1,121 @@
+//! The scheduler's whole cycle (observe, derive, decide, apply) on a simulated host.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sim::SimHost;
+use vmbalance::cpu_plan::CpuPolicy;
+use vmbalance::scheduler::Scheduler;
+
+const PERIOD: Duration = Duration::from_secs(3);
+
+fn spread(usage: &[f64]) -> f64 {
+    let max = usage.iter().copied().fold(f64::MIN, f64::max);
+    let min = usage.iter().copied().fold(f64::MAX, f64::min);
+    max - min
+}
+
+/// Run `cycles` cycles, advancing simulated time by PERIOD between them; return the number of pin
+/// changes made in each cycle.
+fn run(host: &mut SimHost, sched: &mut Scheduler, cycles: usize) -> Vec<usize> {
+    let mut changes = Vec::new();
+    for i in 0..cycles {
+        if i > 0 {
+            host.advance(PERIOD);
+        }
+        let before = host.pins;
+        sched.cycle(host).unwrap().expect("domains are running");
+        changes.push(host.pins - before);
+    }
+    changes
+}
+
+#[test]
+fn busy_vcpus_crowded_on_one_pcpu_are_spread_in_one_cycle_and_then_left_alone() {
+    let mut host = SimHost::new(4);
+    for n in 1..=4 {
+        host.add(n, &[(90.0, &[0])]);
+    }
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let changes = run(&mut host, &mut sched, 12);
+    // First cycle samples, second re-pins three vCPUs, then nothing.
+    assert_eq!(changes[..2], [0, 3]);
+    assert!(changes[2..].iter().all(|&c| c == 0), "{changes:?}");
+    assert!(spread(&host.pcpu_usage()) < 1e-9);
+}
+
+#[test]
+fn unpinned_vcpus_are_pinned_once() {
+    let mut host = SimHost::new(2);
+    host.add(1, &[(50.0, &[0, 1]), (50.0, &[0, 1])]);
+    host.add(2, &[(20.0, &[0, 1])]);
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let changes = run(&mut host, &mut sched, 6);
+    assert_eq!(changes.iter().sum::<usize>(), 3);
+    for d in &host.domains {
+        assert!(d.vcpus.iter().all(|v| v.affinity.len() == 1));
+    }
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    let mut host = SimHost::new(2);
+    host.add(1, &[(60.0, &[0]), (60.0, &[0])]);
+    let mut sched = Scheduler::new(CpuPolicy::default(), true);
+    let changes = run(&mut host, &mut sched, 4);
+    assert!(changes.iter().all(|&c| c == 0));
+    host.advance(PERIOD);
+    let report = sched.cycle(&mut host).unwrap().unwrap();
+    assert_eq!(report.applied.len(), 1, "the plan is still reported");
+    assert!(report.to_string().contains("would move 1"), "{report}");
+}
+
+#[test]
+fn domains_vanishing_or_appearing_mid_run_do_not_stop_the_scheduler() {
+    let mut host = SimHost::new(2);
+    let a = host.add(1, &[(80.0, &[0])]);
+    host.add(2, &[(80.0, &[0])]);
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    run(&mut host, &mut sched, 1);
+    // Domain 1 is listed, then stops before its vCPUs are read.
+    host.vanish_after_listing.push(a);
+    host.advance(PERIOD);
+    let report = sched.cycle(&mut host).unwrap().unwrap();
+    assert_eq!(report.domains, 1);
+    // A new domain appears: it has no usage on its first sample, and is not moved yet.
+    host.add(3, &[(10.0, &[0])]);
+    host.advance(PERIOD);
+    let report = sched.cycle(&mut host).unwrap().unwrap();
+    assert!(
+        report
+            .applied
+            .iter()
+            .all(|m| m.key.domain != host.domains[1].id)
+    );
+    // Once every domain has gone, the cycle says so.
+    host.domains.clear();
+    assert!(sched.cycle(&mut host).unwrap().is_none());
+}
+
+#[test]
+fn never_pins_to_an_offline_pcpu() {
+    let mut host = SimHost::new(4);
+    host.online = vec![0, 1, 3];
+    host.add(1, &[(40.0, &[0, 1, 2, 3]), (40.0, &[0, 1, 2, 3])]);
+    host.add(2, &[(40.0, &[0]), (40.0, &[0])]);
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    // SimHost::pin_vcpu fails on an offline pCPU; any such call would show as a skipped move.
+    for _ in 0..5 {
+        host.advance(PERIOD);
+        let report = sched.cycle(&mut host).unwrap().unwrap();
+        assert_eq!(report.skipped, 0);
+    }
+    for d in &host.domains {
+        assert!(
+            d.vcpus
+                .iter()
+                .all(|v| v.affinity.len() == 1 && v.affinity[0] != 2)
+        );
+    }
+}
