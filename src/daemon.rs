@@ -132,6 +132,39 @@ pub fn exit_with(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// The daemons' main loop: run `cycle` at once, then every `period`, until `cycles` cycles ran, a
+/// cycle finds no active domain (`cycle` returns `Ok(None)`), or Ctrl-C/SIGTERM arrives. Each
+/// cycle's report is logged as one info line. An error ends the loop and is returned.
+pub fn run_cycles<R: std::fmt::Display>(
+    uri: &str,
+    period: Duration,
+    cycles: Option<u64>,
+    mut cycle: impl FnMut() -> anyhow::Result<Option<R>>,
+) -> anyhow::Result<()> {
+    let mut stop = StopSignal::install()?;
+    let mut done = 0u64;
+    loop {
+        if done > 0 && stop.sleep(period) {
+            log::info!("stopping on signal after {done} cycles");
+            return Ok(());
+        }
+        let Some(report) = cycle()? else {
+            log::info!("no active domain on {uri}: nothing to do, exiting");
+            return Ok(());
+        };
+        done += 1;
+        log::info!("cycle {done}: {report}");
+        if cycles.is_some_and(|n| done >= n) {
+            log::info!("done after {done} cycles");
+            return Ok(());
+        }
+        if stop.requested() {
+            log::info!("stopping on signal after {done} cycles");
+            return Ok(());
+        }
+    }
+}
+
 /// Ctrl-C and SIGTERM, as something a loop can sleep on.
 pub struct StopSignal {
     rx: Receiver<()>,

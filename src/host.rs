@@ -61,6 +61,35 @@ pub struct NodeCpus {
     pub online: Vec<u32>,
 }
 
+/// A domain's balloon and the guest's own memory figures, in KiB, read at one instant.
+///
+/// The guest figures come from its balloon driver and exist only once a stats period is set; until
+/// the guest has posted a report since then they are stale (see [`BalloonStats::last_update`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BalloonStats {
+    /// Current balloon size: the memory the guest has now.
+    pub actual_kib: u64,
+    /// The most the balloon may give the guest (the domain's max memory).
+    pub max_kib: u64,
+    /// Memory the guest leaves completely unused (its MemFree).
+    pub unused_kib: Option<u64>,
+    /// Memory the guest sees in total (its MemTotal).
+    pub available_kib: Option<u64>,
+    /// Memory the guest could use without swapping (its MemAvailable).
+    pub usable_kib: Option<u64>,
+    /// Guest timestamp, in seconds, of the report these figures come from.
+    pub last_update: Option<u64>,
+}
+
+/// The host's memory, summed over all NUMA cells, in KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostMemory {
+    /// Physical memory.
+    pub total_kib: u64,
+    /// Memory the host can give: free plus buffers plus page cache.
+    pub free_kib: u64,
+}
+
 /// Why a change to a domain did not happen, when the reason is not an error worth stopping for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Applied {
@@ -87,6 +116,24 @@ pub trait Host {
 
     /// Pin one vCPU of a running domain to exactly one pCPU.
     fn pin_vcpu(&mut self, domain: &DomainId, vcpu: u32, pcpu: u32) -> anyhow::Result<Applied>;
+
+    /// The balloon and guest memory figures of a domain.
+    fn balloon_stats(&mut self, domain: &DomainId) -> anyhow::Result<Option<BalloonStats>>;
+
+    /// Ask the guest's balloon driver to report memory figures every `period_secs` seconds.
+    /// Fails when the domain has no balloon device.
+    fn enable_balloon_stats(
+        &mut self,
+        domain: &DomainId,
+        period_secs: u32,
+    ) -> anyhow::Result<Applied>;
+
+    /// Set the balloon of a running domain to `kib`.
+    fn set_balloon(&mut self, domain: &DomainId, kib: u64) -> anyhow::Result<Applied>;
+
+    /// The host's total and available memory over all NUMA cells; `None` when the driver cannot
+    /// tell.
+    fn host_memory(&mut self) -> anyhow::Result<Option<HostMemory>>;
 
     /// The host's monotonic clock, which rates are measured against. A simulated host overrides
     /// it with simulated time.

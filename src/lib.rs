@@ -10,9 +10,11 @@
 //! The binaries in `src/bin` parse arguments, loop, and apply plans; [`daemon`] holds what they
 //! share.
 
+pub mod coordinator;
 pub mod cpu_plan;
 pub mod daemon;
 pub mod host;
 pub mod libvirt;
+pub mod mem_plan;
 pub mod sampling;
 pub mod scheduler;

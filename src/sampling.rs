@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::time::Instant;
 
-use crate::host::{DomainId, VcpuInfo};
+use crate::host::{BalloonStats, DomainId, VcpuInfo};
 
 struct Reading {
     value: f64,
@@ -60,6 +60,13 @@ impl<K: Hash + Eq> Rates<K> {
     pub fn counter(&mut self, key: K, value: u64, at: Instant) -> Option<f64> {
         let rate = self.gauge(key, value as f64, at)?;
         (rate >= 0.0).then_some(rate)
+    }
+
+    /// Keep `key`'s series alive through this cycle without a new reading.
+    pub fn touch(&mut self, key: &K) {
+        if let Some(r) = self.last.get_mut(key) {
+            r.generation = self.generation;
+        }
     }
 
     /// Close a cycle: forget every series that was not read since the previous call.
@@ -189,6 +196,107 @@ impl CpuSampler {
     /// Number of vCPU series with history.
     pub fn tracked(&self) -> usize {
         self.rates.len()
+    }
+}
+
+/// A guest's memory as the memory planner sees it, in KiB, from a fresh balloon report.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GuestMemory {
+    /// Which domain.
+    pub id: DomainId,
+    /// Balloon size now.
+    pub actual_kib: u64,
+    /// Largest size the balloon may reach.
+    pub max_kib: u64,
+    /// Memory the guest leaves unused.
+    pub unused_kib: u64,
+    /// Consumption: growth of the memory the guest uses (actual − unused), in KiB/s, over the
+    /// measured interval. Positive = consuming. A balloon change does not count as consumption.
+    pub rate_kib_s: f64,
+}
+
+impl GuestMemory {
+    /// Memory the guest uses: its balloon size minus what it leaves unused.
+    pub fn used_kib(&self) -> u64 {
+        self.actual_kib.saturating_sub(self.unused_kib)
+    }
+
+    /// Unused memory as a percentage of the balloon size.
+    pub fn unused_pct(&self) -> f64 {
+        if self.actual_kib == 0 {
+            0.0
+        } else {
+            100.0 * self.unused_kib as f64 / self.actual_kib as f64
+        }
+    }
+}
+
+/// What a balloon report is worth this cycle.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MemoryReading {
+    /// A new, consistent report with a consumption rate: the planner may act on it.
+    Fresh(GuestMemory),
+    /// A new, consistent report, but the first one: no rate yet.
+    First,
+    /// The guest has not posted a report since the last one we saw (or since we first saw it,
+    /// when the figures may predate the stats period): not facts yet.
+    Stale,
+    /// The report contradicts itself (unused above actual, no total): ignored.
+    Inconsistent,
+    /// The domain reports no guest figures at all: no balloon device or no guest driver.
+    NoStats,
+}
+
+/// Turns successive balloon reports into [`MemoryReading`]s.
+#[derive(Default)]
+pub struct MemorySampler {
+    used: Rates<DomainId>,
+    last_update: HashMap<DomainId, (u64, u64)>,
+    generation: u64,
+}
+
+impl MemorySampler {
+    /// A sampler with no history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Judge the report `stats` of domain `id`, read at `at`.
+    pub fn record(&mut self, id: DomainId, at: Instant, stats: &BalloonStats) -> MemoryReading {
+        let (Some(unused), Some(available), Some(update)) =
+            (stats.unused_kib, stats.available_kib, stats.last_update)
+        else {
+            return MemoryReading::NoStats;
+        };
+        let previous = self.last_update.insert(id, (update, self.generation));
+        let is_new = previous.is_some_and(|(seen, _)| update > seen);
+        if !is_new {
+            self.used.touch(&id);
+            return MemoryReading::Stale;
+        }
+        if unused > stats.actual_kib || available == 0 || stats.actual_kib == 0 {
+            self.used.touch(&id);
+            return MemoryReading::Inconsistent;
+        }
+        let used = stats.actual_kib - unused;
+        match self.used.gauge(id, used as f64, at) {
+            None => MemoryReading::First,
+            Some(rate_kib_s) => MemoryReading::Fresh(GuestMemory {
+                id,
+                actual_kib: stats.actual_kib,
+                max_kib: stats.max_kib,
+                unused_kib: unused,
+                rate_kib_s,
+            }),
+        }
+    }
+
+    /// Close a cycle: forget domains that were not recorded in it.
+    pub fn end_cycle(&mut self) {
+        let current = self.generation;
+        self.last_update.retain(|_, (_, g)| *g == current);
+        self.used.end_cycle();
+        self.generation += 1;
     }
 }
 
@@ -352,6 +460,106 @@ mod tests {
         assert_eq!(
             u.into_iter().collect::<Vec<_>>(),
             vec![(0, 35.0), (1, 0.0), (2, 20.0)]
+        );
+    }
+
+    fn stats(actual: u64, unused: u64, update: u64) -> BalloonStats {
+        BalloonStats {
+            actual_kib: actual,
+            max_kib: 4 * actual,
+            unused_kib: Some(unused),
+            available_kib: Some(actual),
+            usable_kib: Some(unused),
+            last_update: Some(update),
+        }
+    }
+
+    #[test]
+    fn memory_needs_an_advanced_report_then_a_second_one_for_a_rate() {
+        let mut m = MemorySampler::new();
+        let t0 = Instant::now();
+        let s = |n| t0 + Duration::from_secs(n);
+        // First sight: the report may predate the stats period.
+        assert_eq!(
+            m.record(dom(1), s(0), &stats(1000, 900, 10)),
+            MemoryReading::Stale
+        );
+        m.end_cycle();
+        // Same report again: still stale.
+        assert_eq!(
+            m.record(dom(1), s(2), &stats(1000, 900, 10)),
+            MemoryReading::Stale
+        );
+        m.end_cycle();
+        assert_eq!(
+            m.record(dom(1), s(4), &stats(1000, 800, 12)),
+            MemoryReading::First
+        );
+        m.end_cycle();
+        // Used grew by 200 KiB over 2 s: consuming 100 KiB/s.
+        let MemoryReading::Fresh(g) = m.record(dom(1), s(6), &stats(1000, 600, 14)) else {
+            panic!("expected a fresh reading");
+        };
+        assert!((g.rate_kib_s - 100.0).abs() < 1e-9);
+        assert_eq!((g.used_kib(), g.unused_pct()), (400, 60.0));
+        m.end_cycle();
+        // The balloon grew by 500 KiB and unused with it: that is not the guest releasing memory.
+        let MemoryReading::Fresh(g) = m.record(dom(1), s(8), &stats(1500, 1100, 16)) else {
+            panic!("expected a fresh reading");
+        };
+        assert!(g.rate_kib_s.abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_stale_cycle_does_not_lose_the_rate_history() {
+        let mut m = MemorySampler::new();
+        let t0 = Instant::now();
+        m.record(dom(1), t0, &stats(1000, 900, 1));
+        m.end_cycle();
+        m.record(dom(1), t0 + Duration::from_secs(1), &stats(1000, 900, 2));
+        m.end_cycle();
+        assert_eq!(
+            m.record(dom(1), t0 + Duration::from_secs(2), &stats(1000, 900, 2)),
+            MemoryReading::Stale
+        );
+        m.end_cycle();
+        assert!(matches!(
+            m.record(dom(1), t0 + Duration::from_secs(3), &stats(1000, 700, 3)),
+            MemoryReading::Fresh(g) if (g.rate_kib_s - 100.0).abs() < 1e-9
+        ));
+    }
+
+    #[test]
+    fn inconsistent_or_missing_memory_reports_are_not_facts() {
+        let mut m = MemorySampler::new();
+        let t0 = Instant::now();
+        m.record(dom(1), t0, &stats(1000, 900, 1));
+        // unused above actual: a stale report from before the balloon shrank.
+        assert_eq!(
+            m.record(dom(1), t0 + Duration::from_secs(1), &stats(1000, 1200, 2)),
+            MemoryReading::Inconsistent
+        );
+        let no_driver = BalloonStats {
+            actual_kib: 1000,
+            max_kib: 1000,
+            ..BalloonStats::default()
+        };
+        assert_eq!(m.record(dom(2), t0, &no_driver), MemoryReading::NoStats);
+    }
+
+    #[test]
+    fn a_vanished_guest_starts_over() {
+        let mut m = MemorySampler::new();
+        let t0 = Instant::now();
+        m.record(dom(1), t0, &stats(1000, 900, 1));
+        m.end_cycle();
+        m.record(dom(1), t0 + Duration::from_secs(1), &stats(1000, 900, 2));
+        m.end_cycle();
+        m.end_cycle();
+        // Back (restarted) with a new report: first sight again, not a rate against old figures.
+        assert_eq!(
+            m.record(dom(1), t0 + Duration::from_secs(9), &stats(1000, 100, 50)),
+            MemoryReading::Stale
         );
     }
 }

@@ -1,11 +1,140 @@
-//! `memory_coordinator PERIOD`: not built yet; it says so instead of pretending to work.
+//! `memory_coordinator PERIOD`: resize guest balloons every PERIOD seconds so starving guests are
+//! fed and idle memory goes back to the host.
 
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use clap::Parser;
+use log::info;
+use vmbalance::coordinator::Coordinator;
+use vmbalance::daemon::{
+    CommonArgs, exit_with, parse_args, parse_non_negative, parse_period, run_cycles,
+};
+use vmbalance::libvirt::LibvirtHost;
+use vmbalance::mem_plan::MemPolicy;
+
+/// Move memory between the running libvirt domains and the host with their balloons.
+///
+/// Every PERIOD seconds it reads each guest's balloon statistics (switching them on first), works
+/// out how fast each guest consumes memory, and resizes balloons: guests short of memory and still
+/// consuming (STARVING) get memory from guests with much unused memory (WASTING), then from the
+/// host; with nobody starving, wasting guests hand memory back to the host a step at a time. It
+/// never leaves the host under its reserve, never shrinks a guest under its floor or under what it
+/// uses, and never grows one past its max memory. It exits 0 when a cycle finds no active domain,
+/// and on Ctrl-C or SIGTERM.
+#[derive(Parser, Debug)]
+#[command(name = "memory_coordinator", version, allow_negative_numbers = true)]
+struct Args {
+    /// Seconds between two samples: a positive number, e.g. 3 or 0.5
+    #[arg(value_name = "PERIOD", value_parser = parse_period)]
+    period: Duration,
+
+    /// A guest with less than this % of its memory unused, and still consuming, is starving
+    #[arg(long, value_name = "PCT", default_value_t = 15.0, value_parser = parse_non_negative)]
+    starve_pct: f64,
+
+    /// A guest with more than this % of its memory unused, and not consuming, is wasting
+    #[arg(long, value_name = "PCT", default_value_t = 50.0, value_parser = parse_non_negative)]
+    waste_pct: f64,
+
+    /// Keep at least this % of the host's memory available
+    #[arg(long, value_name = "PCT", default_value_t = 5.0, value_parser = parse_non_negative)]
+    host_reserve_pct: f64,
+
+    /// Never shrink a guest below this many MiB
+    #[arg(long, value_name = "MIB", default_value_t = 50)]
+    min_guest_mib: u64,
+
+    /// A guest whose used memory grows faster than this many MiB/s is consuming
+    #[arg(long, value_name = "MIB_S", default_value_t = 1.0, value_parser = parse_non_negative)]
+    consuming_mib_s: f64,
+
+    /// Smallest grant to a starving guest, and the margin kept above what a guest uses, in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    min_step_mib: u64,
+
+    /// Largest change of one guest's memory in one cycle, in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    max_step_mib: u64,
+
+    /// Share of a wasting guest's excess memory returned to the host per cycle, in %
+    #[arg(long, value_name = "PCT", default_value_t = 25.0, value_parser = parse_non_negative)]
+    return_pct: f64,
+
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+impl Args {
+    /// The policy, after checking the options make sense together.
+    fn policy(&self) -> Result<MemPolicy> {
+        ensure!(
+            self.starve_pct < self.waste_pct,
+            "--starve-pct ({}) must be below --waste-pct ({})",
+            self.starve_pct,
+            self.waste_pct
+        );
+        ensure!(self.waste_pct <= 100.0, "--waste-pct must be at most 100");
+        ensure!(
+            self.host_reserve_pct < 100.0,
+            "--host-reserve-pct must be below 100"
+        );
+        ensure!(
+            self.return_pct > 0.0 && self.return_pct <= 100.0,
+            "--return-pct must be above 0 and at most 100"
+        );
+        ensure!(
+            self.min_step_mib <= self.max_step_mib,
+            "--min-step-mib ({}) must not exceed --max-step-mib ({})",
+            self.min_step_mib,
+            self.max_step_mib
+        );
+        Ok(MemPolicy {
+            starve_pct: self.starve_pct,
+            waste_pct: self.waste_pct,
+            host_reserve_pct: self.host_reserve_pct,
+            min_guest_kib: self.min_guest_mib * 1024,
+            consuming_kib_s: self.consuming_mib_s * 1024.0,
+            min_step_kib: self.min_step_mib * 1024,
+            max_step_kib: self.max_step_mib * 1024,
+            return_fraction: self.return_pct / 100.0,
+            period_secs: self.period.as_secs_f64(),
+        })
+    }
+}
+
+fn run(args: Args, policy: MemPolicy) -> Result<()> {
+    let uri = args.common.uri();
+    let mut host = LibvirtHost::connect(&uri)?;
+    let mut coordinator = Coordinator::new(policy, args.common.dry_run);
+    info!(
+        "memory_coordinator on {uri}: period {:?}, starving under {}% unused, wasting over {}%, host reserve {}%, guest floor {} MiB{}",
+        args.period,
+        args.starve_pct,
+        args.waste_pct,
+        args.host_reserve_pct,
+        args.min_guest_mib,
+        if args.common.dry_run {
+            ", dry run (no change is made)"
+        } else {
+            ""
+        }
+    );
+    run_cycles(&uri, args.period, args.common.cycles, || {
+        coordinator.cycle(&mut host)
+    })
+}
 
 fn main() -> ExitCode {
-    eprintln!(
-        "error: memory_coordinator is not implemented yet in this version of vmbalance; \
-         only vcpu_scheduler is available"
-    );
-    ExitCode::FAILURE
+    let args: Args = parse_args();
+    let policy = match args.policy() {
+        Ok(policy) => policy,
+        Err(e) => {
+            eprintln!("error: {e} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    args.common.init_logging();
+    exit_with(run(args, policy))
 }

@@ -8,7 +8,7 @@ use clap::Parser;
 use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{
-    CommonArgs, StopSignal, exit_with, parse_args, parse_non_negative, parse_period,
+    CommonArgs, exit_with, parse_args, parse_non_negative, parse_period, run_cycles,
 };
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::scheduler::Scheduler;
@@ -37,7 +37,6 @@ struct Args {
 fn run(args: Args) -> Result<()> {
     let uri = args.common.uri();
     let mut host = LibvirtHost::connect(&uri)?;
-    let mut stop = StopSignal::install()?;
     let policy = CpuPolicy {
         threshold: args.threshold,
     };
@@ -52,27 +51,9 @@ fn run(args: Args) -> Result<()> {
             ""
         }
     );
-    let mut cycle = 0u64;
-    loop {
-        cycle += 1;
-        if cycle > 1 && stop.sleep(args.period) {
-            info!("stopping on signal after {} cycles", cycle - 1);
-            return Ok(());
-        }
-        let Some(report) = scheduler.cycle(&mut host)? else {
-            info!("no active domain on {uri}: nothing to balance, exiting");
-            return Ok(());
-        };
-        info!("cycle {cycle}: {report}");
-        if args.common.cycles.is_some_and(|n| cycle >= n) {
-            info!("done after {cycle} cycles");
-            return Ok(());
-        }
-        if stop.requested() {
-            info!("stopping on signal after {cycle} cycles");
-            return Ok(());
-        }
-    }
+    run_cycles(&uri, args.period, args.common.cycles, || {
+        scheduler.cycle(&mut host)
+    })
 }
 
 fn main() -> ExitCode {

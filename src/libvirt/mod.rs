@@ -11,7 +11,9 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
-use crate::host::{Applied, DomainId, DomainRef, Host, NodeCpus, VcpuInfo};
+use crate::host::{
+    Applied, BalloonStats, DomainId, DomainRef, Host, HostMemory, NodeCpus, VcpuInfo,
+};
 
 /// The URI used when neither `--connect` nor `LIBVIRT_DEFAULT_URI` names one.
 pub const DEFAULT_URI: &str = "qemu:///system";
@@ -106,6 +108,24 @@ impl LibvirtHost {
         }
     }
 
+    /// Run `op` on a domain's handle, mapping "no such domain" and "not running" to `Ok(None)`
+    /// and any other failure to an error that says what was being done.
+    fn on_domain<T>(
+        &mut self,
+        id: &DomainId,
+        what: impl FnOnce() -> String,
+        op: impl FnOnce(&Domain) -> Result<T, virt::error::Error>,
+    ) -> anyhow::Result<Option<T>> {
+        let Some(dom) = self.domain(id)? else {
+            return Ok(None);
+        };
+        match op(&dom) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_vanished(&e) => Ok(None),
+            Err(e) => Err(plain(e)).with_context(what),
+        }
+    }
+
     fn present_cpus(&mut self) -> anyhow::Result<u32> {
         match self.present_cpus {
             Some(n) => Ok(n),
@@ -138,24 +158,22 @@ impl Host for LibvirtHost {
 
     fn vcpus(&mut self, id: &DomainId) -> anyhow::Result<Option<Vec<VcpuInfo>>> {
         let present = self.present_cpus()?;
-        let Some(dom) = self.domain(id)? else {
-            return Ok(None);
-        };
-        match raw::domain_vcpus(&dom, present) {
-            Ok(vcpus) => Ok(Some(
-                vcpus
-                    .into_iter()
-                    .map(|v| VcpuInfo {
-                        number: v.number,
-                        cpu_time_ns: v.cpu_time_ns,
-                        last_pcpu: u32::try_from(v.cpu).ok(),
-                        affinity: v.affinity,
-                    })
-                    .collect(),
-            )),
-            Err(e) if is_vanished(&e) => Ok(None),
-            Err(e) => Err(plain(e)).with_context(|| format!("reading the vCPUs of domain {id}")),
-        }
+        let raw = self.on_domain(
+            id,
+            || format!("reading the vCPUs of domain {id}"),
+            |dom| raw::domain_vcpus(dom, present),
+        )?;
+        Ok(raw.map(|vcpus| {
+            vcpus
+                .into_iter()
+                .map(|v| VcpuInfo {
+                    number: v.number,
+                    cpu_time_ns: v.cpu_time_ns,
+                    last_pcpu: u32::try_from(v.cpu).ok(),
+                    affinity: v.affinity,
+                })
+                .collect()
+        }))
     }
 
     fn node_cpus(&mut self) -> anyhow::Result<NodeCpus> {
@@ -180,16 +198,87 @@ impl Host for LibvirtHost {
     }
 
     fn pin_vcpu(&mut self, id: &DomainId, vcpu: u32, pcpu: u32) -> anyhow::Result<Applied> {
-        let present = self.present_cpus()?;
-        let Some(dom) = self.domain(id)? else {
-            return Ok(Applied::Vanished);
+        let map = map_of_one_cpu(pcpu, self.present_cpus()?);
+        let done = self.on_domain(
+            id,
+            || format!("pinning vCPU {vcpu} of domain {id} to pCPU {pcpu}"),
+            |dom| dom.pin_vcpu(vcpu, &map),
+        )?;
+        Ok(done.map_or(Applied::Vanished, |()| Applied::Done))
+    }
+
+    fn balloon_stats(&mut self, id: &DomainId) -> anyhow::Result<Option<BalloonStats>> {
+        self.on_domain(
+            id,
+            || format!("reading the memory statistics of domain {id}"),
+            |dom| {
+                let mut stats = BalloonStats {
+                    max_kib: dom.max_memory()?,
+                    ..BalloonStats::default()
+                };
+                let mut actual = None;
+                for stat in dom.memory_stats(0)? {
+                    match stat.tag as sys::virDomainMemoryStatTags {
+                        sys::VIR_DOMAIN_MEMORY_STAT_ACTUAL_BALLOON => actual = Some(stat.val),
+                        sys::VIR_DOMAIN_MEMORY_STAT_UNUSED => stats.unused_kib = Some(stat.val),
+                        sys::VIR_DOMAIN_MEMORY_STAT_AVAILABLE => {
+                            stats.available_kib = Some(stat.val)
+                        }
+                        sys::VIR_DOMAIN_MEMORY_STAT_USABLE => stats.usable_kib = Some(stat.val),
+                        sys::VIR_DOMAIN_MEMORY_STAT_LAST_UPDATE => {
+                            stats.last_update = Some(stat.val)
+                        }
+                        _ => {}
+                    }
+                }
+                // Without a balloon there is no "actual": the domain's current memory is its size.
+                stats.actual_kib = match actual {
+                    Some(kib) => kib,
+                    None => dom.info()?.memory,
+                };
+                Ok(stats)
+            },
+        )
+    }
+
+    fn enable_balloon_stats(&mut self, id: &DomainId, period_secs: u32) -> anyhow::Result<Applied> {
+        let period = i32::try_from(period_secs).unwrap_or(i32::MAX);
+        let done = self.on_domain(
+            id,
+            || format!("setting the balloon statistics period of domain {id} (does it have a <memballoon> device?)"),
+            |dom| dom.set_memory_stats_period(period, sys::VIR_DOMAIN_AFFECT_LIVE),
+        )?;
+        Ok(done.map_or(Applied::Vanished, |()| Applied::Done))
+    }
+
+    fn set_balloon(&mut self, id: &DomainId, kib: u64) -> anyhow::Result<Applied> {
+        let done = self.on_domain(
+            id,
+            || format!("setting the balloon of domain {id} to {kib} KiB"),
+            |dom| dom.set_memory_flags(kib, sys::VIR_DOMAIN_MEM_LIVE),
+        )?;
+        Ok(done.map_or(Applied::Vanished, |()| Applied::Done))
+    }
+
+    fn host_memory(&mut self) -> anyhow::Result<Option<HostMemory>> {
+        let fields = match raw::node_memory_stats(&self.conn) {
+            Ok(fields) => fields,
+            Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_SUPPORT => return Ok(None),
+            Err(e) => return Err(plain(e)).context("reading the host's memory statistics"),
         };
-        match dom.pin_vcpu(vcpu, &map_of_one_cpu(pcpu, present)) {
-            Ok(()) => Ok(Applied::Done),
-            Err(e) if is_vanished(&e) => Ok(Applied::Vanished),
-            Err(e) => Err(plain(e))
-                .with_context(|| format!("pinning vCPU {vcpu} of domain {id} to pCPU {pcpu}")),
-        }
+        let get = |name: &str| fields.iter().find(|(f, _)| f == name).map(|&(_, v)| v);
+        let Some(total_kib) = get("total") else {
+            return Ok(None);
+        };
+        let free_kib = ["free", "buffers", "cached"]
+            .iter()
+            .filter_map(|f| get(f))
+            .sum::<u64>()
+            .min(total_kib);
+        Ok(Some(HostMemory {
+            total_kib,
+            free_kib,
+        }))
     }
 }
 

@@ -1,0 +1,291 @@
+//! Decide: new balloon sizes that feed starving guests and hand idle memory back to the host.
+//!
+//! Pure: a [`MemSnapshot`] in, a [`MemPlan`] out, no I/O. Only guests with a fresh report and a
+//! consumption rate are in the snapshot; every other guest is left alone.
+//!
+//! - A guest is **starving** when its unused memory is under `starve_pct` % of its balloon and it is
+//!   still consuming (its used memory grows faster than `consuming_kib_s`); **wasting** when unused
+//!   is over `waste_pct` % and it is not consuming; **balanced** otherwise.
+//! - Starving guests, most starved first, each get about twice what they consume in one period (at
+//!   least `min_step_kib`), taken first from wasting guests (most wasteful first), then from the
+//!   host.
+//! - With nobody starving, wasting guests give a fraction of their excess back to the host each cycle
+//!   (all of it, step-capped, while the host is under its reserve).
+//! - A shrinking guest keeps enough memory to land mid-way between starving and wasting, so a guest
+//!   that was shrunk is balanced, not starving, the next cycle.
+//! - Hard limits, also checked by [`violations`] on every plan before it is applied: never below
+//!   `min_guest_kib` nor below what the guest uses plus `min_step_kib` when shrinking; never above
+//!   the guest's max memory; never more than `max_step_kib` of change per guest per cycle; never
+//!   taking the host's available memory under `host_reserve_pct` % of its total.
+
+use std::cmp::Reverse;
+
+use crate::host::{DomainId, HostMemory};
+use crate::sampling::GuestMemory;
+
+const MIB: u64 = 1024;
+
+/// Tuning of the memory planner. Sizes are in KiB.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemPolicy {
+    /// Below this % of its balloon unused, a consuming guest is starving.
+    pub starve_pct: f64,
+    /// Above this % of its balloon unused, a guest that is not consuming is wasting.
+    pub waste_pct: f64,
+    /// The host keeps at least this % of its memory available.
+    pub host_reserve_pct: f64,
+    /// No guest is shrunk below this.
+    pub min_guest_kib: u64,
+    /// A guest whose used memory grows faster than this, in KiB/s, is consuming.
+    pub consuming_kib_s: f64,
+    /// Smallest grant to a starving guest; also the margin left above a guest's used memory.
+    pub min_step_kib: u64,
+    /// Largest change of one guest's balloon in one cycle.
+    pub max_step_kib: u64,
+    /// Fraction of a wasting guest's excess returned to the host per cycle.
+    pub return_fraction: f64,
+    /// Seconds between cycles: a starving guest gets twice its consumption over one period.
+    pub period_secs: f64,
+}
+
+impl Default for MemPolicy {
+    fn default() -> Self {
+        Self {
+            starve_pct: 15.0,
+            waste_pct: 50.0,
+            host_reserve_pct: 5.0,
+            min_guest_kib: 50 * MIB,
+            consuming_kib_s: 1024.0,
+            min_step_kib: 32 * MIB,
+            max_step_kib: 512 * MIB,
+            return_fraction: 0.25,
+            period_secs: 3.0,
+        }
+    }
+}
+
+/// How a guest stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MemStatus {
+    /// Little unused memory and still consuming.
+    Starving,
+    /// Much unused memory and not consuming.
+    Wasting,
+    /// Neither.
+    Balanced,
+}
+
+impl std::fmt::Display for MemStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemStatus::Starving => "STARVING",
+            MemStatus::Wasting => "WASTING",
+            MemStatus::Balanced => "BALANCED",
+        })
+    }
+}
+
+/// Everything the memory planner needs at one instant.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MemSnapshot {
+    /// Guests with a fresh report and a rate.
+    pub guests: Vec<GuestMemory>,
+    /// The host's memory, when the driver reports it; without it nothing is taken from the host.
+    pub host: Option<HostMemory>,
+}
+
+/// One balloon resize.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalloonChange {
+    /// Which domain.
+    pub id: DomainId,
+    /// Balloon size before, KiB.
+    pub from_kib: u64,
+    /// Balloon size to set, KiB.
+    pub to_kib: u64,
+}
+
+impl BalloonChange {
+    /// True when the guest loses memory.
+    pub fn shrinks(&self) -> bool {
+        self.to_kib < self.from_kib
+    }
+}
+
+/// The planner's answer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MemPlan {
+    /// Resizes, shrinks first (so memory is free before it is handed out).
+    pub changes: Vec<BalloonChange>,
+    /// Memory given to guests from the host's free memory, KiB.
+    pub from_host_kib: u64,
+    /// Memory handed back to the host by wasting guests, KiB.
+    pub to_host_kib: u64,
+}
+
+impl MemPolicy {
+    /// Status of a guest under this policy.
+    pub fn status(&self, g: &GuestMemory) -> MemStatus {
+        let consuming = g.rate_kib_s > self.consuming_kib_s;
+        let unused = g.unused_pct();
+        if unused < self.starve_pct && consuming {
+            MemStatus::Starving
+        } else if unused > self.waste_pct && !consuming {
+            MemStatus::Wasting
+        } else {
+            MemStatus::Balanced
+        }
+    }
+
+    /// The size no shrink may go under: the guest floor, and what the guest uses plus a margin.
+    pub fn hard_floor_kib(&self, g: &GuestMemory) -> u64 {
+        self.min_guest_kib.max(g.used_kib() + self.min_step_kib)
+    }
+
+    /// The size a shrink stops at: above the hard floor, with unused memory mid-way between the
+    /// starving and wasting thresholds.
+    fn keep_kib(&self, g: &GuestMemory) -> u64 {
+        let unused_frac = ((self.starve_pct + self.waste_pct) / 200.0).clamp(0.0, 0.95);
+        let comfortable = (g.used_kib() as f64 / (1.0 - unused_frac)).ceil() as u64;
+        self.hard_floor_kib(g).max(comfortable)
+    }
+
+    /// Memory the host can give: what it has available above its reserve (nothing when unknown).
+    pub fn host_budget_kib(&self, host: Option<HostMemory>) -> u64 {
+        host.map_or(0, |h| h.free_kib.saturating_sub(self.reserve_kib(h)))
+    }
+
+    /// The host memory kept available: `host_reserve_pct` % of its total.
+    pub fn reserve_kib(&self, h: HostMemory) -> u64 {
+        (h.total_kib as f64 * self.host_reserve_pct / 100.0).ceil() as u64
+    }
+}
+
+/// Plan the balloon sizes for one snapshot.
+pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
+    let guests = &snapshot.guests;
+    let status: Vec<MemStatus> = guests.iter().map(|g| policy.status(g)).collect();
+    let mut target: Vec<u64> = guests.iter().map(|g| g.actual_kib).collect();
+    let mut out = MemPlan::default();
+
+    // What each wasting guest can give this cycle, most wasteful first.
+    let mut givers: Vec<(usize, u64)> = (0..guests.len())
+        .filter(|&i| status[i] == MemStatus::Wasting)
+        .map(|i| {
+            let excess = guests[i]
+                .actual_kib
+                .saturating_sub(policy.keep_kib(&guests[i]));
+            (i, excess.min(policy.max_step_kib))
+        })
+        .filter(|&(_, can)| can > 0)
+        .collect();
+    givers.sort_by(|a, b| {
+        guests[b.0]
+            .unused_pct()
+            .total_cmp(&guests[a.0].unused_pct())
+            .then(a.0.cmp(&b.0))
+    });
+    let mut starving: Vec<usize> = (0..guests.len())
+        .filter(|&i| status[i] == MemStatus::Starving)
+        .collect();
+    starving.sort_by(|&a, &b| {
+        guests[a]
+            .unused_pct()
+            .total_cmp(&guests[b].unused_pct())
+            .then(a.cmp(&b))
+    });
+
+    let mut host_budget = policy.host_budget_kib(snapshot.host);
+    for &i in &starving {
+        let g = &guests[i];
+        let consumed = (g.rate_kib_s * policy.period_secs * 2.0).ceil() as u64;
+        let mut want = consumed
+            .max(policy.min_step_kib)
+            .min(policy.max_step_kib)
+            .min(g.max_kib.saturating_sub(g.actual_kib));
+        for (giver, can) in givers.iter_mut() {
+            let take = want.min(*can);
+            *can -= take;
+            target[*giver] -= take;
+            target[i] += take;
+            want -= take;
+        }
+        let from_host = want.min(host_budget);
+        host_budget -= from_host;
+        target[i] += from_host;
+        out.from_host_kib += from_host;
+    }
+
+    if starving.is_empty() {
+        let host_short = snapshot
+            .host
+            .is_some_and(|h| h.free_kib < policy.reserve_kib(h));
+        for &(i, can) in &givers {
+            let excess = guests[i]
+                .actual_kib
+                .saturating_sub(policy.keep_kib(&guests[i]));
+            let fraction = if host_short {
+                1.0
+            } else {
+                policy.return_fraction
+            };
+            let step = ((excess as f64 * fraction).ceil() as u64)
+                .max(policy.min_step_kib)
+                .min(can);
+            if step >= MIB {
+                target[i] -= step;
+                out.to_host_kib += step;
+            }
+        }
+    }
+
+    out.changes = guests
+        .iter()
+        .zip(&target)
+        .filter(|(g, t)| **t != g.actual_kib)
+        .map(|(g, &t)| BalloonChange {
+            id: g.id,
+            from_kib: g.actual_kib,
+            to_kib: t,
+        })
+        .collect();
+    out.changes.sort_by_key(|c| (Reverse(c.shrinks()), c.id));
+    out
+}
+
+/// Every way `plan` breaks a hard limit for `snapshot`; empty when it is safe to apply.
+pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) -> Vec<String> {
+    let mut found = Vec::new();
+    for c in &plan.changes {
+        let Some(g) = snapshot.guests.iter().find(|g| g.id == c.id) else {
+            found.push(format!("{}: not in the snapshot", c.id));
+            continue;
+        };
+        if c.to_kib > g.max_kib {
+            found.push(format!(
+                "{}: {} KiB above max {} KiB",
+                c.id, c.to_kib, g.max_kib
+            ));
+        }
+        if c.shrinks() && c.to_kib < policy.hard_floor_kib(g) {
+            found.push(format!(
+                "{}: {} KiB under its floor {} KiB (uses {} KiB)",
+                c.id,
+                c.to_kib,
+                policy.hard_floor_kib(g),
+                g.used_kib()
+            ));
+        }
+        if c.from_kib.abs_diff(c.to_kib) > policy.max_step_kib {
+            found.push(format!("{}: step over {} KiB", c.id, policy.max_step_kib));
+        }
+    }
+    if plan.from_host_kib > policy.host_budget_kib(snapshot.host) {
+        found.push(format!(
+            "takes {} KiB from the host, which can spare {} KiB above its reserve",
+            plan.from_host_kib,
+            policy.host_budget_kib(snapshot.host)
+        ));
+    }
+    found
+}
