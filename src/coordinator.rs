@@ -43,6 +43,8 @@ pub struct MemReport {
     pub applied: Vec<(String, BalloonChange)>,
     /// Resizes skipped: domain vanished, call failed, or plan refused.
     pub skipped: usize,
+    /// Domains left alone because they have no balloon device.
+    pub no_balloon: usize,
     /// True when nothing was changed on purpose.
     pub dry_run: bool,
 }
@@ -71,6 +73,9 @@ impl fmt::Display for MemReport {
                 write!(f, " rate {:+.1} MiB/s", r / 1024.0)?;
             }
             write!(f, " {}", g.state)?;
+        }
+        if self.no_balloon > 0 {
+            write!(f, "; {} without balloon left alone", self.no_balloon)?;
         }
         if self.applied.is_empty() && self.skipped == 0 {
             return f.write_str("; no change");
@@ -160,6 +165,7 @@ impl Coordinator {
             let state = self.domains.entry(dom.id).or_default();
             state.seen = self.cycles;
             if state.no_balloon {
+                report.no_balloon += 1;
                 continue;
             }
             if !state.stats_enabled {
@@ -169,6 +175,7 @@ impl Coordinator {
                     Err(e) => {
                         warn!("domain {}: {e:#}; it is left alone", dom.name);
                         state.no_balloon = true;
+                        report.no_balloon += 1;
                         continue;
                     }
                 }

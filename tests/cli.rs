@@ -219,3 +219,91 @@ fn sigterm_stops_without_waiting_out_the_period() {
 fn sigint_stops_without_waiting_out_the_period() {
     stops_cleanly_on("-INT");
 }
+
+const COORDINATOR: &str = env!("CARGO_BIN_EXE_memory_coordinator");
+
+#[test]
+fn coordinator_refuses_bad_input_with_one_line() {
+    let uri = common::test_uri("node.xml");
+    let c = ["--connect", uri.as_str()];
+    for (args, status, needle) in [
+        (vec![], 2, "PERIOD"),
+        (vec!["0"], 2, "positive"),
+        (vec!["-2"], 2, "positive"),
+        (vec!["x"], 2, "not a number"),
+        (vec!["--starve-pct", "60", "1"], 2, "--starve-pct"),
+        (vec!["--waste-pct", "101", "1"], 2, "--waste-pct"),
+        (
+            vec!["--host-reserve-pct", "100", "1"],
+            2,
+            "--host-reserve-pct",
+        ),
+        (vec!["--min-step-mib", "0", "1"], 2, "--min-step-mib"),
+        (vec!["--min-step-mib", "600", "1"], 2, "--max-step-mib"),
+        (vec!["--return-pct", "0", "1"], 2, "--return-pct"),
+        (vec!["--min-guest-mib", "-1", "1"], 2, "--min-guest-mib"),
+        (vec!["--nope", "1"], 2, "--nope"),
+    ] {
+        let mut all = c.to_vec();
+        all.extend(args.iter().copied());
+        assert_one_line_error(&run(COORDINATOR, &all), status, needle);
+    }
+    assert_one_line_error(
+        &run(COORDINATOR, &["-c", "test:///no/such.xml", "1"]),
+        1,
+        "test:///no/such.xml",
+    );
+}
+
+#[test]
+fn coordinator_help_describes_every_option() {
+    let o = run(COORDINATOR, &["--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&o.stdout);
+    for option in [
+        "PERIOD",
+        "--connect",
+        "--dry-run",
+        "--cycles",
+        "--starve-pct",
+        "--waste-pct",
+        "--host-reserve-pct",
+        "--min-guest-mib",
+        "--consuming-mib-s",
+        "--min-step-mib",
+        "--max-step-mib",
+        "--return-pct",
+    ] {
+        assert!(help.contains(option), "--help lacks {option}");
+    }
+}
+
+#[test]
+fn coordinator_dry_run_on_the_test_driver() {
+    let uri = common::test_uri("node.xml");
+    let o = run(
+        COORDINATOR,
+        &["--connect", &uri, "--dry-run", "--cycles", "7", "0.1"],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    // The test driver's stats never advance: every cycle waits for them and changes nothing.
+    assert_eq!(err.matches("waiting for stats").count(), 2 * 7, "{err}");
+    assert_eq!(err.matches("; no change").count(), 7, "{err}");
+    // Warnings come once per domain, not once per cycle.
+    assert_eq!(err.matches("domain batch:").count(), 1, "{err}");
+    assert_eq!(
+        err.matches("does not report host memory").count(),
+        1,
+        "{err}"
+    );
+    assert!(err.contains("done after 7 cycles"), "{err}");
+}
+
+#[test]
+fn coordinator_exits_0_with_no_active_domain() {
+    let uri = common::test_uri("empty-node.xml");
+    let o = run(COORDINATOR, &["--connect", &uri, "1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no active domain"));
+}

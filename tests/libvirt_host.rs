@@ -116,3 +116,58 @@ fn unreachable_uri_is_one_clear_error() {
     assert!(text.contains(uri), "{text}");
     assert!(!text.contains('\n'), "{text}");
 }
+
+#[test]
+fn reads_balloon_stats() {
+    let mut h = host();
+    let web = id_of(&mut h, "web");
+    let stats = h.balloon_stats(&web).unwrap().expect("web is running");
+    assert_eq!(stats.actual_kib, 524288);
+    assert_eq!(stats.max_kib, 1048576);
+    // The test driver's guest figures are fake but present and self-consistent.
+    let unused = stats.unused_kib.expect("unused");
+    assert!(unused <= stats.actual_kib);
+    assert!(stats.available_kib.is_some() && stats.last_update.is_some());
+}
+
+#[test]
+fn balloon_resize_round_trip_and_error_above_max() {
+    let mut h = host();
+    let web = id_of(&mut h, "web");
+    assert_eq!(h.enable_balloon_stats(&web, 3).unwrap(), Applied::Done);
+    for kib in [600 * 1024, 300 * 1024, 1048576] {
+        assert_eq!(h.set_balloon(&web, kib).unwrap(), Applied::Done);
+        assert_eq!(h.balloon_stats(&web).unwrap().unwrap().actual_kib, kib);
+    }
+    let err = h.set_balloon(&web, 1048576 + 1024).unwrap_err();
+    assert!(format!("{err:#}").contains("max memory"), "{err:#}");
+    assert_eq!(h.balloon_stats(&web).unwrap().unwrap().actual_kib, 1048576);
+}
+
+#[test]
+fn a_domain_without_balloon_refuses_stats() {
+    let mut h = host();
+    let batch = id_of(&mut h, "batch");
+    let err = h.enable_balloon_stats(&batch, 3).unwrap_err();
+    assert!(format!("{err:#}").contains("balloon"), "{err:#}");
+}
+
+#[test]
+fn memory_calls_on_a_vanished_domain_are_skipped() {
+    let mut h = host();
+    let web = id_of(&mut h, "web");
+    h.connection()
+        .lookup_domain_by_name("web")
+        .unwrap()
+        .destroy()
+        .unwrap();
+    assert_eq!(h.balloon_stats(&web).unwrap(), None);
+    assert_eq!(h.set_balloon(&web, 300 * 1024).unwrap(), Applied::Vanished);
+    assert_eq!(h.enable_balloon_stats(&web, 3).unwrap(), Applied::Vanished);
+}
+
+#[test]
+fn host_memory_is_none_where_the_driver_cannot_tell() {
+    // The test driver does not implement virNodeGetMemoryStats.
+    assert_eq!(host().host_memory().unwrap(), None);
+}

@@ -1,9 +1,12 @@
 //! A deterministic simulated host: vCPUs with a CPU demand, pCPUs that share their time among the
-//! vCPUs charged to them, and a clock that only moves when the test says so.
+//! vCPUs charged to them, guests whose memory use follows a workload behind a balloon that cannot
+//! shrink under what they use, and a clock that only moves when the test says so.
 
 use std::time::{Duration, Instant};
 
-use vmbalance::host::{Applied, DomainId, DomainRef, Host, NodeCpus, VcpuInfo};
+use vmbalance::host::{
+    Applied, BalloonStats, DomainId, DomainRef, Host, HostMemory, NodeCpus, VcpuInfo,
+};
 
 /// One simulated vCPU.
 #[derive(Clone, Debug)]
@@ -16,12 +19,89 @@ pub struct SimVcpu {
     pub cpu_ns: u64,
 }
 
+/// One simulated guest's memory, KiB.
+#[derive(Clone, Debug)]
+pub struct SimMemory {
+    /// Balloon size.
+    pub actual: u64,
+    /// Max memory.
+    pub max: u64,
+    /// Memory the guest uses now.
+    pub used: f64,
+    /// What it uses with no workload; an OOM kill brings it back here.
+    pub baseline: f64,
+    /// The workload's allocation rate, KiB/s (negative: freeing)...
+    pub rate: f64,
+    /// ...until used reaches this.
+    pub goal: f64,
+    /// Has a balloon device.
+    pub balloon: bool,
+    /// Runs the balloon driver (posts statistics).
+    pub driver: bool,
+    /// Stats period set by the coordinator, s (0 = off).
+    pub stats_period: u32,
+    /// Last posted report: (last_update, unused).
+    pub report: Option<(u64, u64)>,
+    last_report_at: f64,
+    /// Times the guest ran out of memory (its workload was killed).
+    pub ooms: u32,
+}
+
+impl SimMemory {
+    /// A guest of `actual` KiB (max `max`) using `used` KiB, with a balloon and its driver.
+    pub fn new(actual: u64, max: u64, used: u64) -> Self {
+        Self {
+            actual,
+            max,
+            used: used as f64,
+            baseline: used as f64,
+            rate: 0.0,
+            goal: used as f64,
+            balloon: true,
+            driver: true,
+            stats_period: 0,
+            report: None,
+            last_report_at: f64::NEG_INFINITY,
+            ooms: 0,
+        }
+    }
+
+    /// Start a workload that allocates (or frees) `rate` KiB/s until it uses `goal` KiB.
+    pub fn work(&mut self, rate: f64, goal: u64) {
+        self.rate = rate;
+        self.goal = goal as f64;
+    }
+
+    fn advance(&mut self, now: f64, dt: f64) {
+        if self.rate > 0.0 {
+            self.used = (self.used + self.rate * dt).min(self.goal);
+        } else if self.rate < 0.0 {
+            self.used = (self.used + self.rate * dt).max(self.goal);
+        }
+        if self.used > self.actual as f64 {
+            self.ooms += 1;
+            self.used = self.baseline;
+            self.rate = 0.0;
+            self.goal = self.baseline;
+        }
+        if self.driver
+            && self.stats_period > 0
+            && now - self.last_report_at >= f64::from(self.stats_period) - 1e-9
+        {
+            self.last_report_at = now;
+            let unused = (self.actual as f64 - self.used).max(0.0) as u64;
+            self.report = Some((1_000_000 + now as u64, unused));
+        }
+    }
+}
+
 /// One simulated domain.
 #[derive(Clone, Debug)]
 pub struct SimDomain {
     pub id: DomainId,
     pub name: String,
     pub vcpus: Vec<SimVcpu>,
+    pub mem: SimMemory,
 }
 
 /// The simulated host.
@@ -33,6 +113,14 @@ pub struct SimHost {
     pub vanish_after_listing: Vec<DomainId>,
     /// Number of pin calls that changed something.
     pub pins: usize,
+    /// Host memory, KiB; guests take their balloon size from it.
+    pub host_total: u64,
+    /// Memory the host itself uses, KiB.
+    pub host_used: u64,
+    /// Does the host report its memory?
+    pub host_reports_memory: bool,
+    /// Number of balloon changes made.
+    pub resizes: usize,
     start: Instant,
     elapsed: Duration,
 }
@@ -46,6 +134,10 @@ impl SimHost {
             domains: Vec::new(),
             vanish_after_listing: Vec::new(),
             pins: 0,
+            host_total: 16 << 20,
+            host_used: 1 << 20,
+            host_reports_memory: true,
+            resizes: 0,
             start: Instant::now(),
             elapsed: Duration::ZERO,
         }
@@ -65,8 +157,26 @@ impl SimHost {
                     cpu_ns: 1_000_000_000 * u64::from(n),
                 })
                 .collect(),
+            mem: SimMemory::new(1 << 20, 2 << 20, 256 << 10),
         });
         id
+    }
+
+    /// Add a one-vCPU idle domain with the given memory.
+    pub fn add_guest(&mut self, n: u8, mem: SimMemory) -> DomainId {
+        let id = self.add(n, &[(1.0, &[0])]);
+        self.domains.last_mut().unwrap().mem = mem;
+        id
+    }
+
+    /// Memory the host has available, KiB.
+    pub fn host_free(&self) -> u64 {
+        let guests: u64 = self.domains.iter().map(|d| d.mem.actual).sum();
+        self.host_total.saturating_sub(self.host_used + guests)
+    }
+
+    pub fn domain_mut(&mut self, id: &DomainId) -> &mut SimDomain {
+        self.domains.iter_mut().find(|d| d.id == *id).unwrap()
     }
 
     /// The pCPU a vCPU runs on: its first allowed pCPU (a spanning vCPU stays where it started).
@@ -91,6 +201,10 @@ impl SimHost {
             v.cpu_ns += (share / 100.0 * dt.as_nanos() as f64) as u64;
         }
         self.elapsed += dt;
+        let now = self.elapsed.as_secs_f64();
+        for d in &mut self.domains {
+            d.mem.advance(now, dt.as_secs_f64());
+        }
     }
 
     /// Actual usage of each pCPU over a period with the current pins, in percent.
@@ -159,6 +273,52 @@ impl Host for SimHost {
             self.pins += 1;
         }
         Ok(Applied::Done)
+    }
+
+    fn balloon_stats(&mut self, id: &DomainId) -> anyhow::Result<Option<BalloonStats>> {
+        Ok(self.domain(id).map(|d| {
+            let m = &d.mem;
+            let mut stats = BalloonStats {
+                actual_kib: m.actual,
+                max_kib: m.max,
+                ..BalloonStats::default()
+            };
+            if let Some((update, unused)) = m.report {
+                stats.unused_kib = Some(unused);
+                stats.available_kib = Some(m.actual);
+                stats.usable_kib = Some(unused);
+                stats.last_update = Some(update);
+            }
+            stats
+        }))
+    }
+
+    fn enable_balloon_stats(&mut self, id: &DomainId, period: u32) -> anyhow::Result<Applied> {
+        let Some(d) = self.domains.iter_mut().find(|d| d.id == *id) else {
+            return Ok(Applied::Vanished);
+        };
+        anyhow::ensure!(d.mem.balloon, "No memory balloon device configured");
+        d.mem.stats_period = period;
+        Ok(Applied::Done)
+    }
+
+    fn set_balloon(&mut self, id: &DomainId, kib: u64) -> anyhow::Result<Applied> {
+        let Some(d) = self.domains.iter_mut().find(|d| d.id == *id) else {
+            return Ok(Applied::Vanished);
+        };
+        anyhow::ensure!(kib <= d.mem.max, "cannot set memory higher than max memory");
+        anyhow::ensure!(d.mem.balloon, "No memory balloon device configured");
+        // The balloon stalls at what the guest uses rather than taking it.
+        d.mem.actual = kib.max(d.mem.used.ceil() as u64);
+        self.resizes += 1;
+        Ok(Applied::Done)
+    }
+
+    fn host_memory(&mut self) -> anyhow::Result<Option<HostMemory>> {
+        Ok(self.host_reports_memory.then(|| HostMemory {
+            total_kib: self.host_total,
+            free_kib: self.host_free(),
+        }))
     }
 
     fn now(&self) -> Instant {
