@@ -24,8 +24,8 @@ pub struct GuestLine {
     pub name: String,
     /// Balloon size, KiB.
     pub actual_kib: u64,
-    /// Unused memory, KiB, when reported.
-    pub unused_kib: Option<u64>,
+    /// Memory the guest can still use, KiB, when reported (`usable`, else `unused`).
+    pub free_kib: Option<u64>,
     /// Consumption, KiB/s, when known.
     pub rate_kib_s: Option<f64>,
     /// Status, or why there is none.
@@ -66,8 +66,8 @@ impl fmt::Display for MemReport {
         }
         for g in &self.guests {
             write!(f, "; {} {:.0} MiB", g.name, mib(g.actual_kib))?;
-            if let Some(u) = g.unused_kib {
-                write!(f, " unused {:.0}", mib(u))?;
+            if let Some(u) = g.free_kib {
+                write!(f, " free {:.0}", mib(u))?;
             }
             if let Some(r) = g.rate_kib_s {
                 write!(f, " rate {:+.1} MiB/s", r / 1024.0)?;
@@ -195,7 +195,7 @@ impl Coordinator {
             let mut line = GuestLine {
                 name: dom.name.clone(),
                 actual_kib: stats.actual_kib,
-                unused_kib: stats.unused_kib,
+                free_kib: stats.usable_kib.or(stats.unused_kib),
                 rate_kib_s: None,
                 state: String::new(),
             };
@@ -207,10 +207,14 @@ impl Coordinator {
                 }
                 MemoryReading::First => "first report".into(),
                 MemoryReading::Stale => "waiting for stats".into(),
+                MemoryReading::Settling => "balloon settling".into(),
                 MemoryReading::Inconsistent => "inconsistent stats".into(),
                 MemoryReading::NoStats => "no guest stats".into(),
             };
-            if matches!(reading, MemoryReading::Fresh(_) | MemoryReading::First) {
+            if matches!(
+                reading,
+                MemoryReading::Fresh(_) | MemoryReading::First | MemoryReading::Settling
+            ) {
                 state.ever_fresh = true;
                 state.stale_cycles = 0;
             } else {

@@ -3,12 +3,16 @@
 //! Pure: a [`MemSnapshot`] in, a [`MemPlan`] out, no I/O. Only guests with a fresh report and a
 //! consumption rate are in the snapshot; every other guest is left alone.
 //!
-//! - A guest is **starving** when its unused memory is under `starve_pct` % of its balloon and it is
-//!   still consuming (its used memory grows faster than `consuming_kib_s`); **wasting** when unused
-//!   is over `waste_pct` % and it is not consuming; **balanced** otherwise.
-//! - Starving guests, most starved first, each get about twice what they consume in one period (at
-//!   least `min_step_kib`), taken first from wasting guests (most wasteful first), then from the
-//!   host.
+//! - A guest is **starving** when it is still consuming (its used memory grows faster than
+//!   `consuming_kib_s`) and its free memory is under `starve_pct` % of its balloon, or would run
+//!   out within `runway_periods` periods at its current rate (a small guest running a fast hog has
+//!   no time to wait for the percentage); **wasting** when free memory is over `waste_pct` % and it
+//!   is not consuming; **balanced** otherwise. A guest's free memory is what it can still use: its
+//!   MemAvailable (`usable`) when it reports one, else its MemFree (`unused`).
+//! - Starving guests, most starved first, each get about twice what they consume in one period, or
+//!   more when that would still leave them less than `runway_periods` + 1 periods of free memory,
+//!   and at least `min_step_kib`; taken first from wasting guests (most wasteful first), then from
+//!   the host.
 //! - With nobody starving, wasting guests give a fraction of their excess back to the host each cycle
 //!   (all of it, step-capped, while the host is under its reserve).
 //! - A shrinking guest keeps enough memory to land mid-way between starving and wasting, so a guest
@@ -28,9 +32,9 @@ const MIB: u64 = 1024;
 /// Tuning of the memory planner. Sizes are in KiB.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MemPolicy {
-    /// Below this % of its balloon unused, a consuming guest is starving.
+    /// Below this % of its balloon free, a consuming guest is starving.
     pub starve_pct: f64,
-    /// Above this % of its balloon unused, a guest that is not consuming is wasting.
+    /// Above this % of its balloon free, a guest that is not consuming is wasting.
     pub waste_pct: f64,
     /// The host keeps at least this % of its memory available.
     pub host_reserve_pct: f64,
@@ -46,6 +50,8 @@ pub struct MemPolicy {
     pub return_fraction: f64,
     /// Seconds between cycles: a starving guest gets twice its consumption over one period.
     pub period_secs: f64,
+    /// A consuming guest whose free memory would last fewer periods than this is starving.
+    pub runway_periods: f64,
 }
 
 impl Default for MemPolicy {
@@ -60,6 +66,7 @@ impl Default for MemPolicy {
             max_step_kib: 512 * MIB,
             return_fraction: 0.25,
             period_secs: 3.0,
+            runway_periods: 3.0,
         }
     }
 }
@@ -67,9 +74,9 @@ impl Default for MemPolicy {
 /// How a guest stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum MemStatus {
-    /// Little unused memory and still consuming.
+    /// Little free memory and still consuming.
     Starving,
-    /// Much unused memory and not consuming.
+    /// Much free memory and not consuming.
     Wasting,
     /// Neither.
     Balanced,
@@ -127,10 +134,12 @@ impl MemPolicy {
     /// Status of a guest under this policy.
     pub fn status(&self, g: &GuestMemory) -> MemStatus {
         let consuming = g.rate_kib_s > self.consuming_kib_s;
-        let unused = g.unused_pct();
-        if unused < self.starve_pct && consuming {
+        let free = g.free_pct();
+        let runway_secs = g.free_kib as f64 / g.rate_kib_s.max(f64::MIN_POSITIVE);
+        let short = free < self.starve_pct || runway_secs < self.runway_periods * self.period_secs;
+        if consuming && short {
             MemStatus::Starving
-        } else if unused > self.waste_pct && !consuming {
+        } else if free > self.waste_pct && !consuming {
             MemStatus::Wasting
         } else {
             MemStatus::Balanced
@@ -142,11 +151,11 @@ impl MemPolicy {
         self.min_guest_kib.max(g.used_kib() + self.min_step_kib)
     }
 
-    /// The size a shrink stops at: above the hard floor, with unused memory mid-way between the
+    /// The size a shrink stops at: above the hard floor, with free memory mid-way between the
     /// starving and wasting thresholds.
     fn keep_kib(&self, g: &GuestMemory) -> u64 {
-        let unused_frac = ((self.starve_pct + self.waste_pct) / 200.0).clamp(0.0, 0.95);
-        let comfortable = (g.used_kib() as f64 / (1.0 - unused_frac)).ceil() as u64;
+        let free_frac = ((self.starve_pct + self.waste_pct) / 200.0).clamp(0.0, 0.95);
+        let comfortable = (g.used_kib() as f64 / (1.0 - free_frac)).ceil() as u64;
         self.hard_floor_kib(g).max(comfortable)
     }
 
@@ -181,8 +190,8 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
         .collect();
     givers.sort_by(|a, b| {
         guests[b.0]
-            .unused_pct()
-            .total_cmp(&guests[a.0].unused_pct())
+            .free_pct()
+            .total_cmp(&guests[a.0].free_pct())
             .then(a.0.cmp(&b.0))
     });
     let mut starving: Vec<usize> = (0..guests.len())
@@ -190,16 +199,19 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
         .collect();
     starving.sort_by(|&a, &b| {
         guests[a]
-            .unused_pct()
-            .total_cmp(&guests[b].unused_pct())
+            .free_pct()
+            .total_cmp(&guests[b].free_pct())
             .then(a.cmp(&b))
     });
 
     let mut host_budget = policy.host_budget_kib(snapshot.host);
     for &i in &starving {
         let g = &guests[i];
-        let consumed = (g.rate_kib_s * policy.period_secs * 2.0).ceil() as u64;
-        let mut want = consumed
+        let per_period = g.rate_kib_s * policy.period_secs;
+        let twice = (2.0 * per_period).ceil() as u64;
+        let runway = ((policy.runway_periods + 1.0) * per_period).ceil() as u64;
+        let mut want = twice
+            .max(runway.saturating_sub(g.free_kib))
             .max(policy.min_step_kib)
             .min(policy.max_step_kib)
             .min(g.max_kib.saturating_sub(g.actual_kib));

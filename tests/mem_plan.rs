@@ -12,7 +12,7 @@ fn guest(n: u8, actual_mib: u64, unused_mib: u64, rate_mib_s: f64) -> GuestMemor
         id: DomainId([n; 16]),
         actual_kib: actual_mib * MIB,
         max_kib: 4096 * MIB,
-        unused_kib: unused_mib * MIB,
+        free_kib: unused_mib * MIB,
         rate_kib_s: rate_mib_s * 1024.0,
     }
 }
@@ -60,6 +60,9 @@ fn statuses_follow_the_thresholds() {
     // Lots unused but consuming fast: not wasting.
     assert_eq!(p.status(&guest(1, 1000, 600, 5.0)), MemStatus::Balanced);
     assert_eq!(p.status(&guest(1, 1000, 300, 0.0)), MemStatus::Balanced);
+    // 30 % unused, but at 20 MiB/s its 60 MiB last 3 s, under 3 periods of 3 s: starving already.
+    assert_eq!(p.status(&guest(1, 200, 60, 20.0)), MemStatus::Starving);
+    assert_eq!(p.status(&guest(1, 200, 60, 2.0)), MemStatus::Balanced);
 }
 
 #[test]
@@ -69,9 +72,10 @@ fn a_starving_guest_is_fed_from_a_wasting_one_first() {
         vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 800, 0.0)],
         host(16384, 8000),
     );
-    // About twice its consumption over one 3 s period: 120 MiB, all from guest 2.
-    assert_eq!(size_mib(&s, &p, 1), 1120);
-    assert_eq!(size_mib(&s, &p, 2), 880);
+    // At 20 MiB/s it eats 60 MiB per 3 s period; twice that (120 MiB) would leave it 170 MiB free,
+    // under the 4 periods (240 MiB) it should have, so it gets 190 MiB, all from guest 2.
+    assert_eq!(size_mib(&s, &p, 1), 1190);
+    assert_eq!(size_mib(&s, &p, 2), 810);
     assert_eq!((p.from_host_kib, p.to_host_kib), (0, 0));
     // Shrinks come first, so the memory is free before it is handed out.
     assert!(p.changes[0].shrinks() && !p.changes[1].shrinks());
@@ -83,9 +87,16 @@ fn a_starving_guest_with_no_wasting_peer_is_fed_by_the_host() {
         vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 300, 0.0)],
         host(16384, 8000),
     );
-    assert_eq!(size_mib(&s, &p, 1), 1120);
+    assert_eq!(size_mib(&s, &p, 1), 1190);
     assert_eq!(size_mib(&s, &p, 2), 1000);
-    assert_eq!(p.from_host_kib, 120 * MIB);
+    assert_eq!(p.from_host_kib, 190 * MIB);
+}
+
+#[test]
+fn a_guest_with_plenty_of_runway_gets_twice_its_consumption() {
+    // 12 % free of 2000 MiB = 240 MiB, 4 periods at 20 MiB/s: twice a period's use, 120 MiB.
+    let (s, p) = plan_for(vec![guest(1, 2000, 240, 20.0)], host(16384, 8000));
+    assert_eq!(size_mib(&s, &p, 1), 2120);
 }
 
 #[test]
@@ -108,7 +119,7 @@ fn a_host_at_its_reserve_gives_nothing_more() {
 
 #[test]
 fn the_host_gives_only_down_to_its_reserve() {
-    // 919 MiB available, reserve ~819: at most ~100 of the 120 MiB wanted.
+    // 919 MiB available, reserve ~819: at most ~100 of the 190 MiB wanted.
     let (s, p) = plan_for(vec![guest(1, 1000, 50, 20.0)], host(16384, 919));
     let grant = size_mib(&s, &p, 1) - 1000;
     assert!((99..=100).contains(&grant), "{grant}");
@@ -125,7 +136,7 @@ fn wasting_guests_return_memory_gradually_when_nobody_starves() {
             break;
         }
         // The guest's used memory (200 MiB) stays; only unused memory goes.
-        g.unused_kib -= g.actual_kib - next * MIB;
+        g.free_kib -= g.actual_kib - next * MIB;
         g.actual_kib = next * MIB;
         sizes.push(next);
     }
@@ -161,13 +172,13 @@ fn balanced_guests_get_no_change() {
 
 #[test]
 fn several_starving_guests_are_fed_most_starved_first() {
-    // The host can spare only 150 MiB; two guests want 120 MiB each.
+    // Guest 1 (100 MiB free) wants 140 MiB, guest 2 (20 MiB free) 220 MiB; the host spares 250.
     let (s, p) = plan_for(
         vec![guest(1, 1000, 100, 20.0), guest(2, 1000, 20, 20.0)],
-        host(16384, 820 + 150),
+        host(16384, 820 + 250),
     );
     let (g1, g2) = (size_mib(&s, &p, 1) - 1000, size_mib(&s, &p, 2) - 1000);
-    assert_eq!(g2, 120, "most starved is served in full");
+    assert_eq!(g2, 220, "most starved is served in full");
     assert!((29..=30).contains(&g1), "{g1}");
 }
 
@@ -239,7 +250,7 @@ fn arb_guest(n: u8) -> impl Strategy<Value = GuestMemory> {
             id: DomainId([n; 16]),
             actual_kib: actual * MIB,
             max_kib: (actual + extra) * MIB,
-            unused_kib: actual * MIB * unused_pct / 100,
+            free_kib: actual * MIB * unused_pct / 100,
             rate_kib_s: rate * 1024.0,
         },
     )

@@ -58,6 +58,11 @@ struct Args {
     #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     max_step_mib: u64,
 
+    /// A consuming guest whose unused memory would run out within this many periods is starving,
+    /// whatever its unused %
+    #[arg(long, value_name = "N", default_value_t = 3.0, value_parser = parse_non_negative)]
+    runway_periods: f64,
+
     /// Share of a wasting guest's excess memory returned to the host per cycle, in %
     #[arg(long, value_name = "PCT", default_value_t = 25.0, value_parser = parse_non_negative)]
     return_pct: f64,
@@ -100,6 +105,7 @@ impl Args {
             max_step_kib: self.max_step_mib * 1024,
             return_fraction: self.return_pct / 100.0,
             period_secs: self.period.as_secs_f64(),
+            runway_periods: self.runway_periods,
         })
     }
 }
@@ -109,7 +115,7 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
     let mut host = LibvirtHost::connect(&uri)?;
     let mut coordinator = Coordinator::new(policy, args.common.dry_run);
     info!(
-        "memory_coordinator on {uri}: period {:?}, starving under {}% unused, wasting over {}%, host reserve {}%, guest floor {} MiB{}",
+        "memory_coordinator on {uri}: period {:?}, starving under {}% free, wasting over {}%, host reserve {}%, guest floor {} MiB{}",
         args.period,
         args.starve_pct,
         args.waste_pct,

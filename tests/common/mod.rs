@@ -5,4 +5,5 @@
 pub fn test_uri(file: &str) -> String {
     format!("test://{}/tests/data/{file}", env!("CARGO_MANIFEST_DIR"))
 }
+pub mod lab;
 pub mod sim;

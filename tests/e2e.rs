@@ -1,0 +1,271 @@
+//! End-to-end: the real daemons against real QEMU guests under libvirt (the lab).
+//!
+//! Run by `make e2e` (and so by `make test` and CI), which sets the lab up, runs these one at a time,
+//! and tears it down. Outcomes are read from libvirt's own view (`virsh`), never from the code under
+//! test, and judged over steady windows with margins that survive a noisy 2-core machine.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::lab::{Daemon, Lab, Spec, balloon, pcpu_usage, pins, virsh};
+
+const SCHEDULER: &str = env!("CARGO_BIN_EXE_vcpu_scheduler");
+const COORDINATOR: &str = env!("CARGO_BIN_EXE_memory_coordinator");
+const MIB: u64 = 1024;
+
+fn online_pcpus() -> u32 {
+    let info = virsh(&["nodeinfo"]);
+    let line = info.lines().find(|l| l.starts_with("CPU(s):")).unwrap();
+    line.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+fn busy<'a>(name: &'a str, pin: &'a str) -> Spec<'a> {
+    Spec {
+        name,
+        vcpus: 1,
+        cur_mib: 192,
+        max_mib: 192,
+        pins: pin,
+        work: "cpu,1,100",
+    }
+}
+
+fn spread(usage: &[f64]) -> f64 {
+    usage.iter().copied().fold(f64::MIN, f64::max) - usage.iter().copied().fold(f64::MAX, f64::min)
+}
+
+/// Pin changes the daemon reported, per cycle line.
+fn moves_per_cycle(log: &str) -> Vec<usize> {
+    log.lines()
+        .filter(|l| l.contains("] cycle "))
+        .map(|l| {
+            l.split("; moved ")
+                .nth(1)
+                .and_then(|rest| rest.split(':').next())
+                .map_or(0, |n| n.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn scheduler_spreads_busy_vcpus_crowded_on_one_pcpu_and_then_stays_put() {
+    let p = online_pcpus();
+    let names: Vec<String> = (0..2 * p).map(|i| format!("crowd{i}")).collect();
+    let specs: Vec<Spec> = names.iter().map(|n| busy(n, "0")).collect();
+    let _lab = Lab::guests(&specs);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let before = pcpu_usage(&names, p, Duration::from_secs(4));
+    eprintln!("before: pCPU usage {before:.1?}");
+
+    let started = Instant::now();
+    let mut d = Daemon::start(SCHEDULER, &["2"]);
+    d.wait_cycles(2, Duration::from_secs(60));
+    let time_to_balance = started.elapsed();
+    d.wait_cycles(12, Duration::from_secs(120));
+    let after = pcpu_usage(&names, p, Duration::from_secs(6));
+    let (code, log) = d.stop();
+    eprintln!("{log}");
+    let moves = moves_per_cycle(&log);
+    eprintln!(
+        "after: pCPU usage {after:.1?} (spread {:.1}); pin changes per cycle {moves:?}; balanced {:.1} s after start",
+        spread(&after),
+        time_to_balance.as_secs_f64()
+    );
+    assert_eq!(code, Some(0));
+    // Every pCPU runs two of the busy vCPUs: 2P - 2 must leave pCPU 0, all in one decision.
+    assert_eq!(moves[1], (2 * p - 2) as usize, "{moves:?}");
+    assert!(
+        moves.iter().skip(2).all(|&m| m == 0),
+        "moved again after balancing: {moves:?}"
+    );
+    let mut per_pcpu = vec![0; p as usize];
+    for n in &names {
+        per_pcpu[pins(n)[0].unwrap() as usize] += 1;
+    }
+    assert!(per_pcpu.iter().all(|&c| c == 2), "{per_pcpu:?}");
+    assert!(spread(&before) > 80.0);
+    assert!(spread(&after) < 20.0, "{after:?}");
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn scheduler_leaves_a_balanced_host_alone() {
+    let p = online_pcpus();
+    let names: Vec<String> = (0..p).map(|i| format!("even{i}")).collect();
+    let pin_of: Vec<&'static str> = ["0", "1", "2", "3", "4", "5", "6", "7"].to_vec();
+    let specs: Vec<Spec> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| busy(n, pin_of[i % 8]))
+        .collect();
+    let _lab = Lab::guests(&specs);
+    let pins_before: Vec<_> = names.iter().map(|n| pins(n)).collect();
+    let mut d = Daemon::start(SCHEDULER, &["2"]);
+    d.wait_cycles(6, Duration::from_secs(60));
+    let (code, log) = d.stop();
+    eprintln!("{log}");
+    assert_eq!(code, Some(0));
+    assert!(moves_per_cycle(&log).iter().all(|&m| m == 0), "{log}");
+    let pins_after: Vec<_> = names.iter().map(|n| pins(n)).collect();
+    assert_eq!(pins_before, pins_after);
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn scheduler_mixes_heavy_and_light_guests_and_survives_a_guest_destroyed_mid_run() {
+    let specs = [
+        Spec {
+            name: "heavy0",
+            vcpus: 1,
+            cur_mib: 192,
+            max_mib: 192,
+            pins: "0",
+            work: "cpu,1,90",
+        },
+        Spec {
+            name: "heavy1",
+            vcpus: 1,
+            cur_mib: 192,
+            max_mib: 192,
+            pins: "0",
+            work: "cpu,1,90",
+        },
+        Spec {
+            name: "light0",
+            vcpus: 1,
+            cur_mib: 192,
+            max_mib: 192,
+            pins: "1",
+            work: "cpu,1,20",
+        },
+        Spec {
+            name: "light1",
+            vcpus: 1,
+            cur_mib: 192,
+            max_mib: 192,
+            pins: "1",
+            work: "cpu,1,20",
+        },
+    ];
+    let mut lab = Lab::guests(&specs);
+    let mut d = Daemon::start(SCHEDULER, &["2"]);
+    d.wait_cycles(6, Duration::from_secs(60));
+    let pinned: Vec<u32> = ["heavy0", "heavy1", "light0", "light1"]
+        .iter()
+        .map(|n| pins(n)[0].unwrap())
+        .collect();
+    eprintln!("pins heavy0 heavy1 light0 light1: {pinned:?}");
+    assert_ne!(pinned[0], pinned[1], "the heavy guests share a pCPU");
+    assert_ne!(pinned[2], pinned[3], "the light guests share a pCPU");
+
+    // A guest vanishes under the daemon: it carries on.
+    lab.remove("light1");
+    let seen = d.cycles();
+    d.wait_cycles(seen + 3, Duration::from_secs(30));
+    assert!(d.running());
+    let (code, log) = d.stop();
+    eprintln!("{log}");
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
+}
+
+/// Poll balloon sizes every `every` for `total`; return (seconds, size per guest in MiB).
+fn watch(names: &[&str], every: Duration, total: Duration) -> Vec<(f64, Vec<u64>)> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while start.elapsed() < total {
+        out.push((
+            start.elapsed().as_secs_f64(),
+            names.iter().map(|n| balloon(n).0 / MIB).collect(),
+        ));
+        std::thread::sleep(every);
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn coordinator_feeds_a_hog_shrinks_idle_guests_and_returns_memory_to_the_host() {
+    let specs = [
+        Spec {
+            name: "hog",
+            vcpus: 1,
+            cur_mib: 256,
+            max_mib: 1024,
+            pins: "0",
+            work: "idle",
+        },
+        Spec {
+            name: "idle0",
+            vcpus: 1,
+            cur_mib: 512,
+            max_mib: 512,
+            pins: "1",
+            work: "idle",
+        },
+        Spec {
+            name: "idle1",
+            vcpus: 1,
+            cur_mib: 512,
+            max_mib: 512,
+            pins: "1",
+            work: "idle",
+        },
+    ];
+    let lab = Lab::guests(&specs);
+    let names = ["hog", "idle0", "idle1"];
+    let mut d = Daemon::start(COORDINATOR, &["2"]);
+    // Stats are switched on in cycle 1; decisions start once two fresh reports are in.
+    d.wait_cycles(4, Duration::from_secs(60));
+
+    // 10 MiB/s up to 500 MiB: far past the hog's 256 MiB; hold 20 s, then free it all.
+    lab.send("hog", "mem 10 500 20");
+    let grow = watch(&names, Duration::from_secs(2), Duration::from_secs(70));
+    let freed = lab.console_shows_within("hog", "workload: freed", Duration::from_secs(60));
+    let shrink = watch(&names, Duration::from_secs(2), Duration::from_secs(40));
+    let (code, log) = d.stop();
+    eprintln!("{log}");
+    for (t, sizes) in grow.iter().chain(&shrink) {
+        eprintln!(
+            "t={t:5.1}s  hog {} MiB  idle0 {} MiB  idle1 {} MiB",
+            sizes[0], sizes[1], sizes[2]
+        );
+    }
+    let console = lab.console("hog");
+    assert_eq!(code, Some(0));
+    assert!(
+        !console.contains("Out of memory") && !console.contains("Killed process"),
+        "hog OOM:\n{console}"
+    );
+    assert!(
+        console.contains("workload: reached 500 MiB") && freed,
+        "{console}"
+    );
+    let peak = grow.iter().map(|(_, s)| s[0]).max().unwrap();
+    assert!(peak >= 500, "hog peaked at {peak} MiB");
+    let last = &shrink.last().unwrap().1;
+    assert!(
+        last[0] + 150 < peak,
+        "hog kept its memory after freeing it: peak {peak}, now {}",
+        last[0]
+    );
+    for (i, idle) in ["idle0", "idle1"].iter().enumerate() {
+        let min = grow
+            .iter()
+            .chain(&shrink)
+            .map(|(_, s)| s[i + 1])
+            .min()
+            .unwrap();
+        assert!(min < 400, "{idle} never shrank (min {min} MiB)");
+        // The floor, and what the guest uses, hold.
+        assert!(min >= 50, "{idle} under the floor: {min} MiB");
+        let (actual, unused) = balloon(idle);
+        assert!(
+            unused.is_none_or(|u| u <= actual),
+            "{idle}: unused {unused:?} > actual {actual}"
+        );
+    }
+    assert!(!log.contains("refusing a plan"), "{log}");
+}
