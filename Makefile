@@ -3,11 +3,13 @@
 
 CARGO ?= cargo
 BIN_DIR := bin
+# Where `make e2e` builds its lab of real guests (outside the source tree; removed afterwards).
+LAB_DIR ?= /tmp/vmbalance-lab
 BINARIES := vcpu_scheduler memory_coordinator
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: all build test lint clean deps test-deps
+.PHONY: all build test test-unit e2e demo lint clean deps test-deps
 
 all: build
 
@@ -18,9 +20,23 @@ build: deps
 	@for b in $(BINARIES); do cp target/release/$$b $(BIN_DIR)/$$b; done
 	@echo "built: $(addprefix $(BIN_DIR)/,$(BINARIES))"
 
-## Run the whole test suite (unit, property, libvirt test-driver and CLI tests).
-test: test-deps
+## Run the whole test suite: the fast tests, then the end-to-end tests on real guests.
+test: test-unit e2e
+
+## Unit, property, simulated-host, libvirt test-driver and CLI tests (no root, no guests).
+test-unit: test-deps
 	$(CARGO) test --locked --all-targets
+
+## End-to-end tests: set up the lab (root: packages, libvirtd, guests), run the daemons against
+## real QEMU guests, tear the lab down whatever happened.
+e2e: test-deps
+	lab/lab.sh setup $(LAB_DIR)
+	VMB_LAB_DIR=$(LAB_DIR) $(CARGO) test --locked --test e2e -- --ignored --test-threads=1 --nocapture; \
+		status=$$?; lab/lab.sh teardown $(LAB_DIR); exit $$status
+
+## Watch both daemons fix a real host (about three minutes; needs root).
+demo: build
+	lab/demo.sh
 
 ## Formatting and lints, as CI checks them.
 lint: deps
