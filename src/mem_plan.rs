@@ -9,10 +9,10 @@
 //!   no time to wait for the percentage); **wasting** when free memory is over `waste_pct` % and it
 //!   is not consuming; **balanced** otherwise. A guest's free memory is what it can still use: its
 //!   MemAvailable (`usable`) when it reports one, else its MemFree (`unused`).
-//! - Starving guests, most starved first, each get about twice what they consume in one period, or
-//!   more when that would still leave them less than `runway_periods` + 1 periods of free memory,
-//!   and at least `min_step_kib`; taken first from wasting guests (most wasteful first), then from
-//!   the host.
+//! - Starving guests, most starved first, each get twice what they consume in one period (a
+//!   resized guest is decided on again two periods later, once its balloon has settled), plus what
+//!   it lacks of `runway_periods` periods of free memory, and at least `min_step_kib`; taken first
+//!   from wasting guests (most wasteful first), then from the host.
 //! - With nobody starving, wasting guests give a fraction of their excess back to the host each cycle
 //!   (all of it, step-capped, while the host is under its reserve).
 //! - A shrinking guest keeps enough memory to land mid-way between starving and wasting, so a guest
@@ -209,9 +209,8 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
         let g = &guests[i];
         let per_period = g.rate_kib_s * policy.period_secs;
         let twice = (2.0 * per_period).ceil() as u64;
-        let runway = ((policy.runway_periods + 1.0) * per_period).ceil() as u64;
-        let mut want = twice
-            .max(runway.saturating_sub(g.free_kib))
+        let runway = (policy.runway_periods * per_period).ceil() as u64;
+        let mut want = (twice + runway.saturating_sub(g.free_kib))
             .max(policy.min_step_kib)
             .min(policy.max_step_kib)
             .min(g.max_kib.saturating_sub(g.actual_kib));

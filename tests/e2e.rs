@@ -171,15 +171,15 @@ fn scheduler_mixes_heavy_and_light_guests_and_survives_a_guest_destroyed_mid_run
     assert!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
 }
 
-/// Poll balloon sizes every `every` for `total`; return (seconds, size per guest in MiB).
-fn watch(names: &[&str], every: Duration, total: Duration) -> Vec<(f64, Vec<u64>)> {
+/// Poll every `every` for `total`: (seconds, balloon size per guest in MiB, the first guest's
+/// usable memory in MiB).
+fn watch(names: &[&str], every: Duration, total: Duration) -> Vec<(f64, Vec<u64>, u64)> {
     let start = Instant::now();
     let mut out = Vec::new();
     while start.elapsed() < total {
-        out.push((
-            start.elapsed().as_secs_f64(),
-            names.iter().map(|n| balloon(n).0 / MIB).collect(),
-        ));
+        let sizes = names.iter().map(|n| balloon(n).0 / MIB).collect();
+        let usable = balloon(names[0]).2.unwrap_or(0) / MIB;
+        out.push((start.elapsed().as_secs_f64(), sizes, usable));
         std::thread::sleep(every);
     }
     out
@@ -227,12 +227,14 @@ fn coordinator_feeds_a_hog_shrinks_idle_guests_and_returns_memory_to_the_host() 
     let shrink = watch(&names, Duration::from_secs(2), Duration::from_secs(40));
     let (code, log) = d.stop();
     eprintln!("{log}");
-    for (t, sizes) in grow.iter().chain(&shrink) {
+    for (t, sizes, usable) in grow.iter().chain(&shrink) {
         eprintln!(
-            "t={t:5.1}s  hog {} MiB  idle0 {} MiB  idle1 {} MiB",
+            "t={t:5.1}s  hog {} MiB ({usable} MiB usable)  idle0 {} MiB  idle1 {} MiB",
             sizes[0], sizes[1], sizes[2]
         );
     }
+    let tightest = grow.iter().map(|(_, _, usable)| *usable).min().unwrap();
+    eprintln!("the hog's usable memory never fell under {tightest} MiB while it grew");
     let console = lab.console("hog");
     assert_eq!(code, Some(0));
     assert!(
@@ -243,7 +245,7 @@ fn coordinator_feeds_a_hog_shrinks_idle_guests_and_returns_memory_to_the_host() 
         console.contains("workload: reached 500 MiB") && freed,
         "{console}"
     );
-    let peak = grow.iter().map(|(_, s)| s[0]).max().unwrap();
+    let peak = grow.iter().map(|(_, s, _)| s[0]).max().unwrap();
     assert!(peak >= 500, "hog peaked at {peak} MiB");
     let last = &shrink.last().unwrap().1;
     assert!(
@@ -255,13 +257,13 @@ fn coordinator_feeds_a_hog_shrinks_idle_guests_and_returns_memory_to_the_host() 
         let min = grow
             .iter()
             .chain(&shrink)
-            .map(|(_, s)| s[i + 1])
+            .map(|(_, s, _)| s[i + 1])
             .min()
             .unwrap();
         assert!(min < 400, "{idle} never shrank (min {min} MiB)");
         // The floor, and what the guest uses, hold.
         assert!(min >= 50, "{idle} under the floor: {min} MiB");
-        let (actual, unused) = balloon(idle);
+        let (actual, unused, _) = balloon(idle);
         assert!(
             unused.is_none_or(|u| u <= actual),
             "{idle}: unused {unused:?} > actual {actual}"

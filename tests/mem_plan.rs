@@ -72,10 +72,10 @@ fn a_starving_guest_is_fed_from_a_wasting_one_first() {
         vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 800, 0.0)],
         host(16384, 8000),
     );
-    // At 20 MiB/s it eats 60 MiB per 3 s period; twice that (120 MiB) would leave it 170 MiB free,
-    // under the 4 periods (240 MiB) it should have, so it gets 190 MiB, all from guest 2.
-    assert_eq!(size_mib(&s, &p, 1), 1190);
-    assert_eq!(size_mib(&s, &p, 2), 810);
+    // At 20 MiB/s it eats 60 MiB per 3 s period: it gets twice that (120 MiB) plus the 130 MiB it
+    // lacks of 3 periods' worth free (180 MiB): 250 MiB, all from guest 2.
+    assert_eq!(size_mib(&s, &p, 1), 1250);
+    assert_eq!(size_mib(&s, &p, 2), 750);
     assert_eq!((p.from_host_kib, p.to_host_kib), (0, 0));
     // Shrinks come first, so the memory is free before it is handed out.
     assert!(p.changes[0].shrinks() && !p.changes[1].shrinks());
@@ -87,9 +87,9 @@ fn a_starving_guest_with_no_wasting_peer_is_fed_by_the_host() {
         vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 300, 0.0)],
         host(16384, 8000),
     );
-    assert_eq!(size_mib(&s, &p, 1), 1190);
+    assert_eq!(size_mib(&s, &p, 1), 1250);
     assert_eq!(size_mib(&s, &p, 2), 1000);
-    assert_eq!(p.from_host_kib, 190 * MIB);
+    assert_eq!(p.from_host_kib, 250 * MIB);
 }
 
 #[test]
@@ -119,7 +119,7 @@ fn a_host_at_its_reserve_gives_nothing_more() {
 
 #[test]
 fn the_host_gives_only_down_to_its_reserve() {
-    // 919 MiB available, reserve ~819: at most ~100 of the 190 MiB wanted.
+    // 919 MiB available, reserve ~819: at most ~100 of the 250 MiB wanted.
     let (s, p) = plan_for(vec![guest(1, 1000, 50, 20.0)], host(16384, 919));
     let grant = size_mib(&s, &p, 1) - 1000;
     assert!((99..=100).contains(&grant), "{grant}");
@@ -172,13 +172,14 @@ fn balanced_guests_get_no_change() {
 
 #[test]
 fn several_starving_guests_are_fed_most_starved_first() {
-    // Guest 1 (100 MiB free) wants 140 MiB, guest 2 (20 MiB free) 220 MiB; the host spares 250.
+    // Guest 1 (100 MiB free) wants 120 + 80 = 200 MiB, guest 2 (20 MiB free) 120 + 160 = 280 MiB;
+    // the host spares 310.
     let (s, p) = plan_for(
         vec![guest(1, 1000, 100, 20.0), guest(2, 1000, 20, 20.0)],
-        host(16384, 820 + 250),
+        host(16384, 820 + 310),
     );
     let (g1, g2) = (size_mib(&s, &p, 1) - 1000, size_mib(&s, &p, 2) - 1000);
-    assert_eq!(g2, 220, "most starved is served in full");
+    assert_eq!(g2, 280, "most starved is served in full");
     assert!((29..=30).contains(&g1), "{g1}");
 }
 

@@ -30,11 +30,11 @@ struct Args {
     #[arg(value_name = "PERIOD", value_parser = parse_period)]
     period: Duration,
 
-    /// A guest with less than this % of its memory unused, and still consuming, is starving
+    /// A guest with less than this % of its memory free, and still consuming, is starving
     #[arg(long, value_name = "PCT", default_value_t = 15.0, value_parser = parse_non_negative)]
     starve_pct: f64,
 
-    /// A guest with more than this % of its memory unused, and not consuming, is wasting
+    /// A guest with more than this % of its memory free, and not consuming, is wasting
     #[arg(long, value_name = "PCT", default_value_t = 50.0, value_parser = parse_non_negative)]
     waste_pct: f64,
 

@@ -212,13 +212,14 @@ pub fn pcpu_usage(names: &[&str], pcpus: u32, window: Duration) -> Vec<f64> {
     usage
 }
 
-/// Balloon size and unused memory of a guest, KiB.
-pub fn balloon(name: &str) -> (u64, Option<u64>) {
+/// Balloon size, unused memory (MemFree) and usable memory (MemAvailable) of a guest, KiB.
+pub fn balloon(name: &str) -> (u64, Option<u64>, Option<u64>) {
     let stats = domstats(&Lab::domain(name), &["--balloon"]);
-    let current = stats["balloon.current"].parse().unwrap();
+    let get = |k: &str| stats.get(k).and_then(|v| v.parse().ok());
     (
-        current,
-        stats.get("balloon.unused").and_then(|v| v.parse().ok()),
+        get("balloon.current").unwrap(),
+        get("balloon.unused"),
+        get("balloon.usable"),
     )
 }
 
