@@ -18,7 +18,7 @@ use vmbalance::mem_plan::MemPolicy;
 ///
 /// Every PERIOD seconds it reads each guest's balloon statistics (switching them on first), works
 /// out how fast each guest consumes memory, and resizes balloons: guests short of memory and still
-/// consuming (STARVING) get memory from guests with much unused memory (WASTING), then from the
+/// consuming (STARVING) get memory from guests with much free memory (WASTING), then from the
 /// host; with nobody starving, wasting guests hand memory back to the host a step at a time. It
 /// never leaves the host under its reserve, never shrinks a guest under its floor or under what it
 /// uses, and never grows one past its max memory. It exits 0 when a cycle finds no active domain,
@@ -58,8 +58,8 @@ struct Args {
     #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     max_step_mib: u64,
 
-    /// A consuming guest whose unused memory would run out within this many periods is starving,
-    /// whatever its unused %
+    /// A consuming guest whose free memory would run out within this many periods is starving,
+    /// whatever its free %
     #[arg(long, value_name = "N", default_value_t = 3.0, value_parser = parse_non_negative)]
     runway_periods: f64,
 
