@@ -11,10 +11,16 @@
 //! 3. Otherwise the planner repeatedly takes the busiest such pCPU and the freest pCPU and moves
 //!    the one vCPU that best evens the pair; only when no single move helps does it swap two vCPUs
 //!    (two changes). Every step narrows the pair's gap and never widens the host's spread.
-//! 4. A step must pay for itself, which is what keeps the daemon stable under sampling noise: it
-//!    closes at least `threshold` points of the pair's gap, or it brings the pair within
-//!    `threshold` while closing at least half of it. A move that only trades which pCPU is busier
-//!    (a vCPU about as large as the gap) is refused, so noise cannot make a vCPU ping-pong.
+//! 4. A step must pay for itself, which is what keeps the daemon stable under sampling noise. A step
+//!    that leaves the busier pCPU the busier one (it shifts at most half the gap) always narrows
+//!    the gap and can never invite the reverse step, so it pays if it shifts at least half a point.
+//!    A step that overshoots, making the other pCPU the busier one, pays only if it closes at least
+//!    `threshold` points of the gap, or brings the pair within `threshold` while closing at least
+//!    half of it. So a vCPU about as large as the gap, which would only trade which pCPU is busier,
+//!    is never moved, and noise cannot make it ping-pong. The steps must also pay together: when
+//!    they cannot reach balance, they are kept only if together they narrow the fixable spread by
+//!    at least `threshold`, and only as far as they make real progress; a few points of noise on
+//!    a host that cannot be balanced therefore move nothing.
 //! 5. vCPUs whose usage is not known yet (first sample) are neither moved nor pinned.
 //!
 //! The plan is the difference between the final placement and the current pins, so a vCPU
@@ -133,10 +139,117 @@ impl Placement {
     }
 }
 
-/// Does closing a pair's `gap` down to `new_gap` pay for a pin change? See the module docs, rule 4.
-fn pays(gap: f64, new_gap: f64, threshold: f64) -> bool {
+/// Smallest load, in points, worth a pin change: moving a vCPU that uses nothing changes nothing.
+const MIN_SHIFT: f64 = 0.5;
+
+/// Does shifting `shift` points of load across a pair `gap` points apart pay for a pin change?
+/// See the module docs, rule 4.
+fn pays(gap: f64, shift: f64, threshold: f64) -> bool {
+    if shift < MIN_SHIFT || shift >= gap {
+        return false;
+    }
+    if 2.0 * shift <= gap {
+        return true;
+    }
+    let new_gap = 2.0 * shift - gap;
     let gain = gap - new_gap;
-    gain > 1e-9 && (gain >= threshold || (new_gap <= threshold && gain >= threshold / 2.0))
+    gain >= threshold || (new_gap <= threshold && gain >= threshold / 2.0)
+}
+
+/// One balancing step: the (vCPU, from, to) relocations it makes, by pCPU index.
+type Step = Vec<(usize, usize, usize)>;
+
+/// Choose the next step between the busiest shared pCPU and the freest one, if one pays.
+fn next_step(s: &Placement, original: &[Option<usize>], threshold: f64) -> Option<Step> {
+    let src = s.busiest_shared()?;
+    let dst = s.freest();
+    let gap = s.load[src] - s.load[dst];
+    if src == dst || gap <= threshold {
+        return None;
+    }
+    // Prefer the step that closes the most gap; among equals, the one that adds fewest changes.
+    let new_changes = |v: usize, to: usize| usize::from(original[v] != Some(to)) as f64;
+    let best_move = s.members[src]
+        .iter()
+        .copied()
+        .filter(|&v| s.movable[v] && pays(gap, s.usage[v], threshold))
+        .map(|v| ((gap - 2.0 * s.usage[v]).abs(), new_changes(v, dst), v))
+        .min_by(|a, b| {
+            a.0.total_cmp(&b.0)
+                .then(a.1.total_cmp(&b.1))
+                .then(a.2.cmp(&b.2))
+        });
+    if let Some((_, _, v)) = best_move {
+        return Some(vec![(v, src, dst)]);
+    }
+    let mut best_swap: Option<(f64, f64, usize, usize)> = None;
+    for &v in s.members[src].iter().filter(|&&v| s.movable[v]) {
+        for &w in s.members[dst].iter().filter(|&&w| s.movable[w]) {
+            let d = s.usage[v] - s.usage[w];
+            if !pays(gap, d, threshold) {
+                continue;
+            }
+            let cand = (
+                (gap - 2.0 * d).abs(),
+                new_changes(v, dst) + new_changes(w, src),
+                v,
+                w,
+            );
+            let better = best_swap
+                .is_none_or(|b| cand.0.total_cmp(&b.0).then(cand.1.total_cmp(&b.1)).is_lt());
+            if better {
+                best_swap = Some(cand);
+            }
+        }
+    }
+    best_swap.map(|(_, _, v, w)| vec![(v, src, dst), (w, dst, src)])
+}
+
+fn relocate(s: &mut Placement, step: &Step, forward: bool) {
+    for &(v, _, _) in step {
+        s.take(v);
+    }
+    for &(v, from, to) in step {
+        s.put(v, if forward { to } else { from });
+    }
+}
+
+/// Take steps until balanced or no step pays, then keep only the steps worth their pin changes.
+fn even_out(s: &mut Placement, original: &[Option<usize>], threshold: f64, max_steps: usize) {
+    let start = s.balance().fixable_spread;
+    let mut steps = Vec::new();
+    let mut after = Vec::new();
+    while steps.len() < max_steps {
+        let Some(step) = next_step(s, original, threshold) else {
+            break;
+        };
+        relocate(s, &step, true);
+        steps.push(step);
+        after.push(s.balance().fixable_spread);
+    }
+    let keep = steps_worth_keeping(start, &after, threshold);
+    for step in steps[keep..].iter().rev() {
+        relocate(s, step, false);
+    }
+}
+
+/// How many steps to keep (rule 4): all of them when they reach balance; when they cannot, none
+/// unless together they narrow the fixable spread by at least `threshold`, and then only as many
+/// as it takes to get within half a threshold of where all of them would end.
+fn steps_worth_keeping(start: f64, after: &[f64], threshold: f64) -> usize {
+    let Some(&end) = after.last() else {
+        return 0;
+    };
+    if end <= threshold {
+        return after.len();
+    }
+    if start - end < threshold {
+        return 0;
+    }
+    after
+        .iter()
+        .position(|&f| f <= end + threshold / 2.0)
+        .map_or(after.len(), |i| i + 1)
 }
 
 /// Plan the pin changes for one snapshot.
@@ -187,54 +300,7 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     }
 
     // Rules 2-4: even out the busiest shared pCPU against the freest one, step by step.
-    let max_steps = 4 * n + 16;
-    for _ in 0..max_steps {
-        let Some(src) = s.busiest_shared() else { break };
-        let dst = s.freest();
-        let gap = s.load[src] - s.load[dst];
-        if src == dst || gap <= threshold {
-            break;
-        }
-        // Prefer the step that closes the most gap; among equals, the one that adds fewest changes.
-        let new_changes = |v: usize, to: usize| usize::from(original[v] != Some(to)) as f64;
-        let best_move = s.members[src]
-            .iter()
-            .copied()
-            .filter(|&v| s.movable[v])
-            .map(|v| ((gap - 2.0 * s.usage[v]).abs(), new_changes(v, dst), v))
-            .filter(|&(new_gap, _, _)| pays(gap, new_gap, threshold))
-            .min_by(|a, b| {
-                a.0.total_cmp(&b.0)
-                    .then(a.1.total_cmp(&b.1))
-                    .then(a.2.cmp(&b.2))
-            });
-        if let Some((_, _, v)) = best_move {
-            s.take(v);
-            s.put(v, dst);
-            continue;
-        }
-        let mut best_swap: Option<(f64, f64, usize, usize)> = None;
-        for &v in s.members[src].iter().filter(|&&v| s.movable[v]) {
-            for &w in s.members[dst].iter().filter(|&&w| s.movable[w]) {
-                let d = s.usage[v] - s.usage[w];
-                let new_gap = (gap - 2.0 * d).abs();
-                if d <= 0.0 || !pays(gap, new_gap, threshold) {
-                    continue;
-                }
-                let cand = (new_gap, new_changes(v, dst) + new_changes(w, src), v, w);
-                let better = best_swap
-                    .is_none_or(|b| cand.0.total_cmp(&b.0).then(cand.1.total_cmp(&b.1)).is_lt());
-                if better {
-                    best_swap = Some(cand);
-                }
-            }
-        }
-        let Some((_, _, v, w)) = best_swap else { break };
-        s.take(v);
-        s.take(w);
-        s.put(v, dst);
-        s.put(w, src);
-    }
+    even_out(&mut s, &original, threshold, 4 * n + 16);
 
     let moves = snapshot
         .vcpus

@@ -205,6 +205,7 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
     });
 
     let mut host_budget = policy.host_budget_kib(snapshot.host);
+    let mut next_giver = 0;
     for &i in &starving {
         let g = &guests[i];
         let per_period = g.rate_kib_s * policy.period_secs;
@@ -214,12 +215,17 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
             .max(policy.min_step_kib)
             .min(policy.max_step_kib)
             .min(g.max_kib.saturating_sub(g.actual_kib));
-        for (giver, can) in givers.iter_mut() {
+        // Givers are drained in order: skip the exhausted ones for good.
+        while want > 0 && next_giver < givers.len() {
+            let (giver, can) = &mut givers[next_giver];
             let take = want.min(*can);
             *can -= take;
             target[*giver] -= take;
             target[i] += take;
             want -= take;
+            if *can == 0 {
+                next_giver += 1;
+            }
         }
         let from_host = want.min(host_budget);
         host_budget -= from_host;

@@ -10,7 +10,7 @@ use log::{debug, warn};
 
 use crate::cpu_plan::{CpuPlan, CpuPolicy, PinMove, plan};
 use crate::host::{Applied, DomainId, Host};
-use crate::sampling::{CpuSampler, pcpu_usage};
+use crate::sampling::{CpuSampler, CpuSnapshot, pcpu_usage};
 
 /// What one cycle saw and did.
 #[derive(Clone, Debug, Default)]
@@ -86,16 +86,26 @@ impl fmt::Display for CycleReport {
 pub struct Scheduler {
     sampler: CpuSampler,
     policy: CpuPolicy,
+    planner: Planner,
     dry_run: bool,
     cycles: u64,
 }
 
+/// A vCPU planning policy: a snapshot in, pin moves out.
+pub type Planner = fn(&CpuSnapshot, &CpuPolicy) -> CpuPlan;
+
 impl Scheduler {
     /// A scheduler with no history.
     pub fn new(policy: CpuPolicy, dry_run: bool) -> Self {
+        Self::with_planner(policy, dry_run, plan)
+    }
+
+    /// A scheduler deciding with another planner (benchmarks compare policies this way).
+    pub fn with_planner(policy: CpuPolicy, dry_run: bool, planner: Planner) -> Self {
         Self {
             sampler: CpuSampler::new(),
             policy,
+            planner,
             dry_run,
             cycles: 0,
         }
@@ -132,7 +142,7 @@ impl Scheduler {
             return Ok(Some(report));
         }
         report.usage = pcpu_usage(&snapshot);
-        let plan = plan(&snapshot, &self.policy);
+        let plan = (self.planner)(&snapshot, &self.policy);
         for m in &plan.moves {
             if self.dry_run {
                 report.applied.push(*m);

@@ -1,0 +1,518 @@
+//! `cargo bench --bench policy`: how good and how cheap the policies are, on a simulated host.
+//!
+//! 1. vCPU policy quality on seeded scenarios: ours against a reference implementation of the seed's
+//!    policy (one move from the busiest to the freest pCPU per period), each run with the real
+//!    scheduler cycle on the same simulated host.
+//! 2. Memory policy on simulated traces: OOMs, waits, memory returned, reserve violations.
+//! 3. Decision cost of both planners as the host grows.
+//!
+//! Everything is deterministic but the timings. Results are recorded in BENCHMARKS.md.
+
+#[path = "../tests/common/sim.rs"]
+#[allow(dead_code)]
+mod sim;
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use sim::{SimHost, SimMemory};
+use vmbalance::coordinator::Coordinator;
+use vmbalance::cpu_plan::{CpuPlan, CpuPolicy, PinMove, plan};
+use vmbalance::host::{DomainId, HostMemory};
+use vmbalance::mem_plan::{self, MemPolicy, MemSnapshot};
+use vmbalance::sampling::{CpuSnapshot, GuestMemory, VcpuKey, VcpuLoad, pcpu_usage};
+use vmbalance::scheduler::Scheduler;
+
+/// xorshift64*: a small seeded generator, so every scenario is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The seed's policy, for comparison: pin unpinned vCPUs round-robin; then, when the busiest and
+/// the freest pCPU differ by more than the threshold, move the one vCPU from the busiest to the
+/// freest that best evens the two, if that narrows their gap. One move per period.
+fn seed_plan(s: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
+    let mut moves = Vec::new();
+    let unpinned: Vec<&VcpuLoad> = s
+        .vcpus
+        .iter()
+        .filter(|v| v.pinned.is_none() && v.usage.is_some())
+        .collect();
+    if !unpinned.is_empty() {
+        for (i, v) in unpinned.iter().enumerate() {
+            let to = s.pcpus[i % s.pcpus.len()];
+            moves.push(PinMove {
+                key: v.key,
+                from: None,
+                to,
+                usage: v.usage.unwrap_or(0.0),
+            });
+        }
+        return CpuPlan {
+            moves,
+            ..CpuPlan::default()
+        };
+    }
+    let usage = pcpu_usage(s);
+    let (&busy, &bu) = usage.iter().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+    let (&free, &fu) = usage.iter().min_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+    let gap = bu - fu;
+    if gap <= policy.threshold {
+        return CpuPlan::default();
+    }
+    let best = s
+        .vcpus
+        .iter()
+        .filter(|v| v.pinned == Some(busy) && v.usage.is_some())
+        .map(|v| ((gap - 2.0 * v.usage.unwrap()).abs(), v))
+        .filter(|(new_gap, _)| *new_gap < gap)
+        .min_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some((_, v)) = best {
+        moves.push(PinMove {
+            key: v.key,
+            from: Some(busy),
+            to: free,
+            usage: v.usage.unwrap(),
+        });
+    }
+    CpuPlan {
+        moves,
+        ..CpuPlan::default()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Start {
+    /// Every vCPU pinned to pCPU 0.
+    Crowded,
+    /// Every vCPU pinned to a random pCPU.
+    Random,
+    /// No vCPU pinned (libvirt's default).
+    Unpinned,
+}
+
+struct Scenario {
+    pcpus: u32,
+    start: Start,
+    seed: u64,
+}
+
+/// Build the scenario's host: domains of 1-8 vCPUs with mixed demands, about 1.5 vCPUs per pCPU.
+fn build(sc: &Scenario) -> SimHost {
+    let mut rng = Rng(sc.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut host = SimHost::new(sc.pcpus);
+    let target = (sc.pcpus as usize * 3).div_ceil(2).max(2);
+    let all: Vec<u32> = (0..sc.pcpus).collect();
+    let mut n = 0usize;
+    let mut dom = 1u8;
+    while n < target {
+        let k = (1 + rng.below(8) as usize).min(target - n);
+        let vcpus: Vec<(f64, Vec<u32>)> = (0..k)
+            .map(|_| {
+                let demand = match rng.below(10) {
+                    0..=2 => rng.range(60.0, 100.0),
+                    3..=6 => rng.range(20.0, 60.0),
+                    _ => rng.range(0.0, 20.0),
+                };
+                let pins = match sc.start {
+                    Start::Crowded => vec![0],
+                    Start::Random => vec![rng.below(u64::from(sc.pcpus)) as u32],
+                    Start::Unpinned => all.clone(),
+                };
+                (demand, pins)
+            })
+            .collect();
+        let spec: Vec<(f64, &[u32])> = vcpus.iter().map(|(d, p)| (*d, p.as_slice())).collect();
+        host.add(dom, &spec);
+        dom = dom.wrapping_add(1).max(1);
+        n += k;
+    }
+    host
+}
+
+/// Redraw the demand of about a fifth of the vCPUs.
+fn shake(host: &mut SimHost, seed: u64) {
+    let mut rng = Rng(seed ^ 0xABCD_EF01_2345_6789);
+    for v in host.domains.iter_mut().flat_map(|d| &mut d.vcpus) {
+        if rng.below(5) == 0 {
+            v.demand = rng.range(0.0, 100.0);
+        }
+    }
+}
+
+fn spread(u: &[f64]) -> f64 {
+    u.iter().copied().fold(f64::MIN, f64::max) - u.iter().copied().fold(f64::MAX, f64::min)
+}
+
+fn cv(u: &[f64]) -> f64 {
+    let mean = u.iter().sum::<f64>() / u.len() as f64;
+    let var = u.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / u.len() as f64;
+    if mean > 0.0 { var.sqrt() / mean } else { 0.0 }
+}
+
+/// The best partition we can find offline: longest-processing-time first on the demands, pCPU
+/// usage capped at 100 %. Returns its usage spread.
+fn offline_best(host: &SimHost) -> f64 {
+    let mut demands: Vec<f64> = host
+        .domains
+        .iter()
+        .flat_map(|d| d.vcpus.iter().map(|v| v.demand))
+        .collect();
+    demands.sort_by(|a, b| b.total_cmp(a));
+    let mut load = vec![0.0f64; host.present as usize];
+    for d in demands {
+        let p = (0..load.len())
+            .min_by(|&a, &b| load[a].total_cmp(&load[b]))
+            .unwrap();
+        load[p] += d;
+    }
+    spread(&load.iter().map(|l: &f64| l.min(100.0)).collect::<Vec<_>>())
+}
+
+/// Lower bound on pin changes from the starting layout: every unpinned vCPU once; otherwise, with
+/// demands as the truth and a fair share of mean + threshold/2 per pCPU, every over-full pCPU must
+/// shed at least as many vCPUs as it takes (largest first) to fit, and every pCPU under mean −
+/// threshold/2 must receive at least one.
+fn change_lower_bound(host: &SimHost, threshold: f64) -> usize {
+    let unpinned = host
+        .domains
+        .iter()
+        .flat_map(|d| &d.vcpus)
+        .filter(|v| v.affinity.len() > 1)
+        .count();
+    if unpinned > 0 {
+        return unpinned;
+    }
+    let mut on: Vec<Vec<f64>> = vec![Vec::new(); host.present as usize];
+    for v in host.domains.iter().flat_map(|d| &d.vcpus) {
+        on[v.affinity[0] as usize].push(v.demand);
+    }
+    let loads: Vec<f64> = on
+        .iter()
+        .map(|d| d.iter().sum::<f64>().min(100.0))
+        .collect();
+    let total: f64 = on.iter().flatten().sum();
+    let fair = (total / on.len() as f64).min(100.0);
+    let mut shed = 0;
+    for demands in &mut on {
+        demands.sort_by(|a, b| b.total_cmp(a));
+        let mut sum: f64 = demands.iter().sum();
+        for d in demands.iter() {
+            if sum.min(100.0) <= fair + threshold / 2.0 || sum <= fair + threshold / 2.0 {
+                break;
+            }
+            sum -= d;
+            shed += 1;
+        }
+    }
+    let under = loads
+        .iter()
+        .filter(|&&l| l < fair - threshold / 2.0)
+        .count();
+    shed.max(under)
+}
+
+struct Outcome {
+    cycles_to_settle: usize,
+    changes: usize,
+    spread: f64,
+    cv: f64,
+}
+
+/// Run `cycles` cycles of `planner` on the scenario; demands change at cycle `shake_at`.
+/// Settling = the last cycle that changed a pin, before the shake.
+fn run(
+    sc: &Scenario,
+    planner: vmbalance::scheduler::Planner,
+    cycles: usize,
+    shake_at: usize,
+) -> (Outcome, Outcome) {
+    let mut host = build(sc);
+    let policy = CpuPolicy::default();
+    let mut s = Scheduler::with_planner(policy, false, planner);
+    let period = Duration::from_secs(3);
+    let mut phase = [(0usize, 0usize), (0, 0)];
+    let mut first = None;
+    for c in 0..cycles {
+        if c == shake_at {
+            first = Some(outcome(&host, phase[0]));
+            shake(&mut host, sc.seed);
+        }
+        let i = usize::from(c >= shake_at);
+        let before = host.pins;
+        s.cycle(&mut host).unwrap();
+        let changed = host.pins - before;
+        if changed > 0 {
+            phase[i].0 = c + 1 - if i == 1 { shake_at } else { 0 };
+            phase[i].1 += changed;
+        }
+        host.advance(period);
+    }
+    (first.unwrap(), outcome(&host, phase[1]))
+}
+
+fn outcome(host: &SimHost, (settle, changes): (usize, usize)) -> Outcome {
+    let u = host.pcpu_usage();
+    Outcome {
+        cycles_to_settle: settle,
+        changes,
+        spread: spread(&u),
+        cv: cv(&u),
+    }
+}
+
+fn vcpu_quality() {
+    println!("## vCPU policy: ours vs the seed's, on the simulated host (threshold 10)\n");
+    println!(
+        "Each scenario runs 80 cycles; at cycle 40 a fifth of the vCPUs change demand. `settle` is the"
+    );
+    println!(
+        "cycle of the last pin change in that phase (1 = the first cycle, which only samples);"
+    );
+    println!(
+        "`spread` and `cv` are the pCPU usage spread (points) and stdev/mean at the end of the phase;"
+    );
+    println!(
+        "`best` is the spread of the best partition found offline (LPT on demands); `lb` is a lower"
+    );
+    println!("bound on the pin changes needed from the starting layout.\n");
+    println!(
+        "| pCPUs | start | lb | ours: settle / changes / spread / cv | seed: settle / changes / spread / cv | best | after shake, ours | after shake, seed |"
+    );
+    println!("| ---: | --- | ---: | --- | --- | ---: | --- | --- |");
+    let mut worse = Vec::new();
+    for &pcpus in &[2u32, 4, 8, 16, 32, 64] {
+        for (k, start) in [Start::Crowded, Start::Random, Start::Unpinned]
+            .into_iter()
+            .enumerate()
+        {
+            let sc = Scenario {
+                pcpus,
+                start,
+                seed: u64::from(pcpus) * 31 + k as u64,
+            };
+            let host = build(&sc);
+            let lb = change_lower_bound(&host, 10.0);
+            let best = offline_best(&host);
+            let (o1, o2) = run(&sc, plan, 80, 40);
+            let (s1, s2) = run(&sc, seed_plan, 80, 40);
+            let cell = |o: &Outcome| {
+                format!(
+                    "{} / {} / {:.1} / {:.3}",
+                    o.cycles_to_settle, o.changes, o.spread, o.cv
+                )
+            };
+            println!(
+                "| {pcpus} | {start:?} | {lb} | {} | {} | {best:.1} | {} | {} |",
+                cell(&o1),
+                cell(&s1),
+                cell(&o2),
+                cell(&s2)
+            );
+            if o1.cycles_to_settle > s1.cycles_to_settle || o1.changes > s1.changes {
+                worse.push(format!("{pcpus} pCPUs {start:?}"));
+            }
+        }
+    }
+    if worse.is_empty() {
+        println!(
+            "\nOurs settled no later and with no more pin changes than the seed's in every scenario.\n"
+        );
+    } else {
+        println!(
+            "\nOurs was slower or made more changes than the seed's in: {}.\n",
+            worse.join(", ")
+        );
+    }
+}
+
+fn memory_quality() {
+    println!("## Memory policy on simulated traces (period 2 s)\n");
+    println!(
+        "| trace | OOM kills | starving cycles (first fed after) | memory returned to host | reserve violations |"
+    );
+    println!("| --- | ---: | --- | ---: | ---: |");
+    for (name, rate, goal, guests) in [
+        (
+            "one hog 10 MiB/s to 1.5 GiB, two idle",
+            10.0,
+            1536u64,
+            3usize,
+        ),
+        ("one hog 40 MiB/s to 1.8 GiB, two idle", 40.0, 1843, 3),
+        ("one hog 10 MiB/s, seven idle", 10.0, 1536, 8),
+    ] {
+        let mut host = SimHost::new(2);
+        host.host_total = 8 << 20;
+        host.host_used = 1 << 20;
+        for i in 0..guests {
+            host.add_guest(
+                i as u8 + 1,
+                SimMemory::new(512 << 10, 2048 << 10, 100 << 10),
+            );
+        }
+        let policy = MemPolicy {
+            period_secs: 2.0,
+            ..MemPolicy::default()
+        };
+        let mut c = Coordinator::new(policy, false);
+        let reserve = (host.host_total as f64 * policy.host_reserve_pct / 100.0) as u64;
+        let mut violations = 0;
+        let mut starving = 0;
+        let mut first_fed = None;
+        let mut free_before_free = 0;
+        for cycle in 0..240 {
+            if cycle == 10 {
+                host.domains[0].mem.work(rate * 1024.0, goal << 10);
+            }
+            if cycle == 140 {
+                host.domains[0].mem.work(-200.0 * 1024.0, 100 << 10);
+                free_before_free = host.host_free();
+            }
+            let before = host.domains[0].mem.actual;
+            let report = c.cycle(&mut host).unwrap().unwrap();
+            if report.guests.iter().any(|g| g.state == "STARVING") {
+                starving += 1;
+            }
+            if first_fed.is_none() && host.domains[0].mem.actual > before {
+                first_fed = Some(cycle - 10);
+            }
+            if host.host_free() < reserve {
+                violations += 1;
+            }
+            host.advance(Duration::from_secs(2));
+        }
+        let returned = host.host_free().saturating_sub(free_before_free) >> 10;
+        println!(
+            "| {name} | {} | {starving} ({} cycles after it started) | {returned} MiB | {violations} |",
+            host.domains[0].mem.ooms,
+            first_fed.map_or("never".into(), |c| c.to_string())
+        );
+    }
+    println!();
+}
+
+/// A host of `vcpus` vCPUs with random usage on `pcpus` pCPUs, randomly pinned (or all on pCPU 0).
+fn cpu_snapshot(pcpus: u32, vcpus: usize, crowded: bool, seed: u64) -> CpuSnapshot {
+    let mut rng = Rng(seed | 1);
+    CpuSnapshot {
+        pcpus: (0..pcpus).collect(),
+        vcpus: (0..vcpus)
+            .map(|i| {
+                let p = if crowded {
+                    0
+                } else {
+                    rng.below(u64::from(pcpus)) as u32
+                };
+                VcpuLoad {
+                    key: VcpuKey {
+                        domain: DomainId([(i / 4 % 251) as u8; 16]),
+                        vcpu: i as u32,
+                    },
+                    usage: Some(
+                        rng.range(0.0, 100.0 * f64::from(pcpus) / vcpus as f64 * 2.0)
+                            .min(100.0),
+                    ),
+                    pinned: Some(p),
+                    last_pcpu: Some(p),
+                }
+            })
+            .collect(),
+    }
+}
+
+fn mem_snapshot(guests: usize, seed: u64) -> MemSnapshot {
+    let mut rng = Rng(seed | 1);
+    MemSnapshot {
+        guests: (0..guests)
+            .map(|i| {
+                let actual = (512 + rng.below(4096)) << 10;
+                GuestMemory {
+                    id: DomainId([(i % 251) as u8; 16]),
+                    actual_kib: actual,
+                    max_kib: actual * 2,
+                    free_kib: actual * rng.below(100) / 100,
+                    rate_kib_s: rng.range(-20.0, 40.0) * 1024.0,
+                }
+            })
+            .collect(),
+        host: Some(HostMemory {
+            total_kib: 1 << 30,
+            free_kib: 1 << 28,
+        }),
+    }
+}
+
+/// Median time of `f` over enough runs to fill about `budget`.
+fn time(budget: Duration, mut f: impl FnMut()) -> Duration {
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while samples.len() < 5 || (start.elapsed() < budget && samples.len() < 1000) {
+        let t = Instant::now();
+        f();
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn decision_cost() {
+    println!("## Decision cost (median wall time of one decision, this machine)\n");
+    println!("| planner | size | balanced host | unbalanced host |");
+    println!("| --- | --- | ---: | ---: |");
+    let policy = CpuPolicy::default();
+    for (pcpus, vcpus) in [(16u32, 100usize), (64, 1000), (256, 10_000), (1024, 40_000)] {
+        // "Balanced": the output of one plan, re-planned; "unbalanced": random pins.
+        let random = cpu_snapshot(pcpus, vcpus, false, 7);
+        let mut balanced = random.clone();
+        for m in plan(&random, &policy).moves {
+            let v = balanced.vcpus.iter_mut().find(|v| v.key == m.key).unwrap();
+            v.pinned = Some(m.to);
+            v.last_pcpu = Some(m.to);
+        }
+        let tb = time(Duration::from_secs(1), || {
+            black_box(plan(black_box(&balanced), &policy));
+        });
+        let tu = time(Duration::from_secs(1), || {
+            black_box(plan(black_box(&random), &policy));
+        });
+        println!("| vCPU | {vcpus} vCPUs on {pcpus} pCPUs | {tb:.2?} | {tu:.2?} |");
+    }
+    let crowded = cpu_snapshot(256, 10_000, true, 9);
+    let tc = time(Duration::from_secs(2), || {
+        black_box(plan(black_box(&crowded), &policy));
+    });
+    println!("| vCPU | 10000 vCPUs all on one of 256 pCPUs | | {tc:.2?} |");
+    let mpolicy = MemPolicy::default();
+    for guests in [10usize, 100, 1000, 10_000] {
+        let s = mem_snapshot(guests, 3);
+        let t = time(Duration::from_secs(1), || {
+            black_box(mem_plan::plan(black_box(&s), &mpolicy));
+        });
+        println!("| memory | {guests} guests | {t:.2?} | |");
+    }
+    println!();
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` runs this too, briefly.
+    if std::env::args().any(|a| a == "--test") {
+        return;
+    }
+    vcpu_quality();
+    memory_quality();
+    decision_cost();
+}
