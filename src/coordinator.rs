@@ -47,6 +47,8 @@ pub struct MemReport {
     pub no_balloon: usize,
     /// True when nothing was changed on purpose.
     pub dry_run: bool,
+    /// Hypervisor API calls this cycle made.
+    pub api_calls: u64,
 }
 
 fn mib(kib: u64) -> f64 {
@@ -139,9 +141,20 @@ impl Coordinator {
 
     /// Run one cycle. `Ok(None)` when the host has no active domain.
     pub fn cycle(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<MemReport>> {
+        let before = host.api_calls();
+        let mut report = self.observe_and_act(host)?;
+        let calls = host.api_calls() - before;
+        log::debug!("cycle {}: {calls} libvirt calls", self.cycles);
+        if let Some(r) = report.as_mut() {
+            r.api_calls = calls;
+        }
+        Ok(report)
+    }
+
+    fn observe_and_act(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<MemReport>> {
         self.cycles += 1;
-        let listed = host.active_domains()?;
-        if listed.is_empty() {
+        let samples = host.sample_balloons()?;
+        if samples.is_empty() {
             return Ok(None);
         }
         let host_memory = host.host_memory()?;
@@ -161,13 +174,16 @@ impl Coordinator {
             host: host_memory,
         };
         let mut names = HashMap::new();
-        for dom in &listed {
+        for sample in &samples {
+            let (dom, stats) = (&sample.domain, &sample.stats);
             let state = self.domains.entry(dom.id).or_default();
             state.seen = self.cycles;
             if state.no_balloon {
                 report.no_balloon += 1;
                 continue;
             }
+            // On first sight, switch statistics on; the figures read this cycle predate that, and
+            // the sampler treats a first report as stale anyway.
             if !state.stats_enabled {
                 match host.enable_balloon_stats(&dom.id, self.stats_period_secs) {
                     Ok(Applied::Done) => state.stats_enabled = true,
@@ -180,18 +196,7 @@ impl Coordinator {
                     }
                 }
             }
-            let stats = match host.balloon_stats(&dom.id) {
-                Ok(Some(stats)) => stats,
-                Ok(None) => {
-                    debug!("domain {} stopped while being read; skipped", dom.name);
-                    continue;
-                }
-                Err(e) => {
-                    warn!("domain {}: {e:#}; skipped this cycle", dom.name);
-                    continue;
-                }
-            };
-            let reading = self.sampler.record(dom.id, host.now(), &stats);
+            let reading = self.sampler.record(dom.id, sample.at, stats);
             let mut line = GuestLine {
                 name: dom.name.clone(),
                 actual_kib: stats.actual_kib,

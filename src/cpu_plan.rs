@@ -26,7 +26,7 @@
 //! The plan is the difference between the final placement and the current pins, so a vCPU
 //! moved and moved back costs nothing, and one moved twice costs one change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::sampling::{CpuSnapshot, VcpuKey};
 
@@ -90,22 +90,54 @@ struct Placement {
     movable: Vec<bool>,
     /// Per pCPU: summed usage.
     load: Vec<f64>,
-    /// Per pCPU: vCPU indices on it.
-    members: Vec<Vec<usize>>,
+    /// Per pCPU: the vCPUs on it, ordered by usage then index (see [`key`]).
+    members: Vec<BTreeSet<(u64, usize)>>,
+}
+
+/// A vCPU's place in a member set: its usage's bits (ordered like the usage itself, since usages
+/// are non-negative) and its index.
+fn key(usage: f64, v: usize) -> (u64, usize) {
+    (usage.to_bits(), v)
 }
 
 impl Placement {
     fn put(&mut self, v: usize, p: usize) {
         self.at[v] = Some(p);
         self.load[p] += self.usage[v];
-        self.members[p].push(v);
+        self.members[p].insert(key(self.usage[v], v));
     }
 
     fn take(&mut self, v: usize) {
         if let Some(p) = self.at[v].take() {
             self.load[p] -= self.usage[v];
-            self.members[p].retain(|&m| m != v);
+            self.members[p].remove(&key(self.usage[v], v));
         }
+    }
+
+    /// The vCPU on `p` whose usage is closest to `target`, among usages in `[lo, hi]`; on a tie,
+    /// the smaller usage, then the lower index.
+    fn closest(&self, p: usize, target: f64, lo: f64, hi: f64) -> Option<usize> {
+        let m = &self.members[p];
+        let at = key(target.max(0.0), 0);
+        // The lowest-index vCPU of the usage just below `target`, and the first one at or above it.
+        let below = m
+            .range(..at)
+            .next_back()
+            .and_then(|&(bits, _)| m.range((bits, 0)..).next())
+            .map(|&(_, v)| v);
+        let above = m.range(at..).next().map(|&(_, v)| v);
+        [below, above]
+            .into_iter()
+            .flatten()
+            .filter(|&v| (lo..=hi).contains(&self.usage[v]))
+            .min_by(|&a, &b| {
+                let (da, db) = (
+                    (self.usage[a] - target).abs(),
+                    (self.usage[b] - target).abs(),
+                );
+                da.total_cmp(&db)
+                    .then(self.usage[a].total_cmp(&self.usage[b]))
+            })
     }
 
     fn freest(&self) -> usize {
@@ -159,50 +191,61 @@ fn pays(gap: f64, shift: f64, threshold: f64) -> bool {
 /// One balancing step: the (vCPU, from, to) relocations it makes, by pCPU index.
 type Step = Vec<(usize, usize, usize)>;
 
-/// Choose the next step between the busiest shared pCPU and the freest one, if one pays.
-fn next_step(s: &Placement, original: &[Option<usize>], threshold: f64) -> Option<Step> {
+/// The largest shift of load across a pair `gap` points apart that pays (see [`pays`]): the
+/// paying shifts form the interval `[MIN_SHIFT, max_paying_shift]`.
+fn max_paying_shift(gap: f64, threshold: f64) -> f64 {
+    let by_gain = gap - threshold / 2.0;
+    let by_landing = ((gap + threshold) / 2.0).min(gap - threshold / 4.0);
+    (gap / 2.0)
+        .max(by_gain)
+        .max(by_landing)
+        .min(gap.next_down())
+}
+
+/// Choose the next step between the busiest shared pCPU and the freest one, if one pays: the single
+/// move that best evens the pair, else the best swap (two changes).
+fn next_step(s: &Placement, threshold: f64) -> Option<Step> {
     let src = s.busiest_shared()?;
     let dst = s.freest();
     let gap = s.load[src] - s.load[dst];
     if src == dst || gap <= threshold {
         return None;
     }
-    // Prefer the step that closes the most gap; among equals, the one that adds fewest changes.
-    let new_changes = |v: usize, to: usize| usize::from(original[v] != Some(to)) as f64;
-    let best_move = s.members[src]
-        .iter()
-        .copied()
-        .filter(|&v| s.movable[v] && pays(gap, s.usage[v], threshold))
-        .map(|v| ((gap - 2.0 * s.usage[v]).abs(), new_changes(v, dst), v))
-        .min_by(|a, b| {
-            a.0.total_cmp(&b.0)
-                .then(a.1.total_cmp(&b.1))
-                .then(a.2.cmp(&b.2))
-        });
-    if let Some((_, _, v)) = best_move {
+    let hi = max_paying_shift(gap, threshold);
+    // vCPUs of unknown usage count 0, under MIN_SHIFT: they are never chosen.
+    if let Some(v) = s.closest(src, gap / 2.0, MIN_SHIFT, hi) {
+        debug_assert!(s.movable[v] && pays(gap, s.usage[v], threshold));
         return Some(vec![(v, src, dst)]);
     }
-    let mut best_swap: Option<(f64, f64, usize, usize)> = None;
-    for &v in s.members[src].iter().filter(|&&v| s.movable[v]) {
-        for &w in s.members[dst].iter().filter(|&&w| s.movable[w]) {
-            let d = s.usage[v] - s.usage[w];
-            if !pays(gap, d, threshold) {
-                continue;
-            }
-            let cand = (
-                (gap - 2.0 * d).abs(),
-                new_changes(v, dst) + new_changes(w, src),
-                v,
-                w,
-            );
-            let better = best_swap
-                .is_none_or(|b| cand.0.total_cmp(&b.0).then(cand.1.total_cmp(&b.1)).is_lt());
-            if better {
-                best_swap = Some(cand);
-            }
+    // A swap of v (on src) with w (on dst) shifts usage[v] - usage[w]; for each w, the best v has
+    // usage closest to usage[w] + gap / 2. The choice depends only on the placement, never on the
+    // current pins, so re-planning from a plan's result retraces the same path (stability).
+    let mut best: Option<(f64, usize, usize)> = None;
+    for w in s.members[dst]
+        .iter()
+        .map(|&(_, w)| w)
+        .filter(|&w| s.movable[w])
+    {
+        let uw = s.usage[w];
+        let Some(v) = s.closest(src, uw + gap / 2.0, uw + MIN_SHIFT, uw + hi) else {
+            continue;
+        };
+        let shift = s.usage[v] - uw;
+        if !pays(gap, shift, threshold) {
+            continue;
+        }
+        let cand = ((gap - 2.0 * shift).abs(), v, w);
+        let better = best.is_none_or(|b| {
+            cand.0
+                .total_cmp(&b.0)
+                .then((cand.1, cand.2).cmp(&(b.1, b.2)))
+                .is_lt()
+        });
+        if better {
+            best = Some(cand);
         }
     }
-    best_swap.map(|(_, _, v, w)| vec![(v, src, dst), (w, dst, src)])
+    best.map(|(_, v, w)| vec![(v, src, dst), (w, dst, src)])
 }
 
 fn relocate(s: &mut Placement, step: &Step, forward: bool) {
@@ -215,12 +258,12 @@ fn relocate(s: &mut Placement, step: &Step, forward: bool) {
 }
 
 /// Take steps until balanced or no step pays, then keep only the steps worth their pin changes.
-fn even_out(s: &mut Placement, original: &[Option<usize>], threshold: f64, max_steps: usize) {
+fn even_out(s: &mut Placement, threshold: f64, max_steps: usize) {
     let start = s.balance().fixable_spread;
     let mut steps = Vec::new();
     let mut after = Vec::new();
     while steps.len() < max_steps {
-        let Some(step) = next_step(s, original, threshold) else {
+        let Some(step) = next_step(s, threshold) else {
             break;
         };
         relocate(s, &step, true);
@@ -234,8 +277,9 @@ fn even_out(s: &mut Placement, original: &[Option<usize>], threshold: f64, max_s
 }
 
 /// How many steps to keep (rule 4): all of them when they reach balance; when they cannot, none
-/// unless together they narrow the fixable spread by at least `threshold`, and then only as many
-/// as it takes to get within half a threshold of where all of them would end.
+/// unless together they narrow the fixable spread by at least `threshold` (and by anything at
+/// all), and then only as many as it takes to get within half a threshold of where all of them
+/// would end.
 fn steps_worth_keeping(start: f64, after: &[f64], threshold: f64) -> usize {
     let Some(&end) = after.last() else {
         return 0;
@@ -243,7 +287,7 @@ fn steps_worth_keeping(start: f64, after: &[f64], threshold: f64) -> usize {
     if end <= threshold {
         return after.len();
     }
-    if start - end < threshold {
+    if start - end < threshold.max(MIN_SHIFT) {
         return 0;
     }
     after
@@ -263,14 +307,15 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     let n = snapshot.vcpus.len();
     let mut s = Placement {
         at: vec![None; n],
+        // Non-negative (and not -0.0), which the member ordering relies on.
         usage: snapshot
             .vcpus
             .iter()
-            .map(|v| v.usage.unwrap_or(0.0).max(0.0))
+            .map(|v| v.usage.filter(|u| *u > 0.0).unwrap_or(0.0))
             .collect(),
         movable: snapshot.vcpus.iter().map(|v| v.usage.is_some()).collect(),
         load: vec![0.0; pcpus.len()],
-        members: vec![Vec::new(); pcpus.len()],
+        members: vec![BTreeSet::new(); pcpus.len()],
     };
     // Where each vCPU sits now: its single pin. Unpinned vCPUs are charged to their last pCPU for
     // the "before" picture, then taken off to be placed.
@@ -300,7 +345,7 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     }
 
     // Rules 2-4: even out the busiest shared pCPU against the freest one, step by step.
-    even_out(&mut s, &original, threshold, 4 * n + 16);
+    even_out(&mut s, threshold, 4 * n + 16);
 
     let moves = snapshot
         .vcpus

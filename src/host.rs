@@ -99,6 +99,28 @@ pub enum Applied {
     Vanished,
 }
 
+/// One active domain's vCPUs, read at one instant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VcpuSample {
+    /// The domain.
+    pub domain: DomainRef,
+    /// Its online vCPUs.
+    pub vcpus: Vec<VcpuInfo>,
+    /// When they were read.
+    pub at: Instant,
+}
+
+/// One active domain's balloon figures, read at one instant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BalloonSample {
+    /// The domain.
+    pub domain: DomainRef,
+    /// Its balloon and guest memory figures.
+    pub stats: BalloonStats,
+    /// When they were read.
+    pub at: Instant,
+}
+
 /// A hypervisor host, as the daemons see it.
 ///
 /// Reads of a single domain return `Ok(None)` when the domain stopped or vanished since it was
@@ -116,6 +138,18 @@ pub trait Host {
 
     /// Pin one vCPU of a running domain to exactly one pCPU.
     fn pin_vcpu(&mut self, domain: &DomainId, vcpu: u32, pcpu: u32) -> anyhow::Result<Applied>;
+
+    /// The vCPUs of every active domain. The default reads them domain by domain; a host that can
+    /// read them all in one call overrides it. Domains that vanish while being read are left
+    /// out; one that cannot be read is left out with a warning.
+    fn sample_vcpus(&mut self) -> anyhow::Result<Vec<VcpuSample>> {
+        vcpus_domain_by_domain(self)
+    }
+
+    /// The balloon figures of every active domain, like [`Host::sample_vcpus`].
+    fn sample_balloons(&mut self) -> anyhow::Result<Vec<BalloonSample>> {
+        balloons_domain_by_domain(self)
+    }
 
     /// The balloon and guest memory figures of a domain.
     fn balloon_stats(&mut self, domain: &DomainId) -> anyhow::Result<Option<BalloonStats>>;
@@ -135,9 +169,58 @@ pub trait Host {
     /// tell.
     fn host_memory(&mut self) -> anyhow::Result<Option<HostMemory>>;
 
+    /// Hypervisor API calls made so far, for cost reports (0 where not counted).
+    fn api_calls(&self) -> u64 {
+        0
+    }
+
     /// The host's monotonic clock, which rates are measured against. A simulated host overrides
     /// it with simulated time.
     fn now(&self) -> Instant {
         Instant::now()
     }
+}
+
+/// Read one domain's figures with `read`; a domain that vanished is `None` (debug log), one that
+/// cannot be read is `None` with a warning: neither stops the cycle.
+pub fn read_or_skip<T>(domain: &DomainRef, read: anyhow::Result<Option<T>>) -> Option<T> {
+    match read {
+        Ok(Some(value)) => Some(value),
+        Ok(None) => {
+            log::debug!("domain {} stopped while being read; skipped", domain.name);
+            None
+        }
+        Err(e) => {
+            log::warn!("domain {}: {e:#}; skipped this cycle", domain.name);
+            None
+        }
+    }
+}
+
+/// [`Host::sample_vcpus`] the slow way: list, then read each domain.
+pub fn vcpus_domain_by_domain<H: Host + ?Sized>(host: &mut H) -> anyhow::Result<Vec<VcpuSample>> {
+    let mut out = Vec::new();
+    for domain in host.active_domains()? {
+        let read = host.vcpus(&domain.id);
+        if let Some(vcpus) = read_or_skip(&domain, read) {
+            let at = host.now();
+            out.push(VcpuSample { domain, vcpus, at });
+        }
+    }
+    Ok(out)
+}
+
+/// [`Host::sample_balloons`] the slow way: list, then read each domain.
+pub fn balloons_domain_by_domain<H: Host + ?Sized>(
+    host: &mut H,
+) -> anyhow::Result<Vec<BalloonSample>> {
+    let mut out = Vec::new();
+    for domain in host.active_domains()? {
+        let read = host.balloon_stats(&domain.id);
+        if let Some(stats) = read_or_skip(&domain, read) {
+            let at = host.now();
+            out.push(BalloonSample { domain, stats, at });
+        }
+    }
+    Ok(out)
 }

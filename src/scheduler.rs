@@ -31,6 +31,8 @@ pub struct CycleReport {
     pub names: HashMap<DomainId, String>,
     /// True when nothing was changed on purpose.
     pub dry_run: bool,
+    /// Hypervisor API calls this cycle made.
+    pub api_calls: u64,
     /// The balance threshold in force, in points.
     pub threshold: f64,
 }
@@ -113,29 +115,37 @@ impl Scheduler {
 
     /// Run one cycle. `Ok(None)` when the host has no active domain.
     pub fn cycle(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<CycleReport>> {
+        let before = host.api_calls();
+        let mut report = self.observe_and_act(host)?;
+        let calls = host.api_calls() - before;
+        log::debug!("cycle {}: {calls} libvirt calls", self.cycles);
+        if let Some(r) = report.as_mut() {
+            r.api_calls = calls;
+        }
+        Ok(report)
+    }
+
+    fn observe_and_act(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<CycleReport>> {
         self.cycles += 1;
-        let domains = host.active_domains()?;
-        if domains.is_empty() {
+        let node = host.node_cpus()?;
+        let samples = host.sample_vcpus()?;
+        if samples.is_empty() {
             return Ok(None);
         }
-        let node = host.node_cpus()?;
         let mut report = CycleReport {
             dry_run: self.dry_run,
             threshold: self.policy.threshold,
             ..CycleReport::default()
         };
         self.sampler.begin(&node.online);
-        for dom in &domains {
-            match host.vcpus(&dom.id) {
-                Ok(Some(vcpus)) => {
-                    self.sampler.record(dom.id, host.now(), &vcpus);
-                    report.domains += 1;
-                    report.vcpus += vcpus.len();
-                    report.names.insert(dom.id, dom.name.clone());
-                }
-                Ok(None) => debug!("domain {} stopped while being read; skipped", dom.name),
-                Err(e) => warn!("domain {}: {e:#}; skipped this cycle", dom.name),
-            }
+        for sample in &samples {
+            self.sampler
+                .record(sample.domain.id, sample.at, &sample.vcpus);
+            report.domains += 1;
+            report.vcpus += sample.vcpus.len();
+            report
+                .names
+                .insert(sample.domain.id, sample.domain.name.clone());
         }
         let snapshot = self.sampler.finish();
         if self.cycles == 1 {

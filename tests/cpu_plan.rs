@@ -341,3 +341,38 @@ proptest! {
         prop_assert!(again.moves.is_empty(), "second plan moved {:?}", again.moves);
     }
 }
+
+#[test]
+fn threshold_zero_is_stable_too() {
+    // Found by the property test: with a zero threshold, steps that no longer narrowed the spread
+    // were kept, and each re-plan found more of them.
+    let data: &[(Option<f64>, Pin)] = &[
+        (Some(55.0), Pin::Spans(0)),
+        (Some(2.0), Pin::On(0)),
+        (Some(96.0), Pin::Spans(0)),
+        (Some(58.0), Pin::Spans(3)),
+        (Some(80.0), Pin::On(0)),
+        (Some(63.0), Pin::On(5)),
+        (Some(9.0), Pin::On(5)),
+        (Some(7.0), Pin::Spans(6)),
+        (Some(51.0), Pin::On(0)),
+        (Some(51.0), Pin::On(6)),
+        (Some(92.0), Pin::On(2)),
+        (None, Pin::On(0)),
+        (Some(0.0), Pin::Spans(0)),
+        (Some(74.0), Pin::On(0)),
+        (Some(8.0), Pin::On(1)),
+        (Some(2.0), Pin::On(0)),
+        (Some(0.0), Pin::On(6)),
+        (Some(96.0), Pin::On(2)),
+        (Some(96.0), Pin::Spans(6)),
+        (Some(86.0), Pin::Spans(3)),
+        (Some(91.0), Pin::On(6)),
+        (Some(17.0), Pin::On(2)),
+    ];
+    let s = snapshot(&[0, 1, 2, 5, 6], data);
+    let policy = CpuPolicy { threshold: 0.0 };
+    let p = plan(&s, &policy);
+    let again = plan(&apply(&s, &p), &policy);
+    assert!(again.moves.is_empty(), "{:?}", again.moves);
+}

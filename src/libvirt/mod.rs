@@ -12,8 +12,20 @@ use virt::domain::Domain;
 use virt::sys;
 
 use crate::host::{
-    Applied, BalloonStats, DomainId, DomainRef, Host, HostMemory, NodeCpus, VcpuInfo,
+    Applied, BalloonSample, BalloonStats, DomainId, DomainRef, Host, HostMemory, NodeCpus,
+    VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip, vcpus_domain_by_domain,
 };
+
+/// Bulk samples re-read the vCPU pins of every domain this often (in samples), so pins changed by
+/// someone else are seen; between re-reads the pins read last, or set by us, are used.
+const PIN_REFRESH_SAMPLES: u64 = 10;
+
+/// vCPU pins known for one domain, and which incarnation (domain ID) they belong to.
+struct KnownPins {
+    domain_id: u32,
+    read_at_sample: u64,
+    affinity: Vec<Vec<u32>>,
+}
 
 /// The URI used when neither `--connect` nor `LIBVIRT_DEFAULT_URI` names one.
 pub const DEFAULT_URI: &str = "qemu:///system";
@@ -52,6 +64,14 @@ pub struct LibvirtHost {
     domains: HashMap<DomainId, Domain>,
     /// pCPUs present, from the last node read; sizes the affinity bitmaps.
     present_cpus: Option<u32>,
+    /// libvirt API calls made so far (each may be a round trip to the daemon).
+    calls: u64,
+    /// Bulk samples taken so far.
+    samples: u64,
+    /// Pins known per domain, for bulk samples (which carry none).
+    pins: HashMap<DomainId, KnownPins>,
+    /// Set once the driver showed it has no bulk statistics (e.g. the test driver).
+    no_bulk_stats: bool,
 }
 
 impl LibvirtHost {
@@ -82,6 +102,10 @@ impl LibvirtHost {
             uri: uri.to_string(),
             domains: HashMap::new(),
             present_cpus: None,
+            calls: 0,
+            samples: 0,
+            pins: HashMap::new(),
+            no_bulk_stats: false,
         })
     }
 
@@ -101,8 +125,12 @@ impl LibvirtHost {
         if let Some(dom) = self.domains.get(id) {
             return Ok(Some(dom.clone()));
         }
+        self.calls += 1;
         match self.conn.lookup_domain_by_uuid_string(&id.to_string()) {
-            Ok(dom) => Ok(Some(dom)),
+            Ok(dom) => {
+                self.domains.insert(*id, dom.clone());
+                Ok(Some(dom))
+            }
             Err(e) if is_vanished(&e) => Ok(None),
             Err(e) => Err(plain(e)).with_context(|| format!("looking up domain {id}")),
         }
@@ -126,6 +154,59 @@ impl LibvirtHost {
         }
     }
 
+    /// `virConnectGetAllDomainStats` for `groups`; `None` when the driver does not support it.
+    fn bulk_stats(&mut self, groups: u32) -> anyhow::Result<Option<Vec<raw::DomainStats>>> {
+        if self.no_bulk_stats {
+            return Ok(None);
+        }
+        self.calls += 1;
+        match raw::all_domain_stats(&self.conn, groups) {
+            Ok(records) => Ok(Some(records)),
+            Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_SUPPORT => {
+                self.no_bulk_stats = true;
+                Ok(None)
+            }
+            Err(e) => Err(plain(e)).context("reading the statistics of all domains"),
+        }
+    }
+
+    /// The affinity of a domain's vCPUs: from what we know, re-read when unknown, stale, or the
+    /// domain restarted. `Ok(None)` when the domain vanished.
+    fn known_pins(
+        &mut self,
+        id: &DomainId,
+        domain_id: u32,
+        nvcpus: u32,
+    ) -> anyhow::Result<Option<Vec<Vec<u32>>>> {
+        let fresh = self.pins.get(id).is_some_and(|k| {
+            k.domain_id == domain_id
+                && k.affinity.len() >= nvcpus as usize
+                && self.samples - k.read_at_sample < PIN_REFRESH_SAMPLES
+        });
+        if !fresh {
+            let present = self.present_cpus()?;
+            self.calls += 1;
+            let Some(affinity) = self.on_domain(
+                id,
+                || format!("reading the vCPU pins of domain {id}"),
+                |dom| raw::vcpu_pin_info(dom, nvcpus, present),
+            )?
+            else {
+                return Ok(None);
+            };
+            let read_at_sample = self.samples;
+            self.pins.insert(
+                *id,
+                KnownPins {
+                    domain_id,
+                    read_at_sample,
+                    affinity,
+                },
+            );
+        }
+        Ok(self.pins.get(id).map(|k| k.affinity.clone()))
+    }
+
     fn present_cpus(&mut self) -> anyhow::Result<u32> {
         match self.present_cpus {
             Some(n) => Ok(n),
@@ -135,8 +216,90 @@ impl LibvirtHost {
 }
 
 impl Host for LibvirtHost {
+    fn api_calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// One `virConnectGetAllDomainStats` call for every domain's vCPU times, plus the pins where
+    /// they are not known; per-domain calls where the driver has no bulk statistics.
+    fn sample_vcpus(&mut self) -> anyhow::Result<Vec<VcpuSample>> {
+        let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_VCPU)? else {
+            return vcpus_domain_by_domain(self);
+        };
+        let at = std::time::Instant::now();
+        self.samples += 1;
+        let mut out = Vec::with_capacity(records.len());
+        for rec in records {
+            let domain = DomainRef {
+                id: DomainId(rec.uuid),
+                name: rec.name.clone(),
+            };
+            let from_bulk = match rec.u64("vcpu.maximum") {
+                Some(max) => {
+                    let max = u32::try_from(max).unwrap_or(u32::MAX);
+                    let pins = self.known_pins(&domain.id, rec.id, max);
+                    read_or_skip(&domain, pins).map(|affinity| bulk_vcpus(&rec, max, &affinity))
+                }
+                // This driver's records carry no vCPU statistics.
+                None => None,
+            };
+            // A vCPU that may run on several pCPUs is charged to the pCPU it last ran on, which
+            // only the per-domain call tells; such a vCPU is pinned once, so this is rare.
+            let vcpus = match from_bulk {
+                Some(vcpus) if vcpus.iter().all(|v| v.affinity.len() == 1) => Some(vcpus),
+                _ => {
+                    let read = self.vcpus(&domain.id);
+                    read_or_skip(&domain, read)
+                }
+            };
+            if let Some(vcpus) = vcpus {
+                out.push(VcpuSample { domain, vcpus, at });
+            }
+        }
+        let seen: std::collections::HashSet<DomainId> = out.iter().map(|s| s.domain.id).collect();
+        self.pins.retain(|id, _| seen.contains(id));
+        self.domains.retain(|id, _| seen.contains(id));
+        Ok(out)
+    }
+
+    /// One `virConnectGetAllDomainStats` call for every domain's balloon figures; per-domain calls
+    /// where the driver has no bulk statistics.
+    fn sample_balloons(&mut self) -> anyhow::Result<Vec<BalloonSample>> {
+        let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_BALLOON)? else {
+            return balloons_domain_by_domain(self);
+        };
+        let at = std::time::Instant::now();
+        let mut out = Vec::with_capacity(records.len());
+        for rec in records {
+            let domain = DomainRef {
+                id: DomainId(rec.uuid),
+                name: rec.name.clone(),
+            };
+            let stats = match (rec.u64("balloon.current"), rec.u64("balloon.maximum")) {
+                (Some(actual_kib), Some(max_kib)) => Some(BalloonStats {
+                    actual_kib,
+                    max_kib,
+                    unused_kib: rec.u64("balloon.unused"),
+                    available_kib: rec.u64("balloon.available"),
+                    usable_kib: rec.u64("balloon.usable"),
+                    last_update: rec.u64("balloon.last-update"),
+                }),
+                // This driver's records carry no balloon statistics: read the domain directly.
+                _ => {
+                    let read = self.balloon_stats(&domain.id);
+                    read_or_skip(&domain, read)
+                }
+            };
+            if let Some(stats) = stats {
+                out.push(BalloonSample { domain, stats, at });
+            }
+        }
+        Ok(out)
+    }
+
     fn active_domains(&mut self) -> anyhow::Result<Vec<DomainRef>> {
         let flags = sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
+        self.calls += 1;
         let listed = self
             .conn
             .list_all_domains(flags)
@@ -158,6 +321,7 @@ impl Host for LibvirtHost {
 
     fn vcpus(&mut self, id: &DomainId) -> anyhow::Result<Option<Vec<VcpuInfo>>> {
         let present = self.present_cpus()?;
+        self.calls += 2;
         let raw = self.on_domain(
             id,
             || format!("reading the vCPUs of domain {id}"),
@@ -177,6 +341,7 @@ impl Host for LibvirtHost {
     }
 
     fn node_cpus(&mut self) -> anyhow::Result<NodeCpus> {
+        self.calls += 1;
         let cpus = match raw::node_cpu_map(&self.conn) {
             Ok((present, online)) => NodeCpus { present, online },
             Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_SUPPORT => {
@@ -199,15 +364,26 @@ impl Host for LibvirtHost {
 
     fn pin_vcpu(&mut self, id: &DomainId, vcpu: u32, pcpu: u32) -> anyhow::Result<Applied> {
         let map = map_of_one_cpu(pcpu, self.present_cpus()?);
+        self.calls += 1;
         let done = self.on_domain(
             id,
             || format!("pinning vCPU {vcpu} of domain {id} to pCPU {pcpu}"),
             |dom| dom.pin_vcpu(vcpu, &map),
         )?;
+        if done.is_some() {
+            if let Some(slot) = self
+                .pins
+                .get_mut(id)
+                .and_then(|k| k.affinity.get_mut(vcpu as usize))
+            {
+                *slot = vec![pcpu];
+            }
+        }
         Ok(done.map_or(Applied::Vanished, |()| Applied::Done))
     }
 
     fn balloon_stats(&mut self, id: &DomainId) -> anyhow::Result<Option<BalloonStats>> {
+        self.calls += 2;
         self.on_domain(
             id,
             || format!("reading the memory statistics of domain {id}"),
@@ -243,6 +419,7 @@ impl Host for LibvirtHost {
 
     fn enable_balloon_stats(&mut self, id: &DomainId, period_secs: u32) -> anyhow::Result<Applied> {
         let period = i32::try_from(period_secs).unwrap_or(i32::MAX);
+        self.calls += 1;
         let done = self.on_domain(
             id,
             || format!("setting the balloon statistics period of domain {id} (does it have a <memballoon> device?)"),
@@ -252,6 +429,7 @@ impl Host for LibvirtHost {
     }
 
     fn set_balloon(&mut self, id: &DomainId, kib: u64) -> anyhow::Result<Applied> {
+        self.calls += 1;
         let done = self.on_domain(
             id,
             || format!("setting the balloon of domain {id} to {kib} KiB"),
@@ -261,6 +439,7 @@ impl Host for LibvirtHost {
     }
 
     fn host_memory(&mut self) -> anyhow::Result<Option<HostMemory>> {
+        self.calls += 2;
         let fields = match raw::node_memory_stats(&self.conn) {
             Ok(fields) => fields,
             Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_SUPPORT => return Ok(None),
@@ -280,6 +459,21 @@ impl Host for LibvirtHost {
             free_kib,
         }))
     }
+}
+
+/// The vCPUs of one bulk record: `vcpu.N.time` for each online vCPU N below `max`, with the
+/// known pins.
+fn bulk_vcpus(rec: &raw::DomainStats, max: u32, affinity: &[Vec<u32>]) -> Vec<VcpuInfo> {
+    (0..max)
+        .filter_map(|n| {
+            Some(VcpuInfo {
+                number: n,
+                cpu_time_ns: rec.u64(&format!("vcpu.{n}.time"))?,
+                last_pcpu: None,
+                affinity: affinity.get(n as usize).cloned().unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

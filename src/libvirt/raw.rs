@@ -159,6 +159,178 @@ pub fn node_memory_stats(conn: &Connect) -> Result<Vec<(String, u64)>, Error> {
         .collect())
 }
 
+/// One typed parameter's value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    /// Any of libvirt's integer types, widened.
+    Int(i128),
+    /// A double.
+    Float(f64),
+    /// A string.
+    Text(String),
+}
+
+impl Value {
+    /// The value as an unsigned integer, when it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::Int(i) => u64::try_from(*i).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// One domain's record from `virConnectGetAllDomainStats`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DomainStats {
+    /// The domain's UUID.
+    pub uuid: [u8; 16],
+    /// The domain's name.
+    pub name: String,
+    /// The domain's numeric ID (changes when it restarts).
+    pub id: u32,
+    /// Every statistic, by field name ("vcpu.0.time", "balloon.current", ...).
+    pub fields: Vec<(String, Value)>,
+}
+
+impl DomainStats {
+    /// An unsigned field by name.
+    pub fn u64(&self, name: &str) -> Option<u64> {
+        self.fields
+            .iter()
+            .find(|(f, _)| f == name)
+            .and_then(|(_, v)| v.as_u64())
+    }
+}
+
+fn c_field(field: &[std::os::raw::c_char]) -> String {
+    let bytes: Vec<u8> = field
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Decode one typed parameter.
+///
+/// # Safety
+/// `p` must be a typed parameter filled by libvirt: its `type_` says which union member is set,
+/// and a string member points to a NUL-terminated string.
+unsafe fn typed_value(p: &sys::virTypedParameter) -> Option<Value> {
+    // SAFETY: each arm reads the union member that `type_` names, as the caller guarantees.
+    unsafe {
+        Some(match p.type_ as u32 {
+            sys::VIR_TYPED_PARAM_INT => Value::Int(p.value.i.into()),
+            sys::VIR_TYPED_PARAM_UINT => Value::Int(p.value.ui.into()),
+            sys::VIR_TYPED_PARAM_LLONG => Value::Int(p.value.l.into()),
+            sys::VIR_TYPED_PARAM_ULLONG => Value::Int(p.value.ul.into()),
+            sys::VIR_TYPED_PARAM_DOUBLE => Value::Float(p.value.d),
+            sys::VIR_TYPED_PARAM_BOOLEAN => Value::Int((p.value.b != 0).into()),
+            sys::VIR_TYPED_PARAM_STRING if !p.value.s.is_null() => Value::Text(
+                std::ffi::CStr::from_ptr(p.value.s)
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            _ => return None,
+        })
+    }
+}
+
+/// `virConnectGetAllDomainStats` for the active domains: the statistics groups in `stats`
+/// (`VIR_DOMAIN_STATS_*`) of every one of them, in a single call.
+pub fn all_domain_stats(conn: &Connect, stats: u32) -> Result<Vec<DomainStats>, Error> {
+    let mut records: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+    let flags = sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE;
+    // SAFETY: libvirt allocates a NULL-terminated array of records and hands it to us; we read
+    // it and release it, records and domain references included, with
+    // virDomainStatsRecordListFree, exactly once.
+    let count = unsafe {
+        sys::virConnectGetAllDomainStats(
+            conn.as_ptr(),
+            stats as c_uint,
+            &mut records,
+            flags as c_uint,
+        )
+    };
+    if count < 0 {
+        return Err(Error::last_error());
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for i in 0..count as usize {
+        // SAFETY: `records` holds `count` valid record pointers.
+        let record = unsafe { &**records.add(i) };
+        let mut uuid = [0u8; 16];
+        // SAFETY: `record.dom` is a live domain reference owned by the record list; UUID, name and
+        // ID are read from the local object (no round trip). The name is copied before the free.
+        let (ok, name, id) = unsafe {
+            let ok = sys::virDomainGetUUID(record.dom, uuid.as_mut_ptr()) == 0;
+            let name_ptr = sys::virDomainGetName(record.dom);
+            let name = if name_ptr.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(name_ptr)
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            (ok, name, sys::virDomainGetID(record.dom))
+        };
+        if !ok {
+            continue;
+        }
+        let params: &[sys::virTypedParameter] = if record.params.is_null() || record.nparams <= 0 {
+            &[]
+        } else {
+            // SAFETY: the record holds `nparams` typed parameters at `params`.
+            unsafe { std::slice::from_raw_parts(record.params, record.nparams as usize) }
+        };
+        let fields = params
+            .iter()
+            // SAFETY: every parameter was filled by libvirt.
+            .filter_map(|p| Some((c_field(&p.field), unsafe { typed_value(p) }?)))
+            .collect();
+        out.push(DomainStats {
+            uuid,
+            name,
+            id,
+            fields,
+        });
+    }
+    if !records.is_null() {
+        // SAFETY: the list came from virConnectGetAllDomainStats and nothing refers to it now.
+        unsafe { sys::virDomainStatsRecordListFree(records) };
+    }
+    Ok(out)
+}
+
+/// `virDomainGetVcpuPinInfo` (live): the affinity of each of the domain's `nvcpus` vCPUs on a
+/// host with `present_cpus` pCPUs.
+pub fn vcpu_pin_info(dom: &Domain, nvcpus: u32, present_cpus: u32) -> Result<Vec<Vec<u32>>, Error> {
+    if nvcpus == 0 {
+        return Ok(Vec::new());
+    }
+    let maplen = cpu_map_len(present_cpus.max(1));
+    let mut maps = vec![0u8; nvcpus as usize * maplen];
+    // SAFETY: `maps` has room for `nvcpus` bitmaps of `maplen` bytes, which is what we pass.
+    let filled = unsafe {
+        sys::virDomainGetVcpuPinInfo(
+            dom.as_ptr(),
+            nvcpus as c_int,
+            maps.as_mut_ptr(),
+            maplen as c_int,
+            sys::VIR_DOMAIN_AFFECT_LIVE as c_uint,
+        )
+    };
+    if filled < 0 {
+        return Err(Error::last_error());
+    }
+    Ok(maps
+        .chunks(maplen)
+        .take(filled as usize)
+        .map(|m| cpus_in_map(m, present_cpus))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
