@@ -370,14 +370,14 @@ impl Host for LibvirtHost {
             || format!("pinning vCPU {vcpu} of domain {id} to pCPU {pcpu}"),
             |dom| dom.pin_vcpu(vcpu, &map),
         )?;
-        if done.is_some() {
-            if let Some(slot) = self
-                .pins
+        // Keep the known pins true to what we just set.
+        if let (Some(()), Some(slot)) = (
+            done,
+            self.pins
                 .get_mut(id)
-                .and_then(|k| k.affinity.get_mut(vcpu as usize))
-            {
-                *slot = vec![pcpu];
-            }
+                .and_then(|k| k.affinity.get_mut(vcpu as usize)),
+        ) {
+            *slot = vec![pcpu];
         }
         Ok(done.map_or(Applied::Vanished, |()| Applied::Done))
     }
