@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Daemon overhead on real guests: CPU time each daemon spends per cycle at PERIOD=1 with four busy
+# guests, and the libvirt calls it makes per cycle. Part of BENCHMARKS.md.
+#
+#   lab/overhead.sh [CYCLES]        (root; builds the release binaries and a lab of its own)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$here/..
+cycles=${1:-120}
+dir=${VMB_OVERHEAD_DIR:-/tmp/vmbalance-overhead}
+trap '"$here/lab.sh" teardown "$dir"' EXIT
+(cd "$root" && make -s build >/dev/null)
+"$here/lab.sh" setup "$dir"
+for i in 0 1 2 3; do "$here/lab.sh" define "$dir" "load$i" 1 256 512 "$((i % 2))" cpu,1,50; done
+sleep 12
+
+# User + system CPU time of one daemon run (bash's `time`), per cycle, and its mean libvirt calls
+# per cycle from its debug log (the first cycle, which discovers pins and switches stats on, apart).
+measure() {
+    local name=$1; shift
+    local log; log=$(mktemp)
+    local TIMEFORMAT='%U %S'
+    local t
+    t=$( { time "$root/bin/$name" --connect qemu:///system -v --cycles "$cycles" 1 2>"$log" >/dev/null; } 2>&1 )
+    local user sys calls
+    read -r user sys <<<"$t"
+    calls=$(grep -o 'cycle [0-9]*: [0-9]* libvirt calls' "$log" | tail -n +2 | awk '{s+=$3; n++} END {if (n) printf "%.1f", s/n}')
+    awk -v n="$name" -v u="$user" -v s="$sys" -v c="$cycles" -v k="$calls" 'BEGIN {
+        cpu = (u + s) / c;
+        printf "| %s | %d | %.2f ms | %.3f %% | %s |\n", n, c, cpu * 1000, cpu * 100, k }'
+    rm -f "$log"
+}
+echo
+echo "| daemon | cycles at PERIOD=1 | CPU time per cycle | share of one core | libvirt calls per cycle (after the first) |"
+echo "| --- | ---: | ---: | ---: | ---: |"
+measure vcpu_scheduler
+measure memory_coordinator
