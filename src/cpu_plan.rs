@@ -92,6 +92,10 @@ struct Placement {
     load: Vec<f64>,
     /// Per pCPU: the vCPUs on it, ordered by usage then index (see [`key`]).
     members: Vec<BTreeSet<(u64, usize)>>,
+    /// Every pCPU ordered by (load, number of vCPUs, index), for the freest and busiest at once.
+    by_load: BTreeSet<(u64, usize, usize)>,
+    /// Per pCPU: its current key in `by_load`.
+    load_key: Vec<(u64, usize, usize)>,
 }
 
 /// A vCPU's place in a member set: its usage's bits (ordered like the usage itself, since usages
@@ -101,16 +105,51 @@ fn key(usage: f64, v: usize) -> (u64, usize) {
 }
 
 impl Placement {
+    /// vCPUs with `usage` placed on `pcpus` pCPUs as `at` says, built in bulk.
+    fn new(usage: Vec<f64>, movable: Vec<bool>, pcpus: usize, at: Vec<Option<usize>>) -> Self {
+        let mut load = vec![0.0; pcpus];
+        let mut lists = vec![Vec::new(); pcpus];
+        for (v, p) in at.iter().enumerate() {
+            if let Some(p) = *p {
+                load[p] += usage[v];
+                lists[p].push(key(usage[v], v));
+            }
+        }
+        let members: Vec<BTreeSet<_>> = lists.into_iter().map(BTreeSet::from_iter).collect();
+        let load_key: Vec<_> = (0..pcpus)
+            .map(|p| (load[p].max(0.0f64).to_bits(), members[p].len(), p))
+            .collect();
+        Self {
+            at,
+            usage,
+            movable,
+            load,
+            members,
+            by_load: load_key.iter().copied().collect(),
+            load_key,
+        }
+    }
+
+    /// Re-file pCPU `p` in `by_load` after its load or membership changed.
+    fn refile(&mut self, p: usize) {
+        self.by_load.remove(&self.load_key[p]);
+        // Loads are sums of non-negative usages; clamp rounding residue so the bits stay ordered.
+        self.load_key[p] = (self.load[p].max(0.0).to_bits(), self.members[p].len(), p);
+        self.by_load.insert(self.load_key[p]);
+    }
+
     fn put(&mut self, v: usize, p: usize) {
         self.at[v] = Some(p);
         self.load[p] += self.usage[v];
         self.members[p].insert(key(self.usage[v], v));
+        self.refile(p);
     }
 
     fn take(&mut self, v: usize) {
         if let Some(p) = self.at[v].take() {
             self.load[p] -= self.usage[v];
             self.members[p].remove(&key(self.usage[v], v));
+            self.refile(p);
         }
     }
 
@@ -140,27 +179,23 @@ impl Placement {
             })
     }
 
+    /// The least-loaded pCPU (among equals, the one running fewest vCPUs).
     fn freest(&self) -> usize {
-        (0..self.load.len())
-            .min_by(|&a, &b| {
-                self.load[a]
-                    .total_cmp(&self.load[b])
-                    .then(self.members[a].len().cmp(&self.members[b].len()))
-                    .then(a.cmp(&b))
-            })
-            .expect("at least one pCPU")
+        self.by_load.first().expect("at least one pCPU").2
     }
 
     /// The busiest pCPU running at least two vCPUs.
     fn busiest_shared(&self) -> Option<usize> {
-        (0..self.load.len())
-            .filter(|&p| self.members[p].len() >= 2)
-            .max_by(|&a, &b| self.load[a].total_cmp(&self.load[b]).then(b.cmp(&a)))
+        self.by_load
+            .iter()
+            .rev()
+            .find(|&&(_, count, _)| count >= 2)
+            .map(|&(_, _, p)| p)
     }
 
     fn balance(&self) -> Balance {
-        let min = self.load.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = self.load.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let min = self.load[self.freest()];
+        let max = self.load[self.by_load.last().expect("at least one pCPU").2];
         let fixable = self
             .busiest_shared()
             .map_or(0.0, |p| (self.load[p] - min).max(0.0));
@@ -305,18 +340,13 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     }
     let index_of = |p: u32| pcpus.binary_search(&p).ok();
     let n = snapshot.vcpus.len();
-    let mut s = Placement {
-        at: vec![None; n],
-        // Non-negative (and not -0.0), which the member ordering relies on.
-        usage: snapshot
-            .vcpus
-            .iter()
-            .map(|v| v.usage.filter(|u| *u > 0.0).unwrap_or(0.0))
-            .collect(),
-        movable: snapshot.vcpus.iter().map(|v| v.usage.is_some()).collect(),
-        load: vec![0.0; pcpus.len()],
-        members: vec![BTreeSet::new(); pcpus.len()],
-    };
+    // Non-negative (and not -0.0), which the member ordering relies on.
+    let usage = snapshot
+        .vcpus
+        .iter()
+        .map(|v| v.usage.filter(|u| *u > 0.0).unwrap_or(0.0))
+        .collect();
+    let movable = snapshot.vcpus.iter().map(|v| v.usage.is_some()).collect();
     // Where each vCPU sits now: its single pin. Unpinned vCPUs are charged to their last pCPU for
     // the "before" picture, then taken off to be placed.
     let original: Vec<Option<usize>> = snapshot
@@ -324,11 +354,12 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         .iter()
         .map(|v| v.pinned.and_then(index_of))
         .collect();
-    for (v, load) in snapshot.vcpus.iter().enumerate() {
-        if let Some(p) = load.charged_pcpu().and_then(index_of) {
-            s.put(v, p);
-        }
-    }
+    let charged = snapshot
+        .vcpus
+        .iter()
+        .map(|v| v.charged_pcpu().and_then(index_of))
+        .collect();
+    let mut s = Placement::new(usage, movable, pcpus.len(), charged);
     let before = s.balance();
 
     // Rule 1: pin the unpinned, heaviest first, onto the least-loaded pCPU.
