@@ -529,12 +529,84 @@ fn decision_cost() {
     println!();
 }
 
+/// How demand moves over time in [`vcpu_stability`].
+#[derive(Clone, Copy, Debug)]
+enum Trace {
+    /// Demands never change; only the sampler's view of them moves.
+    Constant,
+    /// A third of the vCPUs alternate between busy and idle every 10 cycles.
+    OnOff,
+    /// Every vCPU's demand takes a random step of up to ±5 points each cycle.
+    RandomWalk,
+}
+
+/// Pin changes and balance over 200 cycles of changing demand, ours against the seed's, on a
+/// 16-pCPU host that starts balanced by our planner.
+fn vcpu_stability() {
+    println!("## vCPU policy under changing demand (16 pCPUs, 200 cycles after settling)\n");
+    println!(
+        "`changes` counts pin changes over the 200 cycles; `spread` is the mean pCPU usage spread over them.\n"
+    );
+    println!("| demand trace | ours: changes / mean spread | seed: changes / mean spread |");
+    println!("| --- | --- | --- |");
+    for trace in [Trace::Constant, Trace::OnOff, Trace::RandomWalk] {
+        let cell = |planner: vmbalance::scheduler::Planner| {
+            let sc = Scenario {
+                pcpus: 16,
+                start: Start::Unpinned,
+                seed: 77,
+            };
+            let mut host = build(&sc);
+            let mut rng = Rng(991);
+            let base: Vec<f64> = host
+                .domains
+                .iter()
+                .flat_map(|d| d.vcpus.iter().map(|v| v.demand))
+                .collect();
+            let mut s = Scheduler::with_planner(CpuPolicy::default(), false, planner);
+            let (mut changes, mut spread_sum) = (0usize, 0.0);
+            for c in 0..240 {
+                if c >= 40 {
+                    for (i, v) in host
+                        .domains
+                        .iter_mut()
+                        .flat_map(|d| &mut d.vcpus)
+                        .enumerate()
+                    {
+                        match trace {
+                            Trace::Constant => {}
+                            Trace::OnOff if i % 3 == 0 => {
+                                v.demand = if (c / 10) % 2 == 0 { base[i] } else { 0.0 };
+                            }
+                            Trace::OnOff => {}
+                            Trace::RandomWalk => {
+                                v.demand = (v.demand + rng.range(-5.0, 5.0)).clamp(0.0, 100.0);
+                            }
+                        }
+                    }
+                }
+                let before = host.pins;
+                s.cycle(&mut host).unwrap();
+                host.advance(Duration::from_secs(3));
+                if c >= 40 {
+                    changes += host.pins - before;
+                    spread_sum += spread(&host.pcpu_usage());
+                }
+            }
+            format!("{changes} / {:.1}", spread_sum / 200.0)
+        };
+        println!("| {trace:?} | {} | {} |", cell(plan), cell(seed_plan));
+    }
+    println!();
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` runs this too, briefly.
     if std::env::args().any(|a| a == "--test") {
         return;
     }
     vcpu_quality();
+    vcpu_stability();
     memory_quality();
     decision_cost();
 }
