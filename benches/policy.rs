@@ -448,6 +448,7 @@ fn cpu_snapshot(pcpus: u32, vcpus: usize, crowded: bool, seed: u64) -> CpuSnapsh
                         rng.range(0.0, 100.0 * f64::from(pcpus) / vcpus as f64 * 2.0)
                             .min(100.0),
                     ),
+                    demand: None,
                     pinned: Some(p),
                     last_pcpu: Some(p),
                 }

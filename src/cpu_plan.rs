@@ -22,13 +22,16 @@
 //!    at least `threshold`, and only as far as they make real progress; a few points of noise on
 //!    a host that cannot be balanced therefore move nothing.
 //! 5. vCPUs whose usage is not known yet (first sample) are neither moved nor pinned.
+//! 6. Loads are usages, unless the hypervisor reports run-queue delay and some pCPU's demand (used
+//!    plus waited for) exceeds 100 % by more than `threshold`: then the plan balances demand
+//!    (see [`Basis`]), with the same rules.
 //!
 //! The plan is the difference between the final placement and the current pins, so a vCPU
 //! moved and moved back costs nothing, and one moved twice costs one change.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::sampling::{CpuSnapshot, VcpuKey};
+use crate::sampling::{CpuSnapshot, VcpuKey, VcpuLoad, pcpu_demand};
 
 /// Tuning of the vCPU planner.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -67,6 +70,29 @@ pub struct Balance {
     pub fixable_spread: f64,
 }
 
+/// Which figure a plan balances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Basis {
+    /// CPU time used. The rule when the hypervisor reports no run-queue delay, or no pCPU is
+    /// contended.
+    #[default]
+    Usage,
+    /// Demand: CPU time used plus time spent waiting for the pCPU. Used when some pCPU's demand
+    /// exceeds 100 % by more than the threshold: usage saturates at 100 % per pCPU and cannot
+    /// show that one pCPU has three CPU-bound vCPUs and another one.
+    Demand,
+}
+
+impl Basis {
+    /// The figure of `v` this basis balances.
+    fn load(self, v: &VcpuLoad) -> Option<f64> {
+        match self {
+            Basis::Usage => v.usage,
+            Basis::Demand => v.demand.or(v.usage),
+        }
+    }
+}
+
 /// The planner's answer.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CpuPlan {
@@ -76,8 +102,10 @@ pub struct CpuPlan {
     pub before: Balance,
     /// The balance the plan predicts, with usages as measured.
     pub after: Balance,
-    /// Predicted usage of each online pCPU after the plan.
+    /// Predicted load (usage or demand, per `basis`) of each online pCPU after the plan.
     pub predicted: BTreeMap<u32, f64>,
+    /// What the plan balanced.
+    pub basis: Basis,
 }
 
 /// Working state: where every vCPU sits and what each pCPU carries.
@@ -340,11 +368,18 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     }
     let index_of = |p: u32| pcpus.binary_search(&p).ok();
     let n = snapshot.vcpus.len();
+    let contended =
+        pcpu_demand(snapshot).is_some_and(|demand| demand.values().any(|&d| d > 100.0 + threshold));
+    let basis = if contended {
+        Basis::Demand
+    } else {
+        Basis::Usage
+    };
     // Non-negative (and not -0.0), which the member ordering relies on.
     let usage = snapshot
         .vcpus
         .iter()
-        .map(|v| v.usage.filter(|u| *u > 0.0).unwrap_or(0.0))
+        .map(|v| basis.load(v).filter(|u| *u > 0.0).unwrap_or(0.0))
         .collect();
     let movable = snapshot.vcpus.iter().map(|v| v.usage.is_some()).collect();
     // Where each vCPU sits now: its single pin. Unpinned vCPUs are charged to their last pCPU for
@@ -397,5 +432,6 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         before,
         after: s.balance(),
         predicted: pcpus.iter().copied().zip(s.load.iter().copied()).collect(),
+        basis,
     }
 }

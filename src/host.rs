@@ -50,6 +50,9 @@ pub struct VcpuInfo {
     pub last_pcpu: Option<u32>,
     /// The pCPUs it may run on (its affinity), sorted ascending.
     pub affinity: Vec<u32>,
+    /// Cumulative time, in nanoseconds, it was runnable but waiting for a pCPU (the host run
+    /// queue delay the guest sees as steal time), where the hypervisor reports it.
+    pub delay_ns: Option<u64>,
 }
 
 /// The host's physical CPUs.

@@ -103,6 +103,9 @@ pub struct VcpuLoad {
     pub key: VcpuKey,
     /// Percent of one pCPU used over the last interval; `None` until it has two samples.
     pub usage: Option<f64>,
+    /// Percent of one pCPU it wanted: used plus waited for in the host run queue, where the
+    /// hypervisor reports the wait; `None` otherwise.
+    pub demand: Option<f64>,
     /// The pCPU it is pinned to, when its affinity is exactly one online pCPU.
     pub pinned: Option<u32>,
     /// The online pCPU it last ran on, if known.
@@ -137,10 +140,28 @@ pub fn pcpu_usage(snapshot: &CpuSnapshot) -> BTreeMap<u32, f64> {
     usage
 }
 
+/// Demand of every online pCPU: the sum of the demands of the vCPUs charged to it (a vCPU without
+/// a demand counts its usage). `None` when no vCPU has a demand: the hypervisor reports no
+/// run-queue delay.
+pub fn pcpu_demand(snapshot: &CpuSnapshot) -> Option<BTreeMap<u32, f64>> {
+    if snapshot.vcpus.iter().all(|v| v.demand.is_none()) {
+        return None;
+    }
+    let mut demand: BTreeMap<u32, f64> = snapshot.pcpus.iter().map(|&p| (p, 0.0)).collect();
+    for v in &snapshot.vcpus {
+        if let Some(slot) = v.charged_pcpu().and_then(|p| demand.get_mut(&p)) {
+            *slot += v.demand.or(v.usage).unwrap_or(0.0);
+        }
+    }
+    Some(demand)
+}
+
 /// Turns successive vCPU CPU-time readings into a [`CpuSnapshot`].
 #[derive(Default)]
 pub struct CpuSampler {
     rates: Rates<VcpuKey>,
+    /// Rates of CPU time plus run-queue delay.
+    wanted: Rates<VcpuKey>,
     pcpus: Vec<u32>,
     vcpus: Vec<VcpuLoad>,
 }
@@ -168,6 +189,12 @@ impl CpuSampler {
                 .rates
                 .counter(key, v.cpu_time_ns, at)
                 .map(|ns_per_s| ns_per_s / 1e7);
+            let demand = v.delay_ns.and_then(|delay| {
+                let wanted = v.cpu_time_ns.saturating_add(delay);
+                self.wanted
+                    .counter(key, wanted, at)
+                    .map(|ns_per_s| ns_per_s / 1e7)
+            });
             let online = |p: &u32| self.pcpus.binary_search(p).is_ok();
             let pinned = match v.affinity.as_slice() {
                 [only] if online(only) => Some(*only),
@@ -176,6 +203,7 @@ impl CpuSampler {
             self.vcpus.push(VcpuLoad {
                 key,
                 usage,
+                demand,
                 pinned,
                 last_pcpu: v.last_pcpu.filter(online),
             });
@@ -185,6 +213,7 @@ impl CpuSampler {
     /// Close the cycle: forget vCPUs that were not recorded, and return the snapshot.
     pub fn finish(&mut self) -> CpuSnapshot {
         self.rates.end_cycle();
+        self.wanted.end_cycle();
         let mut vcpus = std::mem::take(&mut self.vcpus);
         vcpus.sort_by_key(|v| v.key);
         CpuSnapshot {
@@ -346,6 +375,7 @@ mod tests {
             cpu_time_ns: ns,
             last_pcpu: Some(pcpu),
             affinity: affinity.to_vec(),
+            delay_ns: None,
         }
     }
 
@@ -464,24 +494,28 @@ mod tests {
                 VcpuLoad {
                     key: key(1, 0),
                     usage: Some(30.0),
+                    demand: None,
                     pinned: Some(0),
                     last_pcpu: Some(0),
                 },
                 VcpuLoad {
                     key: key(1, 1),
                     usage: Some(20.0),
+                    demand: None,
                     pinned: None,
                     last_pcpu: Some(2),
                 },
                 VcpuLoad {
                     key: key(2, 0),
                     usage: Some(5.0),
+                    demand: None,
                     pinned: Some(0),
                     last_pcpu: Some(0),
                 },
                 VcpuLoad {
                     key: key(2, 1),
                     usage: None,
+                    demand: None,
                     pinned: Some(1),
                     last_pcpu: Some(1),
                 },
@@ -628,5 +662,44 @@ mod tests {
             panic!("expected a fresh reading");
         };
         assert_eq!(g.free_kib, 300);
+    }
+
+    #[test]
+    fn demand_adds_the_run_queue_wait_to_the_time_used() {
+        let mut s = CpuSampler::new();
+        let t0 = Instant::now();
+        let with_delay = |ns, delay| VcpuInfo {
+            delay_ns: Some(delay),
+            ..vcpu(0, ns, 0, &[0])
+        };
+        s.begin(&[0, 1]);
+        s.record(dom(1), t0, &[with_delay(0, 0), vcpu(1, 0, 1, &[1])]);
+        s.finish();
+        s.begin(&[0, 1]);
+        // Over 2 s: 0.66 s run and 1.18 s waiting = 33 % used, 92 % wanted. No delay: no demand.
+        let t1 = t0 + Duration::from_secs(2);
+        s.record(
+            dom(1),
+            t1,
+            &[
+                with_delay(660_000_000, 1_180_000_000),
+                vcpu(1, 1_760_000_000, 1, &[1]),
+            ],
+        );
+        let snap = s.finish();
+        assert!((snap.vcpus[0].usage.unwrap() - 33.0).abs() < 1e-9);
+        assert!((snap.vcpus[0].demand.unwrap() - 92.0).abs() < 1e-9);
+        assert_eq!(snap.vcpus[1].demand, None);
+        let demand = pcpu_demand(&snap).unwrap();
+        // A vCPU without a demand counts its usage.
+        assert_eq!(
+            demand.into_iter().collect::<Vec<_>>(),
+            vec![(0, 92.0), (1, 88.0)]
+        );
+        let without = CpuSnapshot {
+            vcpus: vec![snap.vcpus[1].clone()],
+            ..snap
+        };
+        assert_eq!(pcpu_demand(&without), None);
     }
 }

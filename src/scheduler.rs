@@ -8,9 +8,9 @@ use std::fmt;
 
 use log::{debug, warn};
 
-use crate::cpu_plan::{CpuPlan, CpuPolicy, PinMove, plan};
+use crate::cpu_plan::{Basis, CpuPlan, CpuPolicy, PinMove, plan};
 use crate::host::{Applied, DomainId, Host};
-use crate::sampling::{CpuSampler, CpuSnapshot, pcpu_usage};
+use crate::sampling::{CpuSampler, CpuSnapshot, pcpu_demand, pcpu_usage};
 
 /// What one cycle saw and did.
 #[derive(Clone, Debug, Default)]
@@ -21,6 +21,8 @@ pub struct CycleReport {
     pub vcpus: usize,
     /// Usage of each online pCPU, as measured this cycle (empty on the first cycle).
     pub usage: BTreeMap<u32, f64>,
+    /// Demand of each online pCPU, where the hypervisor reports run-queue delay.
+    pub demand: Option<BTreeMap<u32, f64>>,
     /// The plan, from the second cycle on.
     pub plan: Option<CpuPlan>,
     /// Moves made (or, in a dry run, that would have been made).
@@ -35,6 +37,13 @@ pub struct CycleReport {
     pub api_calls: u64,
     /// The balance threshold in force, in points.
     pub threshold: f64,
+}
+
+/// Busiest minus freest of per-pCPU figures.
+fn spread(per_pcpu: &BTreeMap<u32, f64>) -> f64 {
+    let max = per_pcpu.values().copied().fold(f64::NEG_INFINITY, f64::max);
+    let min = per_pcpu.values().copied().fold(f64::INFINITY, f64::min);
+    if per_pcpu.is_empty() { 0.0 } else { max - min }
 }
 
 impl CycleReport {
@@ -56,7 +65,17 @@ impl fmt::Display for CycleReport {
         for (p, u) in &self.usage {
             write!(f, " {p}:{u:.1}")?;
         }
-        write!(f, " (spread {:.1})", plan.before.spread)?;
+        write!(f, " (spread {:.1})", spread(&self.usage))?;
+        if let Some(demand) = &self.demand {
+            f.write_str("; demand %:")?;
+            for (p, d) in demand {
+                write!(f, " {p}:{d:.1}")?;
+            }
+            f.write_str(match plan.basis {
+                Basis::Demand => "; contended, balancing demand",
+                Basis::Usage => "; uncontended, balancing usage",
+            })?;
+        }
         if plan.moves.is_empty() {
             return if plan.before.fixable_spread <= self.threshold {
                 f.write_str("; balanced, no change")
@@ -80,7 +99,11 @@ impl fmt::Display for CycleReport {
         if self.skipped > 0 {
             write!(f, "; {} skipped", self.skipped)?;
         }
-        write!(f, "; predicted spread {:.1}", plan.after.spread)
+        let basis = match plan.basis {
+            Basis::Usage => "usage",
+            Basis::Demand => "demand",
+        };
+        write!(f, "; predicted {basis} spread {:.1}", plan.after.spread)
     }
 }
 
@@ -152,6 +175,7 @@ impl Scheduler {
             return Ok(Some(report));
         }
         report.usage = pcpu_usage(&snapshot);
+        report.demand = pcpu_demand(&snapshot);
         let plan = (self.planner)(&snapshot, &self.policy);
         for m in &plan.moves {
             if self.dry_run {

@@ -1,7 +1,7 @@
 //! The vCPU planner, rule by rule, and its invariants over random hosts.
 
 use proptest::prelude::*;
-use vmbalance::cpu_plan::{CpuPlan, CpuPolicy, plan};
+use vmbalance::cpu_plan::{Basis, CpuPlan, CpuPolicy, plan};
 use vmbalance::host::DomainId;
 use vmbalance::sampling::{CpuSnapshot, VcpuKey, VcpuLoad, pcpu_usage};
 
@@ -36,6 +36,7 @@ fn snapshot(pcpus: &[u32], vcpus: &[(Option<f64>, Pin)]) -> CpuSnapshot {
                 VcpuLoad {
                     key: key((i / 4) as u8, (i % 4) as u32),
                     usage,
+                    demand: None,
                     pinned,
                     last_pcpu: last.filter(|p| pcpus.contains(p)),
                 }
@@ -46,6 +47,16 @@ fn snapshot(pcpus: &[u32], vcpus: &[(Option<f64>, Pin)]) -> CpuSnapshot {
 
 fn on(p: u32, usage: f64) -> (Option<f64>, Pin) {
     (Some(usage), Pin::On(p))
+}
+
+/// A snapshot like [`snapshot`] where each vCPU also has a demand.
+fn with_demand(pcpus: &[u32], vcpus: &[(f64, f64, u32)]) -> CpuSnapshot {
+    let plain: Vec<_> = vcpus.iter().map(|&(usage, _, p)| on(p, usage)).collect();
+    let mut s = snapshot(pcpus, &plain);
+    for (v, &(_, demand, _)) in s.vcpus.iter_mut().zip(vcpus) {
+        v.demand = Some(demand);
+    }
+    s
 }
 
 fn default_plan(s: &CpuSnapshot) -> CpuPlan {
@@ -375,4 +386,74 @@ fn threshold_zero_is_stable_too() {
     let p = plan(&s, &policy);
     let again = plan(&apply(&s, &p), &policy);
     assert!(again.moves.is_empty(), "{:?}", again.moves);
+}
+
+#[test]
+fn a_contended_pcpu_is_seen_by_demand_and_fixed_in_one_move() {
+    // Measured on a real 2-pCPU host: three CPU-bound vCPUs on pCPU 0 each get a third of it
+    // (usage 33, run-queue wait 59), the lone one on pCPU 1 gets 88 and waits 4. Usage reads
+    // 99 against 88: "balanced". Demand reads 276 against 92.
+    let s = with_demand(
+        &[0, 1],
+        &[
+            (33.0, 92.0, 0),
+            (33.0, 92.0, 0),
+            (33.0, 92.0, 0),
+            (88.0, 92.0, 1),
+        ],
+    );
+    let p = default_plan(&s);
+    assert_eq!(p.basis, Basis::Demand);
+    assert_eq!(p.moves.len(), 1, "{:?}", p.moves);
+    assert_eq!((p.moves[0].from, p.moves[0].to), (Some(0), 1));
+    // Two on each pCPU: balanced by demand, and stable.
+    let after = apply(&s, &p);
+    assert!(default_plan(&after).moves.is_empty());
+    // Without delay figures the same host looks balanced, and nothing moves.
+    let blind = snapshot(
+        &[0, 1],
+        &[on(0, 33.0), on(0, 33.0), on(0, 33.0), on(1, 88.0)],
+    );
+    assert!(default_plan(&blind).moves.is_empty());
+}
+
+#[test]
+fn without_contention_demand_changes_nothing() {
+    // Every pCPU under 100 % demand: the plan is the usage plan, whatever small waits say.
+    let usage_only = snapshot(
+        &[0, 1],
+        &[on(0, 30.0), on(0, 30.0), on(0, 20.0), on(1, 10.0)],
+    );
+    let with_waits = with_demand(
+        &[0, 1],
+        &[
+            (30.0, 34.0, 0),
+            (30.0, 33.0, 0),
+            (20.0, 24.0, 0),
+            (10.0, 10.5, 1),
+        ],
+    );
+    let (a, b) = (default_plan(&usage_only), default_plan(&with_waits));
+    assert_eq!(b.basis, Basis::Usage);
+    assert_eq!(a.moves, b.moves);
+    assert!(!a.moves.is_empty());
+}
+
+#[test]
+fn noise_in_delay_moves_nothing() {
+    // Four CPU-bound vCPUs, two per pCPU: contended and balanced; the waits jitter by a few points.
+    for jitter in [-4.5, -3.0, 0.0, 2.0, 4.5] {
+        let s = with_demand(
+            &[0, 1],
+            &[
+                (50.0, 100.0 + jitter, 0),
+                (50.0, 100.0, 0),
+                (50.0, 100.0 - jitter, 1),
+                (50.0, 100.0, 1),
+            ],
+        );
+        let p = default_plan(&s);
+        assert_eq!(p.basis, Basis::Demand);
+        assert!(p.moves.is_empty(), "jitter {jitter}: {:?}", p.moves);
+    }
 }

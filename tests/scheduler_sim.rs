@@ -119,3 +119,34 @@ fn never_pins_to_an_offline_pcpu() {
         );
     }
 }
+
+#[test]
+fn demand_reveals_a_contended_pcpu_that_usage_calls_balanced() {
+    for reports_delay in [true, false] {
+        let mut host = SimHost::new(2);
+        host.reports_delay = reports_delay;
+        for n in 1..=3 {
+            host.add(n, &[(100.0, &[0])]);
+        }
+        host.add(4, &[(100.0, &[1])]);
+        let mut sched = Scheduler::new(CpuPolicy::default(), false);
+        let changes = run(&mut host, &mut sched, 10);
+        let per_pcpu: Vec<usize> = (0..2)
+            .map(|p| {
+                host.domains
+                    .iter()
+                    .filter(|d| d.vcpus[0].affinity == [p])
+                    .count()
+            })
+            .collect();
+        if reports_delay {
+            // 3 + 1 becomes 2 + 2 with a single pin change, and stays.
+            assert_eq!(changes.iter().sum::<usize>(), 1, "{changes:?}");
+            assert_eq!(per_pcpu, vec![2, 2]);
+        } else {
+            // Usage reads 100 / 100: the seed's rule sees nothing to fix.
+            assert_eq!(changes.iter().sum::<usize>(), 0);
+            assert_eq!(per_pcpu, vec![3, 1]);
+        }
+    }
+}

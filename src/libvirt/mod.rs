@@ -335,6 +335,7 @@ impl Host for LibvirtHost {
                     cpu_time_ns: v.cpu_time_ns,
                     last_pcpu: u32::try_from(v.cpu).ok(),
                     affinity: v.affinity,
+                    delay_ns: None,
                 })
                 .collect()
         }))
@@ -471,6 +472,7 @@ fn bulk_vcpus(rec: &raw::DomainStats, max: u32, affinity: &[Vec<u32>]) -> Vec<Vc
                 cpu_time_ns: rec.u64(&format!("vcpu.{n}.time"))?,
                 last_pcpu: None,
                 affinity: affinity.get(n as usize).cloned().unwrap_or_default(),
+                delay_ns: rec.u64(&format!("vcpu.{n}.delay")),
             })
         })
         .collect()
@@ -493,5 +495,34 @@ mod tests {
                 .contains("daemon running")
         );
         assert!(connect_hint("no connection driver available for foo:///").contains("URI"));
+    }
+
+    #[test]
+    fn bulk_records_give_times_delays_and_known_pins() {
+        let rec = raw::DomainStats {
+            uuid: [7; 16],
+            name: "g".into(),
+            id: 3,
+            fields: vec![
+                ("vcpu.current".into(), raw::Value::Int(2)),
+                ("vcpu.maximum".into(), raw::Value::Int(3)),
+                ("vcpu.0.time".into(), raw::Value::Int(1_000)),
+                ("vcpu.0.delay".into(), raw::Value::Int(250)),
+                ("vcpu.2.time".into(), raw::Value::Int(3_000)),
+                ("vcpu.2.wait".into(), raw::Value::Int(9)),
+            ],
+        };
+        let vcpus = bulk_vcpus(&rec, 3, &[vec![0], vec![1], vec![1]]);
+        // vCPU 1 is offline (no time): not listed. vCPU 2 reports no delay.
+        assert_eq!(vcpus.len(), 2);
+        assert_eq!(
+            (vcpus[0].number, vcpus[0].cpu_time_ns, vcpus[0].delay_ns),
+            (0, 1_000, Some(250))
+        );
+        assert_eq!(
+            (vcpus[1].number, vcpus[1].cpu_time_ns, vcpus[1].delay_ns),
+            (2, 3_000, None)
+        );
+        assert_eq!(vcpus[1].affinity, vec![1]);
     }
 }

@@ -17,6 +17,8 @@ pub struct SimVcpu {
     pub affinity: Vec<u32>,
     /// Cumulative CPU time, ns.
     pub cpu_ns: u64,
+    /// Cumulative time runnable but waiting for its pCPU, ns.
+    pub delay_ns: u64,
 }
 
 /// One simulated guest's memory, KiB.
@@ -121,6 +123,8 @@ pub struct SimHost {
     pub host_reports_memory: bool,
     /// Number of balloon changes made.
     pub resizes: usize,
+    /// Does the host report vCPU run-queue delay (like QEMU's `vcpu.N.delay`)?
+    pub reports_delay: bool,
     start: Instant,
     elapsed: Duration,
 }
@@ -138,6 +142,7 @@ impl SimHost {
             host_used: 1 << 20,
             host_reports_memory: true,
             resizes: 0,
+            reports_delay: false,
             start: Instant::now(),
             elapsed: Duration::ZERO,
         }
@@ -155,6 +160,7 @@ impl SimHost {
                     demand,
                     affinity: affinity.to_vec(),
                     cpu_ns: 1_000_000_000 * u64::from(n),
+                    delay_ns: 0,
                 })
                 .collect(),
             mem: SimMemory::new(1 << 20, 2 << 20, 256 << 10),
@@ -199,6 +205,8 @@ impl SimHost {
                 v.demand
             };
             v.cpu_ns += (share / 100.0 * dt.as_nanos() as f64) as u64;
+            // What it wanted but did not get, it spent waiting in the run queue.
+            v.delay_ns += ((v.demand - share) / 100.0 * dt.as_nanos() as f64) as u64;
         }
         self.elapsed += dt;
         let now = self.elapsed.as_secs_f64();
@@ -247,6 +255,7 @@ impl Host for SimHost {
                     cpu_time_ns: v.cpu_ns,
                     last_pcpu: Some(Self::runs_on(v)),
                     affinity: v.affinity.clone(),
+                    delay_ns: self.reports_delay.then_some(v.delay_ns),
                 })
                 .collect()
         }))
