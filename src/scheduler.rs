@@ -58,9 +58,9 @@ impl CycleReport {
 impl fmt::Display for CycleReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} domains, {} vCPUs", self.domains, self.vcpus)?;
-        let Some(plan) = &self.plan else {
+        if self.usage.is_empty() {
             return write!(f, "; first sample, usage from the next cycle");
-        };
+        }
         f.write_str("; pCPU usage %:")?;
         for (p, u) in &self.usage {
             write!(f, " {p}:{u:.1}")?;
@@ -71,6 +71,11 @@ impl fmt::Display for CycleReport {
             for (p, d) in demand {
                 write!(f, " {p}:{d:.1}")?;
             }
+        }
+        let Some(plan) = &self.plan else {
+            return f.write_str("; settling after the last pin changes, no decision");
+        };
+        if self.demand.is_some() {
             f.write_str(match plan.basis {
                 Basis::Demand => "; contended, balancing demand",
                 Basis::Usage => "; uncontended, balancing usage",
@@ -114,6 +119,9 @@ pub struct Scheduler {
     planner: Planner,
     dry_run: bool,
     cycles: u64,
+    /// Set after a cycle that changed pins: the next interval straddles the change, so its
+    /// figures mix the old placement and the new, and the next cycle only observes.
+    settling: bool,
 }
 
 /// A vCPU planning policy: a snapshot in, pin moves out.
@@ -133,6 +141,7 @@ impl Scheduler {
             planner,
             dry_run,
             cycles: 0,
+            settling: false,
         }
     }
 
@@ -176,6 +185,9 @@ impl Scheduler {
         }
         report.usage = pcpu_usage(&snapshot);
         report.demand = pcpu_demand(&snapshot);
+        if std::mem::take(&mut self.settling) {
+            return Ok(Some(report));
+        }
         let plan = (self.planner)(&snapshot, &self.policy);
         for m in &plan.moves {
             if self.dry_run {
@@ -199,6 +211,7 @@ impl Scheduler {
             }
         }
         report.plan = Some(plan);
+        self.settling = !self.dry_run && !report.applied.is_empty();
         Ok(Some(report))
     }
 }

@@ -139,20 +139,31 @@ fn dry_run_logs_the_plan() {
 #[test]
 fn a_real_run_pins_then_stays_put() {
     let uri = common::test_uri("node.xml");
-    let o = run(SCHEDULER, &["-c", &uri, "--cycles", "4", "0.2"]);
+    let o = run(SCHEDULER, &["-c", &uri, "--cycles", "5", "0.2"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(
         err.contains("cycle 2:") && err.contains("moved 6:"),
         "{err}"
     );
-    // The pins took: the next cycles see every vCPU pinned and change nothing.
-    for cycle in [3, 4] {
-        let line = err
-            .lines()
+    let line = |cycle: u32| {
+        err.lines()
             .find(|l| l.contains(&format!("cycle {cycle}:")))
-            .unwrap();
-        assert!(line.ends_with("balanced, no change"), "{line}");
+            .unwrap()
+            .to_string()
+    };
+    // The interval after a pin change straddles it: that cycle only observes.
+    assert!(
+        line(3).ends_with("settling after the last pin changes, no decision"),
+        "{err}"
+    );
+    // The pins took: the next cycles see every vCPU pinned and change nothing.
+    for cycle in [4, 5] {
+        assert!(
+            line(cycle).ends_with("balanced, no change"),
+            "{}",
+            line(cycle)
+        );
     }
 }
 

@@ -171,6 +171,51 @@ fn scheduler_mixes_heavy_and_light_guests_and_survives_a_guest_destroyed_mid_run
     assert!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
 }
 
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn scheduler_sees_contention_that_usage_hides_and_fixes_it_in_one_move() {
+    // Four CPU-bound guests pinned 3 + 1 on two pCPUs read ~100 % usage on both: "balanced" by
+    // usage, while three vCPUs share one pCPU. Their run-queue delay shows it.
+    if online_pcpus() != 2 {
+        eprintln!(
+            "this layout is for a 2-pCPU host; skipped on {} pCPUs",
+            online_pcpus()
+        );
+        return;
+    }
+    let specs = [
+        busy("cont0", "0"),
+        busy("cont1", "0"),
+        busy("cont2", "0"),
+        busy("cont3", "1"),
+    ];
+    let _lab = Lab::guests(&specs);
+    let names = ["cont0", "cont1", "cont2", "cont3"];
+    let before = pcpu_usage(&names, 2, Duration::from_secs(4));
+    let mut d = Daemon::start(SCHEDULER, &["2"]);
+    d.wait_cycles(10, Duration::from_secs(90));
+    let (code, log) = d.stop();
+    eprintln!("{log}");
+    assert_eq!(code, Some(0));
+    let moves = moves_per_cycle(&log);
+    eprintln!(
+        "before: pCPU usage {before:.1?} (spread {:.1}); pin changes per cycle {moves:?}",
+        spread(&before)
+    );
+    assert!(
+        spread(&before) < 20.0,
+        "usage should look balanced: {before:?}"
+    );
+    let cycle2 = log.lines().find(|l| l.contains("cycle 2:")).unwrap();
+    assert!(cycle2.contains("contended, balancing demand"), "{cycle2}");
+    assert_eq!(moves.iter().sum::<usize>(), 1, "{moves:?}");
+    let mut per_pcpu = [0; 2];
+    for n in names {
+        per_pcpu[pins(n)[0].unwrap() as usize] += 1;
+    }
+    assert_eq!(per_pcpu, [2, 2]);
+}
+
 /// Poll every `every` for `total`: (seconds, balloon size per guest in MiB, the first guest's
 /// usable memory in MiB).
 fn watch(names: &[&str], every: Duration, total: Duration) -> Vec<(f64, Vec<u64>, u64)> {
