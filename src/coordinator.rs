@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use std::fmt;
 
 use log::{debug, warn};
+use serde_json::json;
+
+use crate::daemon::{Report, round1};
 
 use crate::host::{Applied, DomainId, Host, HostMemory};
 use crate::mem_plan::{BalloonChange, MemPlan, MemPolicy, MemSnapshot, plan, violations};
@@ -100,6 +103,48 @@ impl fmt::Display for MemReport {
             write!(f, "; {} skipped", self.skipped)?;
         }
         Ok(())
+    }
+}
+
+impl Report for MemReport {
+    fn to_json(&self) -> serde_json::Value {
+        let guests: Vec<_> = self
+            .guests
+            .iter()
+            .map(|g| {
+                json!({
+                    "domain": g.name,
+                    "actual_mib": round1(mib(g.actual_kib)),
+                    "free_mib": g.free_kib.map(|k| round1(mib(k))),
+                    "rate_mib_s": g.rate_kib_s.map(|r| round1(r / 1024.0)),
+                    "state": g.state,
+                })
+            })
+            .collect();
+        let changes: Vec<_> = self
+            .applied
+            .iter()
+            .map(|(name, c)| {
+                json!({
+                    "domain": name,
+                    "from_mib": round1(mib(c.from_kib)),
+                    "to_mib": round1(mib(c.to_kib)),
+                })
+            })
+            .collect();
+        json!({
+            "daemon": "memory_coordinator",
+            "host": self.host.map(|h| json!({
+                "total_mib": round1(mib(h.total_kib)),
+                "available_mib": round1(mib(h.free_kib)),
+            })),
+            "guests": guests,
+            "without_balloon": self.no_balloon,
+            "dry_run": self.dry_run,
+            "changes": changes,
+            "skipped": self.skipped,
+            "libvirt_calls": self.api_calls,
+        })
     }
 }
 

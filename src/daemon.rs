@@ -34,6 +34,21 @@ pub struct CommonArgs {
     /// Less log output (-q warnings only, -qq errors only)
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub quiet: u8,
+
+    /// Also print one JSON object per cycle on stdout, for log shippers (logs stay on stderr)
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a daemon cycle reports: one log line (Display) and, with `--json`, one JSON object.
+pub trait Report: std::fmt::Display {
+    /// The cycle as a JSON object; [`run_cycles`] adds `cycle` and `time`.
+    fn to_json(&self) -> serde_json::Value;
+}
+
+/// Round to one decimal, for figures in JSON output.
+pub fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
 }
 
 impl CommonArgs {
@@ -134,11 +149,13 @@ pub fn exit_with(result: anyhow::Result<()>) -> ExitCode {
 
 /// The daemons' main loop: run `cycle` at once, then every `period`, until `cycles` cycles ran, a
 /// cycle finds no active domain (`cycle` returns `Ok(None)`), or Ctrl-C/SIGTERM arrives. Each
-/// cycle's report is logged as one info line. An error ends the loop and is returned.
-pub fn run_cycles<R: std::fmt::Display>(
+/// cycle's report is logged as one info line, and with `json` also printed on stdout as one JSON
+/// object with its cycle number and time (Unix seconds). An error ends the loop and is returned.
+pub fn run_cycles<R: Report>(
     uri: &str,
     period: Duration,
     cycles: Option<u64>,
+    json: bool,
     mut cycle: impl FnMut() -> anyhow::Result<Option<R>>,
 ) -> anyhow::Result<()> {
     let mut stop = StopSignal::install()?;
@@ -154,6 +171,9 @@ pub fn run_cycles<R: std::fmt::Display>(
         };
         done += 1;
         log::info!("cycle {done}: {report}");
+        if json {
+            print_json(&report, done)?;
+        }
         if cycles.is_some_and(|n| done >= n) {
             log::info!("done after {done} cycles");
             return Ok(());
@@ -163,6 +183,22 @@ pub fn run_cycles<R: std::fmt::Display>(
             return Ok(());
         }
     }
+}
+
+fn print_json<R: Report>(report: &R, cycle: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut value = report.to_json();
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    if let Some(object) = value.as_object_mut() {
+        object.insert("cycle".into(), cycle.into());
+        object.insert("time".into(), ((time * 1000.0).round() / 1000.0).into());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{value}")
+        .and_then(|()| out.flush())
+        .context("writing the JSON report to stdout")
 }
 
 /// Ctrl-C and SIGTERM, as something a loop can sleep on.

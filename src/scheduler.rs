@@ -6,7 +6,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
+use serde_json::json;
+
+use crate::daemon::{Report, round1};
 
 use crate::cpu_plan::{Basis, CpuPlan, CpuPolicy, PinMove, plan};
 use crate::host::{Applied, DomainId, Host};
@@ -112,6 +115,56 @@ impl fmt::Display for CycleReport {
     }
 }
 
+impl Report for CycleReport {
+    fn to_json(&self) -> serde_json::Value {
+        let pcpus: Vec<_> = self
+            .usage
+            .iter()
+            .map(|(p, u)| {
+                let demand = self.demand.as_ref().and_then(|d| d.get(p)).copied();
+                json!({"pcpu": p, "usage": round1(*u), "demand": demand.map(round1)})
+            })
+            .collect();
+        let moves: Vec<_> = self
+            .applied
+            .iter()
+            .map(|m| {
+                json!({
+                    "domain": self.name(&m.key.domain),
+                    "uuid": m.key.domain.to_string(),
+                    "vcpu": m.key.vcpu,
+                    "from": m.from,
+                    "to": m.to,
+                    "load": round1(m.usage),
+                })
+            })
+            .collect();
+        let (decision, basis) = match &self.plan {
+            _ if self.usage.is_empty() => ("first_sample", None),
+            None => ("settling", None),
+            Some(plan) => (
+                "planned",
+                Some(match plan.basis {
+                    Basis::Usage => "usage",
+                    Basis::Demand => "demand",
+                }),
+            ),
+        };
+        json!({
+            "daemon": "vcpu_scheduler",
+            "domains": self.domains,
+            "vcpus": self.vcpus,
+            "pcpus": pcpus,
+            "decision": decision,
+            "basis": basis,
+            "dry_run": self.dry_run,
+            "moves": moves,
+            "skipped": self.skipped,
+            "libvirt_calls": self.api_calls,
+        })
+    }
+}
+
 /// The vCPU scheduler's state across cycles.
 pub struct Scheduler {
     sampler: CpuSampler,
@@ -122,6 +175,8 @@ pub struct Scheduler {
     /// Set after a cycle that changed pins: the next interval straddles the change, so its
     /// figures mix the old placement and the new, and the next cycle only observes.
     settling: bool,
+    /// Whether the host reports run-queue delay, once known (said once in the log).
+    delay_reported: Option<bool>,
 }
 
 /// A vCPU planning policy: a snapshot in, pin moves out.
@@ -142,6 +197,7 @@ impl Scheduler {
             dry_run,
             cycles: 0,
             settling: false,
+            delay_reported: None,
         }
     }
 
@@ -185,6 +241,17 @@ impl Scheduler {
         }
         report.usage = pcpu_usage(&snapshot);
         report.demand = pcpu_demand(&snapshot);
+        let reported = report.demand.is_some();
+        if self.delay_reported != Some(reported) {
+            self.delay_reported = Some(reported);
+            if reported {
+                info!(
+                    "the hypervisor reports vCPU run-queue delay: a contended pCPU is balanced by demand"
+                );
+            } else {
+                info!("the hypervisor reports no vCPU run-queue delay: balancing usage");
+            }
+        }
         if std::mem::take(&mut self.settling) {
             return Ok(Some(report));
         }

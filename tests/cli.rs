@@ -318,3 +318,78 @@ fn coordinator_exits_0_with_no_active_domain() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stderr(&o).contains("no active domain"));
 }
+
+/// The JSON objects a run printed on stdout, one per line.
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[test]
+fn scheduler_json_has_one_object_per_cycle_with_the_documented_fields() {
+    let uri = common::test_uri("node.xml");
+    let o = run(
+        SCHEDULER,
+        &["-q", "--json", "-c", &uri, "--cycles", "3", "0.1"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let cycles = json_lines(&o);
+    assert_eq!(cycles.len(), 3);
+    for (i, c) in cycles.iter().enumerate() {
+        assert_eq!(c["daemon"], "vcpu_scheduler");
+        assert_eq!(c["cycle"], i as u64 + 1);
+        assert!(c["time"].as_f64().unwrap() > 1.7e9);
+        assert_eq!(
+            (c["domains"].as_u64(), c["vcpus"].as_u64()),
+            (Some(3), Some(7))
+        );
+        assert!(c["libvirt_calls"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(cycles[0]["decision"], "first_sample");
+    let second = &cycles[1];
+    assert_eq!(second["decision"], "planned");
+    assert_eq!(second["basis"], "usage");
+    let pcpus = second["pcpus"].as_array().unwrap();
+    assert_eq!(pcpus.len(), 3);
+    assert!(
+        pcpus
+            .iter()
+            .all(|p| p["usage"].is_f64() && p["demand"].is_null())
+    );
+    let moves = second["moves"].as_array().unwrap();
+    assert_eq!(moves.len(), 6);
+    assert!(
+        moves
+            .iter()
+            .all(|m| m["domain"].is_string() && m["to"].is_u64() && m["vcpu"].is_u64())
+    );
+    assert_eq!(cycles[2]["decision"], "settling");
+}
+
+#[test]
+fn coordinator_json_has_one_object_per_cycle_with_the_documented_fields() {
+    let uri = common::test_uri("node.xml");
+    let o = run(
+        COORDINATOR,
+        &["-q", "--json", "-c", &uri, "--cycles", "2", "0.1"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let cycles = json_lines(&o);
+    assert_eq!(cycles.len(), 2);
+    for c in &cycles {
+        assert_eq!(c["daemon"], "memory_coordinator");
+        assert!(
+            c["host"].is_null(),
+            "the test driver reports no host memory"
+        );
+        assert_eq!(c["without_balloon"], 1);
+        let guests = c["guests"].as_array().unwrap();
+        assert_eq!(guests.len(), 2);
+        for g in guests {
+            assert!(g["domain"].is_string() && g["actual_mib"].is_f64() && g["state"].is_string());
+        }
+        assert_eq!(c["changes"].as_array().unwrap().len(), 0);
+    }
+}

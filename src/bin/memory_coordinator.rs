@@ -127,9 +127,13 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
             ""
         }
     );
-    run_cycles(&uri, args.period, args.common.cycles, || {
-        coordinator.cycle(&mut host)
-    })
+    run_cycles(
+        &uri,
+        args.period,
+        args.common.cycles,
+        args.common.json,
+        || coordinator.cycle(&mut host),
+    )
 }
 
 fn main() -> ExitCode {

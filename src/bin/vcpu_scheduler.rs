@@ -53,9 +53,13 @@ fn run(args: Args) -> Result<()> {
             ""
         }
     );
-    run_cycles(&uri, args.period, args.common.cycles, || {
-        scheduler.cycle(&mut host)
-    })
+    run_cycles(
+        &uri,
+        args.period,
+        args.common.cycles,
+        args.common.json,
+        || scheduler.cycle(&mut host),
+    )
 }
 
 fn main() -> ExitCode {
