@@ -94,6 +94,16 @@ fn seed_plan(s: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     }
 }
 
+/// The real scheduler cycle with our planner.
+fn ours() -> Scheduler {
+    Scheduler::new(CpuPolicy::default(), false)
+}
+
+/// The real scheduler cycle with the seed's planner, deciding in every cycle as the seed did.
+fn seed() -> Scheduler {
+    Scheduler::with_planner(CpuPolicy::default(), false, seed_plan).without_settling()
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Start {
     /// Every vCPU pinned to pCPU 0.
@@ -236,13 +246,12 @@ struct Outcome {
 /// Settling = the last cycle that changed a pin, before the shake.
 fn run(
     sc: &Scenario,
-    planner: vmbalance::scheduler::Planner,
+    make: fn() -> Scheduler,
     cycles: usize,
     shake_at: usize,
 ) -> (Outcome, Outcome) {
     let mut host = build(sc);
-    let policy = CpuPolicy::default();
-    let mut s = Scheduler::with_planner(policy, false, planner);
+    let mut s = make();
     let period = Duration::from_secs(3);
     let mut phase = [(0usize, 0usize), (0, 0)];
     let mut first = None;
@@ -307,8 +316,8 @@ fn vcpu_quality() {
             let host = build(&sc);
             let lb = change_lower_bound(&host, 10.0);
             let best = offline_best(&host);
-            let (o1, o2) = run(&sc, plan, 80, 40);
-            let (s1, s2) = run(&sc, seed_plan, 80, 40);
+            let (o1, o2) = run(&sc, ours, 80, 40);
+            let (s1, s2) = run(&sc, seed, 80, 40);
             let cell = |o: &Outcome| {
                 format!(
                     "{} / {} / {:.1} / {:.3}",
@@ -551,7 +560,7 @@ fn vcpu_stability() {
     println!("| demand trace | ours: changes / mean spread | seed: changes / mean spread |");
     println!("| --- | --- | --- |");
     for trace in [Trace::Constant, Trace::OnOff, Trace::RandomWalk] {
-        let cell = |planner: vmbalance::scheduler::Planner| {
+        let cell = |make: fn() -> Scheduler| {
             let sc = Scenario {
                 pcpus: 16,
                 start: Start::Unpinned,
@@ -564,7 +573,7 @@ fn vcpu_stability() {
                 .iter()
                 .flat_map(|d| d.vcpus.iter().map(|v| v.demand))
                 .collect();
-            let mut s = Scheduler::with_planner(CpuPolicy::default(), false, planner);
+            let mut s = make();
             let (mut changes, mut spread_sum) = (0usize, 0.0);
             for c in 0..240 {
                 if c >= 40 {
@@ -596,7 +605,7 @@ fn vcpu_stability() {
             }
             format!("{changes} / {:.1}", spread_sum / 200.0)
         };
-        println!("| {trace:?} | {} | {} |", cell(plan), cell(seed_plan));
+        println!("| {trace:?} | {} | {} |", cell(ours), cell(seed));
     }
     println!();
 }

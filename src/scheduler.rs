@@ -175,6 +175,8 @@ pub struct Scheduler {
     /// Set after a cycle that changed pins: the next interval straddles the change, so its
     /// figures mix the old placement and the new, and the next cycle only observes.
     settling: bool,
+    /// Whether to observe only after a cycle that changed pins (on by default).
+    settle_after_changes: bool,
     /// Whether the host reports run-queue delay, once known (said once in the log).
     delay_reported: Option<bool>,
 }
@@ -197,8 +199,16 @@ impl Scheduler {
             dry_run,
             cycles: 0,
             settling: false,
+            settle_after_changes: true,
             delay_reported: None,
         }
+    }
+
+    /// Decide in every cycle, even right after pin changes (benchmarks use it to run the seed's
+    /// one-move-per-period policy as it was).
+    pub fn without_settling(mut self) -> Self {
+        self.settle_after_changes = false;
+        self
     }
 
     /// Run one cycle. `Ok(None)` when the host has no active domain.
@@ -278,7 +288,7 @@ impl Scheduler {
             }
         }
         report.plan = Some(plan);
-        self.settling = !self.dry_run && !report.applied.is_empty();
+        self.settling = self.settle_after_changes && !self.dry_run && !report.applied.is_empty();
         Ok(Some(report))
     }
 }
