@@ -118,12 +118,15 @@ struct Scenario {
     pcpus: u32,
     start: Start,
     seed: u64,
+    /// Does the simulated hypervisor report run-queue delay (as QEMU does)?
+    delay: bool,
 }
 
 /// Build the scenario's host: domains of 1-8 vCPUs with mixed demands, about 1.5 vCPUs per pCPU.
 fn build(sc: &Scenario) -> SimHost {
     let mut rng = Rng(sc.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut host = SimHost::new(sc.pcpus);
+    host.reports_delay = sc.delay;
     let target = (sc.pcpus as usize * 3).div_ceil(2).max(2);
     let all: Vec<u32> = (0..sc.pcpus).collect();
     let mut n = 0usize;
@@ -283,8 +286,13 @@ fn outcome(host: &SimHost, (settle, changes): (usize, usize)) -> Outcome {
     }
 }
 
-fn vcpu_quality() {
-    println!("## vCPU policy: ours vs the seed's, on the simulated host (threshold 10)\n");
+fn vcpu_quality(delay: bool) {
+    let what = if delay {
+        "run-queue delay reported, as QEMU does"
+    } else {
+        "usage only, no delay reported"
+    };
+    println!("## vCPU policy: ours vs the seed's, on the simulated host ({what}; threshold 10)\n");
     println!(
         "Each scenario runs 80 cycles; at cycle 40 a fifth of the vCPUs change demand. `settle` is the"
     );
@@ -312,6 +320,7 @@ fn vcpu_quality() {
                 pcpus,
                 start,
                 seed: u64::from(pcpus) * 31 + k as u64,
+                delay,
             };
             let host = build(&sc);
             let lb = change_lower_bound(&host, 10.0);
@@ -553,7 +562,9 @@ enum Trace {
 /// Pin changes and balance over 200 cycles of changing demand, ours against the seed's, on a
 /// 16-pCPU host that starts balanced by our planner.
 fn vcpu_stability() {
-    println!("## vCPU policy under changing demand (16 pCPUs, 200 cycles after settling)\n");
+    println!(
+        "## vCPU policy under changing demand (16 pCPUs, delay reported, 200 cycles after settling)\n"
+    );
     println!(
         "`changes` counts pin changes over the 200 cycles; `spread` is the mean pCPU usage spread over them.\n"
     );
@@ -565,6 +576,7 @@ fn vcpu_stability() {
                 pcpus: 16,
                 start: Start::Unpinned,
                 seed: 77,
+                delay: true,
             };
             let mut host = build(&sc);
             let mut rng = Rng(991);
@@ -615,7 +627,8 @@ fn main() {
     if std::env::args().any(|a| a == "--test") {
         return;
     }
-    vcpu_quality();
+    vcpu_quality(true);
+    vcpu_quality(false);
     vcpu_stability();
     memory_quality();
     decision_cost();
