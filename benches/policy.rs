@@ -623,8 +623,20 @@ fn vcpu_stability() {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` runs this too, briefly.
-    if std::env::args().any(|a| a == "--test") {
+    // `cargo bench` passes --bench. `cargo test --all-targets` also runs this binary, unoptimized:
+    // there it only checks that one scenario runs, so the test suite stays quick.
+    if !std::env::args().any(|a| a == "--bench") {
+        let sc = Scenario {
+            pcpus: 4,
+            start: Start::Crowded,
+            seed: 1,
+            delay: true,
+        };
+        let (first, _) = run(&sc, ours, 10, 5);
+        println!(
+            "policy bench smoke run: 4 pCPUs crowded, {} pin changes; run `cargo bench --bench policy` for the figures",
+            first.changes
+        );
         return;
     }
     vcpu_quality(true);
