@@ -107,6 +107,14 @@ impl fmt::Display for MemReport {
 }
 
 impl Report for MemReport {
+    fn changes(&self) -> usize {
+        self.applied.len()
+    }
+
+    fn skipped(&self) -> usize {
+        self.skipped
+    }
+
     fn to_json(&self) -> serde_json::Value {
         let guests: Vec<_> = self
             .guests

@@ -38,12 +38,67 @@ pub struct CommonArgs {
     /// Also print one JSON object per cycle on stdout, for log shippers (logs stay on stderr)
     #[arg(long)]
     pub json: bool,
+
+    /// Keep running when a cycle finds no active domain, waiting for domains to start, instead of
+    /// exiting (for running under systemd)
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// What a daemon cycle reports: one log line (Display) and, with `--json`, one JSON object.
 pub trait Report: std::fmt::Display {
     /// The cycle as a JSON object; [`run_cycles`] adds `cycle` and `time`.
     fn to_json(&self) -> serde_json::Value;
+
+    /// Changes made (pins or balloons; in a dry run, the changes that would have been made).
+    fn changes(&self) -> usize;
+
+    /// Changes skipped because their domain vanished or the call failed.
+    fn skipped(&self) -> usize;
+}
+
+/// How a daemon's loop runs.
+#[derive(Clone, Copy, Debug)]
+pub struct LoopOptions {
+    /// Time between cycles.
+    pub period: Duration,
+    /// Stop after this many cycles.
+    pub cycles: Option<u64>,
+    /// Print each cycle as JSON on stdout.
+    pub json: bool,
+    /// Keep running when there is no active domain.
+    pub wait: bool,
+}
+
+impl CommonArgs {
+    /// The loop options these arguments ask for, with `period`.
+    pub fn loop_options(&self, period: Duration) -> LoopOptions {
+        LoopOptions {
+            period,
+            cycles: self.cycles,
+            json: self.json,
+            wait: self.wait,
+        }
+    }
+}
+
+/// Totals over a daemon's run, logged when it ends.
+#[derive(Default)]
+struct Totals {
+    cycles: u64,
+    changes: usize,
+    skipped: usize,
+}
+
+impl Totals {
+    fn summary(&self, why: &str) {
+        log::info!(
+            "{why}: {} cycles, {} changes, {} skipped",
+            self.cycles,
+            self.changes,
+            self.skipped
+        );
+    }
 }
 
 /// Round to one decimal, for figures in JSON output.
@@ -147,39 +202,60 @@ pub fn exit_with(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// The daemons' main loop: run `cycle` at once, then every `period`, until `cycles` cycles ran, a
-/// cycle finds no active domain (`cycle` returns `Ok(None)`), or Ctrl-C/SIGTERM arrives. Each
-/// cycle's report is logged as one info line, and with `json` also printed on stdout as one JSON
-/// object with its cycle number and time (Unix seconds). An error ends the loop and is returned.
+/// The daemons' main loop: run `cycle` at once, then every period, until the cycle limit, a cycle
+/// that finds no active domain (`cycle` returns `Ok(None)`; with `wait`, it waits for domains
+/// instead), or Ctrl-C/SIGTERM. Each cycle's report is logged as one info line, and with `json`
+/// also printed on stdout as one JSON object with its cycle number and time (Unix seconds). The end
+/// is logged with the run's totals. An error ends the loop and is returned.
 pub fn run_cycles<R: Report>(
     uri: &str,
-    period: Duration,
-    cycles: Option<u64>,
-    json: bool,
+    options: LoopOptions,
     mut cycle: impl FnMut() -> anyhow::Result<Option<R>>,
 ) -> anyhow::Result<()> {
     let mut stop = StopSignal::install()?;
-    let mut done = 0u64;
+    let mut totals = Totals::default();
+    let mut idle = false;
     loop {
-        if done > 0 && stop.sleep(period) {
-            log::info!("stopping on signal after {done} cycles");
+        if totals.cycles > 0 && stop.sleep(options.period) {
+            totals.summary("stopping on signal");
             return Ok(());
         }
-        let Some(report) = cycle()? else {
-            log::info!("no active domain on {uri}: nothing to do, exiting");
-            return Ok(());
+        let report = match cycle() {
+            Ok(report) => report,
+            Err(e) => {
+                totals.summary("stopping on error");
+                return Err(e);
+            }
         };
-        done += 1;
-        log::info!("cycle {done}: {report}");
-        if json {
-            print_json(&report, done)?;
+        totals.cycles += 1;
+        match report {
+            None if options.wait => {
+                if !idle {
+                    log::info!("no active domain on {uri}: waiting for domains");
+                    idle = true;
+                }
+            }
+            None => {
+                log::info!("no active domain on {uri}: nothing to do, exiting");
+                totals.summary("done");
+                return Ok(());
+            }
+            Some(report) => {
+                idle = false;
+                totals.changes += report.changes();
+                totals.skipped += report.skipped();
+                log::info!("cycle {}: {report}", totals.cycles);
+                if options.json {
+                    print_json(&report, totals.cycles)?;
+                }
+            }
         }
-        if cycles.is_some_and(|n| done >= n) {
-            log::info!("done after {done} cycles");
+        if options.cycles.is_some_and(|n| totals.cycles >= n) {
+            totals.summary("done");
             return Ok(());
         }
         if stop.requested() {
-            log::info!("stopping on signal after {done} cycles");
+            totals.summary("stopping on signal");
             return Ok(());
         }
     }

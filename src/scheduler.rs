@@ -116,6 +116,14 @@ impl fmt::Display for CycleReport {
 }
 
 impl Report for CycleReport {
+    fn changes(&self) -> usize {
+        self.applied.len()
+    }
+
+    fn skipped(&self) -> usize {
+        self.skipped
+    }
+
     fn to_json(&self) -> serde_json::Value {
         let pcpus: Vec<_> = self
             .usage

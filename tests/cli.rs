@@ -133,7 +133,10 @@ fn dry_run_logs_the_plan() {
         err.contains("cycle 2:") && err.contains("would move 6:"),
         "{err}"
     );
-    assert!(err.contains("done after 2 cycles"), "{err}");
+    assert!(
+        err.contains("done: 2 cycles, 6 changes, 0 skipped"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -308,7 +311,10 @@ fn coordinator_dry_run_on_the_test_driver() {
         1,
         "{err}"
     );
-    assert!(err.contains("done after 7 cycles"), "{err}");
+    assert!(
+        err.contains("done: 7 cycles, 0 changes, 0 skipped"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -391,5 +397,20 @@ fn coordinator_json_has_one_object_per_cycle_with_the_documented_fields() {
             assert!(g["domain"].is_string() && g["actual_mib"].is_f64() && g["state"].is_string());
         }
         assert_eq!(c["changes"].as_array().unwrap().len(), 0);
+    }
+}
+
+#[test]
+fn wait_keeps_running_without_domains() {
+    let uri = common::test_uri("empty-node.xml");
+    for bin in [SCHEDULER, COORDINATOR] {
+        let o = run(bin, &["--wait", "--connect", &uri, "--cycles", "3", "0.1"]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        assert_eq!(err.matches("waiting for domains").count(), 1, "{err}");
+        assert!(
+            err.contains("done: 3 cycles, 0 changes, 0 skipped"),
+            "{err}"
+        );
     }
 }

@@ -127,13 +127,8 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
             ""
         }
     );
-    run_cycles(
-        &uri,
-        args.period,
-        args.common.cycles,
-        args.common.json,
-        || coordinator.cycle(&mut host),
-    )
+    let options = args.common.loop_options(args.period);
+    run_cycles(&uri, options, || coordinator.cycle(&mut host))
 }
 
 fn main() -> ExitCode {

@@ -53,13 +53,8 @@ fn run(args: Args) -> Result<()> {
             ""
         }
     );
-    run_cycles(
-        &uri,
-        args.period,
-        args.common.cycles,
-        args.common.json,
-        || scheduler.cycle(&mut host),
-    )
+    let options = args.common.loop_options(args.period);
+    run_cycles(&uri, options, || scheduler.cycle(&mut host))
 }
 
 fn main() -> ExitCode {
