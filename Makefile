@@ -3,13 +3,20 @@
 
 CARGO ?= cargo
 BIN_DIR := bin
+# Where `make install` puts things (DESTDIR is prepended to all of them).
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man/man1
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSCONFDIR ?= /etc
+UNITS := vcpu-scheduler memory-coordinator
 # Where `make e2e` builds its lab of real guests (outside the source tree; removed afterwards).
 LAB_DIR ?= /tmp/vmbalance-lab
 BINARIES := vcpu_scheduler memory_coordinator
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: all build test test-unit e2e demo lint clean deps test-deps
+.PHONY: all build test test-unit e2e demo lint clean deps test-deps install uninstall
 
 all: build
 
@@ -42,6 +49,22 @@ demo: build
 lint: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## Install the binaries, their man pages (generated from --help's definitions), the systemd units
+## and their settings in $(SYSCONFDIR)/default (kept if already there). Honours PREFIX and DESTDIR.
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default
+	install -m 755 $(addprefix $(BIN_DIR)/,$(BINARIES)) $(DESTDIR)$(BINDIR)/
+	for b in $(BINARIES); do $(BIN_DIR)/$$b --man > $(DESTDIR)$(MANDIR)/$$b.1; done
+	for u in $(UNITS); do \
+		sed 's|@BINDIR@|$(BINDIR)|g; s|@SYSCONFDIR@|$(SYSCONFDIR)|g' dist/$$u.service > $(DESTDIR)$(UNITDIR)/$$u.service; \
+		[ -e $(DESTDIR)$(SYSCONFDIR)/default/$$u ] || install -m 644 dist/$$u.default $(DESTDIR)$(SYSCONFDIR)/default/$$u; \
+	done
+
+## Remove what `make install` installed (same PREFIX and DESTDIR).
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(BINARIES)) $(foreach b,$(BINARIES),$(DESTDIR)$(MANDIR)/$(b).1)
+	rm -f $(foreach u,$(UNITS),$(DESTDIR)$(UNITDIR)/$(u).service $(DESTDIR)$(SYSCONFDIR)/default/$(u))
 
 clean:
 	$(CARGO) clean

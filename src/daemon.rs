@@ -168,6 +168,7 @@ pub fn parse_non_negative(text: &str) -> Result<f64, String> {
 /// Parse the command line; on bad input print one line to stderr and exit with status 2.
 /// `--help` and `--version` print as usual and exit 0.
 pub fn parse_args<T: Parser>() -> T {
+    print_man_page_if_asked::<T>();
     match T::try_parse() {
         Ok(args) => args,
         Err(e) => {
@@ -188,6 +189,24 @@ pub fn parse_args<T: Parser>() -> T {
             std::process::exit(2);
         }
     }
+}
+
+/// With `--man` as the only argument, print the man page generated from the command-line
+/// definition and exit: `make install` installs it, so it never drifts from `--help`.
+fn print_man_page_if_asked<T: clap::CommandFactory>() {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some("--man") || args.next().is_some() {
+        return;
+    }
+    let man = clap_mangen::Man::new(T::command());
+    let code = match man.render(&mut std::io::stdout().lock()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: writing the man page: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
 }
 
 /// Run a daemon's body: an error becomes one line on stderr and exit status 1.

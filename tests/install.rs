@@ -1,0 +1,119 @@
+//! `make install` / `make uninstall`: what lands where, the units systemd accepts, man pages that
+//! come from the same definitions as `--help`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `make` runs one at a time: two installs would copy and run the same binaries at once.
+static MAKE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn make(args: &[&str]) {
+    let _one_at_a_time = MAKE.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new("make")
+        .arg("-s")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("make runs");
+    assert!(
+        out.status.success(),
+        "make {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmb-install-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+const FILES: [&str; 8] = [
+    "usr/bin/vcpu_scheduler",
+    "usr/bin/memory_coordinator",
+    "usr/share/man/man1/vcpu_scheduler.1",
+    "usr/share/man/man1/memory_coordinator.1",
+    "usr/lib/systemd/system/vcpu-scheduler.service",
+    "usr/lib/systemd/system/memory-coordinator.service",
+    "etc/default/vcpu-scheduler",
+    "etc/default/memory-coordinator",
+];
+
+#[test]
+fn install_into_destdir_then_uninstall() {
+    let root = scratch("destdir");
+    let destdir = format!("DESTDIR={}", root.display());
+    make(&["install", &destdir, "PREFIX=/usr"]);
+    for f in FILES {
+        assert!(root.join(f).is_file(), "{f} not installed");
+    }
+    let unit = read(&root.join("usr/lib/systemd/system/vcpu-scheduler.service"));
+    assert!(
+        unit.contains("ExecStart=/usr/bin/vcpu_scheduler --wait $VCPU_SCHEDULER_OPTS $PERIOD"),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("EnvironmentFile=-/etc/default/vcpu-scheduler"),
+        "{unit}"
+    );
+    let settings = read(&root.join("etc/default/memory-coordinator"));
+    assert!(settings.contains("PERIOD=3") && settings.contains("MEMORY_COORDINATOR_OPTS="));
+    // The man pages are generated from the same definitions as --help: every option is there.
+    let man = read(&root.join("usr/share/man/man1/memory_coordinator.1"));
+    assert!(man.contains(".TH memory_coordinator 1"));
+    for option in [
+        "starve\\-pct",
+        "host\\-reserve\\-pct",
+        "runway\\-periods",
+        "\\-\\-wait",
+        "\\-\\-json",
+    ] {
+        assert!(man.contains(option), "man page lacks {option}");
+    }
+    // Settings an operator edited survive a reinstall.
+    std::fs::write(root.join("etc/default/vcpu-scheduler"), "PERIOD=7\n").unwrap();
+    make(&["install", &destdir, "PREFIX=/usr"]);
+    assert_eq!(read(&root.join("etc/default/vcpu-scheduler")), "PERIOD=7\n");
+
+    make(&["uninstall", &destdir, "PREFIX=/usr"]);
+    for f in FILES {
+        assert!(!root.join(f).exists(), "{f} left behind");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn systemd_accepts_the_units() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze is not installed: units not verified");
+        return;
+    }
+    // Installed for real under a scratch prefix, so ExecStart names an existing binary.
+    let root = scratch("units");
+    let prefix = format!("PREFIX={}/usr", root.display());
+    let sysconf = format!("SYSCONFDIR={}/etc", root.display());
+    make(&["install", &prefix, &sysconf]);
+    let units = root.join("usr/lib/systemd/system");
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(units.join("vcpu-scheduler.service"))
+        .arg(units.join("memory-coordinator.service"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
