@@ -10,6 +10,8 @@
 #                                    "idle"); waits until the guest's console says it started it
 #   lab.sh log DIR NAME              the guest's console log
 #   lab.sh remove DIR NAME           destroy and undefine one of the lab's guests
+#   lab.sh restart-libvirtd DIR [S]  stop the libvirtd the lab started, wait S seconds (3), start it
+#                                    again (guests keep running)
 #   lab.sh teardown DIR              destroy and undefine the lab's guests, stop the daemons the lab
 #                                    started, remove DIR
 #
@@ -190,6 +192,18 @@ cmd_remove() {
     mv "$dir/domains.new" "$dir/domains"
 }
 
+cmd_restart_libvirtd() {
+    local dir; dir=$(realpath "${1:?}")
+    grep -qx libvirtd "$dir/started" 2>/dev/null || die "this lab did not start libvirtd; it will not restart it"
+    local pid; pid=$(cat "$dir/libvirtd.pid")
+    kill "$pid"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    sleep "${2:-3}"
+    libvirtd -d -p "$dir/libvirtd.pid"
+    for _ in $(seq 100); do virsh -c "$URI" version >/dev/null 2>&1 && return; sleep 0.2; done
+    die "libvirtd did not come back"
+}
+
 cmd_log() {
     local dir; dir=$(realpath "${1:?}")
     cat "$dir/log/vmblab-${2:?}.log"
@@ -215,5 +229,6 @@ cmd_teardown() {
 
 case "${1:-}" in
     setup|define|send|log|remove|teardown) c=$1; shift; "cmd_$c" "$@" ;;
+    restart-libvirtd) shift; cmd_restart_libvirtd "$@" ;;
     *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -221,45 +221,71 @@ pub fn exit_with(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// What one turn of a daemon's loop produced.
+pub enum Turn<R> {
+    /// A cycle ran.
+    Report(R),
+    /// The host has no active domain.
+    NoDomain,
+    /// The connection to the hypervisor is down (the message says why); try again later.
+    Disconnected(String),
+}
+
+/// Longest wait between two reconnection attempts.
+pub const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(60);
+
 /// The daemons' main loop: run `cycle` at once, then every period, until the cycle limit, a cycle
-/// that finds no active domain (`cycle` returns `Ok(None)`; with `wait`, it waits for domains
-/// instead), or Ctrl-C/SIGTERM. Each cycle's report is logged as one info line, and with `json`
-/// also printed on stdout as one JSON object with its cycle number and time (Unix seconds). The end
-/// is logged with the run's totals. An error ends the loop and is returned.
+/// that finds no active domain (with `wait`, it waits for domains instead), or Ctrl-C/SIGTERM.
+/// Each cycle's report is logged as one info line, and with `json` also printed on stdout as one
+/// JSON object with its cycle number and time (Unix seconds). While the connection is down it
+/// retries with a doubling delay (at most [`MAX_RECONNECT_DELAY`]), saying so once. The end is
+/// logged with the run's totals. Any other error ends the loop and is returned.
 pub fn run_cycles<R: Report>(
     uri: &str,
     options: LoopOptions,
-    mut cycle: impl FnMut() -> anyhow::Result<Option<R>>,
+    mut cycle: impl FnMut() -> anyhow::Result<Turn<R>>,
 ) -> anyhow::Result<()> {
     let mut stop = StopSignal::install()?;
     let mut totals = Totals::default();
     let mut idle = false;
+    let mut delay = Duration::ZERO;
     loop {
-        if totals.cycles > 0 && stop.sleep(options.period) {
+        if (totals.cycles > 0 || !delay.is_zero()) && stop.sleep(options.period.max(delay)) {
             totals.summary("stopping on signal");
             return Ok(());
         }
-        let report = match cycle() {
-            Ok(report) => report,
+        let turn = match cycle() {
+            Ok(turn) => turn,
             Err(e) => {
                 totals.summary("stopping on error");
                 return Err(e);
             }
         };
+        if let Turn::Disconnected(why) = turn {
+            if delay.is_zero() {
+                log::warn!("lost the connection to {uri} ({why}); reconnecting");
+            }
+            delay = (delay * 2).clamp(options.period, MAX_RECONNECT_DELAY);
+            continue;
+        }
+        if !delay.is_zero() {
+            log::info!("reconnected to {uri}");
+            delay = Duration::ZERO;
+        }
         totals.cycles += 1;
-        match report {
-            None if options.wait => {
+        match turn {
+            Turn::NoDomain if options.wait => {
                 if !idle {
                     log::info!("no active domain on {uri}: waiting for domains");
                     idle = true;
                 }
             }
-            None => {
+            Turn::NoDomain => {
                 log::info!("no active domain on {uri}: nothing to do, exiting");
                 totals.summary("done");
                 return Ok(());
             }
-            Some(report) => {
+            Turn::Report(report) => {
                 idle = false;
                 totals.changes += report.changes();
                 totals.skipped += report.skipped();
@@ -268,6 +294,7 @@ pub fn run_cycles<R: Report>(
                     print_json(&report, totals.cycles)?;
                 }
             }
+            Turn::Disconnected(_) => unreachable!("handled above"),
         }
         if options.cycles.is_some_and(|n| totals.cycles >= n) {
             totals.summary("done");
@@ -277,6 +304,25 @@ pub fn run_cycles<R: Report>(
             totals.summary("stopping on signal");
             return Ok(());
         }
+    }
+}
+
+/// One turn of a daemon against libvirt: run `cycle`; when it fails because the connection is
+/// down, try to reconnect and report the turn as [`Turn::Disconnected`] instead of failing.
+pub fn libvirt_turn<R>(
+    host: &mut crate::libvirt::LibvirtHost,
+    cycle: impl FnOnce(&mut crate::libvirt::LibvirtHost) -> anyhow::Result<Option<R>>,
+) -> anyhow::Result<Turn<R>> {
+    match cycle(host) {
+        Ok(Some(report)) => Ok(Turn::Report(report)),
+        Ok(None) => Ok(Turn::NoDomain),
+        Err(e) if !host.is_connected() => {
+            // Whether this attempt works or not, the next turn tells: it runs a cycle on the new
+            // connection, or finds it down again and retries after a longer delay.
+            let _ = host.reconnect();
+            Ok(Turn::Disconnected(format!("{e:#}")))
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -216,6 +216,46 @@ fn scheduler_sees_contention_that_usage_hides_and_fixes_it_in_one_move() {
     assert_eq!(per_pcpu, [2, 2]);
 }
 
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn daemons_reconnect_when_libvirtd_restarts() {
+    let _lab = Lab::guests(&[busy("phoenix", "0")]);
+    let mut sched = Daemon::start(SCHEDULER, &["1"]);
+    let mut coord = Daemon::start(COORDINATOR, &["1"]);
+    sched.wait_cycles(3, Duration::from_secs(30));
+    coord.wait_cycles(3, Duration::from_secs(30));
+    let lab_sh = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/lab.sh");
+    let restarted = std::process::Command::new(lab_sh)
+        .args([
+            "restart-libvirtd",
+            common::lab::lab_dir().to_str().unwrap(),
+            "3",
+        ])
+        .status()
+        .unwrap();
+    assert!(restarted.success());
+    for d in [&mut sched, &mut coord] {
+        let start = Instant::now();
+        while !d.log().contains("reconnected to qemu:///system") {
+            assert!(d.running(), "daemon exited:\n{}", d.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no reconnection:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let seen = d.cycles();
+        d.wait_cycles(seen + 2, Duration::from_secs(30));
+    }
+    for d in [sched, coord] {
+        let (code, log) = d.stop();
+        eprintln!("{log}");
+        assert_eq!(code, Some(0), "{log}");
+        assert_eq!(log.matches("lost the connection").count(), 1, "{log}");
+    }
+}
+
 /// Poll every `every` for `total`: (seconds, balloon size per guest in MiB, the first guest's
 /// usable memory in MiB).
 fn watch(names: &[&str], every: Duration, total: Duration) -> Vec<(f64, Vec<u64>, u64)> {

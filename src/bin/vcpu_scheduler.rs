@@ -8,7 +8,7 @@ use clap::Parser;
 use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{
-    CommonArgs, exit_with, parse_args, parse_non_negative, parse_period, run_cycles,
+    CommonArgs, exit_with, libvirt_turn, parse_args, parse_non_negative, parse_period, run_cycles,
 };
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::scheduler::Scheduler;
@@ -54,7 +54,9 @@ fn run(args: Args) -> Result<()> {
         }
     );
     let options = args.common.loop_options(args.period);
-    run_cycles(&uri, options, || scheduler.cycle(&mut host))
+    run_cycles(&uri, options, || {
+        libvirt_turn(&mut host, |host| scheduler.cycle(host))
+    })
 }
 
 fn main() -> ExitCode {

@@ -30,6 +30,17 @@ struct KnownPins {
 /// The URI used when neither `--connect` nor `LIBVIRT_DEFAULT_URI` names one.
 pub const DEFAULT_URI: &str = "qemu:///system";
 
+/// Open a read-write connection, with an error that names the URI and the likely cause.
+fn open(uri: &str) -> anyhow::Result<Connect> {
+    Connect::open(Some(uri)).map_err(|e| {
+        anyhow!(
+            "cannot connect to libvirt at '{uri}': {} ({})",
+            e.message(),
+            connect_hint(e.message())
+        )
+    })
+}
+
 /// A libvirt error as a plain message, without the code and domain numbers meant for developers.
 fn plain(e: virt::error::Error) -> anyhow::Error {
     anyhow!("{}", e.message())
@@ -90,13 +101,7 @@ impl LibvirtHost {
                 "cannot connect to libvirt at '{uri}': no node file at {path} (give the absolute path of a test-driver node XML)"
             );
         }
-        let conn = Connect::open(Some(uri)).map_err(|e| {
-            anyhow!(
-                "cannot connect to libvirt at '{uri}': {} ({})",
-                e.message(),
-                connect_hint(e.message())
-            )
-        })?;
+        let conn = open(uri)?;
         Ok(Self {
             conn,
             uri: uri.to_string(),
@@ -107,6 +112,22 @@ impl LibvirtHost {
             pins: HashMap::new(),
             no_bulk_stats: false,
         })
+    }
+
+    /// Is the connection to the libvirt daemon still up?
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
+    }
+
+    /// Open the connection again (the daemon restarted or dropped it). What was learnt through the
+    /// old connection (domain handles, pins, driver abilities) is forgotten.
+    pub fn reconnect(&mut self) -> anyhow::Result<()> {
+        self.conn = open(&self.uri)?;
+        self.domains.clear();
+        self.pins.clear();
+        self.present_cpus = None;
+        self.no_bulk_stats = false;
+        Ok(())
     }
 
     /// The URI this host was opened with.
