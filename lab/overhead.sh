@@ -24,7 +24,7 @@ measure() {
     t=$( { time "$root/bin/$name" --connect qemu:///system -v --cycles "$cycles" 1 2>"$log" >/dev/null; } 2>&1 )
     local user sys calls
     read -r user sys <<<"$t"
-    calls=$(grep -o 'cycle [0-9]*: [0-9]* libvirt calls' "$log" | tail -n +2 | awk '{s+=$3; n++} END {if (n) printf "%.1f", s/n}')
+    calls=$(grep -o '[0-9]* libvirt calls this cycle' "$log" | tail -n +2 | awk '{s+=$1; n++} END {if (n) printf "%.1f", s/n}')
     awk -v n="$name" -v u="$user" -v s="$sys" -v c="$cycles" -v k="$calls" 'BEGIN {
         cpu = (u + s) / c;
         printf "| %s | %d | %.2f ms | %.3f %% | %s |\n", n, c, cpu * 1000, cpu * 100, k }'

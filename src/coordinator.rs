@@ -115,6 +115,10 @@ impl Report for MemReport {
         self.skipped
     }
 
+    fn set_api_calls(&mut self, calls: u64) {
+        self.api_calls = calls;
+    }
+
     fn to_json(&self) -> serde_json::Value {
         let guests: Vec<_> = self
             .guests
@@ -194,17 +198,6 @@ impl Coordinator {
 
     /// Run one cycle. `Ok(None)` when the host has no active domain.
     pub fn cycle(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<MemReport>> {
-        let before = host.api_calls();
-        let mut report = self.observe_and_act(host)?;
-        let calls = host.api_calls() - before;
-        log::debug!("cycle {}: {calls} libvirt calls", self.cycles);
-        if let Some(r) = report.as_mut() {
-            r.api_calls = calls;
-        }
-        Ok(report)
-    }
-
-    fn observe_and_act(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<MemReport>> {
         self.cycles += 1;
         let samples = host.sample_balloons()?;
         if samples.is_empty() {

@@ -55,6 +55,9 @@ pub trait Report: std::fmt::Display {
 
     /// Changes skipped because their domain vanished or the call failed.
     fn skipped(&self) -> usize;
+
+    /// Record how many hypervisor API calls the cycle made.
+    fn set_api_calls(&mut self, calls: u64);
 }
 
 /// How a daemon's loop runs.
@@ -307,14 +310,22 @@ pub fn run_cycles<R: Report>(
     }
 }
 
-/// One turn of a daemon against libvirt: run `cycle`; when it fails because the connection is
-/// down, try to reconnect and report the turn as [`Turn::Disconnected`] instead of failing.
-pub fn libvirt_turn<R>(
+/// One turn of a daemon against libvirt: run `cycle` and count its libvirt calls (logged at debug
+/// level, kept in the report); when it fails because the connection is down, try to reconnect and
+/// report the turn as [`Turn::Disconnected`] instead of failing.
+pub fn libvirt_turn<R: Report>(
     host: &mut crate::libvirt::LibvirtHost,
     cycle: impl FnOnce(&mut crate::libvirt::LibvirtHost) -> anyhow::Result<Option<R>>,
 ) -> anyhow::Result<Turn<R>> {
+    use crate::host::Host;
+    let before = host.api_calls();
     match cycle(host) {
-        Ok(Some(report)) => Ok(Turn::Report(report)),
+        Ok(Some(mut report)) => {
+            let calls = host.api_calls() - before;
+            log::debug!("{calls} libvirt calls this cycle");
+            report.set_api_calls(calls);
+            Ok(Turn::Report(report))
+        }
         Ok(None) => Ok(Turn::NoDomain),
         Err(e) if !host.is_connected() => {
             // Whether this attempt works or not, the next turn tells: it runs a cycle on the new

@@ -124,6 +124,10 @@ impl Report for CycleReport {
         self.skipped
     }
 
+    fn set_api_calls(&mut self, calls: u64) {
+        self.api_calls = calls;
+    }
+
     fn to_json(&self) -> serde_json::Value {
         let pcpus: Vec<_> = self
             .usage
@@ -221,17 +225,6 @@ impl Scheduler {
 
     /// Run one cycle. `Ok(None)` when the host has no active domain.
     pub fn cycle(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<CycleReport>> {
-        let before = host.api_calls();
-        let mut report = self.observe_and_act(host)?;
-        let calls = host.api_calls() - before;
-        log::debug!("cycle {}: {calls} libvirt calls", self.cycles);
-        if let Some(r) = report.as_mut() {
-            r.api_calls = calls;
-        }
-        Ok(report)
-    }
-
-    fn observe_and_act(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<CycleReport>> {
         self.cycles += 1;
         let node = host.node_cpus()?;
         let samples = host.sample_vcpus()?;
