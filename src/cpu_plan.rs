@@ -89,7 +89,7 @@ impl Basis {
     fn load(self, v: &VcpuLoad) -> Option<f64> {
         match self {
             Basis::Usage => v.usage,
-            Basis::Demand => v.demand.or(v.usage),
+            Basis::Demand => v.demand_or_usage(),
         }
     }
 }

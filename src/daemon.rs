@@ -264,31 +264,35 @@ pub fn run_cycles<R: Report>(
                 return Err(e);
             }
         };
-        if let Turn::Disconnected(why) = turn {
-            if delay.is_zero() {
-                log::warn!("lost the connection to {uri} ({why}); reconnecting");
+        let found = match turn {
+            Turn::Disconnected(why) => {
+                if delay.is_zero() {
+                    log::warn!("lost the connection to {uri} ({why}); reconnecting");
+                }
+                delay = (delay * 2).clamp(options.period, MAX_RECONNECT_DELAY);
+                continue;
             }
-            delay = (delay * 2).clamp(options.period, MAX_RECONNECT_DELAY);
-            continue;
-        }
+            Turn::NoDomain => None,
+            Turn::Report(report) => Some(report),
+        };
         if !delay.is_zero() {
             log::info!("reconnected to {uri}");
             delay = Duration::ZERO;
         }
         totals.cycles += 1;
-        match turn {
-            Turn::NoDomain if options.wait => {
+        match found {
+            None if options.wait => {
                 if !idle {
                     log::info!("no active domain on {uri}: waiting for domains");
                     idle = true;
                 }
             }
-            Turn::NoDomain => {
+            None => {
                 log::info!("no active domain on {uri}: nothing to do, exiting");
                 totals.summary("done");
                 return Ok(());
             }
-            Turn::Report(report) => {
+            Some(report) => {
                 idle = false;
                 totals.changes += report.changes();
                 totals.skipped += report.skipped();
@@ -297,7 +301,6 @@ pub fn run_cycles<R: Report>(
                     print_json(&report, totals.cycles)?;
                 }
             }
-            Turn::Disconnected(_) => unreachable!("handled above"),
         }
         if options.cycles.is_some_and(|n| totals.cycles >= n) {
             totals.summary("done");

@@ -117,6 +117,11 @@ impl VcpuLoad {
     pub fn charged_pcpu(&self) -> Option<u32> {
         self.pinned.or(self.last_pcpu)
     }
+
+    /// Its demand where known, else its usage.
+    pub fn demand_or_usage(&self) -> Option<f64> {
+        self.demand.or(self.usage)
+    }
 }
 
 /// Everything the vCPU planner needs about the host at one instant.
@@ -131,13 +136,21 @@ pub struct CpuSnapshot {
 /// Usage of every online pCPU: the sum of the usages of the vCPUs charged to it (pinned to exactly
 /// that pCPU, or spanning several and last run there). vCPUs without a usage yet count as 0.
 pub fn pcpu_usage(snapshot: &CpuSnapshot) -> BTreeMap<u32, f64> {
-    let mut usage: BTreeMap<u32, f64> = snapshot.pcpus.iter().map(|&p| (p, 0.0)).collect();
+    charged_sums(snapshot, |v| v.usage)
+}
+
+/// Per online pCPU, the sum of `figure` over the vCPUs charged to it (unknown figures count 0).
+fn charged_sums(
+    snapshot: &CpuSnapshot,
+    figure: impl Fn(&VcpuLoad) -> Option<f64>,
+) -> BTreeMap<u32, f64> {
+    let mut sums: BTreeMap<u32, f64> = snapshot.pcpus.iter().map(|&p| (p, 0.0)).collect();
     for v in &snapshot.vcpus {
-        if let Some(slot) = v.charged_pcpu().and_then(|p| usage.get_mut(&p)) {
-            *slot += v.usage.unwrap_or(0.0);
+        if let Some(slot) = v.charged_pcpu().and_then(|p| sums.get_mut(&p)) {
+            *slot += figure(v).unwrap_or(0.0);
         }
     }
-    usage
+    sums
 }
 
 /// Demand of every online pCPU: the sum of the demands of the vCPUs charged to it (a vCPU without
@@ -147,13 +160,7 @@ pub fn pcpu_demand(snapshot: &CpuSnapshot) -> Option<BTreeMap<u32, f64>> {
     if snapshot.vcpus.iter().all(|v| v.demand.is_none()) {
         return None;
     }
-    let mut demand: BTreeMap<u32, f64> = snapshot.pcpus.iter().map(|&p| (p, 0.0)).collect();
-    for v in &snapshot.vcpus {
-        if let Some(slot) = v.charged_pcpu().and_then(|p| demand.get_mut(&p)) {
-            *slot += v.demand.or(v.usage).unwrap_or(0.0);
-        }
-    }
-    Some(demand)
+    Some(charged_sums(snapshot, VcpuLoad::demand_or_usage))
 }
 
 /// Turns successive vCPU CPU-time readings into a [`CpuSnapshot`].
