@@ -26,6 +26,9 @@
 //! 6. Loads are usages, unless the hypervisor reports run-queue delay and some pCPU's demand (used
 //!    plus waited for) exceeds 100 % by more than `threshold`: then the plan balances demand
 //!    (see [`Basis`]), with the same rules.
+//! 7. With a change budget ([`CpuPolicy::max_changes`]) the plan is cut short: the heaviest
+//!    unpinned vCPUs are pinned first, then steps are taken in the order above until the next one
+//!    would exceed the budget. The rest waits for a later decision.
 //!
 //! The plan is the difference between the final placement and the current pins, so a vCPU
 //! moved and moved back costs nothing, and one moved twice costs one change.
@@ -39,11 +42,16 @@ use crate::sampling::{CpuSnapshot, VcpuKey, VcpuLoad, pcpu_demand};
 pub struct CpuPolicy {
     /// Largest allowed gap, in percentage points, between the busiest and the freest pCPU.
     pub threshold: f64,
+    /// Most pin changes one plan may make (`None`: as many as balance needs).
+    pub max_changes: Option<usize>,
 }
 
 impl Default for CpuPolicy {
     fn default() -> Self {
-        Self { threshold: 10.0 }
+        Self {
+            threshold: 10.0,
+            max_changes: None,
+        }
     }
 }
 
@@ -113,13 +121,19 @@ pub struct CpuPlan {
 struct Placement {
     /// Per vCPU: its pCPU index now (None = not placed on a single online pCPU).
     at: Vec<Option<usize>>,
+    /// Per vCPU: its pCPU index in the current pins (None = not pinned to one online pCPU).
+    original: Vec<Option<usize>>,
     /// Per vCPU: usage, 0 when unknown.
     usage: Vec<f64>,
     /// Per vCPU: may the planner move it?
     movable: Vec<bool>,
+    /// Movable vCPUs placed elsewhere than their current pin: the plan's pin changes so far.
+    changes: usize,
     /// Per pCPU: summed usage.
     load: Vec<f64>,
-    /// Per pCPU: the vCPUs on it, ordered by usage then index (see [`key`]).
+    /// Per pCPU: the number of vCPUs on it, movable or not.
+    count: Vec<usize>,
+    /// Per pCPU: the movable vCPUs on it, ordered by usage then index (see [`key`]).
     members: Vec<BTreeSet<(u64, usize)>>,
     /// Every pCPU ordered by (load, number of vCPUs, index), for the freest and busiest at once.
     by_load: BTreeSet<(u64, usize, usize)>,
@@ -134,25 +148,42 @@ fn key(usage: f64, v: usize) -> (u64, usize) {
 }
 
 impl Placement {
-    /// vCPUs with `usage` placed on `pcpus` pCPUs as `at` says, built in bulk.
-    fn new(usage: Vec<f64>, movable: Vec<bool>, pcpus: usize, at: Vec<Option<usize>>) -> Self {
+    /// vCPUs with `usage` placed on `pcpus` pCPUs as `at` says, built in bulk; `original` is
+    /// where their pins put them now.
+    fn new(
+        usage: Vec<f64>,
+        movable: Vec<bool>,
+        pcpus: usize,
+        at: Vec<Option<usize>>,
+        original: Vec<Option<usize>>,
+    ) -> Self {
         let mut load = vec![0.0; pcpus];
+        let mut count = vec![0; pcpus];
         let mut lists = vec![Vec::new(); pcpus];
         for (v, p) in at.iter().enumerate() {
             if let Some(p) = *p {
                 load[p] += usage[v];
-                lists[p].push(key(usage[v], v));
+                count[p] += 1;
+                if movable[v] {
+                    lists[p].push(key(usage[v], v));
+                }
             }
         }
         let members: Vec<BTreeSet<_>> = lists.into_iter().map(BTreeSet::from_iter).collect();
         let load_key: Vec<_> = (0..pcpus)
-            .map(|p| (load[p].max(0.0f64).to_bits(), members[p].len(), p))
+            .map(|p| (load[p].max(0.0f64).to_bits(), count[p], p))
             .collect();
+        let changes = (0..at.len())
+            .filter(|&v| movable[v] && at[v] != original[v])
+            .count();
         Self {
             at,
+            original,
             usage,
             movable,
+            changes,
             load,
+            count,
             members,
             by_load: load_key.iter().copied().collect(),
             load_key,
@@ -163,20 +194,34 @@ impl Placement {
     fn refile(&mut self, p: usize) {
         self.by_load.remove(&self.load_key[p]);
         // Loads are sums of non-negative usages; clamp rounding residue so the bits stay ordered.
-        self.load_key[p] = (self.load[p].max(0.0).to_bits(), self.members[p].len(), p);
+        self.load_key[p] = (self.load[p].max(0.0).to_bits(), self.count[p], p);
         self.by_load.insert(self.load_key[p]);
     }
 
+    /// Record that vCPU `v` now sits on `to`, keeping the change count.
+    fn set_at(&mut self, v: usize, to: Option<usize>) {
+        if self.movable[v] {
+            let differs = |at: Option<usize>| usize::from(at != self.original[v]);
+            self.changes = self.changes - differs(self.at[v]) + differs(to);
+        }
+        self.at[v] = to;
+    }
+
     fn put(&mut self, v: usize, p: usize) {
-        self.at[v] = Some(p);
+        self.set_at(v, Some(p));
         self.load[p] += self.usage[v];
-        self.members[p].insert(key(self.usage[v], v));
+        self.count[p] += 1;
+        if self.movable[v] {
+            self.members[p].insert(key(self.usage[v], v));
+        }
         self.refile(p);
     }
 
     fn take(&mut self, v: usize) {
-        if let Some(p) = self.at[v].take() {
+        if let Some(p) = self.at[v] {
+            self.set_at(v, None);
             self.load[p] -= self.usage[v];
+            self.count[p] -= 1;
             self.members[p].remove(&key(self.usage[v], v));
             self.refile(p);
         }
@@ -285,11 +330,7 @@ fn next_step(s: &Placement, threshold: f64) -> Option<Step> {
     // usage closest to usage[w] + gap / 2. The choice depends only on the placement, never on the
     // current pins, so re-planning from a plan's result retraces the same path (stability).
     let mut best: Option<(f64, usize, usize)> = None;
-    for w in s.members[dst]
-        .iter()
-        .map(|&(_, w)| w)
-        .filter(|&w| s.movable[w])
-    {
+    for w in s.members[dst].iter().map(|&(_, w)| w) {
         let uw = s.usage[w];
         // A swap of two vCPUs that differ by less than the threshold only bets on noise (seen on
         // real guests: two CPU-bound vCPUs measured 100 and 93 % demand were swapped).
@@ -324,8 +365,9 @@ fn relocate(s: &mut Placement, step: &Step, forward: bool) {
     }
 }
 
-/// Take steps until balanced or no step pays, then keep only the steps worth their pin changes.
-fn even_out(s: &mut Placement, threshold: f64, max_steps: usize) {
+/// Take steps until balanced, no step pays or the next one would make more than `max_changes`
+/// pin changes, then keep only the steps worth their pin changes.
+fn even_out(s: &mut Placement, threshold: f64, max_steps: usize, max_changes: usize) {
     let start = s.balance().fixable_spread;
     let mut steps = Vec::new();
     let mut after = Vec::new();
@@ -334,6 +376,10 @@ fn even_out(s: &mut Placement, threshold: f64, max_steps: usize) {
             break;
         };
         relocate(s, &step, true);
+        if s.changes > max_changes {
+            relocate(s, &step, false);
+            break;
+        }
         steps.push(step);
         after.push(s.balance().fixable_spread);
     }
@@ -380,12 +426,12 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         Basis::Usage
     };
     // Non-negative (and not -0.0), which the member ordering relies on.
-    let usage = snapshot
+    let usage: Vec<f64> = snapshot
         .vcpus
         .iter()
         .map(|v| basis.load(v).filter(|u| *u > 0.0).unwrap_or(0.0))
         .collect();
-    let movable = snapshot.vcpus.iter().map(|v| v.usage.is_some()).collect();
+    let mut movable: Vec<bool> = snapshot.vcpus.iter().map(|v| v.usage.is_some()).collect();
     // Where each vCPU sits now: its single pin. Unpinned vCPUs are charged to their last pCPU for
     // the "before" picture, then taken off to be placed.
     let original: Vec<Option<usize>> = snapshot
@@ -398,24 +444,31 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         .iter()
         .map(|v| v.charged_pcpu().and_then(index_of))
         .collect();
-    let mut s = Placement::new(usage, movable, pcpus.len(), charged);
+    // Rule 1 places the unpinned heaviest first; under a change budget (rule 7) the ones it cannot
+    // afford stay where they run, unmoved, for a later decision.
+    let max_changes = policy.max_changes.unwrap_or(usize::MAX);
+    let mut unplaced: Vec<usize> = (0..n)
+        .filter(|&v| original[v].is_none() && movable[v])
+        .collect();
+    unplaced.sort_by(|&a, &b| usage[b].total_cmp(&usage[a]).then(a.cmp(&b)));
+    for &v in unplaced.iter().skip(max_changes) {
+        movable[v] = false;
+    }
+    unplaced.truncate(max_changes);
+    let mut s = Placement::new(usage, movable, pcpus.len(), charged, original);
     let before = s.balance();
 
     // Rule 1: pin the unpinned, heaviest first, onto the least-loaded pCPU.
-    let mut unplaced: Vec<usize> = (0..n)
-        .filter(|&v| original[v].is_none() && s.movable[v])
-        .collect();
     for &v in &unplaced {
         s.take(v);
     }
-    unplaced.sort_by(|&a, &b| s.usage[b].total_cmp(&s.usage[a]).then(a.cmp(&b)));
     for v in unplaced {
         let p = s.freest();
         s.put(v, p);
     }
 
     // Rules 2-4: even out the busiest shared pCPU against the freest one, step by step.
-    even_out(&mut s, threshold, 4 * n + 16);
+    even_out(&mut s, threshold, 4 * n + 16, max_changes);
 
     let moves = snapshot
         .vcpus
@@ -423,7 +476,7 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         .enumerate()
         .filter_map(|(v, load)| {
             let to = s.at[v]?;
-            (s.movable[v] && original[v] != Some(to)).then(|| PinMove {
+            (s.movable[v] && s.original[v] != Some(to)).then(|| PinMove {
                 key: load.key,
                 from: load.pinned,
                 to: pcpus[to],

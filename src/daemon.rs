@@ -168,6 +168,14 @@ pub fn parse_non_negative(text: &str) -> Result<f64, String> {
     }
 }
 
+/// Parse a whole number of at least 1 (counts such as a change budget).
+pub fn parse_positive_count(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{text}' is not a whole number of at least 1")),
+    }
+}
+
 /// Parse the command line; on bad input print one line to stderr and exit with status 2.
 /// `--help` and `--version` print as usual and exit 0.
 pub fn parse_args<T: Parser>() -> T {

@@ -66,6 +66,13 @@ fn bad_options_are_refused_with_one_line() {
         "--threshold",
     );
     assert_one_line_error(&run(SCHEDULER, &["--cycles", "0", "1"]), 2, "--cycles");
+    for bad in ["0", "-1", "x", "1.5"] {
+        assert_one_line_error(
+            &run(SCHEDULER, &["--max-changes", bad, "1"]),
+            2,
+            "--max-changes",
+        );
+    }
     assert_one_line_error(&run(SCHEDULER, &["1", "2"]), 2, "'2'");
 }
 
@@ -78,6 +85,7 @@ fn help_describes_every_option() {
         "PERIOD",
         "--connect",
         "--threshold",
+        "--max-changes",
         "--dry-run",
         "--cycles",
         "--verbose",
@@ -168,6 +176,30 @@ fn a_real_run_pins_then_stays_put() {
             line(cycle)
         );
     }
+}
+
+#[test]
+fn a_change_budget_spreads_the_pinning_over_cycles() {
+    let uri = common::test_uri("node.xml");
+    let o = run(
+        SCHEDULER,
+        &["-c", &uri, "--max-changes", "4", "--cycles", "6", "0.2"],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("at most 4 pin changes a cycle"), "{err}");
+    let line = |cycle: u32| {
+        err.lines()
+            .find(|l| l.contains(&format!("cycle {cycle}:")))
+            .unwrap()
+            .to_string()
+    };
+    // Six vCPUs to pin, four a cycle: four, an observing cycle, the last two, then nothing.
+    assert!(line(2).contains("moved 4:"), "{}", line(2));
+    assert!(line(3).ends_with("no decision"), "{}", line(3));
+    assert!(line(4).contains("moved 2:"), "{}", line(4));
+    assert!(line(6).ends_with("balanced, no change"), "{}", line(6));
+    assert!(err.contains("done: 6 cycles, 6 changes"), "{err}");
 }
 
 #[test]

@@ -284,7 +284,17 @@ fn threshold_is_respected() {
     // A 20-point gap: unbalanced at threshold 10, balanced at threshold 25.
     let s = snapshot(&[0, 1], &[on(0, 30.0), on(0, 10.0), on(1, 20.0)]);
     assert_eq!(default_plan(&s).moves.len(), 1);
-    assert!(plan(&s, &CpuPolicy { threshold: 25.0 }).moves.is_empty());
+    assert!(
+        plan(
+            &s,
+            &CpuPolicy {
+                threshold: 25.0,
+                ..CpuPolicy::default()
+            }
+        )
+        .moves
+        .is_empty()
+    );
 }
 
 #[test]
@@ -325,7 +335,7 @@ fn arb_host() -> impl Strategy<Value = CpuSnapshot> {
 proptest! {
     #[test]
     fn plans_obey_the_rules(s in arb_host(), threshold in 0u32..30) {
-        let policy = CpuPolicy { threshold: f64::from(threshold) };
+        let policy = CpuPolicy { threshold: f64::from(threshold), ..CpuPolicy::default() };
         let p = plan(&s, &policy);
         for m in &p.moves {
             let v = s.vcpus.iter().find(|v| v.key == m.key).unwrap();
@@ -351,6 +361,87 @@ proptest! {
         let again = plan(&after, &policy);
         prop_assert!(again.moves.is_empty(), "second plan moved {:?}", again.moves);
     }
+}
+
+proptest! {
+    #[test]
+    fn a_change_budget_caps_every_plan_and_changes_nothing_it_can_afford(
+        s in arb_host(),
+        budget in 1usize..6,
+    ) {
+        let capped = CpuPolicy { max_changes: Some(budget), ..CpuPolicy::default() };
+        // A plan the budget affords is made as it is.
+        let unlimited = plan(&s, &CpuPolicy::default());
+        let first = plan(&s, &capped);
+        if unlimited.moves.len() <= budget {
+            prop_assert_eq!(&first.moves, &unlimited.moves);
+        }
+        // Otherwise plans are capped, and applied one after the other they settle.
+        let mut now = s.clone();
+        let mut rounds = 0;
+        loop {
+            let p = plan(&now, &capped);
+            prop_assert!(p.moves.len() <= budget, "{} changes over a budget of {budget}", p.moves.len());
+            if p.moves.is_empty() {
+                break;
+            }
+            if now.vcpus.iter().all(|v| v.pinned.is_some()) {
+                prop_assert!(p.after.fixable_spread <= p.before.fixable_spread + 1e-6);
+            }
+            now = apply(&now, &p);
+            rounds += 1;
+            prop_assert!(rounds <= 4 * s.vcpus.len() + 16, "budgeted plans never settle");
+        }
+        // Every vCPU with a usage ends pinned.
+        for v in now.vcpus.iter().filter(|v| v.usage.is_some()) {
+            prop_assert!(v.pinned.is_some(), "{:?} left unpinned", v.key);
+        }
+    }
+}
+
+#[test]
+fn a_change_budget_pins_the_heaviest_unpinned_vcpus_first() {
+    let s = snapshot(
+        &[0, 1, 2, 3],
+        &[
+            (Some(10.0), Pin::Spans(0)),
+            (Some(90.0), Pin::Spans(0)),
+            (Some(50.0), Pin::Spans(1)),
+            (Some(70.0), Pin::Spans(1)),
+        ],
+    );
+    let policy = CpuPolicy {
+        max_changes: Some(2),
+        ..CpuPolicy::default()
+    };
+    let p = plan(&s, &policy);
+    let mut pinned: Vec<f64> = p.moves.iter().map(|m| m.usage).collect();
+    pinned.sort_by(f64::total_cmp);
+    assert_eq!(pinned, [70.0, 90.0]);
+    assert_ne!(p.moves[0].to, p.moves[1].to, "both heavy vCPUs on one pCPU");
+}
+
+#[test]
+fn a_change_budget_takes_the_largest_gains_first() {
+    // Six 50 % vCPUs crowded on pCPU 0 of 3: unlimited, four move (two to each free pCPU). With a
+    // budget of two, each free pCPU gets one, which narrows the spread from 300 to 200 points.
+    let crowded: Vec<_> = (0..6).map(|_| on(0, 50.0)).collect();
+    let s = snapshot(&[0, 1, 2], &crowded);
+    assert_eq!(default_plan(&s).moves.len(), 4);
+    let policy = CpuPolicy {
+        max_changes: Some(2),
+        ..CpuPolicy::default()
+    };
+    let p = plan(&s, &policy);
+    assert_eq!(p.moves.len(), 2);
+    let mut to: Vec<u32> = p.moves.iter().map(|m| m.to).collect();
+    to.sort();
+    assert_eq!(to, [1, 2]);
+    assert!((spread(&apply(&s, &p)) - 150.0).abs() < 1e-9);
+    // The next plan finishes the job within the same budget.
+    let next = plan(&apply(&s, &p), &policy);
+    assert_eq!(next.moves.len(), 2);
+    assert!(spread(&apply(&apply(&s, &p), &next)) < 1e-9);
 }
 
 #[test]
@@ -382,7 +473,10 @@ fn threshold_zero_is_stable_too() {
         (Some(17.0), Pin::On(2)),
     ];
     let s = snapshot(&[0, 1, 2, 5, 6], data);
-    let policy = CpuPolicy { threshold: 0.0 };
+    let policy = CpuPolicy {
+        threshold: 0.0,
+        ..CpuPolicy::default()
+    };
     let p = plan(&s, &policy);
     let again = plan(&apply(&s, &p), &policy);
     assert!(again.moves.is_empty(), "{:?}", again.moves);

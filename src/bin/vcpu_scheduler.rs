@@ -8,7 +8,8 @@ use clap::Parser;
 use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{
-    CommonArgs, exit_with, libvirt_turn, parse_args, parse_non_negative, parse_period, run_cycles,
+    CommonArgs, exit_with, libvirt_turn, parse_args, parse_non_negative, parse_period,
+    parse_positive_count, run_cycles,
 };
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::scheduler::Scheduler;
@@ -32,6 +33,11 @@ struct Args {
     #[arg(long, value_name = "POINTS", default_value_t = 10.0, value_parser = parse_non_negative)]
     threshold: f64,
 
+    /// Most pin changes per cycle (default: as many as balance needs); the rest wait for the next
+    /// cycles, heaviest unpinned vCPUs and largest gains first
+    #[arg(long, value_name = "N", value_parser = parse_positive_count)]
+    max_changes: Option<usize>,
+
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -41,12 +47,16 @@ fn run(args: Args) -> Result<()> {
     let mut host = LibvirtHost::connect(&uri)?;
     let policy = CpuPolicy {
         threshold: args.threshold,
+        max_changes: args.max_changes,
     };
     let mut scheduler = Scheduler::new(policy, args.common.dry_run);
     info!(
-        "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}",
+        "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}{}",
         args.period,
         args.threshold,
+        args.max_changes.map_or(String::new(), |n| format!(
+            ", at most {n} pin changes a cycle"
+        )),
         if args.common.dry_run {
             ", dry run (no change is made)"
         } else {
