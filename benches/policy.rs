@@ -13,6 +13,7 @@
 mod sim;
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sim::{SimHost, SimMemory};
@@ -102,6 +103,58 @@ fn ours() -> Scheduler {
 /// The real scheduler cycle with the seed's planner, deciding in every cycle as the seed did.
 fn seed() -> Scheduler {
     Scheduler::with_planner(CpuPolicy::default(), false, seed_plan).without_settling()
+}
+
+/// Ours with `--max-changes 1`.
+fn ours_one_change_a_cycle() -> Scheduler {
+    Scheduler::new(
+        CpuPolicy {
+            max_changes: Some(1),
+            ..CpuPolicy::default()
+        },
+        false,
+    )
+}
+
+/// Ours with `--threshold 20`.
+fn ours_threshold_20() -> Scheduler {
+    Scheduler::new(
+        CpuPolicy {
+            threshold: 20.0,
+            ..CpuPolicy::default()
+        },
+        false,
+    )
+}
+
+/// Pin changes [`budgeted_plan`] may still make, over all its cycles.
+static BUDGET: AtomicUsize = AtomicUsize::new(0);
+
+/// Our planner under a total budget of pin changes: each plan gets what is left of [`BUDGET`].
+fn budgeted_plan(s: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
+    let left = BUDGET.load(Ordering::Relaxed);
+    let p = plan(
+        s,
+        &CpuPolicy {
+            max_changes: Some(left),
+            ..*policy
+        },
+    );
+    BUDGET.store(left - p.moves.len(), Ordering::Relaxed);
+    p
+}
+
+/// The real scheduler cycle with our planner limited to `BUDGET` pin changes in all.
+fn ours_budgeted() -> Scheduler {
+    Scheduler::with_planner(CpuPolicy::default(), false, budgeted_plan)
+}
+
+/// The first phase of the scenario (40 cycles, no shake) with our planner limited to `budget`
+/// pin changes in all.
+fn ours_within(sc: &Scenario, budget: usize) -> Outcome {
+    BUDGET.store(budget, Ordering::Relaxed);
+    let (first, _) = run(sc, ours_budgeted, 41, 40);
+    first
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -238,11 +291,18 @@ fn change_lower_bound(host: &SimHost, threshold: f64) -> usize {
     shed.max(under)
 }
 
+/// Is `a` at least as balanced as `b`: spread and stdev/mean both no larger (to rounding)?
+fn as_balanced(a: &Outcome, b: &Outcome) -> bool {
+    a.spread <= b.spread + 0.05 && a.cv <= b.cv + 0.0005
+}
+
 struct Outcome {
     cycles_to_settle: usize,
     changes: usize,
     spread: f64,
     cv: f64,
+    /// Share of the demand served at the end, in percent.
+    served: f64,
 }
 
 /// Run `cycles` cycles of `planner` on the scenario; demands change at cycle `shake_at`.
@@ -283,6 +343,22 @@ fn outcome(host: &SimHost, (settle, changes): (usize, usize)) -> Outcome {
         changes,
         spread: spread(&u),
         cv: cv(&u),
+        served: served(host),
+    }
+}
+
+/// The share of the CPU time the vCPUs want that they get, in percent: what balancing is for.
+fn served(host: &SimHost) -> f64 {
+    let wanted: f64 = host
+        .domains
+        .iter()
+        .flat_map(|d| d.vcpus.iter().map(|v| v.demand))
+        .sum();
+    let got: f64 = host.pcpu_usage().iter().sum();
+    if wanted > 0.0 {
+        100.0 * got / wanted
+    } else {
+        100.0
     }
 }
 
@@ -311,6 +387,8 @@ fn vcpu_quality(delay: bool) {
     );
     println!("| ---: | --- | ---: | --- | --- | ---: | --- | --- |");
     let (mut slower, mut dearer, mut dearer_but_better) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut equal_rows, mut worse_at_equal, mut dearer_to_match) =
+        (Vec::new(), Vec::new(), Vec::new());
     for &pcpus in &[2u32, 4, 8, 16, 32, 64] {
         for (k, start) in [Start::Crowded, Start::Random, Start::Unpinned]
             .into_iter()
@@ -343,8 +421,39 @@ fn vcpu_quality(delay: bool) {
             if o1.cycles_to_settle > s1.cycles_to_settle {
                 slower.push(format!("{pcpus} pCPUs {start:?}"));
             }
+            // Pin changes against balance: ours held to the seed's number of changes, and the
+            // fewest changes with which ours gets at least as balanced as the seed ends.
+            let within = ours_within(&sc, s1.changes);
+            let to_match = (0..=o1.changes.max(s1.changes))
+                .find(|&k| as_balanced(&ours_within(&sc, k), &s1))
+                .map_or("never".to_string(), |k| k.to_string());
+            equal_rows.push(format!(
+                "| {pcpus} | {start:?} | {} / {:.1} / {:.3} / {:.1} | {} / {:.1} / {:.3} / {:.1} | {to_match} | {} / {:.1} |",
+                s1.changes,
+                s1.spread,
+                s1.cv,
+                s1.served,
+                within.changes,
+                within.spread,
+                within.cv,
+                within.served,
+                o1.changes,
+                o1.served
+            ));
+            if !as_balanced(&within, &s1) {
+                worse_at_equal.push(format!(
+                    "{pcpus} pCPUs {start:?} ({:.1} / {:.3} vs {:.1} / {:.3})",
+                    within.spread, within.cv, s1.spread, s1.cv
+                ));
+            }
+            if to_match.parse::<usize>().map_or(true, |k| k > s1.changes) {
+                dearer_to_match.push(format!(
+                    "{pcpus} pCPUs {start:?} ({to_match} vs {})",
+                    s1.changes
+                ));
+            }
             if o1.changes > s1.changes {
-                let what = if o1.spread < s1.spread - 0.5 {
+                let what = if as_balanced(&o1, &s1) {
                     &mut dearer_but_better
                 } else {
                     &mut dearer
@@ -365,10 +474,39 @@ fn vcpu_quality(delay: bool) {
     };
     println!("\nFirst phase, ours against the seed's:");
     println!("- settled later: {}", list(&slower));
-    println!("- more pin changes for no better spread: {}", list(&dearer));
     println!(
-        "- more pin changes, for a better spread: {}\n",
+        "- more pin changes, ending less balanced (spread or cv): {}",
+        list(&dearer)
+    );
+    println!(
+        "- more pin changes, ending at least as balanced (spread and cv): {}\n",
         list(&dearer_but_better)
+    );
+    println!(
+        "Pin changes for the same balance (first phase): ours run again with a total budget of pin"
+    );
+    println!(
+        "changes (`--max-changes`, summed over the cycles): held to the seed's number of changes, and"
+    );
+    println!(
+        "with the fewest changes that end at least as balanced as the seed (spread and cv no larger).\n"
+    );
+    println!("`served` is the share of the CPU time the vCPUs want that they get, in percent.\n");
+    println!(
+        "| pCPUs | start | seed: changes / spread / cv / served | ours within the seed's changes: changes / spread / cv / served | ours: fewest changes to be as balanced as the seed | ours unlimited: changes / served |"
+    );
+    println!("| ---: | --- | --- | --- | ---: | --- |");
+    for row in &equal_rows {
+        println!("{row}");
+    }
+    println!();
+    println!(
+        "- ours less balanced than the seed with the seed's changes: {}",
+        list(&worse_at_equal)
+    );
+    println!(
+        "- ours needs more changes than the seed to be as balanced: {}\n",
+        list(&dearer_to_match)
     );
 }
 
@@ -559,17 +697,25 @@ enum Trace {
     RandomWalk,
 }
 
-/// Pin changes and balance over 200 cycles of changing demand, ours against the seed's, on a
-/// 16-pCPU host that starts balanced by our planner.
+/// Cycles before demand starts changing in [`vcpu_stability`]: enough for every policy to settle,
+/// even one pin change every other cycle.
+const WARM_UP: usize = 100;
+
+/// Pin changes and balance over 200 cycles of changing demand, ours (default, with a change
+/// budget, with a larger threshold) against the seed's, on a 16-pCPU host that starts unpinned
+/// and is given [`WARM_UP`] cycles of steady demand to settle.
 fn vcpu_stability() {
     println!(
         "## vCPU policy under changing demand (16 pCPUs, delay reported, 200 cycles after settling)\n"
     );
     println!(
-        "`changes` counts pin changes over the 200 cycles; `spread` is the mean pCPU usage spread over them.\n"
+        "`changes` counts pin changes over the 200 cycles; `spread` is the mean pCPU usage spread over them;"
     );
-    println!("| demand trace | ours: changes / mean spread | seed: changes / mean spread |");
-    println!("| --- | --- | --- |");
+    println!("`served` the mean share of the CPU time the vCPUs want that they get, in percent.\n");
+    println!(
+        "| demand trace | ours: changes / spread / served | ours, `--max-changes 1` | ours, `--threshold 20` | seed: changes / spread / served |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
     for trace in [Trace::Constant, Trace::OnOff, Trace::RandomWalk] {
         let cell = |make: fn() -> Scheduler| {
             let sc = Scenario {
@@ -586,9 +732,9 @@ fn vcpu_stability() {
                 .flat_map(|d| d.vcpus.iter().map(|v| v.demand))
                 .collect();
             let mut s = make();
-            let (mut changes, mut spread_sum) = (0usize, 0.0);
-            for c in 0..240 {
-                if c >= 40 {
+            let (mut changes, mut spread_sum, mut served_sum) = (0usize, 0.0, 0.0);
+            for c in 0..300 {
+                if c >= WARM_UP {
                     for (i, v) in host
                         .domains
                         .iter_mut()
@@ -610,14 +756,25 @@ fn vcpu_stability() {
                 let before = host.pins;
                 s.cycle(&mut host).unwrap();
                 host.advance(Duration::from_secs(3));
-                if c >= 40 {
+                if c >= WARM_UP {
                     changes += host.pins - before;
                     spread_sum += spread(&host.pcpu_usage());
+                    served_sum += served(&host);
                 }
             }
-            format!("{changes} / {:.1}", spread_sum / 200.0)
+            format!(
+                "{changes} / {:.1} / {:.1}",
+                spread_sum / 200.0,
+                served_sum / 200.0
+            )
         };
-        println!("| {trace:?} | {} | {} |", cell(ours), cell(seed));
+        println!(
+            "| {trace:?} | {} | {} | {} | {} |",
+            cell(ours),
+            cell(ours_one_change_a_cycle),
+            cell(ours_threshold_20),
+            cell(seed)
+        );
     }
     println!();
 }
