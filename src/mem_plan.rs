@@ -23,6 +23,7 @@
 //!   taking the host's available memory under `host_reserve_pct` % of its total.
 
 use std::cmp::Reverse;
+use std::collections::HashMap;
 
 use crate::host::{DomainId, HostMemory};
 use crate::sampling::GuestMemory;
@@ -273,8 +274,10 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
 /// Every way `plan` breaks a hard limit for `snapshot`; empty when it is safe to apply.
 pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) -> Vec<String> {
     let mut found = Vec::new();
+    let guests: HashMap<DomainId, &GuestMemory> =
+        snapshot.guests.iter().map(|g| (g.id, g)).collect();
     for c in &plan.changes {
-        let Some(g) = snapshot.guests.iter().find(|g| g.id == c.id) else {
+        let Some(g) = guests.get(&c.id) else {
             found.push(format!("{}: not in the snapshot", c.id));
             continue;
         };
