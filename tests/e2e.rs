@@ -112,6 +112,67 @@ fn scheduler_leaves_a_balanced_host_alone() {
     assert_eq!(pins_before, pins_after);
 }
 
+/// libvirt calls per cycle, from the `-v` log (each cycle's count is logged just before its line).
+fn calls_per_cycle(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.trim_end().strip_suffix(" libvirt calls this cycle"))
+        .map(|head| head.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn scheduler_follows_pin_changes_made_by_others_without_polling_pins() {
+    // One busy guest per pCPU: balanced. Then someone else pins the second guest onto the first
+    // one's pCPU. libvirt announces the change; the daemon sees it in its next sample and moves one
+    // of the two back, and in no cycle does it re-read pins (2 libvirt calls per cycle).
+    let p = online_pcpus();
+    let names: Vec<String> = (0..p).map(|i| format!("own{i}")).collect();
+    let pin_of = ["0", "1", "2", "3", "4", "5", "6", "7"];
+    let specs: Vec<Spec> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| busy(n, pin_of[i % 8]))
+        .collect();
+    let _lab = Lab::guests(&specs);
+    let mut d = Daemon::start(SCHEDULER, &["-v", "1"]);
+    d.wait_cycles(4, Duration::from_secs(60));
+    virsh(&["vcpupin", &Lab::domain("own1"), "0", "0"]);
+    let changed_after = d.cycles();
+    d.wait_cycles(changed_after + 14, Duration::from_secs(90));
+    let (code, log) = d.stop();
+    eprintln!("{log}");
+    assert_eq!(code, Some(0));
+    let moves = moves_per_cycle(&log);
+    let calls = calls_per_cycle(&log);
+    eprintln!(
+        "external pin change after cycle {changed_after}; pin changes per cycle {moves:?}; libvirt calls per cycle {calls:?}"
+    );
+    assert_eq!(moves.len(), calls.len(), "{log}");
+    assert!(
+        log.contains("following vCPU pin changes through libvirt events"),
+        "{log}"
+    );
+    assert_eq!(moves[..changed_after].iter().sum::<usize>(), 0, "{moves:?}");
+    let after = &moves[changed_after..];
+    assert_eq!(after.iter().sum::<usize>(), 1, "{moves:?}");
+    let seen_in = after.iter().position(|&m| m > 0).unwrap() + 1;
+    assert!(
+        seen_in <= 2,
+        "fixed only {seen_in} cycles after the change: {moves:?}"
+    );
+    for (cycle, (&m, &c)) in moves.iter().zip(&calls).enumerate().skip(1) {
+        if m == 0 {
+            assert_eq!(c, 2, "cycle {}: {c} libvirt calls: {calls:?}", cycle + 1);
+        }
+    }
+    let mut per_pcpu = vec![0; p as usize];
+    for n in &names {
+        per_pcpu[pins(n)[0].unwrap() as usize] += 1;
+    }
+    assert!(per_pcpu.iter().all(|&k| k == 1), "pins end {per_pcpu:?}");
+}
+
 #[test]
 #[ignore = "needs the real-guest lab: run `make e2e`"]
 fn scheduler_mixes_heavy_and_light_guests_and_survives_a_guest_destroyed_mid_run() {

@@ -1,5 +1,6 @@
 //! The libvirt implementation of [`Host`]: the only code that talks to libvirt.
 
+mod events;
 mod raw;
 
 pub use raw::{cpu_map_len, cpus_in_map, map_of_one_cpu};
@@ -7,6 +8,7 @@ pub use raw::{cpu_map_len, cpus_in_map, map_of_one_cpu};
 use std::collections::HashMap;
 
 use anyhow::{Context, anyhow};
+use log::debug;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
@@ -16,8 +18,9 @@ use crate::host::{
     VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip, vcpus_domain_by_domain,
 };
 
-/// Bulk samples re-read the vCPU pins of every domain this often (in samples), so pins changed by
-/// someone else are seen; between re-reads the pins read last, or set by us, are used.
+/// Where libvirt does not announce pin changes (see [`events`]), bulk samples re-read the vCPU
+/// pins of every domain this often (in samples), so pins changed by someone else are seen; between
+/// re-reads the pins read last, or set by us, are used.
 const PIN_REFRESH_SAMPLES: u64 = 10;
 
 /// vCPU pins known for one domain, and which incarnation (domain ID) they belong to.
@@ -83,6 +86,13 @@ pub struct LibvirtHost {
     pins: HashMap<DomainId, KnownPins>,
     /// Set once the driver showed it has no bulk statistics (e.g. the test driver).
     no_bulk_stats: bool,
+    /// Was libvirt's event loop running when this connection was opened?
+    event_loop: bool,
+    /// Pin changes announced by libvirt, when it does announce them (QEMU): pins are then never
+    /// polled.
+    pin_watch: Option<events::PinWatch>,
+    /// Set once we tried to register `pin_watch` on this connection.
+    pin_watch_tried: bool,
 }
 
 impl LibvirtHost {
@@ -101,6 +111,8 @@ impl LibvirtHost {
                 "cannot connect to libvirt at '{uri}': no node file at {path} (give the absolute path of a test-driver node XML)"
             );
         }
+        // Events reach a connection only if the event loop was registered before it was opened.
+        let event_loop = events::start_event_loop();
         let conn = open(uri)?;
         Ok(Self {
             conn,
@@ -111,7 +123,15 @@ impl LibvirtHost {
             samples: 0,
             pins: HashMap::new(),
             no_bulk_stats: false,
+            event_loop,
+            pin_watch: None,
+            pin_watch_tried: false,
         })
+    }
+
+    /// Are pin changes followed through libvirt's events (rather than polled)?
+    pub fn follows_pin_events(&self) -> bool {
+        self.pin_watch.is_some()
     }
 
     /// Is the connection to the libvirt daemon still up?
@@ -122,6 +142,8 @@ impl LibvirtHost {
     /// Open the connection again (the daemon restarted or dropped it). What was learnt through the
     /// old connection (domain handles, pins, driver abilities) is forgotten.
     pub fn reconnect(&mut self) -> anyhow::Result<()> {
+        self.pin_watch = None;
+        self.pin_watch_tried = false;
         self.conn = open(&self.uri)?;
         self.domains.clear();
         self.pins.clear();
@@ -199,10 +221,11 @@ impl LibvirtHost {
         domain_id: u32,
         nvcpus: u32,
     ) -> anyhow::Result<Option<Vec<Vec<u32>>>> {
+        let polled = self.pin_watch.is_none();
         let fresh = self.pins.get(id).is_some_and(|k| {
             k.domain_id == domain_id
                 && k.affinity.len() >= nvcpus as usize
-                && self.samples - k.read_at_sample < PIN_REFRESH_SAMPLES
+                && (!polled || self.samples - k.read_at_sample < PIN_REFRESH_SAMPLES)
         });
         if !fresh {
             let present = self.present_cpus()?;
@@ -228,6 +251,53 @@ impl LibvirtHost {
         Ok(self.pins.get(id).map(|k| k.affinity.clone()))
     }
 
+    /// Register for pin-change events, once per connection, where libvirt emits them for every
+    /// pin change (the QEMU driver). Elsewhere pins are polled.
+    fn watch_pins(&mut self) {
+        if std::mem::replace(&mut self.pin_watch_tried, true) || !self.event_loop {
+            return;
+        }
+        self.calls += 1;
+        if !self
+            .conn
+            .driver_type()
+            .is_ok_and(|t| t.eq_ignore_ascii_case("QEMU"))
+        {
+            return;
+        }
+        self.calls += 1;
+        match events::PinWatch::register(&self.conn) {
+            Ok(watch) => {
+                debug!("following vCPU pin changes through libvirt events");
+                self.pin_watch = Some(watch);
+            }
+            Err(e) => debug!(
+                "no pin-change events ({}): re-reading pins every {PIN_REFRESH_SAMPLES} samples",
+                e.message()
+            ),
+        }
+    }
+
+    /// Apply the pin changes libvirt announced since the last sample to the pins we know. A
+    /// change we cannot apply makes the domain's pins unknown, so they are read again.
+    fn apply_pin_events(&mut self) {
+        let Some(watch) = &self.pin_watch else {
+            return;
+        };
+        for change in watch.take() {
+            let id = DomainId(change.uuid);
+            let Some(known) = self.pins.get_mut(&id) else {
+                continue;
+            };
+            match (known.affinity.get_mut(change.vcpu as usize), change.cpus) {
+                (Some(affinity), Some(cpus)) => *affinity = cpus,
+                _ => {
+                    self.pins.remove(&id);
+                }
+            }
+        }
+    }
+
     fn present_cpus(&mut self) -> anyhow::Result<u32> {
         match self.present_cpus {
             Some(n) => Ok(n),
@@ -249,6 +319,8 @@ impl Host for LibvirtHost {
         };
         let at = std::time::Instant::now();
         self.samples += 1;
+        self.watch_pins();
+        self.apply_pin_events();
         let mut out = Vec::with_capacity(records.len());
         for rec in records {
             let domain = DomainRef {

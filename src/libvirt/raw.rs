@@ -1,6 +1,6 @@
 //! Safe wrappers over the few libvirt calls that `virt` 0.5 does not wrap.
 //!
-//! Every `unsafe` block in the crate lives in this file. Each wrapper owns the buffers it hands
+//! Every `unsafe` block in the crate lives in this file and in `events.rs`. Each wrapper owns the buffers it hands
 //! to libvirt, sizes them from libvirt's own answers, and frees what libvirt allocated, so callers
 //! only ever see owned Rust values.
 
@@ -203,7 +203,8 @@ impl DomainStats {
     }
 }
 
-fn c_field(field: &[std::os::raw::c_char]) -> String {
+/// A fixed-size C field name as a string (up to its NUL).
+pub(super) fn c_field(field: &[std::os::raw::c_char]) -> String {
     let bytes: Vec<u8> = field
         .iter()
         .take_while(|&&c| c != 0)
@@ -217,7 +218,7 @@ fn c_field(field: &[std::os::raw::c_char]) -> String {
 /// # Safety
 /// `p` must be a typed parameter filled by libvirt: its `type_` says which union member is set,
 /// and a string member points to a NUL-terminated string.
-unsafe fn typed_value(p: &sys::virTypedParameter) -> Option<Value> {
+pub(super) unsafe fn typed_value(p: &sys::virTypedParameter) -> Option<Value> {
     // SAFETY: each arm reads the union member that `type_` names, as the caller guarantees.
     unsafe {
         Some(match p.type_ as u32 {
