@@ -18,19 +18,36 @@ trap '"$here/lab.sh" teardown "$dir"' EXIT
 for i in 0 1 2 3; do "$here/lab.sh" define "$dir" "load$i" 1 256 512 "$((i % 2))" cpu,1,50; done
 guests=4
 
-# User + system CPU time of one daemon run (bash's `time`), per cycle, and its mean libvirt calls
-# per cycle from its debug log (the first cycle, which discovers pins and switches stats on, apart).
+# CPU time one daemon spends per steady cycle: the run-time of all its threads (from
+# /proc/PID/task/*/schedstat, in ns) between the end of cycle 2 and the end of cycle CYCLES+2,
+# divided by CYCLES, so start-up, connection and the first cycle (which discovers pins and switches
+# stats on) are left out; and its mean libvirt calls per cycle over the same cycles, from its -v log.
+cpu_ns() {
+    local pid=$1 total=0 t
+    for t in /proc/"$pid"/task/*/schedstat; do
+        total=$((total + $(cut -d' ' -f1 "$t" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+wait_for_cycle() {
+    local log=$1 n=$2
+    until grep -q "] cycle $n:" "$log"; do sleep 0.05; done
+}
 measure() {
-    local name=$1; shift
+    local name=$1
     local log; log=$(mktemp)
-    local TIMEFORMAT='%U %S'
-    local t
-    t=$( { time "$root/bin/$name" --connect qemu:///system -v --cycles "$cycles" 1 2>"$log" >/dev/null; } 2>&1 )
-    local user sys calls
-    read -r user sys <<<"$t"
-    calls=$(grep -o '[0-9]* libvirt calls this cycle' "$log" | tail -n +2 | awk '{s+=$1; n++} END {if (n) printf "%.1f", s/n}')
-    awk -v n="$name" -v g="$guests" -v u="$user" -v s="$sys" -v c="$cycles" -v k="$calls" 'BEGIN {
-        cpu = (u + s) / c;
+    "$root/bin/$name" --connect qemu:///system -v --cycles "$((cycles + 3))" 1 2>"$log" >/dev/null &
+    local pid=$!
+    wait_for_cycle "$log" 2
+    local start; start=$(cpu_ns "$pid")
+    wait_for_cycle "$log" "$((cycles + 2))"
+    local end; end=$(cpu_ns "$pid")
+    wait "$pid"
+    local calls
+    calls=$(grep -o '[0-9]* libvirt calls this cycle' "$log" | sed -n "3,$((cycles + 2))p" |
+        awk '{s+=$1; n++} END {if (n) printf "%.1f", s/n}')
+    awk -v n="$name" -v g="$guests" -v c="$cycles" -v ns="$((end - start))" -v k="$calls" 'BEGIN {
+        cpu = ns / c / 1e9;
         printf "| %s | %d | %d | %.2f ms | %.3f %% | %s |\n", n, g, c, cpu * 1000, cpu * 100, k }'
     rm -f "$log"
 }
@@ -44,6 +61,6 @@ for size in "${sizes[@]}"; do
     rows+=("$(measure vcpu_scheduler)" "$(measure memory_coordinator)")
 done
 echo
-echo "| daemon | guests | cycles at PERIOD=1 | CPU time per cycle | share of one core | libvirt calls per cycle (after the first) |"
+echo "| daemon | guests | steady cycles at PERIOD=1 | CPU time per cycle | share of one core | libvirt calls per cycle |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: |"
 printf '%s\n' "${rows[@]}"

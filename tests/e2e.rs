@@ -281,10 +281,22 @@ fn scheduler_sees_contention_that_usage_hides_and_fixes_it_in_one_move() {
 #[ignore = "needs the real-guest lab: run `make e2e`"]
 fn daemons_reconnect_when_libvirtd_restarts() {
     let _lab = Lab::guests(&[busy("phoenix", "0")]);
-    let mut sched = Daemon::start(SCHEDULER, &["1"]);
-    let mut coord = Daemon::start(COORDINATOR, &["1"]);
+    let mut sched = Daemon::start(SCHEDULER, &["-v", "1"]);
+    let mut coord = Daemon::start(COORDINATOR, &["-v", "1"]);
     sched.wait_cycles(3, Duration::from_secs(30));
     coord.wait_cycles(3, Duration::from_secs(30));
+    // Steady cycles before the outage: the scheduler makes 2 libvirt calls (CPU map, bulk
+    // statistics), the coordinator 2 when it resizes nothing (bulk statistics, host memory).
+    for (d, what) in [(&sched, "scheduler"), (&coord, "coordinator")] {
+        let log = d.log();
+        let calls = calls_per_cycle(&log);
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("] cycle ")).collect();
+        for (cycle, (&c, line)) in calls.iter().zip(&lines).enumerate().skip(1).take(2) {
+            if line.ends_with("no change") {
+                assert_eq!(c, 2, "{what} cycle {}: {c} libvirt calls\n{log}", cycle + 1);
+            }
+        }
+    }
     let lab_sh = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/lab.sh");
     let restarted = std::process::Command::new(lab_sh)
         .args([

@@ -93,6 +93,8 @@ pub struct LibvirtHost {
     pin_watch: Option<events::PinWatch>,
     /// Set once we tried to register `pin_watch` on this connection.
     pin_watch_tried: bool,
+    /// How many fields the host's memory statistics have (0 until learnt).
+    node_memory_fields: std::os::raw::c_int,
 }
 
 impl LibvirtHost {
@@ -126,6 +128,7 @@ impl LibvirtHost {
             event_loop,
             pin_watch: None,
             pin_watch_tried: false,
+            node_memory_fields: 0,
         })
     }
 
@@ -144,6 +147,7 @@ impl LibvirtHost {
     pub fn reconnect(&mut self) -> anyhow::Result<()> {
         self.pin_watch = None;
         self.pin_watch_tried = false;
+        self.node_memory_fields = 0;
         self.conn = open(&self.uri)?;
         self.domains.clear();
         self.pins.clear();
@@ -533,8 +537,8 @@ impl Host for LibvirtHost {
     }
 
     fn host_memory(&mut self) -> anyhow::Result<Option<HostMemory>> {
-        self.calls += 2;
-        let fields = match raw::node_memory_stats(&self.conn) {
+        self.calls += if self.node_memory_fields > 0 { 1 } else { 2 };
+        let fields = match raw::node_memory_stats(&self.conn, &mut self.node_memory_fields) {
             Ok(fields) => fields,
             Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_SUPPORT => return Ok(None),
             Err(e) => return Err(plain(e)).context("reading the host's memory statistics"),

@@ -121,41 +121,40 @@ pub fn domain_vcpus(dom: &Domain, present_cpus: u32) -> Result<Vec<RawVcpu>, Err
 }
 
 /// `virNodeGetMemoryStats` over all NUMA cells: every (field, KiB) pair the driver reports.
-pub fn node_memory_stats(conn: &Connect) -> Result<Vec<(String, u64)>, Error> {
+///
+/// libvirt wants the exact number of fields, which a first call with no array returns: pass the
+/// number learnt before in `fields` (0 when unknown) to save that round trip; it is updated.
+pub fn node_memory_stats(conn: &Connect, fields: &mut c_int) -> Result<Vec<(String, u64)>, Error> {
     let cells = sys::VIR_NODE_MEMORY_STATS_ALL_CELLS;
-    let mut count: c_int = 0;
-    // SAFETY: with a null array libvirt only writes the number of fields into `count`.
-    let ret = unsafe {
-        sys::virNodeGetMemoryStats(conn.as_ptr(), cells, std::ptr::null_mut(), &mut count, 0)
-    };
-    if ret < 0 {
-        return Err(Error::last_error());
+    if *fields <= 0 {
+        // SAFETY: with a null array libvirt only writes the number of fields into `fields`.
+        let ret = unsafe {
+            sys::virNodeGetMemoryStats(conn.as_ptr(), cells, std::ptr::null_mut(), fields, 0)
+        };
+        if ret < 0 {
+            return Err(Error::last_error());
+        }
     }
     let empty = sys::virNodeMemoryStats {
         field: [0; sys::VIR_NODE_MEMORY_STATS_FIELD_LENGTH as usize],
         value: 0,
     };
-    let mut params = vec![empty; count.max(0) as usize];
+    let mut params = vec![empty; (*fields).max(0) as usize];
+    let mut count = params.len() as c_int;
     // SAFETY: `params` has room for `count` records, which is what we pass; libvirt updates
     // `count` to the number it filled, never more.
     let ret = unsafe {
         sys::virNodeGetMemoryStats(conn.as_ptr(), cells, params.as_mut_ptr(), &mut count, 0)
     };
     if ret < 0 {
+        // Perhaps the number of fields changed: learn it again next time.
+        *fields = 0;
         return Err(Error::last_error());
     }
     Ok(params
         .iter()
         .take(count.max(0) as usize)
-        .map(|p| {
-            let bytes: Vec<u8> = p
-                .field
-                .iter()
-                .take_while(|&&c| c != 0)
-                .map(|&c| c as u8)
-                .collect();
-            (String::from_utf8_lossy(&bytes).into_owned(), p.value)
-        })
+        .map(|p| (c_field(&p.field), p.value))
         .collect())
 }
 
