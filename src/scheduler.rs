@@ -80,8 +80,8 @@ impl fmt::Display for CycleReport {
         };
         if self.demand.is_some() {
             f.write_str(match plan.basis {
-                Basis::Demand => "; contended, balancing demand",
-                Basis::Usage => "; uncontended, balancing usage",
+                Basis::Demand => "; balancing demand",
+                Basis::Usage => "; balancing usage",
             })?;
         }
         if plan.moves.is_empty() {
@@ -257,7 +257,7 @@ impl Scheduler {
             self.delay_reported = Some(reported);
             if reported {
                 info!(
-                    "the hypervisor reports vCPU run-queue delay: a contended pCPU is balanced by demand"
+                    "the hypervisor reports vCPU run-queue delay: balancing demand (CPU time used plus waited for)"
                 );
             } else {
                 info!("the hypervisor reports no vCPU run-queue delay: balancing usage");

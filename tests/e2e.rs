@@ -91,19 +91,25 @@ fn scheduler_spreads_busy_vcpus_crowded_on_one_pcpu_and_then_stays_put() {
 
 #[test]
 #[ignore = "needs the real-guest lab: run `make e2e`"]
-fn scheduler_leaves_a_balanced_host_alone() {
+fn scheduler_leaves_a_balanced_host_alone_however_its_usage_swings() {
+    // Two half-busy guests per pCPU. Beside QEMU's own threads their usage swings by tens of points
+    // from one second to the next, while their demand holds: balancing usage made 16 pin changes in
+    // 40 cycles here; balancing demand must make none.
     let p = online_pcpus();
-    let names: Vec<String> = (0..p).map(|i| format!("even{i}")).collect();
-    let pin_of: Vec<&'static str> = ["0", "1", "2", "3", "4", "5", "6", "7"].to_vec();
+    let names: Vec<String> = (0..2 * p).map(|i| format!("even{i}")).collect();
+    let pin_of = ["0", "1", "2", "3", "4", "5", "6", "7"];
     let specs: Vec<Spec> = names
         .iter()
         .enumerate()
-        .map(|(i, n)| busy(n, pin_of[i % 8]))
+        .map(|(i, n)| Spec {
+            work: "cpu,1,50",
+            ..busy(n, pin_of[i % p as usize % 8])
+        })
         .collect();
     let _lab = Lab::guests(&specs);
     let pins_before: Vec<_> = names.iter().map(|n| pins(n)).collect();
-    let mut d = Daemon::start(SCHEDULER, &["2"]);
-    d.wait_cycles(6, Duration::from_secs(60));
+    let mut d = Daemon::start(SCHEDULER, &["1"]);
+    d.wait_cycles(25, Duration::from_secs(90));
     let (code, log) = d.stop();
     eprintln!("{log}");
     assert_eq!(code, Some(0));
@@ -268,7 +274,7 @@ fn scheduler_sees_contention_that_usage_hides_and_fixes_it_in_one_move() {
         "usage should look balanced: {before:?}"
     );
     let cycle2 = log.lines().find(|l| l.contains("cycle 2:")).unwrap();
-    assert!(cycle2.contains("contended, balancing demand"), "{cycle2}");
+    assert!(cycle2.contains("balancing demand"), "{cycle2}");
     assert_eq!(moves.iter().sum::<usize>(), 1, "{moves:?}");
     let mut per_pcpu = [0; 2];
     for n in names {

@@ -19,8 +19,8 @@ use vmbalance::scheduler::Scheduler;
 /// Every PERIOD seconds it samples the CPU time of every vCPU of every active domain, derives
 /// per-vCPU and per-pCPU usage, and re-pins vCPUs so that the busiest pCPU is at most THRESHOLD
 /// points above the freest one, with as few pin changes as it can. vCPUs not pinned to a single
-/// pCPU are pinned once. Where the hypervisor reports run-queue delay and a pCPU is contended
-/// (its demand, used plus waited-for time, over 100 % + THRESHOLD), it balances demand instead.
+/// pCPU are pinned once. Where the hypervisor reports run-queue delay (QEMU does), it balances
+/// demand, CPU time used plus waited for, instead of usage.
 /// It exits 0 when a cycle finds no active domain, and on Ctrl-C or SIGTERM.
 #[derive(Parser, Debug)]
 #[command(name = "vcpu_scheduler", version, allow_negative_numbers = true)]
