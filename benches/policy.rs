@@ -102,7 +102,9 @@ fn ours() -> Scheduler {
 
 /// The real scheduler cycle with the seed's planner, deciding in every cycle as the seed did.
 fn seed() -> Scheduler {
-    Scheduler::with_planner(CpuPolicy::default(), false, seed_plan).without_settling()
+    Scheduler::with_planner(CpuPolicy::default(), false, seed_plan)
+        .with_window(1)
+        .without_settling()
 }
 
 /// Ours with `--max-changes 1`.
@@ -114,6 +116,11 @@ fn ours_one_change_a_cycle() -> Scheduler {
         },
         false,
     )
+}
+
+/// Ours with `--window 5`.
+fn ours_window_5() -> Scheduler {
+    Scheduler::new(CpuPolicy::default(), false).with_window(5)
 }
 
 /// Ours with `--threshold 20`.
@@ -691,6 +698,8 @@ fn decision_cost() {
 enum Trace {
     /// Demands never change; only the sampler's view of them moves.
     Constant,
+    /// Demands hold their level, but each period every vCPU wants up to ±10 points more or less.
+    Swinging,
     /// A third of the vCPUs alternate between busy and idle every 10 cycles.
     OnOff,
     /// Every vCPU's demand takes a random step of up to ±5 points each cycle.
@@ -713,10 +722,15 @@ fn vcpu_stability() {
     );
     println!("`served` the mean share of the CPU time the vCPUs want that they get, in percent.\n");
     println!(
-        "| demand trace | ours: changes / spread / served | ours, `--max-changes 1` | ours, `--threshold 20` | seed: changes / spread / served |"
+        "| demand trace | ours: changes / spread / served | ours, `--window 5` | ours, `--max-changes 1` | ours, `--threshold 20` | seed: changes / spread / served |"
     );
-    println!("| --- | --- | --- | --- | --- |");
-    for trace in [Trace::Constant, Trace::OnOff, Trace::RandomWalk] {
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for trace in [
+        Trace::Constant,
+        Trace::Swinging,
+        Trace::OnOff,
+        Trace::RandomWalk,
+    ] {
         let cell = |make: fn() -> Scheduler| {
             let sc = Scenario {
                 pcpus: 16,
@@ -734,6 +748,9 @@ fn vcpu_stability() {
             let mut s = make();
             let (mut changes, mut spread_sum, mut served_sum) = (0usize, 0.0, 0.0);
             for c in 0..300 {
+                if c == WARM_UP && matches!(trace, Trace::Swinging) {
+                    host.jitter = 10.0;
+                }
                 if c >= WARM_UP {
                     for (i, v) in host
                         .domains
@@ -743,6 +760,7 @@ fn vcpu_stability() {
                     {
                         match trace {
                             Trace::Constant => {}
+                            Trace::Swinging => {}
                             Trace::OnOff if i % 3 == 0 => {
                                 v.demand = if (c / 10) % 2 == 0 { base[i] } else { 0.0 };
                             }
@@ -769,8 +787,9 @@ fn vcpu_stability() {
             )
         };
         println!(
-            "| {trace:?} | {} | {} | {} | {} |",
+            "| {trace:?} | {} | {} | {} | {} | {} |",
             cell(ours),
+            cell(ours_window_5),
             cell(ours_one_change_a_cycle),
             cell(ours_threshold_20),
             cell(seed)

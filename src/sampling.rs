@@ -9,22 +9,24 @@
 //! [`CpuSampler`] applies that to vCPU CPU times and builds the [`CpuSnapshot`] the planner decides
 //! on, and [`pcpu_usage`] charges each vCPU's usage to a pCPU.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::Instant;
 
 use crate::host::{BalloonStats, DomainId, VcpuInfo};
 
-struct Reading {
-    value: f64,
-    at: Instant,
+/// One series: its latest readings (value, instant), oldest first, and the cycle it was last read.
+struct Series {
+    readings: VecDeque<(f64, Instant)>,
     generation: u64,
 }
 
-/// Per-key rates of change between successive readings, over the measured interval.
+/// Per-key rates of change over the measured wall-clock interval, averaged over the last `window`
+/// intervals (one by default).
 pub struct Rates<K> {
-    last: HashMap<K, Reading>,
+    last: HashMap<K, Series>,
     generation: u64,
+    window: usize,
 }
 
 impl<K> Default for Rates<K> {
@@ -32,40 +34,76 @@ impl<K> Default for Rates<K> {
         Self {
             last: HashMap::new(),
             generation: 0,
+            window: 1,
         }
     }
 }
 
 impl<K: Hash + Eq> Rates<K> {
-    /// An empty tracker.
+    /// An empty tracker whose rates cover the last interval.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Record `value` read at `at`; return the per-second change since the previous reading of
-    /// `key`, or `None` for a new series or a non-positive interval.
+    /// An empty tracker whose rates cover the last `window` intervals (at least one): the change
+    /// since the oldest reading kept, over the time since then. A series with fewer readings
+    /// averages what it has.
+    pub fn with_window(window: usize) -> Self {
+        Self {
+            window: window.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// Record `value` read at `at`; return the per-second change since the oldest reading of
+    /// `key` kept, or `None` for a new series or a non-positive interval.
     pub fn gauge(&mut self, key: K, value: f64, at: Instant) -> Option<f64> {
-        let now = Reading {
-            value,
-            at,
-            generation: self.generation,
-        };
-        let before = self.last.insert(key, now)?;
-        let secs = at.checked_duration_since(before.at)?.as_secs_f64();
-        (secs > 0.0).then(|| (value - before.value) / secs)
+        let generation = self.generation;
+        let series = self.last.entry(key).or_insert_with(|| Series {
+            readings: VecDeque::new(),
+            generation,
+        });
+        series.generation = generation;
+        while series.readings.len() > self.window {
+            series.readings.pop_front();
+        }
+        let rate = series.readings.front().and_then(|&(before, since)| {
+            let secs = at.checked_duration_since(since)?.as_secs_f64();
+            (secs > 0.0).then(|| (value - before) / secs)
+        });
+        series.readings.push_back((value, at));
+        rate
     }
 
     /// Like [`Rates::gauge`] for a cumulative counter: a counter lower than its previous reading
     /// (the domain restarted) starts a new series and has no rate yet.
     pub fn counter(&mut self, key: K, value: u64, at: Instant) -> Option<f64> {
+        if let Some(series) = self.last.get_mut(&key)
+            && series
+                .readings
+                .back()
+                .is_some_and(|&(before, _)| (value as f64) < before)
+        {
+            series.readings.clear();
+        }
         let rate = self.gauge(key, value as f64, at)?;
         (rate >= 0.0).then_some(rate)
     }
 
+    /// Forget all of `key`'s history but its latest reading, so its next rate covers only the
+    /// interval from that reading on.
+    pub fn restart(&mut self, key: &K) {
+        if let Some(series) = self.last.get_mut(key) {
+            while series.readings.len() > 1 {
+                series.readings.pop_front();
+            }
+        }
+    }
+
     /// Keep `key`'s series alive through this cycle without a new reading.
     pub fn touch(&mut self, key: &K) {
-        if let Some(r) = self.last.get_mut(key) {
-            r.generation = self.generation;
+        if let Some(series) = self.last.get_mut(key) {
+            series.generation = self.generation;
         }
     }
 
@@ -164,6 +202,12 @@ pub fn pcpu_demand(snapshot: &CpuSnapshot) -> Option<BTreeMap<u32, f64>> {
 }
 
 /// Turns successive vCPU CPU-time readings into a [`CpuSnapshot`].
+///
+/// Usage and demand are averaged over the last `window` samples, so that a load which swings from
+/// one sample to the next is judged by its level, not by its latest swing. A vCPU's demand is what
+/// it wants wherever it runs, so its average carries across pin changes; its usage depends on where
+/// it runs (a vCPU sharing a pCPU uses its share), so its average starts again when its affinity
+/// changes.
 #[derive(Default)]
 pub struct CpuSampler {
     rates: Rates<VcpuKey>,
@@ -171,12 +215,24 @@ pub struct CpuSampler {
     wanted: Rates<VcpuKey>,
     pcpus: Vec<u32>,
     vcpus: Vec<VcpuLoad>,
+    /// Each vCPU's affinity at the previous sample, and at this one.
+    affinity_before: HashMap<VcpuKey, Vec<u32>>,
+    affinity_now: HashMap<VcpuKey, Vec<u32>>,
 }
 
 impl CpuSampler {
-    /// A sampler with no history.
+    /// A sampler with no history whose rates cover the last sample interval.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A sampler with no history whose rates are averaged over the last `window` intervals.
+    pub fn with_window(window: usize) -> Self {
+        Self {
+            rates: Rates::with_window(window),
+            wanted: Rates::with_window(window),
+            ..Self::default()
+        }
     }
 
     /// Start a cycle on a host whose online pCPUs are `online`.
@@ -192,6 +248,14 @@ impl CpuSampler {
                 domain,
                 vcpu: v.number,
             };
+            if self
+                .affinity_before
+                .get(&key)
+                .is_some_and(|before| *before != v.affinity)
+            {
+                self.rates.restart(&key);
+            }
+            self.affinity_now.insert(key, v.affinity.clone());
             let usage = self
                 .rates
                 .counter(key, v.cpu_time_ns, at)
@@ -221,6 +285,7 @@ impl CpuSampler {
     pub fn finish(&mut self) -> CpuSnapshot {
         self.rates.end_cycle();
         self.wanted.end_cycle();
+        self.affinity_before = std::mem::take(&mut self.affinity_now);
         let mut vcpus = std::mem::take(&mut self.vcpus);
         vcpus.sort_by_key(|v| v.key);
         CpuSnapshot {
@@ -404,6 +469,63 @@ mod tests {
         assert_eq!(r.counter("a", 10, t0 + Duration::from_secs(1)), None);
         let rate = r.counter("a", 1_010, t0 + Duration::from_secs(2)).unwrap();
         assert!((rate - 1_000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_window_averages_the_last_intervals() {
+        let mut r = Rates::with_window(3);
+        let t0 = Instant::now();
+        let s = |n| t0 + Duration::from_secs(n);
+        // A counter advancing 10, 40, 10, 40, ... per second.
+        let mut total = 0;
+        let mut rates = Vec::new();
+        for (n, step) in [0, 10, 40, 10, 40, 10].into_iter().enumerate() {
+            total += step;
+            rates.push(r.counter("a", total, s(n as u64)));
+        }
+        // Fewer readings than the window: what there is; then the mean of the last three.
+        assert_eq!(rates[..3], [None, Some(10.0), Some(25.0)]);
+        assert_eq!(rates[3], Some(20.0));
+        assert_eq!(rates[4], Some(30.0));
+        assert_eq!(rates[5], Some(20.0));
+        // A restart keeps only the latest reading: the next rate is the last interval's.
+        r.restart(&"a");
+        assert_eq!(r.counter("a", total + 40, s(6)), Some(40.0));
+        // A counter going backwards drops the whole window.
+        assert_eq!(r.counter("a", 5, s(7)), None);
+        assert_eq!(r.counter("a", 15, s(8)), Some(10.0));
+    }
+
+    #[test]
+    fn averaged_usage_starts_again_when_a_vcpu_is_re_pinned_but_demand_carries_on() {
+        let mut s = CpuSampler::with_window(3);
+        let t0 = Instant::now();
+        let at = |n| t0 + Duration::from_secs(n);
+        let read = |ns: u64, delay: u64, pcpu: u32| VcpuInfo {
+            delay_ns: Some(delay),
+            ..vcpu(0, ns, pcpu, &[pcpu])
+        };
+        // Three seconds sharing pCPU 0 (30 % used, 100 % wanted), then one alone on pCPU 1.
+        let mut snaps = Vec::new();
+        for (n, (ns, delay, pcpu)) in [
+            (0, 0, 0),
+            (300_000_000, 700_000_000, 0),
+            (600_000_000, 1_400_000_000, 0),
+            (900_000_000, 2_100_000_000, 0),
+            (1_900_000_000, 2_100_000_000, 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            s.begin(&[0, 1]);
+            s.record(dom(1), at(n as u64), &[read(ns, delay, pcpu)]);
+            snaps.push(s.finish().vcpus[0].clone());
+        }
+        assert!((snaps[3].usage.unwrap() - 30.0).abs() < 1e-9);
+        assert!((snaps[3].demand.unwrap() - 100.0).abs() < 1e-9);
+        // Re-pinned: usage is the last second's alone, not a mix of before and after.
+        assert!((snaps[4].usage.unwrap() - 100.0).abs() < 1e-9);
+        assert!((snaps[4].demand.unwrap() - 100.0).abs() < 1e-9);
     }
 
     #[test]

@@ -193,11 +193,16 @@ pub struct Scheduler {
     delay_reported: Option<bool>,
 }
 
+/// Samples over which vCPU loads are averaged by default (see [`CpuSampler`]): one, each sample
+/// judged alone. A longer window ignores swings that last less than a few periods, but sees a
+/// lasting change only part by part, and then corrects in several steps (see BENCHMARKS.md).
+pub const DEFAULT_WINDOW: usize = 1;
+
 /// A vCPU planning policy: a snapshot in, pin moves out.
 pub type Planner = fn(&CpuSnapshot, &CpuPolicy) -> CpuPlan;
 
 impl Scheduler {
-    /// A scheduler with no history.
+    /// A scheduler with no history, averaging loads over [`DEFAULT_WINDOW`] samples.
     pub fn new(policy: CpuPolicy, dry_run: bool) -> Self {
         Self::with_planner(policy, dry_run, plan)
     }
@@ -205,7 +210,7 @@ impl Scheduler {
     /// A scheduler deciding with another planner (benchmarks compare policies this way).
     pub fn with_planner(policy: CpuPolicy, dry_run: bool, planner: Planner) -> Self {
         Self {
-            sampler: CpuSampler::new(),
+            sampler: CpuSampler::with_window(DEFAULT_WINDOW),
             policy,
             planner,
             dry_run,
@@ -214,6 +219,12 @@ impl Scheduler {
             settle_after_changes: true,
             delay_reported: None,
         }
+    }
+
+    /// Average vCPU loads over the last `window` samples (1: judge each sample alone).
+    pub fn with_window(mut self, window: usize) -> Self {
+        self.sampler = CpuSampler::with_window(window);
+        self
     }
 
     /// Decide in every cycle, even right after pin changes (benchmarks use it to run the seed's

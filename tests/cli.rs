@@ -66,12 +66,10 @@ fn bad_options_are_refused_with_one_line() {
         "--threshold",
     );
     assert_one_line_error(&run(SCHEDULER, &["--cycles", "0", "1"]), 2, "--cycles");
-    for bad in ["0", "-1", "x", "1.5"] {
-        assert_one_line_error(
-            &run(SCHEDULER, &["--max-changes", bad, "1"]),
-            2,
-            "--max-changes",
-        );
+    for option in ["--max-changes", "--window"] {
+        for bad in ["0", "-1", "x", "1.5"] {
+            assert_one_line_error(&run(SCHEDULER, &[option, bad, "1"]), 2, option);
+        }
     }
     assert_one_line_error(&run(SCHEDULER, &["1", "2"]), 2, "'2'");
 }
@@ -86,6 +84,7 @@ fn help_describes_every_option() {
         "--connect",
         "--threshold",
         "--max-changes",
+        "--window",
         "--dry-run",
         "--cycles",
         "--verbose",

@@ -150,3 +150,36 @@ fn demand_reveals_a_contended_pcpu_that_usage_calls_balanced() {
         }
     }
 }
+
+/// Pin changes over 200 cycles on a balanced host of 8 pCPUs, two vCPUs per pCPU summing to 100 %,
+/// whose loads swing by up to ±`jitter` points each period, judged over `window` samples.
+fn changes_on_a_swinging_host(jitter: f64, window: usize) -> usize {
+    let mut host = SimHost::new(8);
+    host.reports_delay = true;
+    host.jitter = jitter;
+    // pCPU p runs a vCPU of 20, 40, 60 or 80 % and one of 100 % minus that.
+    for p in 0..8u8 {
+        let level = 20.0 + f64::from(p % 4) * 20.0;
+        let pcpu = [u32::from(p)];
+        host.add(2 * p + 1, &[(level, &pcpu)]);
+        host.add(2 * p + 2, &[(100.0 - level, &pcpu)]);
+    }
+    let mut sched = Scheduler::new(CpuPolicy::default(), false).with_window(window);
+    run(&mut host, &mut sched, 200).iter().sum()
+}
+
+#[test]
+fn loads_swinging_around_a_steady_level_move_little_once_averaged() {
+    // Without swings the layout is left alone, whatever the window.
+    assert_eq!(changes_on_a_swinging_host(0.0, 1), 0);
+    assert_eq!(changes_on_a_swinging_host(0.0, 5), 0);
+    // Judged sample by sample (the default), ±10-point swings look like imbalance again and again.
+    let raw = changes_on_a_swinging_host(10.0, vmbalance::scheduler::DEFAULT_WINDOW);
+    assert!(raw >= 20, "only {raw} changes judged sample by sample");
+    // Averaged over 5 samples (`--window 5`), the same swings cost a few changes at most.
+    let averaged = changes_on_a_swinging_host(10.0, 5);
+    assert!(
+        averaged * 10 <= raw,
+        "{averaged} changes averaged against {raw} raw"
+    );
+}

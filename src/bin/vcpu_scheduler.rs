@@ -12,7 +12,7 @@ use vmbalance::daemon::{
     parse_positive_count, run_cycles,
 };
 use vmbalance::libvirt::LibvirtHost;
-use vmbalance::scheduler::Scheduler;
+use vmbalance::scheduler::{DEFAULT_WINDOW, Scheduler};
 
 /// Balance the vCPUs of the running libvirt domains over the host's pCPUs.
 ///
@@ -33,6 +33,12 @@ struct Args {
     #[arg(long, value_name = "POINTS", default_value_t = 10.0, value_parser = parse_non_negative)]
     threshold: f64,
 
+    /// Samples over which each vCPU's load is averaged before deciding: 1 judges every sample
+    /// alone; more (e.g. 5) ignore load swings that last less than a few periods, for slower
+    /// reactions to lasting changes
+    #[arg(long, value_name = "SAMPLES", default_value_t = DEFAULT_WINDOW, value_parser = parse_positive_count)]
+    window: usize,
+
     /// Most pin changes per cycle (default: as many as balance needs); the rest wait for the next
     /// cycles, heaviest unpinned vCPUs and largest gains first
     #[arg(long, value_name = "N", value_parser = parse_positive_count)]
@@ -49,11 +55,12 @@ fn run(args: Args) -> Result<()> {
         threshold: args.threshold,
         max_changes: args.max_changes,
     };
-    let mut scheduler = Scheduler::new(policy, args.common.dry_run);
+    let mut scheduler = Scheduler::new(policy, args.common.dry_run).with_window(args.window);
     info!(
-        "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}{}",
+        "vcpu_scheduler on {uri}: period {:?}, threshold {} points, loads averaged over {} samples{}{}",
         args.period,
         args.threshold,
+        args.window,
         args.max_changes.map_or(String::new(), |n| format!(
             ", at most {n} pin changes a cycle"
         )),

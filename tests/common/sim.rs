@@ -125,6 +125,11 @@ pub struct SimHost {
     pub resizes: usize,
     /// Does the host report vCPU run-queue delay (like QEMU's `vcpu.N.delay`)?
     pub reports_delay: bool,
+    /// Each period, every vCPU wants its demand plus a uniform draw in ±`jitter` points (clamped
+    /// to 0-100): loads that swing from one sample to the next around a steady level.
+    pub jitter: f64,
+    /// State of the seeded generator behind `jitter`.
+    jitter_state: u64,
     start: Instant,
     elapsed: Duration,
 }
@@ -143,6 +148,8 @@ impl SimHost {
             host_reports_memory: true,
             resizes: 0,
             reports_delay: false,
+            jitter: 0.0,
+            jitter_state: 0x9E37_79B9_7F4A_7C15,
             start: Instant::now(),
             elapsed: Duration::ZERO,
         }
@@ -193,26 +200,53 @@ impl SimHost {
     /// Let `dt` of simulated time pass: each pCPU shares its time among its vCPUs in proportion to
     /// their demand when they want more than it has.
     pub fn advance(&mut self, dt: Duration) {
+        let count = self.domains.iter().map(|d| d.vcpus.len()).sum::<usize>();
+        let jitter: Vec<f64> = (0..count).map(|_| self.draw_jitter()).collect();
+        let wants: Vec<f64> = self
+            .domains
+            .iter()
+            .flat_map(|d| &d.vcpus)
+            .zip(jitter)
+            .map(|(v, j)| (v.demand + j).clamp(0.0, 100.0))
+            .collect();
         let mut demand = vec![0.0; self.present as usize];
-        for v in self.domains.iter().flat_map(|d| &d.vcpus) {
-            demand[Self::runs_on(v) as usize] += v.demand;
+        for (v, want) in self.domains.iter().flat_map(|d| &d.vcpus).zip(&wants) {
+            demand[Self::runs_on(v) as usize] += want;
         }
-        for v in self.domains.iter_mut().flat_map(|d| &mut d.vcpus) {
+        for (v, want) in self
+            .domains
+            .iter_mut()
+            .flat_map(|d| &mut d.vcpus)
+            .zip(wants)
+        {
             let total = demand[Self::runs_on(v) as usize];
             let share = if total > 100.0 {
-                v.demand * 100.0 / total
+                want * 100.0 / total
             } else {
-                v.demand
+                want
             };
             v.cpu_ns += (share / 100.0 * dt.as_nanos() as f64) as u64;
             // What it wanted but did not get, it spent waiting in the run queue.
-            v.delay_ns += ((v.demand - share) / 100.0 * dt.as_nanos() as f64) as u64;
+            v.delay_ns += ((want - share) / 100.0 * dt.as_nanos() as f64) as u64;
         }
         self.elapsed += dt;
         let now = self.elapsed.as_secs_f64();
         for d in &mut self.domains {
             d.mem.advance(now, dt.as_secs_f64());
         }
+    }
+
+    /// A uniform draw in ±`jitter` (0 without jitter), from a seeded xorshift64*.
+    fn draw_jitter(&mut self) -> f64 {
+        if self.jitter == 0.0 {
+            return 0.0;
+        }
+        let x = &mut self.jitter_state;
+        *x ^= *x >> 12;
+        *x ^= *x << 25;
+        *x ^= *x >> 27;
+        let unit = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+        self.jitter * (2.0 * unit - 1.0)
     }
 
     /// Actual usage of each pCPU over a period with the current pins, in percent.
