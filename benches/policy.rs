@@ -614,6 +614,8 @@ fn cpu_snapshot(pcpus: u32, vcpus: usize, crowded: bool, seed: u64) -> CpuSnapsh
                     demand: None,
                     pinned: Some(p),
                     last_pcpu: Some(p),
+                    usage_swing: None,
+                    demand_swing: None,
                 }
             })
             .collect(),

@@ -22,6 +22,10 @@
 //!    must also pay together: when they cannot reach balance, they are kept only if together they
 //!    narrow the fixable spread by at least `threshold`, and only as far as they make real
 //!    progress; a few points of noise on a host that cannot be balanced therefore move nothing.
+//!    Loads that swing from one sample to the next make gaps that no pin change fixes for good:
+//!    a pair is only worked on when its gap exceeds `threshold` plus three standard deviations of
+//!    the gap's own swing (each vCPU's swing is measured by the sampler; swings of different
+//!    vCPUs add as independent). Steady loads have no swing, and the rule is the threshold alone.
 //! 5. vCPUs whose usage is not known yet (first sample) are neither moved nor pinned.
 //! 6. Loads are demands (used plus waited for, see [`Basis`]) when the hypervisor reports run-queue
 //!    delay, usages otherwise; the rules are the same.
@@ -101,7 +105,22 @@ impl Basis {
             Basis::Demand => v.demand_or_usage(),
         }
     }
+
+    /// How much that figure swings from one sample to the next (0 when not known).
+    fn swing(self, v: &VcpuLoad) -> f64 {
+        match self {
+            Basis::Usage => v.usage_swing,
+            Basis::Demand => v.demand_swing.or(v.usage_swing),
+        }
+        .unwrap_or(0.0)
+    }
 }
+
+/// A pair of pCPUs must be further apart than the threshold plus this many standard deviations of
+/// their gap's swing before a step is taken between them: the busiest and the freest of many
+/// pCPUs are the extremes of many swinging loads, and a gap that swings alone explain moves
+/// nothing for good.
+const SWING_SIGMAS: f64 = 3.0;
 
 /// The planner's answer.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -126,12 +145,16 @@ struct Placement {
     original: Vec<Option<usize>>,
     /// Per vCPU: usage, 0 when unknown.
     usage: Vec<f64>,
+    /// Per vCPU: the variance of its usage from one sample to the next.
+    variance: Vec<f64>,
     /// Per vCPU: may the planner move it?
     movable: Vec<bool>,
     /// Movable vCPUs placed elsewhere than their current pin: the plan's pin changes so far.
     changes: usize,
     /// Per pCPU: summed usage.
     load: Vec<f64>,
+    /// Per pCPU: summed variance of its vCPUs' usage (swings of different vCPUs are independent).
+    pcpu_variance: Vec<f64>,
     /// Per pCPU: the number of vCPUs on it, movable or not.
     count: Vec<usize>,
     /// Per pCPU: the movable vCPUs on it, ordered by usage then index (see [`key`]).
@@ -152,18 +175,20 @@ impl Placement {
     /// vCPUs with `usage` placed on `pcpus` pCPUs as `at` says, built in bulk; `original` is
     /// where their pins put them now.
     fn new(
-        usage: Vec<f64>,
+        (usage, variance): (Vec<f64>, Vec<f64>),
         movable: Vec<bool>,
         pcpus: usize,
         at: Vec<Option<usize>>,
         original: Vec<Option<usize>>,
     ) -> Self {
         let mut load = vec![0.0; pcpus];
+        let mut pcpu_variance = vec![0.0; pcpus];
         let mut count = vec![0; pcpus];
         let mut lists = vec![Vec::new(); pcpus];
         for (v, p) in at.iter().enumerate() {
             if let Some(p) = *p {
                 load[p] += usage[v];
+                pcpu_variance[p] += variance[v];
                 count[p] += 1;
                 if movable[v] {
                     lists[p].push(key(usage[v], v));
@@ -181,9 +206,11 @@ impl Placement {
             at,
             original,
             usage,
+            variance,
             movable,
             changes,
             load,
+            pcpu_variance,
             count,
             members,
             by_load: load_key.iter().copied().collect(),
@@ -211,6 +238,7 @@ impl Placement {
     fn put(&mut self, v: usize, p: usize) {
         self.set_at(v, Some(p));
         self.load[p] += self.usage[v];
+        self.pcpu_variance[p] += self.variance[v];
         self.count[p] += 1;
         if self.movable[v] {
             self.members[p].insert(key(self.usage[v], v));
@@ -222,6 +250,7 @@ impl Placement {
         if let Some(p) = self.at[v] {
             self.set_at(v, None);
             self.load[p] -= self.usage[v];
+            self.pcpu_variance[p] = (self.pcpu_variance[p] - self.variance[v]).max(0.0);
             self.count[p] -= 1;
             self.members[p].remove(&key(self.usage[v], v));
             self.refile(p);
@@ -318,7 +347,8 @@ fn next_step(s: &Placement, threshold: f64) -> Option<Step> {
     let src = s.busiest_shared()?;
     let dst = s.freest();
     let gap = s.load[src] - s.load[dst];
-    if src == dst || gap <= threshold {
+    let swing = (s.pcpu_variance[src] + s.pcpu_variance[dst]).sqrt();
+    if src == dst || gap <= threshold + SWING_SIGMAS * swing {
         return None;
     }
     let hi = max_paying_shift(gap, threshold);
@@ -430,6 +460,11 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         .iter()
         .map(|v| basis.load(v).filter(|u| *u > 0.0).unwrap_or(0.0))
         .collect();
+    let variance: Vec<f64> = snapshot
+        .vcpus
+        .iter()
+        .map(|v| basis.swing(v).powi(2))
+        .collect();
     let mut movable: Vec<bool> = snapshot.vcpus.iter().map(|v| v.usage.is_some()).collect();
     // Where each vCPU sits now: its single pin. Unpinned vCPUs are charged to their last pCPU for
     // the "before" picture, then taken off to be placed.
@@ -454,7 +489,7 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         movable[v] = false;
     }
     unplaced.truncate(max_changes);
-    let mut s = Placement::new(usage, movable, pcpus.len(), charged, original);
+    let mut s = Placement::new((usage, variance), movable, pcpus.len(), charged, original);
     let before = s.balance();
 
     // Rule 1: pin the unpinned, heaviest first, onto the least-loaded pCPU.

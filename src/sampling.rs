@@ -58,6 +58,11 @@ impl<K: Hash + Eq> Rates<K> {
     /// Record `value` read at `at`; return the per-second change since the oldest reading of
     /// `key` kept, or `None` for a new series or a non-positive interval.
     pub fn gauge(&mut self, key: K, value: f64, at: Instant) -> Option<f64> {
+        self.record(key, value, at).map(|(window, _)| window)
+    }
+
+    /// Record `value` read at `at`: (rate over the window, rate over the last interval alone).
+    fn record(&mut self, key: K, value: f64, at: Instant) -> Option<(f64, f64)> {
         let generation = self.generation;
         let series = self.last.entry(key).or_insert_with(|| Series {
             readings: VecDeque::new(),
@@ -67,17 +72,25 @@ impl<K: Hash + Eq> Rates<K> {
         while series.readings.len() > self.window {
             series.readings.pop_front();
         }
-        let rate = series.readings.front().and_then(|&(before, since)| {
+        let rate_since = |&(before, since): &(f64, Instant)| {
             let secs = at.checked_duration_since(since)?.as_secs_f64();
             (secs > 0.0).then(|| (value - before) / secs)
-        });
+        };
+        let window = series.readings.front().and_then(rate_since);
+        let last = series.readings.back().and_then(rate_since);
         series.readings.push_back((value, at));
-        rate
+        window.zip(last)
     }
 
     /// Like [`Rates::gauge`] for a cumulative counter: a counter lower than its previous reading
     /// (the domain restarted) starts a new series and has no rate yet.
     pub fn counter(&mut self, key: K, value: u64, at: Instant) -> Option<f64> {
+        self.counter_and_last(key, value, at)
+            .map(|(window, _)| window)
+    }
+
+    /// Like [`Rates::counter`], with the rate over the last interval alone as well.
+    pub fn counter_and_last(&mut self, key: K, value: u64, at: Instant) -> Option<(f64, f64)> {
         if let Some(series) = self.last.get_mut(&key)
             && series
                 .readings
@@ -86,8 +99,8 @@ impl<K: Hash + Eq> Rates<K> {
         {
             series.readings.clear();
         }
-        let rate = self.gauge(key, value as f64, at)?;
-        (rate >= 0.0).then_some(rate)
+        let (window, last) = self.record(key, value as f64, at)?;
+        (window >= 0.0 && last >= 0.0).then_some((window, last))
     }
 
     /// Forget all of `key`'s history but its latest reading, so its next rate covers only the
@@ -125,6 +138,72 @@ impl<K: Hash + Eq> Rates<K> {
     }
 }
 
+/// Single-interval values kept per key to judge how much a figure swings.
+const SWING_SAMPLES: usize = 6;
+
+/// How much a figure swings from one sample to the next around its level, per key.
+///
+/// The estimate is the median of the last few successive differences, scaled to a standard
+/// deviation (for normal noise, the median absolute difference of two draws is 0.954 σ). A median
+/// ignores one jump, so a load that changed once for good is not taken for a noisy one.
+pub struct Swings<K> {
+    history: HashMap<K, (VecDeque<f64>, u64)>,
+    generation: u64,
+}
+
+impl<K> Default for Swings<K> {
+    fn default() -> Self {
+        Self {
+            history: HashMap::new(),
+            generation: 0,
+        }
+    }
+}
+
+impl<K: Hash + Eq> Swings<K> {
+    /// Record `value`, the figure over the latest interval; return the swing estimate (`None`
+    /// until two values are known).
+    pub fn record(&mut self, key: K, value: f64) -> Option<f64> {
+        let (values, seen) = self
+            .history
+            .entry(key)
+            .or_insert_with(|| (VecDeque::new(), 0));
+        *seen = self.generation;
+        values.push_back(value);
+        if values.len() > SWING_SAMPLES {
+            values.pop_front();
+        }
+        let mut steps: Vec<f64> = values
+            .iter()
+            .zip(values.iter().skip(1))
+            .map(|(a, b)| (b - a).abs())
+            .collect();
+        if steps.is_empty() {
+            return None;
+        }
+        steps.sort_by(f64::total_cmp);
+        let n = steps.len();
+        let median = if n % 2 == 1 {
+            steps[n / 2]
+        } else {
+            (steps[n / 2 - 1] + steps[n / 2]) / 2.0
+        };
+        Some(median / 0.954)
+    }
+
+    /// Forget `key`'s values: its figure changed meaning (a vCPU's usage once it moved).
+    pub fn restart(&mut self, key: &K) {
+        self.history.remove(key);
+    }
+
+    /// Close a cycle: forget keys not recorded since the previous call.
+    pub fn end_cycle(&mut self) {
+        let current = self.generation;
+        self.history.retain(|_, (_, seen)| *seen == current);
+        self.generation += 1;
+    }
+}
+
 /// A vCPU across domains: domain UUID and vCPU number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VcpuKey {
@@ -148,6 +227,11 @@ pub struct VcpuLoad {
     pub pinned: Option<u32>,
     /// The online pCPU it last ran on, if known.
     pub last_pcpu: Option<u32>,
+    /// How much its usage swings from one sample to the next (a standard deviation, in points);
+    /// `None` until known.
+    pub usage_swing: Option<f64>,
+    /// The same for its demand.
+    pub demand_swing: Option<f64>,
 }
 
 impl VcpuLoad {
@@ -213,6 +297,9 @@ pub struct CpuSampler {
     rates: Rates<VcpuKey>,
     /// Rates of CPU time plus run-queue delay.
     wanted: Rates<VcpuKey>,
+    /// Swings of the single-interval usage and demand.
+    usage_swings: Swings<VcpuKey>,
+    demand_swings: Swings<VcpuKey>,
     pcpus: Vec<u32>,
     vcpus: Vec<VcpuLoad>,
     /// Each vCPU's affinity at the previous sample, and at this one.
@@ -254,18 +341,24 @@ impl CpuSampler {
                 .is_some_and(|before| *before != v.affinity)
             {
                 self.rates.restart(&key);
+                self.usage_swings.restart(&key);
             }
             self.affinity_now.insert(key, v.affinity.clone());
-            let usage = self
-                .rates
-                .counter(key, v.cpu_time_ns, at)
-                .map(|ns_per_s| ns_per_s / 1e7);
-            let demand = v.delay_ns.and_then(|delay| {
-                let wanted = v.cpu_time_ns.saturating_add(delay);
-                self.wanted
-                    .counter(key, wanted, at)
-                    .map(|ns_per_s| ns_per_s / 1e7)
-            });
+            let (usage, usage_swing) = match self.rates.counter_and_last(key, v.cpu_time_ns, at) {
+                Some((window, last)) => (
+                    Some(window / 1e7),
+                    self.usage_swings.record(key, last / 1e7),
+                ),
+                None => (None, None),
+            };
+            let wanted = v
+                .delay_ns
+                .and_then(|delay| {
+                    let wanted = v.cpu_time_ns.saturating_add(delay);
+                    self.wanted.counter_and_last(key, wanted, at)
+                })
+                .map(|(window, last)| (window / 1e7, self.demand_swings.record(key, last / 1e7)));
+            let (demand, demand_swing) = wanted.map_or((None, None), |(d, s)| (Some(d), s));
             let online = |p: &u32| self.pcpus.binary_search(p).is_ok();
             let pinned = match v.affinity.as_slice() {
                 [only] if online(only) => Some(*only),
@@ -277,6 +370,8 @@ impl CpuSampler {
                 demand,
                 pinned,
                 last_pcpu: v.last_pcpu.filter(online),
+                usage_swing,
+                demand_swing,
             });
         }
     }
@@ -285,6 +380,8 @@ impl CpuSampler {
     pub fn finish(&mut self) -> CpuSnapshot {
         self.rates.end_cycle();
         self.wanted.end_cycle();
+        self.usage_swings.end_cycle();
+        self.demand_swings.end_cycle();
         self.affinity_before = std::mem::take(&mut self.affinity_now);
         let mut vcpus = std::mem::take(&mut self.vcpus);
         vcpus.sort_by_key(|v| v.key);
@@ -626,6 +723,8 @@ mod tests {
                     demand: None,
                     pinned: Some(0),
                     last_pcpu: Some(0),
+                    usage_swing: None,
+                    demand_swing: None,
                 },
                 VcpuLoad {
                     key: key(1, 1),
@@ -633,6 +732,8 @@ mod tests {
                     demand: None,
                     pinned: None,
                     last_pcpu: Some(2),
+                    usage_swing: None,
+                    demand_swing: None,
                 },
                 VcpuLoad {
                     key: key(2, 0),
@@ -640,6 +741,8 @@ mod tests {
                     demand: None,
                     pinned: Some(0),
                     last_pcpu: Some(0),
+                    usage_swing: None,
+                    demand_swing: None,
                 },
                 VcpuLoad {
                     key: key(2, 1),
@@ -647,6 +750,8 @@ mod tests {
                     demand: None,
                     pinned: Some(1),
                     last_pcpu: Some(1),
+                    usage_swing: None,
+                    demand_swing: None,
                 },
             ],
         };

@@ -193,9 +193,9 @@ pub struct Scheduler {
     delay_reported: Option<bool>,
 }
 
-/// Samples over which vCPU loads are averaged by default (see [`CpuSampler`]): one, each sample
-/// judged alone. A longer window ignores swings that last less than a few periods, but sees a
-/// lasting change only part by part, and then corrects in several steps (see BENCHMARKS.md).
+/// Samples over which vCPU loads are averaged by default (see [`CpuSampler`]): one, the latest
+/// sample. The planner allows for swings whatever the window; a longer window sees a lasting
+/// change only part by part, and then corrects it in several steps (see BENCHMARKS.md).
 pub const DEFAULT_WINDOW: usize = 1;
 
 /// A vCPU planning policy: a snapshot in, pin moves out.

@@ -39,6 +39,8 @@ fn snapshot(pcpus: &[u32], vcpus: &[(Option<f64>, Pin)]) -> CpuSnapshot {
                     demand: None,
                     pinned,
                     last_pcpu: last.filter(|p| pcpus.contains(p)),
+                    usage_swing: None,
+                    demand_swing: None,
                 }
             })
             .collect(),
@@ -595,4 +597,26 @@ fn near_equal_vcpus_are_not_swapped_on_a_noisy_gap() {
     let p = default_plan(&s);
     assert_eq!(p.basis, Basis::Demand);
     assert!(p.moves.is_empty(), "{:?}", p.moves);
+}
+
+#[test]
+fn a_gap_the_loads_own_swings_explain_moves_nothing() {
+    // 60 + 30 against 20 + 40: 30 points apart, over the threshold. Steady loads: one step evens it.
+    let loads = [on(0, 60.0), on(0, 30.0), on(1, 20.0), on(1, 40.0)];
+    let steady = snapshot(&[0, 1], &loads);
+    assert!(!default_plan(&steady).moves.is_empty());
+    // The same figures from loads that swing by 5 points (σ) each: the gap's swing is 10 points,
+    // and 30 is within the threshold plus three of those. Nothing moves.
+    let mut swinging = steady.clone();
+    for v in &mut swinging.vcpus {
+        v.usage_swing = Some(5.0);
+    }
+    assert!(default_plan(&swinging).moves.is_empty());
+    // A gap well beyond the swings is still fixed.
+    let far = [on(0, 90.0), on(0, 60.0), on(1, 10.0), on(1, 0.5)];
+    let mut swinging_far = snapshot(&[0, 1], &far);
+    for v in &mut swinging_far.vcpus {
+        v.usage_swing = Some(5.0);
+    }
+    assert!(!default_plan(&swinging_far).moves.is_empty());
 }

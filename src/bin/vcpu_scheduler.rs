@@ -33,9 +33,9 @@ struct Args {
     #[arg(long, value_name = "POINTS", default_value_t = 10.0, value_parser = parse_non_negative)]
     threshold: f64,
 
-    /// Samples over which each vCPU's load is averaged before deciding: 1 judges every sample
-    /// alone; more (e.g. 5) ignore load swings that last less than a few periods, for slower
-    /// reactions to lasting changes
+    /// Samples over which each vCPU's load is averaged before deciding (and logged): 1 judges
+    /// the latest sample; swings are allowed for either way, so more mostly smooth the figures,
+    /// for slower reactions to lasting changes
     #[arg(long, value_name = "SAMPLES", default_value_t = DEFAULT_WINDOW, value_parser = parse_positive_count)]
     window: usize,
 
