@@ -219,9 +219,12 @@ cmd_teardown() {
             virsh_ undefine "$name" >/dev/null 2>&1 || true
         done < "$dir/domains"
     fi
+    # Wait until each daemon is gone, so a lab set up right after starts its own.
     for d in libvirtd virtlogd; do
         if grep -qx "$d" "$dir/started" 2>/dev/null && [ -s "$dir/$d.pid" ]; then
-            kill "$(cat "$dir/$d.pid")" 2>/dev/null || true
+            local pid; pid=$(cat "$dir/$d.pid")
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         fi
     done
     rm -rf "$dir"
