@@ -18,7 +18,8 @@ use vmbalance::scheduler::{DEFAULT_WINDOW, Scheduler};
 ///
 /// Every PERIOD seconds it samples the CPU time of every vCPU of every active domain, derives
 /// per-vCPU and per-pCPU usage, and re-pins vCPUs so that the busiest pCPU is at most THRESHOLD
-/// points above the freest one, with as few pin changes as it can. vCPUs not pinned to a single
+/// points above the freest one, with as few pin changes as it can; a gap that the loads' own
+/// swings from one sample to the next explain moves nothing. vCPUs not pinned to a single
 /// pCPU are pinned once. Where the hypervisor reports run-queue delay (QEMU does), it balances
 /// demand, CPU time used plus waited for, instead of usage.
 /// It exits 0 when a cycle finds no active domain, and on Ctrl-C or SIGTERM.
