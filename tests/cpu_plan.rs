@@ -334,9 +334,23 @@ fn arb_host() -> impl Strategy<Value = CpuSnapshot> {
     })
 }
 
+/// Like [`arb_host`], with each vCPU's load swinging by a random amount (or not known to).
+fn arb_swinging_host() -> impl Strategy<Value = CpuSnapshot> {
+    arb_host().prop_flat_map(|s| {
+        let n = s.vcpus.len();
+        prop::collection::vec(prop::option::weighted(0.7, 0u32..=15), n).prop_map(move |swings| {
+            let mut s = s.clone();
+            for (v, swing) in s.vcpus.iter_mut().zip(swings) {
+                v.usage_swing = swing.map(f64::from);
+            }
+            s
+        })
+    })
+}
+
 proptest! {
     #[test]
-    fn plans_obey_the_rules(s in arb_host(), threshold in 0u32..30) {
+    fn plans_obey_the_rules(s in arb_swinging_host(), threshold in 0u32..30) {
         let policy = CpuPolicy { threshold: f64::from(threshold), ..CpuPolicy::default() };
         let p = plan(&s, &policy);
         for m in &p.moves {
@@ -368,7 +382,7 @@ proptest! {
 proptest! {
     #[test]
     fn a_change_budget_caps_every_plan_and_changes_nothing_it_can_afford(
-        s in arb_host(),
+        s in arb_swinging_host(),
         budget in 1usize..6,
     ) {
         let capped = CpuPolicy { max_changes: Some(budget), ..CpuPolicy::default() };
