@@ -22,7 +22,11 @@ struct Series {
 }
 
 /// Per-key rates of change over the measured wall-clock interval, averaged over the last `window`
-/// intervals (one by default).
+/// intervals (one by default), and how much the rate swings from one interval to the next.
+///
+/// The swing is the median of the last few changes of the single-interval rate, scaled to a
+/// standard deviation (for normal noise, the median absolute difference of two draws is 0.954 σ).
+/// A median ignores one jump, so a rate that changed once for good is not taken for a noisy one.
 pub struct Rates<K> {
     last: HashMap<K, Series>,
     generation: u64,
@@ -61,36 +65,43 @@ impl<K: Hash + Eq> Rates<K> {
         self.record(key, value, at).map(|(window, _)| window)
     }
 
-    /// Record `value` read at `at`: (rate over the window, rate over the last interval alone).
-    fn record(&mut self, key: K, value: f64, at: Instant) -> Option<(f64, f64)> {
+    /// Record `value` read at `at`: the rate over the window, and its swing (`None` until two
+    /// single-interval rates are known).
+    fn record(&mut self, key: K, value: f64, at: Instant) -> Option<(f64, Option<f64>)> {
         let generation = self.generation;
         let series = self.last.entry(key).or_insert_with(|| Series {
             readings: VecDeque::new(),
             generation,
         });
         series.generation = generation;
-        while series.readings.len() > self.window {
+        while series.readings.len() > self.window.max(SWING_SAMPLES) {
             series.readings.pop_front();
         }
-        let rate_since = |&(before, since): &(f64, Instant)| {
-            let secs = at.checked_duration_since(since)?.as_secs_f64();
-            (secs > 0.0).then(|| (value - before) / secs)
-        };
-        let window = series.readings.front().and_then(rate_since);
-        let last = series.readings.back().and_then(rate_since);
+        // The reading `window` intervals back, or the oldest there is.
+        let before = series
+            .readings
+            .get(series.readings.len().saturating_sub(self.window))
+            .copied();
         series.readings.push_back((value, at));
-        window.zip(last)
+        let (old, then) = before?;
+        let secs = at.checked_duration_since(then)?.as_secs_f64();
+        (secs > 0.0).then(|| ((value - old) / secs, swing(&series.readings)))
     }
 
     /// Like [`Rates::gauge`] for a cumulative counter: a counter lower than its previous reading
     /// (the domain restarted) starts a new series and has no rate yet.
     pub fn counter(&mut self, key: K, value: u64, at: Instant) -> Option<f64> {
-        self.counter_and_last(key, value, at)
-            .map(|(window, _)| window)
+        self.counter_with_swing(key, value, at)
+            .map(|(rate, _)| rate)
     }
 
-    /// Like [`Rates::counter`], with the rate over the last interval alone as well.
-    pub fn counter_and_last(&mut self, key: K, value: u64, at: Instant) -> Option<(f64, f64)> {
+    /// Like [`Rates::counter`], with how much the rate swings from one interval to the next.
+    pub fn counter_with_swing(
+        &mut self,
+        key: K,
+        value: u64,
+        at: Instant,
+    ) -> Option<(f64, Option<f64>)> {
         if let Some(series) = self.last.get_mut(&key)
             && series
                 .readings
@@ -99,12 +110,11 @@ impl<K: Hash + Eq> Rates<K> {
         {
             series.readings.clear();
         }
-        let (window, last) = self.record(key, value as f64, at)?;
-        (window >= 0.0 && last >= 0.0).then_some((window, last))
+        self.record(key, value as f64, at)
     }
 
-    /// Forget all of `key`'s history but its latest reading, so its next rate covers only the
-    /// interval from that reading on.
+    /// Forget all of `key`'s history but its latest reading, so its next rate (and swing) covers
+    /// only the intervals from that reading on.
     pub fn restart(&mut self, key: &K) {
         if let Some(series) = self.last.get_mut(key) {
             while series.readings.len() > 1 {
@@ -138,70 +148,34 @@ impl<K: Hash + Eq> Rates<K> {
     }
 }
 
-/// Single-interval values kept per key to judge how much a figure swings.
+/// Readings kept per series, at least, to judge how much its rate swings.
 const SWING_SAMPLES: usize = 6;
 
-/// How much a figure swings from one sample to the next around its level, per key.
-///
-/// The estimate is the median of the last few successive differences, scaled to a standard
-/// deviation (for normal noise, the median absolute difference of two draws is 0.954 σ). A median
-/// ignores one jump, so a load that changed once for good is not taken for a noisy one.
-pub struct Swings<K> {
-    history: HashMap<K, (VecDeque<f64>, u64)>,
-    generation: u64,
-}
-
-impl<K> Default for Swings<K> {
-    fn default() -> Self {
-        Self {
-            history: HashMap::new(),
-            generation: 0,
-        }
+/// How much the single-interval rates between successive `readings` swing: the median change
+/// from one to the next, as a standard deviation. `None` with fewer than two rates.
+fn swing(readings: &VecDeque<(f64, Instant)>) -> Option<f64> {
+    let rates: Vec<f64> = readings
+        .iter()
+        .zip(readings.iter().skip(1))
+        .rev()
+        .take(SWING_SAMPLES)
+        .filter_map(|(&(v0, t0), &(v1, t1))| {
+            let secs = t1.checked_duration_since(t0)?.as_secs_f64();
+            (secs > 0.0).then(|| (v1 - v0) / secs)
+        })
+        .collect();
+    let mut steps: Vec<f64> = rates.windows(2).map(|w| (w[0] - w[1]).abs()).collect();
+    if steps.is_empty() {
+        return None;
     }
-}
-
-impl<K: Hash + Eq> Swings<K> {
-    /// Record `value`, the figure over the latest interval; return the swing estimate (`None`
-    /// until two values are known).
-    pub fn record(&mut self, key: K, value: f64) -> Option<f64> {
-        let (values, seen) = self
-            .history
-            .entry(key)
-            .or_insert_with(|| (VecDeque::new(), 0));
-        *seen = self.generation;
-        values.push_back(value);
-        if values.len() > SWING_SAMPLES {
-            values.pop_front();
-        }
-        let mut steps: Vec<f64> = values
-            .iter()
-            .zip(values.iter().skip(1))
-            .map(|(a, b)| (b - a).abs())
-            .collect();
-        if steps.is_empty() {
-            return None;
-        }
-        steps.sort_by(f64::total_cmp);
-        let n = steps.len();
-        let median = if n % 2 == 1 {
-            steps[n / 2]
-        } else {
-            (steps[n / 2 - 1] + steps[n / 2]) / 2.0
-        };
-        Some(median / 0.954)
-    }
-
-    /// Forget `key`'s values: its figure changed meaning (a vCPU's usage once it moved).
-    pub fn restart(&mut self, key: &K) {
-        self.history.remove(key);
-    }
-
-    /// Close a cycle: forget keys not recorded since the previous call.
-    pub fn end_cycle(&mut self) {
-        let current = self.generation;
-        self.history.retain(|_, (_, seen)| *seen == current);
-        self.generation += 1;
-    }
+    steps.sort_by(f64::total_cmp);
+    let n = steps.len();
+    let median = if n % 2 == 1 {
+        steps[n / 2]
+    } else {
+        (steps[n / 2 - 1] + steps[n / 2]) / 2.0
+    };
+    Some(median / 0.954)
 }
 
 /// A vCPU across domains: domain UUID and vCPU number.
@@ -297,9 +271,6 @@ pub struct CpuSampler {
     rates: Rates<VcpuKey>,
     /// Rates of CPU time plus run-queue delay.
     wanted: Rates<VcpuKey>,
-    /// Swings of the single-interval usage and demand.
-    usage_swings: Swings<VcpuKey>,
-    demand_swings: Swings<VcpuKey>,
     pcpus: Vec<u32>,
     vcpus: Vec<VcpuLoad>,
     /// Each vCPU's affinity at the previous sample, and at this one.
@@ -341,24 +312,22 @@ impl CpuSampler {
                 .is_some_and(|before| *before != v.affinity)
             {
                 self.rates.restart(&key);
-                self.usage_swings.restart(&key);
             }
             self.affinity_now.insert(key, v.affinity.clone());
-            let (usage, usage_swing) = match self.rates.counter_and_last(key, v.cpu_time_ns, at) {
-                Some((window, last)) => (
-                    Some(window / 1e7),
-                    self.usage_swings.record(key, last / 1e7),
-                ),
-                None => (None, None),
-            };
-            let wanted = v
+            let percent = |(rate, swing): (f64, Option<f64>)| (rate / 1e7, swing.map(|s| s / 1e7));
+            let (usage, usage_swing) = self
+                .rates
+                .counter_with_swing(key, v.cpu_time_ns, at)
+                .map(percent)
+                .unzip();
+            let (demand, demand_swing) = v
                 .delay_ns
                 .and_then(|delay| {
                     let wanted = v.cpu_time_ns.saturating_add(delay);
-                    self.wanted.counter_and_last(key, wanted, at)
+                    self.wanted.counter_with_swing(key, wanted, at)
                 })
-                .map(|(window, last)| (window / 1e7, self.demand_swings.record(key, last / 1e7)));
-            let (demand, demand_swing) = wanted.map_or((None, None), |(d, s)| (Some(d), s));
+                .map(percent)
+                .unzip();
             let online = |p: &u32| self.pcpus.binary_search(p).is_ok();
             let pinned = match v.affinity.as_slice() {
                 [only] if online(only) => Some(*only),
@@ -370,8 +339,8 @@ impl CpuSampler {
                 demand,
                 pinned,
                 last_pcpu: v.last_pcpu.filter(online),
-                usage_swing,
-                demand_swing,
+                usage_swing: usage_swing.flatten(),
+                demand_swing: demand_swing.flatten(),
             });
         }
     }
@@ -380,8 +349,6 @@ impl CpuSampler {
     pub fn finish(&mut self) -> CpuSnapshot {
         self.rates.end_cycle();
         self.wanted.end_cycle();
-        self.usage_swings.end_cycle();
-        self.demand_swings.end_cycle();
         self.affinity_before = std::mem::take(&mut self.affinity_now);
         let mut vcpus = std::mem::take(&mut self.vcpus);
         vcpus.sort_by_key(|v| v.key);
@@ -591,6 +558,30 @@ mod tests {
         // A counter going backwards drops the whole window.
         assert_eq!(r.counter("a", 5, s(7)), None);
         assert_eq!(r.counter("a", 15, s(8)), Some(10.0));
+    }
+
+    #[test]
+    fn the_swing_is_the_typical_change_between_intervals_and_ignores_one_jump() {
+        let t0 = Instant::now();
+        let swings = |steps: &[u64]| {
+            let mut r = Rates::new();
+            let mut total = 0;
+            let mut last = None;
+            for (n, step) in std::iter::once(&0).chain(steps).enumerate() {
+                total += step;
+                last = r.counter_with_swing("a", total, t0 + Duration::from_secs(n as u64));
+            }
+            last.and_then(|(_, swing)| swing)
+        };
+        // One rate known: no swing yet. Steady: none.
+        assert_eq!(swings(&[10]), None);
+        assert_eq!(swings(&[10, 10, 10, 10]), Some(0.0));
+        // Alternating 10 and 40: it swings by 30 every interval.
+        let alternating = swings(&[10, 40, 10, 40, 10, 40]).unwrap();
+        assert!((alternating - 30.0 / 0.954).abs() < 1e-9);
+        // Steady at 10, then 100 for good: one jump, not a swing.
+        assert_eq!(swings(&[10, 10, 10, 10, 100]), Some(0.0));
+        assert_eq!(swings(&[10, 10, 10, 100, 100]), Some(0.0));
     }
 
     #[test]
