@@ -24,8 +24,9 @@
 //!    progress; a few points of noise on a host that cannot be balanced therefore move nothing.
 //!    Loads that swing from one sample to the next make gaps that no pin change fixes for good:
 //!    a pair is only worked on when its gap exceeds `threshold` plus three standard deviations of
-//!    the gap's own swing (each vCPU's swing is measured by the sampler; swings of different
-//!    vCPUs add as independent). Steady loads have no swing, and the rule is the threshold alone.
+//!    the gap's own swing (each vCPU's swing is measured by the sampler, see
+//!    [`crate::sampling::Rates`]; swings of different vCPUs add as independent). Steady loads have
+//!    no swing, and the rule is the threshold alone.
 //! 5. vCPUs whose usage is not known yet (first sample) are neither moved nor pinned.
 //! 6. Loads are demands (used plus waited for, see [`Basis`]) when the hypervisor reports run-queue
 //!    delay, usages otherwise; the rules are the same.

@@ -24,9 +24,12 @@ struct Series {
 /// Per-key rates of change over the measured wall-clock interval, averaged over the last `window`
 /// intervals (one by default), and how much the rate swings from one interval to the next.
 ///
-/// The swing is the median of the last few changes of the single-interval rate, scaled to a
-/// standard deviation (for normal noise, the median absolute difference of two draws is 0.954 σ).
-/// A median ignores one jump, so a rate that changed once for good is not taken for a noisy one.
+/// The swing is the larger of the latest change of the single-interval rate and the second largest
+/// of the last five, scaled to a standard deviation (for normal noise, the second largest of five
+/// is about 1.435 σ). So a rate that just changed counts as swinging for one sample: a change is
+/// acted on once it holds for a second sample, which a one-sample dip never does. A jump and back
+/// makes two large changes, and counts as a swing while they are among the last five; one jump that
+/// holds is not a swing.
 pub struct Rates<K> {
     last: HashMap<K, Series>,
     generation: u64,
@@ -151,8 +154,8 @@ impl<K: Hash + Eq> Rates<K> {
 /// Readings kept per series, at least, to judge how much its rate swings.
 const SWING_SAMPLES: usize = 6;
 
-/// How much the single-interval rates between successive `readings` swing: the median change
-/// from one to the next, as a standard deviation. `None` with fewer than two rates.
+/// How much the single-interval rates between successive `readings` swing (see [`Rates`]), as a
+/// standard deviation. `None` with fewer than two rates.
 fn swing(readings: &VecDeque<(f64, Instant)>) -> Option<f64> {
     let rates: Vec<f64> = readings
         .iter()
@@ -164,18 +167,12 @@ fn swing(readings: &VecDeque<(f64, Instant)>) -> Option<f64> {
             (secs > 0.0).then(|| (v1 - v0) / secs)
         })
         .collect();
+    // Newest first.
     let mut steps: Vec<f64> = rates.windows(2).map(|w| (w[0] - w[1]).abs()).collect();
-    if steps.is_empty() {
-        return None;
-    }
+    let latest = *steps.first()?;
     steps.sort_by(f64::total_cmp);
-    let n = steps.len();
-    let median = if n % 2 == 1 {
-        steps[n / 2]
-    } else {
-        (steps[n / 2 - 1] + steps[n / 2]) / 2.0
-    };
-    Some(median / 0.954)
+    let second_largest = steps[steps.len().saturating_sub(2)];
+    Some(latest.max(second_largest) / 1.435)
 }
 
 /// A vCPU across domains: domain UUID and vCPU number.
@@ -561,7 +558,7 @@ mod tests {
     }
 
     #[test]
-    fn the_swing_is_the_typical_change_between_intervals_and_ignores_one_jump() {
+    fn a_change_swings_until_it_holds_and_a_dip_while_it_is_recent() {
         let t0 = Instant::now();
         let swings = |steps: &[u64]| {
             let mut r = Rates::new();
@@ -578,10 +575,16 @@ mod tests {
         assert_eq!(swings(&[10, 10, 10, 10]), Some(0.0));
         // Alternating 10 and 40: it swings by 30 every interval.
         let alternating = swings(&[10, 40, 10, 40, 10, 40]).unwrap();
-        assert!((alternating - 30.0 / 0.954).abs() < 1e-9);
-        // Steady at 10, then 100 for good: one jump, not a swing.
-        assert_eq!(swings(&[10, 10, 10, 10, 100]), Some(0.0));
+        assert!((alternating - 30.0 / 1.435).abs() < 1e-9);
+        // Steady at 10, then 100: a swing for the sample that shows the jump, none once it holds.
+        let jump = swings(&[10, 10, 10, 10, 100]).unwrap();
+        assert!((jump - 90.0 / 1.435).abs() < 1e-9);
         assert_eq!(swings(&[10, 10, 10, 100, 100]), Some(0.0));
+        // A one-sample dip is a jump and back: a swing, while it is among the last five changes.
+        let dip = swings(&[100, 100, 100, 78, 100]).unwrap();
+        assert!((dip - 22.0 / 1.435).abs() < 1e-9);
+        assert!(swings(&[100, 100, 78, 100, 100, 100, 100]).unwrap() > 15.0);
+        assert_eq!(swings(&[100, 78, 100, 100, 100, 100, 100, 100]), Some(0.0));
     }
 
     #[test]
