@@ -1,6 +1,6 @@
 //! Observe: what the daemons need to know about a hypervisor host, and the two things they change.
 //!
-//! The [`Host`] trait is the only door to the hypervisor. [`crate::libvirt_host::LibvirtHost`] is the
+//! The [`Host`] trait is the only door to the hypervisor. [`crate::libvirt::LibvirtHost`] is the
 //! real implementation; tests and benchmarks implement it with a simulated host. Domains are keyed by
 //! UUID ([`DomainId`]), never by their position in a listing, so a domain that restarts or a listing
 //! that changes order between two samples cannot be confused with another one.
