@@ -65,12 +65,6 @@ impl<K: Hash + Eq> Rates<K> {
     /// Record `value` read at `at`; return the per-second change since the oldest reading of
     /// `key` kept, or `None` for a new series or a non-positive interval.
     pub fn gauge(&mut self, key: K, value: f64, at: Instant) -> Option<f64> {
-        self.record(key, value, at).map(|(window, _)| window)
-    }
-
-    /// Record `value` read at `at`: the rate over the window, and its swing (`None` until two
-    /// single-interval rates are known).
-    fn record(&mut self, key: K, value: f64, at: Instant) -> Option<(f64, Option<f64>)> {
         let generation = self.generation;
         let series = self.last.entry(key).or_insert_with(|| Series {
             readings: VecDeque::new(),
@@ -88,23 +82,27 @@ impl<K: Hash + Eq> Rates<K> {
         series.readings.push_back((value, at));
         let (old, then) = before?;
         let secs = at.checked_duration_since(then)?.as_secs_f64();
-        (secs > 0.0).then(|| ((value - old) / secs, swing(&series.readings)))
+        (secs > 0.0).then(|| (value - old) / secs)
     }
 
-    /// Like [`Rates::gauge`] for a cumulative counter: a counter lower than its previous reading
-    /// (the domain restarted) starts a new series and has no rate yet.
-    pub fn counter(&mut self, key: K, value: u64, at: Instant) -> Option<f64> {
-        self.counter_with_swing(key, value, at)
-            .map(|(rate, _)| rate)
-    }
-
-    /// Like [`Rates::counter`], with how much the rate swings from one interval to the next.
+    /// Like [`Rates::counter`], with how much the rate swings from one interval to the next
+    /// (`None` until two single-interval rates are known).
     pub fn counter_with_swing(
         &mut self,
         key: K,
         value: u64,
         at: Instant,
-    ) -> Option<(f64, Option<f64>)> {
+    ) -> Option<(f64, Option<f64>)>
+    where
+        K: Clone,
+    {
+        let rate = self.counter(key.clone(), value, at)?;
+        Some((rate, self.last.get(&key).and_then(|s| swing(&s.readings))))
+    }
+
+    /// Like [`Rates::gauge`] for a cumulative counter: a counter lower than its previous reading
+    /// (the domain restarted) starts a new series and has no rate yet.
+    pub fn counter(&mut self, key: K, value: u64, at: Instant) -> Option<f64> {
         if let Some(series) = self.last.get_mut(&key)
             && series
                 .readings
@@ -113,7 +111,8 @@ impl<K: Hash + Eq> Rates<K> {
         {
             series.readings.clear();
         }
-        self.record(key, value as f64, at)
+        let rate = self.gauge(key, value as f64, at)?;
+        (rate >= 0.0).then_some(rate)
     }
 
     /// Forget all of `key`'s history but its latest reading, so its next rate (and swing) covers
