@@ -173,10 +173,11 @@ fn key(usage: f64, v: usize) -> (u64, usize) {
 }
 
 impl Placement {
-    /// vCPUs with `usage` placed on `pcpus` pCPUs as `at` says, built in bulk; `original` is
-    /// where their pins put them now.
+    /// vCPUs with `usage` (and its `variance`) placed on `pcpus` pCPUs as `at` says, built in
+    /// bulk; `original` is where their pins put them now.
     fn new(
-        (usage, variance): (Vec<f64>, Vec<f64>),
+        usage: Vec<f64>,
+        variance: Vec<f64>,
         movable: Vec<bool>,
         pcpus: usize,
         at: Vec<Option<usize>>,
@@ -450,7 +451,7 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     }
     let index_of = |p: u32| pcpus.binary_search(&p).ok();
     let n = snapshot.vcpus.len();
-    let basis = if snapshot.vcpus.iter().any(|v| v.demand.is_some()) {
+    let basis = if snapshot.reports_delay() {
         Basis::Demand
     } else {
         Basis::Usage
@@ -490,7 +491,7 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         movable[v] = false;
     }
     unplaced.truncate(max_changes);
-    let mut s = Placement::new((usage, variance), movable, pcpus.len(), charged, original);
+    let mut s = Placement::new(usage, variance, movable, pcpus.len(), charged, original);
     let before = s.balance();
 
     // Rule 1: pin the unpinned, heaviest first, onto the least-loaded pCPU.

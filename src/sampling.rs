@@ -225,6 +225,13 @@ pub struct CpuSnapshot {
     pub vcpus: Vec<VcpuLoad>,
 }
 
+impl CpuSnapshot {
+    /// Does the hypervisor report run-queue delay (does any vCPU have a demand)?
+    pub fn reports_delay(&self) -> bool {
+        self.vcpus.iter().any(|v| v.demand.is_some())
+    }
+}
+
 /// Usage of every online pCPU: the sum of the usages of the vCPUs charged to it (pinned to exactly
 /// that pCPU, or spanning several and last run there). vCPUs without a usage yet count as 0.
 pub fn pcpu_usage(snapshot: &CpuSnapshot) -> BTreeMap<u32, f64> {
@@ -249,7 +256,7 @@ fn charged_sums(
 /// a demand counts its usage). `None` when no vCPU has a demand: the hypervisor reports no
 /// run-queue delay.
 pub fn pcpu_demand(snapshot: &CpuSnapshot) -> Option<BTreeMap<u32, f64>> {
-    if snapshot.vcpus.iter().all(|v| v.demand.is_none()) {
+    if !snapshot.reports_delay() {
         return None;
     }
     Some(charged_sums(snapshot, VcpuLoad::demand_or_usage))
