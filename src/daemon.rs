@@ -74,6 +74,15 @@ pub struct LoopOptions {
 }
 
 impl CommonArgs {
+    /// What the start-up line adds for `--dry-run` (nothing without it).
+    pub fn dry_run_note(&self) -> &'static str {
+        if self.dry_run {
+            ", dry run (no change is made)"
+        } else {
+            ""
+        }
+    }
+
     /// The loop options these arguments ask for, with `period`.
     pub fn loop_options(&self, period: Duration) -> LoopOptions {
         LoopOptions {

@@ -121,11 +121,7 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
         args.waste_pct,
         args.host_reserve_pct,
         args.min_guest_mib,
-        if args.common.dry_run {
-            ", dry run (no change is made)"
-        } else {
-            ""
-        }
+        args.common.dry_run_note()
     );
     let options = args.common.loop_options(args.period);
     run_cycles(&uri, options, || {

@@ -65,11 +65,7 @@ fn run(args: Args) -> Result<()> {
         args.max_changes.map_or(String::new(), |n| format!(
             ", at most {n} pin changes a cycle"
         )),
-        if args.common.dry_run {
-            ", dry run (no change is made)"
-        } else {
-            ""
-        }
+        args.common.dry_run_note()
     );
     let options = args.common.loop_options(args.period);
     run_cycles(&uri, options, || {
