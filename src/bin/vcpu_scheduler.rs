@@ -58,10 +58,14 @@ fn run(args: Args) -> Result<()> {
     };
     let mut scheduler = Scheduler::new(policy, args.common.dry_run).with_window(args.window);
     info!(
-        "vcpu_scheduler on {uri}: period {:?}, threshold {} points, loads averaged over {} samples{}{}",
+        "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}{}{}",
         args.period,
         args.threshold,
-        args.window,
+        if args.window > 1 {
+            format!(", loads averaged over {} samples", args.window)
+        } else {
+            String::new()
+        },
         args.max_changes.map_or(String::new(), |n| format!(
             ", at most {n} pin changes a cycle"
         )),
