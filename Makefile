@@ -1,5 +1,6 @@
 # vmbalance: `make` builds bin/vcpu_scheduler and bin/memory_coordinator; `make test` runs every test.
-# Both install the Debian packages they need (libvirt-dev, pkg-config, ...) when they are missing.
+# Both install the Debian packages they need (libvirt-dev, pkg-config, ...) when they are missing;
+# `make deps` is that step alone. `make install` never installs packages: it only builds and copies.
 
 CARGO ?= cargo
 BIN_DIR := bin
@@ -16,15 +17,23 @@ BINARIES := vcpu_scheduler memory_coordinator
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: all build test test-unit e2e demo lint clean deps test-deps install uninstall
+.PHONY: all build binaries test test-unit e2e demo lint clean deps test-deps install uninstall
 
 all: build
 
-## Build the release binaries into bin/.
+## Install missing packages, then build the release binaries into bin/.
 build: deps
+	@$(MAKE) --no-print-directory binaries
+
+## Build the release binaries into bin/, without installing packages. Each binary is written beside
+## its old one and renamed over it, so this works while a daemon started from bin/ is running (a
+## copy in place fails with "Text file busy"); the running daemon keeps its old file.
+binaries:
 	$(CARGO) build --release --locked
 	@mkdir -p $(BIN_DIR)
-	@for b in $(BINARIES); do cp target/release/$$b $(BIN_DIR)/$$b; done
+	@for b in $(BINARIES); do \
+		install -m 755 target/release/$$b $(BIN_DIR)/.$$b.new && mv -f $(BIN_DIR)/.$$b.new $(BIN_DIR)/$$b || exit 1; \
+	done
 	@echo "built: $(addprefix $(BIN_DIR)/,$(BINARIES))"
 
 ## Run the whole test suite: the fast tests, then the end-to-end tests on real guests.
@@ -52,7 +61,8 @@ lint: deps
 
 ## Install the binaries, their man pages (generated from --help's definitions), the systemd units
 ## and their settings in $(SYSCONFDIR)/default (kept if already there). Honours PREFIX and DESTDIR.
-install: build
+## Never installs packages: a packager's build machine has them, or runs `make deps` first.
+install: binaries
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default
 	install -m 755 $(addprefix $(BIN_DIR)/,$(BINARIES)) $(DESTDIR)$(BINDIR)/
 	for b in $(BINARIES); do $(BIN_DIR)/$$b --man > $(DESTDIR)$(MANDIR)/$$b.1; done
@@ -70,7 +80,8 @@ clean:
 	$(CARGO) clean
 	rm -rf $(BIN_DIR)
 
-# libvirt's headers and pkg-config file, needed to build the `virt` bindings.
+## Install the Debian packages the build needs (libvirt's headers and pkg-config file, for the
+## `virt` bindings) when they are missing; `make`, `make test` and `make lint` run it first.
 deps:
 	@if ! pkg-config --exists 'libvirt >= 6.0.0' 2>/dev/null; then \
 		echo "installing libvirt-dev and pkg-config with apt-get"; \

@@ -117,3 +117,61 @@ fn systemd_accepts_the_units() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn install_never_installs_packages() {
+    // `make -n` prints every command a target would run without running it: no apt-get among them.
+    let out = Command::new("make")
+        .args(["-n", "install", "DESTDIR=/nonexistent"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("make runs");
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && plan.contains("cargo build"), "{plan}");
+    assert!(!plan.contains("apt-get"), "make install would run apt-get:\n{plan}");
+}
+
+#[test]
+fn binaries_are_replaced_while_a_daemon_runs_from_bin() {
+    make(&["binaries"]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (bin, built) = (
+        root.join("bin/vcpu_scheduler"),
+        root.join("target/release/vcpu_scheduler"),
+    );
+    // Run the daemon from a bin/ file that differs from the build (a byte more at the end), so
+    // the next `make` has to replace it.
+    let mut older = std::fs::read(&built).unwrap();
+    older.push(0);
+    let staged = root.join("bin/.vcpu_scheduler.test");
+    std::fs::write(&staged, &older).unwrap();
+    std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, &bin).unwrap();
+    let mut daemon = KillOnDrop(
+        Command::new(&bin)
+            .args(["--connect", "test:///default", "--wait", "-q", "1"])
+            .spawn()
+            .expect("the built daemon starts"),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A copy over the running binary fails with "Text file busy"; a rename over it does not.
+    make(&["binaries"]);
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "the daemon died while its binary was replaced"
+    );
+    assert!(
+        std::fs::read(&bin).unwrap() == std::fs::read(&built).unwrap(),
+        "bin/vcpu_scheduler was not replaced by the new build"
+    );
+}
+
+/// A child process killed when the test ends, whether it passed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
