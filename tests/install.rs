@@ -127,8 +127,14 @@ fn install_never_installs_packages() {
         .output()
         .expect("make runs");
     let plan = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && plan.contains("cargo build"), "{plan}");
-    assert!(!plan.contains("apt-get"), "make install would run apt-get:\n{plan}");
+    assert!(
+        out.status.success() && plan.contains("cargo build"),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains("apt-get"),
+        "make install would run apt-get:\n{plan}"
+    );
 }
 
 #[test]

@@ -1,0 +1,407 @@
+//! [`CpuSampler`]: vCPU CPU times and run-queue delays in, the [`CpuSnapshot`] the vCPU planner
+//! decides on out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use super::Rates;
+use crate::host::{DomainId, VcpuInfo};
+
+/// Nanoseconds of CPU time per second that make one percent of one pCPU.
+const NS_PER_SEC_PER_PERCENT: f64 = 1e7;
+
+/// A vCPU across domains: domain UUID and vCPU number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VcpuKey {
+    /// The domain.
+    pub domain: DomainId,
+    /// The vCPU number inside it.
+    pub vcpu: u32,
+}
+
+/// One vCPU as the planner sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VcpuLoad {
+    /// Which vCPU.
+    pub key: VcpuKey,
+    /// Percent of one pCPU used over the last interval; `None` until it has two samples.
+    pub usage: Option<f64>,
+    /// Percent of one pCPU it wanted: used plus waited for in the host run queue, where the
+    /// hypervisor reports the wait; `None` otherwise.
+    pub demand: Option<f64>,
+    /// The pCPU it is pinned to, when its affinity is exactly one online pCPU.
+    pub pinned: Option<u32>,
+    /// The online pCPU it last ran on, if known.
+    pub last_pcpu: Option<u32>,
+    /// How much its usage swings from one sample to the next (a standard deviation, in points);
+    /// `None` until known.
+    pub usage_swing: Option<f64>,
+    /// The same for its demand.
+    pub demand_swing: Option<f64>,
+}
+
+impl VcpuLoad {
+    /// The pCPU this vCPU's usage is charged to: its pin, else the pCPU it last ran on.
+    pub fn charged_pcpu(&self) -> Option<u32> {
+        self.pinned.or(self.last_pcpu)
+    }
+
+    /// Its demand where known, else its usage.
+    pub fn demand_or_usage(&self) -> Option<f64> {
+        self.demand.or(self.usage)
+    }
+}
+
+/// Everything the vCPU planner needs about the host at one instant.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CpuSnapshot {
+    /// Online pCPUs, ascending.
+    pub pcpus: Vec<u32>,
+    /// Every vCPU of every active domain.
+    pub vcpus: Vec<VcpuLoad>,
+}
+
+impl CpuSnapshot {
+    /// Does the hypervisor report run-queue delay (does any vCPU have a demand)?
+    pub fn reports_delay(&self) -> bool {
+        self.vcpus.iter().any(|v| v.demand.is_some())
+    }
+}
+
+/// Usage of every online pCPU: the sum of the usages of the vCPUs charged to it (pinned to exactly
+/// that pCPU, or spanning several and last run there). vCPUs without a usage yet count as 0.
+pub fn pcpu_usage(snapshot: &CpuSnapshot) -> BTreeMap<u32, f64> {
+    charged_sums(snapshot, |v| v.usage)
+}
+
+/// Per online pCPU, the sum of `figure` over the vCPUs charged to it (unknown figures count 0).
+fn charged_sums(
+    snapshot: &CpuSnapshot,
+    figure: impl Fn(&VcpuLoad) -> Option<f64>,
+) -> BTreeMap<u32, f64> {
+    let mut sums: BTreeMap<u32, f64> = snapshot.pcpus.iter().map(|&p| (p, 0.0)).collect();
+    for v in &snapshot.vcpus {
+        if let Some(slot) = v.charged_pcpu().and_then(|p| sums.get_mut(&p)) {
+            *slot += figure(v).unwrap_or(0.0);
+        }
+    }
+    sums
+}
+
+/// Demand of every online pCPU: the sum of the demands of the vCPUs charged to it (a vCPU without
+/// a demand counts its usage). `None` when no vCPU has a demand: the hypervisor reports no
+/// run-queue delay.
+pub fn pcpu_demand(snapshot: &CpuSnapshot) -> Option<BTreeMap<u32, f64>> {
+    if !snapshot.reports_delay() {
+        return None;
+    }
+    Some(charged_sums(snapshot, VcpuLoad::demand_or_usage))
+}
+
+/// Turns successive vCPU CPU-time readings into a [`CpuSnapshot`].
+///
+/// Usage and demand are averaged over the last `window` samples, so that a load which swings from
+/// one sample to the next is judged by its level, not by its latest swing. A vCPU's demand is what
+/// it wants wherever it runs, so its average carries across pin changes; its usage depends on where
+/// it runs (a vCPU sharing a pCPU uses its share), so its average starts again when its affinity
+/// changes.
+#[derive(Default)]
+pub struct CpuSampler {
+    rates: Rates<VcpuKey>,
+    /// Rates of CPU time plus run-queue delay: demand.
+    demand_rates: Rates<VcpuKey>,
+    pcpus: Vec<u32>,
+    vcpus: Vec<VcpuLoad>,
+    /// Each vCPU's affinity at the previous sample, and at this one.
+    affinity_before: HashMap<VcpuKey, Vec<u32>>,
+    affinity_now: HashMap<VcpuKey, Vec<u32>>,
+}
+
+impl CpuSampler {
+    /// A sampler with no history whose rates cover the last sample interval.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A sampler with no history whose rates are averaged over the last `window` intervals.
+    pub fn with_window(window: usize) -> Self {
+        Self {
+            rates: Rates::with_window(window),
+            demand_rates: Rates::with_window(window),
+            ..Self::default()
+        }
+    }
+
+    /// Start a cycle on a host whose online pCPUs are `online`.
+    pub fn begin(&mut self, online: &[u32]) {
+        self.pcpus = online.to_vec();
+        self.vcpus.clear();
+    }
+
+    /// Record the vCPUs of one domain, read at `at`.
+    pub fn record(&mut self, domain: DomainId, at: Instant, vcpus: &[VcpuInfo]) {
+        for v in vcpus {
+            let key = VcpuKey {
+                domain,
+                vcpu: v.number,
+            };
+            if self
+                .affinity_before
+                .get(&key)
+                .is_some_and(|before| *before != v.affinity)
+            {
+                self.rates.restart(&key);
+            }
+            self.affinity_now.insert(key, v.affinity.clone());
+            let percent = |(rate, swing): (f64, Option<f64>)| {
+                (
+                    rate / NS_PER_SEC_PER_PERCENT,
+                    swing.map(|s| s / NS_PER_SEC_PER_PERCENT),
+                )
+            };
+            let (usage, usage_swing) = self
+                .rates
+                .counter_with_swing(key, v.cpu_time_ns, at)
+                .map(percent)
+                .unzip();
+            let (demand, demand_swing) = v
+                .delay_ns
+                .and_then(|delay| {
+                    let used_or_waited = v.cpu_time_ns.saturating_add(delay);
+                    self.demand_rates
+                        .counter_with_swing(key, used_or_waited, at)
+                })
+                .map(percent)
+                .unzip();
+            let online = |p: &u32| self.pcpus.binary_search(p).is_ok();
+            let pinned = match v.affinity.as_slice() {
+                [only] if online(only) => Some(*only),
+                _ => None,
+            };
+            self.vcpus.push(VcpuLoad {
+                key,
+                usage,
+                demand,
+                pinned,
+                last_pcpu: v.last_pcpu.filter(online),
+                usage_swing: usage_swing.flatten(),
+                demand_swing: demand_swing.flatten(),
+            });
+        }
+    }
+
+    /// Close the cycle: forget vCPUs that were not recorded, and return the snapshot.
+    pub fn finish(&mut self) -> CpuSnapshot {
+        self.rates.end_cycle();
+        self.demand_rates.end_cycle();
+        self.affinity_before = std::mem::take(&mut self.affinity_now);
+        let mut vcpus = std::mem::take(&mut self.vcpus);
+        vcpus.sort_by_key(|v| v.key);
+        CpuSnapshot {
+            pcpus: self.pcpus.clone(),
+            vcpus,
+        }
+    }
+
+    /// Number of vCPU series with history.
+    pub fn tracked(&self) -> usize {
+        self.rates.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn dom(n: u8) -> DomainId {
+        DomainId([n; 16])
+    }
+
+    fn vcpu(number: u32, ns: u64, pcpu: u32, affinity: &[u32]) -> VcpuInfo {
+        VcpuInfo {
+            number,
+            cpu_time_ns: ns,
+            last_pcpu: Some(pcpu),
+            affinity: affinity.to_vec(),
+            delay_ns: None,
+        }
+    }
+
+    #[test]
+    fn averaged_usage_starts_again_when_a_vcpu_is_re_pinned_but_demand_carries_on() {
+        let mut s = CpuSampler::with_window(3);
+        let t0 = Instant::now();
+        let at = |n| t0 + Duration::from_secs(n);
+        let read = |ns: u64, delay: u64, pcpu: u32| VcpuInfo {
+            delay_ns: Some(delay),
+            ..vcpu(0, ns, pcpu, &[pcpu])
+        };
+        // Three seconds sharing pCPU 0 (30 % used, 100 % wanted), then one alone on pCPU 1.
+        let mut snaps = Vec::new();
+        for (n, (ns, delay, pcpu)) in [
+            (0, 0, 0),
+            (300_000_000, 700_000_000, 0),
+            (600_000_000, 1_400_000_000, 0),
+            (900_000_000, 2_100_000_000, 0),
+            (1_900_000_000, 2_100_000_000, 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            s.begin(&[0, 1]);
+            s.record(dom(1), at(n as u64), &[read(ns, delay, pcpu)]);
+            snaps.push(s.finish().vcpus[0].clone());
+        }
+        assert!((snaps[3].usage.unwrap() - 30.0).abs() < 1e-9);
+        assert!((snaps[3].demand.unwrap() - 100.0).abs() < 1e-9);
+        // Re-pinned: usage is the last second's alone, not a mix of before and after.
+        assert!((snaps[4].usage.unwrap() - 100.0).abs() < 1e-9);
+        assert!((snaps[4].demand.unwrap() - 100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn sampler_derives_vcpu_usage_and_tolerates_domains_coming_and_going() {
+        let mut s = CpuSampler::new();
+        let t0 = Instant::now();
+        s.begin(&[0, 1]);
+        s.record(dom(1), t0, &[vcpu(0, 0, 0, &[0]), vcpu(1, 0, 1, &[0, 1])]);
+        let first = s.finish();
+        assert!(first.vcpus.iter().all(|v| v.usage.is_none()));
+
+        let t1 = t0 + Duration::from_secs(2);
+        s.begin(&[0, 1]);
+        // vCPU 0 used 1 s of its 2 s: 50 %. vCPU 1 used 0.2 s: 10 %. Domain 2 is new.
+        s.record(
+            dom(1),
+            t1,
+            &[
+                vcpu(0, 1_000_000_000, 0, &[0]),
+                vcpu(1, 200_000_000, 1, &[0, 1]),
+            ],
+        );
+        s.record(dom(2), t1, &[vcpu(0, 9_000_000_000, 1, &[1])]);
+        let snap = s.finish();
+        let u: Vec<_> = snap.vcpus.iter().map(|v| v.usage).collect();
+        assert!((u[0].unwrap() - 50.0).abs() < 1e-9);
+        assert!((u[1].unwrap() - 10.0).abs() < 1e-9);
+        assert_eq!(u[2], None);
+        assert_eq!(snap.vcpus[0].pinned, Some(0));
+        assert_eq!(snap.vcpus[1].pinned, None);
+
+        // Domain 1 vanishes; its series are dropped at the end of the cycle.
+        s.begin(&[0, 1]);
+        s.record(
+            dom(2),
+            t1 + Duration::from_secs(1),
+            &[vcpu(0, 9_500_000_000, 1, &[1])],
+        );
+        let snap = s.finish();
+        assert_eq!(snap.vcpus.len(), 1);
+        assert!((snap.vcpus[0].usage.unwrap() - 50.0).abs() < 1e-9);
+        assert_eq!(s.tracked(), 1);
+    }
+
+    #[test]
+    fn pin_to_an_offline_pcpu_does_not_count_as_pinned() {
+        let mut s = CpuSampler::new();
+        s.begin(&[0, 2]);
+        s.record(dom(1), Instant::now(), &[vcpu(0, 0, 1, &[1])]);
+        let v = &s.finish().vcpus[0];
+        assert_eq!(v.pinned, None);
+        assert_eq!(v.last_pcpu, None);
+    }
+
+    #[test]
+    fn pcpu_usage_charges_pins_and_spanning_vcpus_to_their_last_pcpu() {
+        let key = |d, n| VcpuKey {
+            domain: dom(d),
+            vcpu: n,
+        };
+        let snap = CpuSnapshot {
+            pcpus: vec![0, 1, 2],
+            vcpus: vec![
+                VcpuLoad {
+                    key: key(1, 0),
+                    usage: Some(30.0),
+                    demand: None,
+                    pinned: Some(0),
+                    last_pcpu: Some(0),
+                    usage_swing: None,
+                    demand_swing: None,
+                },
+                VcpuLoad {
+                    key: key(1, 1),
+                    usage: Some(20.0),
+                    demand: None,
+                    pinned: None,
+                    last_pcpu: Some(2),
+                    usage_swing: None,
+                    demand_swing: None,
+                },
+                VcpuLoad {
+                    key: key(2, 0),
+                    usage: Some(5.0),
+                    demand: None,
+                    pinned: Some(0),
+                    last_pcpu: Some(0),
+                    usage_swing: None,
+                    demand_swing: None,
+                },
+                VcpuLoad {
+                    key: key(2, 1),
+                    usage: None,
+                    demand: None,
+                    pinned: Some(1),
+                    last_pcpu: Some(1),
+                    usage_swing: None,
+                    demand_swing: None,
+                },
+            ],
+        };
+        let u = pcpu_usage(&snap);
+        assert_eq!(
+            u.into_iter().collect::<Vec<_>>(),
+            vec![(0, 35.0), (1, 0.0), (2, 20.0)]
+        );
+    }
+
+    #[test]
+    fn demand_adds_the_run_queue_wait_to_the_time_used() {
+        let mut s = CpuSampler::new();
+        let t0 = Instant::now();
+        let with_delay = |ns, delay| VcpuInfo {
+            delay_ns: Some(delay),
+            ..vcpu(0, ns, 0, &[0])
+        };
+        s.begin(&[0, 1]);
+        s.record(dom(1), t0, &[with_delay(0, 0), vcpu(1, 0, 1, &[1])]);
+        s.finish();
+        s.begin(&[0, 1]);
+        // Over 2 s: 0.66 s run and 1.18 s waiting = 33 % used, 92 % wanted. No delay: no demand.
+        let t1 = t0 + Duration::from_secs(2);
+        s.record(
+            dom(1),
+            t1,
+            &[
+                with_delay(660_000_000, 1_180_000_000),
+                vcpu(1, 1_760_000_000, 1, &[1]),
+            ],
+        );
+        let snap = s.finish();
+        assert!((snap.vcpus[0].usage.unwrap() - 33.0).abs() < 1e-9);
+        assert!((snap.vcpus[0].demand.unwrap() - 92.0).abs() < 1e-9);
+        assert_eq!(snap.vcpus[1].demand, None);
+        let demand = pcpu_demand(&snap).unwrap();
+        // A vCPU without a demand counts its usage.
+        assert_eq!(
+            demand.into_iter().collect::<Vec<_>>(),
+            vec![(0, 92.0), (1, 88.0)]
+        );
+        let without = CpuSnapshot {
+            vcpus: vec![snap.vcpus[1].clone()],
+            ..snap
+        };
+        assert_eq!(pcpu_demand(&without), None);
+    }
+}

@@ -1,0 +1,285 @@
+//! [`MemorySampler`]: balloon reports in, [`MemoryReading`]s (with each guest's consumption rate)
+//! out.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::Rates;
+use crate::host::{BalloonStats, DomainId};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GuestMemory {
+    /// Which domain.
+    pub id: DomainId,
+    /// Balloon size now.
+    pub actual_kib: u64,
+    /// Largest size the balloon may reach.
+    pub max_kib: u64,
+    /// Memory the guest can still use: what it reports as available (`usable`, its MemAvailable)
+    /// when it does, else what it leaves unused (`unused`, its MemFree). MemFree overstates it: a
+    /// ballooned-down guest can show tens of MiB free that sit in reserves it cannot allocate.
+    pub free_kib: u64,
+    /// Consumption: growth of the memory the guest uses (actual − unused), in KiB/s, over the
+    /// measured interval. Positive = consuming. A balloon change does not count as consumption.
+    pub rate_kib_s: f64,
+}
+
+impl GuestMemory {
+    /// Memory the guest uses: its balloon size minus what it can still use.
+    pub fn used_kib(&self) -> u64 {
+        self.actual_kib.saturating_sub(self.free_kib)
+    }
+
+    /// Free memory as a percentage of the balloon size.
+    pub fn free_pct(&self) -> f64 {
+        if self.actual_kib == 0 {
+            0.0
+        } else {
+            100.0 * self.free_kib as f64 / self.actual_kib as f64
+        }
+    }
+}
+
+/// What a balloon report is worth this cycle.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MemoryReading {
+    /// A new, consistent report with a consumption rate: the planner may act on it.
+    Fresh(GuestMemory),
+    /// A new, consistent report, but the first one: no rate yet.
+    First,
+    /// The guest has not posted a report since the last one we saw (or since we first saw it,
+    /// when the figures may predate the stats period): not facts yet.
+    Stale,
+    /// The balloon moved since the previous read: the report may predate the move, so balloon
+    /// size and free memory cannot be compared yet.
+    Settling,
+    /// The report contradicts itself (unused above actual, no total): ignored.
+    Inconsistent,
+    /// The domain reports no guest figures at all: no balloon device or no guest driver.
+    NoStats,
+}
+
+/// What the sampler remembers of a domain's previous read.
+struct LastRead {
+    update: u64,
+    actual_kib: u64,
+    generation: u64,
+}
+
+/// Turns successive balloon reports into [`MemoryReading`]s.
+///
+/// A report is used only when it is new (the guest posted it after our previous read) and the
+/// balloon did not move between our previous read and this one: then the report was taken with the
+/// balloon at the size read now, and "used = actual − free" is a consistent figure.
+#[derive(Default)]
+pub struct MemorySampler {
+    used: Rates<DomainId>,
+    last: HashMap<DomainId, LastRead>,
+    generation: u64,
+}
+
+impl MemorySampler {
+    /// A sampler with no history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Judge the report `stats` of domain `id`, read at `at`.
+    pub fn record(&mut self, id: DomainId, at: Instant, stats: &BalloonStats) -> MemoryReading {
+        let (Some(unused), Some(available), Some(update)) =
+            (stats.unused_kib, stats.available_kib, stats.last_update)
+        else {
+            return MemoryReading::NoStats;
+        };
+        let now = LastRead {
+            update,
+            actual_kib: stats.actual_kib,
+            generation: self.generation,
+        };
+        let Some(previous) = self.last.insert(id, now) else {
+            return MemoryReading::Stale;
+        };
+        if update <= previous.update {
+            self.used.touch(&id);
+            return MemoryReading::Stale;
+        }
+        if stats.actual_kib != previous.actual_kib {
+            self.used.touch(&id);
+            return MemoryReading::Settling;
+        }
+        let free = stats.usable_kib.unwrap_or(unused);
+        if unused > stats.actual_kib
+            || free > stats.actual_kib
+            || available == 0
+            || stats.actual_kib == 0
+        {
+            self.used.touch(&id);
+            return MemoryReading::Inconsistent;
+        }
+        let used = stats.actual_kib - free;
+        match self.used.gauge(id, used as f64, at) {
+            None => MemoryReading::First,
+            Some(rate_kib_s) => MemoryReading::Fresh(GuestMemory {
+                id,
+                actual_kib: stats.actual_kib,
+                max_kib: stats.max_kib,
+                free_kib: free,
+                rate_kib_s,
+            }),
+        }
+    }
+
+    /// Close a cycle: forget domains that were not recorded in it.
+    pub fn end_cycle(&mut self) {
+        let current = self.generation;
+        self.last.retain(|_, r| r.generation == current);
+        self.used.end_cycle();
+        self.generation += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn dom(n: u8) -> DomainId {
+        DomainId([n; 16])
+    }
+
+    fn stats(actual: u64, unused: u64, update: u64) -> BalloonStats {
+        BalloonStats {
+            actual_kib: actual,
+            max_kib: 4 * actual,
+            unused_kib: Some(unused),
+            available_kib: Some(actual),
+            usable_kib: Some(unused),
+            last_update: Some(update),
+        }
+    }
+
+    #[test]
+    fn memory_needs_an_advanced_report_then_a_second_one_for_a_rate() {
+        let mut m = MemorySampler::new();
+        let t0 = Instant::now();
+        let s = |n| t0 + Duration::from_secs(n);
+        // First sight: the report may predate the stats period.
+        assert_eq!(
+            m.record(dom(1), s(0), &stats(1000, 900, 10)),
+            MemoryReading::Stale
+        );
+        m.end_cycle();
+        // Same report again: still stale.
+        assert_eq!(
+            m.record(dom(1), s(2), &stats(1000, 900, 10)),
+            MemoryReading::Stale
+        );
+        m.end_cycle();
+        assert_eq!(
+            m.record(dom(1), s(4), &stats(1000, 800, 12)),
+            MemoryReading::First
+        );
+        m.end_cycle();
+        // Used grew by 200 KiB over 2 s: consuming 100 KiB/s.
+        let MemoryReading::Fresh(g) = m.record(dom(1), s(6), &stats(1000, 600, 14)) else {
+            panic!("expected a fresh reading");
+        };
+        assert!((g.rate_kib_s - 100.0).abs() < 1e-9);
+        assert_eq!((g.used_kib(), g.free_pct()), (400, 60.0));
+        m.end_cycle();
+        // The balloon grew by 500 KiB: the next report may predate the move, so it waits...
+        assert_eq!(
+            m.record(dom(1), s(8), &stats(1500, 1100, 16)),
+            MemoryReading::Settling
+        );
+        m.end_cycle();
+        // ...and once the balloon stayed put, the memory given is not mistaken for memory released.
+        let MemoryReading::Fresh(g) = m.record(dom(1), s(10), &stats(1500, 1100, 18)) else {
+            panic!("expected a fresh reading");
+        };
+        assert!(g.rate_kib_s.abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_stale_cycle_does_not_lose_the_rate_history() {
+        let mut m = MemorySampler::new();
+        let t0 = Instant::now();
+        m.record(dom(1), t0, &stats(1000, 900, 1));
+        m.end_cycle();
+        m.record(dom(1), t0 + Duration::from_secs(1), &stats(1000, 900, 2));
+        m.end_cycle();
+        assert_eq!(
+            m.record(dom(1), t0 + Duration::from_secs(2), &stats(1000, 900, 2)),
+            MemoryReading::Stale
+        );
+        m.end_cycle();
+        assert!(matches!(
+            m.record(dom(1), t0 + Duration::from_secs(3), &stats(1000, 700, 3)),
+            MemoryReading::Fresh(g) if (g.rate_kib_s - 100.0).abs() < 1e-9
+        ));
+    }
+
+    #[test]
+    fn inconsistent_or_missing_memory_reports_are_not_facts() {
+        let mut m = MemorySampler::new();
+        let t0 = Instant::now();
+        m.record(dom(1), t0, &stats(1000, 900, 1));
+        // unused above actual: a stale report from before the balloon shrank.
+        assert_eq!(
+            m.record(dom(1), t0 + Duration::from_secs(1), &stats(1000, 1200, 2)),
+            MemoryReading::Inconsistent
+        );
+        let no_driver = BalloonStats {
+            actual_kib: 1000,
+            max_kib: 1000,
+            ..BalloonStats::default()
+        };
+        assert_eq!(m.record(dom(2), t0, &no_driver), MemoryReading::NoStats);
+    }
+
+    #[test]
+    fn a_vanished_guest_starts_over() {
+        let mut m = MemorySampler::new();
+        let t0 = Instant::now();
+        m.record(dom(1), t0, &stats(1000, 900, 1));
+        m.end_cycle();
+        m.record(dom(1), t0 + Duration::from_secs(1), &stats(1000, 900, 2));
+        m.end_cycle();
+        m.end_cycle();
+        // Back (restarted) with a new report: first sight again, not a rate against old figures.
+        assert_eq!(
+            m.record(dom(1), t0 + Duration::from_secs(9), &stats(1000, 100, 50)),
+            MemoryReading::Stale
+        );
+    }
+
+    #[test]
+    fn free_memory_is_what_the_guest_can_still_use() {
+        let mut m = MemorySampler::new();
+        let t0 = Instant::now();
+        // A ballooned-down guest: 57 MiB free by MemFree, nothing available by MemAvailable.
+        let report = |update| BalloonStats {
+            usable_kib: Some(0),
+            ..stats(160 * 1024, 57 * 1024, update)
+        };
+        m.record(dom(1), t0, &report(1));
+        m.record(dom(1), t0 + Duration::from_secs(1), &report(2));
+        let MemoryReading::Fresh(g) = m.record(dom(1), t0 + Duration::from_secs(2), &report(3))
+        else {
+            panic!("expected a fresh reading");
+        };
+        assert_eq!((g.free_kib, g.used_kib()), (0, 160 * 1024));
+        // Without MemAvailable, MemFree is all there is.
+        let plain = |update| BalloonStats {
+            usable_kib: None,
+            ..stats(1000, 300, update)
+        };
+        m.record(dom(2), t0, &plain(1));
+        m.record(dom(2), t0 + Duration::from_secs(1), &plain(2));
+        let MemoryReading::Fresh(g) = m.record(dom(2), t0 + Duration::from_secs(2), &plain(3))
+        else {
+            panic!("expected a fresh reading");
+        };
+        assert_eq!(g.free_kib, 300);
+    }
+}
