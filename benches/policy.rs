@@ -16,31 +16,13 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use sim::{SimHost, SimMemory};
+use sim::{Rng, SimHost, SimMemory};
 use vmbalance::coordinator::Coordinator;
 use vmbalance::cpu_plan::{CpuPlan, CpuPolicy, PinMove, plan};
 use vmbalance::host::{DomainId, HostMemory};
 use vmbalance::mem_plan::{self, MemPolicy, MemSnapshot};
 use vmbalance::sampling::{CpuSnapshot, GuestMemory, VcpuKey, VcpuLoad, pcpu_usage};
 use vmbalance::scheduler::Scheduler;
-
-/// xorshift64*: a small seeded generator, so every scenario is the same on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 /// The seed's policy, for comparison: pin unpinned vCPUs round-robin; then, when the busiest and
 /// the freest pCPU differ by more than the threshold, move the one vCPU from the busiest to the
@@ -59,7 +41,7 @@ fn seed_plan(s: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
                 key: v.key,
                 from: None,
                 to,
-                usage: v.usage.unwrap_or(0.0),
+                load: v.usage.unwrap_or(0.0),
             });
         }
         return CpuPlan {
@@ -86,7 +68,7 @@ fn seed_plan(s: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
             key: v.key,
             from: Some(busy),
             to: free,
-            usage: v.usage.unwrap(),
+            load: v.usage.unwrap(),
         });
     }
     CpuPlan {
@@ -227,7 +209,7 @@ fn shake(host: &mut SimHost, seed: u64) {
 }
 
 fn spread(u: &[f64]) -> f64 {
-    u.iter().copied().fold(f64::MIN, f64::max) - u.iter().copied().fold(f64::MAX, f64::min)
+    vmbalance::report::spread(u.iter().copied())
 }
 
 fn cv(u: &[f64]) -> f64 {
@@ -639,7 +621,7 @@ fn mem_snapshot(guests: usize, seed: u64) -> MemSnapshot {
             .collect(),
         host: Some(HostMemory {
             total_kib: 1 << 30,
-            free_kib: 1 << 28,
+            available_kib: 1 << 28,
         }),
     }
 }

@@ -1,172 +1,56 @@
 //! One cycle of the memory coordinator: observe balloons, derive consumption, decide, apply.
 //!
 //! Generic over [`Host`], like [`crate::scheduler`]. It owns what must persist between cycles:
-//! which domains have their balloon statistics switched on, which were found without a balloon
-//! (warned about once, then left alone), and the sampler's history.
+//! where each domain's balloon statistics stand (switched on, gone stale, or no balloon at all:
+//! warned about once, then left alone), and the sampler's history. A cycle runs in four steps:
+//! [`Coordinator::arm`] switches statistics on, [`Coordinator::classify`] judges each report,
+//! [`Coordinator::decide`] plans and checks the plan against the hard limits, and
+//! [`Coordinator::apply`] makes the changes.
 
 use std::collections::HashMap;
-use std::fmt;
 
-use log::{debug, warn};
-use serde_json::json;
+use log::warn;
 
-use crate::daemon::{Report, round1};
-
-use crate::host::{Applied, DomainId, Host, HostMemory};
+use crate::host::{
+    BalloonSample, DomainId, DomainNames, Host, HostError, HostMemory, HostResult,
+    changed_or_skipped,
+};
 use crate::mem_plan::{BalloonChange, MemPlan, MemPolicy, MemSnapshot, plan, violations};
-use crate::sampling::{MemoryReading, MemorySampler};
+use crate::report::{GuestLine, HostLine, MemReport, ResizeLine, mib};
+use crate::sampling::{GuestMemory, MemoryReading, MemorySampler};
 
 /// Stale reports in a row after which the stats period is set again (the domain may have
 /// restarted, which resets it) and the operator is warned once.
 const STALE_CYCLES_BEFORE_REARM: u32 = 5;
 
-/// How one guest stood in a cycle, for the report.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GuestLine {
-    /// Domain name.
-    pub name: String,
-    /// Balloon size, KiB.
-    pub actual_kib: u64,
-    /// Memory the guest can still use, KiB, when reported (`usable`, else `unused`).
-    pub free_kib: Option<u64>,
-    /// Consumption, KiB/s, when known.
-    pub rate_kib_s: Option<f64>,
-    /// Status, or why there is none.
-    pub state: String,
+/// Where a domain's balloon statistics stand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stats {
+    /// Not switched on yet: first sight, or switched on again after going stale.
+    Off,
+    /// Switched on; `stale_cycles` cycles in a row without a usable report since.
+    On { stale_cycles: u32 },
+    /// The domain has no balloon device: it is left alone.
+    NoBalloon,
 }
 
-/// What one cycle saw and did.
-#[derive(Clone, Debug, Default)]
-pub struct MemReport {
-    /// One entry per active domain read.
-    pub guests: Vec<GuestLine>,
-    /// Host memory, when known.
-    pub host: Option<HostMemory>,
-    /// Resizes made (or, in a dry run, that would have been made).
-    pub applied: Vec<(String, BalloonChange)>,
-    /// Resizes skipped: domain vanished, call failed, or plan refused.
-    pub skipped: usize,
-    /// Domains left alone because they have no balloon device.
-    pub no_balloon: usize,
-    /// True when nothing was changed on purpose.
-    pub dry_run: bool,
-    /// Hypervisor API calls this cycle made.
-    pub api_calls: u64,
+/// What the operator has been told about a domain whose statistics go stale: told once, with a
+/// hint about the guest driver when no report ever came.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StaleNotice {
+    /// Not told; no usable report came yet.
+    NeverFresh,
+    /// Not told; reports came before.
+    WasFresh,
+    /// Told.
+    Given,
 }
 
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-impl fmt::Display for MemReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.host {
-            Some(h) => write!(
-                f,
-                "host available {:.0}/{:.0} MiB",
-                mib(h.free_kib),
-                mib(h.total_kib)
-            )?,
-            None => f.write_str("host memory unknown")?,
-        }
-        for g in &self.guests {
-            write!(f, "; {} {:.0} MiB", g.name, mib(g.actual_kib))?;
-            if let Some(u) = g.free_kib {
-                write!(f, " free {:.0}", mib(u))?;
-            }
-            if let Some(r) = g.rate_kib_s {
-                write!(f, " rate {:+.1} MiB/s", r / 1024.0)?;
-            }
-            write!(f, " {}", g.state)?;
-        }
-        if self.no_balloon > 0 {
-            write!(f, "; {} without balloon left alone", self.no_balloon)?;
-        }
-        if self.applied.is_empty() && self.skipped == 0 {
-            return f.write_str("; no change");
-        }
-        let verb = if self.dry_run {
-            "would resize"
-        } else {
-            "resized"
-        };
-        write!(f, "; {verb} {}:", self.applied.len())?;
-        for (name, c) in &self.applied {
-            write!(
-                f,
-                " {name} {:.0}->{:.0} MiB",
-                mib(c.from_kib),
-                mib(c.to_kib)
-            )?;
-        }
-        if self.skipped > 0 {
-            write!(f, "; {} skipped", self.skipped)?;
-        }
-        Ok(())
-    }
-}
-
-impl Report for MemReport {
-    fn changes(&self) -> usize {
-        self.applied.len()
-    }
-
-    fn skipped(&self) -> usize {
-        self.skipped
-    }
-
-    fn set_api_calls(&mut self, calls: u64) {
-        self.api_calls = calls;
-    }
-
-    fn to_json(&self) -> serde_json::Value {
-        let guests: Vec<_> = self
-            .guests
-            .iter()
-            .map(|g| {
-                json!({
-                    "domain": g.name,
-                    "actual_mib": round1(mib(g.actual_kib)),
-                    "free_mib": g.free_kib.map(|k| round1(mib(k))),
-                    "rate_mib_s": g.rate_kib_s.map(|r| round1(r / 1024.0)),
-                    "state": g.state,
-                })
-            })
-            .collect();
-        let changes: Vec<_> = self
-            .applied
-            .iter()
-            .map(|(name, c)| {
-                json!({
-                    "domain": name,
-                    "from_mib": round1(mib(c.from_kib)),
-                    "to_mib": round1(mib(c.to_kib)),
-                })
-            })
-            .collect();
-        json!({
-            "daemon": "memory_coordinator",
-            "host": self.host.map(|h| json!({
-                "total_mib": round1(mib(h.total_kib)),
-                "available_mib": round1(mib(h.free_kib)),
-            })),
-            "guests": guests,
-            "without_balloon": self.no_balloon,
-            "dry_run": self.dry_run,
-            "changes": changes,
-            "skipped": self.skipped,
-            "libvirt_calls": self.api_calls,
-        })
-    }
-}
-
-#[derive(Default)]
+/// A domain as the coordinator follows it across cycles.
 struct DomainState {
-    stats_enabled: bool,
-    no_balloon: bool,
-    stale_cycles: u32,
-    ever_fresh: bool,
-    warned_stale: bool,
+    stats: Stats,
+    notice: StaleNotice,
+    /// The cycle it was last seen in; domains not seen in a cycle are forgotten.
     seen: u64,
 }
 
@@ -197,115 +81,174 @@ impl Coordinator {
     }
 
     /// Run one cycle. `Ok(None)` when the host has no active domain.
-    pub fn cycle(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<MemReport>> {
+    pub fn cycle(&mut self, host: &mut dyn Host) -> HostResult<Option<MemReport>> {
         self.cycles += 1;
         let samples = host.sample_balloons()?;
         if samples.is_empty() {
             return Ok(None);
         }
-        let host_memory = host.host_memory()?;
-        if host_memory.is_none() && !self.warned_host_unknown {
-            warn!(
-                "this libvirt driver does not report host memory: no memory will be given from the host"
-            );
-            self.warned_host_unknown = true;
-        }
-        let mut report = MemReport {
-            host: host_memory,
-            dry_run: self.dry_run,
-            ..MemReport::default()
-        };
+        let host_memory = self.host_memory(host)?;
+        let mut report = MemReport::new(self.dry_run);
+        report.host = host_memory.map(|h| HostLine {
+            total_mib: mib(h.total_kib),
+            available_mib: mib(h.available_kib),
+        });
         let mut snapshot = MemSnapshot {
             guests: Vec::new(),
             host: host_memory,
         };
-        let mut names = HashMap::new();
+        let mut names = DomainNames::default();
         for sample in &samples {
-            let (dom, stats) = (&sample.domain, &sample.stats);
-            let state = self.domains.entry(dom.id).or_default();
-            state.seen = self.cycles;
-            if state.no_balloon {
-                report.no_balloon += 1;
+            if !self.arm(host, sample, &mut report)? {
                 continue;
             }
-            // On first sight, switch statistics on; the figures read this cycle predate that, and
-            // the sampler treats a first report as stale anyway.
-            if !state.stats_enabled {
-                match host.enable_balloon_stats(&dom.id, self.stats_period_secs) {
-                    Ok(Applied::Done) => state.stats_enabled = true,
-                    Ok(Applied::Vanished) => continue,
-                    Err(e) => {
-                        warn!("domain {}: {e:#}; it is left alone", dom.name);
-                        state.no_balloon = true;
-                        report.no_balloon += 1;
-                        continue;
-                    }
-                }
-            }
-            let reading = self.sampler.record(dom.id, sample.at, stats);
-            let mut line = GuestLine {
-                name: dom.name.clone(),
-                actual_kib: stats.actual_kib,
-                free_kib: stats.usable_kib.or(stats.unused_kib),
-                rate_kib_s: None,
-                state: String::new(),
-            };
-            line.state = match reading {
-                MemoryReading::Fresh(g) => {
-                    line.rate_kib_s = Some(g.rate_kib_s);
-                    snapshot.guests.push(g);
-                    self.policy.status(&g).to_string()
-                }
-                MemoryReading::First => "first report".into(),
-                MemoryReading::Stale => "waiting for stats".into(),
-                MemoryReading::Settling => "balloon settling".into(),
-                MemoryReading::Inconsistent => "inconsistent stats".into(),
-                MemoryReading::NoStats => "no guest stats".into(),
-            };
-            if matches!(
-                reading,
-                MemoryReading::Fresh(_) | MemoryReading::First | MemoryReading::Settling
-            ) {
-                state.ever_fresh = true;
-                state.stale_cycles = 0;
-            } else {
-                state.stale_cycles += 1;
-                if state.stale_cycles >= STALE_CYCLES_BEFORE_REARM {
-                    state.stale_cycles = 0;
-                    state.stats_enabled = false;
-                    if !state.warned_stale {
-                        state.warned_stale = true;
-                        warn!(
-                            "domain {}: no fresh balloon statistics for {} cycles{}; it is left alone until they come",
-                            dom.name,
-                            STALE_CYCLES_BEFORE_REARM,
-                            if state.ever_fresh {
-                                ""
-                            } else {
-                                " (is the virtio_balloon driver loaded in the guest?)"
-                            }
-                        );
-                    }
-                }
-            }
-            names.insert(dom.id, dom.name.clone());
+            let (line, fresh) = self.classify(sample);
+            snapshot.guests.extend(fresh);
+            names.insert(&sample.domain);
             report.guests.push(line);
         }
         self.sampler.end_cycle();
         let current = self.cycles;
         self.domains.retain(|_, s| s.seen == current);
 
-        let plan = plan(&snapshot, &self.policy);
-        let problems = violations(&snapshot, &plan, &self.policy);
-        if !problems.is_empty() {
-            for p in &problems {
-                log::error!("refusing a plan that breaks a limit: {p}");
-            }
-            report.skipped = plan.changes.len();
-            return Ok(Some(report));
+        if let Some(plan) = self.decide(&snapshot, &mut report) {
+            self.apply(host, &plan, &snapshot, &names, &mut report)?;
         }
-        self.apply(host, &plan, &snapshot, &names, &mut report);
         Ok(Some(report))
+    }
+
+    /// The host's memory; `None` (said once) when the driver does not report it.
+    fn host_memory(&mut self, host: &mut dyn Host) -> HostResult<Option<HostMemory>> {
+        match host.host_memory() {
+            Ok(memory) => Ok(Some(memory)),
+            Err(HostError::Unsupported(_)) => {
+                if !std::mem::replace(&mut self.warned_host_unknown, true) {
+                    warn!(
+                        "this libvirt driver does not report host memory: no memory will be given from the host"
+                    );
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Make sure the domain of `sample` has its balloon statistics switched on, on first sight
+    /// and again after they went stale. False when it is not to be read this cycle: it has no
+    /// balloon (counted in the report), or it vanished.
+    fn arm(
+        &mut self,
+        host: &mut dyn Host,
+        sample: &BalloonSample,
+        report: &mut MemReport,
+    ) -> HostResult<bool> {
+        let dom = &sample.domain;
+        let state = self.domains.entry(dom.id).or_insert(DomainState {
+            stats: Stats::Off,
+            notice: StaleNotice::NeverFresh,
+            seen: 0,
+        });
+        state.seen = self.cycles;
+        match state.stats {
+            Stats::On { .. } => return Ok(true),
+            Stats::NoBalloon => {
+                report.without_balloon += 1;
+                return Ok(false);
+            }
+            Stats::Off => {}
+        }
+        // The figures read this cycle predate the switch; the sampler treats a first report as
+        // stale anyway.
+        match host.enable_balloon_stats(&dom.id, self.stats_period_secs) {
+            Ok(()) => {
+                state.stats = Stats::On { stale_cycles: 0 };
+                Ok(true)
+            }
+            Err(HostError::Vanished(_)) => Ok(false),
+            Err(e @ HostError::Disconnected(_)) => Err(e),
+            Err(e) => {
+                warn!("domain {}: {e:#}; it is left alone", dom.name);
+                state.stats = Stats::NoBalloon;
+                report.without_balloon += 1;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Judge the report of `sample`: its line in the report, and the guest's figures when the
+    /// planner may act on them. A domain whose reports stay stale has its statistics switched on
+    /// again, and the operator is told once.
+    fn classify(&mut self, sample: &BalloonSample) -> (GuestLine, Option<GuestMemory>) {
+        let (dom, stats) = (&sample.domain, &sample.stats);
+        let reading = self.sampler.record(dom.id, sample.at, stats);
+        let mut line = GuestLine {
+            domain: dom.name.clone(),
+            actual_mib: mib(stats.actual_kib),
+            free_mib: stats.free_kib().map(mib),
+            rate_mib_s: None,
+            state: String::new(),
+        };
+        let mut fresh = None;
+        line.state = match reading {
+            MemoryReading::Fresh(g) => {
+                line.rate_mib_s = Some(g.rate_kib_s / 1024.0);
+                fresh = Some(g);
+                self.policy.status(&g).to_string()
+            }
+            MemoryReading::First => "first report".into(),
+            MemoryReading::Stale => "waiting for stats".into(),
+            MemoryReading::Settling => "balloon settling".into(),
+            MemoryReading::Inconsistent => "inconsistent stats".into(),
+            MemoryReading::NoStats => "no guest stats".into(),
+        };
+        let state = self
+            .domains
+            .get_mut(&dom.id)
+            .expect("armed before it is classified");
+        let reporting = matches!(
+            reading,
+            MemoryReading::Fresh(_) | MemoryReading::First | MemoryReading::Settling
+        );
+        if reporting {
+            state.stats = Stats::On { stale_cycles: 0 };
+            if state.notice == StaleNotice::NeverFresh {
+                state.notice = StaleNotice::WasFresh;
+            }
+        } else if let Stats::On { stale_cycles } = &mut state.stats {
+            *stale_cycles += 1;
+            if *stale_cycles >= STALE_CYCLES_BEFORE_REARM {
+                state.stats = Stats::Off;
+                if state.notice != StaleNotice::Given {
+                    warn!(
+                        "domain {}: no fresh balloon statistics for {} cycles{}; it is left alone until they come",
+                        dom.name,
+                        STALE_CYCLES_BEFORE_REARM,
+                        if state.notice == StaleNotice::WasFresh {
+                            ""
+                        } else {
+                            " (is the virtio_balloon driver loaded in the guest?)"
+                        }
+                    );
+                    state.notice = StaleNotice::Given;
+                }
+            }
+        }
+        (line, fresh)
+    }
+
+    /// The plan for `snapshot`, or `None` when it breaks a hard limit: then it is refused whole,
+    /// each problem logged as an error, and its changes counted as skipped.
+    fn decide(&self, snapshot: &MemSnapshot, report: &mut MemReport) -> Option<MemPlan> {
+        let plan = plan(snapshot, &self.policy);
+        let problems = violations(snapshot, &plan, &self.policy);
+        if problems.is_empty() {
+            return Some(plan);
+        }
+        for p in &problems {
+            log::error!("refusing a plan that breaks a limit: {p}");
+        }
+        report.skipped = plan.changes.len();
+        None
     }
 
     /// Apply shrinks, then grows. When a shrink does not happen, the grows it was to fund are cut
@@ -315,17 +258,15 @@ impl Coordinator {
         host: &mut dyn Host,
         plan: &MemPlan,
         snapshot: &MemSnapshot,
-        names: &HashMap<DomainId, String>,
+        names: &DomainNames,
         report: &mut MemReport,
-    ) {
-        let name = |id: &DomainId| names.get(id).cloned().unwrap_or_else(|| id.to_string());
+    ) -> HostResult<()> {
         let mut missing_kib = 0u64;
         let (shrinks, grows): (Vec<_>, Vec<_>) = plan.changes.iter().partition(|c| c.shrinks());
         for c in shrinks {
-            if self.set(host, c, &name(&c.id), report) {
-                continue;
+            if !self.set(host, c, names, report)? {
+                missing_kib += c.from_kib - c.to_kib;
             }
-            missing_kib += c.from_kib - c.to_kib;
         }
         let spare = self
             .policy
@@ -340,11 +281,12 @@ impl Coordinator {
                 ..*c
             };
             if c.to_kib > c.from_kib {
-                self.set(host, &c, &name(&c.id), report);
+                self.set(host, &c, names, report)?;
             } else {
                 report.skipped += 1;
             }
         }
+        Ok(())
     }
 
     /// Resize one balloon; true when it was done (or would be, in a dry run).
@@ -352,28 +294,25 @@ impl Coordinator {
         &self,
         host: &mut dyn Host,
         c: &BalloonChange,
-        name: &str,
+        names: &DomainNames,
         report: &mut MemReport,
-    ) -> bool {
-        if self.dry_run {
-            report.applied.push((name.to_string(), *c));
-            return true;
+    ) -> HostResult<bool> {
+        let domain = names.of(&c.id);
+        let made = self.dry_run
+            || changed_or_skipped(
+                &domain,
+                "its balloon could be set",
+                host.set_balloon(&c.id, c.to_kib),
+            )?;
+        if made {
+            report.changes.push(ResizeLine {
+                domain,
+                from_mib: mib(c.from_kib),
+                to_mib: mib(c.to_kib),
+            });
+        } else {
+            report.skipped += 1;
         }
-        match host.set_balloon(&c.id, c.to_kib) {
-            Ok(Applied::Done) => {
-                report.applied.push((name.to_string(), *c));
-                true
-            }
-            Ok(Applied::Vanished) => {
-                debug!("domain {name} stopped before its balloon could be set");
-                report.skipped += 1;
-                false
-            }
-            Err(e) => {
-                warn!("{e:#}");
-                report.skipped += 1;
-                false
-            }
-        }
+        Ok(made)
     }
 }

@@ -68,8 +68,8 @@ pub struct PinMove {
     pub from: Option<u32>,
     /// The single pCPU it is pinned to.
     pub to: u32,
-    /// Its usage, in percent of one pCPU.
-    pub usage: f64,
+    /// Its load (usage or demand, per the plan's basis), in percent of one pCPU.
+    pub load: f64,
 }
 
 /// How uneven the pCPU loads are.
@@ -84,7 +84,8 @@ pub struct Balance {
 }
 
 /// Which figure a plan balances.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Basis {
     /// CPU time used: the rule when the hypervisor reports no run-queue delay.
     #[default]
@@ -96,6 +97,15 @@ pub enum Basis {
     /// read 93 against 76 % where demand read 102.7 against 102.9, and balancing usage swapped
     /// vCPUs back and forth every few cycles).
     Demand,
+}
+
+impl std::fmt::Display for Basis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Basis::Usage => "usage",
+            Basis::Demand => "demand",
+        })
+    }
 }
 
 impl Basis {
@@ -130,7 +140,7 @@ pub struct CpuPlan {
     pub moves: Vec<PinMove>,
     /// The balance before the plan.
     pub before: Balance,
-    /// The balance the plan predicts, with usages as measured.
+    /// The balance the plan predicts, with loads as measured.
     pub after: Balance,
     /// Predicted load (usage or demand, per `basis`) of each online pCPU after the plan.
     pub predicted: BTreeMap<u32, f64>,
@@ -144,21 +154,21 @@ struct Placement {
     at: Vec<Option<usize>>,
     /// Per vCPU: its pCPU index in the current pins (None = not pinned to one online pCPU).
     original: Vec<Option<usize>>,
-    /// Per vCPU: usage, 0 when unknown.
-    usage: Vec<f64>,
-    /// Per vCPU: the variance of its usage from one sample to the next.
+    /// Per vCPU: its load (usage or demand, per the basis), 0 when unknown.
+    vcpu_load: Vec<f64>,
+    /// Per vCPU: the variance of its load from one sample to the next.
     variance: Vec<f64>,
     /// Per vCPU: may the planner move it?
     movable: Vec<bool>,
     /// Movable vCPUs placed elsewhere than their current pin: the plan's pin changes so far.
     changes: usize,
-    /// Per pCPU: summed usage.
-    load: Vec<f64>,
-    /// Per pCPU: summed variance of its vCPUs' usage (swings of different vCPUs are independent).
+    /// Per pCPU: summed load of its vCPUs.
+    pcpu_load: Vec<f64>,
+    /// Per pCPU: summed variance of its vCPUs' loads (swings of different vCPUs are independent).
     pcpu_variance: Vec<f64>,
     /// Per pCPU: the number of vCPUs on it, movable or not.
     count: Vec<usize>,
-    /// Per pCPU: the movable vCPUs on it, ordered by usage then index (see [`key`]).
+    /// Per pCPU: the movable vCPUs on it, ordered by load then index (see [`key`]).
     members: Vec<BTreeSet<(u64, usize)>>,
     /// Every pCPU ordered by (load, number of vCPUs, index), for the freest and busiest at once.
     by_load: BTreeSet<(u64, usize, usize)>,
@@ -166,40 +176,40 @@ struct Placement {
     load_key: Vec<(u64, usize, usize)>,
 }
 
-/// A vCPU's place in a member set: its usage's bits (ordered like the usage itself, since usages
-/// are non-negative) and its index.
-fn key(usage: f64, v: usize) -> (u64, usize) {
-    (usage.to_bits(), v)
+/// A vCPU's place in a member set: its load's bits (ordered like the load itself, since loads are
+/// non-negative) and its index.
+fn key(load: f64, v: usize) -> (u64, usize) {
+    (load.to_bits(), v)
 }
 
 impl Placement {
-    /// vCPUs with `usage` (and its `variance`) placed on `pcpus` pCPUs as `at` says, built in
+    /// vCPUs with `vcpu_load` (and its `variance`) placed on `pcpus` pCPUs as `at` says, built in
     /// bulk; `original` is where their pins put them now.
     fn new(
-        usage: Vec<f64>,
+        vcpu_load: Vec<f64>,
         variance: Vec<f64>,
         movable: Vec<bool>,
         pcpus: usize,
         at: Vec<Option<usize>>,
         original: Vec<Option<usize>>,
     ) -> Self {
-        let mut load = vec![0.0; pcpus];
+        let mut pcpu_load = vec![0.0; pcpus];
         let mut pcpu_variance = vec![0.0; pcpus];
         let mut count = vec![0; pcpus];
         let mut lists = vec![Vec::new(); pcpus];
         for (v, p) in at.iter().enumerate() {
             if let Some(p) = *p {
-                load[p] += usage[v];
+                pcpu_load[p] += vcpu_load[v];
                 pcpu_variance[p] += variance[v];
                 count[p] += 1;
                 if movable[v] {
-                    lists[p].push(key(usage[v], v));
+                    lists[p].push(key(vcpu_load[v], v));
                 }
             }
         }
         let members: Vec<BTreeSet<_>> = lists.into_iter().map(BTreeSet::from_iter).collect();
         let load_key: Vec<_> = (0..pcpus)
-            .map(|p| (load[p].max(0.0f64).to_bits(), count[p], p))
+            .map(|p| (pcpu_load[p].max(0.0f64).to_bits(), count[p], p))
             .collect();
         let changes = (0..at.len())
             .filter(|&v| movable[v] && at[v] != original[v])
@@ -207,11 +217,11 @@ impl Placement {
         Self {
             at,
             original,
-            usage,
+            vcpu_load,
             variance,
             movable,
             changes,
-            load,
+            pcpu_load,
             pcpu_variance,
             count,
             members,
@@ -223,8 +233,8 @@ impl Placement {
     /// Re-file pCPU `p` in `by_load` after its load or membership changed.
     fn refile(&mut self, p: usize) {
         self.by_load.remove(&self.load_key[p]);
-        // Loads are sums of non-negative usages; clamp rounding residue so the bits stay ordered.
-        self.load_key[p] = (self.load[p].max(0.0).to_bits(), self.count[p], p);
+        // Loads are sums of non-negative vCPU loads; clamp rounding residue so the bits stay ordered.
+        self.load_key[p] = (self.pcpu_load[p].max(0.0).to_bits(), self.count[p], p);
         self.by_load.insert(self.load_key[p]);
     }
 
@@ -239,11 +249,11 @@ impl Placement {
 
     fn put(&mut self, v: usize, p: usize) {
         self.set_at(v, Some(p));
-        self.load[p] += self.usage[v];
+        self.pcpu_load[p] += self.vcpu_load[v];
         self.pcpu_variance[p] += self.variance[v];
         self.count[p] += 1;
         if self.movable[v] {
-            self.members[p].insert(key(self.usage[v], v));
+            self.members[p].insert(key(self.vcpu_load[v], v));
         }
         self.refile(p);
     }
@@ -251,20 +261,20 @@ impl Placement {
     fn take(&mut self, v: usize) {
         if let Some(p) = self.at[v] {
             self.set_at(v, None);
-            self.load[p] -= self.usage[v];
+            self.pcpu_load[p] -= self.vcpu_load[v];
             self.pcpu_variance[p] = (self.pcpu_variance[p] - self.variance[v]).max(0.0);
             self.count[p] -= 1;
-            self.members[p].remove(&key(self.usage[v], v));
+            self.members[p].remove(&key(self.vcpu_load[v], v));
             self.refile(p);
         }
     }
 
-    /// The vCPU on `p` whose usage is closest to `target`, among usages in `[lo, hi]`; on a tie,
-    /// the smaller usage, then the lower index.
+    /// The vCPU on `p` whose load is closest to `target`, among loads in `[lo, hi]`; on a tie,
+    /// the smaller load, then the lower index.
     fn closest(&self, p: usize, target: f64, lo: f64, hi: f64) -> Option<usize> {
         let m = &self.members[p];
         let at = key(target.max(0.0), 0);
-        // The lowest-index vCPU of the usage just below `target`, and the first one at or above it.
+        // The lowest-index vCPU of the load just below `target`, and the first one at or above it.
         let below = m
             .range(..at)
             .next_back()
@@ -274,14 +284,14 @@ impl Placement {
         [below, above]
             .into_iter()
             .flatten()
-            .filter(|&v| (lo..=hi).contains(&self.usage[v]))
+            .filter(|&v| (lo..=hi).contains(&self.vcpu_load[v]))
             .min_by(|&a, &b| {
                 let (da, db) = (
-                    (self.usage[a] - target).abs(),
-                    (self.usage[b] - target).abs(),
+                    (self.vcpu_load[a] - target).abs(),
+                    (self.vcpu_load[b] - target).abs(),
                 );
                 da.total_cmp(&db)
-                    .then(self.usage[a].total_cmp(&self.usage[b]))
+                    .then(self.vcpu_load[a].total_cmp(&self.vcpu_load[b]))
             })
     }
 
@@ -300,11 +310,11 @@ impl Placement {
     }
 
     fn balance(&self) -> Balance {
-        let min = self.load[self.freest()];
-        let max = self.load[self.by_load.last().expect("at least one pCPU").2];
+        let min = self.pcpu_load[self.freest()];
+        let max = self.pcpu_load[self.by_load.last().expect("at least one pCPU").2];
         let fixable = self
             .busiest_shared()
-            .map_or(0.0, |p| (self.load[p] - min).max(0.0));
+            .map_or(0.0, |p| (self.pcpu_load[p] - min).max(0.0));
         Balance {
             spread: max - min,
             fixable_spread: fixable,
@@ -348,30 +358,30 @@ fn max_paying_shift(gap: f64, threshold: f64) -> f64 {
 fn next_step(s: &Placement, threshold: f64) -> Option<Step> {
     let src = s.busiest_shared()?;
     let dst = s.freest();
-    let gap = s.load[src] - s.load[dst];
+    let gap = s.pcpu_load[src] - s.pcpu_load[dst];
     let swing = (s.pcpu_variance[src] + s.pcpu_variance[dst]).sqrt();
     if src == dst || gap <= threshold + SWING_SIGMAS * swing {
         return None;
     }
     let hi = max_paying_shift(gap, threshold);
-    // vCPUs of unknown usage count 0, under MIN_SHIFT: they are never chosen.
+    // vCPUs of unknown load count 0, under MIN_SHIFT: they are never chosen.
     if let Some(v) = s.closest(src, gap / 2.0, MIN_SHIFT, hi) {
-        debug_assert!(s.movable[v] && pays(gap, s.usage[v], threshold));
+        debug_assert!(s.movable[v] && pays(gap, s.vcpu_load[v], threshold));
         return Some(vec![(v, src, dst)]);
     }
-    // A swap of v (on src) with w (on dst) shifts usage[v] - usage[w]; for each w, the best v has
-    // usage closest to usage[w] + gap / 2. The choice depends only on the placement, never on the
+    // A swap of v (on src) with w (on dst) shifts load[v] - load[w]; for each w, the best v has
+    // load closest to load[w] + gap / 2. The choice depends only on the placement, never on the
     // current pins, so re-planning from a plan's result retraces the same path (stability).
     let mut best: Option<(f64, usize, usize)> = None;
     for w in s.members[dst].iter().map(|&(_, w)| w) {
-        let uw = s.usage[w];
+        let uw = s.vcpu_load[w];
         // A swap of two vCPUs that differ by less than the threshold only bets on noise (seen on
         // real guests: two CPU-bound vCPUs measured 100 and 93 % demand were swapped).
         let lo = uw + threshold.max(MIN_SHIFT);
         let Some(v) = s.closest(src, uw + gap / 2.0, lo, uw + hi) else {
             continue;
         };
-        let shift = s.usage[v] - uw;
+        let shift = s.vcpu_load[v] - uw;
         if !pays(gap, shift, threshold) {
             continue;
         }
@@ -457,7 +467,7 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         Basis::Usage
     };
     // Non-negative (and not -0.0), which the member ordering relies on.
-    let usage: Vec<f64> = snapshot
+    let vcpu_load: Vec<f64> = snapshot
         .vcpus
         .iter()
         .map(|v| basis.load(v).filter(|u| *u > 0.0).unwrap_or(0.0))
@@ -486,12 +496,12 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     let mut unplaced: Vec<usize> = (0..n)
         .filter(|&v| original[v].is_none() && movable[v])
         .collect();
-    unplaced.sort_by(|&a, &b| usage[b].total_cmp(&usage[a]).then(a.cmp(&b)));
+    unplaced.sort_by(|&a, &b| vcpu_load[b].total_cmp(&vcpu_load[a]).then(a.cmp(&b)));
     for &v in unplaced.iter().skip(max_changes) {
         movable[v] = false;
     }
     unplaced.truncate(max_changes);
-    let mut s = Placement::new(usage, variance, movable, pcpus.len(), charged, original);
+    let mut s = Placement::new(vcpu_load, variance, movable, pcpus.len(), charged, original);
     let before = s.balance();
 
     // Rule 1: pin the unpinned, heaviest first, onto the least-loaded pCPU.
@@ -516,7 +526,7 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
                 key: load.key,
                 from: load.pinned,
                 to: pcpus[to],
-                usage: s.usage[v],
+                load: s.vcpu_load[v],
             })
         })
         .collect();
@@ -524,7 +534,11 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         moves,
         before,
         after: s.balance(),
-        predicted: pcpus.iter().copied().zip(s.load.iter().copied()).collect(),
+        predicted: pcpus
+            .iter()
+            .copied()
+            .zip(s.pcpu_load.iter().copied())
+            .collect(),
         basis,
     }
 }

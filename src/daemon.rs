@@ -1,13 +1,17 @@
 //! What both daemons share: command-line conventions, logging, the stop signal and the exit path.
 
 use std::process::ExitCode;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 
-use crate::libvirt::DEFAULT_URI;
+use crate::host::{Host, HostError, HostResult};
+use crate::report::Report;
+
+/// The URI used when neither `--connect` nor `LIBVIRT_DEFAULT_URI` names one.
+pub const DEFAULT_URI: &str = "qemu:///system";
 
 /// Longest PERIOD accepted: a day. Anything longer is almost certainly a unit mistake.
 pub const MAX_PERIOD_SECS: f64 = 86_400.0;
@@ -43,21 +47,6 @@ pub struct CommonArgs {
     /// exiting (for running under systemd)
     #[arg(long)]
     pub wait: bool,
-}
-
-/// What a daemon cycle reports: one log line (Display) and, with `--json`, one JSON object.
-pub trait Report: std::fmt::Display {
-    /// The cycle as a JSON object; [`run_cycles`] adds `cycle` and `time`.
-    fn to_json(&self) -> serde_json::Value;
-
-    /// Changes made (pins or balloons; in a dry run, the changes that would have been made).
-    fn changes(&self) -> usize;
-
-    /// Changes skipped because their domain vanished or the call failed.
-    fn skipped(&self) -> usize;
-
-    /// Record how many hypervisor API calls the cycle made.
-    fn set_api_calls(&mut self, calls: u64);
 }
 
 /// How a daemon's loop runs.
@@ -111,11 +100,6 @@ impl Totals {
             self.skipped
         );
     }
-}
-
-/// Round to one decimal, for figures in JSON output.
-pub fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
 }
 
 impl CommonArgs {
@@ -254,6 +238,12 @@ pub enum Turn<R> {
 /// Longest wait between two reconnection attempts.
 pub const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(60);
 
+/// The wait before the next reconnection attempt, after waiting `previous` (zero at first): one
+/// period, then twice as long each time, at most [`MAX_RECONNECT_DELAY`].
+pub fn reconnect_delay(previous: Duration, period: Duration) -> Duration {
+    (previous * 2).clamp(period, MAX_RECONNECT_DELAY.max(period))
+}
+
 /// The daemons' main loop: run `cycle` at once, then every period, until the cycle limit, a cycle
 /// that finds no active domain (with `wait`, it waits for domains instead), or Ctrl-C/SIGTERM.
 /// Each cycle's report is logged as one info line, and with `json` also printed on stdout as one
@@ -286,7 +276,7 @@ pub fn run_cycles<R: Report>(
                 if delay.is_zero() {
                     log::warn!("lost the connection to {uri} ({why}); reconnecting");
                 }
-                delay = (delay * 2).clamp(options.period, MAX_RECONNECT_DELAY);
+                delay = reconnect_delay(delay, options.period);
                 continue;
             }
             Turn::NoDomain => None,
@@ -330,14 +320,14 @@ pub fn run_cycles<R: Report>(
     }
 }
 
-/// One turn of a daemon against libvirt: run `cycle` and count its libvirt calls (logged at debug
-/// level, kept in the report); when it fails because the connection is down, try to reconnect and
-/// report the turn as [`Turn::Disconnected`] instead of failing.
-pub fn libvirt_turn<R: Report>(
-    host: &mut crate::libvirt::LibvirtHost,
-    cycle: impl FnOnce(&mut crate::libvirt::LibvirtHost) -> anyhow::Result<Option<R>>,
+/// One turn of a daemon against a host: run `cycle` and count its hypervisor calls (logged at
+/// debug level, kept in the report); when it fails because the connection is down, try to
+/// reconnect and report the turn as [`Turn::Disconnected`] instead of failing. The daemon's own
+/// state lives outside the host, so it is kept across the reconnection.
+pub fn host_turn<H: Host + ?Sized, R: Report>(
+    host: &mut H,
+    cycle: impl FnOnce(&mut H) -> HostResult<Option<R>>,
 ) -> anyhow::Result<Turn<R>> {
-    use crate::host::Host;
     let before = host.api_calls();
     match cycle(host) {
         Ok(Some(mut report)) => {
@@ -347,19 +337,21 @@ pub fn libvirt_turn<R: Report>(
             Ok(Turn::Report(report))
         }
         Ok(None) => Ok(Turn::NoDomain),
-        Err(e) if !host.is_connected() => {
+        Err(HostError::Disconnected(why)) => {
             // Whether this attempt works or not, the next turn tells: it runs a cycle on the new
             // connection, or finds it down again and retries after a longer delay.
-            let _ = host.reconnect();
-            Ok(Turn::Disconnected(format!("{e:#}")))
+            if let Err(e) = host.reconnect() {
+                log::debug!("reconnecting failed: {e}");
+            }
+            Ok(Turn::Disconnected(why))
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into_anyhow()),
     }
 }
 
 fn print_json<R: Report>(report: &R, cycle: u64) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut value = report.to_json();
+    let mut value = serde_json::to_value(report).context("encoding the JSON report")?;
     let time = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
@@ -373,44 +365,52 @@ fn print_json<R: Report>(report: &R, cycle: u64) -> anyhow::Result<()> {
         .context("writing the JSON report to stdout")
 }
 
-/// Ctrl-C and SIGTERM, as something a loop can sleep on.
-pub struct StopSignal {
-    rx: Receiver<()>,
-    stopped: bool,
+/// Set by the signal handler; sleepers wait on it.
+struct StopFlag {
+    stopped: Mutex<bool>,
+    wake: Condvar,
 }
 
+static STOP: StopFlag = StopFlag {
+    stopped: Mutex::new(false),
+    wake: Condvar::new(),
+};
+
+/// Ctrl-C, SIGTERM and SIGHUP, as something a loop can sleep on. The handler is installed once
+/// per process; every `StopSignal` sees the same stop.
+pub struct StopSignal(());
+
 impl StopSignal {
-    /// Install the handler for SIGINT, SIGTERM and SIGHUP. Call once per process.
+    /// Install the handler for SIGINT, SIGTERM and SIGHUP (the first call does).
     pub fn install() -> anyhow::Result<Self> {
-        let (tx, rx) = mpsc::channel();
-        ctrlc::set_handler(move || {
-            let _ = tx.send(());
-        })
-        .context("installing the Ctrl-C/SIGTERM handler")?;
-        Ok(Self { rx, stopped: false })
+        static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+        INSTALLED
+            .get_or_init(|| {
+                ctrlc::set_handler(|| {
+                    *STOP.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    STOP.wake.notify_all();
+                })
+                .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(anyhow::Error::msg)
+            .context("installing the Ctrl-C/SIGTERM handler")?;
+        Ok(Self(()))
     }
 
     /// Sleep for `period`, waking at once on a signal. Returns true when a stop was requested.
     pub fn sleep(&mut self, period: Duration) -> bool {
-        if !self.stopped {
-            self.stopped = match self.rx.recv_timeout(period) {
-                Ok(()) => true,
-                Err(RecvTimeoutError::Timeout) => false,
-                Err(RecvTimeoutError::Disconnected) => {
-                    std::thread::sleep(period);
-                    false
-                }
-            };
-        }
-        self.stopped
+        let stopped = STOP.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        let (stopped, _) = STOP
+            .wake
+            .wait_timeout_while(stopped, period, |stopped| !*stopped)
+            .unwrap_or_else(|e| e.into_inner());
+        *stopped
     }
 
     /// True when a stop was requested, without sleeping.
     pub fn requested(&mut self) -> bool {
-        if !self.stopped {
-            self.stopped = self.rx.try_recv().is_ok();
-        }
-        self.stopped
+        *STOP.stopped.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -429,6 +429,21 @@ mod tests {
         for bad in ["0", "-1", "abc", "", "nan", "inf", "1e9", "3s"] {
             assert!(parse_period(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn reconnection_waits_double_up_to_a_minute() {
+        let period = Duration::from_secs(3);
+        let mut delay = Duration::ZERO;
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            delay = reconnect_delay(delay, period);
+            waits.push(delay.as_secs());
+        }
+        assert_eq!(waits, [3, 6, 12, 24, 48, 60, 60]);
+        // A period longer than the cap is waited out, not cut short.
+        let hour = Duration::from_secs(3600);
+        assert_eq!(reconnect_delay(Duration::ZERO, hour), hour);
     }
 
     #[test]

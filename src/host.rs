@@ -5,6 +5,7 @@
 //! UUID ([`DomainId`]), never by their position in a listing, so a domain that restarts or a listing
 //! that changes order between two samples cannot be confused with another one.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Instant;
 
@@ -21,6 +22,13 @@ impl fmt::Display for DomainId {
             write!(f, "{b:02x}")?;
         }
         Ok(())
+    }
+}
+
+impl serde::Serialize for DomainId {
+    /// As its UUID string, the way libvirt and `virsh` write it.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -84,23 +92,55 @@ pub struct BalloonStats {
     pub last_update: Option<u64>,
 }
 
+impl BalloonStats {
+    /// Memory the guest can still use: its MemAvailable (`usable`) when it reports one, else its
+    /// MemFree (`unused`). MemFree overstates it: a ballooned-down guest can show tens of MiB free
+    /// that sit in reserves it cannot allocate.
+    pub fn free_kib(&self) -> Option<u64> {
+        self.usable_kib.or(self.unused_kib)
+    }
+}
+
 /// The host's memory, summed over all NUMA cells, in KiB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostMemory {
     /// Physical memory.
     pub total_kib: u64,
     /// Memory the host can give: free plus buffers plus page cache.
-    pub free_kib: u64,
+    pub available_kib: u64,
 }
 
-/// Why a change to a domain did not happen, when the reason is not an error worth stopping for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Applied {
-    /// The change was made.
-    Done,
-    /// The domain stopped or vanished before the change could be made; it is skipped this cycle.
-    Vanished,
+/// Why a call to the host failed. The daemons act on the kind: a vanished domain is skipped, a
+/// lost connection is re-opened, an unsupported call is worked around, anything else is reported.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The domain stopped or was undefined since it was listed: a normal event on a live host.
+    #[error("domain {0} stopped or vanished")]
+    Vanished(DomainId),
+    /// The connection to the hypervisor is down (the message says why); [`Host::reconnect`] may
+    /// bring it back.
+    #[error("{0}")]
+    Disconnected(String),
+    /// This hypervisor driver does not offer the call (the message says which).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Any other failure, with what was being done.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
 }
+
+impl HostError {
+    /// As an operator-facing error: the message of [`HostError::Other`] keeps its context chain.
+    pub fn into_anyhow(self) -> anyhow::Error {
+        match self {
+            HostError::Other(e) => e,
+            e => anyhow::Error::new(e),
+        }
+    }
+}
+
+/// The result of a call to the host.
+pub type HostResult<T> = Result<T, HostError>;
 
 /// One active domain's vCPUs, read at one instant.
 #[derive(Clone, Debug, PartialEq)]
@@ -126,51 +166,52 @@ pub struct BalloonSample {
 
 /// A hypervisor host, as the daemons see it.
 ///
-/// Reads of a single domain return `Ok(None)` when the domain stopped or vanished since it was
-/// listed: that is a normal event on a live host, not an error. `Err` is kept for failures the
-/// operator must hear about (lost connection, permission, unsupported driver).
+/// Every call says how it failed with a [`HostError`]: a domain that stopped or vanished since it
+/// was listed is [`HostError::Vanished`] (a normal event on a live host, skipped), a lost
+/// connection is [`HostError::Disconnected`] (the daemon calls [`Host::reconnect`] and carries on
+/// with its state), a call the driver lacks is [`HostError::Unsupported`].
 pub trait Host {
     /// Active (running or paused) domains, in no particular order.
-    fn active_domains(&mut self) -> anyhow::Result<Vec<DomainRef>>;
+    fn active_domains(&mut self) -> HostResult<Vec<DomainRef>>;
 
     /// Every online vCPU of a domain: cumulative CPU time, last pCPU and affinity.
-    fn vcpus(&mut self, domain: &DomainId) -> anyhow::Result<Option<Vec<VcpuInfo>>>;
+    fn vcpus(&mut self, domain: &DomainId) -> HostResult<Vec<VcpuInfo>>;
 
     /// The host's present and online pCPUs.
-    fn node_cpus(&mut self) -> anyhow::Result<NodeCpus>;
+    fn node_cpus(&mut self) -> HostResult<NodeCpus>;
 
     /// Pin one vCPU of a running domain to exactly one pCPU.
-    fn pin_vcpu(&mut self, domain: &DomainId, vcpu: u32, pcpu: u32) -> anyhow::Result<Applied>;
+    fn pin_vcpu(&mut self, domain: &DomainId, vcpu: u32, pcpu: u32) -> HostResult<()>;
 
     /// The vCPUs of every active domain. The default reads them domain by domain; a host that can
     /// read them all in one call overrides it. Domains that vanish while being read are left
     /// out; one that cannot be read is left out with a warning.
-    fn sample_vcpus(&mut self) -> anyhow::Result<Vec<VcpuSample>> {
+    fn sample_vcpus(&mut self) -> HostResult<Vec<VcpuSample>> {
         vcpus_domain_by_domain(self)
     }
 
     /// The balloon figures of every active domain, like [`Host::sample_vcpus`].
-    fn sample_balloons(&mut self) -> anyhow::Result<Vec<BalloonSample>> {
+    fn sample_balloons(&mut self) -> HostResult<Vec<BalloonSample>> {
         balloons_domain_by_domain(self)
     }
 
     /// The balloon and guest memory figures of a domain.
-    fn balloon_stats(&mut self, domain: &DomainId) -> anyhow::Result<Option<BalloonStats>>;
+    fn balloon_stats(&mut self, domain: &DomainId) -> HostResult<BalloonStats>;
 
     /// Ask the guest's balloon driver to report memory figures every `period_secs` seconds.
     /// Fails when the domain has no balloon device.
-    fn enable_balloon_stats(
-        &mut self,
-        domain: &DomainId,
-        period_secs: u32,
-    ) -> anyhow::Result<Applied>;
+    fn enable_balloon_stats(&mut self, domain: &DomainId, period_secs: u32) -> HostResult<()>;
 
     /// Set the balloon of a running domain to `kib`.
-    fn set_balloon(&mut self, domain: &DomainId, kib: u64) -> anyhow::Result<Applied>;
+    fn set_balloon(&mut self, domain: &DomainId, kib: u64) -> HostResult<()>;
 
-    /// The host's total and available memory over all NUMA cells; `None` when the driver cannot
-    /// tell.
-    fn host_memory(&mut self) -> anyhow::Result<Option<HostMemory>>;
+    /// The host's total and available memory over all NUMA cells ([`HostError::Unsupported`]
+    /// when the driver cannot tell).
+    fn host_memory(&mut self) -> HostResult<HostMemory>;
+
+    /// Open the connection to the hypervisor again after [`HostError::Disconnected`]. What the
+    /// host learnt through the old connection is forgotten; the daemons' own state is not here.
+    fn reconnect(&mut self) -> HostResult<()>;
 
     /// Hypervisor API calls made so far, for cost reports (0 where not counted).
     fn api_calls(&self) -> u64 {
@@ -184,28 +225,29 @@ pub trait Host {
     }
 }
 
-/// Read one domain's figures with `read`; a domain that vanished is `None` (debug log), one that
-/// cannot be read is `None` with a warning: neither stops the cycle.
-pub fn read_or_skip<T>(domain: &DomainRef, read: anyhow::Result<Option<T>>) -> Option<T> {
+/// Read one domain's figures with `read`: a domain that vanished is `None` (debug log), one that
+/// cannot be read is `None` with a warning; neither stops the cycle. A lost connection does.
+pub fn read_or_skip<T>(domain: &DomainRef, read: HostResult<T>) -> HostResult<Option<T>> {
     match read {
-        Ok(Some(value)) => Some(value),
-        Ok(None) => {
+        Ok(value) => Ok(Some(value)),
+        Err(HostError::Vanished(_)) => {
             log::debug!("domain {} stopped while being read; skipped", domain.name);
-            None
+            Ok(None)
         }
+        Err(e @ HostError::Disconnected(_)) => Err(e),
         Err(e) => {
             log::warn!("domain {}: {e:#}; skipped this cycle", domain.name);
-            None
+            Ok(None)
         }
     }
 }
 
 /// [`Host::sample_vcpus`] the slow way: list, then read each domain.
-pub fn vcpus_domain_by_domain<H: Host + ?Sized>(host: &mut H) -> anyhow::Result<Vec<VcpuSample>> {
+pub fn vcpus_domain_by_domain<H: Host + ?Sized>(host: &mut H) -> HostResult<Vec<VcpuSample>> {
     let mut out = Vec::new();
     for domain in host.active_domains()? {
         let read = host.vcpus(&domain.id);
-        if let Some(vcpus) = read_or_skip(&domain, read) {
+        if let Some(vcpus) = read_or_skip(&domain, read)? {
             let at = host.now();
             out.push(VcpuSample { domain, vcpus, at });
         }
@@ -214,16 +256,48 @@ pub fn vcpus_domain_by_domain<H: Host + ?Sized>(host: &mut H) -> anyhow::Result<
 }
 
 /// [`Host::sample_balloons`] the slow way: list, then read each domain.
-pub fn balloons_domain_by_domain<H: Host + ?Sized>(
-    host: &mut H,
-) -> anyhow::Result<Vec<BalloonSample>> {
+pub fn balloons_domain_by_domain<H: Host + ?Sized>(host: &mut H) -> HostResult<Vec<BalloonSample>> {
     let mut out = Vec::new();
     for domain in host.active_domains()? {
         let read = host.balloon_stats(&domain.id);
-        if let Some(stats) = read_or_skip(&domain, read) {
+        if let Some(stats) = read_or_skip(&domain, read)? {
             let at = host.now();
             out.push(BalloonSample { domain, stats, at });
         }
     }
     Ok(out)
+}
+
+/// The outcome of one change asked of the host (a pin, a balloon size): `Ok(true)` when it was
+/// made. A domain that vanished meanwhile (debug log) or a call that failed (warning) is
+/// `Ok(false)`, skipped this cycle; a lost connection is returned, to reconnect.
+pub fn changed_or_skipped(domain: &str, what: &str, result: HostResult<()>) -> HostResult<bool> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(HostError::Vanished(_)) => {
+            log::debug!("domain {domain} stopped before {what}; skipped");
+            Ok(false)
+        }
+        Err(e @ HostError::Disconnected(_)) => Err(e),
+        Err(e) => {
+            log::warn!("{e:#}");
+            Ok(false)
+        }
+    }
+}
+
+/// Domain names by UUID, for reports; a domain not in it is named by its UUID.
+#[derive(Clone, Debug, Default)]
+pub struct DomainNames(HashMap<DomainId, String>);
+
+impl DomainNames {
+    /// Remember `domain`'s name.
+    pub fn insert(&mut self, domain: &DomainRef) {
+        self.0.insert(domain.id, domain.name.clone());
+    }
+
+    /// The name of `id`, else its UUID.
+    pub fn of(&self, id: &DomainId) -> String {
+        self.0.get(id).cloned().unwrap_or_else(|| id.to_string())
+    }
 }

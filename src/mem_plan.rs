@@ -160,9 +160,14 @@ impl MemPolicy {
         self.hard_floor_kib(g).max(comfortable)
     }
 
+    /// What a guest holds above the size a shrink stops at.
+    fn excess_kib(&self, g: &GuestMemory) -> u64 {
+        g.actual_kib.saturating_sub(self.keep_kib(g))
+    }
+
     /// Memory the host can give: what it has available above its reserve (nothing when unknown).
     pub fn host_budget_kib(&self, host: Option<HostMemory>) -> u64 {
-        host.map_or(0, |h| h.free_kib.saturating_sub(self.reserve_kib(h)))
+        host.map_or(0, |h| h.available_kib.saturating_sub(self.reserve_kib(h)))
     }
 
     /// The host memory kept available: `host_reserve_pct` % of its total.
@@ -181,12 +186,7 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
     // What each wasting guest can give this cycle, most wasteful first.
     let mut givers: Vec<(usize, u64)> = (0..guests.len())
         .filter(|&i| status[i] == MemStatus::Wasting)
-        .map(|i| {
-            let excess = guests[i]
-                .actual_kib
-                .saturating_sub(policy.keep_kib(&guests[i]));
-            (i, excess.min(policy.max_step_kib))
-        })
+        .map(|i| (i, policy.excess_kib(&guests[i]).min(policy.max_step_kib)))
         .filter(|&(_, can)| can > 0)
         .collect();
     givers.sort_by(|a, b| {
@@ -237,11 +237,9 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
     if starving.is_empty() {
         let host_short = snapshot
             .host
-            .is_some_and(|h| h.free_kib < policy.reserve_kib(h));
+            .is_some_and(|h| h.available_kib < policy.reserve_kib(h));
         for &(i, can) in &givers {
-            let excess = guests[i]
-                .actual_kib
-                .saturating_sub(policy.keep_kib(&guests[i]));
+            let excess = policy.excess_kib(&guests[i]);
             let fraction = if host_short {
                 1.0
             } else {

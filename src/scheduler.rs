@@ -3,179 +3,12 @@
 //! Generic over [`Host`], so the same cycle runs against libvirt in the daemon and against a
 //! simulated host in tests and benchmarks.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
+use log::info;
 
-use log::{debug, info, warn};
-use serde_json::json;
-
-use crate::daemon::{Report, round1};
-
-use crate::cpu_plan::{Basis, CpuPlan, CpuPolicy, PinMove, plan};
-use crate::host::{Applied, DomainId, Host};
+use crate::cpu_plan::{CpuPlan, CpuPolicy, plan};
+use crate::host::{DomainNames, Host, HostResult, changed_or_skipped};
+use crate::report::{CpuReport, Decision, MoveLine, PcpuLine};
 use crate::sampling::{CpuSampler, CpuSnapshot, pcpu_demand, pcpu_usage};
-
-/// What one cycle saw and did.
-#[derive(Clone, Debug, Default)]
-pub struct CycleReport {
-    /// Number of active domains seen.
-    pub domains: usize,
-    /// Number of vCPUs seen.
-    pub vcpus: usize,
-    /// Usage of each online pCPU, as measured this cycle (empty on the first cycle).
-    pub usage: BTreeMap<u32, f64>,
-    /// Demand of each online pCPU, where the hypervisor reports run-queue delay.
-    pub demand: Option<BTreeMap<u32, f64>>,
-    /// The plan, from the second cycle on.
-    pub plan: Option<CpuPlan>,
-    /// Moves made (or, in a dry run, that would have been made).
-    pub applied: Vec<PinMove>,
-    /// Moves skipped because the domain vanished, or that failed.
-    pub skipped: usize,
-    /// Domain names, for the report.
-    pub names: HashMap<DomainId, String>,
-    /// True when nothing was changed on purpose.
-    pub dry_run: bool,
-    /// Hypervisor API calls this cycle made.
-    pub api_calls: u64,
-    /// The balance threshold in force, in points.
-    pub threshold: f64,
-}
-
-/// Busiest minus freest of per-pCPU figures.
-fn spread(per_pcpu: &BTreeMap<u32, f64>) -> f64 {
-    let max = per_pcpu.values().copied().fold(f64::NEG_INFINITY, f64::max);
-    let min = per_pcpu.values().copied().fold(f64::INFINITY, f64::min);
-    if per_pcpu.is_empty() { 0.0 } else { max - min }
-}
-
-impl CycleReport {
-    fn name(&self, id: &DomainId) -> String {
-        self.names
-            .get(id)
-            .cloned()
-            .unwrap_or_else(|| id.to_string())
-    }
-}
-
-impl fmt::Display for CycleReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} domains, {} vCPUs", self.domains, self.vcpus)?;
-        if self.usage.is_empty() {
-            return write!(f, "; first sample, usage from the next cycle");
-        }
-        f.write_str("; pCPU usage %:")?;
-        for (p, u) in &self.usage {
-            write!(f, " {p}:{u:.1}")?;
-        }
-        write!(f, " (spread {:.1})", spread(&self.usage))?;
-        if let Some(demand) = &self.demand {
-            f.write_str("; demand %:")?;
-            for (p, d) in demand {
-                write!(f, " {p}:{d:.1}")?;
-            }
-        }
-        let Some(plan) = &self.plan else {
-            return f.write_str("; settling after the last pin changes, no decision");
-        };
-        if self.demand.is_some() {
-            f.write_str(match plan.basis {
-                Basis::Demand => "; balancing demand",
-                Basis::Usage => "; balancing usage",
-            })?;
-        }
-        if plan.moves.is_empty() {
-            return if plan.before.fixable_spread <= self.threshold {
-                f.write_str("; balanced, no change")
-            } else {
-                f.write_str("; no pin change would pay off, no change")
-            };
-        }
-        let verb = if self.dry_run { "would move" } else { "moved" };
-        write!(f, "; {verb} {}:", self.applied.len())?;
-        for m in &self.applied {
-            let from = m.from.map_or("*".to_string(), |p| p.to_string());
-            write!(
-                f,
-                " {} vCPU{} {}->{}",
-                self.name(&m.key.domain),
-                m.key.vcpu,
-                from,
-                m.to
-            )?;
-        }
-        if self.skipped > 0 {
-            write!(f, "; {} skipped", self.skipped)?;
-        }
-        let basis = match plan.basis {
-            Basis::Usage => "usage",
-            Basis::Demand => "demand",
-        };
-        write!(f, "; predicted {basis} spread {:.1}", plan.after.spread)
-    }
-}
-
-impl Report for CycleReport {
-    fn changes(&self) -> usize {
-        self.applied.len()
-    }
-
-    fn skipped(&self) -> usize {
-        self.skipped
-    }
-
-    fn set_api_calls(&mut self, calls: u64) {
-        self.api_calls = calls;
-    }
-
-    fn to_json(&self) -> serde_json::Value {
-        let pcpus: Vec<_> = self
-            .usage
-            .iter()
-            .map(|(p, u)| {
-                let demand = self.demand.as_ref().and_then(|d| d.get(p)).copied();
-                json!({"pcpu": p, "usage": round1(*u), "demand": demand.map(round1)})
-            })
-            .collect();
-        let moves: Vec<_> = self
-            .applied
-            .iter()
-            .map(|m| {
-                json!({
-                    "domain": self.name(&m.key.domain),
-                    "uuid": m.key.domain.to_string(),
-                    "vcpu": m.key.vcpu,
-                    "from": m.from,
-                    "to": m.to,
-                    "load": round1(m.usage),
-                })
-            })
-            .collect();
-        let (decision, basis) = match &self.plan {
-            _ if self.usage.is_empty() => ("first_sample", None),
-            None => ("settling", None),
-            Some(plan) => (
-                "planned",
-                Some(match plan.basis {
-                    Basis::Usage => "usage",
-                    Basis::Demand => "demand",
-                }),
-            ),
-        };
-        json!({
-            "daemon": "vcpu_scheduler",
-            "domains": self.domains,
-            "vcpus": self.vcpus,
-            "pcpus": pcpus,
-            "decision": decision,
-            "basis": basis,
-            "dry_run": self.dry_run,
-            "moves": moves,
-            "skipped": self.skipped,
-            "libvirt_calls": self.api_calls,
-        })
-    }
-}
 
 /// The vCPU scheduler's state across cycles.
 pub struct Scheduler {
@@ -235,72 +68,102 @@ impl Scheduler {
     }
 
     /// Run one cycle. `Ok(None)` when the host has no active domain.
-    pub fn cycle(&mut self, host: &mut dyn Host) -> anyhow::Result<Option<CycleReport>> {
+    pub fn cycle(&mut self, host: &mut dyn Host) -> HostResult<Option<CpuReport>> {
         self.cycles += 1;
         let node = host.node_cpus()?;
         let samples = host.sample_vcpus()?;
         if samples.is_empty() {
             return Ok(None);
         }
-        let mut report = CycleReport {
-            dry_run: self.dry_run,
-            threshold: self.policy.threshold,
-            ..CycleReport::default()
-        };
+        let mut report = CpuReport::new(self.dry_run);
+        let mut names = DomainNames::default();
         self.sampler.begin(&node.online);
         for sample in &samples {
             self.sampler
                 .record(sample.domain.id, sample.at, &sample.vcpus);
             report.domains += 1;
             report.vcpus += sample.vcpus.len();
-            report
-                .names
-                .insert(sample.domain.id, sample.domain.name.clone());
+            names.insert(&sample.domain);
         }
         let snapshot = self.sampler.finish();
         if self.cycles == 1 {
             return Ok(Some(report));
         }
-        report.usage = pcpu_usage(&snapshot);
-        report.demand = pcpu_demand(&snapshot);
-        let reported = report.demand.is_some();
-        if self.delay_reported != Some(reported) {
-            self.delay_reported = Some(reported);
-            if reported {
-                info!(
-                    "the hypervisor reports vCPU run-queue delay: balancing demand (CPU time used plus waited for)"
-                );
-            } else {
-                info!("the hypervisor reports no vCPU run-queue delay: balancing usage");
-            }
-        }
+        report.pcpus = pcpu_lines(&snapshot);
+        self.say_basis_once(snapshot.reports_delay());
+        // Rule 6: right after pin changes, observe only.
         if std::mem::take(&mut self.settling) {
+            report.decision = Decision::Settling;
             return Ok(Some(report));
         }
         let plan = (self.planner)(&snapshot, &self.policy);
-        for m in &plan.moves {
-            if self.dry_run {
-                report.applied.push(*m);
-                continue;
-            }
-            let name = report.name(&m.key.domain);
-            match host.pin_vcpu(&m.key.domain, m.key.vcpu, m.to) {
-                Ok(Applied::Done) => report.applied.push(*m),
-                Ok(Applied::Vanished) => {
-                    debug!(
-                        "domain {name} stopped before vCPU{} could be pinned",
-                        m.key.vcpu
-                    );
-                    report.skipped += 1;
-                }
-                Err(e) => {
-                    warn!("{e:#}");
-                    report.skipped += 1;
-                }
-            }
-        }
-        report.plan = Some(plan);
-        self.settling = self.settle_after_changes && !self.dry_run && !report.applied.is_empty();
+        self.apply(host, &plan, &names, &mut report)?;
+        report.decision = Decision::Planned;
+        report.basis = Some(plan.basis);
+        report.planned = plan.moves.len();
+        report.balanced = plan.before.fixable_spread <= self.policy.threshold;
+        report.predicted_spread = plan.after.spread;
+        self.settling = self.settle_after_changes && !self.dry_run && !report.moves.is_empty();
         Ok(Some(report))
     }
+
+    /// Say which figure is balanced, once, and again if that changes.
+    fn say_basis_once(&mut self, reported: bool) {
+        if self.delay_reported == Some(reported) {
+            return;
+        }
+        self.delay_reported = Some(reported);
+        if reported {
+            info!(
+                "the hypervisor reports vCPU run-queue delay: balancing demand (CPU time used plus waited for)"
+            );
+        } else {
+            info!("the hypervisor reports no vCPU run-queue delay: balancing usage");
+        }
+    }
+
+    /// Make the plan's pin changes (in a dry run, only report them).
+    fn apply(
+        &self,
+        host: &mut dyn Host,
+        plan: &CpuPlan,
+        names: &DomainNames,
+        report: &mut CpuReport,
+    ) -> HostResult<()> {
+        for m in &plan.moves {
+            let domain = names.of(&m.key.domain);
+            let made = self.dry_run
+                || changed_or_skipped(
+                    &domain,
+                    &format!("vCPU{} could be pinned", m.key.vcpu),
+                    host.pin_vcpu(&m.key.domain, m.key.vcpu, m.to),
+                )?;
+            if !made {
+                report.skipped += 1;
+                continue;
+            }
+            report.moves.push(MoveLine {
+                domain,
+                uuid: m.key.domain,
+                vcpu: m.key.vcpu,
+                from: m.from,
+                to: m.to,
+                load: m.load,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Usage, and demand where reported, of every online pCPU.
+fn pcpu_lines(snapshot: &CpuSnapshot) -> Vec<PcpuLine> {
+    let demand = pcpu_demand(snapshot);
+    pcpu_usage(snapshot)
+        .into_iter()
+        .map(|(pcpu, usage)| PcpuLine {
+            pcpu,
+            usage,
+            demand: demand.as_ref().and_then(|d| d.get(&pcpu)).copied(),
+        })
+        .collect()
 }

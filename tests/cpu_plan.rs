@@ -77,10 +77,7 @@ fn apply(s: &CpuSnapshot, p: &CpuPlan) -> CpuSnapshot {
 }
 
 fn spread(s: &CpuSnapshot) -> f64 {
-    let u = pcpu_usage(s);
-    let max = u.values().copied().fold(f64::MIN, f64::max);
-    let min = u.values().copied().fold(f64::MAX, f64::min);
-    max - min
+    vmbalance::report::spread(pcpu_usage(s).into_values())
 }
 
 #[test]
@@ -431,7 +428,7 @@ fn a_change_budget_pins_the_heaviest_unpinned_vcpus_first() {
         ..CpuPolicy::default()
     };
     let p = plan(&s, &policy);
-    let mut pinned: Vec<f64> = p.moves.iter().map(|m| m.usage).collect();
+    let mut pinned: Vec<f64> = p.moves.iter().map(|m| m.load).collect();
     pinned.sort_by(f64::total_cmp);
     assert_eq!(pinned, [70.0, 90.0]);
     assert_ne!(p.moves[0].to, p.moves[1].to, "both heavy vCPUs on one pCPU");

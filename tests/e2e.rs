@@ -32,7 +32,7 @@ fn busy<'a>(name: &'a str, pin: &'a str) -> Spec<'a> {
 }
 
 fn spread(usage: &[f64]) -> f64 {
-    usage.iter().copied().fold(f64::MIN, f64::max) - usage.iter().copied().fold(f64::MAX, f64::min)
+    vmbalance::report::spread(usage.iter().copied())
 }
 
 /// Pin changes the daemon reported, per cycle line.

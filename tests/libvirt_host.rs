@@ -2,7 +2,7 @@
 
 mod common;
 
-use vmbalance::host::{Applied, DomainId, Host};
+use vmbalance::host::{DomainId, Host, HostError};
 use vmbalance::libvirt::LibvirtHost;
 
 fn host() -> LibvirtHost {
@@ -62,7 +62,7 @@ fn reads_every_vcpu_with_its_affinity() {
     let mut h = host();
     let present = h.node_cpus().unwrap().present;
     let db = id_of(&mut h, "db");
-    let vcpus = h.vcpus(&db).unwrap().expect("db is running");
+    let vcpus = h.vcpus(&db).expect("db is running");
     assert_eq!(
         vcpus.iter().map(|v| v.number).collect::<Vec<_>>(),
         vec![0, 1, 2, 3]
@@ -81,8 +81,8 @@ fn pin_round_trip() {
     let web = id_of(&mut h, "web");
     let online = h.node_cpus().unwrap().online;
     for &pcpu in &online {
-        assert_eq!(h.pin_vcpu(&web, 1, pcpu).unwrap(), Applied::Done);
-        let vcpus = h.vcpus(&web).unwrap().unwrap();
+        h.pin_vcpu(&web, 1, pcpu).unwrap();
+        let vcpus = h.vcpus(&web).unwrap();
         assert_eq!(vcpus[1].affinity, vec![pcpu]);
         // The other vCPU is untouched.
         assert!(vcpus[0].affinity.len() > 1);
@@ -90,7 +90,7 @@ fn pin_round_trip() {
 }
 
 #[test]
-fn a_vanished_domain_is_none_not_an_error() {
+fn a_vanished_domain_is_its_own_kind_of_error() {
     let mut h = host();
     let batch = id_of(&mut h, "batch");
     h.connection()
@@ -99,12 +99,14 @@ fn a_vanished_domain_is_none_not_an_error() {
         .destroy()
         .unwrap();
     // Listed a moment ago, stopped now: reads and pins skip it.
-    assert_eq!(h.vcpus(&batch).unwrap(), None);
-    assert_eq!(h.pin_vcpu(&batch, 0, 0).unwrap(), Applied::Vanished);
+    let vanished =
+        |id: DomainId| move |e: HostError| matches!(e, HostError::Vanished(v) if v == id);
+    assert!(h.vcpus(&batch).is_err_and(vanished(batch)));
+    assert!(h.pin_vcpu(&batch, 0, 0).is_err_and(vanished(batch)));
     // A UUID libvirt never knew behaves the same.
     let unknown = DomainId([0xab; 16]);
-    assert_eq!(h.vcpus(&unknown).unwrap(), None);
-    assert_eq!(h.pin_vcpu(&unknown, 0, 0).unwrap(), Applied::Vanished);
+    assert!(h.vcpus(&unknown).is_err_and(vanished(unknown)));
+    assert!(h.pin_vcpu(&unknown, 0, 0).is_err_and(vanished(unknown)));
     assert_eq!(h.active_domains().unwrap().len(), 2);
 }
 
@@ -121,7 +123,7 @@ fn unreachable_uri_is_one_clear_error() {
 fn reads_balloon_stats() {
     let mut h = host();
     let web = id_of(&mut h, "web");
-    let stats = h.balloon_stats(&web).unwrap().expect("web is running");
+    let stats = h.balloon_stats(&web).expect("web is running");
     assert_eq!(stats.actual_kib, 524288);
     assert_eq!(stats.max_kib, 1048576);
     // The test driver's guest figures are fake but present and self-consistent.
@@ -134,14 +136,15 @@ fn reads_balloon_stats() {
 fn balloon_resize_round_trip_and_error_above_max() {
     let mut h = host();
     let web = id_of(&mut h, "web");
-    assert_eq!(h.enable_balloon_stats(&web, 3).unwrap(), Applied::Done);
+    h.enable_balloon_stats(&web, 3).unwrap();
     for kib in [600 * 1024, 300 * 1024, 1048576] {
-        assert_eq!(h.set_balloon(&web, kib).unwrap(), Applied::Done);
-        assert_eq!(h.balloon_stats(&web).unwrap().unwrap().actual_kib, kib);
+        h.set_balloon(&web, kib).unwrap();
+        assert_eq!(h.balloon_stats(&web).unwrap().actual_kib, kib);
     }
     let err = h.set_balloon(&web, 1048576 + 1024).unwrap_err();
+    assert!(matches!(err, HostError::Other(_)), "{err:?}");
     assert!(format!("{err:#}").contains("max memory"), "{err:#}");
-    assert_eq!(h.balloon_stats(&web).unwrap().unwrap().actual_kib, 1048576);
+    assert_eq!(h.balloon_stats(&web).unwrap().actual_kib, 1048576);
 }
 
 #[test]
@@ -161,13 +164,15 @@ fn memory_calls_on_a_vanished_domain_are_skipped() {
         .unwrap()
         .destroy()
         .unwrap();
-    assert_eq!(h.balloon_stats(&web).unwrap(), None);
-    assert_eq!(h.set_balloon(&web, 300 * 1024).unwrap(), Applied::Vanished);
-    assert_eq!(h.enable_balloon_stats(&web, 3).unwrap(), Applied::Vanished);
+    let vanished = |e: HostError| matches!(e, HostError::Vanished(v) if v == web);
+    assert!(h.balloon_stats(&web).is_err_and(vanished));
+    assert!(h.set_balloon(&web, 300 * 1024).is_err_and(vanished));
+    assert!(h.enable_balloon_stats(&web, 3).is_err_and(vanished));
 }
 
 #[test]
-fn host_memory_is_none_where_the_driver_cannot_tell() {
+fn host_memory_is_unsupported_where_the_driver_cannot_tell() {
     // The test driver does not implement virNodeGetMemoryStats.
-    assert_eq!(host().host_memory().unwrap(), None);
+    let err = host().host_memory().unwrap_err();
+    assert!(matches!(err, HostError::Unsupported(_)), "{err:?}");
 }

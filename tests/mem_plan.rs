@@ -20,7 +20,7 @@ fn guest(n: u8, actual_mib: u64, unused_mib: u64, rate_mib_s: f64) -> GuestMemor
 fn host(total_mib: u64, free_mib: u64) -> Option<HostMemory> {
     Some(HostMemory {
         total_kib: total_mib * MIB,
-        free_kib: free_mib * MIB,
+        available_kib: free_mib * MIB,
     })
 }
 
@@ -266,7 +266,7 @@ fn arb_snapshot() -> impl Strategy<Value = MemSnapshot> {
             guests,
             host: host.map(|(total, free_pct)| HostMemory {
                 total_kib: total * MIB,
-                free_kib: total * MIB * free_pct / 100,
+                available_kib: total * MIB * free_pct / 100,
             }),
         })
 }
@@ -297,7 +297,7 @@ proptest! {
         // The host stays at or above its reserve, or is not drawn on at all.
         if let Some(h) = s.host {
             if p.from_host_kib > 0 {
-                prop_assert!(h.free_kib - p.from_host_kib >= pol.reserve_kib(h));
+                prop_assert!(h.available_kib - p.from_host_kib >= pol.reserve_kib(h));
             }
         } else {
             prop_assert_eq!(p.from_host_kib, 0);

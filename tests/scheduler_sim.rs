@@ -11,9 +11,7 @@ use vmbalance::scheduler::Scheduler;
 const PERIOD: Duration = Duration::from_secs(3);
 
 fn spread(usage: &[f64]) -> f64 {
-    let max = usage.iter().copied().fold(f64::MIN, f64::max);
-    let min = usage.iter().copied().fold(f64::MAX, f64::min);
-    max - min
+    vmbalance::report::spread(usage.iter().copied())
 }
 
 /// Run `cycles` cycles, advancing simulated time by PERIOD between them; return the number of pin
@@ -67,7 +65,7 @@ fn dry_run_changes_nothing() {
     assert!(changes.iter().all(|&c| c == 0));
     host.advance(PERIOD);
     let report = sched.cycle(&mut host).unwrap().unwrap();
-    assert_eq!(report.applied.len(), 1, "the plan is still reported");
+    assert_eq!(report.moves.len(), 1, "the plan is still reported");
     assert!(report.to_string().contains("would move 1"), "{report}");
 }
 
@@ -87,12 +85,7 @@ fn domains_vanishing_or_appearing_mid_run_do_not_stop_the_scheduler() {
     host.add(3, &[(10.0, &[0])]);
     host.advance(PERIOD);
     let report = sched.cycle(&mut host).unwrap().unwrap();
-    assert!(
-        report
-            .applied
-            .iter()
-            .all(|m| m.key.domain != host.domains[1].id)
-    );
+    assert!(report.moves.iter().all(|m| m.uuid != host.domains[1].id));
     // Once every domain has gone, the cycle says so.
     host.domains.clear();
     assert!(sched.cycle(&mut host).unwrap().is_none());

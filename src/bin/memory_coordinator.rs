@@ -9,7 +9,7 @@ use clap::Parser;
 use log::info;
 use vmbalance::coordinator::Coordinator;
 use vmbalance::daemon::{
-    CommonArgs, exit_with, libvirt_turn, parse_args, parse_non_negative, parse_period, run_cycles,
+    CommonArgs, exit_with, host_turn, parse_args, parse_non_negative, parse_period, run_cycles,
 };
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::mem_plan::MemPolicy;
@@ -125,7 +125,7 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
     );
     let options = args.common.loop_options(args.period);
     run_cycles(&uri, options, || {
-        libvirt_turn(&mut host, |host| coordinator.cycle(host))
+        host_turn(&mut host, |host| coordinator.cycle(host))
     })
 }
 

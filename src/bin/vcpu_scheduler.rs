@@ -8,7 +8,7 @@ use clap::Parser;
 use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{
-    CommonArgs, exit_with, libvirt_turn, parse_args, parse_non_negative, parse_period,
+    CommonArgs, exit_with, host_turn, parse_args, parse_non_negative, parse_period,
     parse_positive_count, run_cycles,
 };
 use vmbalance::libvirt::LibvirtHost;
@@ -73,7 +73,7 @@ fn run(args: Args) -> Result<()> {
     );
     let options = args.common.loop_options(args.period);
     run_cycles(&uri, options, || {
-        libvirt_turn(&mut host, |host| scheduler.cycle(host))
+        host_turn(&mut host, |host| scheduler.cycle(host))
     })
 }
 

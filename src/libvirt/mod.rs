@@ -7,15 +7,16 @@ pub use raw::{cpu_map_len, cpus_in_map, map_of_one_cpu};
 
 use std::collections::HashMap;
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use log::debug;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
 use crate::host::{
-    Applied, BalloonSample, BalloonStats, DomainId, DomainRef, Host, HostMemory, NodeCpus,
-    VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip, vcpus_domain_by_domain,
+    BalloonSample, BalloonStats, DomainId, DomainRef, Host, HostError, HostMemory, HostResult,
+    NodeCpus, VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip,
+    vcpus_domain_by_domain,
 };
 
 /// Where libvirt does not announce pin changes (see [`events`]), bulk samples re-read the vCPU
@@ -30,9 +31,6 @@ struct KnownPins {
     affinity: Vec<Vec<u32>>,
 }
 
-/// The URI used when neither `--connect` nor `LIBVIRT_DEFAULT_URI` names one.
-pub const DEFAULT_URI: &str = "qemu:///system";
-
 /// Open a read-write connection, with an error that names the URI and the likely cause.
 fn open(uri: &str) -> anyhow::Result<Connect> {
     Connect::open(Some(uri)).map_err(|e| {
@@ -42,11 +40,6 @@ fn open(uri: &str) -> anyhow::Result<Connect> {
             connect_hint(e.message())
         )
     })
-}
-
-/// A libvirt error as a plain message, without the code and domain numbers meant for developers.
-fn plain(e: virt::error::Error) -> anyhow::Error {
-    anyhow!("{}", e.message())
 }
 
 /// True for the errors libvirt gives when a domain stopped or was undefined under our feet.
@@ -142,18 +135,18 @@ impl LibvirtHost {
         self.conn.is_alive().unwrap_or(false)
     }
 
-    /// Open the connection again (the daemon restarted or dropped it). What was learnt through the
-    /// old connection (domain handles, pins, driver abilities) is forgotten.
-    pub fn reconnect(&mut self) -> anyhow::Result<()> {
-        self.pin_watch = None;
-        self.pin_watch_tried = false;
-        self.node_memory_fields = 0;
-        self.conn = open(&self.uri)?;
-        self.domains.clear();
-        self.pins.clear();
-        self.present_cpus = None;
-        self.no_bulk_stats = false;
-        Ok(())
+    /// A libvirt error as a [`HostError`] whose message is libvirt's own (without the code and
+    /// domain numbers meant for developers) after `what` was being done: "no support" is
+    /// [`HostError::Unsupported`], any error on a connection that is no longer alive is
+    /// [`HostError::Disconnected`].
+    fn error(&self, e: virt::error::Error, what: impl FnOnce() -> String) -> HostError {
+        if e.code().to_raw() == sys::VIR_ERR_NO_SUPPORT {
+            HostError::Unsupported(format!("{}: {}", what(), e.message()))
+        } else if !self.is_connected() {
+            HostError::Disconnected(e.message().to_string())
+        } else {
+            HostError::Other(anyhow!("{}", e.message()).context(what()))
+        }
     }
 
     /// The URI this host was opened with.
@@ -167,64 +160,63 @@ impl LibvirtHost {
     }
 
     /// The handle of a domain by UUID: from the last listing, else looked up afresh.
-    /// `Ok(None)` when no such domain exists any more.
-    fn domain(&mut self, id: &DomainId) -> anyhow::Result<Option<Domain>> {
+    fn domain(&mut self, id: &DomainId) -> HostResult<Domain> {
         if let Some(dom) = self.domains.get(id) {
-            return Ok(Some(dom.clone()));
+            return Ok(dom.clone());
         }
         self.calls += 1;
         match self.conn.lookup_domain_by_uuid_string(&id.to_string()) {
             Ok(dom) => {
                 self.domains.insert(*id, dom.clone());
-                Ok(Some(dom))
+                Ok(dom)
             }
-            Err(e) if is_vanished(&e) => Ok(None),
-            Err(e) => Err(plain(e)).with_context(|| format!("looking up domain {id}")),
+            Err(e) if is_vanished(&e) => Err(HostError::Vanished(*id)),
+            Err(e) => Err(self.error(e, || format!("looking up domain {id}"))),
         }
     }
 
-    /// Run `op` on a domain's handle, mapping "no such domain" and "not running" to `Ok(None)`
-    /// and any other failure to an error that says what was being done.
+    /// Run `op` on a domain's handle: "no such domain" and "not running" are
+    /// [`HostError::Vanished`], any other failure says what was being done.
     fn on_domain<T>(
         &mut self,
         id: &DomainId,
         what: impl FnOnce() -> String,
         op: impl FnOnce(&Domain) -> Result<T, virt::error::Error>,
-    ) -> anyhow::Result<Option<T>> {
-        let Some(dom) = self.domain(id)? else {
-            return Ok(None);
-        };
+    ) -> HostResult<T> {
+        let dom = self.domain(id)?;
         match op(&dom) {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if is_vanished(&e) => Ok(None),
-            Err(e) => Err(plain(e)).with_context(what),
+            Ok(v) => Ok(v),
+            Err(e) if is_vanished(&e) => Err(HostError::Vanished(*id)),
+            Err(e) => Err(self.error(e, what)),
         }
     }
 
     /// `virConnectGetAllDomainStats` for `groups`; `None` when the driver does not support it.
-    fn bulk_stats(&mut self, groups: u32) -> anyhow::Result<Option<Vec<raw::DomainStats>>> {
+    fn bulk_stats(&mut self, groups: u32) -> HostResult<Option<Vec<raw::DomainStats>>> {
         if self.no_bulk_stats {
             return Ok(None);
         }
         self.calls += 1;
         match raw::all_domain_stats(&self.conn, groups) {
             Ok(records) => Ok(Some(records)),
-            Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_SUPPORT => {
-                self.no_bulk_stats = true;
-                Ok(None)
-            }
-            Err(e) => Err(plain(e)).context("reading the statistics of all domains"),
+            Err(e) => match self.error(e, || "reading the statistics of all domains".into()) {
+                HostError::Unsupported(_) => {
+                    self.no_bulk_stats = true;
+                    Ok(None)
+                }
+                e => Err(e),
+            },
         }
     }
 
     /// The affinity of a domain's vCPUs: from what we know, re-read when unknown, stale, or the
-    /// domain restarted. `Ok(None)` when the domain vanished.
+    /// domain restarted.
     fn known_pins(
         &mut self,
         id: &DomainId,
         domain_id: u32,
         nvcpus: u32,
-    ) -> anyhow::Result<Option<Vec<Vec<u32>>>> {
+    ) -> HostResult<Vec<Vec<u32>>> {
         let polled = self.pin_watch.is_none();
         let fresh = self.pins.get(id).is_some_and(|k| {
             k.domain_id == domain_id
@@ -234,14 +226,11 @@ impl LibvirtHost {
         if !fresh {
             let present = self.present_cpus()?;
             self.calls += 1;
-            let Some(affinity) = self.on_domain(
+            let affinity = self.on_domain(
                 id,
                 || format!("reading the vCPU pins of domain {id}"),
                 |dom| raw::vcpu_pin_info(dom, nvcpus, present),
-            )?
-            else {
-                return Ok(None);
-            };
+            )?;
             let read_at_sample = self.samples;
             self.pins.insert(
                 *id,
@@ -252,7 +241,7 @@ impl LibvirtHost {
                 },
             );
         }
-        Ok(self.pins.get(id).map(|k| k.affinity.clone()))
+        Ok(self.pins[id].affinity.clone())
     }
 
     /// Register for pin-change events, once per connection, where libvirt emits them for every
@@ -302,7 +291,7 @@ impl LibvirtHost {
         }
     }
 
-    fn present_cpus(&mut self) -> anyhow::Result<u32> {
+    fn present_cpus(&mut self) -> HostResult<u32> {
         match self.present_cpus {
             Some(n) => Ok(n),
             None => Ok(self.node_cpus()?.present),
@@ -317,7 +306,7 @@ impl Host for LibvirtHost {
 
     /// One `virConnectGetAllDomainStats` call for every domain's vCPU times, plus the pins where
     /// they are not known; per-domain calls where the driver has no bulk statistics.
-    fn sample_vcpus(&mut self) -> anyhow::Result<Vec<VcpuSample>> {
+    fn sample_vcpus(&mut self) -> HostResult<Vec<VcpuSample>> {
         let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_VCPU)? else {
             return vcpus_domain_by_domain(self);
         };
@@ -335,7 +324,7 @@ impl Host for LibvirtHost {
                 Some(max) => {
                     let max = u32::try_from(max).unwrap_or(u32::MAX);
                     let pins = self.known_pins(&domain.id, rec.id, max);
-                    read_or_skip(&domain, pins).map(|affinity| bulk_vcpus(&rec, max, &affinity))
+                    read_or_skip(&domain, pins)?.map(|affinity| bulk_vcpus(&rec, max, &affinity))
                 }
                 // This driver's records carry no vCPU statistics.
                 None => None,
@@ -346,7 +335,7 @@ impl Host for LibvirtHost {
                 Some(vcpus) if vcpus.iter().all(|v| v.affinity.len() == 1) => Some(vcpus),
                 _ => {
                     let read = self.vcpus(&domain.id);
-                    read_or_skip(&domain, read)
+                    read_or_skip(&domain, read)?
                 }
             };
             if let Some(vcpus) = vcpus {
@@ -361,7 +350,7 @@ impl Host for LibvirtHost {
 
     /// One `virConnectGetAllDomainStats` call for every domain's balloon figures; per-domain calls
     /// where the driver has no bulk statistics.
-    fn sample_balloons(&mut self) -> anyhow::Result<Vec<BalloonSample>> {
+    fn sample_balloons(&mut self) -> HostResult<Vec<BalloonSample>> {
         let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_BALLOON)? else {
             return balloons_domain_by_domain(self);
         };
@@ -384,7 +373,7 @@ impl Host for LibvirtHost {
                 // This driver's records carry no balloon statistics: read the domain directly.
                 _ => {
                     let read = self.balloon_stats(&domain.id);
-                    read_or_skip(&domain, read)
+                    read_or_skip(&domain, read)?
                 }
             };
             if let Some(stats) = stats {
@@ -394,14 +383,13 @@ impl Host for LibvirtHost {
         Ok(out)
     }
 
-    fn active_domains(&mut self) -> anyhow::Result<Vec<DomainRef>> {
+    fn active_domains(&mut self) -> HostResult<Vec<DomainRef>> {
         let flags = sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
         self.calls += 1;
         let listed = self
             .conn
             .list_all_domains(flags)
-            .map_err(plain)
-            .with_context(|| format!("listing the active domains of {}", self.uri))?;
+            .map_err(|e| self.error(e, || format!("listing the active domains of {}", self.uri)))?;
         self.domains.clear();
         let mut out = Vec::with_capacity(listed.len());
         for dom in listed {
@@ -416,7 +404,7 @@ impl Host for LibvirtHost {
         Ok(out)
     }
 
-    fn vcpus(&mut self, id: &DomainId) -> anyhow::Result<Option<Vec<VcpuInfo>>> {
+    fn vcpus(&mut self, id: &DomainId) -> HostResult<Vec<VcpuInfo>> {
         let present = self.present_cpus()?;
         self.calls += 2;
         let raw = self.on_domain(
@@ -424,63 +412,61 @@ impl Host for LibvirtHost {
             || format!("reading the vCPUs of domain {id}"),
             |dom| raw::domain_vcpus(dom, present),
         )?;
-        Ok(raw.map(|vcpus| {
-            vcpus
-                .into_iter()
-                .map(|v| VcpuInfo {
-                    number: v.number,
-                    cpu_time_ns: v.cpu_time_ns,
-                    last_pcpu: u32::try_from(v.cpu).ok(),
-                    affinity: v.affinity,
-                    delay_ns: None,
-                })
-                .collect()
-        }))
+        Ok(raw
+            .into_iter()
+            .map(|v| VcpuInfo {
+                number: v.number,
+                cpu_time_ns: v.cpu_time_ns,
+                last_pcpu: u32::try_from(v.cpu).ok(),
+                affinity: v.affinity,
+                delay_ns: None,
+            })
+            .collect())
     }
 
-    fn node_cpus(&mut self) -> anyhow::Result<NodeCpus> {
+    fn node_cpus(&mut self) -> HostResult<NodeCpus> {
         self.calls += 1;
         let cpus = match raw::node_cpu_map(&self.conn) {
             Ok((present, online)) => NodeCpus { present, online },
-            Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_SUPPORT => {
-                // Drivers without a CPU map: every CPU the node reports counts as online.
-                let info = self
-                    .conn
-                    .node_info()
-                    .map_err(plain)
-                    .context("reading the host's CPU count")?;
-                NodeCpus {
-                    present: info.cpus,
-                    online: (0..info.cpus).collect(),
+            Err(e) => match self.error(e, || "reading the host's online CPUs".into()) {
+                HostError::Unsupported(_) => {
+                    // Drivers without a CPU map: every CPU the node reports counts as online.
+                    let info = self
+                        .conn
+                        .node_info()
+                        .map_err(|e| self.error(e, || "reading the host's CPU count".into()))?;
+                    NodeCpus {
+                        present: info.cpus,
+                        online: (0..info.cpus).collect(),
+                    }
                 }
-            }
-            Err(e) => return Err(plain(e)).context("reading the host's online CPUs"),
+                e => return Err(e),
+            },
         };
         self.present_cpus = Some(cpus.present);
         Ok(cpus)
     }
 
-    fn pin_vcpu(&mut self, id: &DomainId, vcpu: u32, pcpu: u32) -> anyhow::Result<Applied> {
+    fn pin_vcpu(&mut self, id: &DomainId, vcpu: u32, pcpu: u32) -> HostResult<()> {
         let map = map_of_one_cpu(pcpu, self.present_cpus()?);
         self.calls += 1;
-        let done = self.on_domain(
+        self.on_domain(
             id,
             || format!("pinning vCPU {vcpu} of domain {id} to pCPU {pcpu}"),
             |dom| dom.pin_vcpu(vcpu, &map),
         )?;
         // Keep the known pins true to what we just set.
-        if let (Some(()), Some(slot)) = (
-            done,
-            self.pins
-                .get_mut(id)
-                .and_then(|k| k.affinity.get_mut(vcpu as usize)),
-        ) {
+        if let Some(slot) = self
+            .pins
+            .get_mut(id)
+            .and_then(|k| k.affinity.get_mut(vcpu as usize))
+        {
             *slot = vec![pcpu];
         }
-        Ok(done.map_or(Applied::Vanished, |()| Applied::Done))
+        Ok(())
     }
 
-    fn balloon_stats(&mut self, id: &DomainId) -> anyhow::Result<Option<BalloonStats>> {
+    fn balloon_stats(&mut self, id: &DomainId) -> HostResult<BalloonStats> {
         self.calls += 2;
         self.on_domain(
             id,
@@ -515,47 +501,57 @@ impl Host for LibvirtHost {
         )
     }
 
-    fn enable_balloon_stats(&mut self, id: &DomainId, period_secs: u32) -> anyhow::Result<Applied> {
+    fn enable_balloon_stats(&mut self, id: &DomainId, period_secs: u32) -> HostResult<()> {
         let period = i32::try_from(period_secs).unwrap_or(i32::MAX);
         self.calls += 1;
-        let done = self.on_domain(
+        self.on_domain(
             id,
             || format!("setting the balloon statistics period of domain {id} (does it have a <memballoon> device?)"),
             |dom| dom.set_memory_stats_period(period, sys::VIR_DOMAIN_AFFECT_LIVE),
-        )?;
-        Ok(done.map_or(Applied::Vanished, |()| Applied::Done))
+        )
     }
 
-    fn set_balloon(&mut self, id: &DomainId, kib: u64) -> anyhow::Result<Applied> {
+    fn set_balloon(&mut self, id: &DomainId, kib: u64) -> HostResult<()> {
         self.calls += 1;
-        let done = self.on_domain(
+        self.on_domain(
             id,
             || format!("setting the balloon of domain {id} to {kib} KiB"),
             |dom| dom.set_memory_flags(kib, sys::VIR_DOMAIN_MEM_LIVE),
-        )?;
-        Ok(done.map_or(Applied::Vanished, |()| Applied::Done))
+        )
     }
 
-    fn host_memory(&mut self) -> anyhow::Result<Option<HostMemory>> {
+    fn host_memory(&mut self) -> HostResult<HostMemory> {
+        const WHAT: &str = "reading the host's memory statistics";
         self.calls += if self.node_memory_fields > 0 { 1 } else { 2 };
-        let fields = match raw::node_memory_stats(&self.conn, &mut self.node_memory_fields) {
-            Ok(fields) => fields,
-            Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_SUPPORT => return Ok(None),
-            Err(e) => return Err(plain(e)).context("reading the host's memory statistics"),
-        };
+        let fields = raw::node_memory_stats(&self.conn, &mut self.node_memory_fields)
+            .map_err(|e| self.error(e, || WHAT.into()))?;
         let get = |name: &str| fields.iter().find(|(f, _)| f == name).map(|&(_, v)| v);
         let Some(total_kib) = get("total") else {
-            return Ok(None);
+            return Err(HostError::Unsupported(format!("{WHAT}: no total reported")));
         };
-        let free_kib = ["free", "buffers", "cached"]
+        let available_kib = ["free", "buffers", "cached"]
             .iter()
             .filter_map(|f| get(f))
             .sum::<u64>()
             .min(total_kib);
-        Ok(Some(HostMemory {
+        Ok(HostMemory {
             total_kib,
-            free_kib,
-        }))
+            available_kib,
+        })
+    }
+
+    /// Open the connection again (the daemon restarted or dropped it). What was learnt through the
+    /// old connection (domain handles, pins, driver abilities) is forgotten.
+    fn reconnect(&mut self) -> HostResult<()> {
+        self.pin_watch = None;
+        self.pin_watch_tried = false;
+        self.node_memory_fields = 0;
+        self.conn = open(&self.uri).map_err(|e| HostError::Disconnected(format!("{e:#}")))?;
+        self.domains.clear();
+        self.pins.clear();
+        self.present_cpus = None;
+        self.no_bulk_stats = false;
+        Ok(())
     }
 }
 

@@ -15,9 +15,7 @@ pub struct GuestMemory {
     pub actual_kib: u64,
     /// Largest size the balloon may reach.
     pub max_kib: u64,
-    /// Memory the guest can still use: what it reports as available (`usable`, its MemAvailable)
-    /// when it does, else what it leaves unused (`unused`, its MemFree). MemFree overstates it: a
-    /// ballooned-down guest can show tens of MiB free that sit in reserves it cannot allocate.
+    /// Memory the guest can still use ([`BalloonStats::free_kib`]).
     pub free_kib: u64,
     /// Consumption: growth of the memory the guest uses (actual − unused), in KiB/s, over the
     /// measured interval. Positive = consuming. A balloon change does not count as consumption.
@@ -86,9 +84,12 @@ impl MemorySampler {
 
     /// Judge the report `stats` of domain `id`, read at `at`.
     pub fn record(&mut self, id: DomainId, at: Instant, stats: &BalloonStats) -> MemoryReading {
-        let (Some(unused), Some(available), Some(update)) =
-            (stats.unused_kib, stats.available_kib, stats.last_update)
-        else {
+        let (Some(unused), Some(free), Some(available), Some(update)) = (
+            stats.unused_kib,
+            stats.free_kib(),
+            stats.available_kib,
+            stats.last_update,
+        ) else {
             return MemoryReading::NoStats;
         };
         let now = LastRead {
@@ -107,7 +108,6 @@ impl MemorySampler {
             self.used.touch(&id);
             return MemoryReading::Settling;
         }
-        let free = stats.usable_kib.unwrap_or(unused);
         if unused > stats.actual_kib
             || free > stats.actual_kib
             || available == 0

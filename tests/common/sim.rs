@@ -1,12 +1,37 @@
 //! A deterministic simulated host: vCPUs with a CPU demand, pCPUs that share their time among the
 //! vCPUs charged to them, guests whose memory use follows a workload behind a balloon that cannot
-//! shrink under what they use, and a clock that only moves when the test says so.
+//! shrink under what they use, a connection that can be dropped, and a clock that only moves when
+//! the test says so. Tests and benchmarks share it, with its seeded generator [`Rng`].
 
 use std::time::{Duration, Instant};
 
 use vmbalance::host::{
-    Applied, BalloonStats, DomainId, DomainRef, Host, HostMemory, NodeCpus, VcpuInfo,
+    BalloonStats, DomainId, DomainRef, Host, HostError, HostMemory, HostResult, NodeCpus, VcpuInfo,
 };
+
+/// xorshift64*: a small seeded generator, so every simulated run is the same on every run.
+#[derive(Clone, Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A whole number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A uniform draw in `[lo, hi)`.
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
 
 /// One simulated vCPU.
 #[derive(Clone, Debug)]
@@ -128,8 +153,16 @@ pub struct SimHost {
     /// Each period, every vCPU wants its demand plus a uniform draw in ±`jitter` points (clamped
     /// to 0-100): loads that swing from one sample to the next around a steady level.
     pub jitter: f64,
-    /// State of the seeded generator behind `jitter`.
-    jitter_state: u64,
+    /// The seeded generator behind `jitter`.
+    jitter_rng: Rng,
+    /// Is the connection up? While it is down every call fails with `HostError::Disconnected`.
+    pub connected: bool,
+    /// Drop the connection when the next pin change is asked for (mid-cycle).
+    pub drop_connection_at_next_pin: bool,
+    /// How many of the next reconnection attempts fail.
+    pub failing_reconnects: u32,
+    /// Reconnection attempts so far.
+    pub reconnects: u32,
     start: Instant,
     elapsed: Duration,
 }
@@ -149,7 +182,11 @@ impl SimHost {
             resizes: 0,
             reports_delay: false,
             jitter: 0.0,
-            jitter_state: 0x9E37_79B9_7F4A_7C15,
+            jitter_rng: Rng(0x9E37_79B9_7F4A_7C15),
+            connected: true,
+            drop_connection_at_next_pin: false,
+            failing_reconnects: 0,
+            reconnects: 0,
             start: Instant::now(),
             elapsed: Duration::ZERO,
         }
@@ -241,11 +278,7 @@ impl SimHost {
         if self.jitter == 0.0 {
             return 0.0;
         }
-        let x = &mut self.jitter_state;
-        *x ^= *x >> 12;
-        *x ^= *x << 25;
-        *x ^= *x >> 27;
-        let unit = (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+        let unit = self.jitter_rng.range(0.0, 1.0);
         self.jitter * (2.0 * unit - 1.0)
     }
 
@@ -261,10 +294,31 @@ impl SimHost {
     pub fn domain(&self, id: &DomainId) -> Option<&SimDomain> {
         self.domains.iter().find(|d| d.id == *id)
     }
+
+    /// Fail when the connection is down.
+    fn up(&self) -> HostResult<()> {
+        if self.connected {
+            Ok(())
+        } else {
+            Err(HostError::Disconnected(
+                "the simulated connection is down".into(),
+            ))
+        }
+    }
+
+    /// A running domain, or `HostError::Vanished`.
+    fn running(&mut self, id: &DomainId) -> HostResult<&mut SimDomain> {
+        self.up()?;
+        self.domains
+            .iter_mut()
+            .find(|d| d.id == *id)
+            .ok_or(HostError::Vanished(*id))
+    }
 }
 
 impl Host for SimHost {
-    fn active_domains(&mut self) -> anyhow::Result<Vec<DomainRef>> {
+    fn active_domains(&mut self) -> HostResult<Vec<DomainRef>> {
+        self.up()?;
         let listed = self
             .domains
             .iter()
@@ -279,34 +333,39 @@ impl Host for SimHost {
         Ok(listed)
     }
 
-    fn vcpus(&mut self, id: &DomainId) -> anyhow::Result<Option<Vec<VcpuInfo>>> {
-        Ok(self.domain(id).map(|d| {
-            d.vcpus
-                .iter()
-                .enumerate()
-                .map(|(i, v)| VcpuInfo {
-                    number: i as u32,
-                    cpu_time_ns: v.cpu_ns,
-                    last_pcpu: Some(Self::runs_on(v)),
-                    affinity: v.affinity.clone(),
-                    delay_ns: self.reports_delay.then_some(v.delay_ns),
-                })
-                .collect()
-        }))
+    fn vcpus(&mut self, id: &DomainId) -> HostResult<Vec<VcpuInfo>> {
+        let reports_delay = self.reports_delay;
+        let d = self.running(id)?;
+        Ok(d.vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, v)| VcpuInfo {
+                number: i as u32,
+                cpu_time_ns: v.cpu_ns,
+                last_pcpu: Some(Self::runs_on(v)),
+                affinity: v.affinity.clone(),
+                delay_ns: reports_delay.then_some(v.delay_ns),
+            })
+            .collect())
     }
 
-    fn node_cpus(&mut self) -> anyhow::Result<NodeCpus> {
+    fn node_cpus(&mut self) -> HostResult<NodeCpus> {
+        self.up()?;
         Ok(NodeCpus {
             present: self.present,
             online: self.online.clone(),
         })
     }
 
-    fn pin_vcpu(&mut self, id: &DomainId, vcpu: u32, pcpu: u32) -> anyhow::Result<Applied> {
-        anyhow::ensure!(self.online.contains(&pcpu), "pCPU {pcpu} is offline");
-        let Some(d) = self.domains.iter_mut().find(|d| d.id == *id) else {
-            return Ok(Applied::Vanished);
-        };
+    fn pin_vcpu(&mut self, id: &DomainId, vcpu: u32, pcpu: u32) -> HostResult<()> {
+        if std::mem::take(&mut self.drop_connection_at_next_pin) {
+            self.connected = false;
+        }
+        self.up()?;
+        if !self.online.contains(&pcpu) {
+            return Err(anyhow::anyhow!("pCPU {pcpu} is offline").into());
+        }
+        let d = self.running(id)?;
         let v = d
             .vcpus
             .get_mut(vcpu as usize)
@@ -315,53 +374,69 @@ impl Host for SimHost {
             v.affinity = vec![pcpu];
             self.pins += 1;
         }
-        Ok(Applied::Done)
+        Ok(())
     }
 
-    fn balloon_stats(&mut self, id: &DomainId) -> anyhow::Result<Option<BalloonStats>> {
-        Ok(self.domain(id).map(|d| {
-            let m = &d.mem;
-            let mut stats = BalloonStats {
-                actual_kib: m.actual,
-                max_kib: m.max,
-                ..BalloonStats::default()
-            };
-            if let Some((update, unused)) = m.report {
-                stats.unused_kib = Some(unused);
-                stats.available_kib = Some(m.actual);
-                stats.usable_kib = Some(unused);
-                stats.last_update = Some(update);
-            }
-            stats
-        }))
-    }
-
-    fn enable_balloon_stats(&mut self, id: &DomainId, period: u32) -> anyhow::Result<Applied> {
-        let Some(d) = self.domains.iter_mut().find(|d| d.id == *id) else {
-            return Ok(Applied::Vanished);
+    fn balloon_stats(&mut self, id: &DomainId) -> HostResult<BalloonStats> {
+        let m = &self.running(id)?.mem;
+        let mut stats = BalloonStats {
+            actual_kib: m.actual,
+            max_kib: m.max,
+            ..BalloonStats::default()
         };
-        anyhow::ensure!(d.mem.balloon, "No memory balloon device configured");
+        if let Some((update, unused)) = m.report {
+            stats.unused_kib = Some(unused);
+            stats.available_kib = Some(m.actual);
+            stats.usable_kib = Some(unused);
+            stats.last_update = Some(update);
+        }
+        Ok(stats)
+    }
+
+    fn enable_balloon_stats(&mut self, id: &DomainId, period: u32) -> HostResult<()> {
+        let d = self.running(id)?;
+        if !d.mem.balloon {
+            return Err(anyhow::anyhow!("No memory balloon device configured").into());
+        }
         d.mem.stats_period = period;
-        Ok(Applied::Done)
+        Ok(())
     }
 
-    fn set_balloon(&mut self, id: &DomainId, kib: u64) -> anyhow::Result<Applied> {
-        let Some(d) = self.domains.iter_mut().find(|d| d.id == *id) else {
-            return Ok(Applied::Vanished);
-        };
-        anyhow::ensure!(kib <= d.mem.max, "cannot set memory higher than max memory");
-        anyhow::ensure!(d.mem.balloon, "No memory balloon device configured");
+    fn set_balloon(&mut self, id: &DomainId, kib: u64) -> HostResult<()> {
+        let d = self.running(id)?;
+        if kib > d.mem.max {
+            return Err(anyhow::anyhow!("cannot set memory higher than max memory").into());
+        }
+        if !d.mem.balloon {
+            return Err(anyhow::anyhow!("No memory balloon device configured").into());
+        }
         // The balloon stalls at what the guest uses rather than taking it.
         d.mem.actual = kib.max(d.mem.used.ceil() as u64);
         self.resizes += 1;
-        Ok(Applied::Done)
+        Ok(())
     }
 
-    fn host_memory(&mut self) -> anyhow::Result<Option<HostMemory>> {
-        Ok(self.host_reports_memory.then(|| HostMemory {
+    fn host_memory(&mut self) -> HostResult<HostMemory> {
+        self.up()?;
+        if !self.host_reports_memory {
+            return Err(HostError::Unsupported(
+                "no host memory in this simulation".into(),
+            ));
+        }
+        Ok(HostMemory {
             total_kib: self.host_total,
-            free_kib: self.host_free(),
-        }))
+            available_kib: self.host_free(),
+        })
+    }
+
+    fn reconnect(&mut self) -> HostResult<()> {
+        self.reconnects += 1;
+        if self.failing_reconnects > 0 {
+            self.failing_reconnects -= 1;
+            return Err(HostError::Disconnected("the simulated host refuses".into()));
+        }
+        self.connected = true;
+        Ok(())
     }
 
     fn now(&self) -> Instant {

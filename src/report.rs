@@ -1,0 +1,382 @@
+//! What a daemon cycle reports: plain structs, serialized as is for `--json` and shown as the one
+//! log line of the cycle, so the two can never disagree.
+//!
+//! Figures are kept as computed; in JSON, loads and sizes are rounded to one decimal.
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+
+use crate::cpu_plan::Basis;
+use crate::host::DomainId;
+
+/// What every cycle report offers the daemon loop.
+pub trait Report: fmt::Display + Serialize {
+    /// Changes made (pins or balloons; in a dry run, the changes that would have been made).
+    fn changes(&self) -> usize;
+
+    /// Changes skipped because their domain vanished or the call failed.
+    fn skipped(&self) -> usize;
+
+    /// Record how many hypervisor API calls the cycle made.
+    fn set_api_calls(&mut self, calls: u64);
+}
+
+/// Round to one decimal, for figures in JSON output.
+pub fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn rounded<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(round1(*x))
+}
+
+fn rounded_opt<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match x {
+        Some(x) => s.serialize_some(&round1(*x)),
+        None => s.serialize_none(),
+    }
+}
+
+/// Busiest minus freest of some per-pCPU figures (0 for none).
+pub fn spread(figures: impl IntoIterator<Item = f64>) -> f64 {
+    let (min, max) = figures
+        .into_iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(x), hi.max(x))
+        });
+    if min > max { 0.0 } else { max - min }
+}
+
+/// How far a vCPU scheduler cycle got.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// The first cycle: no usage yet.
+    #[default]
+    FirstSample,
+    /// Right after pin changes: observed only (see the scheduler's rule 6).
+    Settling,
+    /// A plan was made.
+    Planned,
+}
+
+/// One pCPU's figures in a vCPU scheduler cycle.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PcpuLine {
+    /// pCPU number.
+    pub pcpu: u32,
+    /// Usage, percent of the pCPU.
+    #[serde(serialize_with = "rounded")]
+    pub usage: f64,
+    /// Demand, where the hypervisor reports run-queue delay.
+    #[serde(serialize_with = "rounded_opt")]
+    pub demand: Option<f64>,
+}
+
+/// One pin change made (or, in a dry run, that would have been made).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MoveLine {
+    /// Domain name.
+    pub domain: String,
+    /// Domain UUID.
+    pub uuid: DomainId,
+    /// vCPU number.
+    pub vcpu: u32,
+    /// pCPU before; `None` when it was not pinned to a single pCPU.
+    pub from: Option<u32>,
+    /// pCPU it is pinned to.
+    pub to: u32,
+    /// Its load (usage or demand, as balanced), percent of one pCPU.
+    #[serde(serialize_with = "rounded")]
+    pub load: f64,
+}
+
+/// What one vCPU scheduler cycle saw and did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CpuReport {
+    /// Always `vcpu_scheduler`.
+    pub daemon: &'static str,
+    /// Active domains seen.
+    pub domains: usize,
+    /// vCPUs seen.
+    pub vcpus: usize,
+    /// Every online pCPU (empty on the first cycle).
+    pub pcpus: Vec<PcpuLine>,
+    /// How far the cycle got.
+    pub decision: Decision,
+    /// What the plan balanced, when one was made.
+    pub basis: Option<Basis>,
+    /// True when nothing was changed on purpose.
+    pub dry_run: bool,
+    /// Pin changes made.
+    pub moves: Vec<MoveLine>,
+    /// Pin changes skipped because the domain vanished or the call failed.
+    pub skipped: usize,
+    /// libvirt calls the cycle made.
+    pub libvirt_calls: u64,
+    /// Pin changes in the plan (made or skipped).
+    #[serde(skip)]
+    pub planned: usize,
+    /// The host was balanced before the plan (its fixable spread within the threshold).
+    #[serde(skip)]
+    pub balanced: bool,
+    /// The spread the plan predicts.
+    #[serde(skip)]
+    pub predicted_spread: f64,
+}
+
+impl CpuReport {
+    /// An empty report of a cycle that has just begun.
+    pub fn new(dry_run: bool) -> Self {
+        Self {
+            daemon: "vcpu_scheduler",
+            dry_run,
+            ..Self::default()
+        }
+    }
+
+    /// Does the hypervisor report run-queue delay (have the pCPUs a demand)?
+    fn reports_demand(&self) -> bool {
+        self.pcpus.iter().any(|p| p.demand.is_some())
+    }
+}
+
+impl fmt::Display for CpuReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} domains, {} vCPUs", self.domains, self.vcpus)?;
+        if self.decision == Decision::FirstSample {
+            return write!(f, "; first sample, usage from the next cycle");
+        }
+        f.write_str("; pCPU usage %:")?;
+        for p in &self.pcpus {
+            write!(f, " {}:{:.1}", p.pcpu, p.usage)?;
+        }
+        write!(
+            f,
+            " (spread {:.1})",
+            spread(self.pcpus.iter().map(|p| p.usage))
+        )?;
+        if self.reports_demand() {
+            f.write_str("; demand %:")?;
+            for p in &self.pcpus {
+                write!(f, " {}:{:.1}", p.pcpu, p.demand.unwrap_or(p.usage))?;
+            }
+        }
+        let (Decision::Planned, Some(basis)) = (self.decision, self.basis) else {
+            return f.write_str("; settling after the last pin changes, no decision");
+        };
+        if self.reports_demand() {
+            write!(f, "; balancing {basis}")?;
+        }
+        if self.planned == 0 {
+            return if self.balanced {
+                f.write_str("; balanced, no change")
+            } else {
+                f.write_str("; no pin change would pay off, no change")
+            };
+        }
+        let verb = if self.dry_run { "would move" } else { "moved" };
+        write!(f, "; {verb} {}:", self.moves.len())?;
+        for m in &self.moves {
+            let from = m.from.map_or("*".to_string(), |p| p.to_string());
+            write!(f, " {} vCPU{} {}->{}", m.domain, m.vcpu, from, m.to)?;
+        }
+        if self.skipped > 0 {
+            write!(f, "; {} skipped", self.skipped)?;
+        }
+        write!(f, "; predicted {basis} spread {:.1}", self.predicted_spread)
+    }
+}
+
+impl Report for CpuReport {
+    fn changes(&self) -> usize {
+        self.moves.len()
+    }
+
+    fn skipped(&self) -> usize {
+        self.skipped
+    }
+
+    fn set_api_calls(&mut self, calls: u64) {
+        self.libvirt_calls = calls;
+    }
+}
+
+/// KiB as MiB.
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The host's memory in a memory coordinator cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct HostLine {
+    /// Physical memory, MiB.
+    #[serde(serialize_with = "rounded")]
+    pub total_mib: f64,
+    /// Memory the host can give, MiB.
+    #[serde(serialize_with = "rounded")]
+    pub available_mib: f64,
+}
+
+/// How one guest stood in a memory coordinator cycle.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GuestLine {
+    /// Domain name.
+    pub domain: String,
+    /// Balloon size, MiB.
+    #[serde(serialize_with = "rounded")]
+    pub actual_mib: f64,
+    /// Memory the guest can still use, MiB, when reported.
+    #[serde(serialize_with = "rounded_opt")]
+    pub free_mib: Option<f64>,
+    /// Consumption, MiB/s, when known.
+    #[serde(serialize_with = "rounded_opt")]
+    pub rate_mib_s: Option<f64>,
+    /// Status (`STARVING`, `WASTING`, `BALANCED`), or why there is none.
+    pub state: String,
+}
+
+/// One balloon resize made (or, in a dry run, that would have been made).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ResizeLine {
+    /// Domain name.
+    pub domain: String,
+    /// Balloon size before, MiB.
+    #[serde(serialize_with = "rounded")]
+    pub from_mib: f64,
+    /// Balloon size set, MiB.
+    #[serde(serialize_with = "rounded")]
+    pub to_mib: f64,
+}
+
+/// What one memory coordinator cycle saw and did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MemReport {
+    /// Always `memory_coordinator`.
+    pub daemon: &'static str,
+    /// Host memory, when the driver reports it.
+    pub host: Option<HostLine>,
+    /// Every active domain read.
+    pub guests: Vec<GuestLine>,
+    /// Domains left alone because they have no balloon device.
+    pub without_balloon: usize,
+    /// True when nothing was changed on purpose.
+    pub dry_run: bool,
+    /// Resizes made.
+    pub changes: Vec<ResizeLine>,
+    /// Resizes skipped: domain vanished, call failed, or plan refused.
+    pub skipped: usize,
+    /// libvirt calls the cycle made.
+    pub libvirt_calls: u64,
+}
+
+impl MemReport {
+    /// An empty report of a cycle that has just begun.
+    pub fn new(dry_run: bool) -> Self {
+        Self {
+            daemon: "memory_coordinator",
+            dry_run,
+            ..Self::default()
+        }
+    }
+}
+
+impl fmt::Display for MemReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.host {
+            Some(h) => write!(
+                f,
+                "host available {:.0}/{:.0} MiB",
+                h.available_mib, h.total_mib
+            )?,
+            None => f.write_str("host memory unknown")?,
+        }
+        for g in &self.guests {
+            write!(f, "; {} {:.0} MiB", g.domain, g.actual_mib)?;
+            if let Some(free) = g.free_mib {
+                write!(f, " free {free:.0}")?;
+            }
+            if let Some(rate) = g.rate_mib_s {
+                write!(f, " rate {rate:+.1} MiB/s")?;
+            }
+            write!(f, " {}", g.state)?;
+        }
+        if self.without_balloon > 0 {
+            write!(f, "; {} without balloon left alone", self.without_balloon)?;
+        }
+        if self.changes.is_empty() && self.skipped == 0 {
+            return f.write_str("; no change");
+        }
+        let verb = if self.dry_run {
+            "would resize"
+        } else {
+            "resized"
+        };
+        write!(f, "; {verb} {}:", self.changes.len())?;
+        for c in &self.changes {
+            write!(f, " {} {:.0}->{:.0} MiB", c.domain, c.from_mib, c.to_mib)?;
+        }
+        if self.skipped > 0 {
+            write!(f, "; {} skipped", self.skipped)?;
+        }
+        Ok(())
+    }
+}
+
+impl Report for MemReport {
+    fn changes(&self) -> usize {
+        self.changes.len()
+    }
+
+    fn skipped(&self) -> usize {
+        self.skipped
+    }
+
+    fn set_api_calls(&mut self, calls: u64) {
+        self.libvirt_calls = calls;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_is_busiest_minus_freest() {
+        assert_eq!(spread([30.0, 80.0, 55.0]), 50.0);
+        assert_eq!(spread([]), 0.0);
+    }
+
+    #[test]
+    fn json_and_log_line_come_from_the_same_figures() {
+        let report = MemReport {
+            host: Some(HostLine {
+                total_mib: 1000.0,
+                available_mib: 512.34,
+            }),
+            guests: vec![GuestLine {
+                domain: "g".into(),
+                actual_mib: 300.0,
+                free_mib: Some(40.06),
+                rate_mib_s: Some(10.55),
+                state: "STARVING".into(),
+            }],
+            changes: vec![ResizeLine {
+                domain: "g".into(),
+                from_mib: 300.0,
+                to_mib: 350.0,
+            }],
+            ..MemReport::new(false)
+        };
+        assert_eq!(
+            report.to_string(),
+            "host available 512/1000 MiB; g 300 MiB free 40 rate +10.6 MiB/s STARVING; resized 1: g 300->350 MiB"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["daemon"], "memory_coordinator");
+        assert_eq!(json["host"]["available_mib"], 512.3);
+        assert_eq!(json["guests"][0]["free_mib"], 40.1);
+        assert_eq!(json["changes"][0]["to_mib"], 350.0);
+    }
+}
