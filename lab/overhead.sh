@@ -21,7 +21,8 @@ guests=4
 # CPU time one daemon spends per steady cycle: the run-time of all its threads (from
 # /proc/PID/task/*/schedstat, in ns) between the end of cycle 2 and the end of cycle CYCLES+2,
 # divided by CYCLES, so start-up, connection and the first cycle (which discovers pins and switches
-# stats on) are left out; and its mean libvirt calls per cycle over the same cycles, from its -v log.
+# stats on) are left out; and its mean libvirt calls per cycle over the same cycles, from the
+# `libvirt_calls` of its --json reports (one line per cycle on stdout).
 cpu_ns() {
     local pid=$1 total=0 t
     for t in /proc/"$pid"/task/*/schedstat; do
@@ -30,26 +31,26 @@ cpu_ns() {
     echo "$total"
 }
 wait_for_cycle() {
-    local log=$1 n=$2
-    until grep -q "] cycle $n:" "$log"; do sleep 0.05; done
+    local json=$1 n=$2
+    until [ "$(wc -l <"$json")" -ge "$n" ]; do sleep 0.05; done
 }
 measure() {
     local name=$1
-    local log; log=$(mktemp)
-    "$root/bin/$name" --connect qemu:///system -v --cycles "$((cycles + 3))" 1 2>"$log" >/dev/null &
+    local json; json=$(mktemp)
+    "$root/bin/$name" --connect qemu:///system -q --json --cycles "$((cycles + 3))" 1 >"$json" &
     local pid=$!
-    wait_for_cycle "$log" 2
+    wait_for_cycle "$json" 2
     local start; start=$(cpu_ns "$pid")
-    wait_for_cycle "$log" "$((cycles + 2))"
+    wait_for_cycle "$json" "$((cycles + 2))"
     local end; end=$(cpu_ns "$pid")
     wait "$pid"
     local calls
-    calls=$(grep -o '[0-9]* libvirt calls this cycle' "$log" | sed -n "3,$((cycles + 2))p" |
+    calls=$(sed -n "3,$((cycles + 2))p" "$json" | grep -o '"libvirt_calls":[0-9]*' | cut -d: -f2 |
         awk '{s+=$1; n++} END {if (n) printf "%.1f", s/n}')
     awk -v n="$name" -v g="$guests" -v c="$cycles" -v ns="$((end - start))" -v k="$calls" 'BEGIN {
         cpu = ns / c / 1e9;
         printf "| %s | %d | %d | %.2f ms | %.3f %% | %s |\n", n, g, c, cpu * 1000, cpu * 100, k }'
-    rm -f "$log"
+    rm -f "$json"
 }
 rows=()
 for size in "${sizes[@]}"; do

@@ -8,7 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::lab::{Daemon, Lab, Spec, balloon, pcpu_usage, pins, virsh};
+use common::lab::{Daemon, Ended, Lab, Spec, balloon, pcpu_usage, pins, virsh};
+use serde_json::Value;
 
 const SCHEDULER: &str = env!("CARGO_BIN_EXE_vcpu_scheduler");
 const COORDINATOR: &str = env!("CARGO_BIN_EXE_memory_coordinator");
@@ -35,16 +36,24 @@ fn spread(usage: &[f64]) -> f64 {
     vmbalance::report::spread(usage.iter().copied())
 }
 
-/// Pin changes the daemon reported, per cycle line.
-fn moves_per_cycle(log: &str) -> Vec<usize> {
-    log.lines()
-        .filter(|l| l.contains("] cycle "))
-        .map(|l| {
-            l.split("; moved ")
-                .nth(1)
-                .and_then(|rest| rest.split(':').next())
-                .map_or(0, |n| n.parse().unwrap())
+/// Changes (pins or resizes) a daemon made, per cycle, from its `--json` reports.
+fn changes_per_cycle(reports: &[Value]) -> Vec<usize> {
+    reports
+        .iter()
+        .map(|r| {
+            r.get("moves")
+                .or_else(|| r.get("changes"))
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len)
         })
+        .collect()
+}
+
+/// libvirt calls per cycle, from the `--json` reports.
+fn calls_per_cycle(reports: &[Value]) -> Vec<u64> {
+    reports
+        .iter()
+        .map(|r| r["libvirt_calls"].as_u64().unwrap())
         .collect()
 }
 
@@ -65,9 +74,9 @@ fn scheduler_spreads_busy_vcpus_crowded_on_one_pcpu_and_then_stays_put() {
     let time_to_balance = started.elapsed();
     d.wait_cycles(12, Duration::from_secs(120));
     let after = pcpu_usage(&names, p, Duration::from_secs(6));
-    let (code, log) = d.stop();
+    let Ended { code, log, reports } = d.stop();
     eprintln!("{log}");
-    let moves = moves_per_cycle(&log);
+    let moves = changes_per_cycle(&reports);
     eprintln!(
         "after: pCPU usage {after:.1?} (spread {:.1}); pin changes per cycle {moves:?}; balanced {:.1} s after start",
         spread(&after),
@@ -110,20 +119,12 @@ fn scheduler_leaves_a_balanced_host_alone_however_its_usage_swings() {
     let pins_before: Vec<_> = names.iter().map(|n| pins(n)).collect();
     let mut d = Daemon::start(SCHEDULER, &["1"]);
     d.wait_cycles(25, Duration::from_secs(90));
-    let (code, log) = d.stop();
+    let Ended { code, log, reports } = d.stop();
     eprintln!("{log}");
     assert_eq!(code, Some(0));
-    assert!(moves_per_cycle(&log).iter().all(|&m| m == 0), "{log}");
+    assert!(changes_per_cycle(&reports).iter().all(|&m| m == 0), "{log}");
     let pins_after: Vec<_> = names.iter().map(|n| pins(n)).collect();
     assert_eq!(pins_before, pins_after);
-}
-
-/// libvirt calls per cycle, from the `-v` log (each cycle's count is logged just before its line).
-fn calls_per_cycle(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter_map(|l| l.trim_end().strip_suffix(" libvirt calls this cycle"))
-        .map(|head| head.rsplit(' ').next().unwrap().parse().unwrap())
-        .collect()
 }
 
 #[test]
@@ -146,11 +147,11 @@ fn scheduler_follows_pin_changes_made_by_others_without_polling_pins() {
     virsh(&["vcpupin", &Lab::domain("own1"), "0", "0"]);
     let changed_after = d.cycles();
     d.wait_cycles(changed_after + 14, Duration::from_secs(90));
-    let (code, log) = d.stop();
+    let Ended { code, log, reports } = d.stop();
     eprintln!("{log}");
     assert_eq!(code, Some(0));
-    let moves = moves_per_cycle(&log);
-    let calls = calls_per_cycle(&log);
+    let moves = changes_per_cycle(&reports);
+    let calls = calls_per_cycle(&reports);
     eprintln!(
         "external pin change after cycle {changed_after}; pin changes per cycle {moves:?}; libvirt calls per cycle {calls:?}"
     );
@@ -232,7 +233,7 @@ fn scheduler_mixes_heavy_and_light_guests_and_survives_a_guest_destroyed_mid_run
     let seen = d.cycles();
     d.wait_cycles(seen + 3, Duration::from_secs(30));
     assert!(d.running());
-    let (code, log) = d.stop();
+    let Ended { code, log, .. } = d.stop();
     eprintln!("{log}");
     assert_eq!(code, Some(0), "{log}");
     assert!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
@@ -261,10 +262,10 @@ fn scheduler_sees_contention_that_usage_hides_and_fixes_it_in_one_move() {
     let before = pcpu_usage(&names, 2, Duration::from_secs(4));
     let mut d = Daemon::start(SCHEDULER, &["2"]);
     d.wait_cycles(10, Duration::from_secs(90));
-    let (code, log) = d.stop();
+    let Ended { code, log, reports } = d.stop();
     eprintln!("{log}");
     assert_eq!(code, Some(0));
-    let moves = moves_per_cycle(&log);
+    let moves = changes_per_cycle(&reports);
     eprintln!(
         "before: pCPU usage {before:.1?} (spread {:.1}); pin changes per cycle {moves:?}",
         spread(&before)
@@ -273,8 +274,7 @@ fn scheduler_sees_contention_that_usage_hides_and_fixes_it_in_one_move() {
         spread(&before) < 20.0,
         "usage should look balanced: {before:?}"
     );
-    let cycle2 = log.lines().find(|l| l.contains("cycle 2:")).unwrap();
-    assert!(cycle2.contains("balancing demand"), "{cycle2}");
+    assert_eq!(reports[1]["basis"], "demand", "{}", reports[1]);
     assert_eq!(moves.iter().sum::<usize>(), 1, "{moves:?}");
     let mut per_pcpu = [0; 2];
     for n in names {
@@ -294,13 +294,11 @@ fn daemons_reconnect_when_libvirtd_restarts() {
     // Steady cycles before the outage: the scheduler makes 2 libvirt calls (CPU map, bulk
     // statistics), the coordinator 2 when it resizes nothing (bulk statistics, host memory).
     for (d, what) in [(&sched, "scheduler"), (&coord, "coordinator")] {
-        let log = d.log();
-        let calls = calls_per_cycle(&log);
-        let lines: Vec<&str> = log.lines().filter(|l| l.contains("] cycle ")).collect();
-        for (cycle, (&c, line)) in calls.iter().zip(&lines).enumerate().skip(1).take(2) {
-            if line.ends_with("no change") {
-                assert_eq!(c, 2, "{what} cycle {}: {c} libvirt calls\n{log}", cycle + 1);
-            }
+        let reports = d.reports();
+        let calls = calls_per_cycle(&reports);
+        let changes = changes_per_cycle(&reports);
+        for cycle in (1..3).filter(|&c| changes[c] == 0 && reports[c]["skipped"] == 0) {
+            assert_eq!(calls[cycle], 2, "{what} cycle {}: {calls:?}", cycle + 1);
         }
     }
     let lab_sh = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/lab.sh");
@@ -328,7 +326,7 @@ fn daemons_reconnect_when_libvirtd_restarts() {
         d.wait_cycles(seen + 2, Duration::from_secs(30));
     }
     for d in [sched, coord] {
-        let (code, log) = d.stop();
+        let Ended { code, log, .. } = d.stop();
         eprintln!("{log}");
         assert_eq!(code, Some(0), "{log}");
         assert_eq!(log.matches("lost the connection").count(), 1, "{log}");
@@ -389,7 +387,7 @@ fn coordinator_feeds_a_hog_shrinks_idle_guests_and_returns_memory_to_the_host() 
     let grow = watch(&names, Duration::from_secs(2), Duration::from_secs(70));
     let freed = lab.console_shows_within("hog", "workload: freed", Duration::from_secs(60));
     let shrink = watch(&names, Duration::from_secs(2), Duration::from_secs(40));
-    let (code, log) = d.stop();
+    let Ended { code, log, .. } = d.stop();
     eprintln!("{log}");
     for (t, sizes, usable) in grow.iter().chain(&shrink) {
         eprintln!(

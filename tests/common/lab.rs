@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// The lab directory `make e2e` set up, from `VMB_LAB_DIR`.
@@ -223,30 +223,41 @@ pub fn balloon(name: &str) -> (u64, Option<u64>, Option<u64>) {
     )
 }
 
-/// A daemon running against the lab, its log captured.
+/// A daemon running against the lab with `--json`: its log (stderr) and its reports (stdout, one
+/// JSON object per cycle) captured in files.
 pub struct Daemon {
     child: Child,
     log: PathBuf,
+    json: PathBuf,
+}
+
+/// How a daemon's run ended: exit code, log, and one JSON report per cycle.
+pub struct Ended {
+    pub code: Option<i32>,
+    pub log: String,
+    pub reports: Vec<serde_json::Value>,
 }
 
 impl Daemon {
-    /// Start `bin` with `args` against qemu:///system.
+    /// Start `bin --json` with `args` against qemu:///system.
     pub fn start(bin: &str, args: &[&str]) -> Self {
-        let log = std::env::temp_dir().join(format!(
-            "vmb-e2e-{}-{}.log",
-            Path::new(bin).file_name().unwrap().to_string_lossy(),
-            std::process::id()
-        ));
-        let file = std::fs::File::create(&log).unwrap();
+        let file = |ext: &str| {
+            std::env::temp_dir().join(format!(
+                "vmb-e2e-{}-{}.{ext}",
+                Path::new(bin).file_name().unwrap().to_string_lossy(),
+                std::process::id()
+            ))
+        };
+        let (log, json) = (file("log"), file("json"));
         let child = Command::new(bin)
-            .args(["--connect", "qemu:///system"])
+            .args(["--connect", "qemu:///system", "--json"])
             .args(args)
             .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(file)
+            .stdout(std::fs::File::create(&json).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("daemon starts");
-        Daemon { child, log }
+        Daemon { child, log, json }
     }
 
     /// The log so far.
@@ -254,12 +265,22 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Cycles logged so far.
-    pub fn cycles(&self) -> usize {
-        self.log().matches("] cycle ").count()
+    /// The cycle reports so far (complete lines only).
+    pub fn reports(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.json).unwrap_or_default();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
     }
 
-    /// Wait until `n` cycles have been logged.
+    /// Cycles reported so far.
+    pub fn cycles(&self) -> usize {
+        self.reports().len()
+    }
+
+    /// Wait until `n` cycles have been reported.
     pub fn wait_cycles(&mut self, n: usize, limit: Duration) {
         let start = Instant::now();
         while self.cycles() < n {
@@ -281,8 +302,8 @@ impl Daemon {
         self.child.try_wait().unwrap().is_none()
     }
 
-    /// SIGTERM, wait, and return (exit code, log).
-    pub fn stop(mut self) -> (Option<i32>, String) {
+    /// SIGTERM, wait, and return how it ended.
+    pub fn stop(mut self) -> Ended {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -297,8 +318,13 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let log = self.log();
+        let ended = Ended {
+            code: status.code(),
+            log: self.log(),
+            reports: self.reports(),
+        };
         let _ = std::fs::remove_file(&self.log);
-        (status.code(), log)
+        let _ = std::fs::remove_file(&self.json);
+        ended
     }
 }
