@@ -240,6 +240,7 @@ impl Coordinator {
     /// each problem logged as an error, and its changes counted as skipped.
     fn decide(&self, snapshot: &MemSnapshot, report: &mut MemReport) -> Option<MemPlan> {
         let plan = plan(snapshot, &self.policy);
+        // Rule 6: no plan that breaks a hard limit is applied.
         let problems = violations(snapshot, &plan, &self.policy);
         if problems.is_empty() {
             return Some(plan);
@@ -252,7 +253,7 @@ impl Coordinator {
     }
 
     /// Apply shrinks, then grows. When a shrink does not happen, the grows it was to fund are cut
-    /// by what the host cannot cover above its reserve.
+    /// by what the host cannot cover above its reserve (rule 6 of [`crate::mem_plan`]).
     fn apply(
         &self,
         host: &mut dyn Host,

@@ -93,9 +93,9 @@ pub struct BalloonStats {
 }
 
 impl BalloonStats {
-    /// Memory the guest can still use: its MemAvailable (`usable`) when it reports one, else its
-    /// MemFree (`unused`). MemFree overstates it: a ballooned-down guest can show tens of MiB free
-    /// that sit in reserves it cannot allocate.
+    /// Memory the guest can still use (rule 1 of [`crate::mem_plan`]): its MemAvailable
+    /// (`usable`) when it reports one, else its MemFree (`unused`). MemFree overstates it: a
+    /// ballooned-down guest can show tens of MiB free that sit in reserves it cannot allocate.
     pub fn free_kib(&self) -> Option<u64> {
         self.usable_kib.or(self.unused_kib)
     }

@@ -1,26 +1,34 @@
 //! Decide: new balloon sizes that feed starving guests and hand idle memory back to the host.
 //!
 //! Pure: a [`MemSnapshot`] in, a [`MemPlan`] out, no I/O. Only guests with a fresh report and a
-//! consumption rate are in the snapshot; every other guest is left alone.
+//! consumption rate are in the snapshot; every other guest is left alone. This is the one
+//! statement of the memory coordinator's rules; the README's "How it decides" tells them to the
+//! user under the same numbers and names (a test keeps the two lists in step), and every place in
+//! the code that implements a rule says `rule N`.
 //!
-//! - A guest is **starving** when it is still consuming (its used memory grows faster than
-//!   `consuming_kib_s`) and its free memory is under `starve_pct` % of its balloon, or would run
-//!   out within `runway_periods` periods at its current rate (a small guest running a fast hog has
-//!   no time to wait for the percentage); **wasting** when free memory is over `waste_pct` % and it
-//!   is not consuming; **balanced** otherwise. A guest's free memory is what it can still use: its
-//!   MemAvailable (`usable`) when it reports one, else its MemFree (`unused`).
-//! - Starving guests, most starved first, each get twice what they consume in one period (a
-//!   resized guest is decided on again two periods later, once its balloon has settled), plus what
-//!   it lacks of `runway_periods` periods of free memory, and at least `min_step_kib`; taken first
-//!   from wasting guests (most wasteful first), then from the host.
-//! - With nobody starving, wasting guests give a fraction of their excess back to the host each cycle
-//!   (all of it, step-capped, while the host is under its reserve).
-//! - A shrinking guest keeps enough memory to land mid-way between starving and wasting, so a guest
-//!   that was shrunk is balanced, not starving, the next cycle.
-//! - Hard limits, also checked by [`violations`] on every plan before it is applied: never below
-//!   `min_guest_kib` nor below what the guest uses plus `min_step_kib` when shrinking; never above
-//!   the guest's max memory; never more than `max_step_kib` of change per guest per cycle; never
-//!   taking the host's available memory under `host_reserve_pct` % of its total.
+//! 1. **Free memory.** A guest's free memory is what it can still use: its MemAvailable
+//!    (`usable`) when it reports one, else its MemFree (`unused`)
+//!    ([`crate::host::BalloonStats::free_kib`]).
+//! 2. **Status.** A guest is **starving** when it is still consuming (its used memory grows
+//!    faster than `consuming_kib_s`) and its free memory is under `starve_pct` % of its balloon,
+//!    or would run out within `runway_periods` periods at its current rate (a small guest running
+//!    a fast hog has no time to wait for the percentage); **wasting** when free memory is over
+//!    `waste_pct` % and it is not consuming; **balanced** otherwise ([`MemPolicy::status`]).
+//! 3. **Feeding.** Starving guests, most starved first, each get twice what they consume in one
+//!    period (a resized guest is decided on again two periods later, once its balloon has
+//!    settled), plus what it lacks of `runway_periods` periods of free memory, and at least
+//!    `min_step_kib`; taken first from wasting guests (most wasteful first), then from the host.
+//! 4. **Returning.** With nobody starving, wasting guests give a fraction of their excess back to
+//!    the host each cycle (all of it, step-capped, while the host is under its reserve).
+//! 5. **Shrink floor.** A shrinking guest keeps enough memory to land mid-way between starving
+//!    and wasting, so a guest that was shrunk is balanced, not starving, the next cycle; and never
+//!    less than `min_guest_kib` nor than what it uses plus `min_step_kib`.
+//! 6. **Hard limits.** Never below the shrink floor's hard part (`min_guest_kib`, what the guest
+//!    uses plus `min_step_kib`); never above the guest's max memory; never more than
+//!    `max_step_kib` of change per guest per cycle; never taking the host's available memory under
+//!    `host_reserve_pct` % of its total. [`violations`] checks every plan against them before it
+//!    is applied; the coordinator applies shrinks before grows, and cuts the grows a failed
+//!    shrink was to fund to what the host can spare ([`crate::coordinator`]).
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -132,7 +140,7 @@ pub struct MemPlan {
 }
 
 impl MemPolicy {
-    /// Status of a guest under this policy.
+    /// Status of a guest under this policy (rule 2).
     pub fn status(&self, g: &GuestMemory) -> MemStatus {
         let consuming = g.rate_kib_s > self.consuming_kib_s;
         let free = g.free_pct();
@@ -147,13 +155,14 @@ impl MemPolicy {
         }
     }
 
-    /// The size no shrink may go under: the guest floor, and what the guest uses plus a margin.
+    /// The size no shrink may go under: the guest floor, and what the guest uses plus a margin
+    /// (rules 5 and 6).
     pub fn hard_floor_kib(&self, g: &GuestMemory) -> u64 {
         self.min_guest_kib.max(g.used_kib() + self.min_step_kib)
     }
 
-    /// The size a shrink stops at: above the hard floor, with free memory mid-way between the
-    /// starving and wasting thresholds.
+    /// The size a shrink stops at (rule 5): above the hard floor, with free memory mid-way between
+    /// the starving and wasting thresholds.
     fn keep_kib(&self, g: &GuestMemory) -> u64 {
         let free_frac = ((self.starve_pct + self.waste_pct) / 200.0).clamp(0.0, 0.95);
         let comfortable = (g.used_kib() as f64 / (1.0 - free_frac)).ceil() as u64;
@@ -179,11 +188,34 @@ impl MemPolicy {
 /// Plan the balloon sizes for one snapshot.
 pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
     let guests = &snapshot.guests;
+    // Rule 2.
     let status: Vec<MemStatus> = guests.iter().map(|g| policy.status(g)).collect();
     let mut target: Vec<u64> = guests.iter().map(|g| g.actual_kib).collect();
     let mut out = MemPlan::default();
+    let mut givers = givers(guests, &status, policy);
+    let starving = most_starved_first(guests, &status);
+    if starving.is_empty() {
+        out.to_host_kib = return_to_host(snapshot, &givers, policy, &mut target);
+    } else {
+        out.from_host_kib = feed(snapshot, &starving, &mut givers, policy, &mut target);
+    }
+    out.changes = guests
+        .iter()
+        .zip(&target)
+        .filter(|(g, t)| **t != g.actual_kib)
+        .map(|(g, &t)| BalloonChange {
+            id: g.id,
+            from_kib: g.actual_kib,
+            to_kib: t,
+        })
+        .collect();
+    out.changes.sort_by_key(|c| (Reverse(c.shrinks()), c.id));
+    out
+}
 
-    // What each wasting guest can give this cycle, most wasteful first.
+/// What each wasting guest can give this cycle (rule 5: down to where a shrink stops; rule 6:
+/// one step at most), most wasteful first, as (guest index, KiB).
+fn givers(guests: &[GuestMemory], status: &[MemStatus], policy: &MemPolicy) -> Vec<(usize, u64)> {
     let mut givers: Vec<(usize, u64)> = (0..guests.len())
         .filter(|&i| status[i] == MemStatus::Wasting)
         .map(|i| (i, policy.excess_kib(&guests[i]).min(policy.max_step_kib)))
@@ -195,6 +227,11 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
             .total_cmp(&guests[a.0].free_pct())
             .then(a.0.cmp(&b.0))
     });
+    givers
+}
+
+/// The starving guests, most starved (least free, in %) first.
+fn most_starved_first(guests: &[GuestMemory], status: &[MemStatus]) -> Vec<usize> {
     let mut starving: Vec<usize> = (0..guests.len())
         .filter(|&i| status[i] == MemStatus::Starving)
         .collect();
@@ -204,14 +241,28 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
             .total_cmp(&guests[b].free_pct())
             .then(a.cmp(&b))
     });
+    starving
+}
 
+/// Rule 3: grow each starving guest's `target` by what it needs, from the givers in order, then
+/// from the host down to its reserve (rule 6). Returns what the host gives, KiB.
+fn feed(
+    snapshot: &MemSnapshot,
+    starving: &[usize],
+    givers: &mut [(usize, u64)],
+    policy: &MemPolicy,
+    target: &mut [u64],
+) -> u64 {
+    let guests = &snapshot.guests;
     let mut host_budget = policy.host_budget_kib(snapshot.host);
+    let mut from_host_kib = 0;
     let mut next_giver = 0;
-    for &i in &starving {
+    for &i in starving {
         let g = &guests[i];
         let per_period = g.rate_kib_s * policy.period_secs;
         let twice = (2.0 * per_period).ceil() as u64;
         let runway = (policy.runway_periods * per_period).ceil() as u64;
+        // Rule 6: one step at most, never past max memory.
         let mut want = (twice + runway.saturating_sub(g.free_kib))
             .max(policy.min_step_kib)
             .min(policy.max_step_kib)
@@ -231,45 +282,43 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
         let from_host = want.min(host_budget);
         host_budget -= from_host;
         target[i] += from_host;
-        out.from_host_kib += from_host;
+        from_host_kib += from_host;
     }
-
-    if starving.is_empty() {
-        let host_short = snapshot
-            .host
-            .is_some_and(|h| h.available_kib < policy.reserve_kib(h));
-        for &(i, can) in &givers {
-            let excess = policy.excess_kib(&guests[i]);
-            let fraction = if host_short {
-                1.0
-            } else {
-                policy.return_fraction
-            };
-            let step = ((excess as f64 * fraction).ceil() as u64)
-                .max(policy.min_step_kib)
-                .min(can);
-            if step >= MIB {
-                target[i] -= step;
-                out.to_host_kib += step;
-            }
-        }
-    }
-
-    out.changes = guests
-        .iter()
-        .zip(&target)
-        .filter(|(g, t)| **t != g.actual_kib)
-        .map(|(g, &t)| BalloonChange {
-            id: g.id,
-            from_kib: g.actual_kib,
-            to_kib: t,
-        })
-        .collect();
-    out.changes.sort_by_key(|c| (Reverse(c.shrinks()), c.id));
-    out
+    from_host_kib
 }
 
-/// Every way `plan` breaks a hard limit for `snapshot`; empty when it is safe to apply.
+/// Rule 4: shrink each giver's `target` by a share of its excess (all of it while the host is
+/// under its reserve), at least one minimum step, at most what it can give. Returns what goes
+/// back to the host, KiB.
+fn return_to_host(
+    snapshot: &MemSnapshot,
+    givers: &[(usize, u64)],
+    policy: &MemPolicy,
+    target: &mut [u64],
+) -> u64 {
+    let host_short = snapshot
+        .host
+        .is_some_and(|h| h.available_kib < policy.reserve_kib(h));
+    let fraction = if host_short {
+        1.0
+    } else {
+        policy.return_fraction
+    };
+    let mut to_host_kib = 0;
+    for &(i, can) in givers {
+        let excess = policy.excess_kib(&snapshot.guests[i]);
+        let step = ((excess as f64 * fraction).ceil() as u64)
+            .max(policy.min_step_kib)
+            .min(can);
+        if step >= MIB {
+            target[i] -= step;
+            to_host_kib += step;
+        }
+    }
+    to_host_kib
+}
+
+/// Rule 6: every way `plan` breaks a hard limit for `snapshot`; empty when it is safe to apply.
 pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) -> Vec<String> {
     let mut found = Vec::new();
     let guests: HashMap<DomainId, &GuestMemory> =

@@ -55,7 +55,7 @@ pub enum Decision {
     /// The first cycle: no usage yet.
     #[default]
     FirstSample,
-    /// Right after pin changes: observed only (see the scheduler's rule 6).
+    /// Right after pin changes: observed only (rule 7 of [`crate::cpu_plan`]).
     Settling,
     /// A plan was made.
     Planned,

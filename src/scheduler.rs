@@ -18,7 +18,7 @@ pub struct Scheduler {
     dry_run: bool,
     cycles: u64,
     /// Set after a cycle that changed pins: the next interval straddles the change, so its
-    /// figures mix the old placement and the new, and the next cycle only observes.
+    /// figures mix the old placement and the new, and the next cycle only observes (rule 7).
     settling: bool,
     /// Whether to observe only after a cycle that changed pins (on by default).
     settle_after_changes: bool,
@@ -91,7 +91,7 @@ impl Scheduler {
         }
         report.pcpus = pcpu_lines(&snapshot);
         self.say_basis_once(snapshot.reports_delay());
-        // Rule 6: right after pin changes, observe only.
+        // Rule 7: right after pin changes, observe only.
         if std::mem::take(&mut self.settling) {
             report.decision = Decision::Settling;
             return Ok(Some(report));

@@ -1,0 +1,257 @@
+//! Decide: which vCPUs to re-pin so pCPU load is balanced, with as few pin changes as possible.
+//!
+//! Pure: a [`CpuSnapshot`] in, a [`CpuPlan`] out, no I/O. This is the one statement of the vCPU
+//! scheduler's rules; the README's "How it decides" tells them to the user under the same numbers
+//! and names (a test keeps the two lists in step), and every place in the code that implements a
+//! rule says `rule N`.
+//!
+//! 1. **Pinning.** Every vCPU whose affinity is not exactly one online pCPU (libvirt's default
+//!    spans them all) is pinned to one, heaviest first onto the least-loaded pCPU.
+//! 2. **Balance.** The host is balanced when the busiest pCPU that runs two or more vCPUs is at
+//!    most `threshold` points above the freest pCPU. A pCPU running a single vCPU cannot be made
+//!    less busy by moving that vCPU (it would only make another pCPU as busy), so it never counts
+//!    as the busiest. A balanced host gets no move.
+//! 3. **Steps.** Otherwise the planner repeatedly takes the busiest such pCPU and the freest pCPU
+//!    and moves the one vCPU that best evens the pair; only when no single move helps does it swap
+//!    two vCPUs (two changes). Every step narrows the pair's gap and never widens the host's
+//!    spread. All steps are taken in one decision (`steps.rs`).
+//! 4. **Paying.** A step must pay for itself, which is what keeps the daemon stable under
+//!    sampling noise; every part of this rule lives in `paying.rs`. A step that leaves the busier
+//!    pCPU the busier one (it shifts at most half the gap) always narrows the gap and can never
+//!    invite the reverse step, so it pays if it shifts at least half a point. A step that
+//!    overshoots, making the other pCPU the busier one, pays only if it closes at least
+//!    `threshold` points of the gap, or brings the pair within `threshold` while closing at least
+//!    half of it. So a vCPU about as large as the gap, which would only trade which pCPU is busier,
+//!    is never moved, and noise cannot make it ping-pong. A swap also needs its two vCPUs to
+//!    differ by at least `threshold`: exchanging near-equal vCPUs only bets on noise. The steps
+//!    must also pay together: when they cannot reach balance, they are kept only if together they
+//!    narrow the fixable spread by at least `threshold`, and only as far as they make real
+//!    progress; a few points of noise on a host that cannot be balanced therefore move nothing.
+//!    Loads that swing from one sample to the next make gaps that no pin change fixes for good:
+//!    a pair is only worked on when its gap exceeds `threshold` plus three standard deviations of
+//!    the gap's own swing (each vCPU's swing is measured by the sampler, see
+//!    [`crate::sampling::Rates`]; swings of different vCPUs add as independent). Steady loads have
+//!    no swing, and the rule is the threshold alone.
+//! 5. **Unknown loads.** vCPUs whose load is not known yet (first sample) are neither moved nor
+//!    pinned; nothing is ever pinned to an offline pCPU.
+//! 6. **Demand.** Loads are demands (used plus waited for, see [`Basis`]) when the hypervisor
+//!    reports run-queue delay, usages otherwise; the rules are the same.
+//! 7. **Settling.** After a cycle that changed pins, the next cycle only observes: its interval
+//!    straddles the change and mixes the old placement with the new. This rule belongs to the
+//!    cycle, not to a snapshot, so it lives in [`crate::scheduler`].
+//! 8. **Budget.** With a change budget ([`CpuPolicy::max_changes`]) the plan is cut short: the
+//!    heaviest unpinned vCPUs are pinned first, then steps are taken in the order above until the
+//!    next one would exceed the budget. The rest waits for a later decision.
+//!
+//! The plan is the difference between the final placement and the current pins, so a vCPU
+//! moved and moved back costs nothing, and one moved twice costs one change.
+
+mod paying;
+mod placement;
+mod steps;
+
+use std::collections::BTreeMap;
+
+use crate::sampling::{CpuSnapshot, VcpuKey, VcpuLoad};
+use placement::Placement;
+use steps::even_out;
+
+/// Tuning of the vCPU planner.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuPolicy {
+    /// Largest allowed gap, in percentage points, between the busiest and the freest pCPU.
+    pub threshold: f64,
+    /// Most pin changes one plan may make (`None`: as many as balance needs).
+    pub max_changes: Option<usize>,
+}
+
+impl Default for CpuPolicy {
+    fn default() -> Self {
+        Self {
+            threshold: 10.0,
+            max_changes: None,
+        }
+    }
+}
+
+/// One pin change: put vCPU `key` on pCPU `to`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PinMove {
+    /// The vCPU.
+    pub key: VcpuKey,
+    /// Its pCPU before: `None` when its affinity spanned several pCPUs (or an offline one).
+    pub from: Option<u32>,
+    /// The single pCPU it is pinned to.
+    pub to: u32,
+    /// Its load (usage or demand, per the plan's basis), in percent of one pCPU.
+    pub load: f64,
+}
+
+/// How uneven the pCPU loads are.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Balance {
+    /// Busiest pCPU minus freest pCPU, in points.
+    pub spread: f64,
+    /// Busiest pCPU running two or more vCPUs minus freest pCPU (0 when none runs two): the part
+    /// of the spread that moving vCPUs can reduce. The host is balanced when this is within the
+    /// threshold.
+    pub fixable_spread: f64,
+}
+
+/// Which figure a plan balances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Basis {
+    /// CPU time used: the rule when the hypervisor reports no run-queue delay.
+    #[default]
+    Usage,
+    /// Demand: CPU time used plus time spent waiting for a pCPU, the rule when the hypervisor
+    /// reports run-queue delay. Usage saturates at 100 % per pCPU and cannot show that one pCPU
+    /// has three CPU-bound vCPUs and another one; and where other host threads take turns on a
+    /// pCPU, a vCPU's usage swings with them while its demand holds (seen on real guests: usage
+    /// read 93 against 76 % where demand read 102.7 against 102.9, and balancing usage swapped
+    /// vCPUs back and forth every few cycles).
+    Demand,
+}
+
+impl std::fmt::Display for Basis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Basis::Usage => "usage",
+            Basis::Demand => "demand",
+        })
+    }
+}
+
+impl Basis {
+    /// The figure of `v` this basis balances.
+    fn load(self, v: &VcpuLoad) -> Option<f64> {
+        match self {
+            Basis::Usage => v.usage,
+            Basis::Demand => v.demand_or_usage(),
+        }
+    }
+
+    /// How much that figure swings from one sample to the next (0 when not known).
+    fn swing(self, v: &VcpuLoad) -> f64 {
+        match self {
+            Basis::Usage => v.usage_swing,
+            Basis::Demand => v.demand_swing.or(v.usage_swing),
+        }
+        .unwrap_or(0.0)
+    }
+}
+
+/// The planner's answer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CpuPlan {
+    /// Pin changes to make, sorted by vCPU.
+    pub moves: Vec<PinMove>,
+    /// The balance before the plan.
+    pub before: Balance,
+    /// The balance the plan predicts, with loads as measured.
+    pub after: Balance,
+    /// Predicted load (usage or demand, per `basis`) of each online pCPU after the plan.
+    pub predicted: BTreeMap<u32, f64>,
+    /// What the plan balanced.
+    pub basis: Basis,
+}
+
+/// Most steps one plan may take, for `vcpus` vCPUs: a bound that real plans never reach (each
+/// step narrows a gap), kept so that no input can make the planner loop.
+fn max_steps(vcpus: usize) -> usize {
+    4 * vcpus + 16
+}
+
+/// Plan the pin changes for one snapshot.
+pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
+    let threshold = policy.threshold.max(0.0);
+    let pcpus = &snapshot.pcpus;
+    if pcpus.is_empty() {
+        return CpuPlan::default();
+    }
+    // Rule 6: demand where the hypervisor reports delay.
+    let basis = if snapshot.reports_delay() {
+        Basis::Demand
+    } else {
+        Basis::Usage
+    };
+    let max_changes = policy.max_changes.unwrap_or(usize::MAX);
+    let (mut s, unplaced) = placement(snapshot, basis, max_changes);
+    let before = s.balance();
+    // Rule 1: pin the unpinned, heaviest first, onto the least-loaded pCPU.
+    for &v in &unplaced {
+        s.take(v);
+    }
+    for v in unplaced {
+        let p = s.freest();
+        s.put(v, p);
+    }
+    // Rules 2-4: even out the busiest shared pCPU against the freest one, step by step.
+    even_out(
+        &mut s,
+        threshold,
+        max_steps(snapshot.vcpus.len()),
+        max_changes,
+    );
+
+    let moves = snapshot
+        .vcpus
+        .iter()
+        .enumerate()
+        .filter_map(|(v, load)| {
+            let to = s.at[v]?;
+            (s.movable[v] && s.original[v] != Some(to)).then(|| PinMove {
+                key: load.key,
+                from: load.pinned,
+                to: pcpus[to],
+                load: s.vcpu_load[v],
+            })
+        })
+        .collect();
+    CpuPlan {
+        moves,
+        before,
+        after: s.balance(),
+        predicted: pcpus
+            .iter()
+            .copied()
+            .zip(s.pcpu_load.iter().copied())
+            .collect(),
+        basis,
+    }
+}
+
+/// The snapshot as the planner's working state, with every vCPU where it runs now, and the
+/// unpinned vCPUs rule 1 is to place, heaviest first, as many as `max_changes` affords (rule 8:
+/// the others stay where they run, unmoved, for a later decision).
+fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Placement, Vec<usize>) {
+    let pcpus = &snapshot.pcpus;
+    let index_of = |p: u32| pcpus.binary_search(&p).ok();
+    let vcpus = &snapshot.vcpus;
+    // Non-negative (and not -0.0), which the member ordering relies on.
+    let vcpu_load: Vec<f64> = vcpus
+        .iter()
+        .map(|v| basis.load(v).filter(|u| *u > 0.0).unwrap_or(0.0))
+        .collect();
+    let variance: Vec<f64> = vcpus.iter().map(|v| basis.swing(v).powi(2)).collect();
+    // Rule 5: a vCPU without a load yet is not moved.
+    let mut movable: Vec<bool> = vcpus.iter().map(|v| v.usage.is_some()).collect();
+    // Where each vCPU sits now: its single pin. Unpinned vCPUs are charged to their last pCPU for
+    // the "before" picture, then taken off to be placed.
+    let original: Vec<Option<usize>> = vcpus.iter().map(|v| v.pinned.and_then(index_of)).collect();
+    let charged = vcpus
+        .iter()
+        .map(|v| v.charged_pcpu().and_then(index_of))
+        .collect();
+    let mut unplaced: Vec<usize> = (0..vcpus.len())
+        .filter(|&v| original[v].is_none() && movable[v])
+        .collect();
+    unplaced.sort_by(|&a, &b| vcpu_load[b].total_cmp(&vcpu_load[a]).then(a.cmp(&b)));
+    for &v in unplaced.iter().skip(max_changes) {
+        movable[v] = false;
+    }
+    unplaced.truncate(max_changes);
+    let s = Placement::new(vcpu_load, variance, movable, pcpus.len(), charged, original);
+    (s, unplaced)
+}

@@ -1,0 +1,91 @@
+//! Rule 3: the steps that even out the busiest shared pCPU against the freest one.
+
+use super::paying::{
+    MIN_SHIFT, gap_worth_working, max_paying_shift, min_swap_difference, pays, steps_worth_keeping,
+};
+use super::placement::Placement;
+
+/// One balancing step: the (vCPU, from, to) relocations it makes, by pCPU index.
+type Step = Vec<(usize, usize, usize)>;
+
+/// Choose the next step between the busiest shared pCPU and the freest one, if one pays: the single
+/// move that best evens the pair, else the best swap (two changes).
+fn next_step(s: &Placement, threshold: f64) -> Option<Step> {
+    let src = s.busiest_shared()?;
+    let dst = s.freest();
+    let gap = s.pcpu_load[src] - s.pcpu_load[dst];
+    let swing = (s.pcpu_variance[src] + s.pcpu_variance[dst]).sqrt();
+    // Rule 2 (balanced) and rule 4 (a gap the loads' swings explain moves nothing).
+    if src == dst || !gap_worth_working(gap, swing, threshold) {
+        return None;
+    }
+    // Rule 4: only shifts that pay.
+    let hi = max_paying_shift(gap, threshold);
+    // Rule 5: vCPUs of unknown load count 0, under MIN_SHIFT: they are never chosen.
+    if let Some(v) = s.closest(src, gap / 2.0, MIN_SHIFT, hi) {
+        debug_assert!(s.movable[v] && pays(gap, s.vcpu_load[v], threshold));
+        return Some(vec![(v, src, dst)]);
+    }
+    // A swap of v (on src) with w (on dst) shifts load[v] - load[w]; for each w, the best v has
+    // load closest to load[w] + gap / 2. The choice depends only on the placement, never on the
+    // current pins, so re-planning from a plan's result retraces the same path (stability).
+    let mut best: Option<(f64, usize, usize)> = None;
+    for w in s.members[dst].iter().map(|&(_, w)| w) {
+        let uw = s.vcpu_load[w];
+        // Rule 4: a swap's two vCPUs must differ enough.
+        let lo = uw + min_swap_difference(threshold);
+        let Some(v) = s.closest(src, uw + gap / 2.0, lo, uw + hi) else {
+            continue;
+        };
+        let shift = s.vcpu_load[v] - uw;
+        if !pays(gap, shift, threshold) {
+            continue;
+        }
+        let cand = ((gap - 2.0 * shift).abs(), v, w);
+        let better = best.is_none_or(|b| {
+            cand.0
+                .total_cmp(&b.0)
+                .then((cand.1, cand.2).cmp(&(b.1, b.2)))
+                .is_lt()
+        });
+        if better {
+            best = Some(cand);
+        }
+    }
+    best.map(|(_, v, w)| vec![(v, src, dst), (w, dst, src)])
+}
+
+fn relocate(s: &mut Placement, step: &Step, forward: bool) {
+    for &(v, _, _) in step {
+        s.take(v);
+    }
+    for &(v, from, to) in step {
+        s.put(v, if forward { to } else { from });
+    }
+}
+
+/// Take steps until balanced, no step pays or the next one would make more than `max_changes`
+/// pin changes, then keep only the steps worth their pin changes.
+pub(super) fn even_out(s: &mut Placement, threshold: f64, max_steps: usize, max_changes: usize) {
+    let start = s.balance().fixable_spread;
+    let mut steps = Vec::new();
+    let mut after = Vec::new();
+    while steps.len() < max_steps {
+        let Some(step) = next_step(s, threshold) else {
+            break;
+        };
+        relocate(s, &step, true);
+        // Rule 8: never past the change budget.
+        if s.changes > max_changes {
+            relocate(s, &step, false);
+            break;
+        }
+        steps.push(step);
+        after.push(s.balance().fixable_spread);
+    }
+    // Rule 4: the steps must pay together.
+    let keep = steps_worth_keeping(start, &after, threshold);
+    for step in steps[keep..].iter().rev() {
+        relocate(s, step, false);
+    }
+}
