@@ -54,6 +54,44 @@ struct DomainState {
     seen: u64,
 }
 
+impl DomainState {
+    /// Follow how long the domain's reports have been stale: after
+    /// [`STALE_CYCLES_BEFORE_REARM`] cycles, switch its statistics on again and tell the operator
+    /// (once).
+    fn track_staleness(&mut self, reading: &MemoryReading, name: &str) {
+        let reporting = matches!(
+            reading,
+            MemoryReading::Fresh(_) | MemoryReading::First | MemoryReading::Settling
+        );
+        if reporting {
+            self.stats = Stats::On { stale_cycles: 0 };
+            if self.notice == StaleNotice::NeverFresh {
+                self.notice = StaleNotice::WasFresh;
+            }
+            return;
+        }
+        let Stats::On { stale_cycles } = &mut self.stats else {
+            return;
+        };
+        *stale_cycles += 1;
+        if *stale_cycles < STALE_CYCLES_BEFORE_REARM {
+            return;
+        }
+        self.stats = Stats::Off;
+        if self.notice != StaleNotice::Given {
+            warn!(
+                "domain {name}: no fresh balloon statistics for {STALE_CYCLES_BEFORE_REARM} cycles{}; it is left alone until they come",
+                if self.notice == StaleNotice::WasFresh {
+                    ""
+                } else {
+                    " (is the virtio_balloon driver loaded in the guest?)"
+                }
+            );
+            self.notice = StaleNotice::Given;
+        }
+    }
+}
+
 /// The memory coordinator's state across cycles.
 pub struct Coordinator {
     sampler: MemorySampler,
@@ -176,8 +214,7 @@ impl Coordinator {
     }
 
     /// Judge the report of `sample`: its line in the report, and the guest's figures when the
-    /// planner may act on them. A domain whose reports stay stale has its statistics switched on
-    /// again, and the operator is told once.
+    /// planner may act on them.
     fn classify(&mut self, sample: &BalloonSample) -> (GuestLine, Option<GuestMemory>) {
         let (dom, stats) = (&sample.domain, &sample.stats);
         let reading = self.sampler.record(dom.id, sample.at, stats);
@@ -205,34 +242,7 @@ impl Coordinator {
             .domains
             .get_mut(&dom.id)
             .expect("armed before it is classified");
-        let reporting = matches!(
-            reading,
-            MemoryReading::Fresh(_) | MemoryReading::First | MemoryReading::Settling
-        );
-        if reporting {
-            state.stats = Stats::On { stale_cycles: 0 };
-            if state.notice == StaleNotice::NeverFresh {
-                state.notice = StaleNotice::WasFresh;
-            }
-        } else if let Stats::On { stale_cycles } = &mut state.stats {
-            *stale_cycles += 1;
-            if *stale_cycles >= STALE_CYCLES_BEFORE_REARM {
-                state.stats = Stats::Off;
-                if state.notice != StaleNotice::Given {
-                    warn!(
-                        "domain {}: no fresh balloon statistics for {} cycles{}; it is left alone until they come",
-                        dom.name,
-                        STALE_CYCLES_BEFORE_REARM,
-                        if state.notice == StaleNotice::WasFresh {
-                            ""
-                        } else {
-                            " (is the virtio_balloon driver loaded in the guest?)"
-                        }
-                    );
-                    state.notice = StaleNotice::Given;
-                }
-            }
-        }
+        state.track_staleness(&reading, &dom.name);
         (line, fresh)
     }
 

@@ -256,67 +256,102 @@ pub fn run_cycles<R: Report>(
     mut cycle: impl FnMut() -> anyhow::Result<Turn<R>>,
 ) -> anyhow::Result<()> {
     let mut stop = StopSignal::install()?;
-    let mut totals = Totals::default();
-    let mut idle = false;
-    let mut delay = Duration::ZERO;
+    let mut run = Run {
+        uri,
+        options,
+        totals: Totals::default(),
+        idle: false,
+        delay: Duration::ZERO,
+    };
     loop {
-        if (totals.cycles > 0 || !delay.is_zero()) && stop.sleep(options.period.max(delay)) {
-            totals.summary("stopping on signal");
-            return Ok(());
+        if run.started() && stop.sleep(options.period.max(run.delay)) {
+            return run.end("stopping on signal");
         }
-        let turn = match cycle() {
-            Ok(turn) => turn,
-            Err(e) => {
-                totals.summary("stopping on error");
-                return Err(e);
-            }
-        };
-        let found = match turn {
+        let turn = cycle().inspect_err(|_| run.totals.summary("stopping on error"))?;
+        let go_on = match turn {
             Turn::Disconnected(why) => {
-                if delay.is_zero() {
-                    log::warn!("lost the connection to {uri} ({why}); reconnecting");
-                }
-                delay = reconnect_delay(delay, options.period);
+                run.lost(&why);
                 continue;
             }
-            Turn::NoDomain => None,
-            Turn::Report(report) => Some(report),
+            Turn::NoDomain => run.no_domain(),
+            Turn::Report(report) => {
+                run.report(&report)?;
+                true
+            }
         };
-        if !delay.is_zero() {
-            log::info!("reconnected to {uri}");
-            delay = Duration::ZERO;
-        }
-        totals.cycles += 1;
-        match found {
-            None if options.wait => {
-                if !idle {
-                    log::info!("no active domain on {uri}: waiting for domains");
-                    idle = true;
-                }
-            }
-            None => {
-                log::info!("no active domain on {uri}: nothing to do, exiting");
-                totals.summary("done");
-                return Ok(());
-            }
-            Some(report) => {
-                idle = false;
-                totals.changes += report.changes();
-                totals.skipped += report.skipped();
-                log::info!("cycle {}: {report}", totals.cycles);
-                if options.json {
-                    print_json(&report, totals.cycles)?;
-                }
-            }
-        }
-        if options.cycles.is_some_and(|n| totals.cycles >= n) {
-            totals.summary("done");
-            return Ok(());
+        if !go_on || options.cycles.is_some_and(|n| run.totals.cycles >= n) {
+            return run.end("done");
         }
         if stop.requested() {
-            totals.summary("stopping on signal");
-            return Ok(());
+            return run.end("stopping on signal");
         }
+    }
+}
+
+/// Where a daemon's loop stands.
+struct Run<'a> {
+    uri: &'a str,
+    options: LoopOptions,
+    totals: Totals,
+    /// Said that there is no active domain, and still none since.
+    idle: bool,
+    /// The wait before the next reconnection attempt; zero while connected.
+    delay: Duration,
+}
+
+impl Run<'_> {
+    /// Has a turn run yet (so the next one waits)?
+    fn started(&self) -> bool {
+        self.totals.cycles > 0 || !self.delay.is_zero()
+    }
+
+    /// The connection is down: say so once, and wait longer before each attempt.
+    fn lost(&mut self, why: &str) {
+        if self.delay.is_zero() {
+            log::warn!("lost the connection to {} ({why}); reconnecting", self.uri);
+        }
+        self.delay = reconnect_delay(self.delay, self.options.period);
+    }
+
+    /// A cycle ran: count it, saying so if it ran on a new connection.
+    fn cycled(&mut self) {
+        if !self.delay.is_zero() {
+            log::info!("reconnected to {}", self.uri);
+            self.delay = Duration::ZERO;
+        }
+        self.totals.cycles += 1;
+    }
+
+    /// A cycle found no active domain: go on only with `--wait` (saying so once).
+    fn no_domain(&mut self) -> bool {
+        self.cycled();
+        if !self.options.wait {
+            log::info!("no active domain on {}: nothing to do, exiting", self.uri);
+            return false;
+        }
+        if !std::mem::replace(&mut self.idle, true) {
+            log::info!("no active domain on {}: waiting for domains", self.uri);
+        }
+        true
+    }
+
+    /// A cycle ran: count what it did, log it, and print it with `--json`.
+    fn report<R: Report>(&mut self, report: &R) -> anyhow::Result<()> {
+        self.cycled();
+        self.idle = false;
+        self.totals.changes += report.changes();
+        self.totals.skipped += report.skipped();
+        log::info!("cycle {}: {report}", self.totals.cycles);
+        if self.options.json {
+            print_json(report, self.totals.cycles)?;
+        }
+        Ok(())
+    }
+
+    /// End the loop, logging the run's totals.
+    fn end(&self, why: &str) -> anyhow::Result<()> {
+        self.totals.summary(why);
+        Ok(())
     }
 }
 
