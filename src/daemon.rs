@@ -72,6 +72,20 @@ impl CommonArgs {
         }
     }
 
+    /// Run a daemon with these options: `cycle` on `host` every `period` (see [`run_cycles`]),
+    /// reconnecting the host when its connection drops (see [`host_turn`]).
+    pub fn serve<H: Host, R: Report>(
+        &self,
+        uri: &str,
+        period: Duration,
+        host: &mut H,
+        mut cycle: impl FnMut(&mut H) -> HostResult<Option<R>>,
+    ) -> anyhow::Result<()> {
+        run_cycles(uri, self.loop_options(period), || {
+            host_turn(host, &mut cycle)
+        })
+    }
+
     /// The loop options these arguments ask for, with `period`.
     pub fn loop_options(&self, period: Duration) -> LoopOptions {
         LoopOptions {

@@ -244,25 +244,35 @@ pub fn read_or_skip<T>(domain: &DomainRef, read: HostResult<T>) -> HostResult<Op
 
 /// [`Host::sample_vcpus`] the slow way: list, then read each domain.
 pub fn vcpus_domain_by_domain<H: Host + ?Sized>(host: &mut H) -> HostResult<Vec<VcpuSample>> {
-    let mut out = Vec::new();
-    for domain in host.active_domains()? {
-        let read = host.vcpus(&domain.id);
-        if let Some(vcpus) = read_or_skip(&domain, read)? {
-            let at = host.now();
-            out.push(VcpuSample { domain, vcpus, at });
-        }
-    }
-    Ok(out)
+    domain_by_domain(host, H::vcpus, |domain, vcpus, at| VcpuSample {
+        domain,
+        vcpus,
+        at,
+    })
 }
 
 /// [`Host::sample_balloons`] the slow way: list, then read each domain.
 pub fn balloons_domain_by_domain<H: Host + ?Sized>(host: &mut H) -> HostResult<Vec<BalloonSample>> {
+    domain_by_domain(host, H::balloon_stats, |domain, stats, at| BalloonSample {
+        domain,
+        stats,
+        at,
+    })
+}
+
+/// List the active domains, then `read` each one, skipping those that vanish or cannot be read,
+/// and make a sample of what was read with `sample`.
+fn domain_by_domain<H: Host + ?Sized, T, S>(
+    host: &mut H,
+    read: impl Fn(&mut H, &DomainId) -> HostResult<T>,
+    sample: impl Fn(DomainRef, T, Instant) -> S,
+) -> HostResult<Vec<S>> {
     let mut out = Vec::new();
     for domain in host.active_domains()? {
-        let read = host.balloon_stats(&domain.id);
-        if let Some(stats) = read_or_skip(&domain, read)? {
+        let figures = read(host, &domain.id);
+        if let Some(figures) = read_or_skip(&domain, figures)? {
             let at = host.now();
-            out.push(BalloonSample { domain, stats, at });
+            out.push(sample(domain, figures, at));
         }
     }
     Ok(out)

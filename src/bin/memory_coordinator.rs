@@ -8,9 +8,7 @@ use anyhow::{Result, ensure};
 use clap::Parser;
 use log::info;
 use vmbalance::coordinator::Coordinator;
-use vmbalance::daemon::{
-    CommonArgs, exit_with, host_turn, parse_args, parse_non_negative, parse_period, run_cycles,
-};
+use vmbalance::daemon::{CommonArgs, exit_with, parse_args, parse_non_negative, parse_period};
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::mem_plan::MemPolicy;
 
@@ -123,10 +121,8 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
         args.min_guest_mib,
         args.common.dry_run_note()
     );
-    let options = args.common.loop_options(args.period);
-    run_cycles(&uri, options, || {
-        host_turn(&mut host, |host| coordinator.cycle(host))
-    })
+    args.common
+        .serve(&uri, args.period, &mut host, |host| coordinator.cycle(host))
 }
 
 fn main() -> ExitCode {

@@ -8,8 +8,7 @@ use clap::Parser;
 use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{
-    CommonArgs, exit_with, host_turn, parse_args, parse_non_negative, parse_period,
-    parse_positive_count, run_cycles,
+    CommonArgs, exit_with, parse_args, parse_non_negative, parse_period, parse_positive_count,
 };
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::scheduler::{DEFAULT_WINDOW, Scheduler};
@@ -71,10 +70,8 @@ fn run(args: Args) -> Result<()> {
         )),
         args.common.dry_run_note()
     );
-    let options = args.common.loop_options(args.period);
-    run_cycles(&uri, options, || {
-        host_turn(&mut host, |host| scheduler.cycle(host))
-    })
+    args.common
+        .serve(&uri, args.period, &mut host, |host| scheduler.cycle(host))
 }
 
 fn main() -> ExitCode {

@@ -318,45 +318,22 @@ mod tests {
             domain: dom(d),
             vcpu: n,
         };
+        let load = |d, n, usage, pinned, last_pcpu| VcpuLoad {
+            key: key(d, n),
+            usage,
+            demand: None,
+            pinned,
+            last_pcpu,
+            usage_swing: None,
+            demand_swing: None,
+        };
         let snap = CpuSnapshot {
             pcpus: vec![0, 1, 2],
             vcpus: vec![
-                VcpuLoad {
-                    key: key(1, 0),
-                    usage: Some(30.0),
-                    demand: None,
-                    pinned: Some(0),
-                    last_pcpu: Some(0),
-                    usage_swing: None,
-                    demand_swing: None,
-                },
-                VcpuLoad {
-                    key: key(1, 1),
-                    usage: Some(20.0),
-                    demand: None,
-                    pinned: None,
-                    last_pcpu: Some(2),
-                    usage_swing: None,
-                    demand_swing: None,
-                },
-                VcpuLoad {
-                    key: key(2, 0),
-                    usage: Some(5.0),
-                    demand: None,
-                    pinned: Some(0),
-                    last_pcpu: Some(0),
-                    usage_swing: None,
-                    demand_swing: None,
-                },
-                VcpuLoad {
-                    key: key(2, 1),
-                    usage: None,
-                    demand: None,
-                    pinned: Some(1),
-                    last_pcpu: Some(1),
-                    usage_swing: None,
-                    demand_swing: None,
-                },
+                load(1, 0, Some(30.0), Some(0), Some(0)),
+                load(1, 1, Some(20.0), None, Some(2)),
+                load(2, 0, Some(5.0), Some(0), Some(0)),
+                load(2, 1, None, Some(1), Some(1)),
             ],
         };
         let u = pcpu_usage(&snap);

@@ -158,65 +158,59 @@ mod tests {
         }
     }
 
+    /// One cycle: domain 1's report (actual, unused, last update) read `secs` after `t0`.
+    fn cycle(
+        m: &mut MemorySampler,
+        t0: Instant,
+        secs: u64,
+        (actual, unused, update): (u64, u64, u64),
+    ) -> MemoryReading {
+        let reading = m.record(
+            dom(1),
+            t0 + Duration::from_secs(secs),
+            &stats(actual, unused, update),
+        );
+        m.end_cycle();
+        reading
+    }
+
+    fn fresh_rate(reading: MemoryReading) -> f64 {
+        match reading {
+            MemoryReading::Fresh(g) => g.rate_kib_s,
+            other => panic!("expected a fresh reading, not {other:?}"),
+        }
+    }
+
     #[test]
     fn memory_needs_an_advanced_report_then_a_second_one_for_a_rate() {
-        let mut m = MemorySampler::new();
-        let t0 = Instant::now();
-        let s = |n| t0 + Duration::from_secs(n);
-        // First sight: the report may predate the stats period.
-        assert_eq!(
-            m.record(dom(1), s(0), &stats(1000, 900, 10)),
-            MemoryReading::Stale
-        );
-        m.end_cycle();
-        // Same report again: still stale.
-        assert_eq!(
-            m.record(dom(1), s(2), &stats(1000, 900, 10)),
-            MemoryReading::Stale
-        );
-        m.end_cycle();
-        assert_eq!(
-            m.record(dom(1), s(4), &stats(1000, 800, 12)),
-            MemoryReading::First
-        );
-        m.end_cycle();
+        let (mut m, t0) = (MemorySampler::new(), Instant::now());
+        // First sight: the report may predate the stats period. The same report again: still stale.
+        assert_eq!(cycle(&mut m, t0, 0, (1000, 900, 10)), MemoryReading::Stale);
+        assert_eq!(cycle(&mut m, t0, 2, (1000, 900, 10)), MemoryReading::Stale);
+        assert_eq!(cycle(&mut m, t0, 4, (1000, 800, 12)), MemoryReading::First);
         // Used grew by 200 KiB over 2 s: consuming 100 KiB/s.
-        let MemoryReading::Fresh(g) = m.record(dom(1), s(6), &stats(1000, 600, 14)) else {
-            panic!("expected a fresh reading");
+        let reading = cycle(&mut m, t0, 6, (1000, 600, 14));
+        assert!((fresh_rate(reading) - 100.0).abs() < 1e-9);
+        let MemoryReading::Fresh(g) = reading else {
+            unreachable!()
         };
-        assert!((g.rate_kib_s - 100.0).abs() < 1e-9);
         assert_eq!((g.used_kib(), g.free_pct()), (400, 60.0));
-        m.end_cycle();
         // The balloon grew by 500 KiB: the next report may predate the move, so it waits...
         assert_eq!(
-            m.record(dom(1), s(8), &stats(1500, 1100, 16)),
+            cycle(&mut m, t0, 8, (1500, 1100, 16)),
             MemoryReading::Settling
         );
-        m.end_cycle();
         // ...and once the balloon stayed put, the memory given is not mistaken for memory released.
-        let MemoryReading::Fresh(g) = m.record(dom(1), s(10), &stats(1500, 1100, 18)) else {
-            panic!("expected a fresh reading");
-        };
-        assert!(g.rate_kib_s.abs() < 1e-9);
+        assert!(fresh_rate(cycle(&mut m, t0, 10, (1500, 1100, 18))).abs() < 1e-9);
     }
 
     #[test]
     fn a_stale_cycle_does_not_lose_the_rate_history() {
-        let mut m = MemorySampler::new();
-        let t0 = Instant::now();
-        m.record(dom(1), t0, &stats(1000, 900, 1));
-        m.end_cycle();
-        m.record(dom(1), t0 + Duration::from_secs(1), &stats(1000, 900, 2));
-        m.end_cycle();
-        assert_eq!(
-            m.record(dom(1), t0 + Duration::from_secs(2), &stats(1000, 900, 2)),
-            MemoryReading::Stale
-        );
-        m.end_cycle();
-        assert!(matches!(
-            m.record(dom(1), t0 + Duration::from_secs(3), &stats(1000, 700, 3)),
-            MemoryReading::Fresh(g) if (g.rate_kib_s - 100.0).abs() < 1e-9
-        ));
+        let (mut m, t0) = (MemorySampler::new(), Instant::now());
+        cycle(&mut m, t0, 0, (1000, 900, 1));
+        cycle(&mut m, t0, 1, (1000, 900, 2));
+        assert_eq!(cycle(&mut m, t0, 2, (1000, 900, 2)), MemoryReading::Stale);
+        assert!((fresh_rate(cycle(&mut m, t0, 3, (1000, 700, 3))) - 100.0).abs() < 1e-9);
     }
 
     #[test]
@@ -239,18 +233,12 @@ mod tests {
 
     #[test]
     fn a_vanished_guest_starts_over() {
-        let mut m = MemorySampler::new();
-        let t0 = Instant::now();
-        m.record(dom(1), t0, &stats(1000, 900, 1));
-        m.end_cycle();
-        m.record(dom(1), t0 + Duration::from_secs(1), &stats(1000, 900, 2));
-        m.end_cycle();
+        let (mut m, t0) = (MemorySampler::new(), Instant::now());
+        cycle(&mut m, t0, 0, (1000, 900, 1));
+        cycle(&mut m, t0, 1, (1000, 900, 2));
         m.end_cycle();
         // Back (restarted) with a new report: first sight again, not a rate against old figures.
-        assert_eq!(
-            m.record(dom(1), t0 + Duration::from_secs(9), &stats(1000, 100, 50)),
-            MemoryReading::Stale
-        );
+        assert_eq!(cycle(&mut m, t0, 9, (1000, 100, 50)), MemoryReading::Stale);
     }
 
     #[test]
