@@ -131,7 +131,7 @@ impl LibvirtHost {
     }
 
     /// Is the connection to the libvirt daemon still up?
-    pub fn is_connected(&self) -> bool {
+    fn is_connected(&self) -> bool {
         self.conn.is_alive().unwrap_or(false)
     }
 
