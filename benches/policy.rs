@@ -21,7 +21,7 @@ use vmbalance::coordinator::Coordinator;
 use vmbalance::cpu_plan::{CpuPlan, CpuPolicy, PinMove, plan};
 use vmbalance::host::{DomainId, HostMemory};
 use vmbalance::mem_plan::{self, MemPolicy, MemSnapshot};
-use vmbalance::sampling::{CpuSnapshot, GuestMemory, VcpuKey, VcpuLoad, pcpu_usage};
+use vmbalance::sampling::{Allowed, CpuSnapshot, GuestMemory, VcpuKey, VcpuLoad, pcpu_usage};
 use vmbalance::scheduler::Scheduler;
 
 /// The seed's policy, for comparison: pin unpinned vCPUs round-robin; then, when the busiest and
@@ -598,6 +598,7 @@ fn cpu_snapshot(pcpus: u32, vcpus: usize, crowded: bool, seed: u64) -> CpuSnapsh
                     last_pcpu: Some(p),
                     usage_swing: None,
                     demand_swing: None,
+                    allowed: Allowed::Any,
                 }
             })
             .collect(),

@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 use vmbalance::cpu_plan::{Basis, CpuPlan, CpuPolicy, plan};
 use vmbalance::host::DomainId;
-use vmbalance::sampling::{CpuSnapshot, VcpuKey, VcpuLoad, pcpu_usage};
+use vmbalance::sampling::{Allowed, CpuSnapshot, VcpuKey, VcpuLoad, pcpu_usage};
 
 /// Where a test vCPU sits.
 #[derive(Clone, Copy, Debug)]
@@ -41,6 +41,7 @@ fn snapshot(pcpus: &[u32], vcpus: &[(Option<f64>, Pin)]) -> CpuSnapshot {
                     last_pcpu: last.filter(|p| pcpus.contains(p)),
                     usage_swing: None,
                     demand_swing: None,
+                    allowed: Allowed::Any,
                 }
             })
             .collect(),
@@ -630,4 +631,159 @@ fn a_gap_the_loads_own_swings_explain_moves_nothing() {
         v.usage_swing = Some(5.0);
     }
     assert!(!default_plan(&swinging_far).moves.is_empty());
+}
+
+// Rule 9: allowed pCPUs.
+
+fn only(pcpus: &[u32]) -> Allowed {
+    Allowed::Only(pcpus.to_vec().into())
+}
+
+#[test]
+fn vcpus_restricted_by_their_admin_stay_inside_their_set() {
+    // Four busy vCPUs on pCPU 0; the first two may only use pCPU 0 (as `virsh vcpupin --config`
+    // says), the other two anything. The two free ones are spread; the restricted ones stay.
+    let mut s = snapshot(
+        &[0, 1, 2],
+        &[on(0, 90.0), on(0, 90.0), on(0, 90.0), on(0, 90.0)],
+    );
+    s.vcpus[0].allowed = only(&[0]);
+    s.vcpus[1].allowed = only(&[0]);
+    let p = default_plan(&s);
+    let moved: Vec<u32> = p.moves.iter().map(|m| m.key.vcpu).collect();
+    assert_eq!(moved, [2, 3], "{p:?}");
+    assert_ne!(p.moves[0].to, p.moves[1].to);
+    assert!(p.moves.iter().all(|m| m.to != 0));
+}
+
+#[test]
+fn a_busiest_pcpu_of_fixed_vcpus_does_not_stop_the_rest_being_balanced() {
+    // pCPU 0: three fixed vCPUs (270 %). pCPU 1: two free ones (160 %). pCPU 2: idle. Only the
+    // pair 1/2 can be evened out.
+    let mut s = snapshot(
+        &[0, 1, 2],
+        &[
+            on(0, 90.0),
+            on(0, 90.0),
+            on(0, 90.0),
+            on(1, 80.0),
+            on(1, 80.0),
+        ],
+    );
+    for v in &mut s.vcpus[..3] {
+        v.allowed = only(&[0]);
+    }
+    let p = default_plan(&s);
+    assert_eq!(p.moves.len(), 1, "{p:?}");
+    assert_eq!((p.moves[0].from, p.moves[0].to), (Some(1), 2));
+}
+
+#[test]
+fn unpinned_vcpus_are_pinned_within_their_set_and_a_vcpu_outside_it_is_brought_back() {
+    // A NUMA-like host: pCPUs 0-1 and 2-3. vCPU 0 spans everything but may only use 2-3; vCPU 1
+    // was pinned (by someone) to pCPU 0 although it may only use 2-3.
+    let mut s = snapshot(
+        &[0, 1, 2, 3],
+        &[(Some(50.0), Pin::Spans(0)), on(0, 40.0), on(1, 60.0)],
+    );
+    s.vcpus[0].allowed = only(&[2, 3]);
+    s.vcpus[1].allowed = only(&[2, 3]);
+    let p = default_plan(&s);
+    for m in &p.moves {
+        let v = s.vcpus.iter().find(|v| v.key == m.key).unwrap();
+        assert!(v.allowed.contains(m.to), "{m:?} outside {:?}", v.allowed);
+    }
+    let moved: Vec<u32> = p.moves.iter().map(|m| m.key.vcpu).collect();
+    assert_eq!(moved, [0, 1], "{p:?}");
+    assert_ne!(p.moves[0].to, p.moves[1].to, "both on one pCPU of the pair");
+}
+
+#[test]
+fn an_excluded_domains_vcpus_count_as_load_and_never_move() {
+    // pCPU 0 runs an excluded domain's two busy vCPUs and one free vCPU; pCPU 1 is idle.
+    let mut s = snapshot(&[0, 1], &[on(0, 90.0), on(0, 90.0), on(0, 30.0)]);
+    s.vcpus[0].allowed = only(&[]);
+    s.vcpus[1].allowed = only(&[]);
+    let p = default_plan(&s);
+    assert_eq!(p.moves.len(), 1, "{p:?}");
+    assert_eq!((p.moves[0].key.vcpu, p.moves[0].to), (2, 1));
+    // The excluded load is counted: pCPU 0 ends at 180, pCPU 1 at 30.
+    assert_eq!(p.predicted[&0], 180.0);
+}
+
+#[test]
+fn a_swap_only_exchanges_vcpus_allowed_where_the_other_was() {
+    // Threshold 30. pCPU 0: 60 + 50; pCPU 1: 30 + 20 (gap 60). No single move pays (the 50 would
+    // leave a 40-point gap, the 60 all of it). The best swap, 60 <-> 30, needs the 30 to leave
+    // pCPU 1, which it may not: 50 <-> 20 evens the pair as well.
+    let mut s = snapshot(
+        &[0, 1],
+        &[on(0, 60.0), on(0, 50.0), on(1, 30.0), on(1, 20.0)],
+    );
+    let policy = CpuPolicy {
+        threshold: 30.0,
+        ..CpuPolicy::default()
+    };
+    let free = plan(&s, &policy);
+    assert_eq!(free.moves.len(), 2, "a swap: {free:?}");
+    s.vcpus[2].allowed = only(&[1]);
+    let p = plan(&s, &policy);
+    let swapped: Vec<(u32, u32)> = p.moves.iter().map(|m| (m.key.vcpu, m.to)).collect();
+    assert_eq!(swapped, [(1, 1), (3, 0)], "{p:?}");
+}
+
+/// Like [`arb_swinging_host`], with random allowed sets: most vCPUs free, some restricted to a
+/// random subset of the present pCPUs (one pCPU, or none, included).
+fn arb_constrained_host() -> impl Strategy<Value = CpuSnapshot> {
+    arb_swinging_host().prop_flat_map(|s| {
+        let n = s.vcpus.len();
+        let present = s.pcpus.iter().max().map_or(1, |m| m + 3);
+        let set = prop::option::weighted(
+            0.4,
+            prop::collection::btree_set(0..present, 0..=present as usize),
+        );
+        prop::collection::vec(set, n).prop_map(move |sets| {
+            let mut s = s.clone();
+            for (v, set) in s.vcpus.iter_mut().zip(sets) {
+                if let Some(set) = set {
+                    v.allowed = Allowed::Only(set.into_iter().collect::<Vec<_>>().into());
+                }
+            }
+            s
+        })
+    })
+}
+
+proptest! {
+    #[test]
+    fn plans_respect_every_allowed_set(s in arb_constrained_host(), threshold in 0u32..30, budget in prop::option::of(1usize..6)) {
+        let policy = CpuPolicy { threshold: f64::from(threshold), max_changes: budget };
+        let p = plan(&s, &policy);
+        for m in &p.moves {
+            let v = s.vcpus.iter().find(|v| v.key == m.key).unwrap();
+            prop_assert!(v.allowed.contains(m.to), "{m:?} outside {:?}", v.allowed);
+            prop_assert!(s.pcpus.contains(&m.to), "pinned to offline pCPU {}", m.to);
+            prop_assert!(v.usage.is_some(), "moved a vCPU of unknown usage");
+            prop_assert!(!v.allowed.is_none(), "moved a vCPU that may go nowhere");
+            let single = match &v.allowed {
+                Allowed::Only(set) => set.iter().filter(|p| s.pcpus.contains(p)).count() == 1,
+                Allowed::Any => s.pcpus.len() == 1,
+            };
+            prop_assert!(!(single && v.pinned.is_some_and(|p| v.allowed.contains(p))),
+                "moved a vCPU pinned to the one pCPU it may use");
+        }
+        if let Some(budget) = budget {
+            prop_assert!(p.moves.len() <= budget);
+        }
+        // Stable: once applied, the next plan on the same loads changes nothing.
+        if budget.is_none() {
+            let again = plan(&apply(&s, &p), &policy);
+            prop_assert!(again.moves.is_empty(), "second plan moved {:?}", again.moves);
+        }
+        // Never worse where everything is pinned inside its set.
+        let inside = s.vcpus.iter().all(|v| v.pinned.is_some_and(|p| v.allowed.contains(p)));
+        if inside {
+            prop_assert!(p.after.fixable_spread <= p.before.fixable_spread + 1e-6);
+        }
+    }
 }

@@ -42,6 +42,14 @@
 //! 8. **Budget.** With a change budget ([`CpuPolicy::max_changes`]) the plan is cut short: the
 //!    heaviest unpinned vCPUs are pinned first, then steps are taken in the order above until the
 //!    next one would exceed the budget. The rest waits for a later decision.
+//! 9. **Allowed pCPUs.** Each vCPU may only be pinned to the pCPUs of its allowed set
+//!    ([`VcpuLoad::allowed`]: what its admin's persistent configuration, the host's pool and the
+//!    online pCPUs leave it). Rule 1 pins a vCPU onto the least-loaded pCPU of its set, and also
+//!    re-pins one found pinned outside its set; a vCPU whose set is a single pCPU it is pinned to,
+//!    or is empty (its domain is excluded), is never moved, but counts as load where it runs. The
+//!    steps of rule 3 work on the busiest pCPU that has a vCPU which may go elsewhere, against the
+//!    freest pCPU one of its vCPUs may go to; a move only takes a vCPU to a pCPU of its set, a swap
+//!    only exchanges two vCPUs each allowed where the other was.
 //!
 //! The plan is the difference between the final placement and the current pins, so a vCPU
 //! moved and moved back costs nothing, and one moved twice costs one change.
@@ -50,10 +58,10 @@ mod paying;
 mod placement;
 mod steps;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::sampling::{CpuSnapshot, VcpuKey, VcpuLoad};
-use placement::Placement;
+use crate::sampling::{Allowed, CpuSnapshot, VcpuKey, VcpuLoad};
+use placement::{Placement, Reach};
 use steps::even_out;
 
 /// Tuning of the vCPU planner.
@@ -179,12 +187,15 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     let max_changes = policy.max_changes.unwrap_or(usize::MAX);
     let (mut s, unplaced) = placement(snapshot, basis, max_changes);
     let before = s.balance();
-    // Rule 1: pin the unpinned, heaviest first, onto the least-loaded pCPU.
+    // Rule 1: pin the unpinned (rule 9: and those pinned outside their set), heaviest first, onto
+    // the least-loaded pCPU each may use.
     for &v in &unplaced {
         s.take(v);
     }
     for v in unplaced {
-        let p = s.freest();
+        let p = s
+            .freest_for(v)
+            .expect("only vCPUs with somewhere to go are placed");
         s.put(v, p);
     }
     // Rules 2-4: even out the busiest shared pCPU against the freest one, step by step.
@@ -223,8 +234,9 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
 }
 
 /// The snapshot as the planner's working state, with every vCPU where it runs now, and the
-/// unpinned vCPUs rule 1 is to place, heaviest first, as many as `max_changes` affords (rule 8:
-/// the others stay where they run, unmoved, for a later decision).
+/// vCPUs rule 1 is to place (unpinned, or pinned outside their allowed set), heaviest first, as
+/// many as `max_changes` affords (rule 8: the others stay where they run, unmoved, for a later
+/// decision).
 fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Placement, Vec<usize>) {
     let pcpus = &snapshot.pcpus;
     let index_of = |p: u32| pcpus.binary_search(&p).ok();
@@ -235,11 +247,27 @@ fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Place
         .map(|v| basis.load(v).filter(|u| *u > 0.0).unwrap_or(0.0))
         .collect();
     let variance: Vec<f64> = vcpus.iter().map(|v| basis.swing(v).powi(2)).collect();
-    // Rule 5: a vCPU without a load yet is not moved.
-    let mut movable: Vec<bool> = vcpus.iter().map(|v| v.usage.is_some()).collect();
-    // Where each vCPU sits now: its single pin. Unpinned vCPUs are charged to their last pCPU for
-    // the "before" picture, then taken off to be placed.
-    let original: Vec<Option<usize>> = vcpus.iter().map(|v| v.pinned.and_then(index_of)).collect();
+    let reach = reach(snapshot);
+    // Where each vCPU sits now: its single pin, if its set allows it. Unpinned vCPUs are charged
+    // to their last pCPU for the "before" picture, then taken off to be placed.
+    let original: Vec<Option<usize>> = vcpus
+        .iter()
+        .enumerate()
+        .map(|(v, load)| load.pinned.and_then(index_of).filter(|&p| reach.may(v, p)))
+        .collect();
+    let movable: Vec<bool> = vcpus
+        .iter()
+        .enumerate()
+        .map(|(v, load)| {
+            // Rule 5: a vCPU without a load yet is not moved.
+            let known = load.usage.is_some();
+            // Rule 9: nor one with nowhere to go, or pinned to the one pCPU it may use.
+            let options = reach.set_of[v].map_or(pcpus.len(), |i| {
+                reach.sets[i].iter().filter(|&&ok| ok).count()
+            });
+            known && options > 0 && !(options == 1 && original[v].is_some())
+        })
+        .collect();
     let charged = vcpus
         .iter()
         .map(|v| v.charged_pcpu().and_then(index_of))
@@ -248,10 +276,44 @@ fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Place
         .filter(|&v| original[v].is_none() && movable[v])
         .collect();
     unplaced.sort_by(|&a, &b| vcpu_load[b].total_cmp(&vcpu_load[a]).then(a.cmp(&b)));
+    let mut movable = movable;
     for &v in unplaced.iter().skip(max_changes) {
         movable[v] = false;
     }
     unplaced.truncate(max_changes);
-    let s = Placement::new(vcpu_load, variance, movable, pcpus.len(), charged, original);
+    let s = Placement::new(
+        vcpu_load,
+        variance,
+        movable,
+        reach,
+        pcpus.len(),
+        charged,
+        original,
+    );
     (s, unplaced)
+}
+
+/// Rule 9: each vCPU's allowed set as flags over the online pCPUs, one copy per distinct set; a
+/// set that allows every online pCPU is no constraint.
+fn reach(snapshot: &CpuSnapshot) -> Reach {
+    let pcpus = &snapshot.pcpus;
+    let mut reach = Reach::anywhere(snapshot.vcpus.len());
+    let mut known: HashMap<&[u32], Option<usize>> = HashMap::new();
+    for (v, load) in snapshot.vcpus.iter().enumerate() {
+        let Allowed::Only(set) = &load.allowed else {
+            continue;
+        };
+        reach.set_of[v] = *known.entry(set).or_insert_with(|| {
+            let flags: Vec<bool> = pcpus
+                .iter()
+                .map(|&p| set.binary_search(&p).is_ok())
+                .collect();
+            if flags.iter().all(|&ok| ok) {
+                return None;
+            }
+            reach.sets.push(flags);
+            Some(reach.sets.len() - 1)
+        });
+    }
+    reach
 }

@@ -5,8 +5,34 @@ use std::collections::BTreeSet;
 
 use super::Balance;
 
+/// Where each vCPU may go (rule 9), by pCPU index.
+#[derive(Default)]
+pub(super) struct Reach {
+    /// Per vCPU: `None` when it may go to any pCPU, else the index of its set in `sets`.
+    pub(super) set_of: Vec<Option<usize>>,
+    /// The distinct sets, each a flag per pCPU.
+    pub(super) sets: Vec<Vec<bool>>,
+}
+
+impl Reach {
+    /// No vCPU constrained: every vCPU may go anywhere.
+    pub(super) fn anywhere(vcpus: usize) -> Self {
+        Self {
+            set_of: vec![None; vcpus],
+            sets: Vec::new(),
+        }
+    }
+
+    /// May vCPU `v` be pinned to pCPU `p`?
+    pub(super) fn may(&self, v: usize, p: usize) -> bool {
+        self.set_of[v].is_none_or(|i| self.sets[i][p])
+    }
+}
+
 /// Working state: where every vCPU sits and what each pCPU carries.
 pub(super) struct Placement {
+    /// Where each vCPU may go.
+    pub(super) reach: Reach,
     /// Per vCPU: its pCPU index now (None = not placed on a single online pCPU).
     pub(super) at: Vec<Option<usize>>,
     /// Per vCPU: its pCPU index in the current pins (None = not pinned to one online pCPU).
@@ -46,6 +72,7 @@ impl Placement {
         vcpu_load: Vec<f64>,
         variance: Vec<f64>,
         movable: Vec<bool>,
+        reach: Reach,
         pcpus: usize,
         at: Vec<Option<usize>>,
         original: Vec<Option<usize>>,
@@ -72,6 +99,7 @@ impl Placement {
             .filter(|&v| movable[v] && at[v] != original[v])
             .count();
         Self {
+            reach,
             at,
             original,
             vcpu_load,
@@ -126,18 +154,27 @@ impl Placement {
         }
     }
 
-    /// The vCPU on `p` whose load is closest to `target`, among loads in `[lo, hi]`; on a tie,
-    /// the smaller load, then the lower index.
-    pub(super) fn closest(&self, p: usize, target: f64, lo: f64, hi: f64) -> Option<usize> {
+    /// The vCPU on `p` that may go to pCPU `to` whose load is closest to `target`, among loads in
+    /// `[lo, hi]`; on a tie, the smaller load, then the lower index.
+    pub(super) fn closest(
+        &self,
+        p: usize,
+        to: usize,
+        target: f64,
+        lo: f64,
+        hi: f64,
+    ) -> Option<usize> {
         let m = &self.members[p];
+        let may = |&&(_, v): &&(u64, usize)| self.reach.may(v, to);
         let at = key(target.max(0.0), 0);
         // The lowest-index vCPU of the load just below `target`, and the first one at or above it.
         let below = m
             .range(..at)
-            .next_back()
-            .and_then(|&(bits, _)| m.range((bits, 0)..).next())
+            .rev()
+            .find(may)
+            .and_then(|&(bits, _)| m.range((bits, 0)..(bits + 1, 0)).find(may))
             .map(|&(_, v)| v);
-        let above = m.range(at..).next().map(|&(_, v)| v);
+        let above = m.range(at..).find(may).map(|&(_, v)| v);
         [below, above]
             .into_iter()
             .flatten()
@@ -152,26 +189,51 @@ impl Placement {
             })
     }
 
+    /// The least-loaded pCPU vCPU `v` may go to (among equals, the one running fewest vCPUs,
+    /// then the lowest); `None` when it may go nowhere.
+    pub(super) fn freest_for(&self, v: usize) -> Option<usize> {
+        match self.reach.set_of[v] {
+            None => Some(self.freest()),
+            Some(i) => (0..self.load_key.len())
+                .filter(|&p| self.reach.sets[i][p])
+                .min_by_key(|&p| self.load_key[p]),
+        }
+    }
+
+    /// The least-loaded pCPU, other than `src`, that one of the movable vCPUs on `src` may go to
+    /// (rule 9: a pCPU none of them may use is no target).
+    pub(super) fn freest_reachable_from(&self, src: usize) -> Option<usize> {
+        if self.members[src].is_empty() {
+            return None;
+        }
+        self.by_load
+            .iter()
+            .map(|&(_, _, p)| p)
+            .filter(|&p| p != src)
+            .find(|&p| self.members[src].iter().any(|&(_, v)| self.reach.may(v, p)))
+    }
+
     /// The least-loaded pCPU (among equals, the one running fewest vCPUs).
     pub(super) fn freest(&self) -> usize {
         self.by_load.first().expect("at least one pCPU").2
     }
 
-    /// The busiest pCPU running at least two vCPUs (rule 2: a lone vCPU is never "fixed").
-    pub(super) fn busiest_shared(&self) -> Option<usize> {
+    /// The busiest pCPU running at least two vCPUs (rule 2: a lone vCPU is never "fixed") that a
+    /// step can relieve, with the freest pCPU one of its movable vCPUs may go to (rule 9).
+    pub(super) fn busiest_shared(&self) -> Option<(usize, usize)> {
         self.by_load
             .iter()
             .rev()
-            .find(|&&(_, count, _)| count >= 2)
-            .map(|&(_, _, p)| p)
+            .filter(|&&(_, count, _)| count >= 2)
+            .find_map(|&(_, _, src)| Some((src, self.freest_reachable_from(src)?)))
     }
 
     pub(super) fn balance(&self) -> Balance {
         let min = self.pcpu_load[self.freest()];
         let max = self.pcpu_load[self.by_load.last().expect("at least one pCPU").2];
-        let fixable = self
-            .busiest_shared()
-            .map_or(0.0, |p| (self.pcpu_load[p] - min).max(0.0));
+        let fixable = self.busiest_shared().map_or(0.0, |(src, dst)| {
+            (self.pcpu_load[src] - self.pcpu_load[dst]).max(0.0)
+        });
         Balance {
             spread: max - min,
             fixable_spread: fixable,

@@ -11,18 +11,17 @@ type Step = Vec<(usize, usize, usize)>;
 /// Choose the next step between the busiest shared pCPU and the freest one, if one pays: the single
 /// move that best evens the pair, else the best swap (two changes).
 fn next_step(s: &Placement, threshold: f64) -> Option<Step> {
-    let src = s.busiest_shared()?;
-    let dst = s.freest();
+    let (src, dst) = s.busiest_shared()?;
     let gap = s.pcpu_load[src] - s.pcpu_load[dst];
     let swing = (s.pcpu_variance[src] + s.pcpu_variance[dst]).sqrt();
     // Rule 2 (balanced) and rule 4 (a gap the loads' swings explain moves nothing).
-    if src == dst || !gap_worth_working(gap, swing, threshold) {
+    if !gap_worth_working(gap, swing, threshold) {
         return None;
     }
     // Rule 4: only shifts that pay.
     let hi = max_paying_shift(gap, threshold);
     // Rule 5: vCPUs of unknown load count 0, under MIN_SHIFT: they are never chosen.
-    if let Some(v) = s.closest(src, gap / 2.0, MIN_SHIFT, hi) {
+    if let Some(v) = s.closest(src, dst, gap / 2.0, MIN_SHIFT, hi) {
         debug_assert!(s.movable[v] && pays(gap, s.vcpu_load[v], threshold));
         return Some(vec![(v, src, dst)]);
     }
@@ -30,11 +29,16 @@ fn next_step(s: &Placement, threshold: f64) -> Option<Step> {
     // load closest to load[w] + gap / 2. The choice depends only on the placement, never on the
     // current pins, so re-planning from a plan's result retraces the same path (stability).
     let mut best: Option<(f64, usize, usize)> = None;
-    for w in s.members[dst].iter().map(|&(_, w)| w) {
+    // Rule 9: each may go where the other was.
+    for w in s.members[dst]
+        .iter()
+        .map(|&(_, w)| w)
+        .filter(|&w| s.reach.may(w, src))
+    {
         let uw = s.vcpu_load[w];
         // Rule 4: a swap's two vCPUs must differ enough.
         let lo = uw + min_swap_difference(threshold);
-        let Some(v) = s.closest(src, uw + gap / 2.0, lo, uw + hi) else {
+        let Some(v) = s.closest(src, dst, uw + gap / 2.0, lo, uw + hi) else {
             continue;
         };
         let shift = s.vcpu_load[v] - uw;

@@ -2,6 +2,7 @@
 //! decides on out.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::Rates;
@@ -38,6 +39,35 @@ pub struct VcpuLoad {
     pub usage_swing: Option<f64>,
     /// The same for its demand.
     pub demand_swing: Option<f64>,
+    /// Where the planner may pin it.
+    pub allowed: Allowed,
+}
+
+/// The pCPUs a vCPU may be pinned to: what its admin, its memory's NUMA binding and the host's
+/// pool leave it (see [`crate::cpu_plan`], rule 9).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Allowed {
+    /// Any online pCPU.
+    #[default]
+    Any,
+    /// Only these pCPUs, ascending (shared between the vCPUs that have the same set). Empty: the
+    /// vCPU is never moved (its domain is excluded, or none of its pCPUs is online).
+    Only(Arc<[u32]>),
+}
+
+impl Allowed {
+    /// May the vCPU be pinned to `pcpu`?
+    pub fn contains(&self, pcpu: u32) -> bool {
+        match self {
+            Allowed::Any => true,
+            Allowed::Only(set) => set.binary_search(&pcpu).is_ok(),
+        }
+    }
+
+    /// Never to be moved: nothing allowed.
+    pub fn is_none(&self) -> bool {
+        matches!(self, Allowed::Only(set) if set.is_empty())
+    }
 }
 
 impl VcpuLoad {
@@ -186,6 +216,7 @@ impl CpuSampler {
                 last_pcpu: v.last_pcpu.filter(online),
                 usage_swing: usage_swing.flatten(),
                 demand_swing: demand_swing.flatten(),
+                allowed: Allowed::Any,
             });
         }
     }
@@ -326,6 +357,7 @@ mod tests {
             last_pcpu,
             usage_swing: None,
             demand_swing: None,
+            allowed: Allowed::Any,
         };
         let snap = CpuSnapshot {
             pcpus: vec![0, 1, 2],

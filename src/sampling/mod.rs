@@ -17,6 +17,6 @@ mod cpu;
 mod memory;
 mod rates;
 
-pub use cpu::{CpuSampler, CpuSnapshot, VcpuKey, VcpuLoad, pcpu_demand, pcpu_usage};
+pub use cpu::{Allowed, CpuSampler, CpuSnapshot, VcpuKey, VcpuLoad, pcpu_demand, pcpu_usage};
 pub use memory::{GuestMemory, MemoryReading, MemorySampler};
 pub use rates::Rates;
