@@ -3,7 +3,9 @@
 #
 #   lab.sh setup DIR                 install packages, start libvirt, build kernel + initramfs in DIR
 #   lab.sh define DIR NAME VCPUS CUR_MIB MAX_MIB PINS WORK
-#                                    define and start guest vmblab-NAME; PINS: pCPU per vCPU
+#                                    define and start guest vmblab-NAME; PINS: pCPU per vCPU,
+#                                    pinned live once started (`-`: none); `N!` pins vCPU to N in
+#                                    the persistent configuration instead, as an admin would
 #                                    ("0,0" pins vCPU 0 and 1 to pCPU 0; "-" leaves them unpinned);
 #                                    WORK: first workload, commas for spaces ("cpu,1,100")
 #   lab.sh send DIR NAME 'COMMAND'   change a running guest's workload ("cpu 2 50", "mem 20 600 30",
@@ -119,11 +121,19 @@ cmd_define() {
     local dir name vcpus cur max pins work
     dir=$(realpath "${1:?}"); name=vmblab-${2:?}; vcpus=${3:?}; cur=${4:?}; max=${5:?}; pins=${6:?}; work=${7:-idle}
     [ -s "$dir/accel" ] || die "run 'lab.sh setup $dir' first"
-    local cputune=""
+    # Pins marked N! go in the configuration (an admin's restriction); plain ones are made live
+    # after the start, the way a previous placement would leave them.
+    local cputune="" live=()
     if [ "$pins" != - ]; then
         local i=0
         cputune="<cputune>"
-        for p in ${pins//,/ }; do cputune+="<vcpupin vcpu='$i' cpuset='$p'/>"; i=$((i + 1)); done
+        for p in ${pins//,/ }; do
+            case "$p" in
+                *!) cputune+="<vcpupin vcpu='$i' cpuset='${p%!}'/>" ;;
+                *) live+=("$i:$p") ;;
+            esac
+            i=$((i + 1))
+        done
         cputune+="</cputune>"
     fi
     # Redefining one of the lab's own guests replaces it.
@@ -159,6 +169,10 @@ XML
     virsh_ define "$dir/$name.xml" >/dev/null
     grep -qx "$name" "$dir/domains" 2>/dev/null || echo "$name" >> "$dir/domains"
     virsh_ start "$name" >/dev/null
+    local pin
+    for pin in "${live[@]}"; do
+        virsh_ vcpupin "$name" "${pin%%:*}" "${pin#*:}" --live >/dev/null
+    done
 }
 
 cmd_send() {

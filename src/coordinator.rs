@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use log::warn;
 
+use crate::exclusions::Exclusions;
 use crate::host::{
     BalloonSample, DomainId, DomainNames, Host, HostError, HostMemory, HostResult,
     changed_or_skipped,
@@ -18,6 +19,17 @@ use crate::host::{
 use crate::mem_plan::{BalloonChange, MemPlan, MemPolicy, MemSnapshot, plan, violations};
 use crate::report::{GuestLine, HostLine, MemReport, ResizeLine, mib};
 use crate::sampling::{GuestMemory, MemoryReading, MemorySampler};
+
+/// The report line of an excluded domain: what it shows, never acted on.
+fn excluded_line(sample: &BalloonSample) -> GuestLine {
+    GuestLine {
+        domain: sample.domain.name.clone(),
+        actual_mib: mib(sample.stats.actual_kib),
+        free_mib: sample.stats.free_kib().map(mib),
+        rate_mib_s: None,
+        state: "excluded".into(),
+    }
+}
 
 /// Stale reports in a row after which the stats period is set again (the domain may have
 /// restarted, which resets it) and the operator is warned once.
@@ -101,6 +113,7 @@ pub struct Coordinator {
     domains: HashMap<DomainId, DomainState>,
     cycles: u64,
     warned_host_unknown: bool,
+    exclusions: Exclusions,
 }
 
 impl Coordinator {
@@ -115,7 +128,15 @@ impl Coordinator {
             domains: HashMap::new(),
             cycles: 0,
             warned_host_unknown: false,
+            exclusions: Exclusions::default(),
         }
+    }
+
+    /// Leave the domains `exclusions` names alone: their balloons are never touched (not even
+    /// their statistics period).
+    pub fn with_exclusions(mut self, exclusions: Exclusions) -> Self {
+        self.exclusions = exclusions;
+        self
     }
 
     /// Run one cycle. `Ok(None)` when the host has no active domain.
@@ -136,7 +157,12 @@ impl Coordinator {
             host: host_memory,
         };
         let mut names = DomainNames::default();
+        self.exclusions.begin_cycle();
         for sample in &samples {
+            if self.exclusions.excludes(&sample.domain) {
+                report.guests.push(excluded_line(sample));
+                continue;
+            }
             if !self.arm(host, sample, &mut report)? {
                 continue;
             }
@@ -146,6 +172,7 @@ impl Coordinator {
             report.guests.push(line);
         }
         self.sampler.end_cycle();
+        self.exclusions.end_cycle();
         let current = self.cycles;
         self.domains.retain(|_, s| s.seen == current);
 

@@ -1,12 +1,16 @@
 //! What both daemons share: command-line conventions, logging, the stop signal and the exit path.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
+use crate::exclusions::{Exclusions, parse_pattern};
 use crate::host::{Host, HostError, HostResult};
 use crate::report::Report;
 
@@ -47,7 +51,18 @@ pub struct CommonArgs {
     /// exiting (for running under systemd)
     #[arg(long)]
     pub wait: bool,
+
+    /// Leave a domain alone: read, never changed (repeatable). PATTERN is a domain UUID or a
+    /// glob over domain names (`rt-*`). A domain also opts out in its own metadata (see README)
+    #[arg(long = "exclude", value_name = "PATTERN", value_parser = parse_pattern)]
+    pub exclude: Vec<String>,
 }
+
+/// A mistake in the command line found only once connected (say, a pCPU the host does not have):
+/// reported like a parse error, with exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 /// How a daemon's loop runs.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +78,11 @@ pub struct LoopOptions {
 }
 
 impl CommonArgs {
+    /// The domains to leave alone (`--exclude`, and each domain's own metadata).
+    pub fn exclusions(&self) -> Exclusions {
+        Exclusions::new(&self.exclude).expect("patterns are checked when parsed")
+    }
+
     /// What the start-up line adds for `--dry-run` (nothing without it).
     pub fn dry_run_note(&self) -> &'static str {
         if self.dry_run {
@@ -82,6 +102,12 @@ impl CommonArgs {
         mut cycle: impl FnMut(&mut H) -> HostResult<Option<R>>,
     ) -> anyhow::Result<()> {
         run_cycles(uri, self.loop_options(period), || {
+            if StopSignal::reload_requested() {
+                log::info!(
+                    "SIGHUP: re-reading every domain's configured affinity, metadata and pins"
+                );
+                host.reload();
+            }
             host_turn(host, &mut cycle)
         })
     }
@@ -227,16 +253,32 @@ fn print_man_page_if_asked<T: clap::CommandFactory>() {
     std::process::exit(code);
 }
 
-/// Run a daemon's body: an error becomes one line on stderr and exit status 1.
+/// Run a daemon's body: an error becomes one line on stderr and exit status 1 (2 for a
+/// [`UsageError`]).
 pub fn exit_with(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::logger().flush();
+            if e.downcast_ref::<UsageError>().is_some() {
+                eprintln!("error: {e:#} (see --help)");
+                return ExitCode::from(2);
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A list of pCPUs given on the command line, sorted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuList(pub Vec<u32>);
+
+/// Parse a list of pCPUs in cpuset syntax (`2-15,18`, `^` to leave one out).
+pub fn parse_cpus(text: &str) -> Result<CpuList, String> {
+    crate::host::parse_cpu_list(text)
+        .map(CpuList)
+        .ok_or_else(|| format!("'{text}' is not a list of pCPUs such as 2-15,18"))
 }
 
 /// What one turn of a daemon's loop produced.
@@ -425,26 +467,47 @@ static STOP: StopFlag = StopFlag {
     wake: Condvar::new(),
 };
 
-/// Ctrl-C, SIGTERM and SIGHUP, as something a loop can sleep on. The handler is installed once
-/// per process; every `StopSignal` sees the same stop.
+/// Ctrl-C and SIGTERM, as something a loop can sleep on, and SIGHUP as a request to re-read
+/// each domain's configuration. The handler is installed once per process; every `StopSignal`
+/// sees the same signals.
 pub struct StopSignal(());
 
+/// Set by SIGHUP, taken by [`StopSignal::reload_requested`].
+static RELOAD: AtomicBool = AtomicBool::new(false);
+
 impl StopSignal {
-    /// Install the handler for SIGINT, SIGTERM and SIGHUP (the first call does).
+    /// Handle SIGINT, SIGTERM and SIGHUP (the first call installs the handler: a thread that
+    /// waits for them). signal-hook rather than ctrlc, because SIGHUP must not stop the daemon.
     pub fn install() -> anyhow::Result<Self> {
         static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
         INSTALLED
             .get_or_init(|| {
-                ctrlc::set_handler(|| {
-                    *STOP.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
-                    STOP.wake.notify_all();
-                })
-                .map_err(|e| e.to_string())
+                let mut signals =
+                    Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| e.to_string())?;
+                std::thread::Builder::new()
+                    .name("signals".into())
+                    .spawn(move || {
+                        for signal in signals.forever() {
+                            if signal == SIGHUP {
+                                RELOAD.store(true, Ordering::SeqCst);
+                                continue;
+                            }
+                            *STOP.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                            STOP.wake.notify_all();
+                        }
+                    })
+                    .map(drop)
+                    .map_err(|e| e.to_string())
             })
             .clone()
             .map_err(anyhow::Error::msg)
-            .context("installing the Ctrl-C/SIGTERM handler")?;
+            .context("installing the Ctrl-C/SIGTERM/SIGHUP handler")?;
         Ok(Self(()))
+    }
+
+    /// Was SIGHUP received since the last call?
+    pub fn reload_requested() -> bool {
+        RELOAD.swap(false, Ordering::SeqCst)
     }
 
     /// Sleep for `period`, waking at once on a signal. Returns true when a stop was requested.

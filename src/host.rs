@@ -25,6 +25,21 @@ impl fmt::Display for DomainId {
     }
 }
 
+impl DomainId {
+    /// Parse a UUID as libvirt writes it (`6695eb01-f6a4-8304-79aa-97f2502e193f`, dashes optional).
+    pub fn parse(text: &str) -> Option<Self> {
+        let hex: Vec<u8> = text.bytes().filter(|&b| b != b'-').collect();
+        if hex.len() != 32 || text.len() - hex.len() > 4 {
+            return None;
+        }
+        let mut bytes = [0u8; 16];
+        for (byte, pair) in bytes.iter_mut().zip(hex.chunks(2)) {
+            *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(Self(bytes))
+    }
+}
+
 impl serde::Serialize for DomainId {
     /// As its UUID string, the way libvirt and `virsh` write it.
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -45,6 +60,9 @@ pub struct DomainRef {
     pub id: DomainId,
     /// Human-readable name, for logs.
     pub name: String,
+    /// The domain asks, in its own metadata, to be left alone by vmbalance (see
+    /// [`crate::exclusions`]).
+    pub opted_out: bool,
 }
 
 /// One vCPU of a running domain, as read at one instant.
@@ -61,6 +79,9 @@ pub struct VcpuInfo {
     /// Cumulative time, in nanoseconds, it was runnable but waiting for a pCPU (the host run
     /// queue delay the guest sees as steal time), where the hypervisor reports it.
     pub delay_ns: Option<u64>,
+    /// The pCPUs the domain's persistent configuration allows it (`<vcpupin>`, `<vcpu cpuset>`),
+    /// sorted; `None` where there is none (a transient domain) or the driver cannot tell.
+    pub configured: Option<Vec<u32>>,
 }
 
 /// The host's physical CPUs.
@@ -213,6 +234,10 @@ pub trait Host {
     /// host learnt through the old connection is forgotten; the daemons' own state is not here.
     fn reconnect(&mut self) -> HostResult<()>;
 
+    /// Forget what is read once per domain (its configured affinity, its metadata, its pins), so
+    /// the next sample reads it again: the operator changed something (SIGHUP).
+    fn reload(&mut self) {}
+
     /// Hypervisor API calls made so far, for cost reports (0 where not counted).
     fn api_calls(&self) -> u64 {
         0
@@ -309,5 +334,66 @@ impl DomainNames {
     /// The name of `id`, else its UUID.
     pub fn of(&self, id: &DomainId) -> String {
         self.0.get(id).cloned().unwrap_or_else(|| id.to_string())
+    }
+}
+
+/// Parse a CPU list as libvirt and the kernel write it (`0-3,6,^2`) into sorted pCPU numbers;
+/// `None` when malformed or empty.
+pub fn parse_cpu_list(list: &str) -> Option<Vec<u32>> {
+    let mut cpus = std::collections::BTreeSet::new();
+    let mut excluded = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        if let Some(cpu) = part.strip_prefix('^') {
+            excluded.push(cpu.parse::<u32>().ok()?);
+        } else if let Some((lo, hi)) = part.split_once('-') {
+            let (lo, hi) = (
+                lo.trim().parse::<u32>().ok()?,
+                hi.trim().parse::<u32>().ok()?,
+            );
+            if lo > hi || hi - lo > 65_535 {
+                return None;
+            }
+            cpus.extend(lo..=hi);
+        } else {
+            cpus.insert(part.parse::<u32>().ok()?);
+        }
+    }
+    for cpu in excluded {
+        cpus.remove(&cpu);
+    }
+    (!cpus.is_empty()).then(|| cpus.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_as_libvirt_writes_them() {
+        assert_eq!(parse_cpu_list("1"), Some(vec![1]));
+        assert_eq!(parse_cpu_list("0-3"), Some(vec![0, 1, 2, 3]));
+        assert_eq!(parse_cpu_list("0-3,^2,6"), Some(vec![0, 1, 3, 6]));
+        assert_eq!(parse_cpu_list("5,1,1"), Some(vec![1, 5]));
+        for bad in ["", "x", "3-1", "1,", "^1", "0-", "-1", "1-2-3"] {
+            assert_eq!(parse_cpu_list(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn uuids_parse_as_libvirt_writes_them() {
+        let id = DomainId::parse("6695eb01-f6a4-8304-79aa-97f2502e193f").unwrap();
+        assert_eq!(id.to_string(), "6695eb01-f6a4-8304-79aa-97f2502e193f");
+        assert_eq!(
+            DomainId::parse("6695eb01f6a4830479aa97f2502e193f"),
+            Some(id)
+        );
+        for bad in [
+            "",
+            "web",
+            "6695eb01-f6a4-8304-79aa-97f2502e193",
+            "6695eb01-f6a4-8304-79aa-97f2502e193g",
+        ] {
+            assert_eq!(DomainId::parse(bad), None, "{bad:?}");
+        }
     }
 }

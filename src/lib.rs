@@ -16,6 +16,7 @@
 pub mod coordinator;
 pub mod cpu_plan;
 pub mod daemon;
+pub mod exclusions;
 pub mod host;
 pub mod libvirt;
 pub mod mem_plan;

@@ -5,10 +5,13 @@
 
 use log::info;
 
-use crate::cpu_plan::{CpuPlan, CpuPolicy, plan};
+use std::collections::HashMap;
+
+use crate::cpu_plan::{AllowedSets, CpuPlan, CpuPolicy, plan};
+use crate::exclusions::Exclusions;
 use crate::host::{DomainNames, Host, HostResult, changed_or_skipped};
 use crate::report::{CpuReport, Decision, MoveLine, PcpuLine};
-use crate::sampling::{CpuSampler, CpuSnapshot, pcpu_demand, pcpu_usage};
+use crate::sampling::{CpuSampler, CpuSnapshot, VcpuKey, pcpu_demand, pcpu_usage};
 
 /// The vCPU scheduler's state across cycles.
 pub struct Scheduler {
@@ -24,6 +27,10 @@ pub struct Scheduler {
     settle_after_changes: bool,
     /// Whether the host reports run-queue delay, once known (said once in the log).
     delay_reported: Option<bool>,
+    /// Where each vCPU may go (rule 9).
+    allowed: AllowedSets,
+    /// Domains left alone.
+    exclusions: Exclusions,
 }
 
 /// Samples over which vCPU loads are averaged by default (see [`CpuSampler`]): one, the latest
@@ -51,7 +58,21 @@ impl Scheduler {
             settling: false,
             settle_after_changes: true,
             delay_reported: None,
+            allowed: AllowedSets::default(),
+            exclusions: Exclusions::default(),
         }
+    }
+
+    /// Pin vCPUs only within `pool` (sorted pCPU numbers; `--cpus`).
+    pub fn with_pool(mut self, pool: Option<Vec<u32>>) -> Self {
+        self.allowed = AllowedSets::new(pool);
+        self
+    }
+
+    /// Leave the domains `exclusions` names alone: read, never re-pinned.
+    pub fn with_exclusions(mut self, exclusions: Exclusions) -> Self {
+        self.exclusions = exclusions;
+        self
     }
 
     /// Average vCPU loads over the last `window` samples (1: judge each sample alone).
@@ -78,14 +99,33 @@ impl Scheduler {
         let mut report = CpuReport::new(self.dry_run);
         let mut names = DomainNames::default();
         self.sampler.begin(&node.online);
+        self.allowed.begin(&node.online);
+        self.exclusions.begin_cycle();
+        let mut allowed = HashMap::new();
         for sample in &samples {
             self.sampler
                 .record(sample.domain.id, sample.at, &sample.vcpus);
+            // Rule 9: where each vCPU may go.
+            let excluded = self.exclusions.excludes(&sample.domain);
+            for vcpu in &sample.vcpus {
+                let key = VcpuKey {
+                    domain: sample.domain.id,
+                    vcpu: vcpu.number,
+                };
+                allowed.insert(key, self.allowed.of(&sample.domain, excluded, vcpu));
+            }
             report.domains += 1;
             report.vcpus += sample.vcpus.len();
             names.insert(&sample.domain);
         }
-        let snapshot = self.sampler.finish();
+        self.allowed.end_cycle();
+        self.exclusions.end_cycle();
+        let mut snapshot = self.sampler.finish();
+        for v in &mut snapshot.vcpus {
+            if let Some(set) = allowed.remove(&v.key) {
+                v.allowed = set;
+            }
+        }
         if self.cycles == 1 {
             return Ok(Some(report));
         }

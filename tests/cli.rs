@@ -445,3 +445,100 @@ fn wait_keeps_running_without_domains() {
         );
     }
 }
+
+#[test]
+fn a_bad_pool_or_exclusion_is_refused_with_one_line() {
+    let uri = common::test_uri("node.xml");
+    let uri = uri.as_str();
+    for bad in ["", "x", "3-1", "1,"] {
+        assert_one_line_error(
+            &run(SCHEDULER, &["--connect", uri, "--cpus", bad, "1"]),
+            2,
+            "--cpus",
+        );
+    }
+    // The test driver's online pCPUs are 0, 2 and 4: pCPU 1 is offline, 9 absent.
+    for absent in ["1", "0,9"] {
+        assert_one_line_error(
+            &run(SCHEDULER, &["--connect", uri, "--cpus", absent, "1"]),
+            2,
+            "not online",
+        );
+    }
+    for bin in [SCHEDULER, env!("CARGO_BIN_EXE_memory_coordinator")] {
+        assert_one_line_error(
+            &run(bin, &["--connect", uri, "--exclude", "web-[", "1"]),
+            2,
+            "--exclude",
+        );
+    }
+}
+
+#[test]
+fn pins_stay_in_the_pool_and_excluded_domains_are_left_alone() {
+    let uri = common::test_uri("node.xml");
+    // web's two vCPUs span every pCPU; db's vCPU 0 is configured on pCPU 2; batch is excluded.
+    let o = run(
+        SCHEDULER,
+        &[
+            "--connect",
+            &uri,
+            "--cpus",
+            "2,4",
+            "--exclude",
+            "batch",
+            "--cycles",
+            "2",
+            "--json",
+            "0.1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("domain batch is excluded by --exclude 'batch'"),
+        "{}",
+        stderr(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let moves = last["moves"].as_array().unwrap();
+    assert!(!moves.is_empty(), "{last}");
+    for m in moves {
+        assert!(m["to"] == 2 || m["to"] == 4, "{m}");
+        assert_ne!(m["domain"], "batch", "{m}");
+    }
+}
+
+#[test]
+fn sighup_rereads_the_configuration_and_keeps_running() {
+    let uri = common::test_uri("node.xml");
+    for bin in [SCHEDULER, COORDINATOR] {
+        let mut child = Command::new(bin)
+            .args(["--connect", &uri, "0.2"])
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+            s
+        });
+        std::thread::sleep(Duration::from_millis(600));
+        let pid = child.id().to_string();
+        let signal = |name: &str| {
+            let sent = Command::new("kill").args([name, &pid]).status().unwrap();
+            assert!(sent.success());
+        };
+        signal("-HUP");
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(child.try_wait().unwrap().is_none(), "{bin} ended on SIGHUP");
+        signal("-TERM");
+        let status = child.wait().unwrap();
+        let log = reader.join().unwrap();
+        assert_eq!(status.code(), Some(0), "{log}");
+        assert!(log.contains("SIGHUP: re-reading"), "{log}");
+        assert!(log.contains("stopping on signal"), "{log}");
+    }
+}

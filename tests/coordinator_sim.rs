@@ -160,3 +160,26 @@ fn no_decision_before_fresh_stats() {
         "idle guests are shrunk once stats are fresh"
     );
 }
+
+#[test]
+fn an_excluded_guest_is_never_touched() {
+    use vmbalance::exclusions::Exclusions;
+    // Guest 2 idles with 85 % free: it would be shrunk, but it is excluded (and guest 3 opts out
+    // in its metadata). Not even its statistics period is set.
+    let mut host = lab();
+    host.domains[2].opted_out = true;
+    let mut c = Coordinator::new(policy(), false)
+        .with_exclusions(Exclusions::new(&["dom2".into()]).unwrap());
+    run(&mut host, &mut c, 20);
+    for d in &host.domains[1..] {
+        assert_eq!(d.mem.actual, 1024 * MIB, "{} resized", d.name);
+        assert_eq!(d.mem.stats_period, 0, "{} touched", d.name);
+    }
+    let report = c.cycle(&mut host).unwrap().unwrap();
+    assert!(
+        report.to_string().contains("dom2 1024 MiB excluded"),
+        "{report}"
+    );
+    // The one guest not excluded is managed as usual.
+    assert!(host.domains[0].mem.actual < 1024 * MIB);
+}

@@ -433,3 +433,91 @@ fn coordinator_feeds_a_hog_shrinks_idle_guests_and_returns_memory_to_the_host() 
     }
     assert!(!log.contains("refusing a plan"), "{log}");
 }
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn scheduler_keeps_admin_pins_and_balances_the_others() {
+    // Four busy guests on pCPU 0; the first two are pinned there in their persistent configuration
+    // (`<vcpupin>`, as `virsh vcpupin --config`, an admin or OpenStack would), the other two only
+    // live. The two free ones must go; the restricted ones stay, whatever the balance.
+    let specs = [
+        busy("adm0", "0!"),
+        busy("adm1", "0!"),
+        busy("free0", "0"),
+        busy("free1", "0"),
+    ];
+    let _lab = Lab::guests(&specs);
+    let mut d = Daemon::start(SCHEDULER, &["2"]);
+    d.wait_cycles(8, Duration::from_secs(90));
+    let Ended { code, log, reports } = d.stop();
+    eprintln!("{log}");
+    assert_eq!(code, Some(0));
+    eprintln!("pin changes per cycle {:?}", changes_per_cycle(&reports));
+    assert_eq!(pins("adm0"), [Some(0)]);
+    assert_eq!(pins("adm1"), [Some(0)]);
+    let last = online_pcpus() - 1;
+    for free in ["free0", "free1"] {
+        let pin = pins(free)[0].unwrap();
+        assert!(pin != 0 && pin <= last, "{free} on pCPU {pin}");
+    }
+    // Nothing moved the admin's guests at any point.
+    for r in &reports {
+        for m in r["moves"].as_array().unwrap() {
+            let domain = m["domain"].as_str().unwrap();
+            assert!(domain.contains("free"), "{m}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn scheduler_stays_in_its_pool_leaves_excluded_guests_alone_and_survives_sighup() {
+    // Four busy guests on pCPU 0. With --cpus 1 every pin the daemon makes is on pCPU 1; one guest
+    // is excluded by --exclude, one by its own metadata: both stay on pCPU 0, never re-pinned.
+    let specs = [
+        busy("xflag", "0"),
+        busy("xmeta", "0"),
+        busy("pool0", "0"),
+        busy("pool1", "0"),
+    ];
+    let _lab = Lab::guests(&specs);
+    virsh(&[
+        "metadata",
+        &Lab::domain("xmeta"),
+        "--uri",
+        vmbalance::exclusions::METADATA_URI,
+        "--key",
+        "vmbalance",
+        "--set",
+        "<policy exclude=\"yes\"/>",
+        "--live",
+    ]);
+    let flag = Lab::domain("xflag");
+    let mut d = Daemon::start(SCHEDULER, &["--cpus", "1", "--exclude", &flag, "2"]);
+    d.wait_cycles(4, Duration::from_secs(60));
+    // An operator's SIGHUP: re-read, keep running.
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &d.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let seen = d.cycles();
+    d.wait_cycles(seen + 3, Duration::from_secs(30));
+    assert!(d.running(), "the daemon ended on SIGHUP");
+    let Ended { code, log, reports } = d.stop();
+    eprintln!("{log}");
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("SIGHUP: re-reading"), "{log}");
+    assert!(log.contains("excluded by --exclude"), "{log}");
+    assert!(log.contains("asks to be left alone"), "{log}");
+    assert_eq!(pins("xflag"), [Some(0)]);
+    assert_eq!(pins("xmeta"), [Some(0)]);
+    assert_eq!(pins("pool0"), [Some(1)]);
+    assert_eq!(pins("pool1"), [Some(1)]);
+    for r in &reports {
+        for m in r["moves"].as_array().unwrap() {
+            assert_eq!(m["to"], 1, "{m}");
+            assert!(m["domain"].as_str().unwrap().contains("pool"), "{m}");
+        }
+    }
+}

@@ -176,3 +176,47 @@ fn host_memory_is_unsupported_where_the_driver_cannot_tell() {
     let err = host().host_memory().unwrap_err();
     assert!(matches!(err, HostError::Unsupported(_)), "{err:?}");
 }
+
+#[test]
+fn the_configured_affinity_is_read_and_our_live_pins_leave_it_alone() {
+    let mut h = host();
+    let db = id_of(&mut h, "db");
+    // db's configuration pins vCPU 0 to pCPU 2; the others may run anywhere.
+    let vcpus = h.vcpus(&db).unwrap();
+    assert_eq!(vcpus[0].configured, Some(vec![2]));
+    let anywhere = vcpus[1].configured.clone().expect("db is persistent");
+    assert!(anywhere.len() >= 2, "{anywhere:?}");
+    // Our pins are live only: the configuration stays the admin's word.
+    h.pin_vcpu(&db, 1, 0).unwrap();
+    let dom = h.connection().lookup_domain_by_name("db").unwrap();
+    let config = dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE).unwrap();
+    assert!(!config.contains("vcpupin vcpu='1'"), "{config}");
+    let mut again = host();
+    let db = id_of(&mut again, "db");
+    assert_eq!(again.vcpus(&db).unwrap()[1].configured, Some(anywhere));
+}
+
+#[test]
+fn a_domain_opts_out_in_its_metadata() {
+    let mut h = host();
+    let web = h.connection().lookup_domain_by_name("web").unwrap();
+    web.set_metadata(
+        virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+        Some("<policy exclude=\"yes\"/>"),
+        Some("vmbalance"),
+        Some(vmbalance::exclusions::METADATA_URI),
+        virt::sys::VIR_DOMAIN_AFFECT_LIVE,
+    )
+    .unwrap();
+    let listed = h.active_domains().unwrap();
+    let opted: Vec<(&str, bool)> = listed
+        .iter()
+        .map(|d| (d.name.as_str(), d.opted_out))
+        .collect();
+    assert!(opted.contains(&("web", true)), "{opted:?}");
+    assert!(opted.contains(&("db", false)), "{opted:?}");
+    // The per-domain sampling path carries it too.
+    let samples = h.sample_vcpus().unwrap();
+    let web = samples.iter().find(|s| s.domain.name == "web").unwrap();
+    assert!(web.domain.opted_out);
+}

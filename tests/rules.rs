@@ -100,6 +100,7 @@ fn vcpu_rules_agree_between_readme_planner_and_code() {
         "src/cpu_plan/mod.rs",
         &[
             "src/cpu_plan/mod.rs",
+            "src/cpu_plan/allowed.rs",
             "src/cpu_plan/placement.rs",
             "src/cpu_plan/paying.rs",
             "src/cpu_plan/steps.rs",

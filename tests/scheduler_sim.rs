@@ -235,3 +235,51 @@ fn a_lasting_change_is_acted_on_once_it_holds_for_a_second_sample() {
     assert_eq!(changes[9], 1, "{changes:?}");
     assert_eq!(changes[10..].iter().sum::<usize>(), 0, "{changes:?}");
 }
+
+#[test]
+fn admin_restrictions_exclusions_and_the_pool_are_respected() {
+    use vmbalance::exclusions::Exclusions;
+    // Eight busy single-vCPU domains, all on pCPU 0 of 4:
+    // - dom1, dom2: their configuration allows pCPU 0 only (an admin's pin);
+    // - dom3: its configuration allows 0 and 3 only;
+    // - dom4: excluded by --exclude; dom5: opted out in its metadata;
+    // - dom6-8: free, but the pool (--cpus) is 0-2.
+    let mut host = SimHost::new(4);
+    for n in 1..=8 {
+        host.add(n, &[(80.0, &[0])]);
+    }
+    host.domain_mut(&vmbalance::host::DomainId([1; 16])).vcpus[0].configured = Some(vec![0]);
+    host.domain_mut(&vmbalance::host::DomainId([2; 16])).vcpus[0].configured = Some(vec![0]);
+    host.domain_mut(&vmbalance::host::DomainId([3; 16])).vcpus[0].configured = Some(vec![0, 3]);
+    host.domain_mut(&vmbalance::host::DomainId([5; 16]))
+        .opted_out = true;
+    let mut sched = Scheduler::new(CpuPolicy::default(), false)
+        .with_pool(Some(vec![0, 1, 2]))
+        .with_exclusions(Exclusions::new(&["dom4".into()]).unwrap());
+    let changes = run(&mut host, &mut sched, 10);
+    let pin = |n: u8| host.domains[n as usize - 1].vcpus[0].affinity.clone();
+    for n in [1, 2, 4, 5] {
+        assert_eq!(pin(n), [0], "dom{n} was moved: {changes:?}");
+    }
+    // dom3 may use 0 and 3, but 3 is outside the pool: it stays on 0.
+    assert_eq!(pin(3), [0]);
+    // The free ones leave pCPU 0 (which carries five busy vCPUs it cannot shed) for 1 and 2.
+    for n in 6..=8 {
+        let p = pin(n);
+        assert!(p == [1] || p == [2], "dom{n} on {p:?}");
+    }
+    assert!(changes[2..].iter().all(|&c| c == 0), "{changes:?}");
+}
+
+#[test]
+fn a_transient_domain_keeps_the_affinity_it_was_first_seen_with() {
+    let mut host = SimHost::new(2);
+    host.add(1, &[(90.0, &[0])]);
+    host.add(2, &[(90.0, &[0])]);
+    // dom1 has no persistent configuration: its first-seen pin (pCPU 0) is its admin's word.
+    host.domains[0].vcpus[0].configured = None;
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    run(&mut host, &mut sched, 5);
+    assert_eq!(host.domains[0].vcpus[0].affinity, [0]);
+    assert_eq!(host.domains[1].vcpus[0].affinity, [1]);
+}

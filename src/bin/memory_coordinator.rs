@@ -111,7 +111,8 @@ impl Args {
 fn run(args: Args, policy: MemPolicy) -> Result<()> {
     let uri = args.common.uri();
     let mut host = LibvirtHost::connect(&uri)?;
-    let mut coordinator = Coordinator::new(policy, args.common.dry_run);
+    let mut coordinator =
+        Coordinator::new(policy, args.common.dry_run).with_exclusions(args.common.exclusions());
     info!(
         "memory_coordinator on {uri}: period {:?}, starving under {}% free, wasting over {}%, host reserve {}%, guest floor {} MiB{}",
         args.period,

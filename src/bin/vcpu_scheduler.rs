@@ -8,8 +8,10 @@ use clap::Parser;
 use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{
-    CommonArgs, exit_with, parse_args, parse_non_negative, parse_period, parse_positive_count,
+    CommonArgs, CpuList, UsageError, exit_with, parse_args, parse_cpus, parse_non_negative,
+    parse_period, parse_positive_count,
 };
+use vmbalance::host::{Host, HostError};
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::scheduler::{DEFAULT_WINDOW, Scheduler};
 
@@ -44,22 +46,54 @@ struct Args {
     #[arg(long, value_name = "N", value_parser = parse_positive_count)]
     max_changes: Option<usize>,
 
+    /// Pin vCPUs only to these pCPUs, in cpuset syntax such as 2-15,18 (default: every online
+    /// pCPU). Leave out the cores kept for the host. Each vCPU also stays within what its
+    /// domain's persistent configuration allows it
+    #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
+    cpus: Option<CpuList>,
+
     #[command(flatten)]
     common: CommonArgs,
+}
+
+/// Check `--cpus` against the host: every pCPU named must be online.
+fn check_pool(pool: &[u32], online: &[u32], uri: &str) -> Result<()> {
+    let missing: Vec<u32> = pool
+        .iter()
+        .copied()
+        .filter(|p| online.binary_search(p).is_err())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(UsageError(format!(
+        "--cpus names pCPUs {missing:?} that are not online on {uri} (online: {online:?})"
+    ))
+    .into())
 }
 
 fn run(args: Args) -> Result<()> {
     let uri = args.common.uri();
     let mut host = LibvirtHost::connect(&uri)?;
+    if let Some(CpuList(pool)) = &args.cpus {
+        let online = host.node_cpus().map_err(HostError::into_anyhow)?.online;
+        check_pool(pool, &online, &uri)?;
+    }
     let policy = CpuPolicy {
         threshold: args.threshold,
         max_changes: args.max_changes,
     };
-    let mut scheduler = Scheduler::new(policy, args.common.dry_run).with_window(args.window);
+    let mut scheduler = Scheduler::new(policy, args.common.dry_run)
+        .with_window(args.window)
+        .with_pool(args.cpus.clone().map(|CpuList(pool)| pool))
+        .with_exclusions(args.common.exclusions());
     info!(
-        "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}{}{}",
+        "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}{}{}{}",
         args.period,
         args.threshold,
+        args.cpus
+            .as_ref()
+            .map_or(String::new(), |CpuList(pool)| format!(", pCPUs {pool:?}")),
         if args.window > 1 {
             format!(", loads averaged over {} samples", args.window)
         } else {

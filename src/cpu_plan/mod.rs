@@ -54,9 +54,12 @@
 //! The plan is the difference between the final placement and the current pins, so a vCPU
 //! moved and moved back costs nothing, and one moved twice costs one change.
 
+mod allowed;
 mod paying;
 mod placement;
 mod steps;
+
+pub use allowed::{AllowedSets, allowed};
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -3,6 +3,7 @@
 mod events;
 mod raw;
 
+use raw::Definition;
 pub use raw::{cpu_map_len, cpus_in_map, map_of_one_cpu};
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
+use crate::exclusions::{METADATA_URI, metadata_opts_out};
 use crate::host::{
     BalloonSample, BalloonStats, DomainId, DomainRef, Host, HostError, HostMemory, HostResult,
     NodeCpus, VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip,
@@ -23,6 +25,14 @@ use crate::host::{
 /// pins of every domain this often (in samples), so pins changed by someone else are seen; between
 /// re-reads the pins read last, or set by us, are used.
 const PIN_REFRESH_SAMPLES: u64 = 10;
+
+/// What is read once per run of a domain (its domain ID): whether it asks to be left alone, and
+/// the vCPU affinity of its persistent configuration (read when the vCPU scheduler first needs it).
+struct DomainFacts {
+    run: u32,
+    opted_out: bool,
+    configured: Option<Option<Vec<Vec<u32>>>>,
+}
 
 /// vCPU pins known for one domain, and which incarnation (domain ID) they belong to.
 struct KnownPins {
@@ -88,6 +98,8 @@ pub struct LibvirtHost {
     pin_watch_tried: bool,
     /// How many fields the host's memory statistics have (0 until learnt).
     node_memory_fields: std::os::raw::c_int,
+    /// What was read once per domain run, by UUID.
+    facts: HashMap<DomainId, DomainFacts>,
 }
 
 impl LibvirtHost {
@@ -122,6 +134,7 @@ impl LibvirtHost {
             pin_watch: None,
             pin_watch_tried: false,
             node_memory_fields: 0,
+            facts: HashMap::new(),
         })
     }
 
@@ -192,12 +205,15 @@ impl LibvirtHost {
     }
 
     /// `virConnectGetAllDomainStats` for `groups`; `None` when the driver does not support it.
+    /// vCPU times need no libvirt job, so they are read without waiting for domains busy in one
+    /// (a stuck domain must not stall the host's cycle).
     fn bulk_stats(&mut self, groups: u32) -> HostResult<Option<Vec<raw::DomainStats>>> {
         if self.no_bulk_stats {
             return Ok(None);
         }
         self.calls += 1;
-        match raw::all_domain_stats(&self.conn, groups) {
+        let nowait = groups == sys::VIR_DOMAIN_STATS_VCPU;
+        match raw::all_domain_stats(&self.conn, groups, nowait) {
             Ok(records) => Ok(Some(records)),
             Err(e) => match self.error(e, || "reading the statistics of all domains".into()) {
                 HostError::Unsupported(_) => {
@@ -229,7 +245,7 @@ impl LibvirtHost {
             let affinity = self.on_domain(
                 id,
                 || format!("reading the vCPU pins of domain {id}"),
-                |dom| raw::vcpu_pin_info(dom, nvcpus, present),
+                |dom| raw::vcpu_pin_info(dom, nvcpus, present, Definition::Live),
             )?;
             let read_at_sample = self.samples;
             self.pins.insert(
@@ -291,6 +307,76 @@ impl LibvirtHost {
         }
     }
 
+    /// The facts of run `run` of domain `id`, read on first sight of that run: whether its
+    /// metadata asks vmbalance to leave it alone.
+    fn facts(&mut self, id: &DomainId, run: u32) -> HostResult<&mut DomainFacts> {
+        if self.facts.get(id).is_none_or(|f| f.run != run) {
+            let dom = self.domain(id)?;
+            self.calls += 1;
+            let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+            let opted_out = match dom.metadata(kind, Some(METADATA_URI), 0) {
+                Ok(xml) => metadata_opts_out(&xml),
+                Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN_METADATA => false,
+                Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
+                Err(e) => match self.error(e, || format!("reading the metadata of domain {id}")) {
+                    HostError::Unsupported(_) => false,
+                    e => return Err(e),
+                },
+            };
+            let facts = DomainFacts {
+                run,
+                opted_out,
+                configured: None,
+            };
+            self.facts.insert(*id, facts);
+        }
+        Ok(self.facts.get_mut(id).expect("just read"))
+    }
+
+    /// The vCPU affinity of domain `id`'s persistent configuration (run `run`, `nvcpus` vCPUs),
+    /// read once per run; `None` for a transient domain.
+    fn configured(
+        &mut self,
+        id: &DomainId,
+        run: u32,
+        nvcpus: u32,
+    ) -> HostResult<Option<Vec<Vec<u32>>>> {
+        if let Some(known) = &self.facts(id, run)?.configured {
+            return Ok(known.clone());
+        }
+        let present = self.present_cpus()?;
+        self.calls += 1;
+        let persistent = self.on_domain(
+            id,
+            || format!("asking whether domain {id} is persistent"),
+            |dom| dom.is_persistent(),
+        )?;
+        let configured = if persistent {
+            self.calls += 1;
+            Some(self.on_domain(
+                id,
+                || format!("reading the configured vCPU pins of domain {id}"),
+                |dom| raw::vcpu_pin_info(dom, nvcpus, present, Definition::Config),
+            )?)
+        } else {
+            None
+        };
+        self.facts(id, run)?.configured = Some(configured.clone());
+        Ok(configured)
+    }
+
+    /// Forget what was learnt of domains not in `seen`.
+    fn forget_others(&mut self, seen: &std::collections::HashSet<DomainId>) {
+        self.pins.retain(|id, _| seen.contains(id));
+        self.domains.retain(|id, _| seen.contains(id));
+        self.facts.retain(|id, _| seen.contains(id));
+    }
+
+    /// The domain's run (its domain ID), from its handle.
+    fn run_of(&mut self, id: &DomainId) -> HostResult<u32> {
+        Ok(self.domain(id)?.id().unwrap_or(u32::MAX))
+    }
+
     fn present_cpus(&mut self) -> HostResult<u32> {
         match self.present_cpus {
             Some(n) => Ok(n),
@@ -316,15 +402,30 @@ impl Host for LibvirtHost {
         self.apply_pin_events();
         let mut out = Vec::with_capacity(records.len());
         for rec in records {
-            let domain = DomainRef {
+            let mut domain = DomainRef {
                 id: DomainId(rec.uuid),
                 name: rec.name.clone(),
+                opted_out: false,
             };
+            let facts = self.facts(&domain.id, rec.id).map(|f| f.opted_out);
+            let Some(opted_out) = read_or_skip(&domain, facts)? else {
+                continue;
+            };
+            domain.opted_out = opted_out;
             let from_bulk = match rec.u64("vcpu.maximum") {
                 Some(max) => {
                     let max = u32::try_from(max).unwrap_or(u32::MAX);
                     let pins = self.known_pins(&domain.id, rec.id, max);
-                    read_or_skip(&domain, pins)?.map(|affinity| bulk_vcpus(&rec, max, &affinity))
+                    let configured = self.configured(&domain.id, rec.id, max);
+                    match (
+                        read_or_skip(&domain, pins)?,
+                        read_or_skip(&domain, configured)?,
+                    ) {
+                        (Some(affinity), Some(configured)) => {
+                            Some(bulk_vcpus(&rec, max, &affinity, configured.as_deref()))
+                        }
+                        _ => None,
+                    }
                 }
                 // This driver's records carry no vCPU statistics.
                 None => None,
@@ -342,9 +443,8 @@ impl Host for LibvirtHost {
                 out.push(VcpuSample { domain, vcpus, at });
             }
         }
-        let seen: std::collections::HashSet<DomainId> = out.iter().map(|s| s.domain.id).collect();
-        self.pins.retain(|id, _| seen.contains(id));
-        self.domains.retain(|id, _| seen.contains(id));
+        let seen = out.iter().map(|s| s.domain.id).collect();
+        self.forget_others(&seen);
         Ok(out)
     }
 
@@ -357,10 +457,16 @@ impl Host for LibvirtHost {
         let at = std::time::Instant::now();
         let mut out = Vec::with_capacity(records.len());
         for rec in records {
-            let domain = DomainRef {
+            let mut domain = DomainRef {
                 id: DomainId(rec.uuid),
                 name: rec.name.clone(),
+                opted_out: false,
             };
+            let facts = self.facts(&domain.id, rec.id).map(|f| f.opted_out);
+            let Some(opted_out) = read_or_skip(&domain, facts)? else {
+                continue;
+            };
+            domain.opted_out = opted_out;
             let stats = match (rec.u64("balloon.current"), rec.u64("balloon.maximum")) {
                 (Some(actual_kib), Some(max_kib)) => Some(BalloonStats {
                     actual_kib,
@@ -380,6 +486,8 @@ impl Host for LibvirtHost {
                 out.push(BalloonSample { domain, stats, at });
             }
         }
+        let seen = out.iter().map(|s| s.domain.id).collect();
+        self.forget_others(&seen);
         Ok(out)
     }
 
@@ -398,9 +506,21 @@ impl Host for LibvirtHost {
                 continue;
             };
             let id = DomainId(*uuid.as_bytes());
-            out.push(DomainRef { id, name });
+            let run = dom.id().unwrap_or(u32::MAX);
             self.domains.insert(id, dom);
+            let mut domain = DomainRef {
+                id,
+                name,
+                opted_out: false,
+            };
+            let facts = self.facts(&id, run).map(|f| f.opted_out);
+            if let Some(opted_out) = read_or_skip(&domain, facts)? {
+                domain.opted_out = opted_out;
+                out.push(domain);
+            }
         }
+        let seen: std::collections::HashSet<DomainId> = out.iter().map(|d| d.id).collect();
+        self.facts.retain(|id, _| seen.contains(id));
         Ok(out)
     }
 
@@ -412,12 +532,18 @@ impl Host for LibvirtHost {
             || format!("reading the vCPUs of domain {id}"),
             |dom| raw::domain_vcpus(dom, present),
         )?;
+        let nvcpus = raw.iter().map(|v| v.number + 1).max().unwrap_or(0);
+        let run = self.run_of(id)?;
+        let configured = self.configured(id, run, nvcpus)?;
         Ok(raw
             .into_iter()
             .map(|v| VcpuInfo {
                 number: v.number,
                 cpu_time_ns: v.cpu_time_ns,
                 last_pcpu: u32::try_from(v.cpu).ok(),
+                configured: configured
+                    .as_ref()
+                    .and_then(|c| c.get(v.number as usize).cloned()),
                 affinity: v.affinity,
                 delay_ns: None,
             })
@@ -540,6 +666,11 @@ impl Host for LibvirtHost {
         })
     }
 
+    fn reload(&mut self) {
+        self.facts.clear();
+        self.pins.clear();
+    }
+
     /// Open the connection again (the daemon restarted or dropped it). What was learnt through the
     /// old connection (domain handles, pins, driver abilities) is forgotten.
     fn reconnect(&mut self) -> HostResult<()> {
@@ -549,6 +680,7 @@ impl Host for LibvirtHost {
         self.conn = open(&self.uri).map_err(|e| HostError::Disconnected(format!("{e:#}")))?;
         self.domains.clear();
         self.pins.clear();
+        self.facts.clear();
         self.present_cpus = None;
         self.no_bulk_stats = false;
         Ok(())
@@ -556,8 +688,13 @@ impl Host for LibvirtHost {
 }
 
 /// The vCPUs of one bulk record: `vcpu.N.time` for each online vCPU N below `max`, with the
-/// known pins.
-fn bulk_vcpus(rec: &raw::DomainStats, max: u32, affinity: &[Vec<u32>]) -> Vec<VcpuInfo> {
+/// known pins and the configured affinity, where there is one.
+fn bulk_vcpus(
+    rec: &raw::DomainStats,
+    max: u32,
+    affinity: &[Vec<u32>],
+    configured: Option<&[Vec<u32>]>,
+) -> Vec<VcpuInfo> {
     (0..max)
         .filter_map(|n| {
             Some(VcpuInfo {
@@ -566,6 +703,7 @@ fn bulk_vcpus(rec: &raw::DomainStats, max: u32, affinity: &[Vec<u32>]) -> Vec<Vc
                 last_pcpu: None,
                 affinity: affinity.get(n as usize).cloned().unwrap_or_default(),
                 delay_ns: rec.u64(&format!("vcpu.{n}.delay")),
+                configured: configured.and_then(|c| c.get(n as usize).cloned()),
             })
         })
         .collect()
@@ -605,7 +743,7 @@ mod tests {
                 ("vcpu.2.wait".into(), raw::Value::Int(9)),
             ],
         };
-        let vcpus = bulk_vcpus(&rec, 3, &[vec![0], vec![1], vec![1]]);
+        let vcpus = bulk_vcpus(&rec, 3, &[vec![0], vec![1], vec![1]], Some(&[vec![0, 1]]));
         // vCPU 1 is offline (no time): not listed. vCPU 2 reports no delay.
         assert_eq!(vcpus.len(), 2);
         assert_eq!(
@@ -617,5 +755,8 @@ mod tests {
             (2, 3_000, None)
         );
         assert_eq!(vcpus[1].affinity, vec![1]);
+        // Configured affinity where the configuration names the vCPU.
+        assert_eq!(vcpus[0].configured, Some(vec![0, 1]));
+        assert_eq!(vcpus[1].configured, None);
     }
 }

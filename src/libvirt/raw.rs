@@ -238,10 +238,19 @@ pub(super) unsafe fn typed_value(p: &sys::virTypedParameter) -> Option<Value> {
 }
 
 /// `virConnectGetAllDomainStats` for the active domains: the statistics groups in `stats`
-/// (`VIR_DOMAIN_STATS_*`) of every one of them, in a single call.
-pub fn all_domain_stats(conn: &Connect, stats: u32) -> Result<Vec<DomainStats>, Error> {
+/// (`VIR_DOMAIN_STATS_*`) of every one of them, in a single call. With `nowait`, a domain busy in
+/// a libvirt job (a hung QEMU monitor, a long dump) does not hold the call up: its record then
+/// lacks what needs the job.
+pub fn all_domain_stats(
+    conn: &Connect,
+    stats: u32,
+    nowait: bool,
+) -> Result<Vec<DomainStats>, Error> {
     let mut records: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
-    let flags = sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE;
+    let mut flags = sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE;
+    if nowait {
+        flags |= sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT;
+    }
     // SAFETY: libvirt allocates a NULL-terminated array of records and hands it to us; we read
     // it and release it, records and domain references included, with
     // virDomainStatsRecordListFree, exactly once.
@@ -303,9 +312,27 @@ pub fn all_domain_stats(conn: &Connect, stats: u32) -> Result<Vec<DomainStats>, 
     Ok(out)
 }
 
-/// `virDomainGetVcpuPinInfo` (live): the affinity of each of the domain's `nvcpus` vCPUs on a
-/// host with `present_cpus` pCPUs.
-pub fn vcpu_pin_info(dom: &Domain, nvcpus: u32, present_cpus: u32) -> Result<Vec<Vec<u32>>, Error> {
+/// Which definition of a domain a call reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Definition {
+    /// The running domain.
+    Live,
+    /// Its persistent configuration.
+    Config,
+}
+
+/// `virDomainGetVcpuPinInfo`: the affinity of each of the domain's `nvcpus` vCPUs on a host with
+/// `present_cpus` pCPUs, in its live state or its persistent configuration.
+pub fn vcpu_pin_info(
+    dom: &Domain,
+    nvcpus: u32,
+    present_cpus: u32,
+    definition: Definition,
+) -> Result<Vec<Vec<u32>>, Error> {
+    let flags = match definition {
+        Definition::Live => sys::VIR_DOMAIN_AFFECT_LIVE,
+        Definition::Config => sys::VIR_DOMAIN_AFFECT_CONFIG,
+    };
     if nvcpus == 0 {
         return Ok(Vec::new());
     }
@@ -318,7 +345,7 @@ pub fn vcpu_pin_info(dom: &Domain, nvcpus: u32, present_cpus: u32) -> Result<Vec
             nvcpus as c_int,
             maps.as_mut_ptr(),
             maplen as c_int,
-            sys::VIR_DOMAIN_AFFECT_LIVE as c_uint,
+            flags as c_uint,
         )
     };
     if filled < 0 {

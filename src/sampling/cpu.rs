@@ -256,6 +256,7 @@ mod tests {
             last_pcpu: Some(pcpu),
             affinity: affinity.to_vec(),
             delay_ns: None,
+            configured: None,
         }
     }
 

@@ -297,6 +297,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// True while the daemon runs.
     pub fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

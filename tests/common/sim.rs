@@ -44,6 +44,8 @@ pub struct SimVcpu {
     pub cpu_ns: u64,
     /// Cumulative time runnable but waiting for its pCPU, ns.
     pub delay_ns: u64,
+    /// The affinity its domain's persistent configuration gives it (`None`: transient).
+    pub configured: Option<Vec<u32>>,
 }
 
 /// One simulated guest's memory, KiB.
@@ -127,6 +129,8 @@ impl SimMemory {
 pub struct SimDomain {
     pub id: DomainId,
     pub name: String,
+    /// Its metadata asks vmbalance to leave it alone.
+    pub opted_out: bool,
     pub vcpus: Vec<SimVcpu>,
     pub mem: SimMemory,
 }
@@ -192,12 +196,15 @@ impl SimHost {
         }
     }
 
-    /// Add a domain whose vCPUs have the given demands and affinities.
+    /// Add a persistent domain whose vCPUs have the given demands and (live) affinities, and
+    /// whose configuration lets them run anywhere.
     pub fn add(&mut self, n: u8, vcpus: &[(f64, &[u32])]) -> DomainId {
         let id = DomainId([n; 16]);
+        let anywhere: Vec<u32> = (0..self.present).collect();
         self.domains.push(SimDomain {
             id,
             name: format!("dom{n}"),
+            opted_out: false,
             vcpus: vcpus
                 .iter()
                 .map(|&(demand, affinity)| SimVcpu {
@@ -205,6 +212,7 @@ impl SimHost {
                     affinity: affinity.to_vec(),
                     cpu_ns: 1_000_000_000 * u64::from(n),
                     delay_ns: 0,
+                    configured: Some(anywhere.clone()),
                 })
                 .collect(),
             mem: SimMemory::new(1 << 20, 2 << 20, 256 << 10),
@@ -325,6 +333,7 @@ impl Host for SimHost {
             .map(|d| DomainRef {
                 id: d.id,
                 name: d.name.clone(),
+                opted_out: d.opted_out,
             })
             .collect();
         for gone in std::mem::take(&mut self.vanish_after_listing) {
@@ -345,6 +354,7 @@ impl Host for SimHost {
                 last_pcpu: Some(Self::runs_on(v)),
                 affinity: v.affinity.clone(),
                 delay_ns: reports_delay.then_some(v.delay_ns),
+                configured: v.configured.clone(),
             })
             .collect())
     }
