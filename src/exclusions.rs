@@ -143,6 +143,7 @@ mod tests {
             id: DomainId([id; 16]),
             name: name.into(),
             opted_out,
+            memory_nodes: None,
         }
     }
 

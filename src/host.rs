@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Instant;
 
+use crate::topology::Topology;
+
 /// A domain's UUID: the stable key of a guest across samples.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DomainId(pub [u8; 16]);
@@ -63,6 +65,8 @@ pub struct DomainRef {
     /// The domain asks, in its own metadata, to be left alone by vmbalance (see
     /// [`crate::exclusions`]).
     pub opted_out: bool,
+    /// The NUMA nodes its memory is strictly bound to (`<numatune>`), where it is.
+    pub memory_nodes: Option<Vec<u32>>,
 }
 
 /// One vCPU of a running domain, as read at one instant.
@@ -200,6 +204,12 @@ pub trait Host {
 
     /// The host's present and online pCPUs.
     fn node_cpus(&mut self) -> HostResult<NodeCpus>;
+
+    /// The host's CPU topology (NUMA nodes, sockets, cores, siblings); `None` where the driver
+    /// does not describe it.
+    fn topology(&mut self) -> HostResult<Option<Topology>> {
+        Ok(None)
+    }
 
     /// Pin one vCPU of a running domain to exactly one pCPU.
     fn pin_vcpu(&mut self, domain: &DomainId, vcpu: u32, pcpu: u32) -> HostResult<()>;

@@ -23,3 +23,4 @@ pub mod mem_plan;
 pub mod report;
 pub mod sampling;
 pub mod scheduler;
+pub mod topology;

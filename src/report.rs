@@ -74,6 +74,16 @@ pub struct PcpuLine {
     pub demand: Option<f64>,
 }
 
+/// One NUMA node's balance in a vCPU scheduler cycle.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeLine {
+    /// NUMA node.
+    pub node: u32,
+    /// Busiest minus freest of its online pCPUs, in the figure balanced (demand where reported).
+    #[serde(serialize_with = "rounded")]
+    pub spread: f64,
+}
+
 /// One pin change made (or, in a dry run, that would have been made).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MoveLine {
@@ -103,6 +113,8 @@ pub struct CpuReport {
     pub vcpus: usize,
     /// Every online pCPU (empty on the first cycle).
     pub pcpus: Vec<PcpuLine>,
+    /// Each NUMA node's spread, where the host has more than one node (else empty).
+    pub nodes: Vec<NodeLine>,
     /// How far the cycle got.
     pub decision: Decision,
     /// What the plan balanced, when one was made.
@@ -161,6 +173,12 @@ impl fmt::Display for CpuReport {
             f.write_str("; demand %:")?;
             for p in &self.pcpus {
                 write!(f, " {}:{:.1}", p.pcpu, p.demand.unwrap_or(p.usage))?;
+            }
+        }
+        if !self.nodes.is_empty() {
+            f.write_str("; node spread:")?;
+            for n in &self.nodes {
+                write!(f, " {}:{:.1}", n.node, n.spread)?;
             }
         }
         let (Decision::Planned, Some(basis)) = (self.decision, self.basis) else {

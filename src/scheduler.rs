@@ -5,13 +5,14 @@
 
 use log::info;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::cpu_plan::{AllowedSets, CpuPlan, CpuPolicy, plan};
 use crate::exclusions::Exclusions;
 use crate::host::{DomainNames, Host, HostResult, changed_or_skipped};
-use crate::report::{CpuReport, Decision, MoveLine, PcpuLine};
+use crate::report::{CpuReport, Decision, MoveLine, NodeLine, PcpuLine, spread};
 use crate::sampling::{CpuSampler, CpuSnapshot, VcpuKey, pcpu_demand, pcpu_usage};
+use crate::topology::Topology;
 
 /// The vCPU scheduler's state across cycles.
 pub struct Scheduler {
@@ -63,9 +64,10 @@ impl Scheduler {
         }
     }
 
-    /// Pin vCPUs only within `pool` (sorted pCPU numbers; `--cpus`).
-    pub fn with_pool(mut self, pool: Option<Vec<u32>>) -> Self {
-        self.allowed = AllowedSets::new(pool);
+    /// Pin vCPUs only within `pool` (sorted pCPU numbers; `--cpus`), and let vCPUs whose memory
+    /// is not bound to a NUMA node leave the node they run on only with `cross_node`.
+    pub fn with_limits(mut self, pool: Option<Vec<u32>>, cross_node: bool) -> Self {
+        self.allowed = AllowedSets::new(pool).with_cross_node(cross_node);
         self
     }
 
@@ -99,7 +101,8 @@ impl Scheduler {
         let mut report = CpuReport::new(self.dry_run);
         let mut names = DomainNames::default();
         self.sampler.begin(&node.online);
-        self.allowed.begin(&node.online);
+        let topology = host.topology()?;
+        self.allowed.begin(&node.online, topology.clone());
         self.exclusions.begin_cycle();
         let mut allowed = HashMap::new();
         for sample in &samples {
@@ -130,6 +133,7 @@ impl Scheduler {
             return Ok(Some(report));
         }
         report.pcpus = pcpu_lines(&snapshot);
+        report.nodes = node_lines(&report.pcpus, topology.as_ref());
         self.say_basis_once(snapshot.reports_delay());
         // Rule 7: right after pin changes, observe only.
         if std::mem::take(&mut self.settling) {
@@ -193,6 +197,33 @@ impl Scheduler {
         }
         Ok(())
     }
+}
+
+/// The spread of each NUMA node's online pCPUs, in the figure balanced; empty unless the online
+/// pCPUs span two nodes or more.
+fn node_lines(pcpus: &[PcpuLine], topology: Option<&Topology>) -> Vec<NodeLine> {
+    let Some(topology) = topology else {
+        return Vec::new();
+    };
+    let mut by_node: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+    for p in pcpus {
+        if let Some(node) = topology.node_of(p.pcpu) {
+            by_node
+                .entry(node)
+                .or_default()
+                .push(p.demand.unwrap_or(p.usage));
+        }
+    }
+    if by_node.len() < 2 {
+        return Vec::new();
+    }
+    by_node
+        .into_iter()
+        .map(|(node, loads)| NodeLine {
+            node,
+            spread: spread(loads),
+        })
+        .collect()
 }
 
 /// Usage, and demand where reported, of every online pCPU.

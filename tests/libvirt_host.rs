@@ -220,3 +220,14 @@ fn a_domain_opts_out_in_its_metadata() {
     let web = samples.iter().find(|s| s.domain.name == "web").unwrap();
     assert!(web.domain.opted_out);
 }
+
+#[test]
+fn the_topology_comes_from_the_capabilities() {
+    // test:///default describes two NUMA cells of 8 pCPUs; the custom node file none.
+    let mut h = LibvirtHost::connect("test:///default").unwrap();
+    let t = h.topology().unwrap().expect("test:///default has cells");
+    assert_eq!(t.nodes(), [0, 1]);
+    assert_eq!(t.node_of(3), Some(0));
+    assert_eq!(t.node_of(9), Some(1));
+    assert_eq!(host().topology().unwrap(), None);
+}

@@ -254,7 +254,7 @@ fn admin_restrictions_exclusions_and_the_pool_are_respected() {
     host.domain_mut(&vmbalance::host::DomainId([5; 16]))
         .opted_out = true;
     let mut sched = Scheduler::new(CpuPolicy::default(), false)
-        .with_pool(Some(vec![0, 1, 2]))
+        .with_limits(Some(vec![0, 1, 2]), false)
         .with_exclusions(Exclusions::new(&["dom4".into()]).unwrap());
     let changes = run(&mut host, &mut sched, 10);
     let pin = |n: u8| host.domains[n as usize - 1].vcpus[0].affinity.clone();
@@ -282,4 +282,59 @@ fn a_transient_domain_keeps_the_affinity_it_was_first_seen_with() {
     run(&mut host, &mut sched, 5);
     assert_eq!(host.domains[0].vcpus[0].affinity, [0]);
     assert_eq!(host.domains[1].vcpus[0].affinity, [1]);
+}
+
+/// A 2-node host: pCPUs 0-1 on node 0, 2-3 on node 1 (from a capabilities document).
+fn two_nodes() -> vmbalance::topology::Topology {
+    let cell = |node: u32| {
+        let cpus: String = (2 * node..2 * node + 2)
+            .map(|c| format!("<cpu id='{c}' socket_id='{node}' core_id='{c}' siblings='{c}'/>"))
+            .collect();
+        format!("<cell id='{node}'><cpus num='2'>{cpus}</cpus></cell>")
+    };
+    let xml = format!(
+        "<capabilities><host><topology><cells num='2'>{}{}</cells></topology></host></capabilities>",
+        cell(0),
+        cell(1)
+    );
+    vmbalance::topology::Topology::from_capabilities(&xml).unwrap()
+}
+
+#[test]
+fn vcpus_stay_on_their_numa_node_unless_crossing_is_allowed() {
+    // Four busy vCPUs on pCPU 0 (node 0); node 1 idle. dom1's memory is bound to node 0.
+    let setup = || {
+        let mut host = SimHost::new(4);
+        host.topology = Some(two_nodes());
+        for n in 1..=4 {
+            host.add(n, &[(90.0, &[0])]);
+        }
+        host.domains[0].memory_nodes = Some(vec![0]);
+        host
+    };
+    let node_of = |host: &SimHost, n: usize| host.domains[n].vcpus[0].affinity[0] / 2;
+    // By default each node is balanced on its own: everything stays on node 0, two per pCPU.
+    let mut host = setup();
+    run(
+        &mut host,
+        &mut Scheduler::new(CpuPolicy::default(), false),
+        6,
+    );
+    assert!((0..4).all(|n| node_of(&host, n) == 0));
+    assert_eq!(spread(&host.pcpu_usage()[..2]), 0.0);
+    // With --cross-node the unbound ones spread over both nodes; the bound one stays on node 0.
+    let mut host = setup();
+    let mut sched = Scheduler::new(CpuPolicy::default(), false).with_limits(None, true);
+    let report = {
+        run(&mut host, &mut sched, 6);
+        host.advance(PERIOD);
+        sched.cycle(&mut host).unwrap().unwrap()
+    };
+    assert_eq!(node_of(&host, 0), 0);
+    assert!((1..4).any(|n| node_of(&host, n) == 1));
+    let usage = host.pcpu_usage();
+    assert!(usage.iter().all(|&u| u > 0.0), "{usage:?}");
+    // Each node's spread is reported.
+    assert_eq!(report.nodes.len(), 2, "{report}");
+    assert!(report.to_string().contains("node spread: 0:"), "{report}");
 }

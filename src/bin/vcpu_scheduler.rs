@@ -52,6 +52,13 @@ struct Args {
     #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
     cpus: Option<CpuList>,
 
+    /// Let vCPUs whose memory is not bound to a NUMA node (no strict <numatune>) move to another
+    /// node. Off by default: a vCPU stays on the node it runs on, near its memory, and each node
+    /// is balanced on its own; on, a busy node can shed load to an idle one, at the price of
+    /// remote memory accesses (tens of percent slower) for what moves
+    #[arg(long)]
+    cross_node: bool,
+
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -85,7 +92,7 @@ fn run(args: Args) -> Result<()> {
     };
     let mut scheduler = Scheduler::new(policy, args.common.dry_run)
         .with_window(args.window)
-        .with_pool(args.cpus.clone().map(|CpuList(pool)| pool))
+        .with_limits(args.cpus.clone().map(|CpuList(pool)| pool), args.cross_node)
         .with_exclusions(args.common.exclusions());
     info!(
         "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}{}{}{}",

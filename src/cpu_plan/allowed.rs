@@ -1,20 +1,26 @@
-//! Rule 9's sets: where each vCPU may be pinned, from what its admin configured, the host's pool
-//! (`--cpus`) and the online pCPUs, and whether its domain is excluded.
+//! Rule 9's sets: where each vCPU may be pinned, from what its admin configured, the NUMA node its
+//! memory is bound to or it runs on, the host's pool (`--cpus`) and the online pCPUs, and whether
+//! its domain is excluded.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::host::{DomainId, DomainRef, VcpuInfo};
 use crate::sampling::{Allowed, VcpuKey};
+use crate::topology::Topology;
 
-/// The allowed set of one vCPU: `configured` (its persistent configuration's affinity, where
-/// there is one) ∩ `pool` (where set) ∩ `online`.
-pub fn allowed(configured: Option<&[u32]>, pool: Option<&[u32]>, online: &[u32]) -> Vec<u32> {
+/// The allowed set of one vCPU: `online` ∩ each of the other sets given (sorted): its persistent
+/// configuration's affinity, the pCPUs of the NUMA nodes it may use, the host's pool.
+pub fn allowed(online: &[u32], limits: &[Option<&[u32]>]) -> Vec<u32> {
     online
         .iter()
         .copied()
-        .filter(|p| configured.is_none_or(|c| c.binary_search(p).is_ok()))
-        .filter(|p| pool.is_none_or(|c| c.binary_search(p).is_ok()))
+        .filter(|p| {
+            limits
+                .iter()
+                .flatten()
+                .all(|set| set.binary_search(p).is_ok())
+        })
         .collect()
 }
 
@@ -38,6 +44,10 @@ pub struct AllowedSets {
     interned: HashMap<Vec<u32>, Arc<[u32]>>,
     /// The host's online pCPUs this cycle.
     online: Vec<u32>,
+    /// The host's topology, where known.
+    topology: Option<Topology>,
+    /// May a vCPU whose memory is not bound leave the NUMA node it runs on?
+    cross_node: bool,
 }
 
 impl AllowedSets {
@@ -49,11 +59,42 @@ impl AllowedSets {
         }
     }
 
-    /// Start a cycle on a host whose online pCPUs are `online` (sorted).
-    pub fn begin(&mut self, online: &[u32]) {
+    /// Let vCPUs whose memory is not bound to a NUMA node move across nodes (`--cross-node`).
+    pub fn with_cross_node(mut self, cross_node: bool) -> Self {
+        self.cross_node = cross_node;
+        self
+    }
+
+    /// Start a cycle on a host whose online pCPUs are `online` (sorted), laid out as `topology`.
+    pub fn begin(&mut self, online: &[u32], topology: Option<Topology>) {
         self.online = online.to_vec();
+        self.topology = topology;
         self.interned.clear();
         self.seen.clear();
+    }
+
+    /// The pCPUs of the NUMA nodes `vcpu` of `domain` may use: those its memory is bound to;
+    /// else, unless cross-node moves are allowed, the one it runs on now. `None`: no NUMA limit
+    /// (no topology, or a node that cannot be told).
+    fn node_cpus(&self, domain: &DomainRef, vcpu: &VcpuInfo) -> Option<Vec<u32>> {
+        let topology = self.topology.as_ref()?;
+        if let Some(bound) = &domain.memory_nodes {
+            return Some(topology.cpus_of_nodes(bound));
+        }
+        if self.cross_node {
+            return None;
+        }
+        let mut nodes: Vec<u32> = vcpu
+            .affinity
+            .iter()
+            .filter_map(|&p| topology.node_of(p))
+            .collect();
+        nodes.dedup();
+        let node = match nodes.as_slice() {
+            [one] => *one,
+            _ => topology.node_of(vcpu.last_pcpu?)?,
+        };
+        Some(topology.cpus_of_nodes(&[node]))
     }
 
     /// The allowed set of vCPU `vcpu` of `domain`; empty when the domain is `excluded`.
@@ -73,7 +114,12 @@ impl AllowedSets {
                 .entry(key)
                 .or_insert_with(|| vcpu.affinity.clone()),
         };
-        let set = allowed(Some(configured), self.pool.as_deref(), &self.online);
+        let configured = configured.clone();
+        let nodes = self.node_cpus(domain, vcpu);
+        let set = allowed(
+            &self.online,
+            &[Some(&configured), nodes.as_deref(), self.pool.as_deref()],
+        );
         if set.is_empty() && self.warned.insert(domain.id) {
             log::warn!(
                 "domain {} vCPU{}: none of the pCPUs it may use ({configured:?}) is online{}; it is left where it runs",
@@ -125,23 +171,68 @@ mod tests {
             id: DomainId([n; 16]),
             name: format!("d{n}"),
             opted_out: false,
+            memory_nodes: None,
         }
     }
 
     #[test]
     fn the_set_is_configuration_and_pool_and_online() {
         let online = [0, 1, 2, 3, 5];
-        assert_eq!(allowed(None, None, &online), online);
-        assert_eq!(allowed(Some(&[1, 2, 4]), None, &online), [1, 2]);
-        assert_eq!(allowed(Some(&[1, 2, 4]), Some(&[2, 3]), &online), [2]);
-        assert_eq!(allowed(None, Some(&[3, 4, 5]), &online), [3, 5]);
-        assert!(allowed(Some(&[4]), None, &online).is_empty());
+        assert_eq!(allowed(&online, &[None, None]), online);
+        assert_eq!(allowed(&online, &[Some(&[1, 2, 4]), None]), [1, 2]);
+        assert_eq!(allowed(&online, &[Some(&[1, 2, 4]), Some(&[2, 3])]), [2]);
+        assert_eq!(allowed(&online, &[None, Some(&[3, 4, 5])]), [3, 5]);
+        assert!(allowed(&online, &[Some(&[4]), None]).is_empty());
+    }
+
+    #[test]
+    fn a_vcpu_stays_on_its_numa_node_unless_allowed_to_cross() {
+        let caps = std::fs::read_to_string(format!(
+            "{}/tests/data/caps-2socket-smt.xml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let topology = Topology::from_capabilities(&caps);
+        let online: Vec<u32> = (0..16).collect();
+        let node1 = [4, 5, 6, 7, 12, 13, 14, 15];
+        let anywhere: Vec<u32> = online.clone();
+        // Pinned on pCPU 5 (node 1), configured anywhere: node 1 only.
+        let mut sets = AllowedSets::new(None);
+        sets.begin(&online, topology.clone());
+        let on5 = vcpu(0, &[5], Some(&anywhere));
+        assert_eq!(
+            sets.of(&domain(1), false, &on5),
+            Allowed::Only(Arc::from(node1))
+        );
+        // Spanning both nodes, last ran on pCPU 1 (node 0): node 0.
+        let spanning = VcpuInfo {
+            last_pcpu: Some(1),
+            ..vcpu(1, &anywhere, Some(&anywhere))
+        };
+        let node0 = [0, 1, 2, 3, 8, 9, 10, 11];
+        assert_eq!(
+            sets.of(&domain(1), false, &spanning),
+            Allowed::Only(Arc::from(node0))
+        );
+        // Memory strictly bound to node 0: node 0, even while it runs on node 1, even across.
+        let bound = DomainRef {
+            memory_nodes: Some(vec![0]),
+            ..domain(2)
+        };
+        let mut crossing = AllowedSets::new(None).with_cross_node(true);
+        crossing.begin(&online, topology);
+        assert_eq!(
+            crossing.of(&bound, false, &on5),
+            Allowed::Only(Arc::from(node0))
+        );
+        // Not bound, crossing allowed: anywhere.
+        assert_eq!(crossing.of(&domain(3), false, &on5), Allowed::Any);
     }
 
     #[test]
     fn sets_follow_configuration_pool_exclusion_and_first_sight() {
         let mut sets = AllowedSets::new(Some(vec![1, 2, 3]));
-        sets.begin(&[0, 1, 2, 3]);
+        sets.begin(&[0, 1, 2, 3], None);
         let d = domain(1);
         // Configured on 0-1, pool 1-3: pCPU 1 only.
         assert_eq!(
@@ -154,11 +245,11 @@ mod tests {
         let first = sets.of(&domain(2), false, &vcpu(0, &[0, 1, 2, 3], None));
         assert_eq!(first, Allowed::Only(Arc::from([1, 2, 3])));
         sets.end_cycle();
-        sets.begin(&[0, 1, 2, 3]);
+        sets.begin(&[0, 1, 2, 3], None);
         assert_eq!(sets.of(&domain(2), false, &vcpu(0, &[2], None)), first);
         // Without a pool, a set of every online pCPU is no constraint.
         let mut free = AllowedSets::new(None);
-        free.begin(&[0, 1]);
+        free.begin(&[0, 1], None);
         assert_eq!(
             free.of(&d, false, &vcpu(0, &[0], Some(&[0, 1, 7]))),
             Allowed::Any

@@ -43,7 +43,8 @@
 //!    heaviest unpinned vCPUs are pinned first, then steps are taken in the order above until the
 //!    next one would exceed the budget. The rest waits for a later decision.
 //! 9. **Allowed pCPUs.** Each vCPU may only be pinned to the pCPUs of its allowed set
-//!    ([`VcpuLoad::allowed`]: what its admin's persistent configuration, the host's pool and the
+//!    ([`VcpuLoad::allowed`], worked out by [`AllowedSets`]: what its admin's persistent
+//!    configuration, the NUMA node its memory is bound to or it runs on, the host's pool and the
 //!    online pCPUs leave it). Rule 1 pins a vCPU onto the least-loaded pCPU of its set, and also
 //!    re-pins one found pinned outside its set; a vCPU whose set is a single pCPU it is pinned to,
 //!    or is empty (its domain is excluded), is never moved, but counts as load where it runs. The

@@ -20,6 +20,7 @@ use crate::host::{
     NodeCpus, VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip,
     vcpus_domain_by_domain,
 };
+use crate::topology::{Topology, strict_memory_nodes};
 
 /// Where libvirt does not announce pin changes (see [`events`]), bulk samples re-read the vCPU
 /// pins of every domain this often (in samples), so pins changed by someone else are seen; between
@@ -31,6 +32,7 @@ const PIN_REFRESH_SAMPLES: u64 = 10;
 struct DomainFacts {
     run: u32,
     opted_out: bool,
+    memory_nodes: Option<Vec<u32>>,
     configured: Option<Option<Vec<Vec<u32>>>>,
 }
 
@@ -100,6 +102,8 @@ pub struct LibvirtHost {
     node_memory_fields: std::os::raw::c_int,
     /// What was read once per domain run, by UUID.
     facts: HashMap<DomainId, DomainFacts>,
+    /// The host's topology, once read on this connection.
+    topology: Option<Option<Topology>>,
 }
 
 impl LibvirtHost {
@@ -135,6 +139,7 @@ impl LibvirtHost {
             pin_watch_tried: false,
             node_memory_fields: 0,
             facts: HashMap::new(),
+            topology: None,
         })
     }
 
@@ -323,9 +328,17 @@ impl LibvirtHost {
                     e => return Err(e),
                 },
             };
+            // The live XML says whether its memory is strictly bound to NUMA nodes.
+            self.calls += 1;
+            let memory_nodes = match dom.xml_desc(0) {
+                Ok(xml) => strict_memory_nodes(&xml),
+                Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
+                Err(e) => return Err(self.error(e, || format!("reading the XML of domain {id}"))),
+            };
             let facts = DomainFacts {
                 run,
                 opted_out,
+                memory_nodes,
                 configured: None,
             };
             self.facts.insert(*id, facts);
@@ -406,12 +419,15 @@ impl Host for LibvirtHost {
                 id: DomainId(rec.uuid),
                 name: rec.name.clone(),
                 opted_out: false,
+                memory_nodes: None,
             };
-            let facts = self.facts(&domain.id, rec.id).map(|f| f.opted_out);
-            let Some(opted_out) = read_or_skip(&domain, facts)? else {
+            let facts = self
+                .facts(&domain.id, rec.id)
+                .map(|f| (f.opted_out, f.memory_nodes.clone()));
+            let Some((opted_out, memory_nodes)) = read_or_skip(&domain, facts)? else {
                 continue;
             };
-            domain.opted_out = opted_out;
+            (domain.opted_out, domain.memory_nodes) = (opted_out, memory_nodes);
             let from_bulk = match rec.u64("vcpu.maximum") {
                 Some(max) => {
                     let max = u32::try_from(max).unwrap_or(u32::MAX);
@@ -461,12 +477,15 @@ impl Host for LibvirtHost {
                 id: DomainId(rec.uuid),
                 name: rec.name.clone(),
                 opted_out: false,
+                memory_nodes: None,
             };
-            let facts = self.facts(&domain.id, rec.id).map(|f| f.opted_out);
-            let Some(opted_out) = read_or_skip(&domain, facts)? else {
+            let facts = self
+                .facts(&domain.id, rec.id)
+                .map(|f| (f.opted_out, f.memory_nodes.clone()));
+            let Some((opted_out, memory_nodes)) = read_or_skip(&domain, facts)? else {
                 continue;
             };
-            domain.opted_out = opted_out;
+            (domain.opted_out, domain.memory_nodes) = (opted_out, memory_nodes);
             let stats = match (rec.u64("balloon.current"), rec.u64("balloon.maximum")) {
                 (Some(actual_kib), Some(max_kib)) => Some(BalloonStats {
                     actual_kib,
@@ -512,10 +531,13 @@ impl Host for LibvirtHost {
                 id,
                 name,
                 opted_out: false,
+                memory_nodes: None,
             };
-            let facts = self.facts(&id, run).map(|f| f.opted_out);
-            if let Some(opted_out) = read_or_skip(&domain, facts)? {
-                domain.opted_out = opted_out;
+            let facts = self
+                .facts(&id, run)
+                .map(|f| (f.opted_out, f.memory_nodes.clone()));
+            if let Some((opted_out, memory_nodes)) = read_or_skip(&domain, facts)? {
+                (domain.opted_out, domain.memory_nodes) = (opted_out, memory_nodes);
                 out.push(domain);
             }
         }
@@ -669,6 +691,24 @@ impl Host for LibvirtHost {
     fn reload(&mut self) {
         self.facts.clear();
         self.pins.clear();
+        self.topology = None;
+    }
+
+    /// `virConnectGetCapabilities`, once per connection (and again after SIGHUP).
+    fn topology(&mut self) -> HostResult<Option<Topology>> {
+        if let Some(known) = &self.topology {
+            return Ok(known.clone());
+        }
+        self.calls += 1;
+        let topology = match self.conn.capabilities() {
+            Ok(xml) => Topology::from_capabilities(&xml),
+            Err(e) => match self.error(e, || "reading the host's capabilities".into()) {
+                HostError::Unsupported(_) => None,
+                e => return Err(e),
+            },
+        };
+        self.topology = Some(topology.clone());
+        Ok(topology)
     }
 
     /// Open the connection again (the daemon restarted or dropped it). What was learnt through the
@@ -681,6 +721,7 @@ impl Host for LibvirtHost {
         self.domains.clear();
         self.pins.clear();
         self.facts.clear();
+        self.topology = None;
         self.present_cpus = None;
         self.no_bulk_stats = false;
         Ok(())

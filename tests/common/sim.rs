@@ -129,6 +129,8 @@ impl SimMemory {
 pub struct SimDomain {
     pub id: DomainId,
     pub name: String,
+    /// NUMA nodes its memory is strictly bound to.
+    pub memory_nodes: Option<Vec<u32>>,
     /// Its metadata asks vmbalance to leave it alone.
     pub opted_out: bool,
     pub vcpus: Vec<SimVcpu>,
@@ -167,6 +169,8 @@ pub struct SimHost {
     pub failing_reconnects: u32,
     /// Reconnection attempts so far.
     pub reconnects: u32,
+    /// The CPU topology the host describes (`None`: it describes none).
+    pub topology: Option<vmbalance::topology::Topology>,
     start: Instant,
     elapsed: Duration,
 }
@@ -191,6 +195,7 @@ impl SimHost {
             drop_connection_at_next_pin: false,
             failing_reconnects: 0,
             reconnects: 0,
+            topology: None,
             start: Instant::now(),
             elapsed: Duration::ZERO,
         }
@@ -204,6 +209,7 @@ impl SimHost {
         self.domains.push(SimDomain {
             id,
             name: format!("dom{n}"),
+            memory_nodes: None,
             opted_out: false,
             vcpus: vcpus
                 .iter()
@@ -334,6 +340,7 @@ impl Host for SimHost {
                 id: d.id,
                 name: d.name.clone(),
                 opted_out: d.opted_out,
+                memory_nodes: d.memory_nodes.clone(),
             })
             .collect();
         for gone in std::mem::take(&mut self.vanish_after_listing) {
@@ -365,6 +372,11 @@ impl Host for SimHost {
             present: self.present,
             online: self.online.clone(),
         })
+    }
+
+    fn topology(&mut self) -> HostResult<Option<vmbalance::topology::Topology>> {
+        self.up()?;
+        Ok(self.topology.clone())
     }
 
     fn pin_vcpu(&mut self, id: &DomainId, vcpu: u32, pcpu: u32) -> HostResult<()> {

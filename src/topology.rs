@@ -1,0 +1,158 @@
+//! The host's CPU topology: which NUMA node, socket and core each pCPU belongs to, and its
+//! hyperthread siblings, as libvirt describes them in its capabilities
+//! (`<host><topology><cells><cell id><cpus><cpu id socket_id core_id siblings>`), and the NUMA
+//! binding of a domain's memory (`<numatune><memory mode='strict' nodeset=…>`).
+
+use std::collections::BTreeMap;
+
+use crate::host::parse_cpu_list;
+
+/// Where one pCPU sits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuPlace {
+    /// NUMA node (cell).
+    pub node: u32,
+    /// Socket (package).
+    pub socket: u32,
+    /// Core within its socket.
+    pub core: u32,
+    /// The pCPUs sharing its core (itself included), sorted.
+    pub siblings: Vec<u32>,
+}
+
+/// The host's CPU topology.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Topology {
+    /// Every pCPU libvirt describes, by number.
+    pub cpus: BTreeMap<u32, CpuPlace>,
+}
+
+impl Topology {
+    /// Parse the `<capabilities>` XML of `virConnectGetCapabilities`. `None` when it describes no
+    /// NUMA cell with CPUs (some drivers do not), or does not parse.
+    pub fn from_capabilities(xml: &str) -> Option<Self> {
+        let doc = roxmltree::Document::parse(xml).ok()?;
+        let mut cpus = BTreeMap::new();
+        let cells = doc.descendants().filter(|n| {
+            n.has_tag_name("cell") && n.parent().is_some_and(|p| p.has_tag_name("cells"))
+        });
+        for cell in cells {
+            let node: u32 = cell.attribute("id")?.parse().ok()?;
+            for cpu in cell.descendants().filter(|n| n.has_tag_name("cpu")) {
+                let id: u32 = cpu.attribute("id")?.parse().ok()?;
+                let number = |name: &str| cpu.attribute(name).and_then(|v| v.parse().ok());
+                let place = CpuPlace {
+                    node,
+                    socket: number("socket_id").unwrap_or(node),
+                    core: number("core_id").unwrap_or(id),
+                    siblings: cpu
+                        .attribute("siblings")
+                        .and_then(parse_cpu_list)
+                        .unwrap_or_else(|| vec![id]),
+                };
+                cpus.insert(id, place);
+            }
+        }
+        (!cpus.is_empty()).then_some(Self { cpus })
+    }
+
+    /// The NUMA node of pCPU `cpu`, where known.
+    pub fn node_of(&self, cpu: u32) -> Option<u32> {
+        self.cpus.get(&cpu).map(|p| p.node)
+    }
+
+    /// The pCPUs of the nodes in `nodes`, sorted.
+    pub fn cpus_of_nodes(&self, nodes: &[u32]) -> Vec<u32> {
+        self.cpus
+            .iter()
+            .filter(|(_, p)| nodes.contains(&p.node))
+            .map(|(&cpu, _)| cpu)
+            .collect()
+    }
+
+    /// The NUMA nodes, ascending.
+    pub fn nodes(&self) -> Vec<u32> {
+        let mut nodes: Vec<u32> = self.cpus.values().map(|p| p.node).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes
+    }
+}
+
+/// The NUMA nodes a domain's memory is strictly bound to (`<numatune><memory mode='strict'
+/// nodeset=…>`, strict being libvirt's default mode), from its XML; `None` when it is not bound,
+/// or bound in another mode (`preferred`, `interleave`, `restrictive`), which lets it run anywhere.
+pub fn strict_memory_nodes(domain_xml: &str) -> Option<Vec<u32>> {
+    let doc = roxmltree::Document::parse(domain_xml).ok()?;
+    let memory = doc.descendants().find(|n| {
+        n.has_tag_name("memory") && n.parent().is_some_and(|p| p.has_tag_name("numatune"))
+    })?;
+    if memory.attribute("mode").is_some_and(|m| m != "strict") {
+        return None;
+    }
+    parse_cpu_list(memory.attribute("nodeset")?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        let path = format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn a_two_socket_smt_host() {
+        let t = Topology::from_capabilities(&fixture("caps-2socket-smt.xml")).unwrap();
+        assert_eq!(t.cpus.len(), 16);
+        assert_eq!(t.nodes(), [0, 1]);
+        // Node 1 holds socket 1's pCPUs 4-7 and their siblings 12-15.
+        assert_eq!(t.cpus_of_nodes(&[1]), [4, 5, 6, 7, 12, 13, 14, 15]);
+        let cpu5 = &t.cpus[&5];
+        assert_eq!((cpu5.node, cpu5.socket, cpu5.core), (1, 1, 1));
+        assert_eq!(cpu5.siblings, [5, 13]);
+        assert_eq!(t.node_of(12), Some(1));
+        assert_eq!(t.node_of(99), None);
+    }
+
+    #[test]
+    fn a_one_socket_host_and_a_driver_without_cells() {
+        let t = Topology::from_capabilities(&fixture("caps-1socket.xml")).unwrap();
+        assert_eq!(t.nodes(), [0]);
+        assert_eq!(t.cpus.len(), 4);
+        assert!(t.cpus.values().all(|p| p.siblings.len() == 1));
+        assert_eq!(
+            Topology::from_capabilities("<capabilities><host><cpu/></host></capabilities>"),
+            None
+        );
+        assert_eq!(Topology::from_capabilities("not xml"), None);
+    }
+
+    #[test]
+    fn only_strict_memory_binding_binds() {
+        let xml = |tune: &str| format!("<domain><name>d</name>{tune}</domain>");
+        assert_eq!(
+            strict_memory_nodes(&xml(
+                "<numatune><memory mode='strict' nodeset='1'/></numatune>"
+            )),
+            Some(vec![1])
+        );
+        assert_eq!(
+            strict_memory_nodes(&xml("<numatune><memory nodeset='0-1'/></numatune>")),
+            Some(vec![0, 1])
+        );
+        assert_eq!(
+            strict_memory_nodes(&xml(
+                "<numatune><memory mode='preferred' nodeset='1'/></numatune>"
+            )),
+            None
+        );
+        assert_eq!(strict_memory_nodes(&xml("")), None);
+        // A <memory> elsewhere (the domain's size) is not a binding.
+        assert_eq!(
+            strict_memory_nodes(&xml("<memory unit='KiB'>1024</memory>")),
+            None
+        );
+    }
+}
