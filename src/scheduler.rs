@@ -3,7 +3,9 @@
 //! Generic over [`Host`], so the same cycle runs against libvirt in the daemon and against a
 //! simulated host in tests and benchmarks.
 
-use log::info;
+use std::time::Duration;
+
+use log::{info, warn};
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -32,6 +34,10 @@ pub struct Scheduler {
     allowed: AllowedSets,
     /// Domains left alone.
     exclusions: Exclusions,
+    /// The daemon's period, where known: a sample that takes a good part of it is not decided on.
+    period: Option<Duration>,
+    /// Said that sampling is slow, and not yet that it is back to normal.
+    slow: bool,
 }
 
 /// Samples over which vCPU loads are averaged by default (see [`CpuSampler`]): one, the latest
@@ -61,6 +67,8 @@ impl Scheduler {
             delay_reported: None,
             allowed: AllowedSets::default(),
             exclusions: Exclusions::default(),
+            period: None,
+            slow: false,
         }
     }
 
@@ -68,6 +76,13 @@ impl Scheduler {
     /// is not bound to a NUMA node leave the node they run on only with `cross_node`.
     pub fn with_limits(mut self, pool: Option<Vec<u32>>, cross_node: bool) -> Self {
         self.allowed = AllowedSets::new(pool).with_cross_node(cross_node);
+        self
+    }
+
+    /// Run every `period`: a cycle whose sampling took more than half of it decides nothing
+    /// (its domains were read at instants too far apart to compare their loads).
+    pub fn with_period(mut self, period: Duration) -> Self {
+        self.period = Some(period);
         self
     }
 
@@ -94,7 +109,9 @@ impl Scheduler {
     pub fn cycle(&mut self, host: &mut dyn Host) -> HostResult<Option<CpuReport>> {
         self.cycles += 1;
         let node = host.node_cpus()?;
+        let started = host.now();
         let samples = host.sample_vcpus()?;
+        let slow = self.sampling_was_slow(host.now().saturating_duration_since(started));
         if samples.is_empty() {
             return Ok(None);
         }
@@ -135,8 +152,9 @@ impl Scheduler {
         report.pcpus = pcpu_lines(&snapshot);
         report.nodes = node_lines(&report.pcpus, topology.as_ref());
         self.say_basis_once(snapshot.reports_delay());
-        // Rule 7: right after pin changes, observe only.
-        if std::mem::take(&mut self.settling) {
+        // Rule 7: right after pin changes, observe only. Likewise after a sample too slow to
+        // compare its domains (a domain stuck in libvirt).
+        if std::mem::take(&mut self.settling) || slow {
             report.decision = Decision::Settling;
             return Ok(Some(report));
         }
@@ -149,6 +167,28 @@ impl Scheduler {
         report.predicted_spread = plan.after.spread;
         self.settling = self.settle_after_changes && !self.dry_run && !report.moves.is_empty();
         Ok(Some(report))
+    }
+
+    /// Did sampling take more than half the period? Said once when it starts being so, and
+    /// once when it stops.
+    fn sampling_was_slow(&mut self, took: Duration) -> bool {
+        let Some(period) = self.period else {
+            return false;
+        };
+        let slow = took > period / 2;
+        if slow != self.slow {
+            self.slow = slow;
+            if slow {
+                warn!(
+                    "reading the vCPUs took {:.1} s of a {:.1} s period (is a domain stuck in libvirt?): no decision until it is quick again",
+                    took.as_secs_f64(),
+                    period.as_secs_f64()
+                );
+            } else {
+                info!("reading the vCPUs is quick again: deciding again");
+            }
+        }
+        slow
     }
 
     /// Say which figure is balanced, once, and again if that changes.

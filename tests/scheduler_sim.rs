@@ -338,3 +338,20 @@ fn vcpus_stay_on_their_numa_node_unless_crossing_is_allowed() {
     assert_eq!(report.nodes.len(), 2, "{report}");
     assert!(report.to_string().contains("node spread: 0:"), "{report}");
 }
+
+#[test]
+fn a_sample_that_takes_most_of_the_period_is_not_decided_on() {
+    let mut host = SimHost::new(2);
+    for n in 1..=2 {
+        host.add(n, &[(90.0, &[0])]);
+    }
+    // Reading the vCPUs takes 2 s of a 3 s period (a domain stuck in a libvirt job).
+    host.sample_delay = Duration::from_secs(2);
+    let mut sched = Scheduler::new(CpuPolicy::default(), false).with_period(PERIOD);
+    let changes = run(&mut host, &mut sched, 4);
+    assert_eq!(changes.iter().sum::<usize>(), 0, "{changes:?}");
+    // Quick again: decided on at once.
+    host.sample_delay = Duration::ZERO;
+    let changes = run(&mut host, &mut sched, 2);
+    assert_eq!(changes.iter().sum::<usize>(), 1, "{changes:?}");
+}

@@ -92,6 +92,7 @@ fn run(args: Args) -> Result<()> {
     };
     let mut scheduler = Scheduler::new(policy, args.common.dry_run)
         .with_window(args.window)
+        .with_period(args.period)
         .with_limits(args.cpus.clone().map(|CpuList(pool)| pool), args.cross_node)
         .with_exclusions(args.common.exclusions());
     info!(

@@ -27,6 +27,11 @@ use crate::topology::{Topology, strict_memory_nodes};
 /// re-reads the pins read last, or set by us, are used.
 const PIN_REFRESH_SAMPLES: u64 = 10;
 
+/// Affinity changed outside libvirt (`taskset` on QEMU's threads, cgroups) reaches neither
+/// libvirt's pin records nor its events: this often (in samples) every domain's vCPUs are read
+/// with `virDomainGetVcpus`, which reports the real affinity of each thread, one call per domain.
+const AFFINITY_CHECK_SAMPLES: u64 = 30;
+
 /// What is read once per run of a domain (its domain ID): whether it asks to be left alone, and
 /// the vCPU affinity of its persistent configuration (read when the vCPU scheduler first needs it).
 struct DomainFacts {
@@ -378,6 +383,25 @@ impl LibvirtHost {
         Ok(configured)
     }
 
+    /// Keep the known pins true to the real affinity `vcpus` report, saying when it differs (a
+    /// change made outside libvirt).
+    fn note_real_affinity(&mut self, domain: &DomainRef, vcpus: &[VcpuInfo]) {
+        let Some(known) = self.pins.get_mut(&domain.id) else {
+            return;
+        };
+        for v in vcpus {
+            if let Some(slot) = known.affinity.get_mut(v.number as usize)
+                && *slot != v.affinity
+            {
+                debug!(
+                    "domain {} vCPU{}: affinity {:?}, not {:?} as libvirt last said (changed outside libvirt)",
+                    domain.name, v.number, v.affinity, slot
+                );
+                *slot = v.affinity.clone();
+            }
+        }
+    }
+
     /// Forget what was learnt of domains not in `seen`.
     fn forget_others(&mut self, seen: &std::collections::HashSet<DomainId>) {
         self.pins.retain(|id, _| seen.contains(id));
@@ -413,6 +437,12 @@ impl Host for LibvirtHost {
         self.samples += 1;
         self.watch_pins();
         self.apply_pin_events();
+        let check_affinity = self.samples.is_multiple_of(AFFINITY_CHECK_SAMPLES);
+        if check_affinity {
+            debug!(
+                "re-reading every vCPU's real affinity (changes made outside libvirt), every {AFFINITY_CHECK_SAMPLES} samples"
+            );
+        }
         let mut out = Vec::with_capacity(records.len());
         for rec in records {
             let mut domain = DomainRef {
@@ -449,10 +479,16 @@ impl Host for LibvirtHost {
             // A vCPU that may run on several pCPUs is charged to the pCPU it last ran on, which
             // only the per-domain call tells; such a vCPU is pinned once, so this is rare.
             let vcpus = match from_bulk {
-                Some(vcpus) if vcpus.iter().all(|v| v.affinity.len() == 1) => Some(vcpus),
+                Some(vcpus) if !check_affinity && vcpus.iter().all(|v| v.affinity.len() == 1) => {
+                    Some(vcpus)
+                }
                 _ => {
                     let read = self.vcpus(&domain.id);
-                    read_or_skip(&domain, read)?
+                    let vcpus = read_or_skip(&domain, read)?;
+                    if let Some(vcpus) = &vcpus {
+                        self.note_real_affinity(&domain, vcpus);
+                    }
+                    vcpus
                 }
             };
             if let Some(vcpus) = vcpus {

@@ -169,6 +169,8 @@ pub struct SimHost {
     pub failing_reconnects: u32,
     /// Reconnection attempts so far.
     pub reconnects: u32,
+    /// Simulated time one sampling of every domain's vCPUs takes (a domain stuck in libvirt).
+    pub sample_delay: Duration,
     /// The CPU topology the host describes (`None`: it describes none).
     pub topology: Option<vmbalance::topology::Topology>,
     start: Instant,
@@ -196,6 +198,7 @@ impl SimHost {
             failing_reconnects: 0,
             reconnects: 0,
             topology: None,
+            sample_delay: Duration::ZERO,
             start: Instant::now(),
             elapsed: Duration::ZERO,
         }
@@ -372,6 +375,11 @@ impl Host for SimHost {
             present: self.present,
             online: self.online.clone(),
         })
+    }
+
+    fn sample_vcpus(&mut self) -> HostResult<Vec<vmbalance::host::VcpuSample>> {
+        self.elapsed += self.sample_delay;
+        vmbalance::host::vcpus_domain_by_domain(self)
     }
 
     fn topology(&mut self) -> HostResult<Option<vmbalance::topology::Topology>> {
