@@ -211,8 +211,14 @@ pub trait Host {
         Ok(None)
     }
 
+    /// Let one vCPU of a running domain run on the pCPUs `cpus` only (its live affinity; the
+    /// persistent configuration is left as it is).
+    fn set_affinity(&mut self, domain: &DomainId, vcpu: u32, cpus: &[u32]) -> HostResult<()>;
+
     /// Pin one vCPU of a running domain to exactly one pCPU.
-    fn pin_vcpu(&mut self, domain: &DomainId, vcpu: u32, pcpu: u32) -> HostResult<()>;
+    fn pin_vcpu(&mut self, domain: &DomainId, vcpu: u32, pcpu: u32) -> HostResult<()> {
+        self.set_affinity(domain, vcpu, &[pcpu])
+    }
 
     /// The vCPUs of every active domain. The default reads them domain by domain; a host that can
     /// read them all in one call overrides it. Domains that vanish while being read are left

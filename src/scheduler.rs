@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::cpu_plan::{AllowedSets, CpuPlan, CpuPolicy, plan};
 use crate::exclusions::Exclusions;
@@ -38,6 +38,10 @@ pub struct Scheduler {
     period: Option<Duration>,
     /// Said that sampling is slow, and not yet that it is back to normal.
     slow: bool,
+    /// Each vCPU's affinity when first seen, for [`Scheduler::restore`].
+    first_affinity: HashMap<VcpuKey, Vec<u32>>,
+    /// vCPUs this scheduler has re-pinned.
+    changed: HashSet<VcpuKey>,
 }
 
 /// Samples over which vCPU loads are averaged by default (see [`CpuSampler`]): one, the latest
@@ -69,6 +73,8 @@ impl Scheduler {
             exclusions: Exclusions::default(),
             period: None,
             slow: false,
+            first_affinity: HashMap::new(),
+            changed: HashSet::new(),
         }
     }
 
@@ -133,6 +139,9 @@ impl Scheduler {
                     vcpu: vcpu.number,
                 };
                 allowed.insert(key, self.allowed.of(&sample.domain, excluded, vcpu));
+                self.first_affinity
+                    .entry(key)
+                    .or_insert_with(|| vcpu.affinity.clone());
             }
             report.domains += 1;
             report.vcpus += sample.vcpus.len();
@@ -140,6 +149,10 @@ impl Scheduler {
         }
         self.allowed.end_cycle();
         self.exclusions.end_cycle();
+        // Vanished vCPUs need no restoring (a domain that comes back starts afresh).
+        self.first_affinity
+            .retain(|key, _| allowed.contains_key(key));
+        self.changed.retain(|key| allowed.contains_key(key));
         let mut snapshot = self.sampler.finish();
         for v in &mut snapshot.vcpus {
             if let Some(set) = allowed.remove(&v.key) {
@@ -206,9 +219,37 @@ impl Scheduler {
         }
     }
 
+    /// Put every vCPU this scheduler re-pinned back to the affinity it had when first seen
+    /// (`--restore-on-exit`). Domains that are gone are skipped; a failure is warned about. Returns
+    /// how many vCPUs were restored.
+    pub fn restore(&mut self, host: &mut dyn Host) -> usize {
+        let mut restored = 0;
+        let mut changed: Vec<VcpuKey> = self.changed.drain().collect();
+        changed.sort();
+        for key in changed {
+            let Some(first) = self.first_affinity.get(&key) else {
+                continue;
+            };
+            let what = format!("vCPU{} could be restored", key.vcpu);
+            let result = host.set_affinity(&key.domain, key.vcpu, first);
+            match changed_or_skipped(&key.domain.to_string(), &what, result) {
+                Ok(true) => restored += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(
+                        "restoring the vCPUs' first affinity: {e}; the rest are left as they are"
+                    );
+                    break;
+                }
+            }
+        }
+        info!("restored {restored} vCPUs to the affinity they had when first seen");
+        restored
+    }
+
     /// Make the plan's pin changes (in a dry run, only report them).
     fn apply(
-        &self,
+        &mut self,
         host: &mut dyn Host,
         plan: &CpuPlan,
         names: &DomainNames,
@@ -225,6 +266,9 @@ impl Scheduler {
             if !made {
                 report.skipped += 1;
                 continue;
+            }
+            if !self.dry_run {
+                self.changed.insert(m.key);
             }
             report.moves.push(MoveLine {
                 domain,

@@ -542,3 +542,28 @@ fn sighup_rereads_the_configuration_and_keeps_running() {
         assert!(log.contains("stopping on signal"), "{log}");
     }
 }
+
+#[test]
+fn restore_on_exit_puts_the_pins_back_when_the_daemon_ends() {
+    let uri = common::test_uri("node.xml");
+    let o = run(
+        SCHEDULER,
+        &[
+            "--connect",
+            &uri,
+            "--restore-on-exit",
+            "--cycles",
+            "2",
+            "0.1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // Six vCPUs spanning several pCPUs (web's two, db's three unpinned ones, batch's) were pinned
+    // in cycle 2, then restored.
+    assert!(stderr(&o).contains("moved 6:"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("restored 6 vCPUs to the affinity they had when first seen"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -355,3 +355,27 @@ fn a_sample_that_takes_most_of_the_period_is_not_decided_on() {
     let changes = run(&mut host, &mut sched, 2);
     assert_eq!(changes.iter().sum::<usize>(), 1, "{changes:?}");
 }
+
+#[test]
+fn restore_puts_every_re_pinned_vcpu_back_as_first_seen() {
+    let mut host = SimHost::new(4);
+    for n in 1..=3 {
+        host.add(n, &[(90.0, &[0])]);
+    }
+    host.add(4, &[(10.0, &[0, 1, 2, 3])]);
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    run(&mut host, &mut sched, 4);
+    assert!(host.domains.iter().any(|d| d.vcpus[0].affinity != [0]));
+    // dom3 goes away before the daemon stops: nothing to restore there.
+    host.domains.remove(2);
+    host.advance(PERIOD);
+    sched.cycle(&mut host).unwrap();
+    let restored = sched.restore(&mut host);
+    let affinity: Vec<Vec<u32>> = host
+        .domains
+        .iter()
+        .map(|d| d.vcpus[0].affinity.clone())
+        .collect();
+    assert_eq!(affinity, [vec![0], vec![0], vec![0, 1, 2, 3]]);
+    assert!(restored >= 2, "{restored}");
+}

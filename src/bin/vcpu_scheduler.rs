@@ -59,6 +59,11 @@ struct Args {
     #[arg(long)]
     cross_node: bool,
 
+    /// When the daemon stops, put every vCPU it re-pinned back to the affinity it had when the
+    /// daemon first saw it
+    #[arg(long)]
+    restore_on_exit: bool,
+
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -112,8 +117,13 @@ fn run(args: Args) -> Result<()> {
         )),
         args.common.dry_run_note()
     );
-    args.common
-        .serve(&uri, args.period, &mut host, |host| scheduler.cycle(host))
+    let result = args
+        .common
+        .serve(&uri, args.period, &mut host, |host| scheduler.cycle(host));
+    if args.restore_on_exit && !args.common.dry_run {
+        scheduler.restore(&mut host);
+    }
+    result
 }
 
 fn main() -> ExitCode {

@@ -4,7 +4,7 @@ mod events;
 mod raw;
 
 use raw::Definition;
-pub use raw::{cpu_map_len, cpus_in_map, map_of_one_cpu};
+pub use raw::{cpu_map_len, cpus_in_map, map_of_cpus};
 
 use std::collections::HashMap;
 
@@ -631,12 +631,12 @@ impl Host for LibvirtHost {
         Ok(cpus)
     }
 
-    fn pin_vcpu(&mut self, id: &DomainId, vcpu: u32, pcpu: u32) -> HostResult<()> {
-        let map = map_of_one_cpu(pcpu, self.present_cpus()?);
+    fn set_affinity(&mut self, id: &DomainId, vcpu: u32, cpus: &[u32]) -> HostResult<()> {
+        let map = map_of_cpus(cpus, self.present_cpus()?);
         self.calls += 1;
         self.on_domain(
             id,
-            || format!("pinning vCPU {vcpu} of domain {id} to pCPU {pcpu}"),
+            || format!("pinning vCPU {vcpu} of domain {id} to pCPUs {cpus:?}"),
             |dom| dom.pin_vcpu(vcpu, &map),
         )?;
         // Keep the known pins true to what we just set.
@@ -645,7 +645,7 @@ impl Host for LibvirtHost {
             .get_mut(id)
             .and_then(|k| k.affinity.get_mut(vcpu as usize))
         {
-            *slot = vec![pcpu];
+            *slot = cpus.to_vec();
         }
         Ok(())
     }

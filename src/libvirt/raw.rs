@@ -32,10 +32,13 @@ pub fn cpus_in_map(map: &[u8], cpus: u32) -> Vec<u32> {
         .collect()
 }
 
-/// A libvirt CPU bitmap of `cpus` CPUs with exactly `cpu` set.
-pub fn map_of_one_cpu(cpu: u32, cpus: u32) -> Vec<u8> {
-    let mut map = vec![0u8; cpu_map_len(cpus.max(cpu + 1))];
-    map[(cpu / 8) as usize] |= 1 << (cpu % 8);
+/// A libvirt CPU bitmap of `cpus` CPUs (at least) with exactly the CPUs `set` set.
+pub fn map_of_cpus(set: &[u32], cpus: u32) -> Vec<u8> {
+    let top = set.iter().map(|&c| c + 1).max().unwrap_or(0);
+    let mut map = vec![0u8; cpu_map_len(cpus.max(top))];
+    for &cpu in set {
+        map[(cpu / 8) as usize] |= 1 << (cpu % 8);
+    }
     map
 }
 
@@ -366,11 +369,13 @@ mod tests {
     fn bitmap_round_trip() {
         for cpus in [1u32, 7, 8, 9, 64, 130] {
             for cpu in 0..cpus {
-                let map = map_of_one_cpu(cpu, cpus);
+                let map = map_of_cpus(&[cpu], cpus);
                 assert_eq!(map.len(), cpu_map_len(cpus));
                 assert_eq!(cpus_in_map(&map, cpus), vec![cpu]);
             }
         }
+        let several = map_of_cpus(&[1, 3, 9], 10);
+        assert_eq!(cpus_in_map(&several, 10), vec![1, 3, 9]);
     }
 
     #[test]

@@ -387,21 +387,21 @@ impl Host for SimHost {
         Ok(self.topology.clone())
     }
 
-    fn pin_vcpu(&mut self, id: &DomainId, vcpu: u32, pcpu: u32) -> HostResult<()> {
+    fn set_affinity(&mut self, id: &DomainId, vcpu: u32, cpus: &[u32]) -> HostResult<()> {
         if std::mem::take(&mut self.drop_connection_at_next_pin) {
             self.connected = false;
         }
         self.up()?;
-        if !self.online.contains(&pcpu) {
-            return Err(anyhow::anyhow!("pCPU {pcpu} is offline").into());
+        if let Some(offline) = cpus.iter().find(|p| !self.online.contains(p)) {
+            return Err(anyhow::anyhow!("pCPU {offline} is offline").into());
         }
         let d = self.running(id)?;
         let v = d
             .vcpus
             .get_mut(vcpu as usize)
             .ok_or_else(|| anyhow::anyhow!("no vCPU {vcpu}"))?;
-        if v.affinity != [pcpu] {
-            v.affinity = vec![pcpu];
+        if v.affinity != cpus {
+            v.affinity = cpus.to_vec();
             self.pins += 1;
         }
         Ok(())
