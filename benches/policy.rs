@@ -605,6 +605,22 @@ fn cpu_snapshot(pcpus: u32, vcpus: usize, crowded: bool, seed: u64) -> CpuSnapsh
     }
 }
 
+/// `s` on a host of two NUMA nodes (the low and the high half of its pCPUs): every vCPU may only
+/// use its node's pCPUs, and every tenth only the pCPU it is pinned to.
+fn numa_constrained(mut s: CpuSnapshot) -> CpuSnapshot {
+    let half = s.pcpus.len() / 2;
+    let nodes: [std::sync::Arc<[u32]>; 2] = [s.pcpus[..half].into(), s.pcpus[half..].into()];
+    for (i, v) in s.vcpus.iter_mut().enumerate() {
+        let p = v.pinned.unwrap();
+        v.allowed = if i % 10 == 0 {
+            Allowed::Only(vec![p].into())
+        } else {
+            Allowed::Only(nodes[usize::from(p as usize >= half)].clone())
+        };
+    }
+    s
+}
+
 fn mem_snapshot(guests: usize, seed: u64) -> MemSnapshot {
     let mut rng = Rng(seed | 1);
     MemSnapshot {
@@ -667,6 +683,24 @@ fn decision_cost() {
         black_box(plan(black_box(&crowded), &policy));
     });
     println!("| vCPU | 10000 vCPUs all on one of 256 pCPUs | | {tc:.2?} |");
+    // Rule 9 at scale: 2 NUMA nodes of 128 pCPUs (2 sockets x 64 cores x 2 threads); every vCPU
+    // held to the node it runs on, one in ten pinned by its admin to the pCPU it runs on.
+    let random = numa_constrained(cpu_snapshot(256, 10_000, false, 7));
+    let mut balanced = random.clone();
+    for m in plan(&random, &policy).moves {
+        let v = balanced.vcpus.iter_mut().find(|v| v.key == m.key).unwrap();
+        v.pinned = Some(m.to);
+        v.last_pcpu = Some(m.to);
+    }
+    let tb = time(Duration::from_secs(1), || {
+        black_box(plan(black_box(&balanced), &policy));
+    });
+    let tu = time(Duration::from_secs(1), || {
+        black_box(plan(black_box(&random), &policy));
+    });
+    println!(
+        "| vCPU | 10000 vCPUs on 256 pCPUs in 2 NUMA nodes, each held to its node, 10 % admin-pinned | {tb:.2?} | {tu:.2?} |"
+    );
     let mpolicy = MemPolicy::default();
     for guests in [10usize, 100, 1000, 10_000] {
         let s = mem_snapshot(guests, 3);

@@ -259,6 +259,11 @@ fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Place
         .enumerate()
         .map(|(v, load)| load.pinned.and_then(index_of).filter(|&p| reach.may(v, p)))
         .collect();
+    let sizes: Vec<usize> = reach
+        .sets
+        .iter()
+        .map(|set| set.iter().filter(|&&ok| ok).count())
+        .collect();
     let movable: Vec<bool> = vcpus
         .iter()
         .enumerate()
@@ -266,9 +271,7 @@ fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Place
             // Rule 5: a vCPU without a load yet is not moved.
             let known = load.usage.is_some();
             // Rule 9: nor one with nowhere to go, or pinned to the one pCPU it may use.
-            let options = reach.set_of[v].map_or(pcpus.len(), |i| {
-                reach.sets[i].iter().filter(|&&ok| ok).count()
-            });
+            let options = reach.set_of[v].map_or(pcpus.len(), |i| sizes[i]);
             known && options > 0 && !(options == 1 && original[v].is_some())
         })
         .collect();
@@ -302,12 +305,14 @@ fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Place
 fn reach(snapshot: &CpuSnapshot) -> Reach {
     let pcpus = &snapshot.pcpus;
     let mut reach = Reach::anywhere(snapshot.vcpus.len());
-    let mut known: HashMap<&[u32], Option<usize>> = HashMap::new();
+    // Sets are shared between vCPUs (one allocation per distinct set): known by address, so a
+    // set is looked at once, not hashed whole for every vCPU.
+    let mut known: HashMap<(*const u32, usize), Option<usize>> = HashMap::new();
     for (v, load) in snapshot.vcpus.iter().enumerate() {
         let Allowed::Only(set) = &load.allowed else {
             continue;
         };
-        reach.set_of[v] = *known.entry(set).or_insert_with(|| {
+        reach.set_of[v] = *known.entry((set.as_ptr(), set.len())).or_insert_with(|| {
             let flags: Vec<bool> = pcpus
                 .iter()
                 .map(|&p| set.binary_search(&p).is_ok())

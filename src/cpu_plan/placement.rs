@@ -203,14 +203,23 @@ impl Placement {
     /// The least-loaded pCPU, other than `src`, that one of the movable vCPUs on `src` may go to
     /// (rule 9: a pCPU none of them may use is no target).
     pub(super) fn freest_reachable_from(&self, src: usize) -> Option<usize> {
-        if self.members[src].is_empty() {
-            return None;
+        // The distinct sets of the vCPUs on `src` (usually one or two): a pCPU is a target when one
+        // of them allows it.
+        let mut sets: Vec<usize> = Vec::new();
+        for &(_, v) in &self.members[src] {
+            match self.reach.set_of[v] {
+                None => {
+                    return self.by_load.iter().map(|&(_, _, p)| p).find(|&p| p != src);
+                }
+                Some(i) if !sets.contains(&i) => sets.push(i),
+                Some(_) => {}
+            }
         }
         self.by_load
             .iter()
             .map(|&(_, _, p)| p)
             .filter(|&p| p != src)
-            .find(|&p| self.members[src].iter().any(|&(_, v)| self.reach.may(v, p)))
+            .find(|&p| sets.iter().any(|&i| self.reach.sets[i][p]))
     }
 
     /// The least-loaded pCPU (among equals, the one running fewest vCPUs).
