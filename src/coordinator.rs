@@ -20,14 +20,14 @@ use crate::mem_plan::{BalloonChange, MemPlan, MemPolicy, MemSnapshot, plan, viol
 use crate::report::{GuestLine, HostLine, MemReport, ResizeLine, mib};
 use crate::sampling::{GuestMemory, MemoryReading, MemorySampler};
 
-/// The report line of an excluded domain: what it shows, never acted on.
-fn excluded_line(sample: &BalloonSample) -> GuestLine {
+/// The report line of a domain left alone (`state` says why): what it shows, never acted on.
+fn idle_line(sample: &BalloonSample, state: &str) -> GuestLine {
     GuestLine {
         domain: sample.domain.name.clone(),
         actual_mib: mib(sample.stats.actual_kib),
         free_mib: sample.stats.free_kib().map(mib),
         rate_mib_s: None,
-        state: "excluded".into(),
+        state: state.into(),
     }
 }
 
@@ -44,6 +44,11 @@ enum Stats {
     On { stale_cycles: u32 },
     /// The domain has no balloon device: it is left alone.
     NoBalloon,
+    /// Its memory is held (hugepages, locked, VFIO): shrinking its balloon would free nothing on
+    /// the host, so it is left alone.
+    Held,
+    /// A dry run: statistics are not switched on; the domain is judged on what it reports anyway.
+    Watched,
 }
 
 /// What the operator has been told about a domain whose statistics go stale: told once, with a
@@ -160,7 +165,7 @@ impl Coordinator {
         self.exclusions.begin_cycle();
         for sample in &samples {
             if self.exclusions.excludes(&sample.domain) {
-                report.guests.push(excluded_line(sample));
+                report.guests.push(idle_line(sample, "excluded"));
                 continue;
             }
             if !self.arm(host, sample, &mut report)? {
@@ -214,13 +219,33 @@ impl Coordinator {
             seen: 0,
         });
         state.seen = self.cycles;
+        if let Some(reason) = dom.memory_held {
+            if state.stats != Stats::Held {
+                warn!(
+                    "domain {}: its memory is {reason}, so ballooning it would free nothing on the host; it is left alone",
+                    dom.name
+                );
+                state.stats = Stats::Held;
+            }
+            report.guests.push(idle_line(sample, "memory held"));
+            return Ok(false);
+        }
         match state.stats {
-            Stats::On { .. } => return Ok(true),
+            Stats::On { .. } | Stats::Watched => return Ok(true),
             Stats::NoBalloon => {
                 report.without_balloon += 1;
                 return Ok(false);
             }
-            Stats::Off => {}
+            Stats::Off | Stats::Held => {}
+        }
+        if self.dry_run {
+            // A dry run changes nothing, not even the statistics period.
+            log::info!(
+                "dry run: domain {}'s balloon statistics are not switched on; it is judged on what it already reports",
+                dom.name
+            );
+            state.stats = Stats::Watched;
+            return Ok(true);
         }
         // The figures read this cycle predate the switch; the sampler treats a first report as
         // stale anyway.

@@ -144,6 +144,7 @@ mod tests {
             name: name.into(),
             opted_out,
             memory_nodes: None,
+            memory_held: None,
         }
     }
 

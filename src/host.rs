@@ -67,6 +67,8 @@ pub struct DomainRef {
     pub opted_out: bool,
     /// The NUMA nodes its memory is strictly bound to (`<numatune>`), where it is.
     pub memory_nodes: Option<Vec<u32>>,
+    /// Why its balloon would free nothing on the host (hugepages, locked memory, VFIO), where so.
+    pub memory_held: Option<&'static str>,
 }
 
 /// One vCPU of a running domain, as read at one instant.

@@ -1,7 +1,8 @@
 //! The host's CPU topology: which NUMA node, socket and core each pCPU belongs to, and its
 //! hyperthread siblings, as libvirt describes them in its capabilities
-//! (`<host><topology><cells><cell id><cpus><cpu id socket_id core_id siblings>`), and the NUMA
-//! binding of a domain's memory (`<numatune><memory mode='strict' nodeset=…>`).
+//! (`<host><topology><cells><cell id><cpus><cpu id socket_id core_id siblings>`); and what a
+//! domain's XML says of where its memory lives: the NUMA binding
+//! (`<numatune><memory mode='strict' nodeset=…>`) and memory a balloon cannot give back.
 
 use std::collections::BTreeMap;
 
@@ -93,6 +94,30 @@ pub fn strict_memory_nodes(domain_xml: &str) -> Option<Vec<u32>> {
     parse_cpu_list(memory.attribute("nodeset")?)
 }
 
+/// Why ballooning a domain down would free nothing on the host, from its XML: memory backed by
+/// hugepages (`<memoryBacking><hugepages/>`) or locked (`<memoryBacking><locked/>`), or a device
+/// assigned with VFIO (`<hostdev>`), which pins all guest memory. `None` when none of these holds.
+pub fn memory_held_by(domain_xml: &str) -> Option<&'static str> {
+    fn child<'a, 'i>(
+        parent: roxmltree::Node<'a, 'i>,
+        tag: &str,
+    ) -> Option<roxmltree::Node<'a, 'i>> {
+        parent.children().find(|n| n.has_tag_name(tag))
+    }
+    let doc = roxmltree::Document::parse(domain_xml).ok()?;
+    let domain = doc.root_element();
+    if let Some(backing) = child(domain, "memoryBacking") {
+        if child(backing, "hugepages").is_some() {
+            return Some("backed by hugepages");
+        }
+        if child(backing, "locked").is_some() {
+            return Some("locked");
+        }
+    }
+    let devices = child(domain, "devices")?;
+    child(devices, "hostdev").map(|_| "pinned by an assigned device (VFIO)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +152,29 @@ mod tests {
             None
         );
         assert_eq!(Topology::from_capabilities("not xml"), None);
+    }
+
+    #[test]
+    fn memory_a_balloon_cannot_give_back() {
+        let xml = |inner: &str| format!("<domain><name>d</name>{inner}</domain>");
+        assert_eq!(
+            memory_held_by(&xml("<memoryBacking><hugepages/></memoryBacking>")),
+            Some("backed by hugepages")
+        );
+        assert_eq!(
+            memory_held_by(&xml("<memoryBacking><locked/></memoryBacking>")),
+            Some("locked")
+        );
+        let vfio = "<devices><hostdev mode='subsystem' type='pci' managed='yes'>\
+                    <source><address domain='0x0000' bus='0x06' slot='0x02' function='0x0'/></source>\
+                    </hostdev></devices>";
+        assert!(memory_held_by(&xml(vfio)).is_some_and(|r| r.contains("VFIO")));
+        assert_eq!(
+            memory_held_by(&xml(
+                "<memoryBacking><nosharepages/></memoryBacking><devices><memballoon model='virtio'/></devices>"
+            )),
+            None
+        );
     }
 
     #[test]

@@ -278,6 +278,11 @@ fn coordinator_refuses_bad_input_with_one_line() {
         (vec!["x"], 2, "not a number"),
         (vec!["--starve-pct", "60", "1"], 2, "--starve-pct"),
         (vec!["--waste-pct", "101", "1"], 2, "--waste-pct"),
+        // Sizes whose KiB would wrap, and runways or rates no host needs.
+        (vec!["--max-step-mib", "18014398509481984", "1"], 2, "--max-step-mib"),
+        (vec!["--min-guest-mib", "18014398509481984", "1"], 2, "--min-guest-mib"),
+        (vec!["--runway-periods", "1e300", "1"], 2, "--runway-periods"),
+        (vec!["--consuming-mib-s", "inf", "1"], 2, "--consuming-mib-s"),
         (
             vec!["--host-reserve-pct", "100", "1"],
             2,
@@ -335,8 +340,13 @@ fn coordinator_dry_run_on_the_test_driver() {
     // The test driver's stats never advance: every cycle waits for them and changes nothing.
     assert_eq!(err.matches("waiting for stats").count(), 2 * 7, "{err}");
     assert_eq!(err.matches("; no change").count(), 7, "{err}");
-    // Warnings come once per domain, not once per cycle.
-    assert_eq!(err.matches("domain batch:").count(), 1, "{err}");
+    // A dry run does not even set the statistics period; it says so once per domain.
+    assert_eq!(
+        err.matches("statistics are not switched on").count(),
+        3,
+        "{err}"
+    );
+    assert!(!err.contains("domain batch:"), "{err}");
     assert_eq!(
         err.matches("does not report host memory").count(),
         1,
@@ -565,5 +575,20 @@ fn restore_on_exit_puts_the_pins_back_when_the_daemon_ends() {
         stderr(&o).contains("restored 6 vCPUs to the affinity they had when first seen"),
         "{}",
         stderr(&o)
+    );
+}
+
+#[test]
+fn coordinator_warns_once_per_domain_without_a_balloon() {
+    let uri = common::test_uri("node.xml");
+    let o = run(COORDINATOR, &["--connect", &uri, "--cycles", "5", "0.1"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    // batch has no balloon device: one warning, then "without balloon" in every cycle line.
+    assert_eq!(err.matches("domain batch:").count(), 1, "{err}");
+    assert_eq!(
+        err.matches("1 without balloon left alone").count(),
+        5,
+        "{err}"
     );
 }

@@ -123,6 +123,10 @@ fn guests_without_balloon_or_driver_are_left_alone() {
 #[test]
 fn dry_run_reports_but_changes_nothing() {
     let mut host = lab();
+    // The guests already report (their statistics period was set before: a dry run sets none).
+    for d in &mut host.domains {
+        d.mem.stats_period = 1;
+    }
     let mut c = Coordinator::new(policy(), true);
     run(&mut host, &mut c, 6);
     assert_eq!(host.resizes, 0);
@@ -182,4 +186,42 @@ fn an_excluded_guest_is_never_touched() {
     );
     // The one guest not excluded is managed as usual.
     assert!(host.domains[0].mem.actual < 1024 * MIB);
+}
+
+#[test]
+fn a_guest_whose_memory_is_held_is_never_shrunk_to_feed_others() {
+    // Guest 2 idles with 85 % free, but its memory is backed by hugepages: shrinking its balloon
+    // would free nothing on the host. It is left alone, even while the hog starves.
+    let mut host = lab();
+    host.domains[1].memory_held = Some("backed by hugepages");
+    host.domain_mut(&vmbalance::host::DomainId([1; 16]))
+        .mem
+        .work(20.0 * MIB as f64, 1900 * MIB);
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 40);
+    assert_eq!(host.domains[1].mem.actual, 1024 * MIB);
+    assert_eq!(host.domains[1].mem.stats_period, 0);
+    let report = c.cycle(&mut host).unwrap().unwrap();
+    assert!(
+        report.to_string().contains("dom2 1024 MiB memory held"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_dry_run_sets_no_statistics_period() {
+    let mut host = lab();
+    let mut c = Coordinator::new(policy(), true);
+    run(&mut host, &mut c, 5);
+    assert!(host.domains.iter().all(|d| d.mem.stats_period == 0));
+    assert_eq!(host.resizes, 0);
+    // A guest that already reports is still judged.
+    host.domains[0].mem.stats_period = 1;
+    run(&mut host, &mut c, 4);
+    let report = c.cycle(&mut host).unwrap().unwrap();
+    assert!(
+        report.to_string().contains("dom1 1024 MiB free"),
+        "{report}"
+    );
+    assert_eq!(host.resizes, 0);
 }

@@ -41,24 +41,24 @@ struct Args {
     host_reserve_pct: f64,
 
     /// Never shrink a guest below this many MiB
-    #[arg(long, value_name = "MIB", default_value_t = 50)]
+    #[arg(long, value_name = "MIB", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=MAX_MIB))]
     min_guest_mib: u64,
 
     /// A guest whose used memory grows faster than this many MiB/s is consuming
-    #[arg(long, value_name = "MIB_S", default_value_t = 1.0, value_parser = parse_non_negative)]
+    #[arg(long, value_name = "MIB_S", default_value_t = 1.0, value_parser = parse_rate)]
     consuming_mib_s: f64,
 
     /// Smallest grant to a starving guest, and the margin kept above what a guest uses, in MiB
-    #[arg(long, value_name = "MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=MAX_MIB))]
     min_step_mib: u64,
 
     /// Largest change of one guest's memory in one cycle, in MiB
-    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=MAX_MIB))]
     max_step_mib: u64,
 
     /// A consuming guest whose free memory would run out within this many periods is starving,
     /// whatever its free %
-    #[arg(long, value_name = "N", default_value_t = 3.0, value_parser = parse_non_negative)]
+    #[arg(long, value_name = "N", default_value_t = 3.0, value_parser = parse_runway)]
     runway_periods: f64,
 
     /// Share of a wasting guest's excess memory returned to the host per cycle, in %
@@ -67,6 +67,28 @@ struct Args {
 
     #[command(flatten)]
     common: CommonArgs,
+}
+
+/// Largest size any option takes, in MiB (1 PiB): far above any host, and small enough that
+/// sizes in KiB cannot wrap.
+const MAX_MIB: u64 = 1 << 30;
+
+/// `--runway-periods`: at most 1000 periods.
+fn parse_runway(text: &str) -> Result<f64, String> {
+    parse_non_negative(text).and_then(|v| {
+        (v <= 1000.0)
+            .then_some(v)
+            .ok_or_else(|| format!("{text} is over 1000"))
+    })
+}
+
+/// `--consuming-mib-s`: at most 1 TiB/s.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    parse_non_negative(text).and_then(|v| {
+        (v <= MAX_MIB as f64)
+            .then_some(v)
+            .ok_or_else(|| format!("{text} is over {MAX_MIB}"))
+    })
 }
 
 impl Args {

@@ -172,6 +172,7 @@ mod tests {
             name: format!("d{n}"),
             opted_out: false,
             memory_nodes: None,
+            memory_held: None,
         }
     }
 

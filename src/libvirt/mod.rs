@@ -20,7 +20,7 @@ use crate::host::{
     NodeCpus, VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip,
     vcpus_domain_by_domain,
 };
-use crate::topology::{Topology, strict_memory_nodes};
+use crate::topology::{Topology, memory_held_by, strict_memory_nodes};
 
 /// Where libvirt does not announce pin changes (see [`events`]), bulk samples re-read the vCPU
 /// pins of every domain this often (in samples), so pins changed by someone else are seen; between
@@ -38,7 +38,20 @@ struct DomainFacts {
     run: u32,
     opted_out: bool,
     memory_nodes: Option<Vec<u32>>,
+    memory_held: Option<&'static str>,
     configured: Option<Option<Vec<Vec<u32>>>>,
+}
+
+impl DomainFacts {
+    /// `domain` with what these facts say of it.
+    fn describe(&self, domain: &DomainRef) -> DomainRef {
+        DomainRef {
+            opted_out: self.opted_out,
+            memory_nodes: self.memory_nodes.clone(),
+            memory_held: self.memory_held,
+            ..domain.clone()
+        }
+    }
 }
 
 /// vCPU pins known for one domain, and which incarnation (domain ID) they belong to.
@@ -335,8 +348,8 @@ impl LibvirtHost {
             };
             // The live XML says whether its memory is strictly bound to NUMA nodes.
             self.calls += 1;
-            let memory_nodes = match dom.xml_desc(0) {
-                Ok(xml) => strict_memory_nodes(&xml),
+            let (memory_nodes, memory_held) = match dom.xml_desc(0) {
+                Ok(xml) => (strict_memory_nodes(&xml), memory_held_by(&xml)),
                 Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
                 Err(e) => return Err(self.error(e, || format!("reading the XML of domain {id}"))),
             };
@@ -344,6 +357,7 @@ impl LibvirtHost {
                 run,
                 opted_out,
                 memory_nodes,
+                memory_held,
                 configured: None,
             };
             self.facts.insert(*id, facts);
@@ -450,14 +464,13 @@ impl Host for LibvirtHost {
                 name: rec.name.clone(),
                 opted_out: false,
                 memory_nodes: None,
+                memory_held: None,
             };
-            let facts = self
-                .facts(&domain.id, rec.id)
-                .map(|f| (f.opted_out, f.memory_nodes.clone()));
-            let Some((opted_out, memory_nodes)) = read_or_skip(&domain, facts)? else {
+            let facts = self.facts(&domain.id, rec.id).map(|f| f.describe(&domain));
+            let Some(described) = read_or_skip(&domain, facts)? else {
                 continue;
             };
-            (domain.opted_out, domain.memory_nodes) = (opted_out, memory_nodes);
+            domain = described;
             let from_bulk = match rec.u64("vcpu.maximum") {
                 Some(max) => {
                     let max = u32::try_from(max).unwrap_or(u32::MAX);
@@ -514,14 +527,13 @@ impl Host for LibvirtHost {
                 name: rec.name.clone(),
                 opted_out: false,
                 memory_nodes: None,
+                memory_held: None,
             };
-            let facts = self
-                .facts(&domain.id, rec.id)
-                .map(|f| (f.opted_out, f.memory_nodes.clone()));
-            let Some((opted_out, memory_nodes)) = read_or_skip(&domain, facts)? else {
+            let facts = self.facts(&domain.id, rec.id).map(|f| f.describe(&domain));
+            let Some(described) = read_or_skip(&domain, facts)? else {
                 continue;
             };
-            (domain.opted_out, domain.memory_nodes) = (opted_out, memory_nodes);
+            domain = described;
             let stats = match (rec.u64("balloon.current"), rec.u64("balloon.maximum")) {
                 (Some(actual_kib), Some(max_kib)) => Some(BalloonStats {
                     actual_kib,
@@ -563,18 +575,16 @@ impl Host for LibvirtHost {
             let id = DomainId(*uuid.as_bytes());
             let run = dom.id().unwrap_or(u32::MAX);
             self.domains.insert(id, dom);
-            let mut domain = DomainRef {
+            let domain = DomainRef {
                 id,
                 name,
                 opted_out: false,
                 memory_nodes: None,
+                memory_held: None,
             };
-            let facts = self
-                .facts(&id, run)
-                .map(|f| (f.opted_out, f.memory_nodes.clone()));
-            if let Some((opted_out, memory_nodes)) = read_or_skip(&domain, facts)? {
-                (domain.opted_out, domain.memory_nodes) = (opted_out, memory_nodes);
-                out.push(domain);
+            let facts = self.facts(&id, run).map(|f| f.describe(&domain));
+            if let Some(described) = read_or_skip(&domain, facts)? {
+                out.push(described);
             }
         }
         let seen: std::collections::HashSet<DomainId> = out.iter().map(|d| d.id).collect();

@@ -131,6 +131,8 @@ pub struct SimDomain {
     pub name: String,
     /// NUMA nodes its memory is strictly bound to.
     pub memory_nodes: Option<Vec<u32>>,
+    /// Why its balloon frees nothing on the host (hugepages, locked, VFIO), if so.
+    pub memory_held: Option<&'static str>,
     /// Its metadata asks vmbalance to leave it alone.
     pub opted_out: bool,
     pub vcpus: Vec<SimVcpu>,
@@ -213,6 +215,7 @@ impl SimHost {
             id,
             name: format!("dom{n}"),
             memory_nodes: None,
+            memory_held: None,
             opted_out: false,
             vcpus: vcpus
                 .iter()
@@ -344,6 +347,7 @@ impl Host for SimHost {
                 name: d.name.clone(),
                 opted_out: d.opted_out,
                 memory_nodes: d.memory_nodes.clone(),
+                memory_held: d.memory_held,
             })
             .collect();
         for gone in std::mem::take(&mut self.vanish_after_listing) {
