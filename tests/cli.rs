@@ -279,10 +279,26 @@ fn coordinator_refuses_bad_input_with_one_line() {
         (vec!["--starve-pct", "60", "1"], 2, "--starve-pct"),
         (vec!["--waste-pct", "101", "1"], 2, "--waste-pct"),
         // Sizes whose KiB would wrap, and runways or rates no host needs.
-        (vec!["--max-step-mib", "18014398509481984", "1"], 2, "--max-step-mib"),
-        (vec!["--min-guest-mib", "18014398509481984", "1"], 2, "--min-guest-mib"),
-        (vec!["--runway-periods", "1e300", "1"], 2, "--runway-periods"),
-        (vec!["--consuming-mib-s", "inf", "1"], 2, "--consuming-mib-s"),
+        (
+            vec!["--max-step-mib", "18014398509481984", "1"],
+            2,
+            "--max-step-mib",
+        ),
+        (
+            vec!["--min-guest-mib", "18014398509481984", "1"],
+            2,
+            "--min-guest-mib",
+        ),
+        (
+            vec!["--runway-periods", "1e300", "1"],
+            2,
+            "--runway-periods",
+        ),
+        (
+            vec!["--consuming-mib-s", "inf", "1"],
+            2,
+            "--consuming-mib-s",
+        ),
         (
             vec!["--host-reserve-pct", "100", "1"],
             2,
