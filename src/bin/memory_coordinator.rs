@@ -136,11 +136,12 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
     let mut coordinator =
         Coordinator::new(policy, args.common.dry_run).with_exclusions(args.common.exclusions());
     info!(
-        "memory_coordinator on {uri}: period {:?}, starving under {}% free, wasting over {}%, host reserve {}%, guest floor {} MiB{}",
+        "memory_coordinator on {uri}: period {:?}, starving under {}% free, wasting over {}%, host reserve {}% (host available memory: {}), guest floor {} MiB{}",
         args.period,
         args.starve_pct,
         args.waste_pct,
         args.host_reserve_pct,
+        host.memory_figure(),
         args.min_guest_mib,
         args.common.dry_run_note()
     );

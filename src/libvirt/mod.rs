@@ -93,6 +93,48 @@ fn connect_hint(message: &str) -> &'static str {
     }
 }
 
+/// Where the host's available memory is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MemorySource {
+    /// The kernel's own estimate, MemAvailable in /proc/meminfo: the host is this machine.
+    ProcMeminfo,
+    /// libvirt's `free` (MemFree): a remote host, where nothing better is known. libvirt's
+    /// `cached` would count shared memory (tmpfs, and guest RAM backed by memfd or shared memory,
+    /// which virtiofs and vhost-user need), which the kernel cannot hand out.
+    LibvirtFree,
+}
+
+impl MemorySource {
+    /// The source for `uri`: this machine's /proc/meminfo when the URI names no host (and is not
+    /// libvirt's test driver, whose host is a fake), else libvirt's figure.
+    fn for_uri(uri: &str) -> Self {
+        let Some((scheme, rest)) = uri.split_once("://") else {
+            return Self::LibvirtFree;
+        };
+        let local = rest.starts_with('/')
+            && !scheme.starts_with("test")
+            && !scheme.contains("+ssh")
+            && !scheme.contains("+tcp")
+            && !scheme.contains("+tls");
+        if local {
+            Self::ProcMeminfo
+        } else {
+            Self::LibvirtFree
+        }
+    }
+}
+
+/// MemAvailable, in KiB, from the text of /proc/meminfo.
+fn meminfo_available_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A connection to one libvirt host.
 pub struct LibvirtHost {
     conn: Connect,
@@ -122,6 +164,8 @@ pub struct LibvirtHost {
     facts: HashMap<DomainId, DomainFacts>,
     /// The host's topology, once read on this connection.
     topology: Option<Option<Topology>>,
+    /// Where the host's available memory is read from.
+    memory_source: MemorySource,
 }
 
 impl LibvirtHost {
@@ -158,7 +202,18 @@ impl LibvirtHost {
             node_memory_fields: 0,
             facts: HashMap::new(),
             topology: None,
+            memory_source: MemorySource::for_uri(uri),
         })
+    }
+
+    /// Which figure stands for the host's available memory, for the start-up line.
+    pub fn memory_figure(&self) -> &'static str {
+        match self.memory_source {
+            MemorySource::ProcMeminfo => "MemAvailable from this machine's /proc/meminfo",
+            MemorySource::LibvirtFree => {
+                "libvirt's free memory (MemFree; a remote host's page cache is not counted)"
+            }
+        }
     }
 
     /// Are pin changes followed through libvirt's events (rather than polled)?
@@ -714,6 +769,8 @@ impl Host for LibvirtHost {
         )
     }
 
+    /// The host's total memory from libvirt (`virNodeGetMemoryStats`, all cells); what it has
+    /// available as [`LibvirtHost::memory_figure`] says.
     fn host_memory(&mut self) -> HostResult<HostMemory> {
         const WHAT: &str = "reading the host's memory statistics";
         self.calls += if self.node_memory_fields > 0 { 1 } else { 2 };
@@ -723,11 +780,13 @@ impl Host for LibvirtHost {
         let Some(total_kib) = get("total") else {
             return Err(HostError::Unsupported(format!("{WHAT}: no total reported")));
         };
-        let available_kib = ["free", "buffers", "cached"]
-            .iter()
-            .filter_map(|f| get(f))
-            .sum::<u64>()
-            .min(total_kib);
+        let local = match self.memory_source {
+            MemorySource::ProcMeminfo => std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|text| meminfo_available_kib(&text)),
+            MemorySource::LibvirtFree => None,
+        };
+        let available_kib = local.or_else(|| get("free")).unwrap_or(0).min(total_kib);
         Ok(HostMemory {
             total_kib,
             available_kib,
@@ -799,6 +858,32 @@ fn bulk_vcpus(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_available_memory_of_a_local_host_is_the_kernels_estimate() {
+        for local in ["qemu:///system", "qemu:///session", "qemu+unix:///system"] {
+            assert_eq!(
+                MemorySource::for_uri(local),
+                MemorySource::ProcMeminfo,
+                "{local}"
+            );
+        }
+        for remote in [
+            "qemu+ssh://root@host/system",
+            "qemu+tcp://host/system",
+            "test:///default",
+            "qemu://host/system",
+        ] {
+            assert_eq!(
+                MemorySource::for_uri(remote),
+                MemorySource::LibvirtFree,
+                "{remote}"
+            );
+        }
+        let meminfo = "MemTotal:       24576000 kB\nMemFree:          512000 kB\nMemAvailable:   20480000 kB\nShmem:          8192000 kB\n";
+        assert_eq!(meminfo_available_kib(meminfo), Some(20_480_000));
+        assert_eq!(meminfo_available_kib("MemTotal: 1 kB\n"), None);
+    }
 
     #[test]
     fn hints_name_the_likely_cause() {
