@@ -64,11 +64,14 @@ enum StaleNotice {
 }
 
 /// A domain as the coordinator follows it across cycles.
+#[derive(Clone)]
 struct DomainState {
     stats: Stats,
     notice: StaleNotice,
     /// The cycle it was last seen in; domains not seen in a cycle are forgotten.
     seen: u64,
+    /// The run of the domain this state is about (see [`crate::host::DomainRef::run`]).
+    run: Option<u32>,
 }
 
 impl DomainState {
@@ -213,11 +216,20 @@ impl Coordinator {
         report: &mut MemReport,
     ) -> HostResult<bool> {
         let dom = &sample.domain;
-        let state = self.domains.entry(dom.id).or_insert(DomainState {
+        let fresh = DomainState {
             stats: Stats::Off,
             notice: StaleNotice::NeverFresh,
             seen: 0,
-        });
+            run: dom.run,
+        };
+        let state = self.domains.entry(dom.id).or_insert_with(|| fresh.clone());
+        if state.run != dom.run {
+            // It restarted under the same UUID: a new guest as far as its figures go (its
+            // statistics period is gone too).
+            log::debug!("domain {} restarted: its history starts again", dom.name);
+            *state = fresh;
+            self.sampler.forget(&dom.id);
+        }
         state.seen = self.cycles;
         if let Some(reason) = dom.memory_held {
             if state.stats != Stats::Held {

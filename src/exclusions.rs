@@ -145,6 +145,7 @@ mod tests {
             opted_out,
             memory_nodes: None,
             memory_held: None,
+            run: None,
         }
     }
 

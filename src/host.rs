@@ -69,6 +69,9 @@ pub struct DomainRef {
     pub memory_nodes: Option<Vec<u32>>,
     /// Why its balloon would free nothing on the host (hugepages, locked memory, VFIO), where so.
     pub memory_held: Option<&'static str>,
+    /// Which run of the domain this is (libvirt's domain ID, new at every start), where known: a
+    /// domain that restarted under the same UUID starts new series.
+    pub run: Option<u32>,
 }
 
 /// One vCPU of a running domain, as read at one instant.

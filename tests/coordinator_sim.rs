@@ -225,3 +225,33 @@ fn a_dry_run_sets_no_statistics_period() {
     );
     assert_eq!(host.resizes, 0);
 }
+
+#[test]
+fn a_guest_restarted_under_the_same_uuid_starts_a_new_series() {
+    // Guest 1 idles at 120 MiB used, then restarts and uses 900 MiB of its 1024 at once. Compared
+    // with its previous run, that would read as consuming 780 MiB in a period with 12 % free: a
+    // false STARVING. As a new run it is first sight again: no rate, nothing given.
+    let mut host = lab();
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 6);
+    let before = host.domains[0].mem.actual;
+    host.domains[0].run += 1;
+    host.domains[0].mem.restart(900 * MIB);
+    host.domains[0].mem.actual = before.max(1024 * MIB);
+    // Its configuration sets a statistics period, so it reports from its first second.
+    host.domains[0].mem.stats_period = 1;
+    let actual = host.domains[0].mem.actual;
+    for _ in 0..2 {
+        host.advance(PERIOD);
+        let report = c.cycle(&mut host).unwrap().unwrap();
+        assert!(
+            !report.to_string().contains("dom1 1024 MiB free 124 rate"),
+            "{report}"
+        );
+        assert!(
+            !report.changes.iter().any(|ch| ch.domain == "dom1"),
+            "{report}"
+        );
+    }
+    assert_eq!(host.domains[0].mem.actual, actual);
+}

@@ -173,6 +173,7 @@ mod tests {
             opted_out: false,
             memory_nodes: None,
             memory_held: None,
+            run: None,
         }
     }
 

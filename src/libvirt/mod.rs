@@ -49,6 +49,7 @@ impl DomainFacts {
             opted_out: self.opted_out,
             memory_nodes: self.memory_nodes.clone(),
             memory_held: self.memory_held,
+            run: Some(self.run),
             ..domain.clone()
         }
     }
@@ -520,6 +521,7 @@ impl Host for LibvirtHost {
                 opted_out: false,
                 memory_nodes: None,
                 memory_held: None,
+                run: None,
             };
             let facts = self.facts(&domain.id, rec.id).map(|f| f.describe(&domain));
             let Some(described) = read_or_skip(&domain, facts)? else {
@@ -583,6 +585,7 @@ impl Host for LibvirtHost {
                 opted_out: false,
                 memory_nodes: None,
                 memory_held: None,
+                run: None,
             };
             let facts = self.facts(&domain.id, rec.id).map(|f| f.describe(&domain));
             let Some(described) = read_or_skip(&domain, facts)? else {
@@ -636,6 +639,7 @@ impl Host for LibvirtHost {
                 opted_out: false,
                 memory_nodes: None,
                 memory_held: None,
+                run: None,
             };
             let facts = self.facts(&id, run).map(|f| f.describe(&domain));
             if let Some(described) = read_or_skip(&domain, facts)? {

@@ -129,6 +129,12 @@ impl MemorySampler {
         }
     }
 
+    /// Forget domain `id` (it restarted): its next report is a first sight.
+    pub fn forget(&mut self, id: &DomainId) {
+        self.last.remove(id);
+        self.used.forget(id);
+    }
+
     /// Close a cycle: forget domains that were not recorded in it.
     pub fn end_cycle(&mut self) {
         let current = self.generation;

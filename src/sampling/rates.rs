@@ -114,6 +114,11 @@ impl<K: Hash + Eq> Rates<K> {
         }
     }
 
+    /// Forget `key`'s series altogether: its next reading starts a new one.
+    pub fn forget(&mut self, key: &K) {
+        self.last.remove(key);
+    }
+
     /// Keep `key`'s series alive through this cycle without a new reading.
     pub fn touch(&mut self, key: &K) {
         if let Some(series) = self.last.get_mut(key) {

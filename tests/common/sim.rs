@@ -101,6 +101,18 @@ impl SimMemory {
         self.goal = goal as f64;
     }
 
+    /// The guest restarts: it uses `used` KiB at once, has posted no report, and has lost its
+    /// statistics period.
+    pub fn restart(&mut self, used: u64) {
+        self.used = used as f64;
+        self.baseline = used as f64;
+        self.goal = used as f64;
+        self.rate = 0.0;
+        self.report = None;
+        self.stats_period = 0;
+        self.last_report_at = f64::NEG_INFINITY;
+    }
+
     fn advance(&mut self, now: f64, dt: f64) {
         if self.rate > 0.0 {
             self.used = (self.used + self.rate * dt).min(self.goal);
@@ -133,6 +145,8 @@ pub struct SimDomain {
     pub memory_nodes: Option<Vec<u32>>,
     /// Why its balloon frees nothing on the host (hugepages, locked, VFIO), if so.
     pub memory_held: Option<&'static str>,
+    /// Its run (domain ID): a restart gives it a new one.
+    pub run: u32,
     /// Its metadata asks vmbalance to leave it alone.
     pub opted_out: bool,
     pub vcpus: Vec<SimVcpu>,
@@ -216,6 +230,7 @@ impl SimHost {
             name: format!("dom{n}"),
             memory_nodes: None,
             memory_held: None,
+            run: 1,
             opted_out: false,
             vcpus: vcpus
                 .iter()
@@ -348,6 +363,7 @@ impl Host for SimHost {
                 opted_out: d.opted_out,
                 memory_nodes: d.memory_nodes.clone(),
                 memory_held: d.memory_held,
+                run: Some(d.run),
             })
             .collect();
         for gone in std::mem::take(&mut self.vanish_after_listing) {
