@@ -13,7 +13,7 @@ use log::warn;
 
 use crate::exclusions::Exclusions;
 use crate::host::{
-    BalloonSample, DomainId, DomainNames, Host, HostError, HostMemory, HostResult,
+    BalloonSample, DomainId, DomainNames, DomainRef, Host, HostError, HostMemory, HostResult,
     changed_or_skipped,
 };
 use crate::mem_plan::{BalloonChange, MemPlan, MemPolicy, MemSnapshot, plan, violations};
@@ -70,7 +70,7 @@ struct DomainState {
     notice: StaleNotice,
     /// The cycle it was last seen in; domains not seen in a cycle are forgotten.
     seen: u64,
-    /// The run of the domain this state is about (see [`crate::host::DomainRef::run`]).
+    /// The run of the domain this state is about (see [`DomainRef::run`]).
     run: Option<u32>,
 }
 
@@ -216,21 +216,8 @@ impl Coordinator {
         report: &mut MemReport,
     ) -> HostResult<bool> {
         let dom = &sample.domain;
-        let fresh = DomainState {
-            stats: Stats::Off,
-            notice: StaleNotice::NeverFresh,
-            seen: 0,
-            run: dom.run,
-        };
-        let state = self.domains.entry(dom.id).or_insert_with(|| fresh.clone());
-        if state.run != dom.run {
-            // It restarted under the same UUID: a new guest as far as its figures go (its
-            // statistics period is gone too).
-            log::debug!("domain {} restarted: its history starts again", dom.name);
-            *state = fresh;
-            self.sampler.forget(&dom.id);
-        }
-        state.seen = self.cycles;
+        let (dry_run, period) = (self.dry_run, self.stats_period_secs);
+        let state = self.follow(dom);
         if let Some(reason) = dom.memory_held {
             if state.stats != Stats::Held {
                 warn!(
@@ -250,7 +237,7 @@ impl Coordinator {
             }
             Stats::Off | Stats::Held => {}
         }
-        if self.dry_run {
+        if dry_run {
             // A dry run changes nothing, not even the statistics period.
             log::info!(
                 "dry run: domain {}'s balloon statistics are not switched on; it is judged on what it already reports",
@@ -261,7 +248,7 @@ impl Coordinator {
         }
         // The figures read this cycle predate the switch; the sampler treats a first report as
         // stale anyway.
-        match host.enable_balloon_stats(&dom.id, self.stats_period_secs) {
+        match host.enable_balloon_stats(&dom.id, period) {
             Ok(()) => {
                 state.stats = Stats::On { stale_cycles: 0 };
                 Ok(true)
@@ -275,6 +262,26 @@ impl Coordinator {
                 Ok(false)
             }
         }
+    }
+
+    /// The state of domain `dom`, seen this cycle: new on first sight, and new again when the
+    /// domain restarted under the same UUID (its history is forgotten: a new guest as far as its
+    /// figures go, and its statistics period is gone too).
+    fn follow(&mut self, dom: &DomainRef) -> &mut DomainState {
+        let fresh = DomainState {
+            stats: Stats::Off,
+            notice: StaleNotice::NeverFresh,
+            seen: 0,
+            run: dom.run,
+        };
+        let state = self.domains.entry(dom.id).or_insert_with(|| fresh.clone());
+        if state.run != dom.run {
+            log::debug!("domain {} restarted: its history starts again", dom.name);
+            *state = fresh;
+            self.sampler.forget(&dom.id);
+        }
+        state.seen = self.cycles;
+        state
     }
 
     /// Judge the report of `sample`: its line in the report, and the guest's figures when the

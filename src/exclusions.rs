@@ -140,12 +140,8 @@ mod tests {
 
     fn domain(name: &str, id: u8, opted_out: bool) -> DomainRef {
         DomainRef {
-            id: DomainId([id; 16]),
-            name: name.into(),
             opted_out,
-            memory_nodes: None,
-            memory_held: None,
-            run: None,
+            ..DomainRef::new(DomainId([id; 16]), name)
         }
     }
 

@@ -74,6 +74,20 @@ pub struct DomainRef {
     pub run: Option<u32>,
 }
 
+impl DomainRef {
+    /// Domain `id` named `name`, with nothing more known of it.
+    pub fn new(id: DomainId, name: &str) -> Self {
+        Self {
+            id,
+            name: name.to_string(),
+            opted_out: false,
+            memory_nodes: None,
+            memory_held: None,
+            run: None,
+        }
+    }
+}
+
 /// One vCPU of a running domain, as read at one instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VcpuInfo {

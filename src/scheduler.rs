@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::cpu_plan::{AllowedSets, CpuPlan, CpuPolicy, plan};
 use crate::exclusions::Exclusions;
-use crate::host::{DomainNames, Host, HostResult, changed_or_skipped};
+use crate::host::{DomainNames, Host, HostResult, VcpuSample, changed_or_skipped};
 use crate::report::{CpuReport, Decision, MoveLine, NodeLine, PcpuLine, spread};
 use crate::sampling::{CpuSampler, CpuSnapshot, VcpuKey, pcpu_demand, pcpu_usage};
 use crate::topology::Topology;
@@ -123,12 +123,47 @@ impl Scheduler {
         }
         let mut report = CpuReport::new(self.dry_run);
         let mut names = DomainNames::default();
-        self.sampler.begin(&node.online);
         let topology = host.topology()?;
-        self.allowed.begin(&node.online, topology.clone());
+        let snapshot = self.derive(&samples, &node.online, &topology, &mut report, &mut names);
+        if self.cycles == 1 {
+            return Ok(Some(report));
+        }
+        report.pcpus = pcpu_lines(&snapshot);
+        report.nodes = node_lines(&report.pcpus, topology.as_ref());
+        self.say_basis_once(snapshot.reports_delay());
+        // Rule 7: right after pin changes, observe only. Likewise after a sample too slow to
+        // compare its domains (a domain stuck in libvirt).
+        if std::mem::take(&mut self.settling) || slow {
+            report.decision = Decision::Settling;
+            return Ok(Some(report));
+        }
+        let plan = (self.planner)(&snapshot, &self.policy);
+        self.apply(host, &plan, &names, &mut report)?;
+        report.decision = Decision::Planned;
+        report.basis = Some(plan.basis);
+        report.planned = plan.moves.len();
+        report.balanced = plan.before.fixable_spread <= self.policy.threshold;
+        report.predicted_spread = plan.after.spread;
+        self.settling = self.settle_after_changes && !self.dry_run && !report.moves.is_empty();
+        Ok(Some(report))
+    }
+
+    /// The snapshot of this cycle's `samples`: each vCPU's load (from the sampler) and allowed
+    /// set (rule 9), on a host whose online pCPUs are `online`. Counts domains and vCPUs in
+    /// `report` and their names in `names`; remembers each vCPU's first affinity.
+    fn derive(
+        &mut self,
+        samples: &[VcpuSample],
+        online: &[u32],
+        topology: &Option<Topology>,
+        report: &mut CpuReport,
+        names: &mut DomainNames,
+    ) -> CpuSnapshot {
+        self.sampler.begin(online);
+        self.allowed.begin(online, topology.clone());
         self.exclusions.begin_cycle();
         let mut allowed = HashMap::new();
-        for sample in &samples {
+        for sample in samples {
             self.sampler
                 .record(sample.domain.id, sample.at, &sample.vcpus);
             // Rule 9: where each vCPU may go.
@@ -159,27 +194,7 @@ impl Scheduler {
                 v.allowed = set;
             }
         }
-        if self.cycles == 1 {
-            return Ok(Some(report));
-        }
-        report.pcpus = pcpu_lines(&snapshot);
-        report.nodes = node_lines(&report.pcpus, topology.as_ref());
-        self.say_basis_once(snapshot.reports_delay());
-        // Rule 7: right after pin changes, observe only. Likewise after a sample too slow to
-        // compare its domains (a domain stuck in libvirt).
-        if std::mem::take(&mut self.settling) || slow {
-            report.decision = Decision::Settling;
-            return Ok(Some(report));
-        }
-        let plan = (self.planner)(&snapshot, &self.policy);
-        self.apply(host, &plan, &names, &mut report)?;
-        report.decision = Decision::Planned;
-        report.basis = Some(plan.basis);
-        report.planned = plan.moves.len();
-        report.balanced = plan.before.fixable_spread <= self.policy.threshold;
-        report.predicted_spread = plan.after.spread;
-        self.settling = self.settle_after_changes && !self.dry_run && !report.moves.is_empty();
-        Ok(Some(report))
+        snapshot
     }
 
     /// Did sampling take more than half the period? Said once when it starts being so, and

@@ -167,14 +167,7 @@ mod tests {
     }
 
     fn domain(n: u8) -> DomainRef {
-        DomainRef {
-            id: DomainId([n; 16]),
-            name: format!("d{n}"),
-            opted_out: false,
-            memory_nodes: None,
-            memory_held: None,
-            run: None,
-        }
+        DomainRef::new(DomainId([n; 16]), &format!("d{n}"))
     }
 
     #[test]

@@ -421,6 +421,14 @@ impl LibvirtHost {
         Ok(self.facts.get_mut(id).expect("just read"))
     }
 
+    /// Domain `id`, named `name`, in its run `run`, with what is read of it once per run; `None`
+    /// when it vanished or cannot be read (said, see [`read_or_skip`]).
+    fn described(&mut self, id: DomainId, name: &str, run: u32) -> HostResult<Option<DomainRef>> {
+        let domain = DomainRef::new(id, name);
+        let facts = self.facts(&id, run).map(|f| f.describe(&domain));
+        read_or_skip(&domain, facts)
+    }
+
     /// The vCPU affinity of domain `id`'s persistent configuration (run `run`, `nvcpus` vCPUs),
     /// read once per run; `None` for a transient domain.
     fn configured(
@@ -515,19 +523,9 @@ impl Host for LibvirtHost {
         }
         let mut out = Vec::with_capacity(records.len());
         for rec in records {
-            let mut domain = DomainRef {
-                id: DomainId(rec.uuid),
-                name: rec.name.clone(),
-                opted_out: false,
-                memory_nodes: None,
-                memory_held: None,
-                run: None,
-            };
-            let facts = self.facts(&domain.id, rec.id).map(|f| f.describe(&domain));
-            let Some(described) = read_or_skip(&domain, facts)? else {
+            let Some(domain) = self.described(DomainId(rec.uuid), &rec.name, rec.id)? else {
                 continue;
             };
-            domain = described;
             let from_bulk = match rec.u64("vcpu.maximum") {
                 Some(max) => {
                     let max = u32::try_from(max).unwrap_or(u32::MAX);
@@ -579,19 +577,9 @@ impl Host for LibvirtHost {
         let at = std::time::Instant::now();
         let mut out = Vec::with_capacity(records.len());
         for rec in records {
-            let mut domain = DomainRef {
-                id: DomainId(rec.uuid),
-                name: rec.name.clone(),
-                opted_out: false,
-                memory_nodes: None,
-                memory_held: None,
-                run: None,
-            };
-            let facts = self.facts(&domain.id, rec.id).map(|f| f.describe(&domain));
-            let Some(described) = read_or_skip(&domain, facts)? else {
+            let Some(domain) = self.described(DomainId(rec.uuid), &rec.name, rec.id)? else {
                 continue;
             };
-            domain = described;
             let stats = match (rec.u64("balloon.current"), rec.u64("balloon.maximum")) {
                 (Some(actual_kib), Some(max_kib)) => Some(BalloonStats {
                     actual_kib,
@@ -633,18 +621,7 @@ impl Host for LibvirtHost {
             let id = DomainId(*uuid.as_bytes());
             let run = dom.id().unwrap_or(u32::MAX);
             self.domains.insert(id, dom);
-            let domain = DomainRef {
-                id,
-                name,
-                opted_out: false,
-                memory_nodes: None,
-                memory_held: None,
-                run: None,
-            };
-            let facts = self.facts(&id, run).map(|f| f.describe(&domain));
-            if let Some(described) = read_or_skip(&domain, facts)? {
-                out.push(described);
-            }
+            out.extend(self.described(id, &name, run)?);
         }
         let seen: std::collections::HashSet<DomainId> = out.iter().map(|d| d.id).collect();
         self.facts.retain(|id, _| seen.contains(id));
