@@ -181,3 +181,51 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn the_installed_units_are_sandboxed() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze is not installed: units not scored");
+        return;
+    }
+    let root = scratch("security");
+    let prefix = format!("PREFIX={}/usr", root.display());
+    let sysconf = format!("SYSCONFDIR={}/etc", root.display());
+    make(&["install", &prefix, &sysconf]);
+    for unit in ["vcpu-scheduler", "memory-coordinator"] {
+        let path = root.join(format!("usr/lib/systemd/system/{unit}.service"));
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let exposure: f64 = text
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|rest| rest.split(": ").nth(1))
+            .and_then(|score| score.split_whitespace().next())
+            .and_then(|score| score.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no exposure level for {unit}:\n{text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        assert!(exposure <= 2.5, "{unit}: exposure {exposure}\n{text}");
+        // No root, no capability, the libvirt socket through the group.
+        let unit_text = read(&path);
+        for setting in [
+            "DynamicUser=yes",
+            "SupplementaryGroups=libvirt",
+            "CapabilityBoundingSet=\n",
+        ] {
+            assert!(unit_text.contains(setting), "{unit} lacks {setting:?}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
