@@ -387,7 +387,8 @@ impl LibvirtHost {
     }
 
     /// The facts of run `run` of domain `id`, read on first sight of that run: whether its
-    /// metadata asks vmbalance to leave it alone.
+    /// metadata asks vmbalance to leave it alone (`virDomainGetMetadata`), and what its live XML
+    /// says of its memory: a strict NUMA binding, memory a balloon cannot give back.
     fn facts(&mut self, id: &DomainId, run: u32) -> HostResult<&mut DomainFacts> {
         if self.facts.get(id).is_none_or(|f| f.run != run) {
             let dom = self.domain(id)?;
