@@ -608,3 +608,62 @@ fn coordinator_warns_once_per_domain_without_a_balloon() {
         "{err}"
     );
 }
+
+/// The long options a README section's option table names (`--name` in its first column).
+fn readme_options(daemon: &str) -> std::collections::BTreeSet<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with(daemon))
+        .unwrap()
+        .to_string();
+    section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| l.split('|').nth(1))
+        .flat_map(long_options)
+        .collect()
+}
+
+/// Every `--long-option` in `text`.
+fn long_options(text: &str) -> Vec<String> {
+    text.match_indices("--")
+        .filter_map(|(i, _)| {
+            let name: String = text[i + 2..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+                .collect();
+            (!name.is_empty()).then(|| format!("--{name}"))
+        })
+        .collect()
+}
+
+#[test]
+fn readme_and_help_name_the_same_options() {
+    for (bin, daemon) in [
+        (SCHEDULER, "vcpu_scheduler"),
+        (COORDINATOR, "memory_coordinator"),
+    ] {
+        let help = String::from_utf8_lossy(&run(bin, &["--help"]).stdout).into_owned();
+        let in_help: std::collections::BTreeSet<String> = help
+            .lines()
+            .filter(|l| l.trim_start().starts_with('-'))
+            .flat_map(|l| {
+                long_options(
+                    l.split_whitespace()
+                        .take(3)
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                        .as_str(),
+                )
+            })
+            .filter(|o| o != "--help" && o != "--version")
+            .collect();
+        let in_readme = readme_options(daemon);
+        assert_eq!(
+            in_readme, in_help,
+            "{daemon}: README's table and --help differ"
+        );
+    }
+}
