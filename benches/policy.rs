@@ -605,6 +605,24 @@ fn cpu_snapshot(pcpus: u32, vcpus: usize, crowded: bool, seed: u64) -> CpuSnapsh
     }
 }
 
+/// The median cost of one decision on `random` (pins at random: "unbalanced") and on the host it
+/// becomes once that decision is applied, re-planned ("balanced").
+fn balanced_and_unbalanced(random: CpuSnapshot, policy: &CpuPolicy) -> (Duration, Duration) {
+    let mut balanced = random.clone();
+    for m in plan(&random, policy).moves {
+        let v = balanced.vcpus.iter_mut().find(|v| v.key == m.key).unwrap();
+        v.pinned = Some(m.to);
+        v.last_pcpu = Some(m.to);
+    }
+    let tb = time(Duration::from_secs(1), || {
+        black_box(plan(black_box(&balanced), policy));
+    });
+    let tu = time(Duration::from_secs(1), || {
+        black_box(plan(black_box(&random), policy));
+    });
+    (tb, tu)
+}
+
 /// `s` on a host of two NUMA nodes (the low and the high half of its pCPUs): every vCPU may only
 /// use its node's pCPUs, and every tenth only the pCPU it is pinned to.
 fn numa_constrained(mut s: CpuSnapshot) -> CpuSnapshot {
@@ -662,20 +680,7 @@ fn decision_cost() {
     println!("| --- | --- | ---: | ---: |");
     let policy = CpuPolicy::default();
     for (pcpus, vcpus) in [(16u32, 100usize), (64, 1000), (256, 10_000), (1024, 40_000)] {
-        // "Balanced": the output of one plan, re-planned; "unbalanced": random pins.
-        let random = cpu_snapshot(pcpus, vcpus, false, 7);
-        let mut balanced = random.clone();
-        for m in plan(&random, &policy).moves {
-            let v = balanced.vcpus.iter_mut().find(|v| v.key == m.key).unwrap();
-            v.pinned = Some(m.to);
-            v.last_pcpu = Some(m.to);
-        }
-        let tb = time(Duration::from_secs(1), || {
-            black_box(plan(black_box(&balanced), &policy));
-        });
-        let tu = time(Duration::from_secs(1), || {
-            black_box(plan(black_box(&random), &policy));
-        });
+        let (tb, tu) = balanced_and_unbalanced(cpu_snapshot(pcpus, vcpus, false, 7), &policy);
         println!("| vCPU | {vcpus} vCPUs on {pcpus} pCPUs | {tb:.2?} | {tu:.2?} |");
     }
     let crowded = cpu_snapshot(256, 10_000, true, 9);
@@ -685,19 +690,10 @@ fn decision_cost() {
     println!("| vCPU | 10000 vCPUs all on one of 256 pCPUs | | {tc:.2?} |");
     // Rule 9 at scale: 2 NUMA nodes of 128 pCPUs (2 sockets x 64 cores x 2 threads); every vCPU
     // held to the node it runs on, one in ten pinned by its admin to the pCPU it runs on.
-    let random = numa_constrained(cpu_snapshot(256, 10_000, false, 7));
-    let mut balanced = random.clone();
-    for m in plan(&random, &policy).moves {
-        let v = balanced.vcpus.iter_mut().find(|v| v.key == m.key).unwrap();
-        v.pinned = Some(m.to);
-        v.last_pcpu = Some(m.to);
-    }
-    let tb = time(Duration::from_secs(1), || {
-        black_box(plan(black_box(&balanced), &policy));
-    });
-    let tu = time(Duration::from_secs(1), || {
-        black_box(plan(black_box(&random), &policy));
-    });
+    let (tb, tu) = balanced_and_unbalanced(
+        numa_constrained(cpu_snapshot(256, 10_000, false, 7)),
+        &policy,
+    );
     println!(
         "| vCPU | 10000 vCPUs on 256 pCPUs in 2 NUMA nodes, each held to its node, 10 % admin-pinned | {tb:.2?} | {tu:.2?} |"
     );

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const SCHEDULER: &str = env!("CARGO_BIN_EXE_vcpu_scheduler");
@@ -222,10 +222,11 @@ fn quiet_silences_info() {
 
 /// Start the daemon with a long PERIOD, wait for its first cycle, send `signal`, and expect a clean
 /// exit long before the PERIOD is over.
-fn stops_cleanly_on(signal: &str) {
-    let uri = common::test_uri("node.xml");
-    let mut child = Command::new(SCHEDULER)
-        .args(["--connect", &uri, "3600"])
+/// Start `bin` with `args`, its stderr read on a thread (joined for the whole log).
+fn spawn_logged(bin: &str, args: &[&str]) -> (Child, std::thread::JoinHandle<String>) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .env_remove("RUST_LOG")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -235,13 +236,24 @@ fn stops_cleanly_on(signal: &str) {
         std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
         s
     });
-    // The first cycle runs at once; give it a moment to be in its sleep.
-    std::thread::sleep(Duration::from_millis(500));
-    let killed = Command::new("kill")
-        .args([signal, &child.id().to_string()])
+    (child, reader)
+}
+
+/// Send `name` (`-TERM`, `-HUP`, ...) to `child`.
+fn send(child: &Child, name: &str) {
+    let sent = Command::new("kill")
+        .args([name, &child.id().to_string()])
         .status()
         .unwrap();
-    assert!(killed.success());
+    assert!(sent.success());
+}
+
+fn stops_cleanly_on(signal: &str) {
+    let uri = common::test_uri("node.xml");
+    let (mut child, reader) = spawn_logged(SCHEDULER, &["--connect", &uri, "3600"]);
+    // The first cycle runs at once; give it a moment to be in its sleep.
+    std::thread::sleep(Duration::from_millis(500));
+    send(&child, signal);
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -539,28 +551,12 @@ fn pins_stay_in_the_pool_and_excluded_domains_are_left_alone() {
 fn sighup_rereads_the_configuration_and_keeps_running() {
     let uri = common::test_uri("node.xml");
     for bin in [SCHEDULER, COORDINATOR] {
-        let mut child = Command::new(bin)
-            .args(["--connect", &uri, "0.2"])
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
-            s
-        });
+        let (mut child, reader) = spawn_logged(bin, &["--connect", &uri, "0.2"]);
         std::thread::sleep(Duration::from_millis(600));
-        let pid = child.id().to_string();
-        let signal = |name: &str| {
-            let sent = Command::new("kill").args([name, &pid]).status().unwrap();
-            assert!(sent.success());
-        };
-        signal("-HUP");
+        send(&child, "-HUP");
         std::thread::sleep(Duration::from_millis(800));
         assert!(child.try_wait().unwrap().is_none(), "{bin} ended on SIGHUP");
-        signal("-TERM");
+        send(&child, "-TERM");
         let status = child.wait().unwrap();
         let log = reader.join().unwrap();
         assert_eq!(status.code(), Some(0), "{log}");
