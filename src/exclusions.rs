@@ -35,14 +35,21 @@ enum Pattern {
     Name(glob::Pattern),
 }
 
-/// Parse one `--exclude` value: a domain UUID, else a glob over domain names (`*`, `?`, `[…]`).
-pub fn parse_pattern(text: &str) -> Result<String, String> {
-    if DomainId::parse(text).is_some() {
-        return Ok(text.to_string());
+impl Pattern {
+    /// A domain UUID, else a glob over domain names (`*`, `?`, `[…]`).
+    fn new(text: &str) -> Result<Self, String> {
+        if let Some(id) = DomainId::parse(text) {
+            return Ok(Self::Uuid(id));
+        }
+        glob::Pattern::new(text)
+            .map(Self::Name)
+            .map_err(|e| format!("'{text}' is neither a UUID nor a valid name pattern: {e}"))
     }
-    glob::Pattern::new(text)
-        .map(|_| text.to_string())
-        .map_err(|e| format!("'{text}' is neither a UUID nor a valid name pattern: {e}"))
+}
+
+/// Check one `--exclude` value (see [`Exclusions::new`]).
+pub fn parse_pattern(text: &str) -> Result<String, String> {
+    Pattern::new(text).map(|_| text.to_string())
 }
 
 /// Why a domain is left alone.
@@ -64,18 +71,11 @@ pub struct Exclusions {
 }
 
 impl Exclusions {
-    /// Exclusions from `--exclude` values, each checked by [`parse_pattern`].
+    /// Exclusions from `--exclude` values: each a domain UUID, else a glob over domain names.
     pub fn new(patterns: &[String]) -> Result<Self, String> {
         let patterns = patterns
             .iter()
-            .map(|text| {
-                parse_pattern(text)?;
-                let pattern = match DomainId::parse(text) {
-                    Some(id) => Pattern::Uuid(id),
-                    None => Pattern::Name(glob::Pattern::new(text).map_err(|e| e.to_string())?),
-                };
-                Ok((text.clone(), pattern))
-            })
+            .map(|text| Ok((text.clone(), Pattern::new(text)?)))
             .collect::<Result<_, String>>()?;
         Ok(Self {
             patterns,

@@ -150,7 +150,8 @@ impl BalloonStats {
 pub struct HostMemory {
     /// Physical memory.
     pub total_kib: u64,
-    /// Memory the host can give: free plus buffers plus page cache.
+    /// Memory the host can give: what the kernel can hand out (MemAvailable where it is known,
+    /// see the libvirt layer), not memory merely cached or shared.
     pub available_kib: u64,
 }
 

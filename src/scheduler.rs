@@ -3,11 +3,10 @@
 //! Generic over [`Host`], so the same cycle runs against libvirt in the daemon and against a
 //! simulated host in tests and benchmarks.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use log::{info, warn};
-
-use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::cpu_plan::{AllowedSets, CpuPlan, CpuPolicy, plan};
 use crate::exclusions::Exclusions;
@@ -38,9 +37,7 @@ pub struct Scheduler {
     period: Option<Duration>,
     /// Said that sampling is slow, and not yet that it is back to normal.
     slow: bool,
-    /// Each vCPU's affinity when first seen, for [`Scheduler::restore`].
-    first_affinity: HashMap<VcpuKey, Vec<u32>>,
-    /// vCPUs this scheduler has re-pinned.
+    /// vCPUs this scheduler has re-pinned (their first affinity is kept by `allowed`).
     changed: HashSet<VcpuKey>,
 }
 
@@ -73,7 +70,6 @@ impl Scheduler {
             exclusions: Exclusions::default(),
             period: None,
             slow: false,
-            first_affinity: HashMap::new(),
             changed: HashSet::new(),
         }
     }
@@ -150,7 +146,7 @@ impl Scheduler {
 
     /// The snapshot of this cycle's `samples`: each vCPU's load (from the sampler) and allowed
     /// set (rule 9), on a host whose online pCPUs are `online`. Counts domains and vCPUs in
-    /// `report` and their names in `names`; remembers each vCPU's first affinity.
+    /// `report` and their names in `names`.
     fn derive(
         &mut self,
         samples: &[VcpuSample],
@@ -174,9 +170,6 @@ impl Scheduler {
                     vcpu: vcpu.number,
                 };
                 allowed.insert(key, self.allowed.of(&sample.domain, excluded, vcpu));
-                self.first_affinity
-                    .entry(key)
-                    .or_insert_with(|| vcpu.affinity.clone());
             }
             report.domains += 1;
             report.vcpus += sample.vcpus.len();
@@ -185,8 +178,6 @@ impl Scheduler {
         self.allowed.end_cycle();
         self.exclusions.end_cycle();
         // Vanished vCPUs need no restoring (a domain that comes back starts afresh).
-        self.first_affinity
-            .retain(|key, _| allowed.contains_key(key));
         self.changed.retain(|key| allowed.contains_key(key));
         let mut snapshot = self.sampler.finish();
         for v in &mut snapshot.vcpus {
@@ -242,7 +233,7 @@ impl Scheduler {
         let mut changed: Vec<VcpuKey> = self.changed.drain().collect();
         changed.sort();
         for key in changed {
-            let Some(first) = self.first_affinity.get(&key) else {
+            let Some(first) = self.allowed.first_seen(&key) else {
                 continue;
             };
             let what = format!("vCPU{} could be restored", key.vcpu);

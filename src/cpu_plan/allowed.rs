@@ -34,7 +34,8 @@ pub fn allowed(online: &[u32], limits: &[Option<&[u32]>]) -> Vec<u32> {
 pub struct AllowedSets {
     /// The host's pool (`--cpus`), sorted; `None`: every online pCPU.
     pool: Option<Vec<u32>>,
-    /// Affinity first seen, for vCPUs of domains without a persistent configuration.
+    /// Each vCPU's affinity when first seen: the admin's word for a domain without a persistent
+    /// configuration, and what `--restore-on-exit` puts back.
     first_seen: HashMap<VcpuKey, Vec<u32>>,
     /// vCPUs seen this cycle.
     seen: HashSet<VcpuKey>,
@@ -104,17 +105,14 @@ impl AllowedSets {
             vcpu: vcpu.number,
         };
         self.seen.insert(key);
+        let first_seen = self
+            .first_seen
+            .entry(key)
+            .or_insert_with(|| vcpu.affinity.clone());
         if excluded {
             return Allowed::Only(Arc::from([]));
         }
-        let configured = match &vcpu.configured {
-            Some(configured) => configured,
-            None => self
-                .first_seen
-                .entry(key)
-                .or_insert_with(|| vcpu.affinity.clone()),
-        };
-        let configured = configured.clone();
+        let configured = vcpu.configured.as_ref().unwrap_or(first_seen).clone();
         let nodes = self.node_cpus(domain, vcpu);
         let set = allowed(
             &self.online,
@@ -140,6 +138,11 @@ impl AllowedSets {
             .entry(set)
             .or_insert_with_key(|set| Arc::from(set.as_slice()));
         Allowed::Only(Arc::clone(shared))
+    }
+
+    /// The affinity vCPU `key` had when first seen (while it is seen, cycle after cycle).
+    pub fn first_seen(&self, key: &VcpuKey) -> Option<&[u32]> {
+        self.first_seen.get(key).map(Vec::as_slice)
     }
 
     /// End a cycle: forget the vCPUs and domains not seen in it.
