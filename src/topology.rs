@@ -26,6 +26,8 @@ pub struct CpuPlace {
 pub struct Topology {
     /// Every pCPU libvirt describes, by number.
     pub cpus: BTreeMap<u32, CpuPlace>,
+    /// Each NUMA node's pCPUs, sorted (worked out once: the scheduler asks for every vCPU).
+    by_node: BTreeMap<u32, Vec<u32>>,
 }
 
 impl Topology {
@@ -54,7 +56,14 @@ impl Topology {
                 cpus.insert(id, place);
             }
         }
-        (!cpus.is_empty()).then_some(Self { cpus })
+        if cpus.is_empty() {
+            return None;
+        }
+        let mut by_node: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for (&cpu, place) in &cpus {
+            by_node.entry(place.node).or_default().push(cpu);
+        }
+        Some(Self { cpus, by_node })
     }
 
     /// The NUMA node of pCPU `cpu`, where known.
@@ -64,19 +73,25 @@ impl Topology {
 
     /// The pCPUs of the nodes in `nodes`, sorted.
     pub fn cpus_of_nodes(&self, nodes: &[u32]) -> Vec<u32> {
-        self.cpus
-            .iter()
-            .filter(|(_, p)| nodes.contains(&p.node))
-            .map(|(&cpu, _)| cpu)
-            .collect()
+        match nodes {
+            [one] => self.cpus_of_node(*one).to_vec(),
+            _ => self
+                .cpus
+                .iter()
+                .filter(|(_, p)| nodes.contains(&p.node))
+                .map(|(&cpu, _)| cpu)
+                .collect(),
+        }
+    }
+
+    /// The pCPUs of node `node`, sorted (none for a node it does not describe).
+    pub fn cpus_of_node(&self, node: u32) -> &[u32] {
+        self.by_node.get(&node).map_or(&[], Vec::as_slice)
     }
 
     /// The NUMA nodes, ascending.
     pub fn nodes(&self) -> Vec<u32> {
-        let mut nodes: Vec<u32> = self.cpus.values().map(|p| p.node).collect();
-        nodes.sort_unstable();
-        nodes.dedup();
-        nodes
+        self.by_node.keys().copied().collect()
     }
 }
 

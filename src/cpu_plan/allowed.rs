@@ -2,6 +2,7 @@
 //! memory is bound to or it runs on, the host's pool (`--cpus`) and the online pCPUs, and whether
 //! its domain is excluded.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -77,25 +78,21 @@ impl AllowedSets {
     /// The pCPUs of the NUMA nodes `vcpu` of `domain` may use: those its memory is bound to;
     /// else, unless cross-node moves are allowed, the one it runs on now. `None`: no NUMA limit
     /// (no topology, or a node that cannot be told).
-    fn node_cpus(&self, domain: &DomainRef, vcpu: &VcpuInfo) -> Option<Vec<u32>> {
+    fn node_cpus(&self, domain: &DomainRef, vcpu: &VcpuInfo) -> Option<Cow<'_, [u32]>> {
         let topology = self.topology.as_ref()?;
         if let Some(bound) = &domain.memory_nodes {
-            return Some(topology.cpus_of_nodes(bound));
+            return Some(Cow::Owned(topology.cpus_of_nodes(bound)));
         }
         if self.cross_node {
             return None;
         }
-        let mut nodes: Vec<u32> = vcpu
-            .affinity
-            .iter()
-            .filter_map(|&p| topology.node_of(p))
-            .collect();
-        nodes.dedup();
-        let node = match nodes.as_slice() {
-            [one] => *one,
+        // The one node its affinity lies in, else the node it last ran on.
+        let mut nodes = vcpu.affinity.iter().filter_map(|&p| topology.node_of(p));
+        let node = match nodes.next() {
+            Some(node) if nodes.all(|n| n == node) => node,
             _ => topology.node_of(vcpu.last_pcpu?)?,
         };
-        Some(topology.cpus_of_nodes(&[node]))
+        Some(Cow::Borrowed(topology.cpus_of_node(node)))
     }
 
     /// The allowed set of vCPU `vcpu` of `domain`; empty when the domain is `excluded`.
