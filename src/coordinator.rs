@@ -20,8 +20,8 @@ use crate::mem_plan::{BalloonChange, MemPlan, MemPolicy, MemSnapshot, plan, viol
 use crate::report::{GuestLine, HostLine, MemReport, ResizeLine, mib};
 use crate::sampling::{GuestMemory, MemoryReading, MemorySampler};
 
-/// The report line of a domain left alone (`state` says why): what it shows, never acted on.
-fn idle_line(sample: &BalloonSample, state: &str) -> GuestLine {
+/// The report line of a guest: what it shows, and its state (or why it is left alone).
+fn guest_line(sample: &BalloonSample, state: &str) -> GuestLine {
     GuestLine {
         domain: sample.domain.name.clone(),
         actual_mib: mib(sample.stats.actual_kib),
@@ -168,7 +168,7 @@ impl Coordinator {
         self.exclusions.begin_cycle();
         for sample in &samples {
             if self.exclusions.excludes(&sample.domain) {
-                report.guests.push(idle_line(sample, "excluded"));
+                report.guests.push(guest_line(sample, "excluded"));
                 continue;
             }
             if !self.arm(host, sample, &mut report)? {
@@ -226,7 +226,7 @@ impl Coordinator {
                 );
                 state.stats = Stats::Held;
             }
-            report.guests.push(idle_line(sample, "memory held"));
+            report.guests.push(guest_line(sample, "memory held"));
             return Ok(false);
         }
         match state.stats {
@@ -289,13 +289,7 @@ impl Coordinator {
     fn classify(&mut self, sample: &BalloonSample) -> (GuestLine, Option<GuestMemory>) {
         let (dom, stats) = (&sample.domain, &sample.stats);
         let reading = self.sampler.record(dom.id, sample.at, stats);
-        let mut line = GuestLine {
-            domain: dom.name.clone(),
-            actual_mib: mib(stats.actual_kib),
-            free_mib: stats.free_kib().map(mib),
-            rate_mib_s: None,
-            state: String::new(),
-        };
+        let mut line = guest_line(sample, "");
         let mut fresh = None;
         line.state = match reading {
             MemoryReading::Fresh(g) => {
