@@ -658,6 +658,7 @@ fn mem_snapshot(guests: usize, seed: u64) -> MemSnapshot {
             total_kib: 1 << 30,
             available_kib: 1 << 28,
         }),
+        ..MemSnapshot::default()
     }
 }
 

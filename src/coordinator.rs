@@ -16,7 +16,10 @@ use crate::host::{
     BalloonSample, DomainId, DomainNames, DomainRef, Host, HostError, HostMemory, HostResult,
     changed_or_skipped,
 };
-use crate::mem_plan::{BalloonChange, MemPlan, MemPolicy, MemSnapshot, plan, violations};
+use crate::ledger::Ledger;
+use crate::mem_plan::{
+    BalloonChange, MemPlan, MemPolicy, MemSnapshot, MemStatus, Standing, plan, violations,
+};
 use crate::report::{GuestLine, HostLine, MemReport, ResizeLine, mib};
 use crate::sampling::{GuestMemory, MemoryReading, MemorySampler};
 
@@ -122,6 +125,7 @@ pub struct Coordinator {
     cycles: u64,
     warned_host_unknown: bool,
     exclusions: Exclusions,
+    ledger: Ledger,
 }
 
 impl Coordinator {
@@ -137,6 +141,7 @@ impl Coordinator {
             cycles: 0,
             warned_host_unknown: false,
             exclusions: Exclusions::default(),
+            ledger: Ledger::new(),
         }
     }
 
@@ -159,10 +164,12 @@ impl Coordinator {
         report.host = host_memory.map(|h| HostLine {
             total_mib: mib(h.total_kib),
             available_mib: mib(h.available_kib),
+            reserve_mib: mib(self.policy.reserve_kib(h)),
+            outstanding_mib: 0.0,
         });
         let mut snapshot = MemSnapshot {
-            guests: Vec::new(),
             host: host_memory,
+            ..MemSnapshot::default()
         };
         let mut names = DomainNames::default();
         self.exclusions.begin_cycle();
@@ -175,7 +182,10 @@ impl Coordinator {
                 continue;
             }
             let (line, fresh) = self.classify(sample);
-            snapshot.guests.extend(fresh);
+            if let Some((g, standing)) = fresh {
+                snapshot.guests.push(g);
+                snapshot.standing.insert(g.id, standing);
+            }
             names.insert(&sample.domain);
             report.guests.push(line);
         }
@@ -183,9 +193,14 @@ impl Coordinator {
         self.exclusions.end_cycle();
         let current = self.cycles;
         self.domains.retain(|_, s| s.seen == current);
+        self.ledger.retain(|id| self.domains.contains_key(id));
+        snapshot.outstanding_kib = self.ledger.outstanding_kib();
+        if let Some(h) = &mut report.host {
+            h.outstanding_mib = mib(snapshot.outstanding_kib);
+        }
 
         if let Some(plan) = self.decide(&snapshot, &mut report) {
-            self.apply(host, &plan, &snapshot, &names, &mut report)?;
+            self.apply(host, &plan, &names, &mut report)?;
         }
         Ok(Some(report))
     }
@@ -279,14 +294,15 @@ impl Coordinator {
             log::debug!("domain {} restarted: its history starts again", dom.name);
             *state = fresh;
             self.sampler.forget(&dom.id);
+            self.ledger.forget(&dom.id);
         }
         state.seen = self.cycles;
         state
     }
 
-    /// Judge the report of `sample`: its line in the report, and the guest's figures when the
-    /// planner may act on them.
-    fn classify(&mut self, sample: &BalloonSample) -> (GuestLine, Option<GuestMemory>) {
+    /// Judge the report of `sample`: its line in the report, and the guest's figures and
+    /// standing when the planner may act on them.
+    fn classify(&mut self, sample: &BalloonSample) -> (GuestLine, Option<(GuestMemory, Standing)>) {
         let (dom, stats) = (&sample.domain, &sample.stats);
         let reading = self.sampler.record(dom.id, sample.at, stats);
         let mut line = guest_line(sample, "");
@@ -294,8 +310,16 @@ impl Coordinator {
         line.state = match reading {
             MemoryReading::Fresh(g) => {
                 line.rate_mib_s = Some(g.rate_kib_s / 1024.0);
-                fresh = Some(g);
-                self.policy.status(&g).to_string()
+                self.ledger.observe(&g, &dom.name);
+                let standing = self.ledger.standing(&dom.id, dom.guaranteed_kib);
+                let status = self.policy.status(&g, &standing);
+                self.ledger.judged(&dom.id, status);
+                fresh = Some((g, standing));
+                if standing.behind && status == MemStatus::Starving {
+                    format!("{status} (balloon behind)")
+                } else {
+                    status.to_string()
+                }
             }
             MemoryReading::First => "first report".into(),
             MemoryReading::Stale => "waiting for stats".into(),
@@ -327,39 +351,18 @@ impl Coordinator {
         None
     }
 
-    /// Apply shrinks, then grows. When a shrink does not happen, the grows it was to fund are cut
-    /// by what the host cannot cover above its reserve (rule 6 of [`crate::mem_plan`]).
+    /// Apply shrinks, then grows (grants never count on this cycle's shrinks: rule 6 of
+    /// [`crate::mem_plan`]), and note each change made in the ledger.
     fn apply(
-        &self,
+        &mut self,
         host: &mut dyn Host,
         plan: &MemPlan,
-        snapshot: &MemSnapshot,
         names: &DomainNames,
         report: &mut MemReport,
     ) -> HostResult<()> {
-        let mut missing_kib = 0u64;
-        let (shrinks, grows): (Vec<_>, Vec<_>) = plan.changes.iter().partition(|c| c.shrinks());
-        for c in shrinks {
-            if !self.set(host, c, names, report)? {
-                missing_kib += c.from_kib - c.to_kib;
-            }
-        }
-        let spare = self
-            .policy
-            .host_budget_kib(snapshot.host)
-            .saturating_sub(plan.from_host_kib);
-        let mut uncovered = missing_kib.saturating_sub(spare);
-        for c in grows.into_iter().rev() {
-            let cut = uncovered.min(c.to_kib - c.from_kib);
-            uncovered -= cut;
-            let c = BalloonChange {
-                to_kib: c.to_kib - cut,
-                ..*c
-            };
-            if c.to_kib > c.from_kib {
-                self.set(host, &c, names, report)?;
-            } else {
-                report.skipped += 1;
+        for c in &plan.changes {
+            if self.set(host, c, names, report)? && !self.dry_run {
+                self.ledger.resized(c);
             }
         }
         Ok(())

@@ -17,15 +17,40 @@ use crate::host::{DomainId, DomainRef};
 /// The XML namespace of vmbalance's element in a domain's metadata.
 pub const METADATA_URI: &str = "http://vmbalance.org/xmlns/libvirt/1.0";
 
-/// Does vmbalance's metadata element (as `virDomainGetMetadata` returns it) ask to be left alone?
-/// `<policy exclude="yes"/>` does (`yes`, `true` or `1`); anything else, or XML that does not
-/// parse, does not.
-pub fn metadata_opts_out(xml: &str) -> bool {
-    roxmltree::Document::parse(xml).is_ok_and(|doc| {
-        doc.root_element()
-            .attribute("exclude")
-            .is_some_and(|v| matches!(v.trim(), "yes" | "true" | "1"))
-    })
+/// What a domain's vmbalance metadata element (as `virDomainGetMetadata` returns it) asks for:
+///
+/// ```xml
+/// <policy exclude="yes" guaranteed-mib="1024"/>
+/// ```
+///
+/// `exclude` (`yes`, `true` or `1`): leave the domain alone. `guaranteed-mib`: the memory
+/// coordinator never shrinks its balloon under this many MiB (oVirt's "guaranteed memory").
+/// Anything else, or XML that does not parse, asks for nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DomainMetadata {
+    /// The domain asks to be left alone.
+    pub exclude: bool,
+    /// No shrink takes its balloon under this, KiB (0: no guarantee).
+    pub guaranteed_kib: u64,
+}
+
+impl DomainMetadata {
+    /// Read vmbalance's metadata element.
+    pub fn parse(xml: &str) -> Self {
+        let Ok(doc) = roxmltree::Document::parse(xml) else {
+            return Self::default();
+        };
+        let root = doc.root_element();
+        Self {
+            exclude: root
+                .attribute("exclude")
+                .is_some_and(|v| matches!(v.trim(), "yes" | "true" | "1")),
+            guaranteed_kib: root
+                .attribute("guaranteed-mib")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(0, |mib| mib.min(1 << 40).saturating_mul(1024)),
+        }
+    }
 }
 
 /// One `--exclude` argument.
@@ -165,14 +190,24 @@ mod tests {
     }
 
     #[test]
-    fn metadata_asks_with_exclude_yes() {
+    fn metadata_asks_with_exclude_yes_and_guarantees_in_mib() {
         let ns = format!("xmlns=\"{METADATA_URI}\"");
-        assert!(metadata_opts_out(&format!(
-            "<policy {ns} exclude=\"yes\"/>"
-        )));
-        assert!(metadata_opts_out("<policy exclude='true'/>"));
-        assert!(!metadata_opts_out("<policy exclude=\"no\"/>"));
-        assert!(!metadata_opts_out("<policy/>"));
-        assert!(!metadata_opts_out("not xml"));
+        let m = DomainMetadata::parse(&format!(
+            "<policy {ns} exclude=\"yes\" guaranteed-mib=\"1024\"/>"
+        ));
+        assert_eq!(
+            m,
+            DomainMetadata {
+                exclude: true,
+                guaranteed_kib: 1024 * 1024
+            }
+        );
+        assert!(DomainMetadata::parse("<policy exclude='true'/>").exclude);
+        assert!(!DomainMetadata::parse("<policy exclude=\"no\"/>").exclude);
+        assert_eq!(
+            DomainMetadata::parse("<policy guaranteed-mib='lots'/>"),
+            DomainMetadata::default()
+        );
+        assert_eq!(DomainMetadata::parse("not xml"), DomainMetadata::default());
     }
 }

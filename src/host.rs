@@ -65,6 +65,8 @@ pub struct DomainRef {
     /// The domain asks, in its own metadata, to be left alone by vmbalance (see
     /// [`crate::exclusions`]).
     pub opted_out: bool,
+    /// The memory its metadata guarantees it: no shrink goes under this, KiB (0: none).
+    pub guaranteed_kib: u64,
     /// The NUMA nodes its memory is strictly bound to (`<numatune>`), where it is.
     pub memory_nodes: Option<Vec<u32>>,
     /// Why its balloon would free nothing on the host (hugepages, locked memory, VFIO), where so.
@@ -81,6 +83,7 @@ impl DomainRef {
             id,
             name: name.to_string(),
             opted_out: false,
+            guaranteed_kib: 0,
             memory_nodes: None,
             memory_held: None,
             run: None,

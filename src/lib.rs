@@ -18,6 +18,7 @@ pub mod cpu_plan;
 pub mod daemon;
 pub mod exclusions;
 pub mod host;
+pub mod ledger;
 pub mod libvirt;
 pub mod mem_plan;
 pub mod report;

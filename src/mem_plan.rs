@@ -13,22 +13,31 @@
 //!    faster than `consuming_kib_s`) and its free memory is under `starve_pct` % of its balloon,
 //!    or would run out within `runway_periods` periods at its current rate (a small guest running
 //!    a fast hog has no time to wait for the percentage); **wasting** when free memory is over
-//!    `waste_pct` % and it is not consuming; **balanced** otherwise ([`MemPolicy::status`]).
-//! 3. **Feeding.** Starving guests, most starved first, each get twice what they consume in one
-//!    period (a resized guest is decided on again two periods later, once its balloon has
-//!    settled), plus what it lacks of `runway_periods` periods of free memory, and at least
-//!    `min_step_kib`; taken first from wasting guests (most wasteful first), then from the host.
+//!    `waste_pct` % and it is not consuming, and it stays wasting, while it does not consume,
+//!    until it is brought down to where a shrink stops (rule 5), so a guest is not left just
+//!    under the waste line; **balanced** otherwise ([`MemPolicy::status`]).
+//! 3. **Feeding.** Each starving guest wants twice what it consumes in one period (a resized
+//!    guest is decided on again two periods later, once its balloon has settled), plus what it
+//!    lacks of `runway_periods` periods of free memory, at least `min_step_kib`. A guest whose
+//!    balloon did not follow its last grant (its `actual` stayed under the size it was given) gets
+//!    nothing until it does. Grants are paid from the host's budget only (rule 6); when the budget
+//!    cannot pay every want, it is shared in proportion to the wants, so equal needs get equal
+//!    shares whatever each guest claims. Wasting guests (most wasteful first) give back as much as
+//!    the starving guests want: it reaches the host's figure, and so the budget, in later cycles.
 //! 4. **Returning.** With nobody starving, wasting guests give a fraction of their excess back to
-//!    the host each cycle (all of it, step-capped, while the host is under its reserve).
-//! 5. **Shrink floor.** A shrinking guest keeps enough memory to land mid-way between starving
-//!    and wasting, so a guest that was shrunk is balanced, not starving, the next cycle; and never
-//!    less than `min_guest_kib` nor than what it uses plus `min_step_kib`.
-//! 6. **Hard limits.** Never below the shrink floor's hard part (`min_guest_kib`, what the guest
-//!    uses plus `min_step_kib`); never above the guest's max memory; never more than
-//!    `max_step_kib` of change per guest per cycle; never taking the host's available memory under
-//!    `host_reserve_pct` % of its total. [`violations`] checks every plan against them before it
-//!    is applied; the coordinator applies shrinks before grows, and cuts the grows a failed
-//!    shrink was to fund to what the host can spare ([`crate::coordinator`]).
+//!    the host each cycle (all of it, step-capped, while the host is under its reserve). In
+//!    host-pressure mode (`host_target_pct`) wasting guests give memory back (rules 3 and 4)
+//!    only while the host's available memory is under that % of its total.
+//! 5. **Shrink floor.** A shrinking guest keeps enough memory to have `target_free_pct` % of it
+//!    free (by default mid-way between starving and wasting), so a guest that was shrunk is
+//!    balanced, not starving, the next cycle; and never less than its hard floor (rule 6).
+//! 6. **Hard limits.** Never below the hard floor: `min_guest_kib`, what the guest uses plus
+//!    `min_step_kib`, and the minimum its metadata guarantees it; never above the guest's max
+//!    memory; never more than `max_step_kib` of change per guest per cycle; never granting more
+//!    than the host's budget: its available memory, minus `host_reserve_pct` % of its total, minus
+//!    what earlier grants gave guests that they have not used yet (they may use it at any time).
+//!    Memory a shrink frees counts only once the host's own figure shows it. [`violations`]
+//!    checks every plan against these before it is applied.
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -45,8 +54,13 @@ pub struct MemPolicy {
     pub starve_pct: f64,
     /// Above this % of its balloon free, a guest that is not consuming is wasting.
     pub waste_pct: f64,
+    /// A shrink stops where the guest has this % of its balloon free (rule 5).
+    pub target_free_pct: f64,
     /// The host keeps at least this % of its memory available.
     pub host_reserve_pct: f64,
+    /// Host-pressure mode: wasting guests give memory back only while the host has less than this
+    /// % of its memory available (rule 4). `None`: always.
+    pub host_target_pct: Option<f64>,
     /// No guest is shrunk below this.
     pub min_guest_kib: u64,
     /// A guest whose used memory grows faster than this, in KiB/s, is consuming.
@@ -68,7 +82,9 @@ impl Default for MemPolicy {
         Self {
             starve_pct: 15.0,
             waste_pct: 50.0,
+            target_free_pct: 32.5,
             host_reserve_pct: 5.0,
+            host_target_pct: None,
             min_guest_kib: 50 * MIB,
             consuming_kib_s: 1024.0,
             min_step_kib: 32 * MIB,
@@ -101,6 +117,18 @@ impl std::fmt::Display for MemStatus {
     }
 }
 
+/// What the planner knows of a guest beyond its report: the admin's word and the guest's
+/// history with the coordinator ([`crate::ledger::Ledger`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// No shrink takes the guest under this (its metadata's guaranteed minimum), KiB.
+    pub guaranteed_kib: u64,
+    /// It was wasting last cycle: it stays wasting until brought down to its target (rule 2).
+    pub reclaiming: bool,
+    /// Its balloon did not follow its last grant: no more until it does (rule 3).
+    pub behind: bool,
+}
+
 /// Everything the memory planner needs at one instant.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MemSnapshot {
@@ -108,6 +136,18 @@ pub struct MemSnapshot {
     pub guests: Vec<GuestMemory>,
     /// The host's memory, when the driver reports it; without it nothing is taken from the host.
     pub host: Option<HostMemory>,
+    /// What each guest's history says of it; a guest missing here has a default standing.
+    pub standing: HashMap<DomainId, Standing>,
+    /// Memory earlier grants gave guests that they have not used yet, KiB: the host may have to
+    /// back it at any time, so it is not in the budget.
+    pub outstanding_kib: u64,
+}
+
+impl MemSnapshot {
+    /// The standing of guest `id`.
+    pub fn standing(&self, id: &DomainId) -> Standing {
+        self.standing.get(id).copied().unwrap_or_default()
+    }
 }
 
 /// One balloon resize.
@@ -131,57 +171,75 @@ impl BalloonChange {
 /// The planner's answer.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MemPlan {
-    /// Resizes, shrinks first (so memory is free before it is handed out).
+    /// Resizes, shrinks first.
     pub changes: Vec<BalloonChange>,
-    /// Memory given to guests from the host's free memory, KiB.
+    /// Memory granted to guests, all of it from the host's budget, KiB.
     pub from_host_kib: u64,
-    /// Memory handed back to the host by wasting guests, KiB.
+    /// Memory wasting guests give back to the host, KiB.
     pub to_host_kib: u64,
 }
 
 impl MemPolicy {
-    /// Status of a guest under this policy (rule 2).
-    pub fn status(&self, g: &GuestMemory) -> MemStatus {
+    /// Status of a guest under this policy (rule 2), given its standing.
+    pub fn status(&self, g: &GuestMemory, standing: &Standing) -> MemStatus {
         let consuming = g.rate_kib_s > self.consuming_kib_s;
         let free = g.free_pct();
         let runway_secs = g.free_kib as f64 / g.rate_kib_s.max(f64::MIN_POSITIVE);
         let short = free < self.starve_pct || runway_secs < self.runway_periods * self.period_secs;
+        let still_reclaiming = standing.reclaiming && self.excess_kib(g, standing) >= MIB;
         if consuming && short {
             MemStatus::Starving
-        } else if free > self.waste_pct && !consuming {
+        } else if !consuming && (free > self.waste_pct || still_reclaiming) {
             MemStatus::Wasting
         } else {
             MemStatus::Balanced
         }
     }
 
-    /// The size no shrink may go under: the guest floor, and what the guest uses plus a margin
-    /// (rules 5 and 6).
-    pub fn hard_floor_kib(&self, g: &GuestMemory) -> u64 {
-        self.min_guest_kib.max(g.used_kib() + self.min_step_kib)
+    /// The size no shrink may go under (rule 6): the guest floor, what the guest uses plus a
+    /// margin, and its guaranteed minimum.
+    pub fn hard_floor_kib(&self, g: &GuestMemory, standing: &Standing) -> u64 {
+        self.min_guest_kib
+            .max(g.used_kib() + self.min_step_kib)
+            .max(standing.guaranteed_kib)
     }
 
-    /// The size a shrink stops at (rule 5): above the hard floor, with free memory mid-way between
-    /// the starving and wasting thresholds.
-    fn keep_kib(&self, g: &GuestMemory) -> u64 {
-        let free_frac = ((self.starve_pct + self.waste_pct) / 200.0).clamp(0.0, 0.95);
+    /// The size a shrink stops at (rule 5): above the hard floor, with `target_free_pct` % free.
+    pub fn keep_kib(&self, g: &GuestMemory, standing: &Standing) -> u64 {
+        let free_frac = (self.target_free_pct / 100.0).clamp(0.0, 0.95);
         let comfortable = (g.used_kib() as f64 / (1.0 - free_frac)).ceil() as u64;
-        self.hard_floor_kib(g).max(comfortable)
+        self.hard_floor_kib(g, standing).max(comfortable)
     }
 
     /// What a guest holds above the size a shrink stops at.
-    fn excess_kib(&self, g: &GuestMemory) -> u64 {
-        g.actual_kib.saturating_sub(self.keep_kib(g))
+    fn excess_kib(&self, g: &GuestMemory, standing: &Standing) -> u64 {
+        g.actual_kib.saturating_sub(self.keep_kib(g, standing))
     }
 
-    /// Memory the host can give: what it has available above its reserve (nothing when unknown).
-    pub fn host_budget_kib(&self, host: Option<HostMemory>) -> u64 {
-        host.map_or(0, |h| h.available_kib.saturating_sub(self.reserve_kib(h)))
+    /// What the host can grant now (rule 6): its available memory above its reserve, minus what
+    /// earlier grants gave that guests have not used yet (nothing when the host is unknown).
+    pub fn host_budget_kib(&self, host: Option<HostMemory>, outstanding_kib: u64) -> u64 {
+        host.map_or(0, |h| {
+            h.available_kib
+                .saturating_sub(self.reserve_kib(h))
+                .saturating_sub(outstanding_kib)
+        })
     }
 
     /// The host memory kept available: `host_reserve_pct` % of its total.
     pub fn reserve_kib(&self, h: HostMemory) -> u64 {
         (h.total_kib as f64 * self.host_reserve_pct / 100.0).ceil() as u64
+    }
+
+    /// May wasting guests give memory back now (rule 4)? Always, except in host-pressure mode
+    /// while the host has its target available (or its memory is unknown).
+    fn reclaims(&self, host: Option<HostMemory>) -> bool {
+        match self.host_target_pct {
+            None => true,
+            Some(pct) => {
+                host.is_some_and(|h| (h.available_kib as f64) < h.total_kib as f64 * pct / 100.0)
+            }
+        }
     }
 }
 
@@ -189,15 +247,26 @@ impl MemPolicy {
 pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
     let guests = &snapshot.guests;
     // Rule 2.
-    let status: Vec<MemStatus> = guests.iter().map(|g| policy.status(g)).collect();
+    let status: Vec<MemStatus> = guests
+        .iter()
+        .map(|g| policy.status(g, &snapshot.standing(&g.id)))
+        .collect();
     let mut target: Vec<u64> = guests.iter().map(|g| g.actual_kib).collect();
     let mut out = MemPlan::default();
-    let mut givers = givers(guests, &status, policy);
-    let starving = most_starved_first(guests, &status);
+    let givers = if policy.reclaims(snapshot.host) {
+        givers(snapshot, &status, policy)
+    } else {
+        Vec::new()
+    };
+    let starving: Vec<usize> = (0..guests.len())
+        .filter(|&i| status[i] == MemStatus::Starving)
+        .collect();
     if starving.is_empty() {
         out.to_host_kib = return_to_host(snapshot, &givers, policy, &mut target);
     } else {
-        out.from_host_kib = feed(snapshot, &starving, &mut givers, policy, &mut target);
+        let wanted = feed(snapshot, &starving, policy, &mut target);
+        out.from_host_kib = wanted.granted;
+        out.to_host_kib = take_back(&givers, wanted.asked, &mut target);
     }
     out.changes = guests
         .iter()
@@ -215,10 +284,15 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
 
 /// What each wasting guest can give this cycle (rule 5: down to where a shrink stops; rule 6:
 /// one step at most), most wasteful first, as (guest index, KiB).
-fn givers(guests: &[GuestMemory], status: &[MemStatus], policy: &MemPolicy) -> Vec<(usize, u64)> {
+fn givers(snapshot: &MemSnapshot, status: &[MemStatus], policy: &MemPolicy) -> Vec<(usize, u64)> {
+    let guests = &snapshot.guests;
     let mut givers: Vec<(usize, u64)> = (0..guests.len())
         .filter(|&i| status[i] == MemStatus::Wasting)
-        .map(|i| (i, policy.excess_kib(&guests[i]).min(policy.max_step_kib)))
+        .map(|i| {
+            let g = &guests[i];
+            let excess = policy.excess_kib(g, &snapshot.standing(&g.id));
+            (i, excess.min(policy.max_step_kib))
+        })
         .filter(|&(_, can)| can > 0)
         .collect();
     givers.sort_by(|a, b| {
@@ -230,61 +304,59 @@ fn givers(guests: &[GuestMemory], status: &[MemStatus], policy: &MemPolicy) -> V
     givers
 }
 
-/// The starving guests, most starved (least free, in %) first.
-fn most_starved_first(guests: &[GuestMemory], status: &[MemStatus]) -> Vec<usize> {
-    let mut starving: Vec<usize> = (0..guests.len())
-        .filter(|&i| status[i] == MemStatus::Starving)
-        .collect();
-    starving.sort_by(|&a, &b| {
-        guests[a]
-            .free_pct()
-            .total_cmp(&guests[b].free_pct())
-            .then(a.cmp(&b))
-    });
-    starving
+/// What feeding asked for and what it could grant, KiB.
+struct Fed {
+    asked: u64,
+    granted: u64,
 }
 
-/// Rule 3: grow each starving guest's `target` by what it needs, from the givers in order, then
-/// from the host down to its reserve (rule 6). Returns what the host gives, KiB.
-fn feed(
-    snapshot: &MemSnapshot,
-    starving: &[usize],
-    givers: &mut [(usize, u64)],
-    policy: &MemPolicy,
-    target: &mut [u64],
-) -> u64 {
+/// Rule 3: grow each starving guest's `target` by what it wants, from the host's budget,
+/// shared in proportion to the wants when the budget cannot pay them all.
+fn feed(snapshot: &MemSnapshot, starving: &[usize], policy: &MemPolicy, target: &mut [u64]) -> Fed {
     let guests = &snapshot.guests;
-    let mut host_budget = policy.host_budget_kib(snapshot.host);
-    let mut from_host_kib = 0;
-    let mut next_giver = 0;
-    for &i in starving {
-        let g = &guests[i];
-        let per_period = g.rate_kib_s * policy.period_secs;
-        let twice = (2.0 * per_period).ceil() as u64;
-        let runway = (policy.runway_periods * per_period).ceil() as u64;
-        // Rule 6: one step at most, never past max memory.
-        let mut want = (twice + runway.saturating_sub(g.free_kib))
-            .max(policy.min_step_kib)
-            .min(policy.max_step_kib)
-            .min(g.max_kib.saturating_sub(g.actual_kib));
-        // Givers are drained in order: skip the exhausted ones for good.
-        while want > 0 && next_giver < givers.len() {
-            let (giver, can) = &mut givers[next_giver];
-            let take = want.min(*can);
-            *can -= take;
-            target[*giver] -= take;
-            target[i] += take;
-            want -= take;
-            if *can == 0 {
-                next_giver += 1;
-            }
-        }
-        let from_host = want.min(host_budget);
-        host_budget -= from_host;
-        target[i] += from_host;
-        from_host_kib += from_host;
+    let wants: Vec<(usize, u64)> = starving
+        .iter()
+        .filter(|&&i| !snapshot.standing(&guests[i].id).behind)
+        .map(|&i| (i, want_kib(&guests[i], policy)))
+        .collect();
+    let asked: u64 = wants.iter().map(|&(_, w)| w).sum();
+    let budget = policy.host_budget_kib(snapshot.host, snapshot.outstanding_kib);
+    let mut granted = 0;
+    for &(i, want) in &wants {
+        let share = if asked <= budget {
+            want
+        } else {
+            // Rounded down, so the shares never add up to more than the budget.
+            (u128::from(budget) * u128::from(want) / u128::from(asked)) as u64
+        };
+        target[i] += share;
+        granted += share;
     }
-    from_host_kib
+    Fed { asked, granted }
+}
+
+/// Rule 3: what starving guest `g` wants this cycle, within its one step and its max memory
+/// (rule 6).
+fn want_kib(g: &GuestMemory, policy: &MemPolicy) -> u64 {
+    let per_period = g.rate_kib_s * policy.period_secs;
+    let twice = (2.0 * per_period).ceil() as u64;
+    let runway = (policy.runway_periods * per_period).ceil() as u64;
+    (twice + runway.saturating_sub(g.free_kib))
+        .max(policy.min_step_kib)
+        .min(policy.max_step_kib)
+        .min(g.max_kib.saturating_sub(g.actual_kib))
+}
+
+/// Rule 3: shrink the givers' `target`s, in order, by `asked` in all (as far as they can).
+/// Returns what goes back to the host, KiB.
+fn take_back(givers: &[(usize, u64)], asked: u64, target: &mut [u64]) -> u64 {
+    let mut left = asked;
+    for &(i, can) in givers {
+        let take = left.min(can);
+        target[i] -= take;
+        left -= take;
+    }
+    asked - left
 }
 
 /// Rule 4: shrink each giver's `target` by a share of its excess (all of it while the host is
@@ -306,7 +378,8 @@ fn return_to_host(
     };
     let mut to_host_kib = 0;
     for &(i, can) in givers {
-        let excess = policy.excess_kib(&snapshot.guests[i]);
+        let g = &snapshot.guests[i];
+        let excess = policy.excess_kib(g, &snapshot.standing(&g.id));
         let step = ((excess as f64 * fraction).ceil() as u64)
             .max(policy.min_step_kib)
             .min(can);
@@ -334,12 +407,13 @@ pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) ->
                 c.id, c.to_kib, g.max_kib
             ));
         }
-        if c.shrinks() && c.to_kib < policy.hard_floor_kib(g) {
+        let floor = policy.hard_floor_kib(g, &snapshot.standing(&c.id));
+        if c.shrinks() && c.to_kib < floor {
             found.push(format!(
                 "{}: {} KiB under its floor {} KiB (uses {} KiB)",
                 c.id,
                 c.to_kib,
-                policy.hard_floor_kib(g),
+                floor,
                 g.used_kib()
             ));
         }
@@ -347,11 +421,16 @@ pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) ->
             found.push(format!("{}: step over {} KiB", c.id, policy.max_step_kib));
         }
     }
-    if plan.from_host_kib > policy.host_budget_kib(snapshot.host) {
+    let granted: u64 = plan
+        .changes
+        .iter()
+        .filter(|c| !c.shrinks())
+        .map(|c| c.to_kib - c.from_kib)
+        .sum();
+    let budget = policy.host_budget_kib(snapshot.host, snapshot.outstanding_kib);
+    if granted > budget {
         found.push(format!(
-            "takes {} KiB from the host, which can spare {} KiB above its reserve",
-            plan.from_host_kib,
-            policy.host_budget_kib(snapshot.host)
+            "grants {granted} KiB, but the host can spare {budget} KiB above its reserve and its outstanding grants"
         ));
     }
     found

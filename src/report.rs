@@ -235,6 +235,13 @@ pub struct HostLine {
     /// Memory the host can give, MiB.
     #[serde(serialize_with = "rounded")]
     pub available_mib: f64,
+    /// Memory the host keeps available whatever the guests want, MiB.
+    #[serde(serialize_with = "rounded")]
+    pub reserve_mib: f64,
+    /// Memory granted to guests that they have not used yet, MiB: the host may have to back it
+    /// at any time, so it is not counted as the host's to give.
+    #[serde(serialize_with = "rounded")]
+    pub outstanding_mib: f64,
 }
 
 /// How one guest stood in a memory coordinator cycle.
@@ -303,11 +310,17 @@ impl MemReport {
 impl fmt::Display for MemReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.host {
-            Some(h) => write!(
-                f,
-                "host available {:.0}/{:.0} MiB",
-                h.available_mib, h.total_mib
-            )?,
+            Some(h) => {
+                write!(
+                    f,
+                    "host available {:.0}/{:.0} MiB (reserve {:.0}",
+                    h.available_mib, h.total_mib, h.reserve_mib
+                )?;
+                if h.outstanding_mib >= 1.0 {
+                    write!(f, ", granted unused {:.0}", h.outstanding_mib)?;
+                }
+                f.write_str(")")?
+            }
             None => f.write_str("host memory unknown")?,
         }
         for g in &self.guests {
@@ -372,6 +385,8 @@ mod tests {
             host: Some(HostLine {
                 total_mib: 1000.0,
                 available_mib: 512.34,
+                reserve_mib: 50.0,
+                outstanding_mib: 64.0,
             }),
             guests: vec![GuestLine {
                 domain: "g".into(),
@@ -389,11 +404,12 @@ mod tests {
         };
         assert_eq!(
             report.to_string(),
-            "host available 512/1000 MiB; g 300 MiB free 40 rate +10.6 MiB/s STARVING; resized 1: g 300->350 MiB"
+            "host available 512/1000 MiB (reserve 50, granted unused 64); g 300 MiB free 40 rate +10.6 MiB/s STARVING; resized 1: g 300->350 MiB"
         );
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["daemon"], "memory_coordinator");
         assert_eq!(json["host"]["available_mib"], 512.3);
+        assert_eq!(json["host"]["outstanding_mib"], 64.0);
         assert_eq!(json["guests"][0]["free_mib"], 40.1);
         assert_eq!(json["changes"][0]["to_mib"], 350.0);
     }

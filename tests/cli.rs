@@ -320,6 +320,19 @@ fn coordinator_refuses_bad_input_with_one_line() {
         (vec!["--min-step-mib", "600", "1"], 2, "--max-step-mib"),
         (vec!["--return-pct", "0", "1"], 2, "--return-pct"),
         (vec!["--min-guest-mib", "-1", "1"], 2, "--min-guest-mib"),
+        (vec!["--target-free-pct", "10", "1"], 2, "--target-free-pct"),
+        (vec!["--target-free-pct", "55", "1"], 2, "--target-free-pct"),
+        (
+            vec!["--target-free-pct", "nan", "1"],
+            2,
+            "--target-free-pct",
+        ),
+        (vec!["--host-target-pct", "4", "1"], 2, "--host-target-pct"),
+        (
+            vec!["--host-target-pct", "101", "1"],
+            2,
+            "--host-target-pct",
+        ),
         (vec!["--nope", "1"], 2, "--nope"),
     ] {
         let mut all = c.to_vec();
@@ -346,6 +359,8 @@ fn coordinator_help_describes_every_option() {
         "--starve-pct",
         "--waste-pct",
         "--host-reserve-pct",
+        "--target-free-pct",
+        "--host-target-pct",
         "--min-guest-mib",
         "--consuming-mib-s",
         "--min-step-mib",

@@ -29,16 +29,35 @@ fn lab() -> SimHost {
     host
 }
 
-/// Run `cycles` cycles one PERIOD apart, checking the host reserve after each.
-fn run(host: &mut SimHost, c: &mut Coordinator, cycles: usize) {
-    let reserve = (host.host_total as f64 * policy().host_reserve_pct / 100.0) as u64;
+/// The host's reserve under `policy()`, KiB.
+fn reserve(host: &SimHost) -> u64 {
+    (host.host_total as f64 * policy().host_reserve_pct / 100.0) as u64
+}
+
+/// Every guest's pages all touched: the host backs its whole balloon (a guest that has run a
+/// while, its page cache full), so only grants can make the host back more.
+fn all_touched(host: &mut SimHost) {
+    for d in &mut host.domains {
+        d.mem.resident = d.mem.actual as f64;
+    }
+}
+
+/// Run `cycles` cycles one PERIOD apart, checking the host reserve at every instant; the last
+/// cycle's report line.
+fn run(host: &mut SimHost, c: &mut Coordinator, cycles: usize) -> String {
+    let reserve = reserve(host);
+    let mut line = String::new();
     for _ in 0..cycles {
         host.advance(PERIOD);
-        c.cycle(host).unwrap().expect("domains are running");
+        line = c
+            .cycle(host)
+            .unwrap()
+            .expect("domains are running")
+            .to_string();
         assert!(
-            host.host_free() >= reserve,
+            host.host_low >= reserve,
             "host under its reserve: {} KiB",
-            host.host_free()
+            host.host_low
         );
         for d in &host.domains {
             assert!(
@@ -49,6 +68,7 @@ fn run(host: &mut SimHost, c: &mut Coordinator, cycles: usize) {
             assert!(d.mem.actual <= d.mem.max, "{} over max", d.name);
         }
     }
+    line
 }
 
 #[test]
@@ -254,4 +274,266 @@ fn a_guest_restarted_under_the_same_uuid_starts_a_new_series() {
         );
     }
     assert_eq!(host.domains[0].mem.actual, actual);
+}
+
+/// The lab with the host just `spare_mib` above its reserve, every guest fully touched.
+fn tight_lab(spare_mib: u64) -> SimHost {
+    let mut host = lab();
+    all_touched(&mut host);
+    host.host_used = 0;
+    host.host_used = host.host_free() - reserve(&host) - spare_mib * MIB;
+    host
+}
+
+#[test]
+fn a_shrink_that_frees_nothing_on_the_host_funds_no_grant() {
+    // Guest 2 idles with 85 % free, but its balloon frees nothing on the host (passthrough
+    // memory libvirt does not announce). The host is 100 MiB above its reserve; the hog starves.
+    // Paying the hog with what guest 2 was asked to give would push the host under its reserve:
+    // `run` checks it never goes there.
+    let mut host = tight_lab(100);
+    host.domains[1].mem.frees_nothing = true;
+    host.domains[2].mem.balloon = false;
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 3);
+    let before = host.domains[0].mem.actual;
+    host.domains[0].mem.work(40.0 * 1024.0, 1800 * MIB);
+    let mut peak = before;
+    for _ in 0..60 {
+        run(&mut host, &mut c, 1);
+        peak = peak.max(host.domains[0].mem.actual);
+    }
+    assert!(host.domains[1].mem.actual < 600 * MIB, "guest 2 was asked");
+    // The hog got what the host had to spare, no more: it ran out (the host comes first).
+    assert!(
+        peak - before <= 100 * MIB,
+        "the hog got {} MiB",
+        (peak - before) / MIB
+    );
+    assert!(
+        peak - before >= 90 * MIB,
+        "the hog got {} MiB",
+        (peak - before) / MIB
+    );
+    assert_eq!(host.domains[0].mem.ooms, 1);
+}
+
+#[test]
+fn memory_a_shrink_frees_feeds_the_hog_once_the_host_shows_it() {
+    // The same, with a balloon that does free memory: the hog is fed from it, a cycle later.
+    let mut host = tight_lab(100);
+    host.domains[2].mem.balloon = false;
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 3);
+    host.domains[0].mem.work(40.0 * 1024.0, 1500 * MIB);
+    run(&mut host, &mut c, 60);
+    assert_eq!(host.domains[0].mem.ooms, 0);
+    assert!(host.domains[0].mem.actual > 1500 * MIB);
+}
+
+#[test]
+fn a_guest_that_keeps_its_actual_fixed_gets_one_grant_and_honest_hogs_are_served() {
+    // Guest 1 reports 1024 MiB whatever its balloon and consumes fast; guests 2 and 3 are honest
+    // hogs. The host spares 1500 MiB.
+    let mut host = tight_lab(1500);
+    host.domains[0].mem.claims_actual = Some(1024 * MIB);
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 3);
+    host.domains[0].mem.work(40.0 * 1024.0, 2000 * MIB);
+    host.domains[1].mem.work(10.0 * 1024.0, 1500 * MIB);
+    host.domains[2].mem.work(10.0 * 1024.0, 1500 * MIB);
+    let mut behind = 0;
+    for _ in 0..150 {
+        let line = run(&mut host, &mut c, 1);
+        if line.contains("dom1 1024 MiB") && line.contains("STARVING (balloon behind)") {
+            behind += 1;
+        }
+    }
+    let liar = &host.domains[0].mem;
+    assert!(
+        liar.actual <= 1024 * MIB + policy().max_step_kib,
+        "the liar got {} MiB",
+        liar.actual / MIB
+    );
+    for honest in &host.domains[1..] {
+        assert_eq!(honest.mem.ooms, 0, "{} ran out", honest.name);
+        assert!(honest.mem.used >= 1500.0 * 1024.0 - 1.0, "{}", honest.name);
+    }
+    assert!(behind > 0, "never said the liar's balloon is behind");
+}
+
+#[test]
+fn two_guests_starving_alike_are_fed_alike() {
+    // Two identical hogs; the host spares 600 MiB, far less than they want in all.
+    let mut host = tight_lab(600);
+    host.domains[2].mem.balloon = false;
+    host.domains[1].mem = host.domains[0].mem.clone();
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 3);
+    let before = host.domains[0].mem.actual;
+    host.domains[0].mem.work(20.0 * 1024.0, 2000 * MIB);
+    host.domains[1].mem.work(20.0 * 1024.0, 2000 * MIB);
+    let mut peak = before;
+    for _ in 0..80 {
+        run(&mut host, &mut c, 1);
+        peak = peak.max(host.domains[0].mem.actual);
+        let (a, b) = (host.domains[0].mem.actual, host.domains[1].mem.actual);
+        assert!(
+            a.abs_diff(b) <= MIB,
+            "one is served before the other: {} vs {} MiB",
+            a / MIB,
+            b / MIB
+        );
+    }
+    // Between them they got all the host could spare: 600 MiB.
+    assert!(peak - before >= 290 * MIB, "{} MiB", (peak - before) / MIB);
+}
+
+#[test]
+fn no_guest_is_shrunk_under_the_minimum_its_metadata_guarantees() {
+    let mut host = lab();
+    host.domains[1].guaranteed_kib = 900 * MIB;
+    host.domains[0].mem.work(40.0 * 1024.0, 1800 * MIB);
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 80);
+    assert_eq!(host.domains[1].mem.actual, 900 * MIB);
+    assert!(host.domains[2].mem.actual < 600 * MIB);
+}
+
+#[test]
+fn idle_guests_settle_at_their_target_free_share_and_stay_there() {
+    let mut host = lab();
+    let mut c = Coordinator::new(policy(), false);
+    let mut sizes = Vec::new();
+    for _ in 0..200 {
+        run(&mut host, &mut c, 1);
+        sizes.push(
+            host.domains
+                .iter()
+                .map(|d| d.mem.actual)
+                .collect::<Vec<_>>(),
+        );
+    }
+    let last = sizes.last().unwrap().clone();
+    let settled = sizes.iter().position(|s| *s == last).unwrap();
+    assert!(settled < 60, "still moving at cycle {settled}");
+    for d in &host.domains {
+        let free_pct = 100.0 * (1.0 - d.mem.used / d.mem.actual as f64);
+        assert!(
+            (27.5..=37.5).contains(&free_pct),
+            "{} ended with {free_pct:.1} % free",
+            d.name
+        );
+    }
+}
+
+#[test]
+fn in_host_pressure_mode_idle_memory_stays_until_the_host_is_short() {
+    let pressure = MemPolicy {
+        host_target_pct: Some(20.0),
+        ..policy()
+    };
+    let mut host = lab();
+    let mut c = Coordinator::new(pressure, false);
+    run(&mut host, &mut c, 30);
+    assert!(host.domains.iter().all(|d| d.mem.actual == 1024 * MIB));
+    // The host itself needs memory: available falls under 20 %.
+    host.host_used = host.host_total - host.host_free() - host.host_used;
+    host.host_used = host.host_total - host.host_used - 1200 * MIB;
+    run(&mut host, &mut c, 30);
+    assert!(host.domains.iter().all(|d| d.mem.actual < 1024 * MIB));
+}
+
+mod traces {
+    //! Random multi-cycle traces: the hard limits hold at every instant, across cycles.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One guest: (balloon MiB, headroom to max MiB, used MiB, guarantee MiB, frees nothing,
+    /// lies about its balloon, workloads: (start cycle, rate MiB/s, goal MiB)).
+    type GuestSpec = (u64, u64, u64, u64, bool, bool, Vec<(usize, f64, u64)>);
+
+    fn guest_spec() -> impl Strategy<Value = GuestSpec> {
+        (
+            256u64..2048,
+            0u64..2048,
+            0u64..100,
+            prop::option::weighted(0.3, 0u64..2048),
+            prop::bool::weighted(0.15),
+            prop::bool::weighted(0.15),
+            prop::collection::vec((0usize..60, -80.0f64..80.0, 50u64..3000), 0..4),
+        )
+            .prop_map(
+                |(actual, headroom, used_pct, guarantee, frees_nothing, lies, work)| {
+                    let used = (actual * used_pct / 100).max(40);
+                    (
+                        actual,
+                        headroom,
+                        used,
+                        guarantee.unwrap_or(0),
+                        frees_nothing,
+                        lies,
+                        work,
+                    )
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn the_host_never_goes_under_its_reserve_and_no_guest_under_its_floor(
+            guests in prop::collection::vec(guest_spec(), 1..6),
+            spare_mib in 0u64..3000,
+        ) {
+            let mut host = SimHost::new(2);
+            host.host_total = 32768 * MIB;
+            for (n, (actual, headroom, used, guarantee, frees_nothing, lies, _)) in
+                guests.iter().enumerate()
+            {
+                let mut mem = SimMemory::new(actual * MIB, (actual + headroom) * MIB, used * MIB);
+                mem.frees_nothing = *frees_nothing;
+                mem.claims_actual = lies.then_some(actual * MIB);
+                host.add_guest(n as u8 + 1, mem);
+                host.domains[n].guaranteed_kib = guarantee * MIB;
+            }
+            all_touched(&mut host);
+            host.host_used = 0;
+            host.host_used = host.host_free() - reserve(&host) - spare_mib * MIB;
+            let floors: Vec<u64> = host
+                .domains
+                .iter()
+                .map(|d| d.mem.actual.min(policy().min_guest_kib.max(d.guaranteed_kib)))
+                .collect();
+            let mut c = Coordinator::new(policy(), false);
+            for cycle in 0..90 {
+                for (d, spec) in host.domains.iter_mut().zip(&guests) {
+                    for &(start, rate, goal) in &spec.6 {
+                        if start == cycle {
+                            d.mem.work(rate * 1024.0, goal * MIB);
+                        }
+                    }
+                }
+                host.advance(PERIOD);
+                c.cycle(&mut host).unwrap();
+                prop_assert!(
+                    host.host_low >= reserve(&host),
+                    "cycle {}: host down to {} MiB, reserve {} MiB",
+                    cycle, host.host_low / MIB, reserve(&host) / MIB
+                );
+                for (d, floor) in host.domains.iter().zip(&floors) {
+                    prop_assert!(d.mem.actual <= d.mem.max, "{} over its max", d.name);
+                    prop_assert!(d.mem.actual >= *floor, "{} under its floor", d.name);
+                    prop_assert!(d.mem.actual as f64 >= d.mem.used, "{} under its use", d.name);
+                }
+            }
+            // Guests that never grew never ran out.
+            for (d, spec) in host.domains.iter().zip(&guests) {
+                if spec.6.iter().all(|&(_, rate, _)| rate <= 0.0) {
+                    prop_assert_eq!(d.mem.ooms, 0, "{} ran out", &d.name);
+                }
+            }
+        }
+    }
 }

@@ -196,18 +196,23 @@ fn the_configured_affinity_is_read_and_our_live_pins_leave_it_alone() {
     assert_eq!(again.vcpus(&db).unwrap()[1].configured, Some(anywhere));
 }
 
-#[test]
-fn a_domain_opts_out_in_its_metadata() {
-    let mut h = host();
-    let web = h.connection().lookup_domain_by_name("web").unwrap();
-    web.set_metadata(
+/// Set the vmbalance metadata element of domain `name` (live), as `virsh metadata` does.
+fn set_vmbalance_metadata(h: &LibvirtHost, name: &str, xml: &str) {
+    let dom = h.connection().lookup_domain_by_name(name).unwrap();
+    dom.set_metadata(
         virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-        Some("<policy exclude=\"yes\"/>"),
+        Some(xml),
         Some("vmbalance"),
         Some(vmbalance::exclusions::METADATA_URI),
         virt::sys::VIR_DOMAIN_AFFECT_LIVE,
     )
     .unwrap();
+}
+
+#[test]
+fn a_domain_opts_out_in_its_metadata() {
+    let mut h = host();
+    set_vmbalance_metadata(&h, "web", "<policy exclude=\"yes\"/>");
     let listed = h.active_domains().unwrap();
     let opted: Vec<(&str, bool)> = listed
         .iter()
@@ -219,6 +224,26 @@ fn a_domain_opts_out_in_its_metadata() {
     let samples = h.sample_vcpus().unwrap();
     let web = samples.iter().find(|s| s.domain.name == "web").unwrap();
     assert!(web.domain.opted_out);
+}
+
+#[test]
+fn a_domain_is_guaranteed_memory_in_its_metadata() {
+    let mut h = host();
+    set_vmbalance_metadata(&h, "db", "<policy guaranteed-mib=\"300\"/>");
+    // The balloon path (the memory coordinator's) carries it.
+    let samples = h.sample_balloons().unwrap();
+    let guaranteed: Vec<(&str, u64, bool)> = samples
+        .iter()
+        .map(|s| {
+            let d = &s.domain;
+            (d.name.as_str(), d.guaranteed_kib, d.opted_out)
+        })
+        .collect();
+    assert!(
+        guaranteed.contains(&("db", 300 * 1024, false)),
+        "{guaranteed:?}"
+    );
+    assert!(guaranteed.contains(&("web", 0, false)), "{guaranteed:?}");
 }
 
 #[test]

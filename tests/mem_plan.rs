@@ -1,8 +1,10 @@
 //! The memory planner, rule by rule, and its hard limits over random snapshots.
 
+use std::collections::HashMap;
+
 use proptest::prelude::*;
 use vmbalance::host::{DomainId, HostMemory};
-use vmbalance::mem_plan::{MemPlan, MemPolicy, MemSnapshot, MemStatus, plan, violations};
+use vmbalance::mem_plan::{MemPlan, MemPolicy, MemSnapshot, MemStatus, Standing, plan, violations};
 use vmbalance::sampling::GuestMemory;
 
 const MIB: u64 = 1024;
@@ -28,15 +30,27 @@ fn policy() -> MemPolicy {
     MemPolicy::default()
 }
 
-fn plan_for(guests: Vec<GuestMemory>, host: Option<HostMemory>) -> (MemSnapshot, MemPlan) {
-    let s = MemSnapshot { guests, host };
-    let p = plan(&s, &policy());
-    assert!(
-        violations(&s, &p, &policy()).is_empty(),
-        "{:?}",
-        violations(&s, &p, &policy())
-    );
+fn snapshot(guests: Vec<GuestMemory>, host: Option<HostMemory>) -> MemSnapshot {
+    MemSnapshot {
+        guests,
+        host,
+        ..MemSnapshot::default()
+    }
+}
+
+fn checked(s: MemSnapshot, pol: &MemPolicy) -> (MemSnapshot, MemPlan) {
+    let p = plan(&s, pol);
+    let problems = violations(&s, &p, pol);
+    assert!(problems.is_empty(), "{problems:?}");
     (s, p)
+}
+
+fn plan_for(guests: Vec<GuestMemory>, host: Option<HostMemory>) -> (MemSnapshot, MemPlan) {
+    checked(snapshot(guests, host), &policy())
+}
+
+fn status(g: &GuestMemory) -> MemStatus {
+    policy().status(g, &Standing::default())
 }
 
 /// New size of guest `n` under the plan (its current size when unchanged).
@@ -52,33 +66,119 @@ fn size_mib(s: &MemSnapshot, p: &MemPlan, n: u8) -> u64 {
 
 #[test]
 fn statuses_follow_the_thresholds() {
-    let p = policy();
-    assert_eq!(p.status(&guest(1, 1000, 100, 5.0)), MemStatus::Starving);
+    assert_eq!(status(&guest(1, 1000, 100, 5.0)), MemStatus::Starving);
     // Short of memory but not consuming: nothing to feed.
-    assert_eq!(p.status(&guest(1, 1000, 100, 0.0)), MemStatus::Balanced);
-    assert_eq!(p.status(&guest(1, 1000, 600, 0.0)), MemStatus::Wasting);
+    assert_eq!(status(&guest(1, 1000, 100, 0.0)), MemStatus::Balanced);
+    assert_eq!(status(&guest(1, 1000, 600, 0.0)), MemStatus::Wasting);
     // Lots unused but consuming fast: not wasting.
-    assert_eq!(p.status(&guest(1, 1000, 600, 5.0)), MemStatus::Balanced);
-    assert_eq!(p.status(&guest(1, 1000, 300, 0.0)), MemStatus::Balanced);
+    assert_eq!(status(&guest(1, 1000, 600, 5.0)), MemStatus::Balanced);
+    assert_eq!(status(&guest(1, 1000, 300, 0.0)), MemStatus::Balanced);
     // 30 % unused, but at 20 MiB/s its 60 MiB last 3 s, under 3 periods of 3 s: starving already.
-    assert_eq!(p.status(&guest(1, 200, 60, 20.0)), MemStatus::Starving);
-    assert_eq!(p.status(&guest(1, 200, 60, 2.0)), MemStatus::Balanced);
+    assert_eq!(status(&guest(1, 200, 60, 20.0)), MemStatus::Starving);
+    assert_eq!(status(&guest(1, 200, 60, 2.0)), MemStatus::Balanced);
 }
 
 #[test]
-fn a_starving_guest_is_fed_from_a_wasting_one_first() {
+fn a_guest_being_reclaimed_stays_wasting_until_it_reaches_its_target() {
+    let reclaiming = Standing {
+        reclaiming: true,
+        ..Standing::default()
+    };
+    // 45 % free: under the waste line, so a guest seen here first is balanced...
+    let g = guest(1, 1000, 450, 0.0);
+    assert_eq!(status(&g), MemStatus::Balanced);
+    // ...but one being brought down is wasting until it has 32.5 % free.
+    assert_eq!(policy().status(&g, &reclaiming), MemStatus::Wasting);
+    assert_eq!(
+        policy().status(&guest(1, 1000, 325, 0.0), &reclaiming),
+        MemStatus::Balanced
+    );
+    // Consuming again: not wasting, whatever it was.
+    assert_eq!(
+        policy().status(&guest(1, 1000, 450, 5.0), &reclaiming),
+        MemStatus::Balanced
+    );
+}
+
+#[test]
+fn grants_come_from_the_host_and_a_wasting_guest_gives_as_much_back() {
     // Guest 1 consumes 20 MiB/s with 50 MiB left; guest 2 idles with 800 of 1000 MiB unused.
     let (s, p) = plan_for(
         vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 800, 0.0)],
         host(16384, 8000),
     );
     // At 20 MiB/s it eats 60 MiB per 3 s period: it gets twice that (120 MiB) plus the 130 MiB it
-    // lacks of 3 periods' worth free (180 MiB): 250 MiB, all from guest 2.
+    // lacks of 3 periods' worth free (180 MiB): 250 MiB, from the host; guest 2 gives as much
+    // back, which the host's figure shows in the next cycles.
     assert_eq!(size_mib(&s, &p, 1), 1250);
     assert_eq!(size_mib(&s, &p, 2), 750);
-    assert_eq!((p.from_host_kib, p.to_host_kib), (0, 0));
-    // Shrinks come first, so the memory is free before it is handed out.
+    assert_eq!((p.from_host_kib, p.to_host_kib), (250 * MIB, 250 * MIB));
     assert!(p.changes[0].shrinks() && !p.changes[1].shrinks());
+}
+
+#[test]
+fn a_shrink_does_not_fund_a_grant_in_the_same_cycle() {
+    // The host is at its reserve: the wasting guest gives back, the starving one waits for the
+    // host's figure to show it.
+    let (s, p) = plan_for(
+        vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 800, 0.0)],
+        host(16384, 819),
+    );
+    assert_eq!(size_mib(&s, &p, 1), 1000);
+    assert_eq!(size_mib(&s, &p, 2), 750);
+}
+
+#[test]
+fn grants_not_yet_used_are_not_granted_twice() {
+    // 1019 MiB available, reserve ~819: 200 to spare, but 150 MiB granted earlier is unused.
+    let mut s = snapshot(vec![guest(1, 1000, 50, 20.0)], host(16384, 1019));
+    s.outstanding_kib = 150 * MIB;
+    let (s, p) = checked(s, &policy());
+    let grant = size_mib(&s, &p, 1) - 1000;
+    assert!((49..=50).contains(&grant), "{grant}");
+}
+
+#[test]
+fn a_guest_whose_balloon_did_not_follow_gets_nothing_more() {
+    let mut s = snapshot(
+        vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 50, 20.0)],
+        host(16384, 8000),
+    );
+    s.standing.insert(
+        DomainId([1; 16]),
+        Standing {
+            behind: true,
+            ..Standing::default()
+        },
+    );
+    let (s, p) = checked(s, &policy());
+    assert_eq!(size_mib(&s, &p, 1), 1000);
+    assert_eq!(size_mib(&s, &p, 2), 1250);
+}
+
+#[test]
+fn equal_needs_get_equal_shares_of_a_short_budget() {
+    // Both want 250 MiB; the host spares 200.
+    let (s, p) = plan_for(
+        vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 50, 20.0)],
+        host(16384, 820 + 200),
+    );
+    let (g1, g2) = (size_mib(&s, &p, 1) - 1000, size_mib(&s, &p, 2) - 1000);
+    assert_eq!(g1, g2);
+    assert!((99..=100).contains(&g1), "{g1}");
+}
+
+#[test]
+fn a_short_budget_is_shared_by_need() {
+    // Guest 1 (100 MiB free) wants 120 + 80 = 200 MiB, guest 2 (20 MiB free) 120 + 160 = 280 MiB;
+    // the host spares 240: half of each want.
+    let (s, p) = plan_for(
+        vec![guest(1, 1000, 100, 20.0), guest(2, 1000, 20, 20.0)],
+        host(16384, 819 + 240),
+    );
+    let (g1, g2) = (size_mib(&s, &p, 1) - 1000, size_mib(&s, &p, 2) - 1000);
+    assert!((99..=100).contains(&g1), "{g1}");
+    assert!((139..=140).contains(&g2), "{g2}");
 }
 
 #[test]
@@ -125,29 +225,79 @@ fn the_host_gives_only_down_to_its_reserve() {
     assert!((99..=100).contains(&grant), "{grant}");
 }
 
-#[test]
-fn wasting_guests_return_memory_gradually_when_nobody_starves() {
-    let mut g = guest(1, 2000, 1800, 0.0);
+/// Plan cycle after cycle for one guest whose used memory stays, carrying its standing over as
+/// the coordinator does; the sizes it goes through.
+fn reclaim(mut g: GuestMemory, pol: &MemPolicy, host_mib: (u64, u64)) -> Vec<u64> {
     let mut sizes = vec![g.actual_kib / MIB];
-    for _ in 0..40 {
-        let (s, p) = plan_for(vec![g], host(16384, 8000));
+    let mut standing = Standing::default();
+    for _ in 0..200 {
+        let status = pol.status(&g, &standing);
+        let mut s = snapshot(vec![g], host(host_mib.0, host_mib.1));
+        s.standing = HashMap::from([(g.id, standing)]);
+        let (s, p) = checked(s, pol);
+        standing.reclaiming = status == MemStatus::Wasting;
         let next = size_mib(&s, &p, 1);
-        if next == g.actual_kib / MIB {
-            break;
-        }
-        // The guest's used memory (200 MiB) stays; only unused memory goes.
+        // The guest's used memory stays; only unused memory goes.
         g.free_kib -= g.actual_kib - next * MIB;
         g.actual_kib = next * MIB;
         sizes.push(next);
     }
-    // First step: a quarter of the excess over a comfortable size, not all of it.
+    sizes
+}
+
+#[test]
+fn wasting_guests_return_memory_in_steps_down_to_their_target_and_stay_there() {
+    let sizes = reclaim(guest(1, 2000, 1800, 0.0), &policy(), (16384, 8000));
+    // First step: a quarter of the excess over its target size, not all of it.
     assert!(sizes[1] > 1500 && sizes[1] < 2000, "{sizes:?}");
-    assert!(sizes.windows(2).all(|w| w[1] < w[0]), "{sizes:?}");
-    // It stops once no longer wasting (at most half unused), well above its 200 MiB in use.
+    let moves = sizes.windows(2).filter(|w| w[1] != w[0]).count();
+    assert!(moves > 5, "returned in steps, not at once: {sizes:?}");
+    assert!(
+        sizes.windows(2).all(|w| w[1] <= w[0]),
+        "never grown back: {sizes:?}"
+    );
+    // It ends with 32.5 % of it free (its 200 MiB in use are 67.5 %), not just under the waste
+    // line, and stays there for the rest of the 200 cycles.
     let last = *sizes.last().unwrap();
-    assert!((300..=400).contains(&last), "{sizes:?}");
-    assert_eq!(policy().status(&g), MemStatus::Balanced);
-    assert!(sizes.len() > 5, "returned in steps, not at once: {sizes:?}");
+    assert!((296..=297).contains(&last), "{sizes:?}");
+    let settled = sizes.iter().position(|&s| s == last).unwrap();
+    assert!(settled < 40, "took {settled} cycles: {sizes:?}");
+}
+
+#[test]
+fn the_target_free_share_can_be_set() {
+    let pol = MemPolicy {
+        target_free_pct: 20.0,
+        ..policy()
+    };
+    let last = *reclaim(guest(1, 2000, 1800, 0.0), &pol, (16384, 8000))
+        .last()
+        .unwrap();
+    assert_eq!(last, 250, "200 MiB used are 80 %");
+}
+
+#[test]
+fn host_pressure_mode_takes_idle_memory_back_only_under_pressure() {
+    let pol = MemPolicy {
+        host_target_pct: Some(20.0),
+        ..policy()
+    };
+    // Plenty on the host (8000 of 16384 MiB): idle memory stays where it is, even to feed.
+    let (s, p) = checked(
+        snapshot(
+            vec![guest(1, 2000, 1800, 0.0), guest(2, 1000, 50, 20.0)],
+            host(16384, 8000),
+        ),
+        &pol,
+    );
+    assert_eq!(size_mib(&s, &p, 1), 2000);
+    assert_eq!(size_mib(&s, &p, 2), 1250);
+    // Under 20 % available: it is taken back.
+    let (s, p) = checked(
+        snapshot(vec![guest(1, 2000, 1800, 0.0)], host(16384, 3000)),
+        &pol,
+    );
+    assert!(size_mib(&s, &p, 1) < 2000);
 }
 
 #[test]
@@ -171,19 +321,6 @@ fn balanced_guests_get_no_change() {
 }
 
 #[test]
-fn several_starving_guests_are_fed_most_starved_first() {
-    // Guest 1 (100 MiB free) wants 120 + 80 = 200 MiB, guest 2 (20 MiB free) 120 + 160 = 280 MiB;
-    // the host spares 310.
-    let (s, p) = plan_for(
-        vec![guest(1, 1000, 100, 20.0), guest(2, 1000, 20, 20.0)],
-        host(16384, 820 + 310),
-    );
-    let (g1, g2) = (size_mib(&s, &p, 1) - 1000, size_mib(&s, &p, 2) - 1000);
-    assert_eq!(g2, 280, "most starved is served in full");
-    assert!((29..=30).contains(&g1), "{g1}");
-}
-
-#[test]
 fn never_above_max_memory() {
     let mut g = guest(1, 1000, 20, 50.0);
     g.max_kib = 1050 * MIB;
@@ -192,118 +329,155 @@ fn never_above_max_memory() {
 }
 
 #[test]
-fn a_wasting_guest_is_never_shrunk_under_its_floor_or_what_it_uses() {
+fn a_wasting_guest_is_never_shrunk_under_its_floor_what_it_uses_or_its_guarantee() {
     // Tiny guest: 80 MiB with 60 unused: the 50 MiB floor holds.
     let (s, p) = plan_for(
         vec![guest(1, 80, 60, 0.0), guest(2, 1000, 10, 30.0)],
-        host(16384, 820),
+        host(16384, 8000),
     );
     assert!(size_mib(&s, &p, 1) >= 52, "{}", size_mib(&s, &p, 1));
     // Big user: shrinks stop above its used memory plus a margin.
     let (s, p) = plan_for(
         vec![guest(1, 4000, 2100, 0.0), guest(2, 1000, 10, 300.0)],
-        host(16384, 820),
+        host(16384, 8000),
     );
     assert!(size_mib(&s, &p, 1) >= 1900 + 32);
+    // Its metadata guarantees it 1900 MiB: it gives only down to that.
+    let mut s = snapshot(
+        vec![guest(1, 2000, 1800, 0.0), guest(2, 1000, 10, 300.0)],
+        host(16384, 8000),
+    );
+    s.standing.insert(
+        DomainId([1; 16]),
+        Standing {
+            guaranteed_kib: 1900 * MIB,
+            ..Standing::default()
+        },
+    );
+    let (s, p) = checked(s, &policy());
+    assert_eq!(size_mib(&s, &p, 1), 1900);
 }
 
 #[test]
 fn violations_catch_unsafe_plans() {
-    let s = MemSnapshot {
-        guests: vec![guest(1, 1000, 500, 0.0)],
-        host: host(16384, 900),
-    };
-    let bad = |to_mib: u64, from_host_mib: u64| MemPlan {
+    let mut s = snapshot(vec![guest(1, 1000, 500, 0.0)], host(16384, 1100));
+    let bad = |to_mib: u64| MemPlan {
         changes: vec![vmbalance::mem_plan::BalloonChange {
             id: DomainId([1; 16]),
             from_kib: 1000 * MIB,
             to_kib: to_mib * MIB,
         }],
-        from_host_kib: from_host_mib * MIB,
-        to_host_kib: 0,
+        ..MemPlan::default()
     };
-    assert!(
-        violations(&s, &bad(5000, 0), &policy())
+    let found = |s: &MemSnapshot, to_mib: u64, what: &str| {
+        violations(s, &bad(to_mib), &policy())
             .iter()
-            .any(|v| v.contains("above max"))
-    );
-    assert!(
-        violations(&s, &bad(510, 0), &policy())
-            .iter()
-            .any(|v| v.contains("floor"))
-    );
-    assert!(
-        violations(&s, &bad(1300, 300), &policy())
-            .iter()
-            .any(|v| v.contains("reserve"))
-    );
-    assert!(
-        violations(&s, &bad(1600, 0), &policy())
-            .iter()
-            .any(|v| v.contains("step"))
-    );
-    assert!(violations(&s, &bad(900, 0), &policy()).is_empty());
-}
-
-fn arb_guest(n: u8) -> impl Strategy<Value = GuestMemory> {
-    (40u64..8192, 0u64..=100, -50.0f64..200.0, 0u64..4096).prop_map(
-        move |(actual, unused_pct, rate, extra)| GuestMemory {
-            id: DomainId([n; 16]),
-            actual_kib: actual * MIB,
-            max_kib: (actual + extra) * MIB,
-            free_kib: actual * MIB * unused_pct / 100,
-            rate_kib_s: rate * 1024.0,
+            .any(|v| v.contains(what))
+    };
+    assert!(found(&s, 5000, "above max"));
+    assert!(found(&s, 510, "floor"));
+    assert!(found(&s, 1300, "reserve"));
+    assert!(found(&s, 1600, "step"));
+    assert!(violations(&s, &bad(900), &policy()).is_empty());
+    assert!(violations(&s, &bad(1250), &policy()).is_empty());
+    // What earlier grants left unused is not the host's to give again.
+    s.outstanding_kib = 100 * MIB;
+    assert!(found(&s, 1250, "outstanding"));
+    // Nor is a guarantee to be shrunk under.
+    s.standing.insert(
+        DomainId([1; 16]),
+        Standing {
+            guaranteed_kib: 950 * MIB,
+            ..Standing::default()
         },
-    )
+    );
+    assert!(found(&s, 900, "floor"));
 }
 
-fn arb_snapshot() -> impl Strategy<Value = MemSnapshot> {
+fn arb_guest(n: u8) -> impl Strategy<Value = (GuestMemory, Standing)> {
+    (
+        (40u64..8192, 0u64..=100, -50.0f64..200.0, 0u64..4096),
+        (0u64..8192, any::<bool>(), any::<bool>()),
+    )
+        .prop_map(
+            move |((actual, unused_pct, rate, extra), (guaranteed, reclaiming, behind))| {
+                let g = GuestMemory {
+                    id: DomainId([n; 16]),
+                    actual_kib: actual * MIB,
+                    max_kib: (actual + extra) * MIB,
+                    free_kib: actual * MIB * unused_pct / 100,
+                    rate_kib_s: rate * 1024.0,
+                };
+                let standing = Standing {
+                    guaranteed_kib: guaranteed * MIB,
+                    reclaiming,
+                    behind,
+                };
+                (g, standing)
+            },
+        )
+}
+
+fn arb_snapshot() -> impl Strategy<Value = (MemSnapshot, MemPolicy)> {
     (
         (0u8..12).prop_flat_map(|n| (0..n).map(arb_guest).collect::<Vec<_>>()),
         prop::option::weighted(0.9, (1024u64..65536, 0u64..=100)),
+        0u64..4096,
+        prop::option::of(10.0f64..90.0),
     )
-        .prop_map(|(guests, host)| MemSnapshot {
-            guests,
-            host: host.map(|(total, free_pct)| HostMemory {
-                total_kib: total * MIB,
-                available_kib: total * MIB * free_pct / 100,
-            }),
+        .prop_map(|(guests, host, outstanding_mib, host_target_pct)| {
+            let s = MemSnapshot {
+                standing: guests.iter().map(|(g, st)| (g.id, *st)).collect(),
+                guests: guests.into_iter().map(|(g, _)| g).collect(),
+                host: host.map(|(total, free_pct)| HostMemory {
+                    total_kib: total * MIB,
+                    available_kib: total * MIB * free_pct / 100,
+                }),
+                outstanding_kib: outstanding_mib * MIB,
+            };
+            let pol = MemPolicy {
+                host_target_pct,
+                ..policy()
+            };
+            (s, pol)
         })
 }
 
 proptest! {
     #[test]
-    fn plans_respect_every_hard_limit(s in arb_snapshot()) {
-        let pol = policy();
+    fn plans_respect_every_hard_limit((s, pol) in arb_snapshot()) {
         let p = plan(&s, &pol);
         prop_assert!(violations(&s, &p, &pol).is_empty(), "{:?}", violations(&s, &p, &pol));
         let mut grown = 0i128;
         for c in &p.changes {
             let g = s.guests.iter().find(|g| g.id == c.id).unwrap();
+            let st = s.standing(&c.id);
             prop_assert_eq!(c.from_kib, g.actual_kib);
             prop_assert_ne!(c.from_kib, c.to_kib);
             prop_assert!(c.to_kib <= g.max_kib);
             if c.shrinks() {
                 prop_assert!(c.to_kib >= pol.min_guest_kib);
                 prop_assert!(c.to_kib >= g.used_kib() + pol.min_step_kib);
-                prop_assert_eq!(pol.status(g), MemStatus::Wasting, "only wasting guests shrink");
+                prop_assert!(c.to_kib >= st.guaranteed_kib);
+                prop_assert_eq!(pol.status(g, &st), MemStatus::Wasting, "only wasting guests shrink");
             } else {
-                prop_assert_eq!(pol.status(g), MemStatus::Starving, "only starving guests grow");
+                prop_assert_eq!(pol.status(g, &st), MemStatus::Starving, "only starving guests grow");
+                prop_assert!(!st.behind, "a guest behind its balloon gets nothing");
             }
             grown += i128::from(c.to_kib) - i128::from(c.from_kib);
         }
         // Memory is conserved: what guests gain in all is what the host gave minus what it got.
         prop_assert_eq!(grown, i128::from(p.from_host_kib) - i128::from(p.to_host_kib));
-        // The host stays at or above its reserve, or is not drawn on at all.
-        if let Some(h) = s.host {
-            if p.from_host_kib > 0 {
-                prop_assert!(h.available_kib - p.from_host_kib >= pol.reserve_kib(h));
-            }
-        } else {
-            prop_assert_eq!(p.from_host_kib, 0);
+        // Grants fit in what the host has above its reserve and its outstanding grants.
+        match s.host {
+            Some(h) => prop_assert!(
+                p.from_host_kib + pol.reserve_kib(h) + s.outstanding_kib <= h.available_kib
+                    || p.from_host_kib == 0
+            ),
+            None => prop_assert_eq!(p.from_host_kib, 0),
         }
         // Nobody starving: memory only flows back to the host.
-        if s.guests.iter().all(|g| pol.status(g) != MemStatus::Starving) {
+        if s.guests.iter().all(|g| pol.status(g, &s.standing(&g.id)) != MemStatus::Starving) {
             prop_assert_eq!(p.from_host_kib, 0);
         }
     }

@@ -16,10 +16,11 @@ use vmbalance::mem_plan::MemPolicy;
 ///
 /// Every PERIOD seconds it reads each guest's balloon statistics (switching them on first), works
 /// out how fast each guest consumes memory, and resizes balloons: guests short of memory and still
-/// consuming (STARVING) get memory from guests with much free memory (WASTING), then from the
-/// host; with nobody starving, wasting guests hand memory back to the host a step at a time. It
-/// never leaves the host under its reserve, never shrinks a guest under its floor or under what it
-/// uses, and never grows one past its max memory. It exits 0 when a cycle finds no active domain,
+/// consuming (STARVING) get memory from the host's spare memory, while guests with much free
+/// memory (WASTING) give memory back to the host a step at a time, down to a target free share.
+/// It never grants more than the host has above its reserve and the grants its guests have not
+/// used yet, never shrinks a guest under its floor, its guaranteed minimum or what it uses, and
+/// never grows one past its max memory. It exits 0 when a cycle finds no active domain,
 /// and on Ctrl-C or SIGTERM.
 #[derive(Parser, Debug)]
 #[command(name = "memory_coordinator", version, allow_negative_numbers = true)]
@@ -36,9 +37,19 @@ struct Args {
     #[arg(long, value_name = "PCT", default_value_t = 50.0, value_parser = parse_non_negative)]
     waste_pct: f64,
 
+    /// An idle guest is shrunk until this % of its memory is free [default: mid-way between
+    /// --starve-pct and --waste-pct]; it is not shrunk again until it passes --waste-pct
+    #[arg(long, value_name = "PCT", value_parser = parse_non_negative)]
+    target_free_pct: Option<f64>,
+
     /// Keep at least this % of the host's memory available
     #[arg(long, value_name = "PCT", default_value_t = 5.0, value_parser = parse_non_negative)]
     host_reserve_pct: f64,
+
+    /// Host-pressure mode: take memory back from idle guests only while the host has less than
+    /// this % of its memory available [default: always take idle memory back]
+    #[arg(long, value_name = "PCT", value_parser = parse_non_negative)]
+    host_target_pct: Option<f64>,
 
     /// Never shrink a guest below this many MiB
     #[arg(long, value_name = "MIB", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=MAX_MIB))]
@@ -101,10 +112,26 @@ impl Args {
             self.waste_pct
         );
         ensure!(self.waste_pct <= 100.0, "--waste-pct must be at most 100");
+        let target_free_pct = self
+            .target_free_pct
+            .unwrap_or((self.starve_pct + self.waste_pct) / 2.0);
+        ensure!(
+            self.starve_pct < target_free_pct && target_free_pct < self.waste_pct,
+            "--target-free-pct ({target_free_pct}) must lie between --starve-pct ({}) and --waste-pct ({})",
+            self.starve_pct,
+            self.waste_pct
+        );
         ensure!(
             self.host_reserve_pct < 100.0,
             "--host-reserve-pct must be below 100"
         );
+        if let Some(pct) = self.host_target_pct {
+            ensure!(
+                self.host_reserve_pct < pct && pct <= 100.0,
+                "--host-target-pct ({pct}) must be above --host-reserve-pct ({}) and at most 100",
+                self.host_reserve_pct
+            );
+        }
         ensure!(
             self.return_pct > 0.0 && self.return_pct <= 100.0,
             "--return-pct must be above 0 and at most 100"
@@ -118,7 +145,9 @@ impl Args {
         Ok(MemPolicy {
             starve_pct: self.starve_pct,
             waste_pct: self.waste_pct,
+            target_free_pct,
             host_reserve_pct: self.host_reserve_pct,
+            host_target_pct: self.host_target_pct,
             min_guest_kib: self.min_guest_mib * 1024,
             consuming_kib_s: self.consuming_mib_s * 1024.0,
             min_step_kib: self.min_step_mib * 1024,
@@ -136,12 +165,18 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
     let mut coordinator =
         Coordinator::new(policy, args.common.dry_run).with_exclusions(args.common.exclusions());
     info!(
-        "memory_coordinator on {uri}: period {:?}, starving under {}% free, wasting over {}%, host reserve {}% (host available memory: {}), guest floor {} MiB{}",
+        "memory_coordinator on {uri}: period {:?}, starving under {}% free, wasting over {}% (shrunk to {}% free), host reserve {}% (host available memory: {}), {}, guest floor {} MiB{}",
         args.period,
         args.starve_pct,
         args.waste_pct,
+        policy.target_free_pct,
         args.host_reserve_pct,
         host.memory_figure(),
+        match policy.host_target_pct {
+            Some(pct) =>
+                format!("idle memory taken back only while the host has under {pct}% available"),
+            None => "idle memory always taken back".into(),
+        },
         args.min_guest_mib,
         args.common.dry_run_note()
     );

@@ -14,7 +14,7 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
-use crate::exclusions::{METADATA_URI, metadata_opts_out};
+use crate::exclusions::{DomainMetadata, METADATA_URI};
 use crate::host::{
     BalloonSample, BalloonStats, DomainId, DomainRef, Host, HostError, HostMemory, HostResult,
     NodeCpus, VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip,
@@ -36,7 +36,7 @@ const AFFINITY_CHECK_SAMPLES: u64 = 30;
 /// the vCPU affinity of its persistent configuration (read when the vCPU scheduler first needs it).
 struct DomainFacts {
     run: u32,
-    opted_out: bool,
+    metadata: DomainMetadata,
     memory_nodes: Option<Vec<u32>>,
     memory_held: Option<&'static str>,
     configured: Option<Option<Vec<Vec<u32>>>>,
@@ -46,7 +46,8 @@ impl DomainFacts {
     /// `domain` with what these facts say of it.
     fn describe(&self, domain: &DomainRef) -> DomainRef {
         DomainRef {
-            opted_out: self.opted_out,
+            opted_out: self.metadata.exclude,
+            guaranteed_kib: self.metadata.guaranteed_kib,
             memory_nodes: self.memory_nodes.clone(),
             memory_held: self.memory_held,
             run: Some(self.run),
@@ -387,19 +388,21 @@ impl LibvirtHost {
     }
 
     /// The facts of run `run` of domain `id`, read on first sight of that run: whether its
-    /// metadata asks vmbalance to leave it alone (`virDomainGetMetadata`), and what its live XML
+    /// metadata asks vmbalance to leave it alone or guarantees it memory (`virDomainGetMetadata`), and what its live XML
     /// says of its memory: a strict NUMA binding, memory a balloon cannot give back.
     fn facts(&mut self, id: &DomainId, run: u32) -> HostResult<&mut DomainFacts> {
         if self.facts.get(id).is_none_or(|f| f.run != run) {
             let dom = self.domain(id)?;
             self.calls += 1;
             let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
-            let opted_out = match dom.metadata(kind, Some(METADATA_URI), 0) {
-                Ok(xml) => metadata_opts_out(&xml),
-                Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN_METADATA => false,
+            let metadata = match dom.metadata(kind, Some(METADATA_URI), 0) {
+                Ok(xml) => DomainMetadata::parse(&xml),
+                Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN_METADATA => {
+                    DomainMetadata::default()
+                }
                 Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
                 Err(e) => match self.error(e, || format!("reading the metadata of domain {id}")) {
-                    HostError::Unsupported(_) => false,
+                    HostError::Unsupported(_) => DomainMetadata::default(),
                     e => return Err(e),
                 },
             };
@@ -412,7 +415,7 @@ impl LibvirtHost {
             };
             let facts = DomainFacts {
                 run,
-                opted_out,
+                metadata,
                 memory_nodes,
                 memory_held,
                 configured: None,

@@ -74,6 +74,12 @@ pub struct SimMemory {
     last_report_at: f64,
     /// Times the guest ran out of memory (its workload was killed).
     pub ooms: u32,
+    /// Host memory backing the guest, KiB: what it has touched, until a balloon takes it back.
+    pub resident: f64,
+    /// Its balloon frees nothing on the host (passthrough memory the host does not announce).
+    pub frees_nothing: bool,
+    /// It reports this balloon size whatever its real one (a lying or broken driver).
+    pub claims_actual: Option<u64>,
 }
 
 impl SimMemory {
@@ -92,7 +98,15 @@ impl SimMemory {
             report: None,
             last_report_at: f64::NEG_INFINITY,
             ooms: 0,
+            resident: used as f64,
+            frees_nothing: false,
+            claims_actual: None,
         }
+    }
+
+    /// The balloon size the guest reports.
+    pub fn reported_actual(&self) -> u64 {
+        self.claims_actual.unwrap_or(self.actual)
     }
 
     /// Start a workload that allocates (or frees) `rate` KiB/s until it uses `goal` KiB.
@@ -114,10 +128,11 @@ impl SimMemory {
     }
 
     fn advance(&mut self, now: f64, dt: f64) {
+        // A workload moves its use toward its goal, never away from it.
         if self.rate > 0.0 {
-            self.used = (self.used + self.rate * dt).min(self.goal);
+            self.used = (self.used + self.rate * dt).min(self.goal).max(self.used);
         } else if self.rate < 0.0 {
-            self.used = (self.used + self.rate * dt).max(self.goal);
+            self.used = (self.used + self.rate * dt).max(self.goal).min(self.used);
         }
         if self.used > self.actual as f64 {
             self.ooms += 1;
@@ -125,12 +140,14 @@ impl SimMemory {
             self.rate = 0.0;
             self.goal = self.baseline;
         }
+        // Pages the guest touches are backed by the host from then on.
+        self.resident = self.resident.max(self.used);
         if self.driver
             && self.stats_period > 0
             && now - self.last_report_at >= f64::from(self.stats_period) - 1e-9
         {
             self.last_report_at = now;
-            let unused = (self.actual as f64 - self.used).max(0.0) as u64;
+            let unused = (self.reported_actual() as f64 - self.used).max(0.0) as u64;
             self.report = Some((1_000_000 + now as u64, unused));
         }
     }
@@ -149,6 +166,8 @@ pub struct SimDomain {
     pub run: u32,
     /// Its metadata asks vmbalance to leave it alone.
     pub opted_out: bool,
+    /// The memory its metadata guarantees it, KiB.
+    pub guaranteed_kib: u64,
     pub vcpus: Vec<SimVcpu>,
     pub mem: SimMemory,
 }
@@ -170,6 +189,8 @@ pub struct SimHost {
     pub host_reports_memory: bool,
     /// Number of balloon changes made.
     pub resizes: usize,
+    /// The least memory the host had available at any instant, KiB.
+    pub host_low: u64,
     /// Does the host report vCPU run-queue delay (like QEMU's `vcpu.N.delay`)?
     pub reports_delay: bool,
     /// Each period, every vCPU wants its demand plus a uniform draw in ±`jitter` points (clamped
@@ -206,6 +227,7 @@ impl SimHost {
             host_used: 1 << 20,
             host_reports_memory: true,
             resizes: 0,
+            host_low: u64::MAX,
             reports_delay: false,
             jitter: 0.0,
             jitter_rng: Rng(0x9E37_79B9_7F4A_7C15),
@@ -232,6 +254,7 @@ impl SimHost {
             memory_held: None,
             run: 1,
             opted_out: false,
+            guaranteed_kib: 0,
             vcpus: vcpus
                 .iter()
                 .map(|&(demand, affinity)| SimVcpu {
@@ -254,9 +277,10 @@ impl SimHost {
         id
     }
 
-    /// Memory the host has available, KiB.
+    /// Memory the host has available, KiB: what neither it nor the guests' touched memory
+    /// takes.
     pub fn host_free(&self) -> u64 {
-        let guests: u64 = self.domains.iter().map(|d| d.mem.actual).sum();
+        let guests: u64 = self.domains.iter().map(|d| d.mem.resident as u64).sum();
         self.host_total.saturating_sub(self.host_used + guests)
     }
 
@@ -306,6 +330,7 @@ impl SimHost {
         for d in &mut self.domains {
             d.mem.advance(now, dt.as_secs_f64());
         }
+        self.host_low = self.host_low.min(self.host_free());
     }
 
     /// A uniform draw in ±`jitter` (0 without jitter), from a seeded xorshift64*.
@@ -361,6 +386,7 @@ impl Host for SimHost {
                 id: d.id,
                 name: d.name.clone(),
                 opted_out: d.opted_out,
+                guaranteed_kib: d.guaranteed_kib,
                 memory_nodes: d.memory_nodes.clone(),
                 memory_held: d.memory_held,
                 run: Some(d.run),
@@ -430,7 +456,7 @@ impl Host for SimHost {
     fn balloon_stats(&mut self, id: &DomainId) -> HostResult<BalloonStats> {
         let m = &self.running(id)?.mem;
         let mut stats = BalloonStats {
-            actual_kib: m.actual,
+            actual_kib: m.reported_actual(),
             max_kib: m.max,
             ..BalloonStats::default()
         };
@@ -462,6 +488,10 @@ impl Host for SimHost {
         }
         // The balloon stalls at what the guest uses rather than taking it.
         d.mem.actual = kib.max(d.mem.used.ceil() as u64);
+        // What the balloon takes goes back to the host, unless the guest's memory is held.
+        if d.memory_held.is_none() && !d.mem.frees_nothing {
+            d.mem.resident = d.mem.resident.min(d.mem.actual as f64);
+        }
         self.resizes += 1;
         Ok(())
     }
