@@ -650,6 +650,7 @@ fn mem_snapshot(guests: usize, seed: u64) -> MemSnapshot {
                     actual_kib: actual,
                     max_kib: actual * 2,
                     free_kib: actual * rng.below(100) / 100,
+                    unused_kib: actual / 10,
                     rate_kib_s: rng.range(-20.0, 40.0) * 1024.0,
                 }
             })

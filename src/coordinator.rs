@@ -34,6 +34,17 @@ fn guest_line(sample: &BalloonSample, state: &str) -> GuestLine {
     }
 }
 
+/// What a domain the coordinator does not follow (left alone, or without a balloon) may still
+/// make the host back: what it reports free, or all of its balloon when it reports nothing. (A
+/// domain whose memory is held is backed already.)
+fn unbacked_as_reported(sample: &BalloonSample) -> u64 {
+    let stats = &sample.stats;
+    stats
+        .unused_kib
+        .filter(|&unused| unused <= stats.actual_kib)
+        .unwrap_or(stats.actual_kib)
+}
+
 /// Stale reports in a row after which the stats period is set again (the domain may have
 /// restarted, which resets it) and the operator is warned once.
 const STALE_CYCLES_BEFORE_REARM: u32 = 5;
@@ -165,7 +176,7 @@ impl Coordinator {
             total_mib: mib(h.total_kib),
             available_mib: mib(h.available_kib),
             reserve_mib: mib(self.policy.reserve_kib(h)),
-            outstanding_mib: 0.0,
+            unbacked_mib: 0.0,
         });
         let mut snapshot = MemSnapshot {
             host: host_memory,
@@ -176,12 +187,19 @@ impl Coordinator {
         for sample in &samples {
             if self.exclusions.excludes(&sample.domain) {
                 report.guests.push(guest_line(sample, "excluded"));
+                snapshot.unbacked_kib += unbacked_as_reported(sample);
                 continue;
             }
             if !self.arm(host, sample, &mut report)? {
+                if sample.domain.memory_held.is_none() {
+                    snapshot.unbacked_kib += unbacked_as_reported(sample);
+                }
                 continue;
             }
             let (line, fresh) = self.classify(sample);
+            snapshot.unbacked_kib += self
+                .ledger
+                .unbacked_kib(&sample.domain.id, sample.stats.actual_kib);
             if let Some((g, standing)) = fresh {
                 snapshot.guests.push(g);
                 snapshot.standing.insert(g.id, standing);
@@ -194,9 +212,8 @@ impl Coordinator {
         let current = self.cycles;
         self.domains.retain(|_, s| s.seen == current);
         self.ledger.retain(|id| self.domains.contains_key(id));
-        snapshot.outstanding_kib = self.ledger.outstanding_kib();
         if let Some(h) = &mut report.host {
-            h.outstanding_mib = mib(snapshot.outstanding_kib);
+            h.unbacked_mib = mib(snapshot.unbacked_kib);
         }
 
         if let Some(plan) = self.decide(&snapshot, &mut report) {

@@ -1,13 +1,16 @@
-//! What the memory coordinator asked of each guest, and what the guest did with it.
+//! What the memory coordinator knows of each guest across cycles: what the host may still have to
+//! back for it, whether its balloon follows what it is given, whether it is being reclaimed.
 //!
 //! The host budget and the fairness rules of [`crate::mem_plan`] rest on it:
-//! - **Outstanding grants.** A balloon that grows frees pages inside the guest; the host backs
-//!   them only once the guest touches them. Until then the grant is outstanding: the host's own
-//!   figure does not show it, yet the guest may use it at any moment, so the budget leaves it out
-//!   (rule 6). Which of a guest's free pages the host backs is unknown, so a grant counts as
-//!   outstanding for as long as the guest has that much memory free: it is taken up only as the
-//!   guest's free memory falls under it (by use, or by a shrink), never by a guest reusing pages
-//!   it had touched before.
+//! - **Unbacked memory.** The host backs a guest's page only once the guest touches it; a page a
+//!   balloon gives back is untouched again. So every guest can, at any time, make the host back
+//!   more: at most its free memory, since every page it never touched is free (MemFree). The host's
+//!   own figure does not show that debt, so the budget leaves it out (rule 6). A guest's free
+//!   memory is known at its last consistent report; since then its balloon may have moved (a grant
+//!   adds to it, a shrink takes from it): what the guest has touched is its balloon size minus its
+//!   free memory at that report, and is what the host backs at least. A guest that never reported
+//!   may touch all of its balloon. The balloon size is what the guest says, or what it was last
+//!   set to if that is more: a guest that under-reports its balloon must not hide a grant.
 //! - **Balloons that do not follow.** A guest writes its own `actual`. One whose `actual` stays
 //!   under the size it was last given (a broken or lying driver) gets no more until it catches
 //!   up (rule 3); the operator is told once.
@@ -30,17 +33,20 @@ fn slack_kib(size_kib: u64) -> u64 {
 /// What is known of one guest.
 #[derive(Clone, Debug, Default)]
 struct Entry {
-    /// Granted and not used yet, KiB.
-    outstanding_kib: u64,
+    /// Memory it had touched at its last consistent report (balloon size minus MemFree), KiB.
+    touched_kib: Option<u64>,
     /// The size of its last grant, until its balloon reaches it.
     asked_kib: Option<u64>,
+    /// The size its balloon was last set to.
+    set_kib: Option<u64>,
     /// Told the operator its balloon lags.
     warned: bool,
     /// Wasting when last judged.
     reclaiming: bool,
 }
 
-/// Grants outstanding, balloons lagging, guests being reclaimed: per guest, across cycles.
+/// Memory guests may still make the host back, balloons lagging, guests being reclaimed: per
+/// guest, across cycles.
 #[derive(Default)]
 pub struct Ledger {
     guests: HashMap<DomainId, Entry>,
@@ -52,11 +58,11 @@ impl Ledger {
         Self::default()
     }
 
-    /// A fresh report of guest `g` (named `name`): what is left outstanding of its grants (no
-    /// more than it has free), and whether its balloon reached the size it was last given.
+    /// A fresh report of guest `g` (named `name`): what it has touched, and whether its balloon
+    /// reached the size it was last given.
     pub fn observe(&mut self, g: &GuestMemory, name: &str) {
         let e = self.guests.entry(g.id).or_default();
-        e.outstanding_kib = e.outstanding_kib.min(g.free_kib);
+        e.touched_kib = Some(g.actual_kib.saturating_sub(g.unused_kib));
         if let Some(asked) = e.asked_kib {
             if g.actual_kib + slack_kib(asked) >= asked {
                 e.asked_kib = None;
@@ -69,6 +75,16 @@ impl Ledger {
                 );
             }
         }
+    }
+
+    /// What guest `id`, whose balloon reads `actual_kib` now, may still make the host back: its
+    /// balloon (as read, or as last set if that is more) minus what it had touched at its last
+    /// report (all of it before any report).
+    pub fn unbacked_kib(&self, id: &DomainId, actual_kib: u64) -> u64 {
+        let e = self.guests.get(id);
+        let touched = e.and_then(|e| e.touched_kib).unwrap_or(0);
+        let set = e.and_then(|e| e.set_kib).unwrap_or(0);
+        actual_kib.max(set).saturating_sub(touched)
     }
 
     /// The standing of guest `id`, whose metadata guarantees it `guaranteed_kib`.
@@ -86,25 +102,15 @@ impl Ledger {
         self.guests.entry(*id).or_default().reclaiming = status == MemStatus::Wasting;
     }
 
-    /// Change `c` was made: a grant is outstanding until used; a shrink cancels what is left of
-    /// the last grant's wait.
+    /// Change `c` was made: a grant is watched until the balloon reaches it; a shrink ends that.
     pub fn resized(&mut self, c: &BalloonChange) {
         let e = self.guests.entry(c.id).or_default();
-        if c.shrinks() {
-            e.asked_kib = None;
-            e.warned = false;
-        } else {
-            e.outstanding_kib += c.to_kib - c.from_kib;
-            e.asked_kib = Some(c.to_kib);
-        }
+        e.asked_kib = (!c.shrinks()).then_some(c.to_kib);
+        e.set_kib = Some(c.to_kib);
+        e.warned = false;
     }
 
-    /// All grants outstanding, KiB.
-    pub fn outstanding_kib(&self) -> u64 {
-        self.guests.values().map(|e| e.outstanding_kib).sum()
-    }
-
-    /// Forget guest `id`: it vanished or restarted (its memory went back to the host with it).
+    /// Forget guest `id`: it vanished or restarted.
     pub fn forget(&mut self, id: &DomainId) {
         self.guests.remove(id);
     }
@@ -120,80 +126,72 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1024;
+    const ID: DomainId = DomainId([1; 16]);
 
-    fn guest(actual_mib: u64, free_mib: u64) -> GuestMemory {
+    fn guest(actual_mib: u64, unused_mib: u64) -> GuestMemory {
         GuestMemory {
-            id: DomainId([1; 16]),
+            id: ID,
             actual_kib: actual_mib * MIB,
             max_kib: 4096 * MIB,
-            free_kib: free_mib * MIB,
+            free_kib: unused_mib * MIB,
+            unused_kib: unused_mib * MIB,
             rate_kib_s: 0.0,
         }
     }
 
-    fn grow(from_mib: u64, to_mib: u64) -> BalloonChange {
+    fn resize(from_mib: u64, to_mib: u64) -> BalloonChange {
         BalloonChange {
-            id: DomainId([1; 16]),
+            id: ID,
             from_kib: from_mib * MIB,
             to_kib: to_mib * MIB,
         }
     }
 
     #[test]
-    fn a_grant_is_outstanding_until_the_guest_has_less_free() {
+    fn a_guest_may_touch_its_free_memory_and_what_its_balloon_gained_since() {
         let mut l = Ledger::new();
+        // Never reported: all of its balloon.
+        assert_eq!(l.unbacked_kib(&ID, 500 * MIB), 500 * MIB);
         l.observe(&guest(500, 50), "g");
-        l.resized(&grow(500, 600));
-        assert_eq!(l.outstanding_kib(), 100 * MIB);
-        // The balloon grew: free memory too, used memory not.
-        l.observe(&guest(600, 150), "g");
-        assert_eq!(l.outstanding_kib(), 100 * MIB);
-        // Its first 50 MiB of use may be pages the host backs already.
-        l.observe(&guest(600, 100), "g");
-        assert_eq!(l.outstanding_kib(), 100 * MIB);
-        l.observe(&guest(600, 60), "g");
-        assert_eq!(l.outstanding_kib(), 60 * MIB);
-        // Memory it frees again was touched: it stays taken.
-        l.observe(&guest(600, 200), "g");
-        assert_eq!(l.outstanding_kib(), 60 * MIB);
-        l.observe(&guest(600, 10), "g");
-        assert_eq!(l.outstanding_kib(), 10 * MIB);
-    }
-
-    #[test]
-    fn a_shrink_gives_an_unused_grant_back() {
-        let mut l = Ledger::new();
-        l.observe(&guest(500, 50), "g");
-        l.resized(&grow(500, 600));
-        l.observe(&guest(600, 150), "g");
-        l.resized(&grow(600, 510));
-        l.observe(&guest(510, 60), "g");
-        assert_eq!(l.outstanding_kib(), 60 * MIB);
-        l.forget(&DomainId([1; 16]));
-        assert_eq!(l.outstanding_kib(), 0);
+        assert_eq!(l.unbacked_kib(&ID, 500 * MIB), 50 * MIB);
+        // Given 100 MiB, not reported since: those too.
+        assert_eq!(l.unbacked_kib(&ID, 600 * MIB), 150 * MIB);
+        // Shrunk by 30 MiB: the balloon took free pages.
+        assert_eq!(l.unbacked_kib(&ID, 470 * MIB), 20 * MIB);
+        // Set to 600 MiB, it reads 500 still: it may have the 600 MiB it was given.
+        l.resized(&resize(500, 600));
+        assert_eq!(l.unbacked_kib(&ID, 500 * MIB), 150 * MIB);
+        // It used 40 MiB more: 110 MiB left to touch.
+        l.observe(&guest(600, 110), "g");
+        assert_eq!(l.unbacked_kib(&ID, 600 * MIB), 110 * MIB);
+        l.forget(&ID);
+        assert_eq!(l.unbacked_kib(&ID, 600 * MIB), 600 * MIB);
     }
 
     #[test]
     fn a_balloon_that_does_not_follow_its_grant_is_behind_until_it_does() {
         let mut l = Ledger::new();
-        let id = DomainId([1; 16]);
         l.observe(&guest(500, 50), "g");
-        l.resized(&grow(500, 600));
-        assert!(!l.standing(&id, 0).behind, "not judged before a report");
+        l.resized(&resize(500, 600));
+        assert!(!l.standing(&ID, 0).behind, "not judged before a report");
         l.observe(&guest(500, 40), "g");
-        assert!(l.standing(&id, 0).behind);
+        assert!(l.standing(&ID, 0).behind);
         l.observe(&guest(599, 130), "g");
-        assert!(!l.standing(&id, 0).behind);
+        assert!(!l.standing(&ID, 0).behind);
+        // A shrink ends the wait.
+        l.resized(&resize(599, 700));
+        l.observe(&guest(599, 130), "g");
+        l.resized(&resize(599, 550));
+        assert!(!l.standing(&ID, 0).behind);
     }
 
     #[test]
     fn a_wasting_guest_is_reclaiming_until_judged_otherwise() {
         let mut l = Ledger::new();
-        let id = DomainId([1; 16]);
-        l.judged(&id, MemStatus::Wasting);
-        assert!(l.standing(&id, 7).reclaiming);
-        assert_eq!(l.standing(&id, 7).guaranteed_kib, 7);
-        l.judged(&id, MemStatus::Balanced);
-        assert!(!l.standing(&id, 0).reclaiming);
+        l.judged(&ID, MemStatus::Wasting);
+        assert!(l.standing(&ID, 7).reclaiming);
+        assert_eq!(l.standing(&ID, 7).guaranteed_kib, 7);
+        l.judged(&ID, MemStatus::Balanced);
+        assert!(!l.standing(&ID, 0).reclaiming);
     }
 }

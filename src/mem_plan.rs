@@ -16,9 +16,12 @@
 //!    `waste_pct` % and it is not consuming, and it stays wasting, while it does not consume,
 //!    until it is brought down to where a shrink stops (rule 5), so a guest is not left just
 //!    under the waste line; **balanced** otherwise ([`MemPolicy::status`]).
-//! 3. **Feeding.** Each starving guest wants twice what it consumes in one period (a resized
-//!    guest is decided on again two periods later, once its balloon has settled), plus what it
-//!    lacks of `runway_periods` periods of free memory, at least `min_step_kib`. A guest whose
+//! 3. **Feeding.** Each starving guest wants what it lacks to still have, after two periods of
+//!    consumption (a resized guest is decided on again two periods later, once its balloon has
+//!    settled), its *headroom*: `runway_periods` periods of consumption, and at least
+//!    `headroom_pct` % of its balloon. No more than it needs (what a guest holds free is memory no
+//!    other guest can have), and nothing while it has that much (it is fed again, in time, as
+//!    its free memory falls). A guest whose
 //!    balloon did not follow its last grant (its `actual` stayed under the size it was given) gets
 //!    nothing until it does. Grants are paid from the host's budget only (rule 6); when the budget
 //!    cannot pay every want, it is shared in proportion to the wants, so equal needs get equal
@@ -34,9 +37,10 @@
 //! 6. **Hard limits.** Never below the hard floor: `min_guest_kib`, what the guest uses plus
 //!    `min_step_kib`, and the minimum its metadata guarantees it; never above the guest's max
 //!    memory; never more than `max_step_kib` of change per guest per cycle; never granting more
-//!    than the host's budget: its available memory, minus `host_reserve_pct` % of its total, minus
-//!    what earlier grants gave guests that they have not used yet (they may use it at any time).
-//!    Memory a shrink frees counts only once the host's own figure shows it. [`violations`]
+//!    than the host's budget: its available memory, minus `host_reserve_pct` % of its total,
+//!    minus what guests may still make it back (what they hold free: every page a guest never
+//!    touched is free in it, and it may touch it at any time; see [`crate::ledger`]). Memory a
+//!    shrink frees on the host counts only once the host's own figure shows it. [`violations`]
 //!    checks every plan against these before it is applied.
 
 use std::cmp::Reverse;
@@ -65,7 +69,8 @@ pub struct MemPolicy {
     pub min_guest_kib: u64,
     /// A guest whose used memory grows faster than this, in KiB/s, is consuming.
     pub consuming_kib_s: f64,
-    /// Smallest grant to a starving guest; also the margin left above a guest's used memory.
+    /// The margin a shrink leaves above what a guest uses, and the smallest step an idle guest
+    /// gives back.
     pub min_step_kib: u64,
     /// Largest change of one guest's balloon in one cycle.
     pub max_step_kib: u64,
@@ -75,6 +80,9 @@ pub struct MemPolicy {
     pub period_secs: f64,
     /// A consuming guest whose free memory would last fewer periods than this is starving.
     pub runway_periods: f64,
+    /// A starving guest is fed so that two periods ahead it still has this % of its balloon free
+    /// (and its runway).
+    pub headroom_pct: f64,
 }
 
 impl Default for MemPolicy {
@@ -92,6 +100,7 @@ impl Default for MemPolicy {
             return_fraction: 0.25,
             period_secs: 3.0,
             runway_periods: 3.0,
+            headroom_pct: 5.0,
         }
     }
 }
@@ -138,9 +147,11 @@ pub struct MemSnapshot {
     pub host: Option<HostMemory>,
     /// What each guest's history says of it; a guest missing here has a default standing.
     pub standing: HashMap<DomainId, Standing>,
-    /// Memory earlier grants gave guests that they have not used yet, KiB: the host may have to
-    /// back it at any time, so it is not in the budget.
-    pub outstanding_kib: u64,
+    /// Memory guests may still make the host back, KiB: what they hold free (every page a guest
+    /// never touched is free in it), as last reported and moved by their balloons since
+    /// ([`crate::ledger::Ledger::unbacked_kib`]). The host may have to back it at any time, so it
+    /// is not in the budget.
+    pub unbacked_kib: u64,
 }
 
 impl MemSnapshot {
@@ -217,12 +228,12 @@ impl MemPolicy {
     }
 
     /// What the host can grant now (rule 6): its available memory above its reserve, minus what
-    /// earlier grants gave that guests have not used yet (nothing when the host is unknown).
-    pub fn host_budget_kib(&self, host: Option<HostMemory>, outstanding_kib: u64) -> u64 {
+    /// guests may still make it back (nothing when the host is unknown).
+    pub fn host_budget_kib(&self, host: Option<HostMemory>, unbacked_kib: u64) -> u64 {
         host.map_or(0, |h| {
             h.available_kib
                 .saturating_sub(self.reserve_kib(h))
-                .saturating_sub(outstanding_kib)
+                .saturating_sub(unbacked_kib)
         })
     }
 
@@ -320,7 +331,7 @@ fn feed(snapshot: &MemSnapshot, starving: &[usize], policy: &MemPolicy, target: 
         .map(|&i| (i, want_kib(&guests[i], policy)))
         .collect();
     let asked: u64 = wants.iter().map(|&(_, w)| w).sum();
-    let budget = policy.host_budget_kib(snapshot.host, snapshot.outstanding_kib);
+    let budget = policy.host_budget_kib(snapshot.host, snapshot.unbacked_kib);
     let mut granted = 0;
     for &(i, want) in &wants {
         let share = if asked <= budget {
@@ -335,15 +346,16 @@ fn feed(snapshot: &MemSnapshot, starving: &[usize], policy: &MemPolicy, target: 
     Fed { asked, granted }
 }
 
-/// Rule 3: what starving guest `g` wants this cycle, within its one step and its max memory
-/// (rule 6).
+/// Rule 3: what starving guest `g` wants this cycle: enough that, after the two periods until it
+/// is decided on again, it still has its headroom; nothing under 1 MiB; within its one step and
+/// its max memory (rule 6).
 fn want_kib(g: &GuestMemory, policy: &MemPolicy) -> u64 {
     let per_period = g.rate_kib_s * policy.period_secs;
-    let twice = (2.0 * per_period).ceil() as u64;
-    let runway = (policy.runway_periods * per_period).ceil() as u64;
-    (twice + runway.saturating_sub(g.free_kib))
-        .max(policy.min_step_kib)
-        .min(policy.max_step_kib)
+    let runway = policy.runway_periods * per_period;
+    let headroom = runway.max(g.actual_kib as f64 * policy.headroom_pct / 100.0);
+    let need = (2.0 * per_period + headroom - g.free_kib as f64).ceil();
+    let need = if need >= MIB as f64 { need as u64 } else { 0 };
+    need.min(policy.max_step_kib)
         .min(g.max_kib.saturating_sub(g.actual_kib))
 }
 
@@ -427,10 +439,10 @@ pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) ->
         .filter(|c| !c.shrinks())
         .map(|c| c.to_kib - c.from_kib)
         .sum();
-    let budget = policy.host_budget_kib(snapshot.host, snapshot.outstanding_kib);
+    let budget = policy.host_budget_kib(snapshot.host, snapshot.unbacked_kib);
     if granted > budget {
         found.push(format!(
-            "grants {granted} KiB, but the host can spare {budget} KiB above its reserve and its outstanding grants"
+            "grants {granted} KiB, but the host can spare {budget} KiB above its reserve and what guests may still touch"
         ));
     }
     found

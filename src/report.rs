@@ -238,10 +238,10 @@ pub struct HostLine {
     /// Memory the host keeps available whatever the guests want, MiB.
     #[serde(serialize_with = "rounded")]
     pub reserve_mib: f64,
-    /// Memory granted to guests that they have not used yet, MiB: the host may have to back it
-    /// at any time, so it is not counted as the host's to give.
+    /// Memory guests hold free and may touch at any time, which the host would then have to
+    /// back, MiB: not counted as the host's to give.
     #[serde(serialize_with = "rounded")]
-    pub outstanding_mib: f64,
+    pub unbacked_mib: f64,
 }
 
 /// How one guest stood in a memory coordinator cycle.
@@ -316,8 +316,8 @@ impl fmt::Display for MemReport {
                     "host available {:.0}/{:.0} MiB (reserve {:.0}",
                     h.available_mib, h.total_mib, h.reserve_mib
                 )?;
-                if h.outstanding_mib >= 1.0 {
-                    write!(f, ", granted unused {:.0}", h.outstanding_mib)?;
+                if h.unbacked_mib >= 1.0 {
+                    write!(f, ", guests may still touch {:.0}", h.unbacked_mib)?;
                 }
                 f.write_str(")")?
             }
@@ -386,7 +386,7 @@ mod tests {
                 total_mib: 1000.0,
                 available_mib: 512.34,
                 reserve_mib: 50.0,
-                outstanding_mib: 64.0,
+                unbacked_mib: 64.0,
             }),
             guests: vec![GuestLine {
                 domain: "g".into(),
@@ -404,12 +404,12 @@ mod tests {
         };
         assert_eq!(
             report.to_string(),
-            "host available 512/1000 MiB (reserve 50, granted unused 64); g 300 MiB free 40 rate +10.6 MiB/s STARVING; resized 1: g 300->350 MiB"
+            "host available 512/1000 MiB (reserve 50, guests may still touch 64); g 300 MiB free 40 rate +10.6 MiB/s STARVING; resized 1: g 300->350 MiB"
         );
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["daemon"], "memory_coordinator");
         assert_eq!(json["host"]["available_mib"], 512.3);
-        assert_eq!(json["host"]["outstanding_mib"], 64.0);
+        assert_eq!(json["host"]["unbacked_mib"], 64.0);
         assert_eq!(json["guests"][0]["free_mib"], 40.1);
         assert_eq!(json["changes"][0]["to_mib"], 350.0);
     }

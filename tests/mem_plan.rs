@@ -15,6 +15,7 @@ fn guest(n: u8, actual_mib: u64, unused_mib: u64, rate_mib_s: f64) -> GuestMemor
         actual_kib: actual_mib * MIB,
         max_kib: 4096 * MIB,
         free_kib: unused_mib * MIB,
+        unused_kib: unused_mib * MIB,
         rate_kib_s: rate_mib_s * 1024.0,
     }
 }
@@ -129,10 +130,10 @@ fn a_shrink_does_not_fund_a_grant_in_the_same_cycle() {
 }
 
 #[test]
-fn grants_not_yet_used_are_not_granted_twice() {
-    // 1019 MiB available, reserve ~819: 200 to spare, but 150 MiB granted earlier is unused.
+fn memory_guests_may_still_touch_is_not_the_hosts_to_give() {
+    // 1019 MiB available, reserve ~819: 200 to spare, but guests hold 150 MiB they never touched.
     let mut s = snapshot(vec![guest(1, 1000, 50, 20.0)], host(16384, 1019));
-    s.outstanding_kib = 150 * MIB;
+    s.unbacked_kib = 150 * MIB;
     let (s, p) = checked(s, &policy());
     let grant = size_mib(&s, &p, 1) - 1000;
     assert!((49..=50).contains(&grant), "{grant}");
@@ -193,16 +194,26 @@ fn a_starving_guest_with_no_wasting_peer_is_fed_by_the_host() {
 }
 
 #[test]
-fn a_guest_with_plenty_of_runway_gets_twice_its_consumption() {
-    // 12 % free of 2000 MiB = 240 MiB, 4 periods at 20 MiB/s: twice a period's use, 120 MiB.
+fn a_guest_is_given_what_it_lacks_of_its_runway_two_periods_ahead() {
+    // 12 % free of 2000 MiB = 240 MiB: at 20 MiB/s it eats 120 MiB in the two periods until its
+    // next decision, and wants 180 MiB (3 periods) left then: 60 MiB.
     let (s, p) = plan_for(vec![guest(1, 2000, 240, 20.0)], host(16384, 8000));
-    assert_eq!(size_mib(&s, &p, 1), 2120);
+    assert_eq!(size_mib(&s, &p, 1), 2060);
+    // With 290 MiB free it lacks 10 MiB.
+    let (s, p) = plan_for(vec![guest(1, 2000, 290, 20.0)], host(16384, 8000));
+    assert_eq!(size_mib(&s, &p, 1), 2010);
+    // At 10 MiB/s, 250 MiB free lack nothing (60 MiB consumed, 100 MiB of headroom kept):
+    // starving (under 15 %), but fed only when it needs it.
+    let (s, p) = plan_for(vec![guest(1, 2000, 250, 10.0)], host(16384, 8000));
+    assert_eq!(status(&s.guests[0]), MemStatus::Starving);
+    assert!(p.changes.is_empty());
 }
 
 #[test]
-fn slow_starvation_still_gets_the_minimum_step() {
-    let (s, p) = plan_for(vec![guest(1, 1000, 50, 1.5)], host(16384, 8000));
-    assert_eq!(size_mib(&s, &p, 1), 1000 + policy().min_step_kib / MIB);
+fn a_slow_consumer_is_kept_at_its_headroom_share() {
+    // 1.5 MiB/s: 9 MiB in two periods, a runway of 13.5 MiB; 5 % of 1000 MiB is more: 50 MiB.
+    let (s, p) = plan_for(vec![guest(1, 1000, 30, 1.5)], host(16384, 8000));
+    assert_eq!(size_mib(&s, &p, 1), 1029);
 }
 
 #[test]
@@ -381,8 +392,8 @@ fn violations_catch_unsafe_plans() {
     assert!(violations(&s, &bad(900), &policy()).is_empty());
     assert!(violations(&s, &bad(1250), &policy()).is_empty());
     // What earlier grants left unused is not the host's to give again.
-    s.outstanding_kib = 100 * MIB;
-    assert!(found(&s, 1250, "outstanding"));
+    s.unbacked_kib = 100 * MIB;
+    assert!(found(&s, 1250, "may still touch"));
     // Nor is a guarantee to be shrunk under.
     s.standing.insert(
         DomainId([1; 16]),
@@ -406,6 +417,7 @@ fn arb_guest(n: u8) -> impl Strategy<Value = (GuestMemory, Standing)> {
                     actual_kib: actual * MIB,
                     max_kib: (actual + extra) * MIB,
                     free_kib: actual * MIB * unused_pct / 100,
+                    unused_kib: actual * MIB * unused_pct / 100,
                     rate_kib_s: rate * 1024.0,
                 };
                 let standing = Standing {
@@ -425,7 +437,7 @@ fn arb_snapshot() -> impl Strategy<Value = (MemSnapshot, MemPolicy)> {
         0u64..4096,
         prop::option::of(10.0f64..90.0),
     )
-        .prop_map(|(guests, host, outstanding_mib, host_target_pct)| {
+        .prop_map(|(guests, host, unbacked_mib, host_target_pct)| {
             let s = MemSnapshot {
                 standing: guests.iter().map(|(g, st)| (g.id, *st)).collect(),
                 guests: guests.into_iter().map(|(g, _)| g).collect(),
@@ -433,7 +445,7 @@ fn arb_snapshot() -> impl Strategy<Value = (MemSnapshot, MemPolicy)> {
                     total_kib: total * MIB,
                     available_kib: total * MIB * free_pct / 100,
                 }),
-                outstanding_kib: outstanding_mib * MIB,
+                unbacked_kib: unbacked_mib * MIB,
             };
             let pol = MemPolicy {
                 host_target_pct,
@@ -468,10 +480,10 @@ proptest! {
         }
         // Memory is conserved: what guests gain in all is what the host gave minus what it got.
         prop_assert_eq!(grown, i128::from(p.from_host_kib) - i128::from(p.to_host_kib));
-        // Grants fit in what the host has above its reserve and its outstanding grants.
+        // Grants fit in what the host has above its reserve and what guests may still touch.
         match s.host {
             Some(h) => prop_assert!(
-                p.from_host_kib + pol.reserve_kib(h) + s.outstanding_kib <= h.available_kib
+                p.from_host_kib + pol.reserve_kib(h) + s.unbacked_kib <= h.available_kib
                     || p.from_host_kib == 0
             ),
             None => prop_assert_eq!(p.from_host_kib, 0),

@@ -59,7 +59,8 @@ struct Args {
     #[arg(long, value_name = "MIB_S", default_value_t = 1.0, value_parser = parse_rate)]
     consuming_mib_s: f64,
 
-    /// Smallest grant to a starving guest, and the margin kept above what a guest uses, in MiB
+    /// The margin a shrink leaves above what a guest uses, and the smallest step an idle guest
+    /// gives back, in MiB
     #[arg(long, value_name = "MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=MAX_MIB))]
     min_step_mib: u64,
 
@@ -71,6 +72,11 @@ struct Args {
     /// whatever its free %
     #[arg(long, value_name = "N", default_value_t = 3.0, value_parser = parse_runway)]
     runway_periods: f64,
+
+    /// A starving guest is fed so that, two periods ahead, it still has this % of its memory free
+    /// (and --runway-periods periods of its consumption)
+    #[arg(long, value_name = "PCT", default_value_t = 5.0, value_parser = parse_non_negative)]
+    headroom_pct: f64,
 
     /// Share of a wasting guest's excess memory returned to the host per cycle, in %
     #[arg(long, value_name = "PCT", default_value_t = 25.0, value_parser = parse_non_negative)]
@@ -112,6 +118,12 @@ impl Args {
             self.waste_pct
         );
         ensure!(self.waste_pct <= 100.0, "--waste-pct must be at most 100");
+        ensure!(
+            self.headroom_pct < self.starve_pct,
+            "--headroom-pct ({}) must be below --starve-pct ({})",
+            self.headroom_pct,
+            self.starve_pct
+        );
         let target_free_pct = self
             .target_free_pct
             .unwrap_or((self.starve_pct + self.waste_pct) / 2.0);
@@ -155,6 +167,7 @@ impl Args {
             return_fraction: self.return_pct / 100.0,
             period_secs: self.period.as_secs_f64(),
             runway_periods: self.runway_periods,
+            headroom_pct: self.headroom_pct,
         })
     }
 }

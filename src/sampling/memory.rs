@@ -17,6 +17,8 @@ pub struct GuestMemory {
     pub max_kib: u64,
     /// Memory the guest can still use ([`BalloonStats::free_kib`]).
     pub free_kib: u64,
+    /// Memory the guest does not use at all (MemFree): every page it never touched is in here.
+    pub unused_kib: u64,
     /// Consumption: growth of the memory the guest uses (actual − unused), in KiB/s, over the
     /// measured interval. Positive = consuming. A balloon change does not count as consumption.
     pub rate_kib_s: f64,
@@ -124,6 +126,7 @@ impl MemorySampler {
                 actual_kib: stats.actual_kib,
                 max_kib: stats.max_kib,
                 free_kib: free,
+                unused_kib: unused,
                 rate_kib_s,
             }),
         }

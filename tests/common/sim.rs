@@ -69,8 +69,9 @@ pub struct SimMemory {
     pub driver: bool,
     /// Stats period set by the coordinator, s (0 = off).
     pub stats_period: u32,
-    /// Last posted report: (last_update, unused).
-    pub report: Option<(u64, u64)>,
+    /// Last posted report: (last_update, unused, usable). Unused (MemFree) is what it never
+    /// touched; usable (MemAvailable) adds what it touched and no longer uses (its cache).
+    pub report: Option<(u64, u64, u64)>,
     last_report_at: f64,
     /// Times the guest ran out of memory (its workload was killed).
     pub ooms: u32,
@@ -136,7 +137,8 @@ impl SimMemory {
         }
         if self.used > self.actual as f64 {
             self.ooms += 1;
-            self.used = self.baseline;
+            // The kill frees the workload's memory, and at least what overflowed.
+            self.used = self.baseline.min(self.actual as f64);
             self.rate = 0.0;
             self.goal = self.baseline;
         }
@@ -147,8 +149,10 @@ impl SimMemory {
             && now - self.last_report_at >= f64::from(self.stats_period) - 1e-9
         {
             self.last_report_at = now;
-            let unused = (self.reported_actual() as f64 - self.used).max(0.0) as u64;
-            self.report = Some((1_000_000 + now as u64, unused));
+            let actual = self.reported_actual() as f64;
+            let unused = (actual - self.resident.max(self.used)).max(0.0) as u64;
+            let usable = (actual - self.used).max(0.0) as u64;
+            self.report = Some((1_000_000 + now as u64, unused, usable));
         }
     }
 }
@@ -460,10 +464,10 @@ impl Host for SimHost {
             max_kib: m.max,
             ..BalloonStats::default()
         };
-        if let Some((update, unused)) = m.report {
+        if let Some((update, unused, usable)) = m.report {
             stats.unused_kib = Some(unused);
-            stats.available_kib = Some(m.actual);
-            stats.usable_kib = Some(unused);
+            stats.available_kib = Some(m.reported_actual());
+            stats.usable_kib = Some(usable);
             stats.last_update = Some(update);
         }
         Ok(stats)
