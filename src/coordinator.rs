@@ -18,7 +18,7 @@ use crate::host::{
 };
 use crate::ledger::Ledger;
 use crate::mem_plan::{
-    BalloonChange, MemPlan, MemPolicy, MemSnapshot, MemStatus, Standing, plan, violations,
+    BalloonChange, MemPlan, MemPlanner, MemPolicy, MemSnapshot, MemStatus, Standing, checked_plan,
 };
 use crate::report::{GuestLine, HostLine, MemReport, ResizeLine, mib};
 use crate::sampling::{GuestMemory, MemoryReading, MemorySampler};
@@ -137,6 +137,7 @@ pub struct Coordinator {
     warned_host_unknown: bool,
     exclusions: Exclusions,
     ledger: Ledger,
+    planner: MemPlanner,
 }
 
 impl Coordinator {
@@ -153,7 +154,14 @@ impl Coordinator {
             warned_host_unknown: false,
             exclusions: Exclusions::default(),
             ledger: Ledger::new(),
+            planner: checked_plan,
         }
+    }
+
+    /// Decide with another planner (benchmarks compare policies this way).
+    pub fn with_planner(mut self, planner: MemPlanner) -> Self {
+        self.planner = planner;
+        self
     }
 
     /// Leave the domains `exclusions` names alone: their balloons are never touched (not even
@@ -355,9 +363,8 @@ impl Coordinator {
     /// The plan for `snapshot`, or `None` when it breaks a hard limit: then it is refused whole,
     /// each problem logged as an error, and its changes counted as skipped.
     fn decide(&self, snapshot: &MemSnapshot, report: &mut MemReport) -> Option<MemPlan> {
-        let plan = plan(snapshot, &self.policy);
         // Rule 6: no plan that breaks a hard limit is applied.
-        let problems = violations(snapshot, &plan, &self.policy);
+        let (plan, problems) = (self.planner)(snapshot, &self.policy);
         if problems.is_empty() {
             return Some(plan);
         }
@@ -369,7 +376,9 @@ impl Coordinator {
     }
 
     /// Apply shrinks, then grows (grants never count on this cycle's shrinks: rule 6 of
-    /// [`crate::mem_plan`]), and note each change made in the ledger.
+    /// [`crate::mem_plan`]), and note each change made in the ledger. A balloon is not set again
+    /// to the size it was last set to (one that does not get there, or a guest that misreports
+    /// it, would be asked every cycle).
     fn apply(
         &mut self,
         host: &mut dyn Host,
@@ -378,6 +387,9 @@ impl Coordinator {
         report: &mut MemReport,
     ) -> HostResult<()> {
         for c in &plan.changes {
+            if self.ledger.already_set(&c.id, c.to_kib) {
+                continue;
+            }
             if self.set(host, c, names, report)? && !self.dry_run {
                 self.ledger.resized(c);
             }

@@ -102,6 +102,12 @@ impl Ledger {
         self.guests.entry(*id).or_default().reclaiming = status == MemStatus::Wasting;
     }
 
+    /// Was guest `id`'s balloon last set to `kib` already? (Asking again changes nothing: a
+    /// balloon that did not get there will not for being asked twice.)
+    pub fn already_set(&self, id: &DomainId, kib: u64) -> bool {
+        self.guests.get(id).is_some_and(|e| e.set_kib == Some(kib))
+    }
+
     /// Change `c` was made: a grant is watched until the balloon reaches it; a shrink ends that.
     pub fn resized(&mut self, c: &BalloonChange) {
         let e = self.guests.entry(c.id).or_default();

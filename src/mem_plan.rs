@@ -403,6 +403,17 @@ fn return_to_host(
     to_host_kib
 }
 
+/// A planner: a snapshot in, a plan and the hard limits it breaks out (none: safe to apply).
+/// Benchmarks compare policies by handing the coordinator another.
+pub type MemPlanner = fn(&MemSnapshot, &MemPolicy) -> (MemPlan, Vec<String>);
+
+/// [`plan`], checked by [`violations`] (rule 6): the coordinator's planner.
+pub fn checked_plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> (MemPlan, Vec<String>) {
+    let plan = plan(snapshot, policy);
+    let problems = violations(snapshot, &plan, policy);
+    (plan, problems)
+}
+
 /// Rule 6: every way `plan` breaks a hard limit for `snapshot`; empty when it is safe to apply.
 pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) -> Vec<String> {
     let mut found = Vec::new();

@@ -360,6 +360,14 @@ fn a_guest_that_keeps_its_actual_fixed_gets_one_grant_and_honest_hogs_are_served
         assert!(honest.mem.used >= 1500.0 * 1024.0 - 1.0, "{}", honest.name);
     }
     assert!(behind > 0, "never said the liar's balloon is behind");
+    // Its balloon is not set again and again to a size it does not report reaching.
+    let resizes = host.resizes;
+    run(&mut host, &mut c, 20);
+    assert!(
+        host.resizes <= resizes + 2,
+        "{} resizes in 20 cycles",
+        host.resizes - resizes
+    );
 }
 
 #[test]
