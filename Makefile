@@ -89,9 +89,14 @@ deps:
 	fi
 
 # The tests also use the libvirt client library's in-process test driver (in libvirt0, which
-# libvirt-dev pulls in), and kill(1) to send signals to the daemons.
+# libvirt-dev pulls in), kill(1) to send signals to the daemons, and promtool (Debian's prometheus
+# package) to lint the metrics.
 test-deps: deps
 	@if ! [ -x /usr/bin/kill ] && ! [ -x /bin/kill ]; then \
 		echo "installing procps with apt-get"; \
 		$(SUDO) apt-get update -qq && $(APT_INSTALL) procps; \
+	fi
+	@if ! command -v promtool >/dev/null; then \
+		echo "installing prometheus (for promtool) with apt-get"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) prometheus; \
 	fi

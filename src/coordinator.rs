@@ -20,13 +20,14 @@ use crate::ledger::Ledger;
 use crate::mem_plan::{
     BalloonChange, MemPlan, MemPlanner, MemPolicy, MemSnapshot, MemStatus, Standing, checked_plan,
 };
-use crate::report::{GuestLine, HostLine, MemReport, ResizeLine, mib};
+use crate::report::{GuestLine, HostLine, MemReport, ResizeLine, Why, mib};
 use crate::sampling::{GuestMemory, MemoryReading, MemorySampler};
 
 /// The report line of a guest: what it shows, and its state (or why it is left alone).
 fn guest_line(sample: &BalloonSample, state: &str) -> GuestLine {
     GuestLine {
         domain: sample.domain.name.clone(),
+        uuid: sample.domain.id,
         actual_mib: mib(sample.stats.actual_kib),
         free_mib: sample.stats.free_kib().map(mib),
         rate_mib_s: None,
@@ -224,8 +225,11 @@ impl Coordinator {
             h.unbacked_mib = mib(snapshot.unbacked_kib);
         }
 
-        if let Some(plan) = self.decide(&snapshot, &mut report) {
-            self.apply(host, &plan, &names, &mut report)?;
+        let started = std::time::Instant::now();
+        let plan = self.decide(&snapshot, &mut report);
+        report.decision_secs = Some(started.elapsed().as_secs_f64());
+        if let Some(plan) = plan {
+            self.apply(host, &plan, &snapshot, &names, &mut report)?;
         }
         Ok(Some(report))
     }
@@ -383,6 +387,7 @@ impl Coordinator {
         &mut self,
         host: &mut dyn Host,
         plan: &MemPlan,
+        snapshot: &MemSnapshot,
         names: &DomainNames,
         report: &mut MemReport,
     ) -> HostResult<()> {
@@ -390,11 +395,45 @@ impl Coordinator {
             if self.ledger.already_set(&c.id, c.to_kib) {
                 continue;
             }
-            if self.set(host, c, names, report)? && !self.dry_run {
+            let why = self.reason(c, snapshot);
+            if self.set(host, c, why, names, report)? && !self.dry_run {
                 self.ledger.resized(c);
             }
         }
         Ok(())
+    }
+
+    /// Why change `c` of the plan for `snapshot` is made, in a word and with its figures.
+    fn reason(&self, c: &BalloonChange, snapshot: &MemSnapshot) -> (Why, String) {
+        let Some(g) = snapshot.guests.iter().find(|g| g.id == c.id) else {
+            return (Why::Idle, String::new());
+        };
+        let free = g.free_pct();
+        let rate = g.rate_kib_s / 1024.0;
+        if !c.shrinks() {
+            return (
+                Why::Starving,
+                format!("starving: {free:.0}% free, {rate:+.1} MiB/s"),
+            );
+        }
+        let target = self.policy.target_free_pct;
+        match snapshot.host {
+            Some(h) if h.available_kib < self.policy.reserve_kib(h) => (
+                Why::HostShort,
+                format!("host under its reserve; {free:.0}% free, idle"),
+            ),
+            Some(h) if self.policy.host_target_pct.is_some() => (
+                Why::HostShort,
+                format!(
+                    "host at {:.0}% available; {free:.0}% free, idle",
+                    100.0 * h.available_kib as f64 / h.total_kib.max(1) as f64
+                ),
+            ),
+            _ => (
+                Why::Idle,
+                format!("wasting: {free:.0}% free, idle (target {target}%)"),
+            ),
+        }
     }
 
     /// Resize one balloon; true when it was done (or would be, in a dry run).
@@ -402,6 +441,7 @@ impl Coordinator {
         &self,
         host: &mut dyn Host,
         c: &BalloonChange,
+        (why, reason): (Why, String),
         names: &DomainNames,
         report: &mut MemReport,
     ) -> HostResult<bool> {
@@ -417,6 +457,8 @@ impl Coordinator {
                 domain,
                 from_mib: mib(c.from_kib),
                 to_mib: mib(c.to_kib),
+                why,
+                reason,
             });
         } else {
             report.skipped += 1;

@@ -1,5 +1,6 @@
 //! What both daemons share: command-line conventions, logging, the stop signal and the exit path.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -12,6 +13,7 @@ use signal_hook::iterator::Signals;
 
 use crate::exclusions::{Exclusions, parse_pattern};
 use crate::host::{Host, HostError, HostResult};
+use crate::metrics::{Endpoint, Metrics};
 use crate::report::Report;
 
 /// The URI used when neither `--connect` nor `LIBVIRT_DEFAULT_URI` names one.
@@ -56,6 +58,10 @@ pub struct CommonArgs {
     /// glob over domain names (`rt-*`). A domain also opts out in its own metadata (see README)
     #[arg(long = "exclude", value_name = "PATTERN", value_parser = parse_pattern)]
     pub exclude: Vec<String>,
+
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9177 [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// A mistake in the command line found only once connected (say, a pCPU the host does not have):
@@ -75,6 +81,8 @@ pub struct LoopOptions {
     pub json: bool,
     /// Keep running when there is no active domain.
     pub wait: bool,
+    /// Serve metrics on this address.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl CommonArgs {
@@ -119,6 +127,7 @@ impl CommonArgs {
             cycles: self.cycles,
             json: self.json,
             wait: self.wait,
+            metrics: self.metrics_address,
         }
     }
 }
@@ -312,12 +321,14 @@ pub fn run_cycles<R: Report>(
     mut cycle: impl FnMut() -> anyhow::Result<Turn<R>>,
 ) -> anyhow::Result<()> {
     let mut stop = StopSignal::install()?;
+    let exporter = options.metrics.map(Exporter::start).transpose()?;
     let mut run = Run {
         uri,
         options,
         totals: Totals::default(),
         idle: false,
         delay: Duration::ZERO,
+        exporter,
     };
     loop {
         if run.started() && stop.sleep(options.period.max(run.delay)) {
@@ -353,6 +364,33 @@ struct Run<'a> {
     idle: bool,
     /// The wait before the next reconnection attempt; zero while connected.
     delay: Duration,
+    /// Where metrics go, with `--metrics-address`.
+    exporter: Option<Exporter>,
+}
+
+/// The metrics of a run and the endpoint serving them.
+struct Exporter {
+    metrics: Metrics,
+    endpoint: Endpoint,
+}
+
+impl Exporter {
+    /// Listen on `address`, saying where.
+    fn start(address: SocketAddr) -> anyhow::Result<Self> {
+        let endpoint = Endpoint::start(address)?;
+        log::info!("serving metrics at http://{}/metrics", endpoint.address());
+        let exporter = Self {
+            metrics: Metrics::new(),
+            endpoint,
+        };
+        exporter.publish();
+        Ok(exporter)
+    }
+
+    /// Serve the metrics as they are now.
+    fn publish(&self) {
+        self.endpoint.publish(self.metrics.encode());
+    }
 }
 
 impl Run<'_> {
@@ -367,6 +405,10 @@ impl Run<'_> {
             log::warn!("lost the connection to {} ({why}); reconnecting", self.uri);
         }
         self.delay = reconnect_delay(self.delay, self.options.period);
+        if let Some(e) = &self.exporter {
+            e.metrics.disconnected();
+            e.publish();
+        }
     }
 
     /// A cycle ran: count it, saying so if it ran on a new connection.
@@ -400,6 +442,10 @@ impl Run<'_> {
         log::info!("cycle {}: {report}", self.totals.cycles);
         if self.options.json {
             print_json(report, self.totals.cycles)?;
+        }
+        if let Some(e) = &self.exporter {
+            report.export(&e.metrics);
+            e.publish();
         }
         Ok(())
     }

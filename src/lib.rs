@@ -21,6 +21,7 @@ pub mod host;
 pub mod ledger;
 pub mod libvirt;
 pub mod mem_plan;
+pub mod metrics;
 pub mod report;
 pub mod sampling;
 pub mod scheduler;

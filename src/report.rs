@@ -9,6 +9,7 @@ use serde::{Serialize, Serializer};
 
 use crate::cpu_plan::Basis;
 use crate::host::DomainId;
+use crate::metrics::Metrics;
 
 /// What every cycle report offers the daemon loop.
 pub trait Report: fmt::Display + Serialize {
@@ -20,6 +21,9 @@ pub trait Report: fmt::Display + Serialize {
 
     /// Record how many hypervisor API calls the cycle made.
     fn set_api_calls(&mut self, calls: u64);
+
+    /// Export the cycle into `metrics`.
+    fn export(&self, metrics: &Metrics);
 }
 
 /// Round to one decimal, for figures in JSON output.
@@ -84,6 +88,39 @@ pub struct NodeLine {
     pub spread: f64,
 }
 
+/// Why a change was made, in a word: the `reason` label of the change counters (a bounded set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Why {
+    /// A vCPU not pinned to one pCPU was pinned (rule 1 of [`crate::cpu_plan`]).
+    Unpinned,
+    /// A vCPU pinned outside the pCPUs it may use was brought back into them (rule 9).
+    OutsideAllowed,
+    /// A vCPU moved from a busier pCPU to a freer one (rules 2-4).
+    Balance,
+    /// A starving guest was fed (rule 3 of [`crate::mem_plan`]).
+    Starving,
+    /// A wasting guest gave memory back (rules 3 and 4).
+    Idle,
+    /// A wasting guest gave memory back while the host was short (under its reserve, or under
+    /// its target in host-pressure mode).
+    HostShort,
+}
+
+impl Why {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Why::Unpinned => "unpinned",
+            Why::OutsideAllowed => "outside_allowed",
+            Why::Balance => "balance",
+            Why::Starving => "starving",
+            Why::Idle => "idle",
+            Why::HostShort => "host_short",
+        }
+    }
+}
+
 /// One pin change made (or, in a dry run, that would have been made).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MoveLine {
@@ -100,6 +137,28 @@ pub struct MoveLine {
     /// Its load (usage or demand, as balanced), percent of one pCPU.
     #[serde(serialize_with = "rounded")]
     pub load: f64,
+    /// Why, in a word.
+    pub why: Why,
+    /// Why, with the figures that decided it (`pCPU 3 demand 190% vs pCPU 7 40%`).
+    pub reason: String,
+}
+
+/// One vCPU's figures in a vCPU scheduler cycle (for the metrics; not in `--json`, which would
+/// grow with every vCPU of the host).
+#[derive(Clone, Debug, PartialEq)]
+pub struct VcpuLine {
+    /// Domain name.
+    pub domain: String,
+    /// Domain UUID.
+    pub uuid: DomainId,
+    /// vCPU number.
+    pub vcpu: u32,
+    /// The pCPU it is pinned to after the cycle, or last ran on, where known.
+    pub pcpu: Option<u32>,
+    /// Usage, percent of one pCPU.
+    pub usage: f64,
+    /// Demand, where the hypervisor reports run-queue delay.
+    pub demand: Option<f64>,
 }
 
 /// What one vCPU scheduler cycle saw and did.
@@ -123,6 +182,12 @@ pub struct CpuReport {
     pub dry_run: bool,
     /// Pin changes made.
     pub moves: Vec<MoveLine>,
+    /// Every vCPU with a load, once loads are known.
+    #[serde(skip)]
+    pub vcpu_lines: Vec<VcpuLine>,
+    /// How long deciding took (planning, not reading or applying), where a decision was made.
+    #[serde(skip)]
+    pub decision_secs: Option<f64>,
     /// Pin changes skipped because the domain vanished or the call failed.
     pub skipped: usize,
     /// libvirt calls the cycle made.
@@ -198,7 +263,11 @@ impl fmt::Display for CpuReport {
         write!(f, "; {verb} {}:", self.moves.len())?;
         for m in &self.moves {
             let from = m.from.map_or("*".to_string(), |p| p.to_string());
-            write!(f, " {} vCPU{} {}->{}", m.domain, m.vcpu, from, m.to)?;
+            write!(
+                f,
+                " {} vCPU{} {}->{} ({})",
+                m.domain, m.vcpu, from, m.to, m.reason
+            )?;
         }
         if self.skipped > 0 {
             write!(f, "; {} skipped", self.skipped)?;
@@ -218,6 +287,10 @@ impl Report for CpuReport {
 
     fn set_api_calls(&mut self, calls: u64) {
         self.libvirt_calls = calls;
+    }
+
+    fn export(&self, metrics: &Metrics) {
+        metrics.export_cpu(self);
     }
 }
 
@@ -249,6 +322,8 @@ pub struct HostLine {
 pub struct GuestLine {
     /// Domain name.
     pub domain: String,
+    /// Domain UUID.
+    pub uuid: DomainId,
     /// Balloon size, MiB.
     #[serde(serialize_with = "rounded")]
     pub actual_mib: f64,
@@ -273,6 +348,10 @@ pub struct ResizeLine {
     /// Balloon size set, MiB.
     #[serde(serialize_with = "rounded")]
     pub to_mib: f64,
+    /// Why, in a word.
+    pub why: Why,
+    /// Why, with the figures that decided it (`starving: 6% free, +10.0 MiB/s`).
+    pub reason: String,
 }
 
 /// What one memory coordinator cycle saw and did.
@@ -294,6 +373,9 @@ pub struct MemReport {
     pub skipped: usize,
     /// libvirt calls the cycle made.
     pub libvirt_calls: u64,
+    /// How long deciding took (planning, not reading or applying), where a decision was made.
+    #[serde(skip)]
+    pub decision_secs: Option<f64>,
 }
 
 impl MemReport {
@@ -346,7 +428,11 @@ impl fmt::Display for MemReport {
         };
         write!(f, "; {verb} {}:", self.changes.len())?;
         for c in &self.changes {
-            write!(f, " {} {:.0}->{:.0} MiB", c.domain, c.from_mib, c.to_mib)?;
+            write!(
+                f,
+                " {} {:.0}->{:.0} MiB ({})",
+                c.domain, c.from_mib, c.to_mib, c.reason
+            )?;
         }
         if self.skipped > 0 {
             write!(f, "; {} skipped", self.skipped)?;
@@ -366,6 +452,10 @@ impl Report for MemReport {
 
     fn set_api_calls(&mut self, calls: u64) {
         self.libvirt_calls = calls;
+    }
+
+    fn export(&self, metrics: &Metrics) {
+        metrics.export_mem(self);
     }
 }
 
@@ -390,6 +480,7 @@ mod tests {
             }),
             guests: vec![GuestLine {
                 domain: "g".into(),
+                uuid: DomainId([1; 16]),
                 actual_mib: 300.0,
                 free_mib: Some(40.06),
                 rate_mib_s: Some(10.55),
@@ -399,12 +490,14 @@ mod tests {
                 domain: "g".into(),
                 from_mib: 300.0,
                 to_mib: 350.0,
+                why: Why::Starving,
+                reason: "starving: 13% free, +10.6 MiB/s".into(),
             }],
             ..MemReport::new(false)
         };
         assert_eq!(
             report.to_string(),
-            "host available 512/1000 MiB (reserve 50, guests may still touch 64); g 300 MiB free 40 rate +10.6 MiB/s STARVING; resized 1: g 300->350 MiB"
+            "host available 512/1000 MiB (reserve 50, guests may still touch 64); g 300 MiB free 40 rate +10.6 MiB/s STARVING; resized 1: g 300->350 MiB (starving: 13% free, +10.6 MiB/s)"
         );
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["daemon"], "memory_coordinator");
@@ -412,5 +505,10 @@ mod tests {
         assert_eq!(json["host"]["unbacked_mib"], 64.0);
         assert_eq!(json["guests"][0]["free_mib"], 40.1);
         assert_eq!(json["changes"][0]["to_mib"], 350.0);
+        assert_eq!(json["changes"][0]["why"], "starving");
+        assert_eq!(
+            json["guests"][0]["uuid"],
+            "01010101-0101-0101-0101-010101010101"
+        );
     }
 }

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use crate::cpu_plan::{AllowedSets, CpuPlan, CpuPolicy, plan};
+use crate::cpu_plan::{AllowedSets, Basis, CpuPlan, CpuPolicy, PinMove, plan};
 use crate::exclusions::Exclusions;
 use crate::host::{DomainNames, Host, HostResult, VcpuSample, changed_or_skipped};
-use crate::report::{CpuReport, Decision, MoveLine, NodeLine, PcpuLine, spread};
-use crate::sampling::{CpuSampler, CpuSnapshot, VcpuKey, pcpu_demand, pcpu_usage};
+use crate::report::{CpuReport, Decision, MoveLine, NodeLine, PcpuLine, VcpuLine, Why, spread};
+use crate::sampling::{Allowed, CpuSampler, CpuSnapshot, VcpuKey, pcpu_demand, pcpu_usage};
 use crate::topology::Topology;
 
 /// The vCPU scheduler's state across cycles.
@@ -126,6 +126,7 @@ impl Scheduler {
         }
         report.pcpus = pcpu_lines(&snapshot);
         report.nodes = node_lines(&report.pcpus, topology.as_ref());
+        report.vcpu_lines = vcpu_lines(&snapshot, &names);
         self.say_basis_once(snapshot.reports_delay());
         // Rule 7: right after pin changes, observe only. Likewise after a sample too slow to
         // compare its domains (a domain stuck in libvirt).
@@ -133,8 +134,10 @@ impl Scheduler {
             report.decision = Decision::Settling;
             return Ok(Some(report));
         }
+        let started = std::time::Instant::now();
         let plan = (self.planner)(&snapshot, &self.policy);
-        self.apply(host, &plan, &names, &mut report)?;
+        report.decision_secs = Some(started.elapsed().as_secs_f64());
+        self.apply(host, &plan, &snapshot, &names, &mut report)?;
         report.decision = Decision::Planned;
         report.basis = Some(plan.basis);
         report.planned = plan.moves.len();
@@ -258,9 +261,12 @@ impl Scheduler {
         &mut self,
         host: &mut dyn Host,
         plan: &CpuPlan,
+        snapshot: &CpuSnapshot,
         names: &DomainNames,
         report: &mut CpuReport,
     ) -> HostResult<()> {
+        let allowed: HashMap<VcpuKey, &Allowed> =
+            snapshot.vcpus.iter().map(|v| (v.key, &v.allowed)).collect();
         for m in &plan.moves {
             let domain = names.of(&m.key.domain);
             let made = self.dry_run
@@ -276,6 +282,14 @@ impl Scheduler {
             if !self.dry_run {
                 self.changed.insert(m.key);
             }
+            let (why, reason) = move_reason(m, allowed.get(&m.key).copied(), plan.basis, report);
+            if let Some(line) = report
+                .vcpu_lines
+                .iter_mut()
+                .find(|l| l.uuid == m.key.domain && l.vcpu == m.key.vcpu)
+            {
+                line.pcpu = Some(m.to);
+            }
             report.moves.push(MoveLine {
                 domain,
                 uuid: m.key.domain,
@@ -283,10 +297,73 @@ impl Scheduler {
                 from: m.from,
                 to: m.to,
                 load: m.load,
+                why,
+                reason,
             });
         }
         Ok(())
     }
+}
+
+/// Why pin change `m` is made (the vCPU may use `allowed`), in a word and with the figures of the
+/// pCPUs in `report`, in the figure the plan balanced.
+fn move_reason(
+    m: &PinMove,
+    allowed: Option<&Allowed>,
+    basis: Basis,
+    report: &CpuReport,
+) -> (Why, String) {
+    let load = |pcpu: u32| {
+        report
+            .pcpus
+            .iter()
+            .find(|p| p.pcpu == pcpu)
+            .map_or(0.0, |p| match basis {
+                Basis::Demand => p.demand.unwrap_or(p.usage),
+                Basis::Usage => p.usage,
+            })
+    };
+    match m.from {
+        None => (
+            Why::Unpinned,
+            format!(
+                "not pinned to one pCPU; pCPU {} {basis} {:.0}% is the freest it may use",
+                m.to,
+                load(m.to)
+            ),
+        ),
+        Some(from) if allowed.is_some_and(|a| !a.contains(from)) => (
+            Why::OutsideAllowed,
+            format!("pCPU {from} is outside the pCPUs it may use"),
+        ),
+        Some(from) => (
+            Why::Balance,
+            format!(
+                "pCPU {from} {basis} {:.0}% vs pCPU {} {:.0}%",
+                load(from),
+                m.to,
+                load(m.to)
+            ),
+        ),
+    }
+}
+
+/// Every vCPU whose load is known, named, where it runs.
+fn vcpu_lines(snapshot: &CpuSnapshot, names: &DomainNames) -> Vec<VcpuLine> {
+    snapshot
+        .vcpus
+        .iter()
+        .filter_map(|v| {
+            Some(VcpuLine {
+                domain: names.of(&v.key.domain),
+                uuid: v.key.domain,
+                vcpu: v.key.vcpu,
+                pcpu: v.pinned.or(v.last_pcpu),
+                usage: v.usage?,
+                demand: v.demand,
+            })
+        })
+        .collect()
 }
 
 /// The spread of each NUMA node's online pCPUs, in the figure balanced; empty unless the online

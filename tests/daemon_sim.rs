@@ -23,6 +23,7 @@ fn options(cycles: u64) -> LoopOptions {
         cycles: Some(cycles),
         json: false,
         wait: false,
+        metrics: None,
     }
 }
 

@@ -69,11 +69,12 @@ fn scheduler_spreads_busy_vcpus_crowded_on_one_pcpu_and_then_stays_put() {
     eprintln!("before: pCPU usage {before:.1?}");
 
     let started = Instant::now();
-    let mut d = Daemon::start(SCHEDULER, &["2"]);
+    let mut d = Daemon::start(SCHEDULER, &["--metrics-address", "127.0.0.1:0", "2"]);
     d.wait_cycles(2, Duration::from_secs(60));
     let time_to_balance = started.elapsed();
     d.wait_cycles(12, Duration::from_secs(120));
     let after = pcpu_usage(&names, p, Duration::from_secs(6));
+    let metrics = scrape(&d.log());
     let Ended { code, log, reports } = d.stop();
     eprintln!("{log}");
     let moves = changes_per_cycle(&reports);
@@ -96,6 +97,41 @@ fn scheduler_spreads_busy_vcpus_crowded_on_one_pcpu_and_then_stays_put() {
     assert!(per_pcpu.iter().all(|&c| c == 2), "{per_pcpu:?}");
     assert!(spread(&before) > 80.0);
     assert!(spread(&after) < 20.0, "{after:?}");
+    // The metrics tell the same story: every pin change counted, each vCPU where virsh has it.
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("vmbalance_pin_changes_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(counted as usize, moves.iter().sum::<usize>(), "{metrics}");
+    for n in &names {
+        let pcpu = pins(n)[0].unwrap();
+        let domain = Lab::domain(n);
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("vmbalance_vcpu_usage_ratio{")
+                    && l.contains(&format!("domain=\"{domain}\""))
+                    && l.contains(&format!("pcpu=\"{pcpu}\""))),
+            "{domain} on pCPU {pcpu}:\n{metrics}"
+        );
+    }
+}
+
+/// Scrape the metrics of the daemon whose log is `log` (it serves them where its log says).
+fn scrape(log: &str) -> String {
+    let url = log
+        .lines()
+        .find_map(|l| l.split("serving metrics at ").nth(1))
+        .expect("the daemon serves metrics")
+        .trim()
+        .to_string();
+    ureq::get(&url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
 }
 
 #[test]
@@ -501,11 +537,12 @@ fn coordinator_keeps_the_footprint_small_idle_guests_at_their_target_and_a_hog_f
     // (the scenario of issue #16): two minutes of `memory_coordinator 2`.
     let names = ["hog", "idle0", "idle1", "idle2"];
     let lab = Lab::guests(&names.map(guest_spec));
-    let mut d = Daemon::start(COORDINATOR, &["2"]);
+    let mut d = Daemon::start(COORDINATOR, &["--metrics-address", "127.0.0.1:0", "2"]);
     d.wait_cycles(4, Duration::from_secs(60));
     lab.send("hog", "mem 10 600 0");
     let run = sample_memory(&names, Duration::from_secs(2), Duration::from_secs(120));
-    let Ended { code, log, .. } = d.stop();
+    let metrics = scrape(&d.log());
+    let Ended { code, log, reports } = d.stop();
     eprintln!("{log}");
     let pct = |(actual, usable): (u64, u64)| 100.0 * usable as f64 / actual.max(1) as f64;
     for (guests, _) in &run {
@@ -555,6 +592,27 @@ fn coordinator_keeps_the_footprint_small_idle_guests_at_their_target_and_a_hog_f
         footprint(last)
     );
     assert!(!log.contains("refusing a plan"), "{log}");
+    // The metrics: each guest's balloon gauge is its size, every resize counted by reason.
+    for n in names {
+        let domain = Lab::domain(n);
+        let bytes: f64 = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("vmbalance_guest_balloon_bytes{")
+                    && l.contains(&format!("domain=\"{domain}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no balloon gauge for {domain}:\n{metrics}"));
+        assert_eq!(bytes as u64 / 1024, balloon(n).0, "{domain}");
+    }
+    let resizes: usize = changes_per_cycle(&reports).iter().sum();
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("vmbalance_balloon_resizes_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(counted as usize, resizes, "{metrics}");
 }
 
 #[test]

@@ -1,0 +1,212 @@
+//! The metrics endpoint: `GET /metrics` (and a one-line index at `/`) over plain HTTP, answered
+//! from its own thread with the exposition the last cycle published.
+//!
+//! It is built to be harmless on a hypervisor host: requests are parsed by `httparse` into a
+//! fixed 8 KiB buffer (anything larger is refused), one connection is served at a time (others
+//! wait in the kernel's listen queue, costing the daemon nothing), and a connection that has not
+//! sent its request within 2 s or does not read its answer within 5 s is dropped. So a scrape that
+//! stalls or floods can delay other scrapes by seconds, but never a cycle, and never grows the
+//! daemon's memory. Every answer closes its connection.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// Largest request accepted, headers included.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Most headers a request may have.
+const MAX_HEADERS: usize = 32;
+/// Time a connection gets to send its request (a scraper sends it at once).
+const REQUEST_TIME_LIMIT: Duration = Duration::from_secs(2);
+/// Time a connection gets to read its answer.
+const ANSWER_TIME_LIMIT: Duration = Duration::from_secs(5);
+/// Longest a single read or write may block.
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the endpoint serves: the last exposition published.
+type Page = Arc<Mutex<Arc<str>>>;
+
+/// A listening metrics endpoint.
+pub struct Endpoint {
+    address: SocketAddr,
+    page: Page,
+}
+
+impl Endpoint {
+    /// Listen on `address` and serve from a thread of its own until the process ends.
+    pub fn start(address: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(address).with_context(|| {
+            format!("cannot listen on {address} for metrics (is the port taken, or the address not this host's?)")
+        })?;
+        let address = listener
+            .local_addr()
+            .context("reading the metrics address")?;
+        let page: Page = Arc::new(Mutex::new(Arc::from("")));
+        let served = page.clone();
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || serve(&listener, &served))
+            .context("starting the metrics thread")?;
+        Ok(Self { address, page })
+    }
+
+    /// Where it listens (with the port the system chose, for port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Serve `text` from now on.
+    pub fn publish(&self, text: String) {
+        let text: Arc<str> = Arc::from(text);
+        *self.page.lock().unwrap_or_else(|e| e.into_inner()) = text;
+    }
+}
+
+/// Answer connections one at a time, for ever.
+fn serve(listener: &TcpListener, page: &Page) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                if let Err(e) = answer(stream, page) {
+                    log::debug!("metrics: a scrape ended early: {e}");
+                }
+            }
+            Err(e) => {
+                log::debug!("metrics: accepting a connection failed: {e}");
+                // Out of descriptors or similar: do not spin.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// An answer: status line, content type, body.
+struct Answer {
+    status: &'static str,
+    content_type: &'static str,
+    body: Arc<str>,
+    head_only: bool,
+}
+
+impl Answer {
+    fn text(status: &'static str, body: &str) -> Self {
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: Arc::from(body),
+            head_only: false,
+        }
+    }
+}
+
+/// Read one request from `stream` within the limits and answer it.
+fn answer(mut stream: TcpStream, page: &Page) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let deadline = Instant::now() + REQUEST_TIME_LIMIT;
+    let mut buf = [0u8; MAX_REQUEST];
+    let mut len = 0;
+    let answer = loop {
+        if Instant::now() >= deadline {
+            break Answer::text("408 Request Timeout", "request timeout\n");
+        }
+        let n = match stream.read(&mut buf[len..]) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if is_timeout(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => {
+                break route(
+                    request.method.unwrap_or(""),
+                    request.path.unwrap_or(""),
+                    page,
+                );
+            }
+            Ok(httparse::Status::Partial) if len < MAX_REQUEST => continue,
+            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                break Answer::text("431 Request Header Fields Too Large", "request too large\n");
+            }
+            Err(_) => break Answer::text("400 Bad Request", "bad request\n"),
+        }
+    };
+    send(&mut stream, &answer, Instant::now() + ANSWER_TIME_LIMIT)
+}
+
+/// What a request for `path` with `method` gets.
+fn route(method: &str, path: &str, page: &Page) -> Answer {
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        return Answer::text("405 Method Not Allowed", "only GET and HEAD\n");
+    }
+    let path = path.split('?').next().unwrap_or("");
+    let mut answer = match path {
+        "/metrics" => Answer {
+            status: "200 OK",
+            content_type: prometheus::TEXT_FORMAT,
+            body: page.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            head_only: false,
+        },
+        "/" => Answer {
+            status: "200 OK",
+            content_type: "text/html; charset=utf-8",
+            body: Arc::from(
+                "<html><head><title>vmbalance</title></head><body><a href=\"/metrics\">metrics</a></body></html>\n",
+            ),
+            head_only: false,
+        },
+        _ => Answer::text("404 Not Found", "not found; metrics are at /metrics\n"),
+    };
+    answer.head_only = head_only;
+    answer
+}
+
+/// Write `answer` to `stream`, giving up at `deadline`.
+fn send(stream: &mut TcpStream, answer: &Answer, deadline: Instant) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        answer.status,
+        answer.content_type,
+        answer.body.len()
+    );
+    if answer.status.starts_with("405") {
+        head.push_str("Allow: GET, HEAD\r\n");
+    }
+    head.push_str("\r\n");
+    let body: &[u8] = if answer.head_only {
+        b""
+    } else {
+        answer.body.as_bytes()
+    };
+    for mut part in [head.as_bytes(), body] {
+        while !part.is_empty() {
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client did not read its answer in time",
+                ));
+            }
+            match stream.write(part) {
+                Ok(0) => return Ok(()),
+                Ok(n) => part = &part[n..],
+                Err(e) if is_timeout(&e) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    stream.flush()
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}

@@ -1,0 +1,382 @@
+//! Prometheus metrics of both daemons (`--metrics-address`), and the endpoint that serves them.
+//!
+//! Each cycle's report is exported into a registry ([`crate::report::Report::export`]) and the
+//! registry encoded once; scrapes read the last encoding, so a scrape never waits for a cycle and
+//! a cycle never waits for a scrape. Names follow Prometheus conventions: a `vmbalance_` prefix,
+//! base units (`_seconds`, `_bytes`, `_ratio`), counters ending in `_total`. Series of domains
+//! that are gone are dropped: the per-domain and per-vCPU families are rebuilt each cycle, so
+//! their label sets stay bounded by what runs. The encoding is the `prometheus` crate's (the
+//! classic text format, which every Prometheus version and `promtool` read).
+
+mod endpoint;
+
+pub use endpoint::Endpoint;
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::report::{CpuReport, MemReport, Why};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Every metric either daemon exports. Families a daemon never fills are left out of its scrape.
+pub struct Metrics {
+    registry: Registry,
+    cycles: IntCounter,
+    cycles_without_decision: IntCounter,
+    decision_seconds: Histogram,
+    libvirt_calls: IntCounter,
+    changes_skipped: IntCounter,
+    disconnections: IntCounter,
+    pcpu_usage: GaugeVec,
+    pcpu_demand: GaugeVec,
+    vcpu_usage: GaugeVec,
+    vcpu_demand: GaugeVec,
+    node_spread: GaugeVec,
+    pin_changes: IntCounterVec,
+    guest_balloon: GaugeVec,
+    guest_free: GaugeVec,
+    guest_rate: GaugeVec,
+    guest_state: GaugeVec,
+    host_memory: GaugeVec,
+    resizes: IntCounterVec,
+}
+
+/// A gauge family named `name`, labelled `labels`, registered in `registry`.
+fn gauges(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let family = GaugeVec::new(Opts::new(name, help), labels).expect("a valid metric name");
+    registry
+        .register(Box::new(family.clone()))
+        .expect("registered once");
+    family
+}
+
+/// A counter named `name` (ending in `_total`), registered in `registry`.
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let counter = IntCounter::new(name, help).expect("a valid metric name");
+    registry
+        .register(Box::new(counter.clone()))
+        .expect("registered once");
+    counter
+}
+
+/// A counter family named `name`, labelled `labels`, registered in `registry`.
+fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let family = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric name");
+    registry
+        .register(Box::new(family.clone()))
+        .expect("registered once");
+    family
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every family, registered and empty.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let decision_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "vmbalance_decision_duration_seconds",
+                "Time one decision (planning, not reading or applying) took.",
+            )
+            .buckets(prometheus::exponential_buckets(1e-6, 4.0, 12).expect("valid buckets")),
+        )
+        .expect("a valid metric name");
+        r.register(Box::new(decision_seconds.clone()))
+            .expect("registered once");
+        let domain_vcpu = ["domain", "uuid", "vcpu", "pcpu"];
+        Self {
+            cycles: counter(&r, "vmbalance_cycles_total", "Cycles run."),
+            cycles_without_decision: counter(
+                &r,
+                "vmbalance_cycles_without_decision_total",
+                "Cycles that made no decision: first sample, settling after changes, sampling too slow.",
+            ),
+            decision_seconds,
+            libvirt_calls: counter(
+                &r,
+                "vmbalance_libvirt_calls_total",
+                "libvirt API calls made.",
+            ),
+            changes_skipped: counter(
+                &r,
+                "vmbalance_changes_skipped_total",
+                "Changes not made because their libvirt call failed or their domain vanished.",
+            ),
+            disconnections: counter(
+                &r,
+                "vmbalance_disconnections_total",
+                "Cycles that found the libvirt connection down (each followed by a reconnection attempt).",
+            ),
+            pcpu_usage: gauges(
+                &r,
+                "vmbalance_pcpu_usage_ratio",
+                "CPU time the vCPUs on a pCPU used over the last period, as a share of the pCPU.",
+                &["pcpu"],
+            ),
+            pcpu_demand: gauges(
+                &r,
+                "vmbalance_pcpu_demand_ratio",
+                "CPU time the vCPUs on a pCPU wanted (used plus waited for) over the last period.",
+                &["pcpu"],
+            ),
+            vcpu_usage: gauges(
+                &r,
+                "vmbalance_vcpu_usage_ratio",
+                "CPU time a vCPU used over the last period, as a share of one pCPU.",
+                &domain_vcpu,
+            ),
+            vcpu_demand: gauges(
+                &r,
+                "vmbalance_vcpu_demand_ratio",
+                "CPU time a vCPU wanted (used plus waited for) over the last period.",
+                &domain_vcpu,
+            ),
+            node_spread: gauges(
+                &r,
+                "vmbalance_node_spread_ratio",
+                "Busiest minus freest pCPU of a NUMA node, in the figure balanced.",
+                &["node"],
+            ),
+            pin_changes: counters(
+                &r,
+                "vmbalance_pin_changes_total",
+                "vCPU pin changes made, by reason.",
+                &["reason"],
+            ),
+            guest_balloon: gauges(
+                &r,
+                "vmbalance_guest_balloon_bytes",
+                "A guest's balloon size (the memory it has).",
+                &["domain", "uuid"],
+            ),
+            guest_free: gauges(
+                &r,
+                "vmbalance_guest_free_bytes",
+                "Memory a guest can still use (MemAvailable, else MemFree), as it last reported.",
+                &["domain", "uuid"],
+            ),
+            guest_rate: gauges(
+                &r,
+                "vmbalance_guest_consumption_bytes_per_second",
+                "How fast a guest's used memory grows (negative: shrinks).",
+                &["domain", "uuid"],
+            ),
+            guest_state: gauges(
+                &r,
+                "vmbalance_guest_state",
+                "1 for a guest's state this cycle (starving, wasting, balanced, or why it is not judged).",
+                &["domain", "uuid", "state"],
+            ),
+            host_memory: gauges(
+                &r,
+                "vmbalance_host_memory_bytes",
+                "The host's memory: total, available (what the kernel can hand out), reserve (kept available), unbacked (what guests hold free and may still touch).",
+                &["kind"],
+            ),
+            resizes: counters(
+                &r,
+                "vmbalance_balloon_resizes_total",
+                "Balloon resizes made, by reason.",
+                &["reason"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// A cycle ran: count it, and its libvirt calls, skipped changes and decision time.
+    fn cycle(&self, libvirt_calls: u64, skipped: usize, decision_secs: Option<f64>) {
+        self.cycles.inc();
+        self.libvirt_calls.inc_by(libvirt_calls);
+        self.changes_skipped.inc_by(skipped as u64);
+        match decision_secs {
+            Some(secs) => self.decision_seconds.observe(secs),
+            None => self.cycles_without_decision.inc(),
+        }
+    }
+
+    /// A cycle found the connection down.
+    pub fn disconnected(&self) {
+        self.disconnections.inc();
+    }
+
+    /// Count a change made for `why` in `family`, so every reason shows from the start at 0.
+    fn changed(family: &IntCounterVec, why: Why) {
+        family.with_label_values(&[why.label()]).inc();
+    }
+
+    /// Export a vCPU scheduler cycle.
+    pub fn export_cpu(&self, r: &CpuReport) {
+        self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
+        for why in [Why::Unpinned, Why::OutsideAllowed, Why::Balance] {
+            self.pin_changes.with_label_values(&[why.label()]);
+        }
+        for m in &r.moves {
+            Self::changed(&self.pin_changes, m.why);
+        }
+        for family in [
+            &self.pcpu_usage,
+            &self.pcpu_demand,
+            &self.vcpu_usage,
+            &self.vcpu_demand,
+            &self.node_spread,
+        ] {
+            family.reset();
+        }
+        for p in &r.pcpus {
+            let pcpu = p.pcpu.to_string();
+            self.pcpu_usage
+                .with_label_values(&[&pcpu])
+                .set(p.usage / 100.0);
+            if let Some(demand) = p.demand {
+                self.pcpu_demand
+                    .with_label_values(&[&pcpu])
+                    .set(demand / 100.0);
+            }
+        }
+        for v in &r.vcpu_lines {
+            let uuid = v.uuid.to_string();
+            let vcpu = v.vcpu.to_string();
+            let pcpu = v.pcpu.map_or(String::new(), |p| p.to_string());
+            let labels = [v.domain.as_str(), &uuid, &vcpu, &pcpu];
+            self.vcpu_usage
+                .with_label_values(&labels)
+                .set(v.usage / 100.0);
+            if let Some(demand) = v.demand {
+                self.vcpu_demand
+                    .with_label_values(&labels)
+                    .set(demand / 100.0);
+            }
+        }
+        for n in &r.nodes {
+            self.node_spread
+                .with_label_values(&[&n.node.to_string()])
+                .set(n.spread / 100.0);
+        }
+    }
+
+    /// Export a memory coordinator cycle.
+    pub fn export_mem(&self, r: &MemReport) {
+        self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
+        for why in [Why::Starving, Why::Idle, Why::HostShort] {
+            self.resizes.with_label_values(&[why.label()]);
+        }
+        for c in &r.changes {
+            Self::changed(&self.resizes, c.why);
+        }
+        for family in [
+            &self.guest_balloon,
+            &self.guest_free,
+            &self.guest_rate,
+            &self.guest_state,
+            &self.host_memory,
+        ] {
+            family.reset();
+        }
+        for g in &r.guests {
+            let uuid = g.uuid.to_string();
+            let labels = [g.domain.as_str(), &uuid];
+            self.guest_balloon
+                .with_label_values(&labels)
+                .set(g.actual_mib * MIB);
+            if let Some(free) = g.free_mib {
+                self.guest_free.with_label_values(&labels).set(free * MIB);
+            }
+            if let Some(rate) = g.rate_mib_s {
+                self.guest_rate.with_label_values(&labels).set(rate * MIB);
+            }
+            let state = g.state.to_lowercase();
+            self.guest_state
+                .with_label_values(&[g.domain.as_str(), &uuid, &state])
+                .set(1.0);
+        }
+        if let Some(h) = &r.host {
+            for (kind, mib) in [
+                ("total", h.total_mib),
+                ("available", h.available_mib),
+                ("reserve", h.reserve_mib),
+                ("unbacked", h.unbacked_mib),
+            ] {
+                self.host_memory.with_label_values(&[kind]).set(mib * MIB);
+            }
+        }
+    }
+
+    /// The exposition of every metric, in Prometheus's text format.
+    pub fn encode(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to memory");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::DomainId;
+    use crate::report::{GuestLine, ResizeLine};
+
+    fn guest(name: &str, n: u8) -> GuestLine {
+        GuestLine {
+            domain: name.into(),
+            uuid: DomainId([n; 16]),
+            actual_mib: 512.0,
+            free_mib: Some(128.0),
+            rate_mib_s: Some(2.0),
+            state: "STARVING".into(),
+        }
+    }
+
+    #[test]
+    fn a_vanished_guest_leaves_no_series_and_counters_keep_counting() {
+        let m = Metrics::new();
+        let mut r = MemReport::new(false);
+        r.guests = vec![guest("a", 1), guest("b", 2)];
+        r.changes = vec![ResizeLine {
+            domain: "a".into(),
+            from_mib: 512.0,
+            to_mib: 600.0,
+            why: Why::Starving,
+            reason: String::new(),
+        }];
+        m.export_mem(&r);
+        let text = m.encode();
+        assert!(text.contains("domain=\"b\""), "{text}");
+        assert!(text.contains("vmbalance_guest_balloon_bytes{domain=\"a\",uuid=\"01010101-0101-0101-0101-010101010101\"} 536870912"), "{text}");
+        assert!(
+            text.contains("vmbalance_guest_state{domain=\"a\",state=\"starving\""),
+            "{text}"
+        );
+        r.guests.truncate(1);
+        m.export_mem(&r);
+        let text = m.encode();
+        assert!(!text.contains("domain=\"b\""), "{text}");
+        assert!(
+            text.contains("vmbalance_balloon_resizes_total{reason=\"starving\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("vmbalance_cycles_total 2"), "{text}");
+    }
+
+    #[test]
+    fn a_daemon_shows_only_its_own_families() {
+        let m = Metrics::new();
+        m.export_cpu(&CpuReport::new(false));
+        let text = m.encode();
+        assert!(
+            text.contains("vmbalance_pin_changes_total{reason=\"balance\"} 0"),
+            "{text}"
+        );
+        assert!(!text.contains("vmbalance_balloon_resizes_total"), "{text}");
+        assert!(!text.contains("vmbalance_guest_"), "{text}");
+    }
+}

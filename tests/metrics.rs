@@ -1,0 +1,312 @@
+//! The metrics endpoint of both daemons against libvirt's test driver: scraped with a real HTTP
+//! client, linted by `promtool check metrics`, values checked; and the endpoint's limits: only
+//! GET /metrics and an index, oversized and stalled requests refused or dropped while cycles keep
+//! their period.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const SCHEDULER: &str = env!("CARGO_BIN_EXE_vcpu_scheduler");
+const COORDINATOR: &str = env!("CARGO_BIN_EXE_memory_coordinator");
+
+/// A daemon running with `--metrics-address 127.0.0.1:0`, its log collected as it comes.
+struct Running {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    address: String,
+}
+
+impl Running {
+    fn start(bin: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(bin)
+            .args(["--metrics-address", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let filled = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                filled
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut running = Self {
+            child,
+            log,
+            address: String::new(),
+        };
+        let line = running.wait_for("serving metrics at http://");
+        running.address = line
+            .split("http://")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches("/metrics")
+            .to_string();
+        running
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The first log line containing `text`, waiting up to 20 s for it.
+    fn wait_for(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(line) = self.log().lines().find(|l| l.contains(text)) {
+                return line.to_string();
+            }
+            assert!(Instant::now() < deadline, "no '{text}' in:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn cycles(&self) -> usize {
+        self.log().matches("] cycle ").count()
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut response = ureq::get(&format!("http://{}{path}", self.address))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap())
+    }
+
+    fn scrape(&self) -> String {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the sample whose line starts with `series` (name and labels), if any.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `promtool check metrics` on `text`: no problem found.
+fn promtool_accepts(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; `make test-deps` installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_scheduler_exports_its_pins_loads_and_cycles() {
+    let uri = common::test_uri("node.xml");
+    let d = Running::start(SCHEDULER, &["-c", &uri, "0.2"]);
+    d.wait_for("cycle 4:");
+    let text = d.scrape();
+    promtool_accepts(&text);
+    let log = d.log();
+    // The test driver's six vCPUs span every pCPU: cycle 2 pins each of them.
+    assert!(log.contains("moved 6:"), "{log}");
+    assert_eq!(
+        value(&text, "vmbalance_pin_changes_total{reason=\"unpinned\"}"),
+        Some(6.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, "vmbalance_pin_changes_total{reason=\"balance\"}"),
+        Some(0.0)
+    );
+    assert!(value(&text, "vmbalance_cycles_total").unwrap() >= 4.0);
+    assert!(value(&text, "vmbalance_decision_duration_seconds_count").unwrap() >= 1.0);
+    assert!(value(&text, "vmbalance_libvirt_calls_total").unwrap() >= 4.0);
+    assert!(
+        value(&text, "vmbalance_pcpu_usage_ratio{pcpu=\"0\"}").is_some(),
+        "{text}"
+    );
+    // One usage series per vCPU the cycle line counts.
+    let line = d.wait_for("cycle 4:");
+    let counted: usize = line
+        .split(" vCPUs")
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    let vcpus = text
+        .lines()
+        .filter(|l| l.starts_with("vmbalance_vcpu_usage_ratio{"))
+        .count();
+    assert_eq!(vcpus, counted, "{line}\n{text}");
+    // The reason of each change is in the log line too.
+    assert!(log.contains("(not pinned to one pCPU;"), "{log}");
+}
+
+#[test]
+fn the_coordinator_exports_each_guest_and_its_state() {
+    let uri = common::test_uri("node.xml");
+    let d = Running::start(COORDINATOR, &["-c", &uri, "0.2"]);
+    d.wait_for("cycle 3:");
+    let text = d.scrape();
+    promtool_accepts(&text);
+    let balloons: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("vmbalance_guest_balloon_bytes{"))
+        .collect();
+    // Every guest of the cycle line has its balloon, in bytes, and its state.
+    let line = d.wait_for("cycle 3:");
+    let guests = line.matches(" MiB ").count();
+    assert!(guests >= 2, "{line}");
+    assert_eq!(balloons.len(), guests, "{line}\n{text}");
+    for series in &balloons {
+        let bytes: f64 = series.rsplit(' ').next().unwrap().parse().unwrap();
+        let domain = series.split('"').nth(1).unwrap();
+        let mib = bytes / 1048576.0;
+        assert!(
+            line.contains(&format!("{domain} {mib:.0} MiB")),
+            "{series}\n{line}"
+        );
+    }
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("vmbalance_guest_state{")
+                && l.contains("state=\"waiting for stats\"")
+                && l.ends_with(" 1"))
+            .count(),
+        guests,
+        "{text}"
+    );
+    // The test driver does not report host memory: no host series rather than made-up ones.
+    assert!(!text.contains("vmbalance_host_memory_bytes{"), "{text}");
+    assert_eq!(
+        value(
+            &text,
+            "vmbalance_balloon_resizes_total{reason=\"starving\"}"
+        ),
+        Some(0.0)
+    );
+}
+
+/// Send `request` on a new connection and read the status line of the answer.
+fn status_of(address: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(address).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.lines().next().unwrap_or("").to_string()
+}
+
+#[test]
+fn the_endpoint_answers_only_what_it_serves_and_a_stalled_scrape_delays_no_cycle() {
+    let uri = common::test_uri("node.xml");
+    let d = Running::start(SCHEDULER, &["-c", &uri, "0.2"]);
+    d.wait_for("cycle 2:");
+    let (status, index) = d.get("/");
+    assert_eq!(status, 200);
+    assert!(index.contains("/metrics"), "{index}");
+    assert_eq!(d.get("/nope").0, 404);
+    assert_eq!(
+        status_of(&d.address, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(10_000)
+    );
+    assert_eq!(
+        status_of(&d.address, huge.as_bytes()),
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    assert_eq!(
+        status_of(&d.address, b"not http at all\r\n\r\n"),
+        "HTTP/1.1 400 Bad Request"
+    );
+    // Three clients connect and send nothing. The endpoint drops each after its time limit; the
+    // daemon's cycles go on at their period meanwhile, and a scrape behind them is answered.
+    let before = d.cycles();
+    let started = Instant::now();
+    let stalled: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(&d.address).unwrap())
+        .collect();
+    let text = d.scrape();
+    let waited = started.elapsed();
+    let cycles = d.cycles() - before;
+    drop(stalled);
+    assert!(text.contains("vmbalance_cycles_total"));
+    assert!(
+        waited < Duration::from_secs(20),
+        "the scrape waited {waited:?}"
+    );
+    // At 0.2 s a cycle, the cycles ran at their pace while the stalled clients were dropped.
+    let expected = waited.as_secs_f64() / 0.2;
+    assert!(
+        cycles as f64 >= expected * 0.6,
+        "{cycles} cycles in {waited:?} (expected about {expected:.0})"
+    );
+}
+
+#[test]
+fn a_bad_or_taken_metrics_address_is_one_line_and_a_non_zero_exit() {
+    let uri = common::test_uri("node.xml");
+    let o = Command::new(SCHEDULER)
+        .args(["-c", &uri, "--metrics-address", "localhost", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--metrics-address"), "{err}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let o = Command::new(COORDINATOR)
+        .args(["-c", &uri, "--metrics-address", &address, "1"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| !l.contains(" INFO ")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains("cannot listen on") && errors[0].contains(&address),
+        "{err}"
+    );
+}
