@@ -1,4 +1,5 @@
-# vmbalance: `make` builds bin/vcpu_scheduler and bin/memory_coordinator; `make test` runs every test.
+# vmbalance: `make` builds bin/vcpu_scheduler, bin/memory_coordinator and bin/vmbalance_plot; `make test`
+# runs every test.
 # Both install the Debian packages they need (libvirt-dev, pkg-config, ...) when they are missing;
 # `make deps` is that step alone. `make install` never installs packages: it only builds and copies.
 
@@ -10,10 +11,12 @@ BINDIR ?= $(PREFIX)/bin
 MANDIR ?= $(PREFIX)/share/man/man1
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 SYSCONFDIR ?= /etc
+# The Grafana dashboard (import it in Grafana, or point a dashboard provisioner at this directory).
+DATADIR ?= $(PREFIX)/share/vmbalance
 UNITS := vcpu-scheduler memory-coordinator
 # Where `make e2e` builds its lab of real guests (outside the source tree; removed afterwards).
 LAB_DIR ?= /tmp/vmbalance-lab
-BINARIES := vcpu_scheduler memory_coordinator
+BINARIES := vcpu_scheduler memory_coordinator vmbalance_plot
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
@@ -63,7 +66,8 @@ lint: deps
 ## and their settings in $(SYSCONFDIR)/default (kept if already there). Honours PREFIX and DESTDIR.
 ## Never installs packages: a packager's build machine has them, or runs `make deps` first.
 install: binaries
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(DATADIR)
+	install -m 644 dist/grafana-dashboard.json $(DESTDIR)$(DATADIR)/
 	install -m 755 $(addprefix $(BIN_DIR)/,$(BINARIES)) $(DESTDIR)$(BINDIR)/
 	for b in $(BINARIES); do $(BIN_DIR)/$$b --man > $(DESTDIR)$(MANDIR)/$$b.1; done
 	for u in $(UNITS); do \
@@ -75,6 +79,8 @@ install: binaries
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(BINARIES)) $(foreach b,$(BINARIES),$(DESTDIR)$(MANDIR)/$(b).1)
 	rm -f $(foreach u,$(UNITS),$(DESTDIR)$(UNITDIR)/$(u).service $(DESTDIR)$(SYSCONFDIR)/default/$(u))
+	rm -f $(DESTDIR)$(DATADIR)/grafana-dashboard.json
+	-rmdir $(DESTDIR)$(DATADIR) 2>/dev/null
 
 clean:
 	$(CARGO) clean

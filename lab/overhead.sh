@@ -5,6 +5,9 @@
 #
 #   lab/overhead.sh [CYCLES [GUESTS...]]   (root; builds the release binaries and a lab of its own)
 #   e.g. lab/overhead.sh 60 4 16
+#
+# With VMB_OVERHEAD_METRICS=1 each daemon also serves its metrics (--metrics-address) and is
+# scraped once a second, as Prometheus would, for the whole measurement.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$here/..
@@ -34,11 +37,28 @@ wait_for_cycle() {
     local json=$1 n=$2
     until [ "$(wc -l <"$json")" -ge "$n" ]; do sleep 0.05; done
 }
+metrics=${VMB_OVERHEAD_METRICS:-0}
+# GET /metrics from 127.0.0.1:$1 once a second while process $2 lives (bash's /dev/tcp: no client
+# to install).
+scrape_every_second() {
+    local port=$1 pid=$2
+    while kill -0 "$pid" 2>/dev/null; do
+        if exec 3<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null; then
+            printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+            cat <&3 >/dev/null
+            exec 3<&-
+        fi
+        sleep 1
+    done
+}
 measure() {
     local name=$1
     local json; json=$(mktemp)
-    "$root/bin/$name" --connect qemu:///system -q --json --cycles "$((cycles + 3))" 1 >"$json" &
+    local extra=() port=$((19000 + RANDOM % 1000))
+    [ "$metrics" = 1 ] && extra=(--metrics-address "127.0.0.1:$port")
+    "$root/bin/$name" --connect qemu:///system -q --json "${extra[@]}" --cycles "$((cycles + 3))" 1 >"$json" &
     local pid=$!
+    [ "$metrics" = 1 ] && scrape_every_second "$port" "$pid" &
     wait_for_cycle "$json" 2
     local start; start=$(cpu_ns "$pid")
     wait_for_cycle "$json" "$((cycles + 2))"
@@ -62,6 +82,7 @@ for size in "${sizes[@]}"; do
     rows+=("$(measure vcpu_scheduler)" "$(measure memory_coordinator)")
 done
 echo
+[ "$metrics" = 1 ] && echo "(metrics served and scraped once a second)"
 echo "| daemon | guests | steady cycles at PERIOD=1 | CPU time per cycle | share of one core | libvirt calls per cycle |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: |"
 printf '%s\n' "${rows[@]}"

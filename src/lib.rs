@@ -22,6 +22,7 @@ pub mod ledger;
 pub mod libvirt;
 pub mod mem_plan;
 pub mod metrics;
+pub mod plot;
 pub mod report;
 pub mod sampling;
 pub mod scheduler;

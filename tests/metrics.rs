@@ -310,3 +310,101 @@ fn a_bad_or_taken_metrics_address_is_one_line_and_a_non_zero_exit() {
         "{err}"
     );
 }
+
+/// Every family either daemon exports, each filled once.
+fn every_family() -> std::collections::BTreeSet<String> {
+    use vmbalance::host::DomainId;
+    use vmbalance::metrics::Metrics;
+    use vmbalance::report::*;
+    let m = Metrics::new();
+    let mut cpu = CpuReport::new(false);
+    cpu.pcpus = vec![PcpuLine {
+        pcpu: 0,
+        usage: 50.0,
+        demand: Some(60.0),
+    }];
+    cpu.nodes = vec![NodeLine {
+        node: 0,
+        spread: 5.0,
+    }];
+    cpu.vcpu_lines = vec![VcpuLine {
+        domain: "d".into(),
+        uuid: DomainId([1; 16]),
+        vcpu: 0,
+        pcpu: Some(0),
+        usage: 50.0,
+        demand: Some(60.0),
+    }];
+    cpu.decision_secs = Some(0.001);
+    m.export_cpu(&cpu);
+    let mut mem = MemReport::new(false);
+    mem.host = Some(HostLine {
+        total_mib: 1000.0,
+        available_mib: 500.0,
+        reserve_mib: 50.0,
+        unbacked_mib: 10.0,
+    });
+    mem.guests = vec![GuestLine {
+        domain: "d".into(),
+        uuid: DomainId([1; 16]),
+        actual_mib: 100.0,
+        free_mib: Some(10.0),
+        rate_mib_s: Some(1.0),
+        state: "STARVING".into(),
+    }];
+    m.export_mem(&mem);
+    m.disconnected();
+    m.encode()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn every_metric_the_dashboard_queries_is_exported() {
+    let exported = every_family();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../dist/grafana-dashboard.json")).unwrap();
+    let mut queried = Vec::new();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    for v in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["definition"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    for expr in &exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("vmbalance_") {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .filter(|base| exported.contains(*base))
+                    .unwrap_or(word);
+                queried.push(family.to_string());
+            }
+        }
+    }
+    assert!(queried.len() >= 8, "{queried:?}");
+    for name in &queried {
+        assert!(
+            exported.contains(name),
+            "the dashboard queries {name}, which no daemon exports ({exported:?})"
+        );
+    }
+    // And the dashboard shows what the issue asks for: per-pCPU demand, pin changes by reason,
+    // guest memory, host memory against the reserve.
+    for needed in [
+        "vmbalance_pcpu_demand_ratio",
+        "vmbalance_pin_changes_total",
+        "vmbalance_guest_balloon_bytes",
+        "vmbalance_host_memory_bytes",
+    ] {
+        assert!(queried.iter().any(|q| q == needed), "{needed}");
+    }
+}

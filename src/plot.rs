@@ -1,0 +1,353 @@
+//! A picture of a run: a daemon's `--json` stream as an SVG timeline (the `vmbalance_plot` tool).
+//!
+//! - `vcpu_scheduler`: each pCPU's load over time (demand where the hypervisor reports it, usage
+//!   otherwise), one line per pCPU, with a marker on the line of the pCPU a vCPU was pinned to at
+//!   each pin change.
+//! - `memory_coordinator`: above, each guest's balloon size (solid) and free memory (thin) over
+//!   time, with a marker at the new size of every resize; below, the host's available memory
+//!   against its reserve (when the host reports its memory).
+//!
+//! Only reports are read, so any recorded run can be drawn again later.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use serde_json::Value;
+
+/// What a picture shows, counted (the tests check the picture against it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Drawn {
+    /// Which daemon's run.
+    pub daemon: String,
+    /// One line per pCPU, or per guest (balloon and free memory count as one guest).
+    pub series: usize,
+    /// One marker per change.
+    pub markers: usize,
+}
+
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+fn color(i: usize) -> RGBColor {
+    PALETTE[i % PALETTE.len()]
+}
+
+/// Read a `--json` stream: one report per line; lines that are not JSON objects are skipped
+/// (a log mixed in), and reports of another daemon than the first one's are ignored.
+pub fn read_reports(text: &str) -> Vec<Value> {
+    let reports: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .filter(|v| v.get("daemon").is_some())
+        .collect();
+    let Some(daemon) = reports.first().map(|r| r["daemon"].clone()) else {
+        return reports;
+    };
+    reports
+        .into_iter()
+        .filter(|r| r["daemon"] == daemon)
+        .collect()
+}
+
+/// Draw `reports` into the SVG file `out`.
+pub fn draw(reports: &[Value], out: &Path) -> anyhow::Result<Drawn> {
+    let Some(first) = reports.first() else {
+        bail!("no report to draw: give the --json output of vcpu_scheduler or memory_coordinator");
+    };
+    let start = first["time"].as_f64().unwrap_or(0.0);
+    let drawn = match first["daemon"].as_str() {
+        Some("vcpu_scheduler") => draw_cpu(reports, start, out),
+        Some("memory_coordinator") => draw_mem(reports, start, out),
+        other => bail!("cannot draw reports of {other:?}"),
+    };
+    drawn.with_context(|| format!("drawing {}", out.display()))
+}
+
+/// Seconds since the first report.
+fn at(report: &Value, start: f64) -> f64 {
+    report["time"].as_f64().unwrap_or(start) - start
+}
+
+/// The end of the time axis (at least one second).
+fn span(reports: &[Value], start: f64) -> f64 {
+    reports.last().map_or(1.0, |r| at(r, start)).max(1.0)
+}
+
+fn draw_cpu(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> {
+    let demand = reports.iter().any(|r| {
+        r["pcpus"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["demand"].is_f64()))
+    });
+    let figure = if demand { "demand" } else { "usage" };
+    // (time, load) per pCPU, and each pCPU's load by cycle time for the markers.
+    let mut lines: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut markers = Vec::new();
+    for r in reports {
+        let t = at(r, start);
+        let mut load_now = BTreeMap::new();
+        for p in r["pcpus"].as_array().into_iter().flatten() {
+            let (Some(pcpu), Some(usage)) = (p["pcpu"].as_u64(), p["usage"].as_f64()) else {
+                continue;
+            };
+            let load = if demand {
+                p["demand"].as_f64().unwrap_or(usage)
+            } else {
+                usage
+            };
+            lines.entry(pcpu).or_default().push((t, load));
+            load_now.insert(pcpu, load);
+        }
+        for m in r["moves"].as_array().into_iter().flatten() {
+            if let Some(to) = m["to"].as_u64() {
+                markers.push((t, load_now.get(&to).copied().unwrap_or(0.0), to));
+            }
+        }
+    }
+    let top = lines
+        .values()
+        .flatten()
+        .map(|&(_, y)| y)
+        .fold(100.0f64, f64::max)
+        * 1.25;
+    let root = SVGBackend::new(out, (1000, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("vcpu_scheduler: pCPU {figure} over time (\u{25cf} pin change)"),
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..span(reports, start), 0.0..top)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since start (s)")
+        .y_desc(format!("pCPU {figure} (% of one pCPU)"))
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    let index: BTreeMap<u64, usize> = lines.keys().enumerate().map(|(i, &p)| (p, i)).collect();
+    for (&pcpu, points) in &lines {
+        let c = color(index[&pcpu]);
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))?
+            .label(format!("pCPU {pcpu}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    if !markers.is_empty() {
+        chart
+            .draw_series(markers.iter().map(|&(t, y, to)| {
+                let c = index.get(&to).map_or(BLACK, |&i| color(i));
+                Circle::new((t, y), 6, c.filled())
+            }))?
+            .label("pin change (on the pCPU it went to, at its load then)")
+            .legend(|(x, y)| Circle::new((x + 10, y), 5, BLACK.filled()));
+        // Several changes to one pCPU in one cycle share a marker: say how many.
+        let mut stacked: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+        for &(t, _, to) in &markers {
+            *stacked.entry(((t * 1000.0) as u64, to)).or_default() += 1;
+        }
+        chart.draw_series(
+            stacked
+                .iter()
+                .filter(|(_, n)| **n > 1)
+                .map(|(&(ms, to), n)| {
+                    let t = ms as f64 / 1000.0;
+                    let y = markers
+                        .iter()
+                        .find(|m| (m.0 * 1000.0) as u64 == ms && m.2 == to)
+                        .map_or(0.0, |m| m.1);
+                    Text::new(format!("  \u{d7}{n}"), (t, y), ("sans-serif", 14))
+                }),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    root.present()?;
+    Ok(Drawn {
+        daemon: "vcpu_scheduler".into(),
+        series: lines.len(),
+        markers: markers.len(),
+    })
+}
+
+/// One guest's lines: (time, balloon MiB) and (time, free MiB).
+#[derive(Default)]
+struct GuestLines {
+    balloon: Vec<(f64, f64)>,
+    free: Vec<(f64, f64)>,
+}
+
+fn draw_mem(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> {
+    let mut guests: BTreeMap<String, GuestLines> = BTreeMap::new();
+    let mut markers = Vec::new();
+    let mut available = Vec::new();
+    let mut reserve = Vec::new();
+    let mut budget = Vec::new();
+    for r in reports {
+        let t = at(r, start);
+        for g in r["guests"].as_array().into_iter().flatten() {
+            let Some(name) = g["domain"].as_str() else {
+                continue;
+            };
+            let lines = guests.entry(name.to_string()).or_default();
+            if let Some(size) = g["actual_mib"].as_f64() {
+                lines.balloon.push((t, size));
+            }
+            // Figures of a report that is not fresh may predate the stats period.
+            let judged = !matches!(
+                g["state"].as_str(),
+                Some("waiting for stats" | "inconsistent stats" | "first report")
+            );
+            if let (Some(free), true) = (g["free_mib"].as_f64(), judged) {
+                lines.free.push((t, free));
+            }
+        }
+        for c in r["changes"].as_array().into_iter().flatten() {
+            if let (Some(name), Some(to)) = (c["domain"].as_str(), c["to_mib"].as_f64()) {
+                markers.push((t, to, name.to_string(), c["why"] == "starving"));
+            }
+        }
+        if let (Some(a), Some(res)) = (
+            r["host"]["available_mib"].as_f64(),
+            r["host"]["reserve_mib"].as_f64(),
+        ) {
+            available.push((t, a));
+            reserve.push((t, res));
+            let unbacked = r["host"]["unbacked_mib"].as_f64().unwrap_or(0.0);
+            budget.push((t, (a - unbacked).max(0.0)));
+        }
+    }
+    let host_known = !available.is_empty();
+    let height = if host_known { 820 } else { 560 };
+    let root = SVGBackend::new(out, (1000, height)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (upper, lower) = if host_known {
+        let (u, l) = root.split_vertically(540);
+        (u, Some(l))
+    } else {
+        (root.clone(), None)
+    };
+    let top = guests
+        .values()
+        .flat_map(|g| g.balloon.iter().chain(&g.free))
+        .map(|&(_, y)| y)
+        .fold(1.0f64, f64::max)
+        * 1.4;
+    let x_end = span(reports, start);
+    let mut chart = ChartBuilder::on(&upper)
+        .caption(
+            "memory_coordinator: guests' balloons (thick) and free memory (thin); \u{25b2} grown, \u{25bc} shrunk",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_end, 0.0..top)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since start (s)")
+        .y_desc("MiB")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    let index: BTreeMap<String, usize> = guests
+        .keys()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), i))
+        .collect();
+    for (name, lines) in &guests {
+        let c = color(index[name]);
+        chart
+            .draw_series(LineSeries::new(
+                lines.balloon.iter().copied(),
+                c.stroke_width(3),
+            ))?
+            .label(format!("{name}: balloon"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart
+            .draw_series(LineSeries::new(
+                lines.free.iter().copied(),
+                c.stroke_width(1),
+            ))?
+            .label(format!("{name}: free"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(1)));
+    }
+    chart.draw_series(markers.iter().map(|(t, to, name, grown)| {
+        let c = index.get(name).map_or(BLACK, |&i| color(i));
+        let mark = if *grown { "\u{25b2}" } else { "\u{25bc}" };
+        let style = ("sans-serif", 16)
+            .into_font()
+            .color(&c)
+            .pos(Pos::new(HPos::Center, VPos::Center));
+        Text::new(mark, (*t, *to), style)
+    }))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    if let Some(lower) = lower {
+        let top = available
+            .iter()
+            .chain(&reserve)
+            .map(|&(_, y)| y)
+            .fold(1.0f64, f64::max)
+            * 1.1;
+        let mut host = ChartBuilder::on(&lower)
+            .caption(
+                "host: available memory against its reserve",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..x_end, 0.0..top)?;
+        host.configure_mesh()
+            .x_desc("time since start (s)")
+            .y_desc("MiB")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()?;
+        host.draw_series(LineSeries::new(available, BLUE.stroke_width(2)))?
+            .label("available")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        host.draw_series(LineSeries::new(budget, BLUE.stroke_width(1)))?
+            .label("available minus what guests may still touch")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(1)));
+        host.draw_series(LineSeries::new(reserve, RED.stroke_width(2)))?
+            .label("reserve")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+        host.configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(Drawn {
+        daemon: "memory_coordinator".into(),
+        series: guests.len(),
+        markers: markers.len(),
+    })
+}
