@@ -42,6 +42,19 @@ install_packages() {
     fi
 }
 
+# The socket as distributions mean it (Debian's libvirt-daemon-system, with systemd and polkit):
+# members of the 'libvirt' group may manage, others may not. Without polkit running, libvirtd's
+# built-in default (any user, then polkit) would refuse every unprivileged client.
+write_libvirtd_conf() {
+    cat > "$1/libvirtd.conf" <<'CONF'
+unix_sock_group = "libvirt"
+unix_sock_rw_perms = "0770"
+unix_sock_ro_perms = "0777"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+CONF
+}
+
 start_daemons() {
     local dir=$1
     if virsh -c "$URI" version >/dev/null 2>&1; then
@@ -55,7 +68,8 @@ start_daemons() {
         virtlogd -d -p "$dir/virtlogd.pid"
         echo virtlogd >> "$dir/started"
     fi
-    libvirtd -d -p "$dir/libvirtd.pid"
+    write_libvirtd_conf "$dir"
+    libvirtd -d -f "$dir/libvirtd.conf" -p "$dir/libvirtd.pid"
     echo libvirtd >> "$dir/started"
     for _ in $(seq 100); do virsh -c "$URI" version >/dev/null 2>&1 && return; sleep 0.2; done
     die "libvirtd did not come up"
@@ -213,7 +227,7 @@ cmd_restart_libvirtd() {
     kill "$pid"
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     sleep "${2:-3}"
-    libvirtd -d -p "$dir/libvirtd.pid"
+    libvirtd -d -f "$dir/libvirtd.conf" -p "$dir/libvirtd.pid"
     for _ in $(seq 100); do virsh -c "$URI" version >/dev/null 2>&1 && return; sleep 0.2; done
     die "libvirtd did not come back"
 }

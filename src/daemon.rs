@@ -443,8 +443,8 @@ impl Run<'_> {
         if self.options.json {
             print_json(report, self.totals.cycles)?;
         }
-        if let Some(e) = &self.exporter {
-            report.export(&e.metrics);
+        if let Some(e) = &mut self.exporter {
+            report.export(&mut e.metrics);
             e.publish();
         }
         Ok(())

@@ -23,7 +23,7 @@ pub trait Report: fmt::Display + Serialize {
     fn set_api_calls(&mut self, calls: u64);
 
     /// Export the cycle into `metrics`.
-    fn export(&self, metrics: &Metrics);
+    fn export(&self, metrics: &mut Metrics);
 }
 
 /// Round to one decimal, for figures in JSON output.
@@ -289,7 +289,7 @@ impl Report for CpuReport {
         self.libvirt_calls = calls;
     }
 
-    fn export(&self, metrics: &Metrics) {
+    fn export(&self, metrics: &mut Metrics) {
         metrics.export_cpu(self);
     }
 }
@@ -454,7 +454,7 @@ impl Report for MemReport {
         self.libvirt_calls = calls;
     }
 
-    fn export(&self, metrics: &Metrics) {
+    fn export(&self, metrics: &mut Metrics) {
         metrics.export_mem(self);
     }
 }

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::lab::{Daemon, Ended, Lab, Spec, balloon, pcpu_usage, pins, virsh};
@@ -772,5 +773,133 @@ fn scheduler_stays_in_its_pool_leaves_excluded_guests_alone_and_survives_sighup(
             assert_eq!(m["to"], 1, "{m}");
             assert!(m["domain"].as_str().unwrap().contains("pool"), "{m}");
         }
+    }
+}
+
+/// A system user for the unprivileged runs, created if missing, in `groups` (comma-separated,
+/// or none).
+fn system_user(name: &str, groups: &str) {
+    if Command::new("id")
+        .arg(name)
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        return;
+    }
+    let mut useradd = Command::new("useradd");
+    useradd.args([
+        "--system",
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+    ]);
+    if !groups.is_empty() {
+        useradd.args(["--groups", groups]);
+    }
+    assert!(
+        useradd.arg(name).status().unwrap().success(),
+        "useradd {name}"
+    );
+}
+
+/// `bin` copied where any user may run it (the build tree may be private to root).
+fn runnable_copy(bin: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join("vmbalance-e2e-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join(std::path::Path::new(bin).file_name().unwrap());
+    std::fs::copy(bin, &copy).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+/// Run `bin args` as `user` with `groups` and nothing else, the way the systemd units run the
+/// daemons: no capabilities (none inheritable, an empty bounding set), no new privileges.
+fn run_as(user: &str, groups: &str, bin: &str, args: &[&str]) -> std::process::Output {
+    let mut setpriv = Command::new("setpriv");
+    setpriv.args([
+        &format!("--reuid={user}"),
+        &format!("--regid={user}"),
+        "--no-new-privs",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ]);
+    if groups.is_empty() {
+        setpriv.arg("--clear-groups");
+    } else {
+        setpriv.arg(format!("--groups={groups}"));
+    }
+    setpriv
+        .arg("--")
+        .arg(runnable_copy(bin))
+        .args(["--connect", "qemu:///system"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn both_daemons_run_unprivileged_in_the_libvirt_group_and_say_which_group_outside_it() {
+    // The units run the daemons as a dynamic user in the 'libvirt' group, with no capability.
+    system_user("vmbalance-e2e", "libvirt");
+    system_user("vmbalance-e2e-outsider", "");
+    let specs = [
+        busy("unpriv0", "0"),
+        busy("unpriv1", "0"),
+        Spec {
+            name: "unpriv-idle",
+            vcpus: 1,
+            cur_mib: 512,
+            max_mib: 512,
+            pins: "1",
+            work: "idle",
+        },
+    ];
+    let _lab = Lab::guests(&specs);
+    let o = run_as(
+        "vmbalance-e2e",
+        "libvirt",
+        SCHEDULER,
+        &["--cycles", "3", "2"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let on: Vec<u32> = ["unpriv0", "unpriv1"]
+        .iter()
+        .map(|n| pins(n)[0].unwrap())
+        .collect();
+    assert_ne!(
+        on[0], on[1],
+        "the two busy guests still share pCPU {}",
+        on[0]
+    );
+    let before = balloon("unpriv-idle").0 / MIB;
+    let o = run_as(
+        "vmbalance-e2e",
+        "libvirt",
+        COORDINATOR,
+        &["--cycles", "8", "1"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let after = balloon("unpriv-idle").0 / MIB;
+    assert!(
+        after < before,
+        "the idle guest kept {after} of {before} MiB:\n{err}"
+    );
+    // Outside the group: one line that names the group, exit 1.
+    for bin in [SCHEDULER, COORDINATOR] {
+        let o = run_as("vmbalance-e2e-outsider", "", bin, &["2"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("'libvirt' group"), "{err}");
     }
 }

@@ -316,7 +316,7 @@ fn every_family() -> std::collections::BTreeSet<String> {
     use vmbalance::host::DomainId;
     use vmbalance::metrics::Metrics;
     use vmbalance::report::*;
-    let m = Metrics::new();
+    let mut m = Metrics::new();
     let mut cpu = CpuReport::new(false);
     cpu.pcpus = vec![PcpuLine {
         pcpu: 0,

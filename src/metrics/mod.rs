@@ -4,13 +4,15 @@
 //! registry encoded once; scrapes read the last encoding, so a scrape never waits for a cycle and
 //! a cycle never waits for a scrape. Names follow Prometheus conventions: a `vmbalance_` prefix,
 //! base units (`_seconds`, `_bytes`, `_ratio`), counters ending in `_total`. Series of domains
-//! that are gone are dropped: the per-domain and per-vCPU families are rebuilt each cycle, so
-//! their label sets stay bounded by what runs. The encoding is the `prometheus` crate's (the
+//! that are gone are dropped: a per-domain or per-vCPU series not set in a cycle is removed at its
+//! end, so label sets stay bounded by what runs. The encoding is the `prometheus` crate's (the
 //! classic text format, which every Prometheus version and `promtool` read).
 
 mod endpoint;
 
 pub use endpoint::Endpoint;
+
+use std::collections::HashSet;
 
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
@@ -30,18 +32,53 @@ pub struct Metrics {
     libvirt_calls: IntCounter,
     changes_skipped: IntCounter,
     disconnections: IntCounter,
-    pcpu_usage: GaugeVec,
-    pcpu_demand: GaugeVec,
-    vcpu_usage: GaugeVec,
-    vcpu_demand: GaugeVec,
-    node_spread: GaugeVec,
+    pcpu_usage: Series,
+    pcpu_demand: Series,
+    vcpu_usage: Series,
+    vcpu_demand: Series,
+    node_spread: Series,
     pin_changes: IntCounterVec,
-    guest_balloon: GaugeVec,
-    guest_free: GaugeVec,
-    guest_rate: GaugeVec,
-    guest_state: GaugeVec,
-    host_memory: GaugeVec,
+    guest_balloon: Series,
+    guest_free: Series,
+    guest_rate: Series,
+    guest_state: Series,
+    host_memory: Series,
     resizes: IntCounterVec,
+}
+
+/// A gauge family whose series are those set in the last cycle: a series not set again is
+/// removed when the cycle ends (its domain, vCPU or pCPU is gone). Series set again are updated
+/// in place, which costs far less than building every series anew each cycle.
+struct Series {
+    family: GaugeVec,
+    previous: HashSet<Vec<String>>,
+    current: HashSet<Vec<String>>,
+}
+
+impl Series {
+    fn new(family: GaugeVec) -> Self {
+        Self {
+            family,
+            previous: HashSet::new(),
+            current: HashSet::new(),
+        }
+    }
+
+    /// Set the series labelled `labels` to `value` this cycle.
+    fn set(&mut self, labels: &[&str], value: f64) {
+        self.family.with_label_values(labels).set(value);
+        self.current
+            .insert(labels.iter().map(|l| l.to_string()).collect());
+    }
+
+    /// End the cycle: drop the series not set in it.
+    fn end_cycle(&mut self) {
+        for gone in self.previous.difference(&self.current) {
+            let labels: Vec<&str> = gone.iter().map(String::as_str).collect();
+            let _ = self.family.remove_label_values(&labels);
+        }
+        self.previous = std::mem::take(&mut self.current);
+    }
 }
 
 /// A gauge family named `name`, labelled `labels`, registered in `registry`.
@@ -115,72 +152,72 @@ impl Metrics {
                 "vmbalance_disconnections_total",
                 "Cycles that found the libvirt connection down (each followed by a reconnection attempt).",
             ),
-            pcpu_usage: gauges(
+            pcpu_usage: Series::new(gauges(
                 &r,
                 "vmbalance_pcpu_usage_ratio",
                 "CPU time the vCPUs on a pCPU used over the last period, as a share of the pCPU.",
                 &["pcpu"],
-            ),
-            pcpu_demand: gauges(
+            )),
+            pcpu_demand: Series::new(gauges(
                 &r,
                 "vmbalance_pcpu_demand_ratio",
                 "CPU time the vCPUs on a pCPU wanted (used plus waited for) over the last period.",
                 &["pcpu"],
-            ),
-            vcpu_usage: gauges(
+            )),
+            vcpu_usage: Series::new(gauges(
                 &r,
                 "vmbalance_vcpu_usage_ratio",
                 "CPU time a vCPU used over the last period, as a share of one pCPU.",
                 &domain_vcpu,
-            ),
-            vcpu_demand: gauges(
+            )),
+            vcpu_demand: Series::new(gauges(
                 &r,
                 "vmbalance_vcpu_demand_ratio",
                 "CPU time a vCPU wanted (used plus waited for) over the last period.",
                 &domain_vcpu,
-            ),
-            node_spread: gauges(
+            )),
+            node_spread: Series::new(gauges(
                 &r,
                 "vmbalance_node_spread_ratio",
                 "Busiest minus freest pCPU of a NUMA node, in the figure balanced.",
                 &["node"],
-            ),
+            )),
             pin_changes: counters(
                 &r,
                 "vmbalance_pin_changes_total",
                 "vCPU pin changes made, by reason.",
                 &["reason"],
             ),
-            guest_balloon: gauges(
+            guest_balloon: Series::new(gauges(
                 &r,
                 "vmbalance_guest_balloon_bytes",
                 "A guest's balloon size (the memory it has).",
                 &["domain", "uuid"],
-            ),
-            guest_free: gauges(
+            )),
+            guest_free: Series::new(gauges(
                 &r,
                 "vmbalance_guest_free_bytes",
                 "Memory a guest can still use (MemAvailable, else MemFree), as it last reported.",
                 &["domain", "uuid"],
-            ),
-            guest_rate: gauges(
+            )),
+            guest_rate: Series::new(gauges(
                 &r,
                 "vmbalance_guest_consumption_bytes_per_second",
                 "How fast a guest's used memory grows (negative: shrinks).",
                 &["domain", "uuid"],
-            ),
-            guest_state: gauges(
+            )),
+            guest_state: Series::new(gauges(
                 &r,
                 "vmbalance_guest_state",
                 "1 for a guest's state this cycle (starving, wasting, balanced, or why it is not judged).",
                 &["domain", "uuid", "state"],
-            ),
-            host_memory: gauges(
+            )),
+            host_memory: Series::new(gauges(
                 &r,
                 "vmbalance_host_memory_bytes",
                 "The host's memory: total, available (what the kernel can hand out), reserve (kept available), unbacked (what guests hold free and may still touch).",
                 &["kind"],
-            ),
+            )),
             resizes: counters(
                 &r,
                 "vmbalance_balloon_resizes_total",
@@ -213,7 +250,7 @@ impl Metrics {
     }
 
     /// Export a vCPU scheduler cycle.
-    pub fn export_cpu(&self, r: &CpuReport) {
+    pub fn export_cpu(&mut self, r: &CpuReport) {
         self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
         for why in [Why::Unpinned, Why::OutsideAllowed, Why::Balance] {
             self.pin_changes.with_label_values(&[why.label()]);
@@ -221,24 +258,11 @@ impl Metrics {
         for m in &r.moves {
             Self::changed(&self.pin_changes, m.why);
         }
-        for family in [
-            &self.pcpu_usage,
-            &self.pcpu_demand,
-            &self.vcpu_usage,
-            &self.vcpu_demand,
-            &self.node_spread,
-        ] {
-            family.reset();
-        }
         for p in &r.pcpus {
             let pcpu = p.pcpu.to_string();
-            self.pcpu_usage
-                .with_label_values(&[&pcpu])
-                .set(p.usage / 100.0);
+            self.pcpu_usage.set(&[&pcpu], p.usage / 100.0);
             if let Some(demand) = p.demand {
-                self.pcpu_demand
-                    .with_label_values(&[&pcpu])
-                    .set(demand / 100.0);
+                self.pcpu_demand.set(&[&pcpu], demand / 100.0);
             }
         }
         for v in &r.vcpu_lines {
@@ -246,24 +270,28 @@ impl Metrics {
             let vcpu = v.vcpu.to_string();
             let pcpu = v.pcpu.map_or(String::new(), |p| p.to_string());
             let labels = [v.domain.as_str(), &uuid, &vcpu, &pcpu];
-            self.vcpu_usage
-                .with_label_values(&labels)
-                .set(v.usage / 100.0);
+            self.vcpu_usage.set(&labels, v.usage / 100.0);
             if let Some(demand) = v.demand {
-                self.vcpu_demand
-                    .with_label_values(&labels)
-                    .set(demand / 100.0);
+                self.vcpu_demand.set(&labels, demand / 100.0);
             }
         }
         for n in &r.nodes {
             self.node_spread
-                .with_label_values(&[&n.node.to_string()])
-                .set(n.spread / 100.0);
+                .set(&[&n.node.to_string()], n.spread / 100.0);
+        }
+        for series in [
+            &mut self.pcpu_usage,
+            &mut self.pcpu_demand,
+            &mut self.vcpu_usage,
+            &mut self.vcpu_demand,
+            &mut self.node_spread,
+        ] {
+            series.end_cycle();
         }
     }
 
     /// Export a memory coordinator cycle.
-    pub fn export_mem(&self, r: &MemReport) {
+    pub fn export_mem(&mut self, r: &MemReport) {
         self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
         for why in [Why::Starving, Why::Idle, Why::HostShort] {
             self.resizes.with_label_values(&[why.label()]);
@@ -271,31 +299,19 @@ impl Metrics {
         for c in &r.changes {
             Self::changed(&self.resizes, c.why);
         }
-        for family in [
-            &self.guest_balloon,
-            &self.guest_free,
-            &self.guest_rate,
-            &self.guest_state,
-            &self.host_memory,
-        ] {
-            family.reset();
-        }
         for g in &r.guests {
             let uuid = g.uuid.to_string();
             let labels = [g.domain.as_str(), &uuid];
-            self.guest_balloon
-                .with_label_values(&labels)
-                .set(g.actual_mib * MIB);
+            self.guest_balloon.set(&labels, g.actual_mib * MIB);
             if let Some(free) = g.free_mib {
-                self.guest_free.with_label_values(&labels).set(free * MIB);
+                self.guest_free.set(&labels, free * MIB);
             }
             if let Some(rate) = g.rate_mib_s {
-                self.guest_rate.with_label_values(&labels).set(rate * MIB);
+                self.guest_rate.set(&labels, rate * MIB);
             }
             let state = g.state.to_lowercase();
             self.guest_state
-                .with_label_values(&[g.domain.as_str(), &uuid, &state])
-                .set(1.0);
+                .set(&[g.domain.as_str(), &uuid, &state], 1.0);
         }
         if let Some(h) = &r.host {
             for (kind, mib) in [
@@ -304,8 +320,17 @@ impl Metrics {
                 ("reserve", h.reserve_mib),
                 ("unbacked", h.unbacked_mib),
             ] {
-                self.host_memory.with_label_values(&[kind]).set(mib * MIB);
+                self.host_memory.set(&[kind], mib * MIB);
             }
+        }
+        for series in [
+            &mut self.guest_balloon,
+            &mut self.guest_free,
+            &mut self.guest_rate,
+            &mut self.guest_state,
+            &mut self.host_memory,
+        ] {
+            series.end_cycle();
         }
     }
 
@@ -338,7 +363,7 @@ mod tests {
 
     #[test]
     fn a_vanished_guest_leaves_no_series_and_counters_keep_counting() {
-        let m = Metrics::new();
+        let mut m = Metrics::new();
         let mut r = MemReport::new(false);
         r.guests = vec![guest("a", 1), guest("b", 2)];
         r.changes = vec![ResizeLine {
@@ -369,7 +394,7 @@ mod tests {
 
     #[test]
     fn a_daemon_shows_only_its_own_families() {
-        let m = Metrics::new();
+        let mut m = Metrics::new();
         m.export_cpu(&CpuReport::new(false));
         let text = m.encode();
         assert!(
