@@ -20,7 +20,7 @@ use sim::{Rng, SimHost, SimMemory};
 use vmbalance::coordinator::Coordinator;
 use vmbalance::cpu_plan::{CpuPlan, CpuPolicy, PinMove, plan};
 use vmbalance::host::{DomainId, HostMemory};
-use vmbalance::mem_plan::{self, BalloonChange, MemPlan, MemPolicy, MemSnapshot};
+use vmbalance::mem_plan::{self, MemPlan, MemPolicy, MemSnapshot};
 use vmbalance::sampling::{Allowed, CpuSnapshot, GuestMemory, VcpuKey, VcpuLoad, pcpu_usage};
 use vmbalance::scheduler::Scheduler;
 
@@ -559,19 +559,9 @@ fn seed_mem_plan(s: &MemSnapshot, p: &MemPolicy) -> (MemPlan, Vec<String>) {
             }
         }
     }
-    let changes = guests
-        .iter()
-        .zip(&target)
-        .filter(|(g, t)| **t != g.actual_kib)
-        .map(|(g, &t)| BalloonChange {
-            id: g.id,
-            from_kib: g.actual_kib,
-            to_kib: t,
-        })
-        .collect();
     (
         MemPlan {
-            changes,
+            changes: mem_plan::changes_to(guests, &target),
             ..MemPlan::default()
         },
         Vec::new(),

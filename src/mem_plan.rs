@@ -279,9 +279,15 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
         out.from_host_kib = wanted.granted;
         out.to_host_kib = take_back(&givers, wanted.asked, &mut target);
     }
-    out.changes = guests
+    out.changes = changes_to(guests, &target);
+    out
+}
+
+/// The resizes that take each of `guests` to its `target` size (same order), shrinks first.
+pub fn changes_to(guests: &[GuestMemory], target: &[u64]) -> Vec<BalloonChange> {
+    let mut changes: Vec<BalloonChange> = guests
         .iter()
-        .zip(&target)
+        .zip(target)
         .filter(|(g, t)| **t != g.actual_kib)
         .map(|(g, &t)| BalloonChange {
             id: g.id,
@@ -289,8 +295,8 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
             to_kib: t,
         })
         .collect();
-    out.changes.sort_by_key(|c| (Reverse(c.shrinks()), c.id));
-    out
+    changes.sort_by_key(|c| (Reverse(c.shrinks()), c.id));
+    changes
 }
 
 /// What each wasting guest can give this cycle (rule 5: down to where a shrink stops; rule 6:

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::Value;
@@ -143,11 +144,13 @@ fn draw_cpu(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
         .draw()?;
     let index: BTreeMap<u64, usize> = lines.keys().enumerate().map(|(i, &p)| (p, i)).collect();
     for (&pcpu, points) in &lines {
-        let c = color(index[&pcpu]);
-        chart
-            .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))?
-            .label(format!("pCPU {pcpu}"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        line(
+            &mut chart,
+            points,
+            color(index[&pcpu]),
+            2,
+            format!("pCPU {pcpu}"),
+        )?;
     }
     if !markers.is_empty() {
         chart
@@ -188,6 +191,27 @@ fn draw_cpu(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
         series: lines.len(),
         markers: markers.len(),
     })
+}
+
+/// A chart over time.
+type Chart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Draw `points` as a line `width` wide in `c`, with `label` in the legend.
+fn line(
+    chart: &mut Chart,
+    points: &[(f64, f64)],
+    c: RGBColor,
+    width: u32,
+    label: String,
+) -> anyhow::Result<()> {
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().copied(),
+            c.stroke_width(width),
+        ))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width)));
+    Ok(())
 }
 
 /// One guest's lines: (time, balloon MiB) and (time, free MiB).
@@ -277,20 +301,8 @@ fn draw_mem(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
         .collect();
     for (name, lines) in &guests {
         let c = color(index[name]);
-        chart
-            .draw_series(LineSeries::new(
-                lines.balloon.iter().copied(),
-                c.stroke_width(3),
-            ))?
-            .label(format!("{name}: balloon"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
-        chart
-            .draw_series(LineSeries::new(
-                lines.free.iter().copied(),
-                c.stroke_width(1),
-            ))?
-            .label(format!("{name}: free"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(1)));
+        line(&mut chart, &lines.balloon, c, 3, format!("{name}: balloon"))?;
+        line(&mut chart, &lines.free, c, 1, format!("{name}: free"))?;
     }
     chart.draw_series(markers.iter().map(|(t, to, name, grown)| {
         let c = index.get(name).map_or(BLACK, |&i| color(i));
@@ -329,15 +341,15 @@ fn draw_mem(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()?;
-        host.draw_series(LineSeries::new(available, BLUE.stroke_width(2)))?
-            .label("available")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-        host.draw_series(LineSeries::new(budget, BLUE.stroke_width(1)))?
-            .label("available minus what guests may still touch")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(1)));
-        host.draw_series(LineSeries::new(reserve, RED.stroke_width(2)))?
-            .label("reserve")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+        line(&mut host, &available, BLUE, 2, "available".into())?;
+        line(
+            &mut host,
+            &budget,
+            BLUE,
+            1,
+            "available minus what guests may still touch".into(),
+        )?;
+        line(&mut host, &reserve, RED, 2, "reserve".into())?;
         host.configure_series_labels()
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
