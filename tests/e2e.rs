@@ -255,8 +255,10 @@ fn scheduler_mixes_heavy_and_light_guests_and_survives_a_guest_destroyed_mid_run
         },
     ];
     let mut lab = Lab::guests(&specs);
-    let mut d = Daemon::start(SCHEDULER, &["2"]);
+    let mut d = Daemon::start(SCHEDULER, &["--metrics-address", "127.0.0.1:0", "2"]);
     d.wait_cycles(6, Duration::from_secs(60));
+    let gone = format!("domain=\"{}\"", Lab::domain("light1"));
+    assert!(scrape(&d.log()).contains(&gone));
     let pinned: Vec<u32> = ["heavy0", "heavy1", "light0", "light1"]
         .iter()
         .map(|n| pins(n)[0].unwrap())
@@ -270,6 +272,10 @@ fn scheduler_mixes_heavy_and_light_guests_and_survives_a_guest_destroyed_mid_run
     let seen = d.cycles();
     d.wait_cycles(seen + 3, Duration::from_secs(30));
     assert!(d.running());
+    // Its series are gone from the metrics; the others are still there.
+    let metrics = scrape(&d.log());
+    assert!(!metrics.contains(&gone), "{metrics}");
+    assert!(metrics.contains(&format!("domain=\"{}\"", Lab::domain("light0"))));
     let Ended { code, log, .. } = d.stop();
     eprintln!("{log}");
     assert_eq!(code, Some(0), "{log}");
