@@ -27,8 +27,9 @@
 //!    cannot pay every want, it is shared in proportion to the wants, so equal needs get equal
 //!    shares whatever each guest claims. Wasting guests (most wasteful first) give back as much as
 //!    the starving guests want: it reaches the host's figure, and so the budget, in later cycles.
-//! 4. **Returning.** With nobody starving, wasting guests give a fraction of their excess back to
-//!    the host each cycle (all of it, step-capped, while the host is under its reserve). In
+//! 4. **Returning.** With nobody starving (a guest behind its last grant does not count), wasting
+//!    guests give a fraction of their excess back to the host each cycle (all of it, step-capped,
+//!    while the host is under its reserve). In
 //!    host-pressure mode (`host_target_pct`) wasting guests give memory back (rules 3 and 4)
 //!    only while the host's available memory is under that % of its total.
 //! 5. **Shrink floor.** A shrinking guest keeps enough memory to have `target_free_pct` % of it
@@ -269,8 +270,10 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
     } else {
         Vec::new()
     };
+    // Rule 3: a guest behind its last grant is fed nothing, and does not hold up rule 4 either.
     let starving: Vec<usize> = (0..guests.len())
         .filter(|&i| status[i] == MemStatus::Starving)
+        .filter(|&i| !snapshot.standing(&guests[i].id).behind)
         .collect();
     if starving.is_empty() {
         out.to_host_kib = return_to_host(snapshot, &givers, policy, &mut target);
@@ -333,7 +336,6 @@ fn feed(snapshot: &MemSnapshot, starving: &[usize], policy: &MemPolicy, target: 
     let guests = &snapshot.guests;
     let wants: Vec<(usize, u64)> = starving
         .iter()
-        .filter(|&&i| !snapshot.standing(&guests[i].id).behind)
         .map(|&i| (i, want_kib(&guests[i], policy)))
         .collect();
     let asked: u64 = wants.iter().map(|&(_, w)| w).sum();

@@ -158,6 +158,27 @@ fn a_guest_whose_balloon_did_not_follow_gets_nothing_more() {
 }
 
 #[test]
+fn a_guest_behind_its_balloon_does_not_hold_up_idle_memory_going_back() {
+    // Alone and starving but behind: nothing for it, and the idle guest still gives back (rule 4).
+    let mut s = snapshot(
+        vec![guest(1, 1000, 50, 20.0), guest(2, 2000, 1800, 0.0)],
+        host(16384, 8000),
+    );
+    s.standing.insert(
+        DomainId([1; 16]),
+        Standing {
+            behind: true,
+            ..Standing::default()
+        },
+    );
+    let (s, p) = checked(s, &policy());
+    assert_eq!(size_mib(&s, &p, 1), 1000);
+    assert!(size_mib(&s, &p, 2) < 2000, "{p:?}");
+    let c = &p.changes[0];
+    assert_eq!(p.to_host_kib, c.from_kib - c.to_kib, "{p:?}");
+}
+
+#[test]
 fn equal_needs_get_equal_shares_of_a_short_budget() {
     // Both want 250 MiB; the host spares 200.
     let (s, p) = plan_for(
