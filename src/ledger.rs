@@ -39,6 +39,8 @@ struct Entry {
     asked_kib: Option<u64>,
     /// The size its balloon was last set to.
     set_kib: Option<u64>,
+    /// Its balloon has been seen at that size since.
+    reached: bool,
     /// Told the operator its balloon lags.
     warned: bool,
     /// Wasting when last judged.
@@ -63,6 +65,9 @@ impl Ledger {
     pub fn observe(&mut self, g: &GuestMemory, name: &str) {
         let e = self.guests.entry(g.id).or_default();
         e.touched_kib = Some(g.actual_kib.saturating_sub(g.unused_kib));
+        if let Some(set) = e.set_kib {
+            e.reached |= g.actual_kib.abs_diff(set) <= slack_kib(set);
+        }
         if let Some(asked) = e.asked_kib {
             if g.actual_kib + slack_kib(asked) >= asked {
                 e.asked_kib = None;
@@ -102,10 +107,13 @@ impl Ledger {
         self.guests.entry(*id).or_default().reclaiming = status == MemStatus::Wasting;
     }
 
-    /// Was guest `id`'s balloon last set to `kib` already? (Asking again changes nothing: a
-    /// balloon that did not get there will not for being asked twice.)
+    /// Was guest `id`'s balloon last set to `kib`, and has it not been seen there since? (Asking
+    /// again changes nothing: a balloon that did not get there will not for being asked twice.
+    /// One that got there and moved away on its own may be asked again.)
     pub fn already_set(&self, id: &DomainId, kib: u64) -> bool {
-        self.guests.get(id).is_some_and(|e| e.set_kib == Some(kib))
+        self.guests
+            .get(id)
+            .is_some_and(|e| e.set_kib == Some(kib) && !e.reached)
     }
 
     /// Change `c` was made: a grant is watched until the balloon reaches it; a shrink ends that.
@@ -113,6 +121,7 @@ impl Ledger {
         let e = self.guests.entry(c.id).or_default();
         e.asked_kib = (!c.shrinks()).then_some(c.to_kib);
         e.set_kib = Some(c.to_kib);
+        e.reached = false;
         e.warned = false;
     }
 
@@ -189,6 +198,21 @@ mod tests {
         l.observe(&guest(599, 130), "g");
         l.resized(&resize(599, 550));
         assert!(!l.standing(&ID, 0).behind);
+    }
+
+    #[test]
+    fn a_size_is_not_asked_twice_until_the_balloon_got_there_once() {
+        let mut l = Ledger::new();
+        l.resized(&resize(500, 400));
+        assert!(l.already_set(&ID, 400 * MIB));
+        assert!(!l.already_set(&ID, 390 * MIB));
+        // It stays at 500 (a balloon that does not follow): not asked again.
+        l.observe(&guest(500, 300), "g");
+        assert!(l.already_set(&ID, 400 * MIB));
+        // It got there, then grew back on its own (deflate on OOM): it may be asked again.
+        l.observe(&guest(400, 200), "g");
+        l.observe(&guest(450, 220), "g");
+        assert!(!l.already_set(&ID, 400 * MIB));
     }
 
     #[test]
