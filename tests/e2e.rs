@@ -588,15 +588,27 @@ fn coordinator_keeps_the_footprint_small_idle_guests_at_their_target_and_a_hog_f
             "{n} ended at {end:.1} % available, not its 32.5 % target"
         );
     }
-    // What the policy lends, at most: idle guests at their target (3 x ~163 MiB used / 0.675, about
-    // 730 MiB here) and the hog's use (~810 MiB) plus its headroom and two periods at 10 MiB/s
-    // (60 + 40 MiB), ~1640 MiB in all; how much of the last grant the hog used before it stopped
-    // decides where in that range it ends (1608 MiB measured; 1885 MiB before targets and
-    // need-sized grants).
+    // The hog is lent what it needs, no more: at the end it holds free at most its headroom
+    // (3 periods of its consumption, or 5 % of its balloon) plus the 2 periods until its next
+    // decision, at the fastest rate it was fed at, and a step of slack. (The idle guests' part is
+    // their target, asserted above.) Measured: 1584-1633 MiB in all at the end, 1885 before
+    // targets and need-sized grants; the issue hoped for 1600.
+    let hog = Lab::domain("hog");
+    let fastest = reports
+        .iter()
+        .flat_map(|r| r["guests"].as_array().unwrap().iter())
+        .filter(|g| g["domain"] == hog.as_str())
+        .filter_map(|g| g["rate_mib_s"].as_f64())
+        .fold(0.0f64, f64::max);
+    let (hog_size, hog_free) = last[0];
+    let lent_at_most =
+        (3.0 * 2.0 * fastest).max(0.05 * hog_size as f64) + 2.0 * 2.0 * fastest + 8.0;
+    eprintln!(
+        "the hog ends with {hog_free} MiB free; its fastest rate {fastest:.1} MiB/s allows {lent_at_most:.0}"
+    );
     assert!(
-        footprint(last) <= 1650,
-        "footprint {} MiB at the end",
-        footprint(last)
+        (hog_free as f64) <= lent_at_most,
+        "the hog holds {hog_free} MiB free, more than the {lent_at_most:.0} MiB it needs"
     );
     assert!(!log.contains("refusing a plan"), "{log}");
     // The metrics: each guest's balloon gauge is its size, every resize counted by reason.
