@@ -45,7 +45,12 @@ struct Entry {
     warned: bool,
     /// Wasting when last judged.
     reclaiming: bool,
+    /// Its consumption at its last few fresh reports, newest last, KiB/s.
+    rates: Vec<f64>,
 }
+
+/// How many fresh reports' rates a grant is sized on.
+const RATES_KEPT: usize = 3;
 
 /// Memory guests may still make the host back, balloons lagging, guests being reclaimed: per
 /// guest, across cycles.
@@ -65,6 +70,10 @@ impl Ledger {
     pub fn observe(&mut self, g: &GuestMemory, name: &str) {
         let e = self.guests.entry(g.id).or_default();
         e.touched_kib = Some(g.actual_kib.saturating_sub(g.unused_kib));
+        if e.rates.len() == RATES_KEPT {
+            e.rates.remove(0);
+        }
+        e.rates.push(g.rate_kib_s);
         if let Some(set) = e.set_kib {
             e.reached |= g.actual_kib.abs_diff(set) <= slack_kib(set);
         }
@@ -99,6 +108,7 @@ impl Ledger {
             guaranteed_kib,
             reclaiming: e.is_some_and(|e| e.reclaiming),
             behind: e.is_some_and(|e| e.asked_kib.is_some() && e.warned),
+            peak_rate_kib_s: e.map_or(0.0, |e| e.rates.iter().copied().fold(0.0, f64::max)),
         }
     }
 
@@ -213,6 +223,18 @@ mod tests {
         l.observe(&guest(400, 200), "g");
         l.observe(&guest(450, 220), "g");
         assert!(!l.already_set(&ID, 400 * MIB));
+    }
+
+    #[test]
+    fn grants_are_sized_on_the_fastest_of_the_last_three_rates() {
+        let mut l = Ledger::new();
+        for rate in [12.0, 8.0, 9.0, 7.0] {
+            let mut g = guest(500, 50);
+            g.rate_kib_s = rate * 1024.0;
+            l.observe(&g, "g");
+        }
+        // 12 has left the window; 9 is the fastest of 8, 9, 7.
+        assert_eq!(l.standing(&ID, 0).peak_rate_kib_s, 9.0 * 1024.0);
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //!    under the waste line; **balanced** otherwise ([`MemPolicy::status`]).
 //! 3. **Feeding.** Each starving guest wants what it lacks to still have, after two periods of
 //!    consumption (a resized guest is decided on again two periods later, once its balloon has
-//!    settled), its *headroom*: `runway_periods` periods of consumption, and at least
+//!    settled), its *headroom*: `runway_periods` periods of consumption (at the fastest rate of
+//!    its last few reports: one report's rate swings), and at least
 //!    `headroom_pct` % of its balloon. No more than it needs (what a guest holds free is memory no
 //!    other guest can have), and nothing while it has that much (it is fed again, in time, as
 //!    its free memory falls). A guest whose
@@ -101,7 +102,7 @@ impl Default for MemPolicy {
             return_fraction: 0.25,
             period_secs: 3.0,
             runway_periods: 3.0,
-            headroom_pct: 5.0,
+            headroom_pct: 8.0,
         }
     }
 }
@@ -129,7 +130,7 @@ impl std::fmt::Display for MemStatus {
 
 /// What the planner knows of a guest beyond its report: the admin's word and the guest's
 /// history with the coordinator ([`crate::ledger::Ledger`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Standing {
     /// No shrink takes the guest under this (its metadata's guaranteed minimum), KiB.
     pub guaranteed_kib: u64,
@@ -137,6 +138,9 @@ pub struct Standing {
     pub reclaiming: bool,
     /// Its balloon did not follow its last grant: no more until it does (rule 3).
     pub behind: bool,
+    /// The fastest it consumed over its last few reports, KiB/s: a grant is sized on this, not on
+    /// the last rate alone, which swings from report to report (rule 3).
+    pub peak_rate_kib_s: f64,
 }
 
 /// Everything the memory planner needs at one instant.
@@ -336,7 +340,10 @@ fn feed(snapshot: &MemSnapshot, starving: &[usize], policy: &MemPolicy, target: 
     let guests = &snapshot.guests;
     let wants: Vec<(usize, u64)> = starving
         .iter()
-        .map(|&i| (i, want_kib(&guests[i], policy)))
+        .map(|&i| {
+            let g = &guests[i];
+            (i, want_kib(g, &snapshot.standing(&g.id), policy))
+        })
         .collect();
     let asked: u64 = wants.iter().map(|&(_, w)| w).sum();
     let budget = policy.host_budget_kib(snapshot.host, snapshot.unbacked_kib);
@@ -357,8 +364,8 @@ fn feed(snapshot: &MemSnapshot, starving: &[usize], policy: &MemPolicy, target: 
 /// Rule 3: what starving guest `g` wants this cycle: enough that, after the two periods until it
 /// is decided on again, it still has its headroom; nothing under 1 MiB; within its one step and
 /// its max memory (rule 6).
-fn want_kib(g: &GuestMemory, policy: &MemPolicy) -> u64 {
-    let per_period = g.rate_kib_s * policy.period_secs;
+fn want_kib(g: &GuestMemory, standing: &Standing, policy: &MemPolicy) -> u64 {
+    let per_period = g.rate_kib_s.max(standing.peak_rate_kib_s) * policy.period_secs;
     let runway = policy.runway_periods * per_period;
     let headroom = runway.max(g.actual_kib as f64 * policy.headroom_pct / 100.0);
     let need = (2.0 * per_period + headroom - g.free_kib as f64).ceil();

@@ -589,7 +589,7 @@ fn coordinator_keeps_the_footprint_small_idle_guests_at_their_target_and_a_hog_f
         );
     }
     // The hog is lent what it needs, no more: at the end it holds free at most its headroom
-    // (3 periods of its consumption, or 5 % of its balloon) plus the 2 periods until its next
+    // (3 periods of its consumption, or 8 % of its balloon) plus the 2 periods until its next
     // decision, at the fastest rate it was fed at, and a step of slack. (The idle guests' part is
     // their target, asserted above.) Measured: 1584-1633 MiB in all at the end, 1885 before
     // targets and need-sized grants; the issue hoped for 1600.
@@ -602,7 +602,7 @@ fn coordinator_keeps_the_footprint_small_idle_guests_at_their_target_and_a_hog_f
         .fold(0.0f64, f64::max);
     let (hog_size, hog_free) = last[0];
     let lent_at_most =
-        (3.0 * 2.0 * fastest).max(0.05 * hog_size as f64) + 2.0 * 2.0 * fastest + 8.0;
+        (3.0 * 2.0 * fastest).max(0.08 * hog_size as f64) + 2.0 * 2.0 * fastest + 8.0;
     eprintln!(
         "the hog ends with {hog_free} MiB free; its fastest rate {fastest:.1} MiB/s allows {lent_at_most:.0}"
     );

@@ -232,9 +232,9 @@ fn a_guest_is_given_what_it_lacks_of_its_runway_two_periods_ahead() {
 
 #[test]
 fn a_slow_consumer_is_kept_at_its_headroom_share() {
-    // 1.5 MiB/s: 9 MiB in two periods, a runway of 13.5 MiB; 5 % of 1000 MiB is more: 50 MiB.
+    // 1.5 MiB/s: 9 MiB in two periods, a runway of 13.5 MiB; 8 % of 1000 MiB is more: 80 MiB.
     let (s, p) = plan_for(vec![guest(1, 1000, 30, 1.5)], host(16384, 8000));
-    assert_eq!(size_mib(&s, &p, 1), 1029);
+    assert_eq!(size_mib(&s, &p, 1), 1059);
 }
 
 #[test]
@@ -445,6 +445,8 @@ fn arb_guest(n: u8) -> impl Strategy<Value = (GuestMemory, Standing)> {
                     guaranteed_kib: guaranteed * MIB,
                     reclaiming,
                     behind,
+                    // A faster recent rate than the last one, sometimes.
+                    peak_rate_kib_s: rate.max(0.0) * 1024.0 * (guaranteed % 3) as f64,
                 };
                 (g, standing)
             },

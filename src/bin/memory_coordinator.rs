@@ -75,7 +75,7 @@ struct Args {
 
     /// A starving guest is fed so that, two periods ahead, it still has this % of its memory free
     /// (and --runway-periods periods of its consumption)
-    #[arg(long, value_name = "PCT", default_value_t = 5.0, value_parser = parse_non_negative)]
+    #[arg(long, value_name = "PCT", default_value_t = 8.0, value_parser = parse_non_negative)]
     headroom_pct: f64,
 
     /// Share of a wasting guest's excess memory returned to the host per cycle, in %
