@@ -179,12 +179,7 @@ fn draw_cpu(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
                 }),
         )?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present()?;
     Ok(Drawn {
         daemon: "vcpu_scheduler".into(),
@@ -211,6 +206,17 @@ fn line(
         ))?
         .label(label)
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width)));
+    Ok(())
+}
+
+/// Draw `chart`'s legend at `position`, over a light background.
+fn legend(chart: &mut Chart, position: SeriesLabelPosition) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(position)
+        .draw()?;
     Ok(())
 }
 
@@ -313,12 +319,7 @@ fn draw_mem(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
             .pos(Pos::new(HPos::Center, VPos::Center));
         Text::new(mark, (*t, *to), style)
     }))?;
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     if let Some(lower) = lower {
         let top = available
             .iter()
@@ -350,11 +351,7 @@ fn draw_mem(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
             "available minus what guests may still touch".into(),
         )?;
         line(&mut host, &reserve, RED, 2, "reserve".into())?;
-        host.configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()?;
+        legend(&mut host, SeriesLabelPosition::LowerRight)?;
     }
     root.present()?;
     Ok(Drawn {

@@ -139,19 +139,24 @@ fn memory_guests_may_still_touch_is_not_the_hosts_to_give() {
     assert!((49..=50).contains(&grant), "{grant}");
 }
 
+/// Guest `n`'s balloon did not follow its last grant.
+fn mark_behind(s: &mut MemSnapshot, n: u8) {
+    s.standing.insert(
+        DomainId([n; 16]),
+        Standing {
+            behind: true,
+            ..Standing::default()
+        },
+    );
+}
+
 #[test]
 fn a_guest_whose_balloon_did_not_follow_gets_nothing_more() {
     let mut s = snapshot(
         vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 50, 20.0)],
         host(16384, 8000),
     );
-    s.standing.insert(
-        DomainId([1; 16]),
-        Standing {
-            behind: true,
-            ..Standing::default()
-        },
-    );
+    mark_behind(&mut s, 1);
     let (s, p) = checked(s, &policy());
     assert_eq!(size_mib(&s, &p, 1), 1000);
     assert_eq!(size_mib(&s, &p, 2), 1250);
@@ -164,13 +169,7 @@ fn a_guest_behind_its_balloon_does_not_hold_up_idle_memory_going_back() {
         vec![guest(1, 1000, 50, 20.0), guest(2, 2000, 1800, 0.0)],
         host(16384, 8000),
     );
-    s.standing.insert(
-        DomainId([1; 16]),
-        Standing {
-            behind: true,
-            ..Standing::default()
-        },
-    );
+    mark_behind(&mut s, 1);
     let (s, p) = checked(s, &policy());
     assert_eq!(size_mib(&s, &p, 1), 1000);
     assert!(size_mib(&s, &p, 2) < 2000, "{p:?}");
