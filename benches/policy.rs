@@ -845,6 +845,7 @@ fn cpu_snapshot(pcpus: u32, vcpus: usize, crowded: bool, seed: u64) -> CpuSnapsh
                 }
             })
             .collect(),
+        cores: Vec::new(),
     }
 }
 

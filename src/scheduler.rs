@@ -188,6 +188,10 @@ impl Scheduler {
                 v.allowed = set;
             }
         }
+        // Rule 10: which pCPUs share a core.
+        if let Some(topology) = topology {
+            snapshot.cores = topology.sibling_groups(&snapshot.pcpus);
+        }
         snapshot
     }
 

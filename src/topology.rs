@@ -93,6 +93,28 @@ impl Topology {
     pub fn nodes(&self) -> Vec<u32> {
         self.by_node.keys().copied().collect()
     }
+
+    /// The hyperthread siblings among the `online` pCPUs: each core's online pCPUs, for the cores
+    /// that have two or more, in ascending order of their first pCPU. Empty on a host without SMT.
+    pub fn sibling_groups(&self, online: &[u32]) -> Vec<Vec<u32>> {
+        let mut groups: Vec<Vec<u32>> = Vec::new();
+        for &cpu in online {
+            let Some(place) = self.cpus.get(&cpu) else {
+                continue;
+            };
+            let group: Vec<u32> = place
+                .siblings
+                .iter()
+                .copied()
+                .filter(|s| online.binary_search(s).is_ok())
+                .collect();
+            // Listed once, at its first pCPU.
+            if group.len() >= 2 && group[0] == cpu {
+                groups.push(group);
+            }
+        }
+        groups
+    }
 }
 
 /// The NUMA nodes a domain's memory is strictly bound to (`<numatune><memory mode='strict'
@@ -154,6 +176,12 @@ mod tests {
         assert_eq!(cpu5.siblings, [5, 13]);
         assert_eq!(t.node_of(12), Some(1));
         assert_eq!(t.node_of(99), None);
+        let online: Vec<u32> = (0..16).filter(|&p| p != 9).collect();
+        let groups = t.sibling_groups(&online);
+        // Eight cores, and core 1 of socket 0 has one thread left online.
+        assert_eq!(groups.len(), 7);
+        assert_eq!(groups[0], [0, 8]);
+        assert!(groups.iter().all(|g| !g.contains(&1) && !g.contains(&9)));
     }
 
     #[test]
@@ -162,6 +190,7 @@ mod tests {
         assert_eq!(t.nodes(), [0]);
         assert_eq!(t.cpus.len(), 4);
         assert!(t.cpus.values().all(|p| p.siblings.len() == 1));
+        assert!(t.sibling_groups(&[0, 1, 2, 3]).is_empty());
         assert_eq!(
             Topology::from_capabilities("<capabilities><host><cpu/></host></capabilities>"),
             None

@@ -45,6 +45,7 @@ fn snapshot(pcpus: &[u32], vcpus: &[(Option<f64>, Pin)]) -> CpuSnapshot {
                 }
             })
             .collect(),
+        cores: Vec::new(),
     }
 }
 
@@ -315,8 +316,10 @@ fn arb_host() -> impl Strategy<Value = CpuSnapshot> {
         (
             prop::collection::btree_set(0..present, 1..=present as usize),
             prop::collection::vec(vcpu, nvcpu),
+            // Threads per core: no SMT, SMT2 (most x86 servers), SMT4 (POWER).
+            prop::sample::select(vec![1usize, 2, 2, 4]),
         )
-            .prop_map(|(online, vcpus)| {
+            .prop_map(|(online, vcpus, threads)| {
                 let pcpus: Vec<u32> = online.into_iter().collect();
                 let vcpus: Vec<(Option<f64>, Pin)> = vcpus
                     .into_iter()
@@ -327,9 +330,20 @@ fn arb_host() -> impl Strategy<Value = CpuSnapshot> {
                         )
                     })
                     .collect();
-                snapshot(&pcpus, &vcpus)
+                let mut s = snapshot(&pcpus, &vcpus);
+                s.cores = smt_cores(&pcpus, threads);
+                s
             })
     })
+}
+
+/// Consecutive online pCPUs grouped `threads` to a core (no group for a core left with one).
+fn smt_cores(pcpus: &[u32], threads: usize) -> Vec<Vec<u32>> {
+    pcpus
+        .chunks(threads)
+        .filter(|c| c.len() >= 2)
+        .map(<[u32]>::to_vec)
+        .collect()
 }
 
 /// Like [`arb_host`], with each vCPU's load swinging by a random amount (or not known to).
@@ -786,4 +800,87 @@ proptest! {
             prop_assert!(p.after.fixable_spread <= p.before.fixable_spread + 1e-6);
         }
     }
+}
+
+/// Rule 10 on a host of two cores of two threads: pCPUs 0 and 1 share core A, 2 and 3 core B.
+fn two_smt_cores(vcpus: &[(Option<f64>, Pin)]) -> CpuSnapshot {
+    let mut s = snapshot(&[0, 1, 2, 3], vcpus);
+    s.cores = vec![vec![0, 1], vec![2, 3]];
+    s
+}
+
+fn core_of(p: u32) -> u32 {
+    p / 2
+}
+
+#[test]
+fn busy_vcpus_go_to_an_idle_core_before_a_busy_pcpus_sibling() {
+    // Two busy vCPUs crowded on pCPU 0: the one moved goes to core B, not to pCPU 0's sibling.
+    let s = two_smt_cores(&[on(0, 90.0), on(0, 90.0)]);
+    let p = default_plan(&s);
+    assert_eq!(p.moves.len(), 1, "{p:?}");
+    assert_eq!(core_of(p.moves[0].to), 1, "{p:?}");
+    // The flat planner (no topology) would have taken the sibling, the lowest free pCPU.
+    let flat = default_plan(&snapshot(&[0, 1, 2, 3], &[on(0, 90.0), on(0, 90.0)]));
+    assert_eq!(flat.moves[0].to, 1, "{flat:?}");
+}
+
+#[test]
+fn two_busy_siblings_are_split_over_two_cores_although_each_runs_alone() {
+    // One busy vCPU on each thread of core A, core B idle: each pCPU runs one vCPU, but their
+    // core runs two, and moving one to core B relieves both.
+    let s = two_smt_cores(&[on(0, 90.0), on(1, 90.0)]);
+    let p = default_plan(&s);
+    assert_eq!(p.moves.len(), 1, "{p:?}");
+    assert_eq!(core_of(p.moves[0].to), 1, "{p:?}");
+    assert!(p.after.spread < p.before.spread, "{p:?}");
+    // Applied, it is left alone; a flat host would never have moved either.
+    assert!(default_plan(&apply(&s, &p)).moves.is_empty());
+    assert!(
+        default_plan(&snapshot(&[0, 1, 2, 3], &[on(0, 90.0), on(1, 90.0)]))
+            .moves
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_full_smt_host_one_busy_vcpu_per_thread_is_balanced() {
+    let s = two_smt_cores(&[on(0, 90.0), on(1, 90.0), on(2, 90.0), on(3, 90.0)]);
+    let p = default_plan(&s);
+    assert!(p.moves.is_empty(), "{p:?}");
+    assert!(p.before.spread < 1e-9, "{p:?}");
+}
+
+#[test]
+fn two_vcpus_on_one_thread_are_split_onto_its_idle_sibling_when_no_core_is_free() {
+    // Core B is busy on both threads; core A runs two vCPUs on pCPU 0 and none on pCPU 1.
+    let s = two_smt_cores(&[on(0, 80.0), on(0, 80.0), on(2, 85.0), on(3, 85.0)]);
+    let p = default_plan(&s);
+    let moved: Vec<u32> = p.moves.iter().map(|m| m.to).collect();
+    assert_eq!(moved, [1], "{p:?}");
+}
+
+#[test]
+fn a_guests_vcpus_are_pinned_apart_where_a_pcpu_about_as_free_allows() {
+    // dom0's vCPU0 runs on pCPU 0 (30 %), dom1's on pCPU 1 (33 %); dom0's vCPU1 (30 %) is
+    // unpinned. pCPU 0 is the freest, but pCPU 1 is within half the threshold and runs no dom0
+    // vCPU.
+    let host = |dom1: f64| {
+        let mut s = snapshot(&[0, 1], &[on(0, 30.0), (Some(30.0), Pin::Spans(0))]);
+        s.vcpus.push(VcpuLoad {
+            key: key(1, 0),
+            usage: Some(dom1),
+            pinned: Some(1),
+            last_pcpu: Some(1),
+            ..s.vcpus[0].clone()
+        });
+        s
+    };
+    let p = default_plan(&host(33.0));
+    let moves: Vec<(VcpuKey, u32)> = p.moves.iter().map(|m| (m.key, m.to)).collect();
+    assert_eq!(moves, [(key(0, 1), 1)], "{p:?}");
+    // Further apart than half the threshold, balance comes first.
+    let p = default_plan(&host(40.0));
+    let moves: Vec<(VcpuKey, u32)> = p.moves.iter().map(|m| (m.key, m.to)).collect();
+    assert_eq!(moves, [(key(0, 1), 0)], "{p:?}");
 }

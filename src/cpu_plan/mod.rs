@@ -51,6 +51,17 @@
 //!    steps of rule 3 work on the busiest pCPU that has a vCPU which may go elsewhere, against the
 //!    freest pCPU one of its vCPUs may go to; a move only takes a vCPU to a pCPU of its set, a swap
 //!    only exchanges two vCPUs each allowed where the other was.
+//! 10. **Cores.** Hyperthread siblings share a core ([`CpuSnapshot::cores`]), so a pCPU's load as
+//!     every rule above reads it is its *effective* load: its own plus half of its siblings' (see
+//!     `placement::SIBLING_SHARE`). Busy vCPUs therefore go to idle cores before they double up on
+//!     the siblings of busy ones, and a core running two busy vCPUs on its two threads is relieved
+//!     like a pCPU running two: rule 2's "two or more vCPUs" counts on the pCPU's whole core. A
+//!     vCPU moved between two siblings shifts only half its load between them, and no step is taken
+//!     that would widen the host's spread through a sibling. Rule 1 also keeps a guest's vCPUs apart:
+//!     where the freest pCPU runs another vCPU of the same guest and a pCPU within half the
+//!     threshold of it does not, the vCPU goes there (stacked vCPUs of one guest wait for each
+//!     other: one holding a lock inside the guest is preempted by one spinning for it). On a host
+//!     without SMT, or one that does not describe its topology, this rule changes nothing but that.
 //!
 //! The plan is the difference between the final placement and the current pins, so a vCPU
 //! moved and moved back costs nothing, and one moved twice costs one change.
@@ -65,7 +76,7 @@ pub use allowed::{AllowedSets, allowed};
 use std::collections::{BTreeMap, HashMap};
 
 use crate::sampling::{Allowed, CpuSnapshot, VcpuKey, VcpuLoad};
-use placement::{Placement, Reach};
+use placement::{Cores, Placement, Reach, VcpuFacts};
 use steps::even_out;
 
 /// Tuning of the vCPU planner.
@@ -192,13 +203,14 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     let (mut s, unplaced) = placement(snapshot, basis, max_changes);
     let before = s.balance();
     // Rule 1: pin the unpinned (rule 9: and those pinned outside their set), heaviest first, onto
-    // the least-loaded pCPU each may use.
+    // the least-loaded pCPU each may use (rule 10: away from its guest's other vCPUs where one
+    // about as free allows).
     for &v in &unplaced {
         s.take(v);
     }
     for v in unplaced {
         let p = s
-            .freest_for(v)
+            .freest_for(v, threshold / 2.0)
             .expect("only vCPUs with somewhere to go are placed");
         s.put(v, p);
     }
@@ -288,16 +300,50 @@ fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Place
         movable[v] = false;
     }
     unplaced.truncate(max_changes);
-    let s = Placement::new(
-        vcpu_load,
+    let facts = VcpuFacts {
+        load: vcpu_load,
         variance,
         movable,
-        reach,
-        pcpus.len(),
-        charged,
-        original,
-    );
+        guest: guests(vcpus),
+    };
+    let s = Placement::new(facts, reach, cores(snapshot), charged, original);
     (s, unplaced)
+}
+
+/// Each vCPU's guest as a number: vCPUs of one domain listed together share one (the sampler
+/// lists them so).
+fn guests(vcpus: &[VcpuLoad]) -> Vec<u32> {
+    let mut n = 0;
+    vcpus
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if i > 0 && vcpus[i - 1].key.domain != v.key.domain {
+                n += 1;
+            }
+            n
+        })
+        .collect()
+}
+
+/// Rule 10: which online pCPUs share a core, by index.
+fn cores(snapshot: &CpuSnapshot) -> Cores {
+    let pcpus = &snapshot.pcpus;
+    let groups = snapshot
+        .cores
+        .iter()
+        .map(|group| {
+            let mut g: Vec<usize> = group
+                .iter()
+                .filter_map(|p| pcpus.binary_search(p).ok())
+                .collect();
+            g.sort_unstable();
+            g.dedup();
+            g
+        })
+        .filter(|g| g.len() >= 2)
+        .collect();
+    Cores::new(pcpus.len(), groups)
 }
 
 /// Rule 9: each vCPU's allowed set as flags over the online pCPUs, one copy per distinct set; a

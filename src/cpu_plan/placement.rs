@@ -1,5 +1,9 @@
 //! The planner's working state: where every vCPU sits and what each pCPU carries, kept ordered
 //! so the busiest and the freest pCPU are found at once.
+//!
+//! pCPUs are ordered by their effective load (rule 10): a hyperthread shares its core with its
+//! siblings, so what they run slows what it runs. On a host without SMT, or where the topology is
+//! not known, every core has one pCPU and the effective load is the load.
 
 use std::collections::BTreeSet;
 
@@ -29,6 +33,49 @@ impl Reach {
     }
 }
 
+/// How much of a hyperthread sibling's load counts in a pCPU's effective load (rule 10). Two
+/// busy threads of one core each run at a little more than half the speed of a thread alone
+/// (SMT yields some 10-30 % more work per core than one thread, not 100 %), so a pCPU whose
+/// sibling is busy is taken as half busy already: a vCPU goes to a free core before it goes to
+/// the idle sibling of a busy pCPU, and to that idle sibling before it doubles up on a busy
+/// thread.
+pub(super) const SIBLING_SHARE: f64 = 0.5;
+
+/// Which pCPUs share a core (rule 10), by pCPU index.
+pub(super) struct Cores {
+    /// Per pCPU: the index of its core.
+    pub(super) core_of: Vec<usize>,
+    /// Per core: its pCPUs when it has two or more, else empty (a core of one pCPU has no
+    /// sibling to account for).
+    pub(super) threads: Vec<Vec<usize>>,
+}
+
+impl Cores {
+    /// `pcpus` pCPUs, each a core of its own but for the `groups` of sibling indices (sorted).
+    pub(super) fn new(pcpus: usize, groups: Vec<Vec<usize>>) -> Self {
+        let mut core_of: Vec<usize> = (0..pcpus).collect();
+        let mut threads: Vec<Vec<usize>> = vec![Vec::new(); pcpus];
+        let mut taken = vec![false; pcpus];
+        for group in groups {
+            // A pCPU belongs to one core: a group that names one twice, or one already placed,
+            // is not a core.
+            if group.len() < 2
+                || group
+                    .iter()
+                    .any(|&p| std::mem::replace(&mut taken[p], true))
+            {
+                continue;
+            }
+            let core = group[0];
+            for &p in &group {
+                core_of[p] = core;
+            }
+            threads[core] = group;
+        }
+        Self { core_of, threads }
+    }
+}
+
 /// Working state: where every vCPU sits and what each pCPU carries.
 pub(super) struct Placement {
     /// Where each vCPU may go.
@@ -43,6 +90,14 @@ pub(super) struct Placement {
     pub(super) variance: Vec<f64>,
     /// Per vCPU: may the planner move it?
     pub(super) movable: Vec<bool>,
+    /// Per vCPU: its guest, as a number (vCPUs of one domain share it).
+    pub(super) guest: Vec<u32>,
+    /// Which pCPUs share a core.
+    pub(super) cores: Cores,
+    /// Per core: summed load, variance and number of vCPUs of its pCPUs.
+    core_load: Vec<f64>,
+    core_variance: Vec<f64>,
+    core_count: Vec<usize>,
     /// Movable vCPUs placed elsewhere than their current pin: the plan's pin changes so far.
     pub(super) changes: usize,
     /// Per pCPU: summed load of its vCPUs.
@@ -53,10 +108,23 @@ pub(super) struct Placement {
     pub(super) count: Vec<usize>,
     /// Per pCPU: the movable vCPUs on it, ordered by load then index (see [`key`]).
     pub(super) members: Vec<BTreeSet<(u64, usize)>>,
-    /// Every pCPU ordered by (load, number of vCPUs, index), for the freest and busiest at once.
+    /// Every pCPU ordered by (effective load, number of vCPUs on its core, index), for the
+    /// freest and busiest at once.
     pub(super) by_load: BTreeSet<(u64, usize, usize)>,
     /// Per pCPU: its current key in `by_load`.
     pub(super) load_key: Vec<(u64, usize, usize)>,
+}
+
+/// What the planner knows of each vCPU, by index.
+pub(super) struct VcpuFacts {
+    /// Its load (usage or demand, per the basis), 0 when unknown.
+    pub(super) load: Vec<f64>,
+    /// The variance of its load from one sample to the next.
+    pub(super) variance: Vec<f64>,
+    /// May the planner move it?
+    pub(super) movable: Vec<bool>,
+    /// Its guest, as a number.
+    pub(super) guest: Vec<u32>,
 }
 
 /// A vCPU's place in a member set: its load's bits (ordered like the load itself, since loads are
@@ -66,17 +134,22 @@ fn key(load: f64, v: usize) -> (u64, usize) {
 }
 
 impl Placement {
-    /// vCPUs with `vcpu_load` (and its `variance`) placed on `pcpus` pCPUs as `at` says, built in
-    /// bulk; `original` is where their pins put them now.
+    /// The `vcpus` placed on the pCPUs of `cores` as `at` says, built in bulk; `original` is where
+    /// their pins put them now.
     pub(super) fn new(
-        vcpu_load: Vec<f64>,
-        variance: Vec<f64>,
-        movable: Vec<bool>,
+        vcpus: VcpuFacts,
         reach: Reach,
-        pcpus: usize,
+        cores: Cores,
         at: Vec<Option<usize>>,
         original: Vec<Option<usize>>,
     ) -> Self {
+        let VcpuFacts {
+            load: vcpu_load,
+            variance,
+            movable,
+            guest,
+        } = vcpus;
+        let pcpus = cores.core_of.len();
         let mut pcpu_load = vec![0.0; pcpus];
         let mut pcpu_variance = vec![0.0; pcpus];
         let mut count = vec![0; pcpus];
@@ -92,34 +165,97 @@ impl Placement {
             }
         }
         let members: Vec<BTreeSet<_>> = lists.into_iter().map(BTreeSet::from_iter).collect();
-        let load_key: Vec<_> = (0..pcpus)
-            .map(|p| (pcpu_load[p].max(0.0f64).to_bits(), count[p], p))
-            .collect();
+        let mut core_load = pcpu_load.clone();
+        let mut core_variance = pcpu_variance.clone();
+        let mut core_count = count.clone();
+        for threads in cores.threads.iter().filter(|t| !t.is_empty()) {
+            let c = threads[0];
+            core_load[c] = threads.iter().map(|&p| pcpu_load[p]).sum();
+            core_variance[c] = threads.iter().map(|&p| pcpu_variance[p]).sum();
+            core_count[c] = threads.iter().map(|&p| count[p]).sum();
+        }
         let changes = (0..at.len())
             .filter(|&v| movable[v] && at[v] != original[v])
             .count();
-        Self {
+        let mut s = Self {
             reach,
             at,
             original,
             vcpu_load,
             variance,
             movable,
+            guest,
+            cores,
+            core_load,
+            core_variance,
+            core_count,
             changes,
             pcpu_load,
             pcpu_variance,
             count,
             members,
-            by_load: load_key.iter().copied().collect(),
-            load_key,
+            by_load: BTreeSet::new(),
+            load_key: Vec::new(),
+        };
+        s.load_key = (0..pcpus).map(|p| s.key_of(p)).collect();
+        s.by_load = s.load_key.iter().copied().collect();
+        s
+    }
+
+    /// pCPU `p`'s key in `by_load`.
+    fn key_of(&self, p: usize) -> (u64, usize, usize) {
+        // Loads are sums of non-negative vCPU loads; clamp rounding residue so the bits stay
+        // ordered.
+        let c = self.cores.core_of[p];
+        (self.eff(p).max(0.0).to_bits(), self.core_count[c], p)
+    }
+
+    /// pCPU `p`'s effective load (rule 10): its own load plus [`SIBLING_SHARE`] of its siblings'.
+    pub(super) fn eff(&self, p: usize) -> f64 {
+        let c = self.cores.core_of[p];
+        if self.cores.threads[c].is_empty() {
+            return self.pcpu_load[p];
+        }
+        self.pcpu_load[p] + SIBLING_SHARE * (self.core_load[c] - self.pcpu_load[p])
+    }
+
+    /// The variance of pCPU `p`'s effective load from one sample to the next.
+    pub(super) fn eff_variance(&self, p: usize) -> f64 {
+        let c = self.cores.core_of[p];
+        if self.cores.threads[c].is_empty() {
+            return self.pcpu_variance[p];
+        }
+        let siblings = (self.core_variance[c] - self.pcpu_variance[p]).max(0.0);
+        self.pcpu_variance[p] + SIBLING_SHARE * SIBLING_SHARE * siblings
+    }
+
+    /// How much of a vCPU's load moving it from `from` to `to` shifts between the two pCPUs'
+    /// effective loads: all of it, but between two siblings of one core, which already count part
+    /// of each other's load.
+    pub(super) fn shift_factor(&self, from: usize, to: usize) -> f64 {
+        if self.cores.core_of[from] == self.cores.core_of[to] {
+            1.0 - SIBLING_SHARE
+        } else {
+            1.0
         }
     }
 
-    /// Re-file pCPU `p` in `by_load` after its load or membership changed.
+    /// Re-file pCPU `p`, and its siblings (whose effective loads count it), in `by_load` after
+    /// its load or membership changed.
     fn refile(&mut self, p: usize) {
+        let c = self.cores.core_of[p];
+        let n = self.cores.threads[c].len();
+        if n == 0 {
+            self.refile_one(p);
+        }
+        for i in 0..n {
+            self.refile_one(self.cores.threads[c][i]);
+        }
+    }
+
+    fn refile_one(&mut self, p: usize) {
         self.by_load.remove(&self.load_key[p]);
-        // Loads are sums of non-negative vCPU loads; clamp rounding residue so the bits stay ordered.
-        self.load_key[p] = (self.pcpu_load[p].max(0.0).to_bits(), self.count[p], p);
+        self.load_key[p] = self.key_of(p);
         self.by_load.insert(self.load_key[p]);
     }
 
@@ -137,6 +273,10 @@ impl Placement {
         self.pcpu_load[p] += self.vcpu_load[v];
         self.pcpu_variance[p] += self.variance[v];
         self.count[p] += 1;
+        let c = self.cores.core_of[p];
+        self.core_load[c] += self.vcpu_load[v];
+        self.core_variance[c] += self.variance[v];
+        self.core_count[c] += 1;
         if self.movable[v] {
             self.members[p].insert(key(self.vcpu_load[v], v));
         }
@@ -149,6 +289,10 @@ impl Placement {
             self.pcpu_load[p] -= self.vcpu_load[v];
             self.pcpu_variance[p] = (self.pcpu_variance[p] - self.variance[v]).max(0.0);
             self.count[p] -= 1;
+            let c = self.cores.core_of[p];
+            self.core_load[c] -= self.vcpu_load[v];
+            self.core_variance[c] = (self.core_variance[c] - self.variance[v]).max(0.0);
+            self.core_count[c] -= 1;
             self.members[p].remove(&key(self.vcpu_load[v], v));
             self.refile(p);
         }
@@ -189,20 +333,45 @@ impl Placement {
             })
     }
 
-    /// The least-loaded pCPU vCPU `v` may go to (among equals, the one running fewest vCPUs,
-    /// then the lowest); `None` when it may go nowhere.
-    pub(super) fn freest_for(&self, v: usize) -> Option<usize> {
-        match self.reach.set_of[v] {
-            None => Some(self.freest()),
-            Some(i) => (0..self.load_key.len())
-                .filter(|&p| self.reach.sets[i][p])
-                .min_by_key(|&p| self.load_key[p]),
+    /// The pCPU rule 1 pins vCPU `v` to: the least-loaded (effective load) pCPU it may go to,
+    /// among equals the one whose core runs fewest vCPUs, then the lowest; but where a pCPU
+    /// within `near` points of that one runs no other vCPU of `v`'s guest while that one does, the
+    /// first such pCPU (a guest's vCPUs stacked on one pCPU wait for each other: a vCPU holding a
+    /// lock inside the guest is preempted by one spinning for it). `None` when it may go nowhere.
+    pub(super) fn freest_for(&self, v: usize, near: f64) -> Option<usize> {
+        /// How many pCPUs past the freest are looked at for one without the guest.
+        const LOOK_AHEAD: usize = 8;
+        let mut candidates = self
+            .by_load
+            .iter()
+            .map(|&(_, _, p)| p)
+            .filter(|&p| self.reach.may(v, p));
+        let first = candidates.next()?;
+        if !self.hosts_guest_of(first, v) {
+            return Some(first);
         }
+        let limit = self.eff(first) + near;
+        let other = candidates
+            .take(LOOK_AHEAD)
+            .take_while(|&p| self.eff(p) <= limit)
+            .find(|&p| !self.hosts_guest_of(p, v));
+        Some(other.unwrap_or(first))
+    }
+
+    /// Does pCPU `p` run a movable vCPU of `v`'s guest (other than `v`)?
+    fn hosts_guest_of(&self, p: usize, v: usize) -> bool {
+        let g = self.guest[v];
+        self.members[p]
+            .iter()
+            .any(|&(_, w)| w != v && self.guest[w] == g)
     }
 
     /// The least-loaded pCPU, other than `src`, that one of the movable vCPUs on `src` may go to
     /// (rule 9: a pCPU none of them may use is no target).
     pub(super) fn freest_reachable_from(&self, src: usize) -> Option<usize> {
+        if self.members[src].is_empty() {
+            return None;
+        }
         // The distinct sets of the vCPUs on `src` (usually one or two): a pCPU is a target when one
         // of them allows it.
         let mut sets: Vec<usize> = Vec::new();
@@ -227,8 +396,9 @@ impl Placement {
         self.by_load.first().expect("at least one pCPU").2
     }
 
-    /// The busiest pCPU running at least two vCPUs (rule 2: a lone vCPU is never "fixed") that a
-    /// step can relieve, with the freest pCPU one of its movable vCPUs may go to (rule 9).
+    /// The busiest pCPU whose core runs at least two vCPUs (rule 2: a lone vCPU is never
+    /// "fixed"; rule 10: on its core) that a step can relieve, with the freest pCPU one of its
+    /// movable vCPUs may go to (rule 9).
     pub(super) fn busiest_shared(&self) -> Option<(usize, usize)> {
         self.by_load
             .iter()
@@ -237,14 +407,19 @@ impl Placement {
             .find_map(|&(_, _, src)| Some((src, self.freest_reachable_from(src)?)))
     }
 
+    /// The busiest pCPU's effective load minus the freest's.
+    pub(super) fn spread(&self) -> f64 {
+        let max = self.eff(self.by_load.last().expect("at least one pCPU").2);
+        max - self.eff(self.freest())
+    }
+
+    /// How uneven the effective loads are.
     pub(super) fn balance(&self) -> Balance {
-        let min = self.pcpu_load[self.freest()];
-        let max = self.pcpu_load[self.by_load.last().expect("at least one pCPU").2];
-        let fixable = self.busiest_shared().map_or(0.0, |(src, dst)| {
-            (self.pcpu_load[src] - self.pcpu_load[dst]).max(0.0)
-        });
+        let fixable = self
+            .busiest_shared()
+            .map_or(0.0, |(src, dst)| (self.eff(src) - self.eff(dst)).max(0.0));
         Balance {
-            spread: max - min,
+            spread: self.spread(),
             fixable_spread: fixable,
         }
     }

@@ -5,6 +5,9 @@ use super::paying::{
 };
 use super::placement::Placement;
 
+/// Rounding a spread may gain over a step that does not change it, in points.
+const SPREAD_TOLERANCE: f64 = 1e-9;
+
 /// One balancing step: the (vCPU, from, to) relocations it makes, by pCPU index.
 type Step = Vec<(usize, usize, usize)>;
 
@@ -12,17 +15,19 @@ type Step = Vec<(usize, usize, usize)>;
 /// move that best evens the pair, else the best swap (two changes).
 fn next_step(s: &Placement, threshold: f64) -> Option<Step> {
     let (src, dst) = s.busiest_shared()?;
-    let gap = s.pcpu_load[src] - s.pcpu_load[dst];
-    let swing = (s.pcpu_variance[src] + s.pcpu_variance[dst]).sqrt();
+    // Rule 10: effective loads; a vCPU moved between siblings shifts only part of its load.
+    let gap = s.eff(src) - s.eff(dst);
+    let k = s.shift_factor(src, dst);
+    let swing = (s.eff_variance(src) + s.eff_variance(dst)).sqrt();
     // Rule 2 (balanced) and rule 4 (a gap the loads' swings explain moves nothing).
     if !gap_worth_working(gap, swing, threshold) {
         return None;
     }
-    // Rule 4: only shifts that pay.
+    // Rule 4: only shifts that pay (`hi` in shifted points, divided by `k` in vCPU load).
     let hi = max_paying_shift(gap, threshold);
     // Rule 5: vCPUs of unknown load count 0, under MIN_SHIFT: they are never chosen.
-    if let Some(v) = s.closest(src, dst, gap / 2.0, MIN_SHIFT, hi) {
-        debug_assert!(s.movable[v] && pays(gap, s.vcpu_load[v], threshold));
+    if let Some(v) = s.closest(src, dst, gap / 2.0 / k, MIN_SHIFT / k, hi / k) {
+        debug_assert!(s.movable[v] && pays(gap, k * s.vcpu_load[v], threshold));
         return Some(vec![(v, src, dst)]);
     }
     // A swap of v (on src) with w (on dst) shifts load[v] - load[w]; for each w, the best v has
@@ -38,10 +43,10 @@ fn next_step(s: &Placement, threshold: f64) -> Option<Step> {
         let uw = s.vcpu_load[w];
         // Rule 4: a swap's two vCPUs must differ enough.
         let lo = uw + min_swap_difference(threshold);
-        let Some(v) = s.closest(src, dst, uw + gap / 2.0, lo, uw + hi) else {
+        let Some(v) = s.closest(src, dst, uw + gap / 2.0 / k, lo, uw + hi / k) else {
             continue;
         };
-        let shift = s.vcpu_load[v] - uw;
+        let shift = k * (s.vcpu_load[v] - uw);
         if !pays(gap, shift, threshold) {
             continue;
         }
@@ -78,9 +83,11 @@ pub(super) fn even_out(s: &mut Placement, threshold: f64, max_steps: usize, max_
         let Some(step) = next_step(s, threshold) else {
             break;
         };
+        let spread = s.spread();
         relocate(s, &step, true);
-        // Rule 8: never past the change budget.
-        if s.changes > max_changes {
+        // Rule 8: never past the change budget. Rule 3: never a wider spread (rule 10: moving
+        // load off or onto a pCPU also moves its siblings' effective loads).
+        if s.changes > max_changes || s.spread() > spread + SPREAD_TOLERANCE {
             relocate(s, &step, false);
             break;
         }

@@ -89,6 +89,10 @@ pub struct CpuSnapshot {
     pub pcpus: Vec<u32>,
     /// Every vCPU of every active domain.
     pub vcpus: Vec<VcpuLoad>,
+    /// The online pCPUs that are hyperthread siblings, one group per core that has two or more
+    /// (see [`crate::topology::Topology::sibling_groups`]); empty on a host without SMT or one
+    /// that does not describe its topology.
+    pub cores: Vec<Vec<u32>>,
 }
 
 impl CpuSnapshot {
@@ -231,6 +235,7 @@ impl CpuSampler {
         CpuSnapshot {
             pcpus: self.pcpus.clone(),
             vcpus,
+            cores: Vec::new(),
         }
     }
 
@@ -368,6 +373,7 @@ mod tests {
                 load(2, 0, Some(5.0), Some(0), Some(0)),
                 load(2, 1, None, Some(1), Some(1)),
             ],
+            cores: Vec::new(),
         };
         let u = pcpu_usage(&snap);
         assert_eq!(
