@@ -14,8 +14,8 @@ use super::Balance;
 pub(super) struct Reach {
     /// Per vCPU: `None` when it may go to any pCPU, else the index of its set in `sets`.
     pub(super) set_of: Vec<Option<usize>>,
-    /// The distinct sets, each a flag per pCPU.
-    pub(super) sets: Vec<Vec<bool>>,
+    /// The distinct sets, each a bit per pCPU (bit `p % 64` of word `p / 64`).
+    pub(super) sets: Vec<Vec<u64>>,
 }
 
 impl Reach {
@@ -29,7 +29,12 @@ impl Reach {
 
     /// May vCPU `v` be pinned to pCPU `p`?
     pub(super) fn may(&self, v: usize, p: usize) -> bool {
-        self.set_of[v].is_none_or(|i| self.sets[i][p])
+        self.set_of[v].is_none_or(|i| self.allows(i, p))
+    }
+
+    /// Does set `i` allow pCPU `p`?
+    pub(super) fn allows(&self, i: usize, p: usize) -> bool {
+        self.sets[i][p / 64] & (1 << (p % 64)) != 0
     }
 }
 
@@ -107,12 +112,53 @@ pub(super) struct Placement {
     /// Per pCPU: the number of vCPUs on it, movable or not.
     pub(super) count: Vec<usize>,
     /// Per pCPU: the movable vCPUs on it, ordered by load then index (see [`key`]).
-    pub(super) members: Vec<BTreeSet<(u64, usize)>>,
+    pub(super) members: Vec<Members>,
     /// Every pCPU ordered by (effective load, number of vCPUs on its core, index), for the
     /// freest and busiest at once.
     pub(super) by_load: BTreeSet<(u64, usize, usize)>,
     /// Per pCPU: its current key in `by_load`.
     pub(super) load_key: Vec<(u64, usize, usize)>,
+}
+
+/// The movable vCPUs on one pCPU as (load bits, index) keys, sorted: a few dozen at most on real
+/// hosts, so a sorted vector beats a tree (built in one sort, no allocation per node).
+pub(super) struct Members(Vec<(u64, usize)>);
+
+impl Members {
+    pub(super) fn insert(&mut self, k: (u64, usize)) {
+        if let Err(i) = self.0.binary_search(&k) {
+            self.0.insert(i, k);
+        }
+    }
+
+    pub(super) fn remove(&mut self, k: (u64, usize)) {
+        if let Ok(i) = self.0.binary_search(&k) {
+            self.0.remove(i);
+        }
+    }
+
+    pub(super) fn iter(&self) -> std::slice::Iter<'_, (u64, usize)> {
+        self.0.iter()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The keys below `k`, ascending.
+    fn below(&self, k: (u64, usize)) -> std::slice::Iter<'_, (u64, usize)> {
+        self.0[..self.0.partition_point(|e| *e < k)].iter()
+    }
+
+    /// The keys from `k` up, ascending.
+    fn from(&self, k: (u64, usize)) -> std::slice::Iter<'_, (u64, usize)> {
+        self.0[self.0.partition_point(|e| *e < k)..].iter()
+    }
+
+    /// The keys of load bits `bits`, by index.
+    fn with_bits(&self, bits: u64) -> impl Iterator<Item = &(u64, usize)> {
+        self.from((bits, 0)).take_while(move |e| e.0 == bits)
+    }
 }
 
 /// What the planner knows of each vCPU, by index.
@@ -153,18 +199,29 @@ impl Placement {
         let mut pcpu_load = vec![0.0; pcpus];
         let mut pcpu_variance = vec![0.0; pcpus];
         let mut count = vec![0; pcpus];
-        let mut lists = vec![Vec::new(); pcpus];
         for (v, p) in at.iter().enumerate() {
             if let Some(p) = *p {
                 pcpu_load[p] += vcpu_load[v];
                 pcpu_variance[p] += variance[v];
                 count[p] += 1;
-                if movable[v] {
-                    lists[p].push(key(vcpu_load[v], v));
-                }
             }
         }
-        let members: Vec<BTreeSet<_>> = lists.into_iter().map(BTreeSet::from_iter).collect();
+        // Sized at once (a pCPU never gets more than it has now but for a few moves), sorted
+        // once.
+        let mut lists: Vec<Vec<(u64, usize)>> =
+            count.iter().map(|&n| Vec::with_capacity(n + 4)).collect();
+        for (v, p) in at.iter().enumerate() {
+            if let (Some(p), true) = (*p, movable[v]) {
+                lists[p].push(key(vcpu_load[v], v));
+            }
+        }
+        let members: Vec<Members> = lists
+            .into_iter()
+            .map(|mut list| {
+                list.sort_unstable();
+                Members(list)
+            })
+            .collect();
         let mut core_load = pcpu_load.clone();
         let mut core_variance = pcpu_variance.clone();
         let mut core_count = count.clone();
@@ -293,7 +350,7 @@ impl Placement {
             self.core_load[c] -= self.vcpu_load[v];
             self.core_variance[c] = (self.core_variance[c] - self.variance[v]).max(0.0);
             self.core_count[c] -= 1;
-            self.members[p].remove(&key(self.vcpu_load[v], v));
+            self.members[p].remove(key(self.vcpu_load[v], v));
             self.refile(p);
         }
     }
@@ -313,12 +370,12 @@ impl Placement {
         let at = key(target.max(0.0), 0);
         // The lowest-index vCPU of the load just below `target`, and the first one at or above it.
         let below = m
-            .range(..at)
+            .below(at)
             .rev()
             .find(may)
-            .and_then(|&(bits, _)| m.range((bits, 0)..(bits + 1, 0)).find(may))
+            .and_then(|&(bits, _)| m.with_bits(bits).find(may))
             .map(|&(_, v)| v);
-        let above = m.range(at..).find(may).map(|&(_, v)| v);
+        let above = m.from(at).find(may).map(|&(_, v)| v);
         [below, above]
             .into_iter()
             .flatten()
@@ -375,7 +432,7 @@ impl Placement {
         // The distinct sets of the vCPUs on `src` (usually one or two): a pCPU is a target when one
         // of them allows it.
         let mut sets: Vec<usize> = Vec::new();
-        for &(_, v) in &self.members[src] {
+        for &(_, v) in self.members[src].iter() {
             match self.reach.set_of[v] {
                 None => {
                     return self.by_load.iter().map(|&(_, _, p)| p).find(|&p| p != src);
@@ -388,7 +445,7 @@ impl Placement {
             .iter()
             .map(|&(_, _, p)| p)
             .filter(|&p| p != src)
-            .find(|&p| sets.iter().any(|&i| self.reach.sets[i][p]))
+            .find(|&p| sets.iter().any(|&i| self.reach.allows(i, p)))
     }
 
     /// The least-loaded pCPU (among equals, the one running fewest vCPUs).

@@ -33,6 +33,45 @@ impl Rng {
     }
 }
 
+/// How much slower a hyperthread runs when its sibling is fully busy: two busy threads of one
+/// core each run at 60 % of a thread alone (1.2 times the work of one thread per core, within the
+/// 10-30 % SMT usually yields).
+pub const SMT_SLOWDOWN: f64 = 0.4;
+
+/// Speed of a vCPU whose memory is on another NUMA node: every cache miss crosses the
+/// interconnect (remote accesses take some 1.3-2 times as long).
+pub const REMOTE_SPEED: f64 = 0.75;
+
+/// The capabilities XML of a host of `sockets` sockets (one NUMA node each) of `cores` cores of
+/// `threads` threads, numbered as Linux numbers them: all first threads, socket by socket, then
+/// all second threads (so pCPU `c` and `c + sockets * cores` are siblings).
+pub fn smt_capabilities(sockets: u32, cores: u32, threads: u32) -> String {
+    let per_thread = sockets * cores;
+    let mut cells = String::new();
+    for socket in 0..sockets {
+        let mut cpus = String::new();
+        for t in 0..threads {
+            for core in 0..cores {
+                let id = t * per_thread + socket * cores + core;
+                let siblings: Vec<String> = (0..threads)
+                    .map(|u| (u * per_thread + socket * cores + core).to_string())
+                    .collect();
+                cpus.push_str(&format!(
+                    "<cpu id='{id}' socket_id='{socket}' core_id='{core}' siblings='{}'/>",
+                    siblings.join(",")
+                ));
+            }
+        }
+        cells.push_str(&format!(
+            "<cell id='{socket}'><cpus num='{}'>{cpus}</cpus></cell>",
+            cores * threads
+        ));
+    }
+    format!(
+        "<capabilities><host><topology><cells num='{sockets}'>{cells}</cells></topology></host></capabilities>"
+    )
+}
+
 /// One simulated vCPU.
 #[derive(Clone, Debug)]
 pub struct SimVcpu {
@@ -164,6 +203,9 @@ pub struct SimDomain {
     pub name: String,
     /// NUMA nodes its memory is strictly bound to.
     pub memory_nodes: Option<Vec<u32>>,
+    /// The NUMA node its memory lives on, bound or not (for [`SimHost::work`]; `None`: nowhere
+    /// in particular, no vCPU of it runs remote).
+    pub home_node: Option<u32>,
     /// Why its balloon frees nothing on the host (hugepages, locked, VFIO), if so.
     pub memory_held: Option<&'static str>,
     /// Its run (domain ID): a restart gives it a new one.
@@ -255,6 +297,7 @@ impl SimHost {
             id,
             name: format!("dom{n}"),
             memory_nodes: None,
+            home_node: None,
             memory_held: None,
             run: 1,
             opted_out: false,
@@ -335,6 +378,69 @@ impl SimHost {
             d.mem.advance(now, dt.as_secs_f64());
         }
         self.host_low = self.host_low.min(self.host_free());
+    }
+
+    /// The work the vCPUs want and the work they do with the current pins, in percent of one
+    /// thread running alone with local memory, on the topology the host describes: a thread runs
+    /// slower by [`SMT_SLOWDOWN`] times how busy its busiest sibling is, and a vCPU away from its
+    /// domain's memory ([`SimDomain::home_node`]) runs at [`REMOTE_SPEED`]. Demands are CPU time
+    /// (a slowed vCPU does not ask for more time), so this measures placement, not feedback.
+    pub fn work(&self) -> (f64, f64) {
+        let mut time = vec![0.0; self.present as usize];
+        for v in self.domains.iter().flat_map(|d| &d.vcpus) {
+            time[Self::runs_on(v) as usize] += v.demand;
+        }
+        let busy = |p: u32| time[p as usize].min(100.0) / 100.0;
+        let topology = self.topology.as_ref();
+        let mut wanted = 0.0;
+        let mut done = 0.0;
+        for d in &self.domains {
+            for v in &d.vcpus {
+                let p = Self::runs_on(v);
+                let share = if time[p as usize] > 100.0 {
+                    v.demand * 100.0 / time[p as usize]
+                } else {
+                    v.demand
+                };
+                let place = topology.and_then(|t| t.cpus.get(&p));
+                let sibling_busy = place.map_or(0.0, |pl| {
+                    pl.siblings
+                        .iter()
+                        .filter(|&&s| s != p && s < self.present)
+                        .map(|&s| busy(s))
+                        .fold(0.0, f64::max)
+                });
+                let remote = match (place, d.home_node) {
+                    (Some(pl), Some(home)) => pl.node != home,
+                    _ => false,
+                };
+                let speed =
+                    (1.0 - SMT_SLOWDOWN * sibling_busy) * if remote { REMOTE_SPEED } else { 1.0 };
+                wanted += v.demand;
+                done += share * speed;
+            }
+        }
+        (wanted, done)
+    }
+
+    /// How many vCPUs run on a NUMA node other than their domain's memory, and how many vCPUs
+    /// there are.
+    pub fn remote_vcpus(&self) -> (usize, usize) {
+        let Some(topology) = &self.topology else {
+            return (0, self.domains.iter().map(|d| d.vcpus.len()).sum());
+        };
+        let mut remote = 0;
+        let mut all = 0;
+        for d in &self.domains {
+            for v in &d.vcpus {
+                all += 1;
+                let node = topology.node_of(Self::runs_on(v));
+                if d.home_node.is_some() && node != d.home_node {
+                    remote += 1;
+                }
+            }
+        }
+        (remote, all)
     }
 
     /// A uniform draw in ±`jitter` (0 without jitter), from a seeded xorshift64*.
