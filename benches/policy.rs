@@ -849,6 +849,7 @@ fn cpu_snapshot(pcpus: u32, vcpus: usize, crowded: bool, seed: u64) -> CpuSnapsh
             })
             .collect(),
         cores: Vec::new(),
+        nodes: Vec::new(),
     }
 }
 
@@ -1089,6 +1090,8 @@ struct TopoScenario {
     vcpus_per_pcpu: f64,
     /// Every vCPU starts on the first pCPU of its domain's node (else on a random pCPU of it).
     crowded: bool,
+    /// Every domain's memory is on node 0 (else on a random node).
+    lopsided: bool,
 }
 
 /// A 2 x 16 x 2 host (64 pCPUs, node = socket) with domains of 1-8 vCPUs of mixed demand, each
@@ -1104,7 +1107,7 @@ fn topo_host(sc: &TopoScenario, seed: u64) -> SimHost {
     let mut dom = 1u8;
     while n < target {
         let k = (1 + rng.below(8) as usize).min(target - n);
-        let node = rng.below(2) as u32;
+        let node = if sc.lopsided { 0 } else { rng.below(2) as u32 };
         let cpus = topology.cpus_of_node(node).to_vec();
         let vcpus: Vec<(f64, Vec<u32>)> = (0..k)
             .map(|_| {
@@ -1210,21 +1213,31 @@ fn vcpu_topology() {
             name: "0.5 vCPU per pCPU, random start",
             vcpus_per_pcpu: 0.5,
             crowded: false,
+            lopsided: false,
         },
         TopoScenario {
             name: "0.5 vCPU per pCPU, crowded start",
             vcpus_per_pcpu: 0.5,
             crowded: true,
+            lopsided: false,
         },
         TopoScenario {
             name: "1 vCPU per pCPU, random start",
             vcpus_per_pcpu: 1.0,
             crowded: false,
+            lopsided: false,
         },
         TopoScenario {
             name: "1.5 vCPUs per pCPU, random start",
             vcpus_per_pcpu: 1.5,
             crowded: false,
+            lopsided: false,
+        },
+        TopoScenario {
+            name: "0.75 vCPU per pCPU, every guest's memory on node 0",
+            vcpus_per_pcpu: 0.75,
+            crowded: false,
+            lopsided: true,
         },
     ];
     for sc in &scenarios {

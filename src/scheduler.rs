@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use crate::cpu_plan::{AllowedSets, Basis, CpuPlan, CpuPolicy, PinMove, plan};
+use crate::cpu_plan::{self, AllowedSets, Basis, CpuPlan, CpuPolicy, PinMove, plan};
 use crate::exclusions::Exclusions;
 use crate::host::{DomainNames, Host, HostResult, VcpuSample, changed_or_skipped};
 use crate::report::{CpuReport, Decision, MoveLine, NodeLine, PcpuLine, VcpuLine, Why, spread};
@@ -188,9 +188,14 @@ impl Scheduler {
                 v.allowed = set;
             }
         }
-        // Rule 10: which pCPUs share a core.
+        // Rule 10: which pCPUs share a core; rule 9: which make a NUMA node.
         if let Some(topology) = topology {
             snapshot.cores = topology.sibling_groups(&snapshot.pcpus);
+            snapshot.nodes = topology
+                .nodes()
+                .into_iter()
+                .map(|n| cpu_plan::allowed(&snapshot.pcpus, &[Some(topology.cpus_of_node(n))]))
+                .collect();
         }
         snapshot
     }

@@ -46,6 +46,7 @@ fn snapshot(pcpus: &[u32], vcpus: &[(Option<f64>, Pin)]) -> CpuSnapshot {
             })
             .collect(),
         cores: Vec::new(),
+        nodes: Vec::new(),
     }
 }
 
@@ -318,8 +319,10 @@ fn arb_host() -> impl Strategy<Value = CpuSnapshot> {
             prop::collection::vec(vcpu, nvcpu),
             // Threads per core: no SMT, SMT2 (most x86 servers), SMT4 (POWER).
             prop::sample::select(vec![1usize, 2, 2, 4]),
+            // NUMA nodes: none described, or 1-3.
+            0usize..4,
         )
-            .prop_map(|(online, vcpus, threads)| {
+            .prop_map(|(online, vcpus, threads, nodes)| {
                 let pcpus: Vec<u32> = online.into_iter().collect();
                 let vcpus: Vec<(Option<f64>, Pin)> = vcpus
                     .into_iter()
@@ -332,9 +335,21 @@ fn arb_host() -> impl Strategy<Value = CpuSnapshot> {
                     .collect();
                 let mut s = snapshot(&pcpus, &vcpus);
                 s.cores = smt_cores(&pcpus, threads);
+                s.nodes = numa_nodes(&pcpus, nodes);
                 s
             })
     })
+}
+
+/// The online pCPUs split into `nodes` runs of consecutive ones (none: no nodes described).
+fn numa_nodes(pcpus: &[u32], nodes: usize) -> Vec<Vec<u32>> {
+    if nodes == 0 {
+        return Vec::new();
+    }
+    pcpus
+        .chunks(pcpus.len().div_ceil(nodes))
+        .map(<[u32]>::to_vec)
+        .collect()
 }
 
 /// Consecutive online pCPUs grouped `threads` to a core (no group for a core left with one).
@@ -883,4 +898,58 @@ fn a_guests_vcpus_are_pinned_apart_where_a_pcpu_about_as_free_allows() {
     let p = default_plan(&host(40.0));
     let moves: Vec<(VcpuKey, u32)> = p.moves.iter().map(|m| (m.key, m.to)).collect();
     assert_eq!(moves, [(key(0, 1), 0)], "{p:?}");
+}
+
+#[test]
+fn a_busy_node_does_not_hide_an_unbalanced_one() {
+    // Node 0 (pCPUs 0-1) runs two 75 % vCPUs on each pCPU: busier than anything on node 1, and
+    // balanced. Node 1 runs two 70 % vCPUs on pCPU 2 and none on pCPU 3. Every vCPU is held to
+    // its node.
+    let mut s = snapshot(
+        &[0, 1, 2, 3],
+        &[
+            on(0, 75.0),
+            on(0, 75.0),
+            on(1, 75.0),
+            on(1, 75.0),
+            on(2, 70.0),
+            on(2, 70.0),
+        ],
+    );
+    s.nodes = vec![vec![0, 1], vec![2, 3]];
+    for v in &mut s.vcpus {
+        v.allowed = if v.pinned.unwrap() < 2 {
+            only(&[0, 1])
+        } else {
+            only(&[2, 3])
+        };
+    }
+    let p = default_plan(&s);
+    let moves: Vec<(u32, u32)> = p.moves.iter().map(|m| (m.from.unwrap(), m.to)).collect();
+    assert_eq!(moves, [(2, 3)], "{p:?}");
+    assert!(p.before.fixable_spread > 100.0, "{p:?}");
+    assert!(default_plan(&apply(&s, &p)).moves.is_empty());
+}
+
+#[test]
+fn across_nodes_only_once_each_node_is_balanced_within_itself() {
+    // Node 0 holds four busy vCPUs on its two pCPUs, node 1 is idle, and the vCPUs may use
+    // either node (--cross-node): each node first, then the nodes against each other.
+    let mut s = snapshot(
+        &[0, 1, 2, 3],
+        &[on(0, 90.0), on(0, 90.0), on(0, 90.0), on(0, 90.0)],
+    );
+    s.nodes = vec![vec![0, 1], vec![2, 3]];
+    let p = default_plan(&s);
+    let mut to: Vec<u32> = p.moves.iter().map(|m| m.to).collect();
+    to.sort();
+    assert_eq!(to, [1, 2, 3], "{p:?}");
+    assert!(default_plan(&apply(&s, &p)).moves.is_empty());
+    // Held to node 0, the same vCPUs end two per pCPU there.
+    for v in &mut s.vcpus {
+        v.allowed = only(&[0, 1]);
+    }
+    let p = default_plan(&s);
+    let to: Vec<u32> = p.moves.iter().map(|m| m.to).collect();
+    assert_eq!(to, [1, 1], "{p:?}");
 }

@@ -53,9 +53,10 @@ struct Args {
     cpus: Option<CpuList>,
 
     /// Let vCPUs whose memory is not bound to a NUMA node (no strict <numatune>) move to another
-    /// node. Off by default: a vCPU stays on the node it runs on, near its memory, and each node
-    /// is balanced on its own; on, a busy node can shed load to an idle one, at the price of
-    /// remote memory accesses (tens of percent slower) for what moves
+    /// node when their node cannot be balanced within itself. Off by default: a vCPU stays on the
+    /// node it runs on, near its memory, and each node is balanced on its own; on, each node is
+    /// still balanced within itself first, then a busy node sheds load to a freer one, at the
+    /// price of remote memory accesses (tens of percent slower) for what moves
     #[arg(long)]
     cross_node: bool,
 

@@ -45,8 +45,13 @@
 //! 9. **Allowed pCPUs.** Each vCPU may only be pinned to the pCPUs of its allowed set
 //!    ([`VcpuLoad::allowed`], worked out by [`AllowedSets`]: what its admin's persistent
 //!    configuration, the NUMA node its memory is bound to or it runs on, the host's pool and the
-//!    online pCPUs leave it). Rule 1 pins a vCPU onto the least-loaded pCPU of its set, and also
-//!    re-pins one found pinned outside its set; a vCPU whose set is a single pCPU it is pinned to,
+//!    online pCPUs leave it). Each NUMA node ([`CpuSnapshot::nodes`]) is balanced on its own:
+//!    rules 2-4 run within each node in turn, so a busy node never hides an unbalanced one; then,
+//!    where vCPUs may use pCPUs of two nodes (`--cross-node`), across nodes: the busiest pCPU
+//!    with such a vCPU against the freest pCPU of another node it may use; round after round
+//!    until a round keeps no step (`steps.rs`). Rule 1 pins a vCPU onto the least-loaded pCPU of
+//!    its set (in the node it last ran on, unless a pCPU elsewhere is more than `threshold`
+//!    freer), and also re-pins one found pinned outside its set; a vCPU whose set is a single pCPU it is pinned to,
 //!    or is empty (its domain is excluded), is never moved, but counts as load where it runs. The
 //!    steps of rule 3 work on the busiest pCPU that has a vCPU which may go elsewhere, against the
 //!    freest pCPU one of its vCPUs may go to; a move only takes a vCPU to a pCPU of its set, a swap
@@ -206,12 +211,14 @@ pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     // Rule 1: pin the unpinned (rule 9: and those pinned outside their set), heaviest first, onto
     // the least-loaded pCPU each may use (rule 10: away from its guest's other vCPUs where one
     // about as free allows).
+    // Where each ran last: the node it stays in where it may leave its node (rule 9).
+    let last: Vec<Option<usize>> = unplaced.iter().map(|&v| s.at[v]).collect();
     for &v in &unplaced {
         s.take(v);
     }
-    for v in unplaced {
+    for (v, last) in unplaced.into_iter().zip(last) {
         let p = s
-            .freest_for(v, threshold / 2.0)
+            .freest_for(v, threshold / 2.0, last)
             .expect("only vCPUs with somewhere to go are placed");
         s.put(v, p);
     }
@@ -408,7 +415,7 @@ impl Hasher for AddressHasher {
     }
 }
 
-/// Rule 10: which online pCPUs share a core, by index.
+/// Rule 10: which online pCPUs share a core, and rule 9: which make a NUMA node, by index.
 fn cores(snapshot: &CpuSnapshot) -> Cores {
     let pcpus = &snapshot.pcpus;
     let groups = snapshot
@@ -425,5 +432,11 @@ fn cores(snapshot: &CpuSnapshot) -> Cores {
         })
         .filter(|g| g.len() >= 2)
         .collect();
-    Cores::new(pcpus.len(), groups)
+    let mut node_of = vec![0; pcpus.len()];
+    for (n, node) in snapshot.nodes.iter().enumerate() {
+        for i in node.iter().filter_map(|p| pcpus.binary_search(p).ok()) {
+            node_of[i] = n as u32;
+        }
+    }
+    Cores::new(pcpus.len(), groups, node_of)
 }

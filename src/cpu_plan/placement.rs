@@ -46,18 +46,33 @@ impl Reach {
 /// thread.
 pub(super) const SIBLING_SHARE: f64 = 0.5;
 
-/// Which pCPUs share a core (rule 10), by pCPU index.
+/// Which pairs of pCPUs a step works on (rule 9): each NUMA node is balanced on its own, then,
+/// where vCPUs may leave their node, the nodes against each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// Both pCPUs in this node.
+    Node(u32),
+    /// The two pCPUs in different nodes.
+    Across,
+}
+
+/// Which pCPUs share a core (rule 10) and a NUMA node (rule 9), by pCPU index.
 pub(super) struct Cores {
     /// Per pCPU: the index of its core.
     pub(super) core_of: Vec<usize>,
     /// Per core: its pCPUs when it has two or more, else empty (a core of one pCPU has no
     /// sibling to account for).
     pub(super) threads: Vec<Vec<usize>>,
+    /// Per pCPU: its NUMA node (all 0 where the host does not describe its nodes).
+    pub(super) node_of: Vec<u32>,
+    /// How many NUMA nodes (1 where the host does not describe them).
+    pub(super) nodes: u32,
 }
 
 impl Cores {
-    /// `pcpus` pCPUs, each a core of its own but for the `groups` of sibling indices (sorted).
-    pub(super) fn new(pcpus: usize, groups: Vec<Vec<usize>>) -> Self {
+    /// `pcpus` pCPUs, each a core of its own but for the `groups` of sibling indices (sorted),
+    /// in NUMA nodes as `node_of` says.
+    pub(super) fn new(pcpus: usize, groups: Vec<Vec<usize>>, node_of: Vec<u32>) -> Self {
         let mut core_of: Vec<usize> = (0..pcpus).collect();
         let mut threads: Vec<Vec<usize>> = vec![Vec::new(); pcpus];
         let mut taken = vec![false; pcpus];
@@ -77,7 +92,13 @@ impl Cores {
             }
             threads[core] = group;
         }
-        Self { core_of, threads }
+        let nodes = node_of.iter().max().map_or(1, |&n| n + 1);
+        Self {
+            core_of,
+            threads,
+            node_of,
+            nodes,
+        }
     }
 }
 
@@ -395,7 +416,7 @@ impl Placement {
     /// within `near` points of that one runs no other vCPU of `v`'s guest while that one does, the
     /// first such pCPU (a guest's vCPUs stacked on one pCPU wait for each other: a vCPU holding a
     /// lock inside the guest is preempted by one spinning for it). `None` when it may go nowhere.
-    pub(super) fn freest_for(&self, v: usize, near: f64) -> Option<usize> {
+    pub(super) fn freest_for(&self, v: usize, near: f64, home: Option<usize>) -> Option<usize> {
         /// How many pCPUs past the freest are looked at for one without the guest.
         const LOOK_AHEAD: usize = 8;
         let mut candidates = self
@@ -403,7 +424,26 @@ impl Placement {
             .iter()
             .map(|&(_, _, p)| p)
             .filter(|&p| self.reach.may(v, p));
-        let first = candidates.next()?;
+        let mut first = candidates.next()?;
+        // Rule 9: where it may leave its node, it stays there unless a pCPU elsewhere is freer by
+        // more than twice `near` (the threshold).
+        if let Some(home) = home {
+            let node = self.cores.node_of[home];
+            if self.cores.node_of[first] != node {
+                let limit = self.eff(first) + 2.0 * near;
+                if let Some(local) = self
+                    .by_load
+                    .iter()
+                    .map(|&(_, _, p)| p)
+                    .take_while(|&p| self.eff(p) <= limit)
+                    .find(|&p| self.cores.node_of[p] == node && self.reach.may(v, p))
+                {
+                    first = local;
+                }
+            }
+        }
+        let node = self.cores.node_of[first];
+        let candidates = candidates.filter(|&p| self.cores.node_of[p] == node);
         if !self.hosts_guest_of(first, v) {
             return Some(first);
         }
@@ -424,18 +464,30 @@ impl Placement {
     }
 
     /// The least-loaded pCPU, other than `src`, that one of the movable vCPUs on `src` may go to
-    /// (rule 9: a pCPU none of them may use is no target).
-    pub(super) fn freest_reachable_from(&self, src: usize) -> Option<usize> {
+    /// (rule 9: a pCPU none of them may use is no target), within `scope`.
+    pub(super) fn freest_reachable_from(&self, src: usize, scope: Scope) -> Option<usize> {
         if self.members[src].is_empty() {
             return None;
         }
+        let node = self.cores.node_of[src];
+        let in_scope = |p: usize| {
+            p != src
+                && match scope {
+                    Scope::Node(_) => self.cores.node_of[p] == node,
+                    Scope::Across => self.cores.node_of[p] != node,
+                }
+        };
         // The distinct sets of the vCPUs on `src` (usually one or two): a pCPU is a target when one
         // of them allows it.
         let mut sets: Vec<usize> = Vec::new();
         for &(_, v) in self.members[src].iter() {
             match self.reach.set_of[v] {
                 None => {
-                    return self.by_load.iter().map(|&(_, _, p)| p).find(|&p| p != src);
+                    return self
+                        .by_load
+                        .iter()
+                        .map(|&(_, _, p)| p)
+                        .find(|&p| in_scope(p));
                 }
                 Some(i) if !sets.contains(&i) => sets.push(i),
                 Some(_) => {}
@@ -444,8 +496,41 @@ impl Placement {
         self.by_load
             .iter()
             .map(|&(_, _, p)| p)
-            .filter(|&p| p != src)
+            .filter(|&p| in_scope(p))
             .find(|&p| sets.iter().any(|&i| self.reach.allows(i, p)))
+    }
+
+    /// The scopes to balance in, in order: each NUMA node, then across nodes where a movable
+    /// vCPU may use pCPUs of more than one node.
+    pub(super) fn scopes(&self) -> Vec<Scope> {
+        let mut scopes: Vec<Scope> = (0..self.cores.nodes).map(Scope::Node).collect();
+        if self.cores.nodes > 1 && self.spans_nodes() {
+            scopes.push(Scope::Across);
+        }
+        scopes
+    }
+
+    /// May some movable vCPU use pCPUs of two NUMA nodes?
+    fn spans_nodes(&self) -> bool {
+        let node_of = &self.cores.node_of;
+        let spans = |set: &Vec<u64>| {
+            let mut nodes = (0..node_of.len())
+                .filter(|&p| set[p / 64] & (1 << (p % 64)) != 0)
+                .map(|p| node_of[p]);
+            nodes.next().is_some_and(|first| nodes.any(|n| n != first))
+        };
+        let mut used = vec![false; self.reach.sets.len()];
+        for v in (0..self.movable.len()).filter(|&v| self.movable[v]) {
+            match self.reach.set_of[v] {
+                None => return true,
+                Some(i) => used[i] = true,
+            }
+        }
+        self.reach
+            .sets
+            .iter()
+            .zip(used)
+            .any(|(set, used)| used && spans(set))
     }
 
     /// The least-loaded pCPU (among equals, the one running fewest vCPUs).
@@ -456,12 +541,25 @@ impl Placement {
     /// The busiest pCPU whose core runs at least two vCPUs (rule 2: a lone vCPU is never
     /// "fixed"; rule 10: on its core) that a step can relieve, with the freest pCPU one of its
     /// movable vCPUs may go to (rule 9).
-    pub(super) fn busiest_shared(&self) -> Option<(usize, usize)> {
+    pub(super) fn busiest_shared(&self, scope: Scope) -> Option<(usize, usize)> {
         self.by_load
             .iter()
             .rev()
-            .filter(|&&(_, count, _)| count >= 2)
-            .find_map(|&(_, _, src)| Some((src, self.freest_reachable_from(src)?)))
+            .filter(|&&(_, count, src)| {
+                count >= 2
+                    && match scope {
+                        Scope::Node(n) => self.cores.node_of[src] == n,
+                        Scope::Across => true,
+                    }
+            })
+            .find_map(|&(_, _, src)| Some((src, self.freest_reachable_from(src, scope)?)))
+    }
+
+    /// Rule 2's gap within `scope`: its busiest shared pCPU against the freest pCPU one of its
+    /// vCPUs may go to (0 when there is none).
+    pub(super) fn fixable_in(&self, scope: Scope) -> f64 {
+        self.busiest_shared(scope)
+            .map_or(0.0, |(src, dst)| (self.eff(src) - self.eff(dst)).max(0.0))
     }
 
     /// The busiest pCPU's effective load minus the freest's.
@@ -470,11 +568,13 @@ impl Placement {
         max - self.eff(self.freest())
     }
 
-    /// How uneven the effective loads are.
+    /// How uneven the effective loads are: the fixable spread is the largest of the scopes'.
     pub(super) fn balance(&self) -> Balance {
         let fixable = self
-            .busiest_shared()
-            .map_or(0.0, |(src, dst)| (self.eff(src) - self.eff(dst)).max(0.0));
+            .scopes()
+            .into_iter()
+            .map(|scope| self.fixable_in(scope))
+            .fold(0.0, f64::max);
         Balance {
             spread: self.spread(),
             fixable_spread: fixable,

@@ -3,7 +3,7 @@
 use super::paying::{
     MIN_SHIFT, gap_worth_working, max_paying_shift, min_swap_difference, pays, steps_worth_keeping,
 };
-use super::placement::Placement;
+use super::placement::{Placement, Scope};
 
 /// Rounding a spread may gain over a step that does not change it, in points.
 const SPREAD_TOLERANCE: f64 = 1e-9;
@@ -11,10 +11,16 @@ const SPREAD_TOLERANCE: f64 = 1e-9;
 /// One balancing step: the (vCPU, from, to) relocations it makes, by pCPU index.
 type Step = Vec<(usize, usize, usize)>;
 
-/// Choose the next step between the busiest shared pCPU and the freest one, if one pays: the single
-/// move that best evens the pair, else the best swap (two changes).
-fn next_step(s: &Placement, threshold: f64) -> Option<Step> {
-    let (src, dst) = s.busiest_shared()?;
+/// Choose the next step within `scope` between its busiest shared pCPU and the freest one, if one
+/// pays.
+fn next_step(s: &Placement, scope: Scope, threshold: f64) -> Option<Step> {
+    let (src, dst) = s.busiest_shared(scope)?;
+    step_between(s, src, dst, threshold)
+}
+
+/// The step that best evens pCPUs `src` and `dst`, if one pays: the single move that best evens
+/// the pair, else the best swap (two changes).
+fn step_between(s: &Placement, src: usize, dst: usize, threshold: f64) -> Option<Step> {
     // Rule 10: effective loads; a vCPU moved between siblings shifts only part of its load.
     let gap = s.eff(src) - s.eff(dst);
     let k = s.shift_factor(src, dst);
@@ -73,16 +79,44 @@ fn relocate(s: &mut Placement, step: &Step, forward: bool) {
     }
 }
 
-/// Take steps until balanced, no step pays or the next one would make more than `max_changes`
-/// pin changes, then keep only the steps worth their pin changes.
+/// Most rounds over the scopes one plan makes: a step across nodes can leave a node to balance
+/// again, and a node's steps can open a gap across nodes; real plans settle in two or three.
+const MAX_ROUNDS: usize = 8;
+
+/// Rule 9: balance each NUMA node on its own, then the nodes against each other where vCPUs may
+/// leave their node, round after round until a round keeps no step (so the plan is one the next
+/// decision leaves alone).
 pub(super) fn even_out(s: &mut Placement, threshold: f64, max_steps: usize, max_changes: usize) {
-    let start = s.balance().fixable_spread;
+    let mut steps_left = max_steps;
+    for _ in 0..MAX_ROUNDS {
+        let mut kept = 0;
+        for scope in s.scopes() {
+            kept += even_out_in(s, scope, threshold, &mut steps_left, max_changes);
+        }
+        if kept == 0 {
+            break;
+        }
+    }
+}
+
+/// Take steps within `scope` until it is balanced, no step pays, `steps_left` runs out or the next
+/// step would make more than `max_changes` pin changes, then keep only the steps worth their pin
+/// changes. Returns how many were kept.
+fn even_out_in(
+    s: &mut Placement,
+    scope: Scope,
+    threshold: f64,
+    steps_left: &mut usize,
+    max_changes: usize,
+) -> usize {
+    let start = s.fixable_in(scope);
     let mut steps = Vec::new();
     let mut after = Vec::new();
-    while steps.len() < max_steps {
-        let Some(step) = next_step(s, threshold) else {
+    while *steps_left > 0 {
+        let Some(step) = next_step(s, scope, threshold) else {
             break;
         };
+        *steps_left -= 1;
         let spread = s.spread();
         relocate(s, &step, true);
         // Rule 8: never past the change budget. Rule 3: never a wider spread (rule 10: moving
@@ -92,11 +126,12 @@ pub(super) fn even_out(s: &mut Placement, threshold: f64, max_steps: usize, max_
             break;
         }
         steps.push(step);
-        after.push(s.balance().fixable_spread);
+        after.push(s.fixable_in(scope));
     }
     // Rule 4: the steps must pay together.
     let keep = steps_worth_keeping(start, &after, threshold);
     for step in steps[keep..].iter().rev() {
         relocate(s, step, false);
     }
+    keep
 }

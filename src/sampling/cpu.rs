@@ -93,6 +93,8 @@ pub struct CpuSnapshot {
     /// (see [`crate::topology::Topology::sibling_groups`]); empty on a host without SMT or one
     /// that does not describe its topology.
     pub cores: Vec<Vec<u32>>,
+    /// The online pCPUs of each NUMA node, where the host describes its nodes (else empty).
+    pub nodes: Vec<Vec<u32>>,
 }
 
 impl CpuSnapshot {
@@ -236,6 +238,7 @@ impl CpuSampler {
             pcpus: self.pcpus.clone(),
             vcpus,
             cores: Vec::new(),
+            nodes: Vec::new(),
         }
     }
 
@@ -374,6 +377,7 @@ mod tests {
                 load(2, 1, None, Some(1), Some(1)),
             ],
             cores: Vec::new(),
+            nodes: Vec::new(),
         };
         let u = pcpu_usage(&snap);
         assert_eq!(
