@@ -39,6 +39,8 @@ pub struct Scheduler {
     slow: bool,
     /// vCPUs this scheduler has re-pinned (their first affinity is kept by `allowed`).
     changed: HashSet<VcpuKey>,
+    /// The host topology last said in the log (`Some(None)`: said that there is none).
+    topology_said: Option<Option<Topology>>,
 }
 
 /// Samples over which vCPU loads are averaged by default (see [`CpuSampler`]): one, the latest
@@ -71,6 +73,7 @@ impl Scheduler {
             period: None,
             slow: false,
             changed: HashSet::new(),
+            topology_said: None,
         }
     }
 
@@ -120,6 +123,7 @@ impl Scheduler {
         let mut report = CpuReport::new(self.dry_run);
         let mut names = DomainNames::default();
         let topology = host.topology()?;
+        self.say_topology_once(&topology);
         let snapshot = self.derive(&samples, &node.online, &topology, &mut report, &mut names);
         if self.cycles == 1 {
             return Ok(Some(report));
@@ -220,6 +224,34 @@ impl Scheduler {
             }
         }
         slow
+    }
+
+    /// Say what the host's topology is and what the planner makes of it, once per connection
+    /// and again if it changes (SIGHUP re-reads it).
+    fn say_topology_once(&mut self, topology: &Option<Topology>) {
+        if self.topology_said.as_ref() == Some(topology) {
+            return;
+        }
+        self.topology_said = Some(topology.clone());
+        match topology {
+            Some(t) => info!(
+                "host topology: {}; each NUMA node is balanced on its own{}{}",
+                t.summary(),
+                if self.allowed.crosses_nodes() {
+                    ", then across nodes (--cross-node)"
+                } else {
+                    ""
+                },
+                if t.threads_per_core() > 1 {
+                    "; a pCPU counts half of its hyperthread siblings' load"
+                } else {
+                    ""
+                }
+            ),
+            None => info!(
+                "the host describes no CPU topology: every online pCPU is one node, without hyperthread siblings"
+            ),
+        }
     }
 
     /// Say which figure is balanced, once, and again if that changes.

@@ -94,6 +94,38 @@ impl Topology {
         self.by_node.keys().copied().collect()
     }
 
+    /// The most hyperthreads any core has (1: no SMT).
+    pub fn threads_per_core(&self) -> usize {
+        self.cpus
+            .values()
+            .map(|p| p.siblings.len())
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// One line for the log: nodes, sockets, cores and pCPUs, e.g. `2 NUMA nodes, 2 sockets, 32
+    /// cores, 64 pCPUs (2 threads per core)`.
+    pub fn summary(&self) -> String {
+        let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        let sockets: std::collections::BTreeSet<u32> =
+            self.cpus.values().map(|p| p.socket).collect();
+        let cores: std::collections::BTreeSet<(u32, u32)> =
+            self.cpus.values().map(|p| (p.socket, p.core)).collect();
+        let threads = self.threads_per_core();
+        format!(
+            "{}, {}, {}, {}{}",
+            plural(self.by_node.len(), "NUMA node"),
+            plural(sockets.len(), "socket"),
+            plural(cores.len(), "core"),
+            plural(self.cpus.len(), "pCPU"),
+            if threads > 1 {
+                format!(" ({threads} threads per core)")
+            } else {
+                String::new()
+            }
+        )
+    }
+
     /// The hyperthread siblings among the `online` pCPUs: each core's online pCPUs, for the cores
     /// that have two or more, in ascending order of their first pCPU. Empty on a host without SMT.
     pub fn sibling_groups(&self, online: &[u32]) -> Vec<Vec<u32>> {
@@ -181,6 +213,10 @@ mod tests {
         // Eight cores, and core 1 of socket 0 has one thread left online.
         assert_eq!(groups.len(), 7);
         assert_eq!(groups[0], [0, 8]);
+        assert_eq!(
+            t.summary(),
+            "2 NUMA nodes, 2 sockets, 8 cores, 16 pCPUs (2 threads per core)"
+        );
         assert!(groups.iter().all(|g| !g.contains(&1) && !g.contains(&9)));
     }
 
@@ -191,6 +227,7 @@ mod tests {
         assert_eq!(t.cpus.len(), 4);
         assert!(t.cpus.values().all(|p| p.siblings.len() == 1));
         assert!(t.sibling_groups(&[0, 1, 2, 3]).is_empty());
+        assert_eq!(t.summary(), "1 NUMA node, 1 socket, 4 cores, 4 pCPUs");
         assert_eq!(
             Topology::from_capabilities("<capabilities><host><cpu/></host></capabilities>"),
             None

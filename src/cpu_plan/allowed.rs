@@ -67,6 +67,11 @@ impl AllowedSets {
         self
     }
 
+    /// May vCPUs whose memory is not bound leave their NUMA node?
+    pub fn crosses_nodes(&self) -> bool {
+        self.cross_node
+    }
+
     /// Start a cycle on a host whose online pCPUs are `online` (sorted), laid out as `topology`.
     pub fn begin(&mut self, online: &[u32], topology: Option<Topology>) {
         self.online = online.to_vec();

@@ -13,14 +13,14 @@ type Step = Vec<(usize, usize, usize)>;
 
 /// Choose the next step within `scope` between its busiest shared pCPU and the freest one, if one
 /// pays.
-fn next_step(s: &Placement, scope: Scope, threshold: f64) -> Option<Step> {
+fn next_step(s: &mut Placement, scope: Scope, threshold: f64) -> Option<Step> {
     let (src, dst) = s.busiest_shared(scope)?;
     step_between(s, src, dst, threshold)
 }
 
 /// The step that best evens pCPUs `src` and `dst`, if one pays: the single move that best evens
 /// the pair, else the best swap (two changes).
-fn step_between(s: &Placement, src: usize, dst: usize, threshold: f64) -> Option<Step> {
+fn step_between(s: &mut Placement, src: usize, dst: usize, threshold: f64) -> Option<Step> {
     // Rule 10: effective loads; a vCPU moved between siblings shifts only part of its load.
     let gap = s.eff(src) - s.eff(dst);
     let k = s.shift_factor(src, dst);
@@ -31,6 +31,8 @@ fn step_between(s: &Placement, src: usize, dst: usize, threshold: f64) -> Option
     }
     // Rule 4: only shifts that pay (`hi` in shifted points, divided by `k` in vCPU load).
     let hi = max_paying_shift(gap, threshold);
+    s.members[src].sort();
+    let s = &*s;
     // Rule 5: vCPUs of unknown load count 0, under MIN_SHIFT: they are never chosen.
     if let Some(v) = s.closest(src, dst, gap / 2.0 / k, MIN_SHIFT / k, hi / k) {
         debug_assert!(s.movable[v] && pays(gap, k * s.vcpu_load[v], threshold));
