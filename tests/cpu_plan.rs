@@ -953,3 +953,27 @@ fn across_nodes_only_once_each_node_is_balanced_within_itself() {
     let to: Vec<u32> = p.moves.iter().map(|m| m.to).collect();
     assert_eq!(to, [1, 1], "{p:?}");
 }
+
+#[test]
+fn a_step_moves_a_vcpu_away_from_its_guests_other_vcpus_where_one_about_as_good_may_go() {
+    // pCPU 0 runs dom0 vCPU0 (22 %), dom1 (26 %) and dom2 (12 %); pCPU 1 runs dom0 vCPU1 (20 %).
+    // The move that best evens them is dom0 vCPU0 (22, against a target of 20), onto its own
+    // guest's vCPU; dom1 (26) is within half the threshold of it and pays too.
+    let mut s = snapshot(&[0, 1], &[on(0, 22.0), on(1, 20.0)]);
+    for (domain, load) in [(1u8, 26.0), (2, 12.0)] {
+        s.vcpus.push(VcpuLoad {
+            key: key(domain, 0),
+            usage: Some(load),
+            ..s.vcpus[0].clone()
+        });
+    }
+    let p = default_plan(&s);
+    let moves: Vec<(VcpuKey, u32)> = p.moves.iter().map(|m| (m.key, m.to)).collect();
+    assert_eq!(moves, [(key(1, 0), 1)], "{p:?}");
+    assert!(default_plan(&apply(&s, &p)).moves.is_empty());
+    // With dom1 further from the target than that, balance comes first.
+    s.vcpus[2].usage = Some(30.0);
+    let p = default_plan(&s);
+    let moves: Vec<(VcpuKey, u32)> = p.moves.iter().map(|m| (m.key, m.to)).collect();
+    assert_eq!(moves, [(key(0, 0), 1)], "{p:?}");
+}

@@ -62,11 +62,13 @@
 //!     the siblings of busy ones, and a core running two busy vCPUs on its two threads is relieved
 //!     like a pCPU running two: rule 2's "two or more vCPUs" counts on the pCPU's whole core. A
 //!     vCPU moved between two siblings shifts only half its load between them, and no step is taken
-//!     that would widen the host's spread through a sibling. Rule 1 also keeps a guest's vCPUs apart:
-//!     where the freest pCPU runs another vCPU of the same guest and a pCPU within half the
-//!     threshold of it does not, the vCPU goes there (stacked vCPUs of one guest wait for each
-//!     other: one holding a lock inside the guest is preempted by one spinning for it). On a host
-//!     without SMT, or one that does not describe its topology, this rule changes nothing but that.
+//!     that would widen the host's spread through a sibling. A guest's vCPUs are kept apart where
+//!     balance allows (stacked vCPUs of one guest wait for each other: one holding a lock inside
+//!     the guest is preempted by one spinning for it): rule 1 pins a vCPU on a pCPU running no
+//!     other vCPU of its guest when one is within half the threshold of the freest, and a step
+//!     moves, instead of a vCPU that would join its guest's, another whose load is within half
+//!     the threshold as good and whose move pays. On a host without SMT, or one that does not
+//!     describe its topology, this rule changes nothing but that.
 //!
 //! The plan is the difference between the final placement and the current pins, so a vCPU
 //! moved and moved back costs nothing, and one moved twice costs one change.

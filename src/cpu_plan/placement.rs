@@ -483,6 +483,40 @@ impl Placement {
         Some(other.unwrap_or(first))
     }
 
+    /// Rule 10 for a move of `v` from `src` to `dst` chosen for its load's closeness to `target`:
+    /// when `dst` runs a vCPU of `v`'s guest, the vCPU on `src` whose guest has none there, that
+    /// may go there, and whose load is at most `near` further from `target` than `v`'s (the
+    /// closest such, then the smaller load, then the lower index). `None` when there is no
+    /// conflict or no such vCPU. Whether its move pays is the caller's to check.
+    pub(super) fn apart_from_guest(
+        &self,
+        v: usize,
+        src: usize,
+        dst: usize,
+        target: f64,
+        near: f64,
+    ) -> Option<usize> {
+        if !self.hosts_guest_of(dst, v) {
+            return None;
+        }
+        let limit = (self.vcpu_load[v] - target).abs() + near;
+        self.members[src]
+            .iter()
+            .map(|&(_, w)| w)
+            .filter(|&w| {
+                w != v
+                    && self.reach.may(w, dst)
+                    && (self.vcpu_load[w] - target).abs() <= limit
+                    && !self.hosts_guest_of(dst, w)
+            })
+            .min_by(|&a, &b| {
+                let d = |w: usize| (self.vcpu_load[w] - target).abs();
+                d(a).total_cmp(&d(b))
+                    .then(self.vcpu_load[a].total_cmp(&self.vcpu_load[b]))
+                    .then(a.cmp(&b))
+            })
+    }
+
     /// Does pCPU `p` run a movable vCPU of `v`'s guest (other than `v`)?
     fn hosts_guest_of(&self, p: usize, v: usize) -> bool {
         let g = self.guest[v];

@@ -34,7 +34,13 @@ fn step_between(s: &mut Placement, src: usize, dst: usize, threshold: f64) -> Op
     s.members[src].sort();
     let s = &*s;
     // Rule 5: vCPUs of unknown load count 0, under MIN_SHIFT: they are never chosen.
-    if let Some(v) = s.closest(src, dst, gap / 2.0 / k, MIN_SHIFT / k, hi / k) {
+    let target = gap / 2.0 / k;
+    if let Some(v) = s.closest(src, dst, target, MIN_SHIFT / k, hi / k) {
+        // Rule 10: not onto a vCPU of its own guest where another about as good may go.
+        let v = match s.apart_from_guest(v, src, dst, target, threshold / 2.0 / k) {
+            Some(w) if pays(gap, k * s.vcpu_load[w], threshold) => w,
+            _ => v,
+        };
         debug_assert!(s.movable[v] && pays(gap, k * s.vcpu_load[v], threshold));
         return Some(vec![(v, src, dst)]);
     }
