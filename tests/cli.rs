@@ -678,3 +678,35 @@ fn readme_and_help_name_the_same_options() {
         );
     }
 }
+
+#[test]
+fn the_host_topology_is_said_once() {
+    // libvirt's built-in test host has two NUMA nodes of 8 pCPUs; the host of node.xml describes
+    // none.
+    let o = run(
+        SCHEDULER,
+        &[
+            "--connect",
+            "test:///default",
+            "--dry-run",
+            "--cycles",
+            "3",
+            "0.2",
+        ],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        err.matches("host topology: 2 NUMA nodes, 2 sockets, 16 cores, 16 pCPUs; each NUMA node is balanced on its own")
+            .count(),
+        1,
+        "{err}"
+    );
+    let uri = common::test_uri("node.xml");
+    let o = run(
+        SCHEDULER,
+        &["--connect", &uri, "--dry-run", "--cycles", "2", "0.2"],
+    );
+    let err = stderr(&o);
+    assert!(err.contains("the host describes no CPU topology"), "{err}");
+}
