@@ -74,17 +74,21 @@
 //! moved and moved back costs nothing, and one moved twice costs one change.
 
 mod allowed;
+mod cores;
+mod members;
 mod paying;
 mod placement;
+mod reach;
 mod steps;
 
 pub use allowed::{AllowedSets, allowed};
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeMap;
 
 use crate::sampling::{Allowed, CpuSnapshot, VcpuKey, VcpuLoad};
-use placement::{Cores, Placement, Reach, VcpuFacts};
+use cores::Cores;
+use placement::{Placement, VcpuFacts};
+use reach::{Reach, SetInterner};
 use steps::even_out;
 
 /// Tuning of the vCPU planner.
@@ -334,111 +338,6 @@ fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Place
         facts.movable[v] = false;
     }
     unplaced.truncate(max_changes);
-    let s = Placement::new(facts, reach, cores(snapshot), charged, original);
+    let s = Placement::new(facts, reach, Cores::of(snapshot), charged, original);
     (s, unplaced)
-}
-
-/// A shared set, by its address and length.
-type SetAddress = (*const u32, usize);
-
-/// An interned set: its index in the reach's sets (`None`: no constraint) and its number of
-/// online pCPUs.
-type Interned = (Option<usize>, usize);
-
-/// Rule 9: the distinct allowed sets as bits over the online pCPUs, one copy per distinct set;
-/// a set that allows every online pCPU is no constraint.
-#[derive(Default)]
-struct SetInterner {
-    /// Sets are shared between vCPUs (one allocation per distinct set): known by address, so a
-    /// set is looked at once, not hashed whole for every vCPU.
-    known: HashMap<SetAddress, Interned, BuildHasherDefault<AddressHasher>>,
-    /// The last set looked up: the vCPUs of one domain, listed together, usually share one.
-    last: Option<(SetAddress, Interned)>,
-}
-
-impl SetInterner {
-    /// `set`'s index in `reach` (added there on first sight) and its number of online pCPUs, of
-    /// the `pcpus` online pCPUs, whose indices `index_of` tells.
-    fn intern(
-        &mut self,
-        set: &[u32],
-        pcpus: usize,
-        index_of: impl Fn(u32) -> Option<usize>,
-        reach: &mut Reach,
-    ) -> Interned {
-        let address = (set.as_ptr(), set.len());
-        if let Some((known, found)) = self.last
-            && known == address
-        {
-            return found;
-        }
-        let found = *self.known.entry(address).or_insert_with(|| {
-            let mut bits = vec![0u64; pcpus.div_ceil(64)];
-            let mut size = 0;
-            for i in set.iter().filter_map(|&p| index_of(p)) {
-                if bits[i / 64] & (1 << (i % 64)) == 0 {
-                    bits[i / 64] |= 1 << (i % 64);
-                    size += 1;
-                }
-            }
-            if size == pcpus {
-                return (None, size);
-            }
-            reach.sets.push(bits);
-            (Some(reach.sets.len() - 1), size)
-        });
-        self.last = Some((address, found));
-        found
-    }
-}
-
-/// A hasher for addresses: they are already unique, so one multiplication spreads them (SipHash,
-/// the default, was a sixth of a decision at 10 000 vCPUs).
-#[derive(Default)]
-struct AddressHasher(u64);
-
-impl Hasher for AddressHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-}
-
-/// Rule 10: which online pCPUs share a core, and rule 9: which make a NUMA node, by index.
-fn cores(snapshot: &CpuSnapshot) -> Cores {
-    let pcpus = &snapshot.pcpus;
-    let groups = snapshot
-        .cores
-        .iter()
-        .map(|group| {
-            let mut g: Vec<usize> = group
-                .iter()
-                .filter_map(|p| pcpus.binary_search(p).ok())
-                .collect();
-            g.sort_unstable();
-            g.dedup();
-            g
-        })
-        .filter(|g| g.len() >= 2)
-        .collect();
-    let mut node_of = vec![0; pcpus.len()];
-    for (n, node) in snapshot.nodes.iter().enumerate() {
-        for i in node.iter().filter_map(|p| pcpus.binary_search(p).ok()) {
-            node_of[i] = n as u32;
-        }
-    }
-    Cores::new(pcpus.len(), groups, node_of)
 }

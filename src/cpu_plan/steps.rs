@@ -1,9 +1,10 @@
 //! Rule 3: the steps that even out the busiest shared pCPU against the freest one.
 
+use super::cores::Scope;
 use super::paying::{
     MIN_SHIFT, gap_worth_working, max_paying_shift, min_swap_difference, pays, steps_worth_keeping,
 };
-use super::placement::{Placement, Scope};
+use super::placement::Placement;
 
 /// Rounding a spread may gain over a step that does not change it, in points.
 const SPREAD_TOLERANCE: f64 = 1e-9;
