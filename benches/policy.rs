@@ -180,11 +180,7 @@ fn build(sc: &Scenario) -> SimHost {
         let k = (1 + rng.below(8) as usize).min(target - n);
         let vcpus: Vec<(f64, Vec<u32>)> = (0..k)
             .map(|_| {
-                let demand = match rng.below(10) {
-                    0..=2 => rng.range(60.0, 100.0),
-                    3..=6 => rng.range(20.0, 60.0),
-                    _ => rng.range(0.0, 20.0),
-                };
+                let demand = mixed_demand(&mut rng);
                 let pins = match sc.start {
                     Start::Crowded => vec![0],
                     Start::Random => vec![rng.below(u64::from(sc.pcpus)) as u32],
@@ -199,6 +195,16 @@ fn build(sc: &Scenario) -> SimHost {
         n += k;
     }
     host
+}
+
+/// A vCPU's demand in the scenarios' mix: 3 in 10 busy (60-100 %), 4 in 10 half busy (20-60 %),
+/// the rest light (0-20 %).
+fn mixed_demand(rng: &mut Rng) -> f64 {
+    match rng.below(10) {
+        0..=2 => rng.range(60.0, 100.0),
+        3..=6 => rng.range(20.0, 60.0),
+        _ => rng.range(0.0, 20.0),
+    }
 }
 
 /// Redraw the demand of about a fifth of the vCPUs.
@@ -1094,7 +1100,8 @@ struct TopoScenario {
     lopsided: bool,
 }
 
-/// A 2 x 16 x 2 host (64 pCPUs, node = socket) with domains of 1-8 vCPUs of mixed demand, each
+/// A 2 x 16 x 2 host (64 pCPUs, node = socket) with domains of 1-8 vCPUs of mixed demand (as in
+/// [`build`]), each
 /// with its memory on a random node (a third of them strictly bound there), started on that node.
 fn topo_host(sc: &TopoScenario, seed: u64) -> SimHost {
     let xml = smt_capabilities(2, 16, 2);
@@ -1111,11 +1118,7 @@ fn topo_host(sc: &TopoScenario, seed: u64) -> SimHost {
         let cpus = topology.cpus_of_node(node).to_vec();
         let vcpus: Vec<(f64, Vec<u32>)> = (0..k)
             .map(|_| {
-                let demand = match rng.below(10) {
-                    0..=3 => rng.range(70.0, 100.0),
-                    4..=6 => rng.range(20.0, 70.0),
-                    _ => rng.range(0.0, 20.0),
-                };
+                let demand = mixed_demand(&mut rng);
                 let p = if sc.crowded {
                     cpus[0]
                 } else {
