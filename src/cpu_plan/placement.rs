@@ -43,9 +43,8 @@ pub(super) struct Placement {
     pub(super) pcpu_load: Vec<f64>,
     /// Per pCPU: summed variance of its vCPUs' loads (swings of different vCPUs are independent).
     pub(super) pcpu_variance: Vec<f64>,
-    /// Per pCPU: the number of vCPUs on it, movable or not.
-    pub(super) count: Vec<usize>,
-    /// Per pCPU: the movable vCPUs on it, ordered by load then index (see [`key`]).
+    /// Per pCPU: the movable vCPUs on it, as (load, index) keys (see [`key`]), sorted once a step
+    /// looks at them.
     pub(super) members: Vec<Members>,
     /// Every pCPU ordered by (effective load, number of vCPUs on its core, index), for the
     /// freest and busiest at once.
@@ -136,7 +135,6 @@ impl Placement {
             changes,
             pcpu_load,
             pcpu_variance,
-            count,
             members,
             by_load: BTreeSet::new(),
             load_key: Vec::new(),
@@ -217,7 +215,6 @@ impl Placement {
         self.set_at(v, Some(p));
         self.pcpu_load[p] += self.vcpu_load[v];
         self.pcpu_variance[p] += self.variance[v];
-        self.count[p] += 1;
         let c = self.cores.core_of[p];
         self.core_load[c] += self.vcpu_load[v];
         self.core_variance[c] += self.variance[v];
@@ -233,7 +230,6 @@ impl Placement {
             self.set_at(v, None);
             self.pcpu_load[p] -= self.vcpu_load[v];
             self.pcpu_variance[p] = (self.pcpu_variance[p] - self.variance[v]).max(0.0);
-            self.count[p] -= 1;
             let c = self.cores.core_of[p];
             self.core_load[c] -= self.vcpu_load[v];
             self.core_variance[c] = (self.core_variance[c] - self.variance[v]).max(0.0);
@@ -244,8 +240,7 @@ impl Placement {
     }
 
     /// The vCPU on `p` (whose members are sorted) that may go to pCPU `to` whose load is closest
-    /// to `target`, among loads in
-    /// `[lo, hi]`; on a tie, the smaller load, then the lower index.
+    /// to `target`, among loads in `[lo, hi]`; on a tie, the smaller load, then the lower index.
     pub(super) fn closest(
         &self,
         p: usize,
