@@ -1,6 +1,7 @@
 //! Rules 9 and 10 in the planner's form: which pCPUs share a core (hyperthread siblings) and which
 //! make a NUMA node, and the scopes a step works in.
 
+use super::PcpuIndex;
 use crate::sampling::CpuSnapshot;
 
 /// How much of a hyperthread sibling's load counts in a pCPU's effective load (rule 10). Two
@@ -36,16 +37,13 @@ pub(super) struct Cores {
 
 impl Cores {
     /// Rule 10: which online pCPUs share a core, and rule 9: which make a NUMA node, by index.
-    pub(super) fn of(snapshot: &CpuSnapshot) -> Self {
+    pub(super) fn of(snapshot: &CpuSnapshot, index: &PcpuIndex) -> Self {
         let pcpus = &snapshot.pcpus;
         let groups = snapshot
             .cores
             .iter()
             .map(|group| {
-                let mut g: Vec<usize> = group
-                    .iter()
-                    .filter_map(|p| pcpus.binary_search(p).ok())
-                    .collect();
+                let mut g: Vec<usize> = group.iter().filter_map(|&p| index.of(p)).collect();
                 g.sort_unstable();
                 g.dedup();
                 g
@@ -54,7 +52,7 @@ impl Cores {
             .collect();
         let mut node_of = vec![0; pcpus.len()];
         for (n, node) in snapshot.nodes.iter().enumerate() {
-            for i in node.iter().filter_map(|p| pcpus.binary_search(p).ok()) {
+            for i in node.iter().filter_map(|&p| index.of(p)) {
                 node_of[i] = n as u32;
             }
         }
