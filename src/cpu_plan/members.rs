@@ -64,6 +64,13 @@ impl Members {
         self.keys[self.keys.partition_point(|e| *e < k)..].iter()
     }
 
+    /// Up to `n` keys on each side of `k`: those nearest it (sorted only).
+    pub(super) fn around(&self, k: (u64, usize), n: usize) -> &[(u64, usize)] {
+        debug_assert!(self.sorted);
+        let at = self.keys.partition_point(|e| *e < k);
+        &self.keys[at.saturating_sub(n)..(at + n).min(self.keys.len())]
+    }
+
     /// The keys of load bits `bits`, by index (sorted only).
     pub(super) fn with_bits(&self, bits: u64) -> impl Iterator<Item = &(u64, usize)> {
         self.from((bits, 0)).take_while(move |e| e.0 == bits)

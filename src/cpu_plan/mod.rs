@@ -39,9 +39,10 @@
 //! 7. **Settling.** After a cycle that changed pins, the next cycle only observes: its interval
 //!    straddles the change and mixes the old placement with the new. This rule belongs to the
 //!    cycle, not to a snapshot, so it lives in [`crate::scheduler`].
-//! 8. **Budget.** With a change budget ([`CpuPolicy::max_changes`]) the plan is cut short: the
-//!    heaviest unpinned vCPUs are pinned first, then steps are taken in the order above until the
-//!    next one would exceed the budget. The rest waits for a later decision.
+//! 8. **Budget.** With a change budget ([`CpuPolicy::max_changes`]) a plan the budget affords is
+//!    made as it is; a larger one is cut short: the heaviest unpinned vCPUs are pinned first, then
+//!    steps are taken in the order above until the next one would exceed the budget. The rest
+//!    waits for a later decision.
 //! 9. **Allowed pCPUs.** Each vCPU may only be pinned to the pCPUs of its allowed set
 //!    ([`VcpuLoad::allowed`], worked out by [`AllowedSets`]: what its admin's persistent
 //!    configuration, the NUMA node its memory is bound to or it runs on, the host's pool and the
@@ -200,6 +201,28 @@ fn max_steps(vcpus: usize) -> usize {
 
 /// Plan the pin changes for one snapshot.
 pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
+    // Rule 8: a plan the budget affords is made as it is. Cutting the steps short where their
+    // count of changes first exceeds the budget is not enough: a plan may pass through more
+    // changes than it ends with (a vCPU moved on and back, a node balanced again after a step
+    // across nodes).
+    if let Some(budget) = policy.max_changes {
+        let whole = plan_within(
+            snapshot,
+            &CpuPolicy {
+                max_changes: None,
+                ..*policy
+            },
+        );
+        if whole.moves.len() <= budget {
+            return whole;
+        }
+    }
+    plan_within(snapshot, policy)
+}
+
+/// The plan for one snapshot, its steps cut short where they would make more pin changes than
+/// `policy.max_changes`.
+fn plan_within(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     let threshold = policy.threshold.max(0.0);
     let pcpus = &snapshot.pcpus;
     if pcpus.is_empty() {

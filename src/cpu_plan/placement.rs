@@ -318,11 +318,13 @@ impl Placement {
         Some(other.unwrap_or(first))
     }
 
-    /// Rule 10 for a move of `v` from `src` to `dst` chosen for its load's closeness to `target`:
-    /// when `dst` runs a vCPU of `v`'s guest, the vCPU on `src` whose guest has none there, that
-    /// may go there, and whose load is at most `near` further from `target` than `v`'s (the
-    /// closest such, then the smaller load, then the lower index). `None` when there is no
-    /// conflict or no such vCPU. Whether its move pays is the caller's to check.
+    /// Rule 10 for a move of `v` from `src` (whose members are sorted) to `dst` chosen for its
+    /// load's closeness to `target`: when `dst` runs a vCPU of `v`'s guest, the vCPU on `src`
+    /// whose guest has none there, that may go there, and whose load is at most `near` further
+    /// from `target` than `v`'s (the closest such, then the smaller load, then the lower index),
+    /// among the few nearest `target` (a bound on the work: a crowded pCPU runs thousands).
+    /// `None` when there is no conflict or no such vCPU. Whether its move pays is the caller's to
+    /// check.
     pub(super) fn apart_from_guest(
         &self,
         v: usize,
@@ -334,8 +336,11 @@ impl Placement {
         if !self.hosts_guest_of(dst, v) {
             return None;
         }
+        /// How many vCPUs of `src` on each side of `target` are looked at.
+        const LOOK_AROUND: usize = 8;
         let limit = (self.vcpu_load[v] - target).abs() + near;
         self.members[src]
+            .around(key(target.max(0.0), 0), LOOK_AROUND)
             .iter()
             .map(|&(_, w)| w)
             .filter(|&w| {
