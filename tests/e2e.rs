@@ -743,6 +743,54 @@ fn scheduler_keeps_admin_pins_and_balances_the_others() {
 
 #[test]
 #[ignore = "needs the real-guest lab: run `make e2e`"]
+fn scheduler_keeps_a_guests_vcpus_apart_where_balance_allows() {
+    // Two guests with one CPU-bound vCPU per pCPU each, every vCPU on pCPU 0. Any two vCPUs per
+    // pCPU balance the host; rule 10 picks the layout where no guest has two vCPUs on one pCPU
+    // (stacked vCPUs of one guest wait for each other inside it).
+    let p = online_pcpus();
+    let pinned = vec!["0"; p as usize].join(",");
+    // Twice as many busy threads as vCPUs: every vCPU stays busy whatever the guest's scheduler does.
+    let work = format!("cpu,{},100", 2 * p);
+    let spec = |name| Spec {
+        name,
+        vcpus: p,
+        cur_mib: 192,
+        max_mib: 192,
+        pins: &pinned,
+        work: &work,
+    };
+    let names = ["apart0", "apart1"];
+    let _lab = Lab::guests(&[spec(names[0]), spec(names[1])]);
+    let mut d = Daemon::start(SCHEDULER, &["2"]);
+    d.wait_cycles(8, Duration::from_secs(90));
+    let Ended { code, log, reports } = d.stop();
+    eprintln!("{log}");
+    assert_eq!(code, Some(0), "{log}");
+    let moves = changes_per_cycle(&reports);
+    let layout: Vec<Vec<Option<u32>>> = names.iter().map(|n| pins(n)).collect();
+    eprintln!("pin changes per cycle {moves:?}; pins {layout:?}");
+    // Balanced: two vCPUs per pCPU, in the first decision, and nothing moved since.
+    let mut per_pcpu = vec![0; p as usize];
+    for pin in layout.iter().flatten() {
+        per_pcpu[pin.unwrap() as usize] += 1;
+    }
+    assert!(per_pcpu.iter().all(|&c| c == 2), "{per_pcpu:?}");
+    assert!(moves.iter().skip(2).all(|&m| m == 0), "{moves:?}");
+    // Apart: each guest has one vCPU on every pCPU.
+    for (name, guest) in names.iter().zip(&layout) {
+        let mut on: Vec<u32> = guest.iter().map(|pin| pin.unwrap()).collect();
+        on.sort();
+        on.dedup();
+        assert_eq!(
+            on.len(),
+            p as usize,
+            "{name}'s vCPUs share a pCPU: {guest:?}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
 fn scheduler_stays_in_its_pool_leaves_excluded_guests_alone_and_survives_sighup() {
     // Four busy guests on pCPU 0. With --cpus 1 every pin the daemon makes is on pCPU 1; one guest
     // is excluded by --exclude, one by its own metadata: both stay on pCPU 0, never re-pinned.
