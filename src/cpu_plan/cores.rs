@@ -48,7 +48,6 @@ impl Cores {
                 g.dedup();
                 g
             })
-            .filter(|g| g.len() >= 2)
             .collect();
         let mut node_of = vec![0; pcpus.len()];
         for (n, node) in snapshot.nodes.iter().enumerate() {

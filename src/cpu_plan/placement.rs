@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use super::Balance;
 use super::cores::{Cores, SIBLING_SHARE, Scope};
 use super::members::Members;
-use super::reach::Reach;
+use super::reach::{PcpuSet, Reach};
 
 /// Working state: where every vCPU sits and what each pCPU carries.
 pub(super) struct Placement {
@@ -418,10 +418,8 @@ impl Placement {
             return false;
         }
         let node_of = &self.cores.node_of;
-        let spans = |set: &Vec<u64>| {
-            let mut nodes = (0..node_of.len())
-                .filter(|&p| set[p / 64] & (1 << (p % 64)) != 0)
-                .map(|p| node_of[p]);
+        let spans = |set: &PcpuSet| {
+            let mut nodes = set.iter().map(|p| node_of[p]);
             nodes.next().is_some_and(|first| nodes.any(|n| n != first))
         };
         let mut used = vec![false; self.reach.sets.len()];

@@ -9,8 +9,45 @@ use std::hash::{BuildHasherDefault, Hasher};
 pub(super) struct Reach {
     /// Per vCPU: `None` when it may go to any pCPU, else the index of its set in `sets`.
     pub(super) set_of: Vec<Option<usize>>,
-    /// The distinct sets, each a bit per pCPU (bit `p % 64` of word `p / 64`).
-    pub(super) sets: Vec<Vec<u64>>,
+    /// The distinct sets.
+    pub(super) sets: Vec<PcpuSet>,
+}
+
+/// A set of pCPUs by index, a bit each (bit `p % 64` of word `p / 64`).
+pub(super) struct PcpuSet(Vec<u64>);
+
+impl PcpuSet {
+    /// The empty set, of `pcpus` pCPUs.
+    fn empty(pcpus: usize) -> Self {
+        Self(vec![0; pcpus.div_ceil(64)])
+    }
+
+    /// Does it hold pCPU `p`?
+    pub(super) fn contains(&self, p: usize) -> bool {
+        self.0[p / 64] & (1 << (p % 64)) != 0
+    }
+
+    /// Add pCPU `p`; false when it was there already.
+    fn insert(&mut self, p: usize) -> bool {
+        let had = self.contains(p);
+        self.0[p / 64] |= 1 << (p % 64);
+        !had
+    }
+
+    /// Its pCPUs, ascending: a word at a time, so a set of one pCPU on a large host costs its
+    /// words, not its pCPUs.
+    pub(super) fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, &word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                (rest != 0).then(|| {
+                    let bit = rest.trailing_zeros() as usize;
+                    rest &= rest - 1;
+                    w * 64 + bit
+                })
+            })
+        })
+    }
 }
 
 impl Reach {
@@ -29,7 +66,7 @@ impl Reach {
 
     /// Does set `i` allow pCPU `p`?
     pub(super) fn allows(&self, i: usize, p: usize) -> bool {
-        self.sets[i][p / 64] & (1 << (p % 64)) != 0
+        self.sets[i].contains(p)
     }
 }
 
@@ -68,13 +105,10 @@ impl SetInterner {
             return found;
         }
         let found = *self.known.entry(address).or_insert_with(|| {
-            let mut bits = vec![0u64; pcpus.div_ceil(64)];
+            let mut bits = PcpuSet::empty(pcpus);
             let mut size = 0;
             for i in set.iter().filter_map(|&p| index_of(p)) {
-                if bits[i / 64] & (1 << (i % 64)) == 0 {
-                    bits[i / 64] |= 1 << (i % 64);
-                    size += 1;
-                }
+                size += usize::from(bits.insert(i));
             }
             if size == pcpus {
                 return (None, size);
@@ -109,5 +143,22 @@ impl Hasher for AddressHasher {
 
     fn write_usize(&mut self, n: usize) {
         self.write_u64(n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pcpu_set_lists_its_pcpus_across_words() {
+        let mut set = PcpuSet::empty(200);
+        for p in [130, 0, 63, 64, 199] {
+            assert!(set.insert(p));
+        }
+        assert!(!set.insert(64));
+        assert_eq!(set.iter().collect::<Vec<_>>(), [0, 63, 64, 130, 199]);
+        assert!(set.contains(130) && !set.contains(131));
+        assert_eq!(PcpuSet::empty(200).iter().count(), 0);
     }
 }
