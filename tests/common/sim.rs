@@ -386,10 +386,7 @@ impl SimHost {
     /// domain's memory ([`SimDomain::home_node`]) runs at [`REMOTE_SPEED`]. Demands are CPU time
     /// (a slowed vCPU does not ask for more time), so this measures placement, not feedback.
     pub fn work(&self) -> (f64, f64) {
-        let mut time = vec![0.0; self.present as usize];
-        for v in self.domains.iter().flat_map(|d| &d.vcpus) {
-            time[Self::runs_on(v) as usize] += v.demand;
-        }
+        let time = self.pcpu_demand();
         let busy = |p: u32| time[p as usize].min(100.0) / 100.0;
         let topology = self.topology.as_ref();
         let mut wanted = 0.0;
@@ -452,13 +449,21 @@ impl SimHost {
         self.jitter * (2.0 * unit - 1.0)
     }
 
-    /// Actual usage of each pCPU over a period with the current pins, in percent.
-    pub fn pcpu_usage(&self) -> Vec<f64> {
+    /// The summed demand of the vCPUs on each pCPU, in percent (over 100: contended).
+    fn pcpu_demand(&self) -> Vec<f64> {
         let mut demand = vec![0.0; self.present as usize];
         for v in self.domains.iter().flat_map(|d| &d.vcpus) {
             demand[Self::runs_on(v) as usize] += v.demand;
         }
-        demand.into_iter().map(|d: f64| d.min(100.0)).collect()
+        demand
+    }
+
+    /// Actual usage of each pCPU over a period with the current pins, in percent.
+    pub fn pcpu_usage(&self) -> Vec<f64> {
+        self.pcpu_demand()
+            .into_iter()
+            .map(|d: f64| d.min(100.0))
+            .collect()
     }
 
     pub fn domain(&self, id: &DomainId) -> Option<&SimDomain> {
