@@ -537,6 +537,33 @@ fn assert_no_oom(lab: &Lab, name: &str) {
     );
 }
 
+/// The fastest consumption the coordinator reported for guest `name` over the run, MiB/s.
+fn fastest_rate(reports: &[Value], name: &str) -> f64 {
+    let domain = Lab::domain(name);
+    reports
+        .iter()
+        .flat_map(|r| r["guests"].as_array().unwrap().iter())
+        .filter(|g| g["domain"] == domain.as_str())
+        .filter_map(|g| g["rate_mib_s"].as_f64())
+        .fold(0.0f64, f64::max)
+}
+
+/// A guest that grew and stopped was lent what it needed, no more: at the end it holds free at
+/// most its headroom (3 periods of its consumption, or 8 % of its balloon) plus the 2 periods
+/// until its next decision, at the fastest rate it was fed at, and a step of slack. `end` is its
+/// (balloon size, usable memory) in MiB; the coordinator ran with a 2 s period.
+fn assert_lent_no_more_than_needed(reports: &[Value], name: &str, (size, free): (u64, u64)) {
+    let fastest = fastest_rate(reports, name);
+    let lent_at_most = (3.0 * 2.0 * fastest).max(0.08 * size as f64) + 2.0 * 2.0 * fastest + 8.0;
+    eprintln!(
+        "{name} ends with {free} MiB free; its fastest rate {fastest:.1} MiB/s allows {lent_at_most:.0}"
+    );
+    assert!(
+        (free as f64) <= lent_at_most,
+        "{name} holds {free} MiB free, more than the {lent_at_most:.0} MiB it needs"
+    );
+}
+
 #[test]
 #[ignore = "needs the real-guest lab: run `make e2e`"]
 fn coordinator_keeps_the_footprint_small_idle_guests_at_their_target_and_a_hog_fed() {
@@ -588,28 +615,10 @@ fn coordinator_keeps_the_footprint_small_idle_guests_at_their_target_and_a_hog_f
             "{n} ended at {end:.1} % available, not its 32.5 % target"
         );
     }
-    // The hog is lent what it needs, no more: at the end it holds free at most its headroom
-    // (3 periods of its consumption, or 8 % of its balloon) plus the 2 periods until its next
-    // decision, at the fastest rate it was fed at, and a step of slack. (The idle guests' part is
-    // their target, asserted above.) Measured: 1584-1633 MiB in all at the end, 1885 before
-    // targets and need-sized grants; the issue hoped for 1600.
-    let hog = Lab::domain("hog");
-    let fastest = reports
-        .iter()
-        .flat_map(|r| r["guests"].as_array().unwrap().iter())
-        .filter(|g| g["domain"] == hog.as_str())
-        .filter_map(|g| g["rate_mib_s"].as_f64())
-        .fold(0.0f64, f64::max);
-    let (hog_size, hog_free) = last[0];
-    let lent_at_most =
-        (3.0 * 2.0 * fastest).max(0.08 * hog_size as f64) + 2.0 * 2.0 * fastest + 8.0;
-    eprintln!(
-        "the hog ends with {hog_free} MiB free; its fastest rate {fastest:.1} MiB/s allows {lent_at_most:.0}"
-    );
-    assert!(
-        (hog_free as f64) <= lent_at_most,
-        "the hog holds {hog_free} MiB free, more than the {lent_at_most:.0} MiB it needs"
-    );
+    // The hog is lent what it needs, no more (the idle guests' part is their target, asserted
+    // above). Measured: 1584-1633 MiB in all at the end, 1885 before targets and need-sized
+    // grants; the issue hoped for 1600.
+    assert_lent_no_more_than_needed(&reports, "hog", last[0]);
     assert!(!log.contains("refusing a plan"), "{log}");
     // The metrics: each guest's balloon gauge is its size, every resize counted by reason.
     for n in names {
@@ -632,6 +641,48 @@ fn coordinator_keeps_the_footprint_small_idle_guests_at_their_target_and_a_hog_f
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(counted as usize, resizes, "{metrics}");
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn coordinator_feeds_every_guest_when_all_consume_at_once() {
+    // Four guests at 512 of 1024 MiB all allocate 450 MiB at 10 MiB/s and keep it: nobody is
+    // wasting, so everything they get comes from the host (`memory_coordinator 2`, 100 s).
+    let names = ["hog0", "hog1", "hog2", "hog3"];
+    let lab = Lab::guests(&names.map(guest_spec));
+    let mut d = Daemon::start(COORDINATOR, &["2"]);
+    d.wait_cycles(4, Duration::from_secs(60));
+    for n in names {
+        lab.send(n, "mem 10 450 0");
+    }
+    let run = sample_memory(&names, Duration::from_secs(2), Duration::from_secs(100));
+    let Ended { code, log, reports } = d.stop();
+    eprintln!("{log}");
+    let pct = |(actual, usable): (u64, u64)| 100.0 * usable as f64 / actual.max(1) as f64;
+    for (guests, _) in &run {
+        let line: Vec<String> = names
+            .iter()
+            .zip(guests)
+            .map(|(n, &g)| format!("{n} {} MiB ({:.0} % avail)", g.0, pct(g)))
+            .collect();
+        eprintln!("{}", line.join("  "));
+    }
+    assert_eq!(code, Some(0));
+    let (last, _) = run.last().unwrap();
+    for (i, n) in names.iter().enumerate() {
+        assert_no_oom(&lab, n);
+        assert!(
+            lab.console(n).contains("workload: reached 450 MiB"),
+            "{}",
+            lab.console(n)
+        );
+        let low = run.iter().map(|(g, _)| pct(g[i])).fold(100.0, f64::min);
+        eprintln!("{n}: never under {low:.1} % available");
+        assert!(low >= 5.0, "{n} fell to {low:.1} % available");
+        assert!(last[i].0 > 512, "{n} was never fed: {} MiB", last[i].0);
+        assert_lent_no_more_than_needed(&reports, n, last[i]);
+    }
+    assert!(!log.contains("refusing a plan"), "{log}");
 }
 
 #[test]
