@@ -735,11 +735,18 @@ fn memory_quality() {
             cycles: 65,
         },
         MemTrace {
-            name: "one hog 40 MiB/s to 1.8 GiB beside two idle, frees it at cycle 140",
+            name: "one hog 40 MiB/s to 1.8 GiB from the start beside two idle, frees it at cycle 140",
             host: || mem_host(&[(512, 2048, 100); 3], false, None),
             hogs: 1,
-            work: &[(10, 0, 40.0, 1843), (140, 0, -200.0, 100)],
+            work: &[(2, 0, 40.0, 1843), (140, 0, -200.0, 100)],
             cycles: 240,
+        },
+        MemTrace {
+            name: "a guest idle at its target bursts at 40 MiB/s to 1 GiB (cycle 40) beside two idle",
+            host: || mem_host(&[(512, 2048, 100); 3], false, None),
+            hogs: 1,
+            work: &[(40, 0, 40.0, 1024)],
+            cycles: 100,
         },
         MemTrace {
             name: "a wasting guest whose balloon frees nothing; host 100 above its reserve",

@@ -408,6 +408,48 @@ fn no_guest_is_shrunk_under_the_minimum_its_metadata_guarantees() {
 }
 
 #[test]
+fn a_guest_whose_reports_show_its_resizes_at_once_is_fed_every_cycle_and_lent_less() {
+    // The same hog twice: 20 MiB/s from 120 MiB up to 1600 MiB. One reports a MemTotal that
+    // follows its balloon, as Linux's balloon driver does; the other keeps its MemTotal
+    // (deflate-on-oom), so a report cannot show that it was taken after a resize.
+    let grow = |fixed_total: Option<u64>| {
+        let mut host = lab();
+        host.domains[0].mem.fixed_total = fixed_total;
+        let mut c = Coordinator::new(policy(), false);
+        run(&mut host, &mut c, 4);
+        host.domains[0].mem.work(20.0 * 1024.0, 1600 * MIB);
+        let mut settling = 0;
+        let mut lent_most = 0.0f64;
+        for _ in 0..90 {
+            let line = run(&mut host, &mut c, 1);
+            let hog_line = line.split("; ").find(|l| l.starts_with("dom1 ")).unwrap();
+            settling += usize::from(hog_line.contains("settling"));
+            let hog = &host.domains[0].mem;
+            // While it lives on grants: past its first 1 GiB, still growing.
+            if hog.actual > 1024 * MIB && hog.used < 1600.0 * 1024.0 {
+                lent_most = lent_most.max(hog.actual as f64 - hog.used);
+            }
+        }
+        let hog = &host.domains[0].mem;
+        assert_eq!(hog.ooms, 0, "the hog ran out of memory");
+        assert!(hog.used >= 1600.0 * 1024.0 - 1.0);
+        (settling, lent_most / 1024.0)
+    };
+    let (settling, lent_prompt) = grow(None);
+    assert_eq!(settling, 0, "a report taken after a resize is used at once");
+    let (settling, lent_slow) = grow(Some(1024 * MIB));
+    eprintln!(
+        "lent at most {lent_prompt:.0} MiB ahead of use when prompt, {lent_slow:.0} when not"
+    );
+    assert!(settling >= 3, "every resize waits a cycle: {settling}");
+    // Decided on one period after each grant instead of two, the prompt hog is lent 20 MiB less.
+    assert!(
+        lent_prompt + 15.0 <= lent_slow,
+        "lent at most {lent_prompt:.0} MiB ahead of use, against {lent_slow:.0}"
+    );
+}
+
+#[test]
 fn idle_guests_settle_at_their_target_free_share_and_stay_there() {
     let mut host = lab();
     let mut c = Coordinator::new(policy(), false);

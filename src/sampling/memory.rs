@@ -63,14 +63,22 @@ pub enum MemoryReading {
 struct LastRead {
     update: u64,
     actual_kib: u64,
+    /// Balloon size minus the guest's total memory (MemTotal) in the last report known to be
+    /// taken at the balloon size read with it: what the guest's kernel keeps for itself.
+    offset_kib: Option<i64>,
     generation: u64,
 }
 
 /// Turns successive balloon reports into [`MemoryReading`]s.
 ///
-/// A report is used only when it is new (the guest posted it after our previous read) and the
-/// balloon did not move between our previous read and this one: then the report was taken with the
-/// balloon at the size read now, and "used = actual − free" is a consistent figure.
+/// A report is used only when it is new (the guest posted it after our previous read) and it was
+/// taken with the balloon at the size read now, so that "used = actual − free" is a consistent
+/// figure. Two things show that: the balloon did not move between our previous read and this one;
+/// or it moved, and the guest's total memory (MemTotal, which a Linux balloon driver lowers and
+/// raises page by page as it inflates and deflates) moved with it exactly, so the report postdates
+/// the move. The second lets a resized guest be decided on again one read after the resize instead
+/// of two. A guest whose MemTotal does not follow its balloon (virtio-balloon's `deflate-on-oom`)
+/// is simply judged by the first.
 #[derive(Default)]
 pub struct MemorySampler {
     used: Rates<DomainId>,
@@ -94,27 +102,45 @@ impl MemorySampler {
         ) else {
             return MemoryReading::NoStats;
         };
-        let now = LastRead {
-            update,
-            actual_kib: stats.actual_kib,
-            generation: self.generation,
+        let sane = unused <= stats.actual_kib
+            && free <= stats.actual_kib
+            && available > 0
+            && stats.actual_kib > 0;
+        let offset = stats.actual_kib as i64 - available as i64;
+        let previous = self
+            .last
+            .get(&id)
+            .map(|p| (p.update, p.actual_kib, p.offset_kib));
+        let moved = previous.is_some_and(|(_, actual, _)| actual != stats.actual_kib);
+        // Taken at the balloon size read now: the balloon stayed put, or MemTotal moved with it.
+        let at_this_size = !moved || previous.is_some_and(|(_, _, known)| known == Some(offset));
+        let fresh = previous.is_some_and(|(last, _, _)| update > last);
+        let known_offset = if fresh && at_this_size && sane {
+            Some(offset)
+        } else {
+            previous.and_then(|(_, _, known)| known)
         };
-        let Some(previous) = self.last.insert(id, now) else {
+        self.last.insert(
+            id,
+            LastRead {
+                update,
+                actual_kib: stats.actual_kib,
+                offset_kib: known_offset,
+                generation: self.generation,
+            },
+        );
+        if previous.is_none() {
             return MemoryReading::Stale;
-        };
-        if update <= previous.update {
+        }
+        if !fresh {
             self.used.touch(&id);
             return MemoryReading::Stale;
         }
-        if stats.actual_kib != previous.actual_kib {
+        if !at_this_size {
             self.used.touch(&id);
             return MemoryReading::Settling;
         }
-        if unused > stats.actual_kib
-            || free > stats.actual_kib
-            || available == 0
-            || stats.actual_kib == 0
-        {
+        if !sane {
             self.used.touch(&id);
             return MemoryReading::Inconsistent;
         }
@@ -204,13 +230,65 @@ mod tests {
             unreachable!()
         };
         assert_eq!((g.used_kib(), g.free_pct()), (400, 60.0));
-        // The balloon grew by 500 KiB: the next report may predate the move, so it waits...
+        // The balloon grew by 500 KiB and the next report predates the move (the guest's total
+        // memory is still the old one), so it waits...
+        let before_the_move = BalloonStats {
+            available_kib: Some(1000),
+            ..stats(1500, 1100, 16)
+        };
         assert_eq!(
-            cycle(&mut m, t0, 8, (1500, 1100, 16)),
+            m.record(dom(1), t0 + Duration::from_secs(8), &before_the_move),
             MemoryReading::Settling
         );
+        m.end_cycle();
         // ...and once the balloon stayed put, the memory given is not mistaken for memory released.
         assert!(fresh_rate(cycle(&mut m, t0, 10, (1500, 1100, 18))).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_report_whose_total_moved_with_the_balloon_is_used_at_once() {
+        let (mut m, t0) = (MemorySampler::new(), Instant::now());
+        // The guest's kernel keeps 64 KiB: its total is its balloon minus 64.
+        let report = |actual: u64, unused: u64, update| BalloonStats {
+            available_kib: Some(actual - 64),
+            ..stats(actual, unused, update)
+        };
+        let read = |m: &mut MemorySampler, secs, r: &BalloonStats| {
+            let reading = m.record(dom(1), t0 + Duration::from_secs(secs), r);
+            m.end_cycle();
+            reading
+        };
+        read(&mut m, 0, &report(1000, 900, 1));
+        read(&mut m, 2, &report(1000, 900, 3));
+        assert_eq!(fresh_rate(read(&mut m, 4, &report(1000, 800, 5))), 50.0);
+        // Grown by 500 and the report shows a total 500 larger: taken after the move, used at
+        // once; the 500 given is not consumption.
+        let grown = read(&mut m, 6, &report(1500, 1200, 7));
+        assert_eq!(fresh_rate(grown), 50.0);
+        // Shrunk by 300, but the total moved by 200 only: taken mid-move, it waits.
+        let mid_move = BalloonStats {
+            available_kib: Some(1500 - 64 - 200),
+            ..stats(1200, 900, 9)
+        };
+        assert_eq!(read(&mut m, 8, &mid_move), MemoryReading::Settling);
+        assert_eq!(fresh_rate(read(&mut m, 10, &report(1200, 700, 11))), 50.0);
+        // A guest whose total does not follow its balloon (deflate-on-oom) waits a read after
+        // every move, as before, and its rate is right.
+        let fixed = |actual: u64, unused: u64, update| BalloonStats {
+            available_kib: Some(936),
+            ..stats(actual, unused, update)
+        };
+        read(&mut m, 20, &fixed(1000, 900, 21));
+        read(&mut m, 22, &fixed(1000, 900, 23));
+        assert_eq!(
+            read(&mut m, 24, &fixed(1400, 1300, 25)),
+            MemoryReading::Settling
+        );
+        assert_eq!(fresh_rate(read(&mut m, 26, &fixed(1400, 1300, 27))), 0.0);
+        assert_eq!(
+            read(&mut m, 28, &fixed(1000, 880, 29)),
+            MemoryReading::Settling
+        );
     }
 
     #[test]

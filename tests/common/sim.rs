@@ -108,9 +108,12 @@ pub struct SimMemory {
     pub driver: bool,
     /// Stats period set by the coordinator, s (0 = off).
     pub stats_period: u32,
-    /// Last posted report: (last_update, unused, usable). Unused (MemFree) is what it never
-    /// touched; usable (MemAvailable) adds what it touched and no longer uses (its cache).
-    pub report: Option<(u64, u64, u64)>,
+    /// Last posted report: (last_update, unused, usable, total). Unused (MemFree) is what it
+    /// never touched; usable (MemAvailable) adds what it touched and no longer uses (its cache);
+    /// total (MemTotal) is its balloon size when it posted the report.
+    pub report: Option<(u64, u64, u64, u64)>,
+    /// Its MemTotal stays at this whatever its balloon (virtio-balloon's `deflate-on-oom`).
+    pub fixed_total: Option<u64>,
     last_report_at: f64,
     /// Times the guest ran out of memory (its workload was killed).
     pub ooms: u32,
@@ -136,6 +139,7 @@ impl SimMemory {
             driver: true,
             stats_period: 0,
             report: None,
+            fixed_total: None,
             last_report_at: f64::NEG_INFINITY,
             ooms: 0,
             resident: used as f64,
@@ -191,7 +195,8 @@ impl SimMemory {
             let actual = self.reported_actual() as f64;
             let unused = (actual - self.resident.max(self.used)).max(0.0) as u64;
             let usable = (actual - self.used).max(0.0) as u64;
-            self.report = Some((1_000_000 + now as u64, unused, usable));
+            let total = self.fixed_total.unwrap_or(actual as u64);
+            self.report = Some((1_000_000 + now as u64, unused, usable, total));
         }
     }
 }
@@ -575,9 +580,9 @@ impl Host for SimHost {
             max_kib: m.max,
             ..BalloonStats::default()
         };
-        if let Some((update, unused, usable)) = m.report {
+        if let Some((update, unused, usable, total)) = m.report {
             stats.unused_kib = Some(unused);
-            stats.available_kib = Some(m.reported_actual());
+            stats.available_kib = Some(total);
             stats.usable_kib = Some(usable);
             stats.last_update = Some(update);
         }
