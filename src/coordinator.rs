@@ -142,10 +142,8 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// A coordinator with no history. The guests' stats period is half of `policy.period_secs`,
-    /// in whole seconds, at least one: the report read one period after a resize is then taken
-    /// at least half a period after it, once the balloon has moved, and the guest can be decided
-    /// on again at once (rule 3).
+    /// A coordinator with no history. The guests' stats period is `policy.period_secs` rounded up,
+    /// at least one second.
     pub fn new(policy: MemPolicy, dry_run: bool) -> Self {
         Self {
             sampler: MemorySampler::new(),
@@ -336,9 +334,6 @@ impl Coordinator {
     fn classify(&mut self, sample: &BalloonSample) -> (GuestLine, Option<(GuestMemory, Standing)>) {
         let (dom, stats) = (&sample.domain, &sample.stats);
         let reading = self.sampler.record(dom.id, sample.at, stats);
-        if !matches!(reading, MemoryReading::Fresh(_)) {
-            self.ledger.not_fresh(&dom.id);
-        }
         let mut line = guest_line(sample, "");
         let mut fresh = None;
         line.state = match reading {

@@ -47,10 +47,6 @@ struct Entry {
     reclaiming: bool,
     /// Its consumption at its last few fresh reports, newest last, KiB/s.
     rates: Vec<f64>,
-    /// It was resized and has not been read since.
-    resize_unread: bool,
-    /// Its last resize showed in the very next read (a fresh report taken at the new size).
-    prompt: bool,
 }
 
 /// How many fresh reports' rates a grant is sized on.
@@ -73,9 +69,6 @@ impl Ledger {
     /// reached the size it was last given.
     pub fn observe(&mut self, g: &GuestMemory, name: &str) {
         let e = self.guests.entry(g.id).or_default();
-        if std::mem::take(&mut e.resize_unread) {
-            e.prompt = true;
-        }
         e.touched_kib = Some(g.actual_kib.saturating_sub(g.unused_kib));
         if e.rates.len() == RATES_KEPT {
             e.rates.remove(0);
@@ -98,16 +91,6 @@ impl Ledger {
         }
     }
 
-    /// Guest `id` was read and had no fresh report (stale, its balloon still settling, or
-    /// inconsistent): if it was just resized, its resizes do not show at the next read.
-    pub fn not_fresh(&mut self, id: &DomainId) {
-        if let Some(e) = self.guests.get_mut(id)
-            && std::mem::take(&mut e.resize_unread)
-        {
-            e.prompt = false;
-        }
-    }
-
     /// What guest `id`, whose balloon reads `actual_kib` now, may still make the host back: its
     /// balloon (as read, or as last set if that is more) minus what it had touched at its last
     /// report (all of it before any report).
@@ -126,7 +109,6 @@ impl Ledger {
             reclaiming: e.is_some_and(|e| e.reclaiming),
             behind: e.is_some_and(|e| e.asked_kib.is_some() && e.warned),
             peak_rate_kib_s: e.map_or(0.0, |e| e.rates.iter().copied().fold(0.0, f64::max)),
-            prompt: e.is_some_and(|e| e.prompt),
         }
     }
 
@@ -151,7 +133,6 @@ impl Ledger {
         e.set_kib = Some(c.to_kib);
         e.reached = false;
         e.warned = false;
-        e.resize_unread = true;
     }
 
     /// Forget guest `id`: it vanished or restarted.
@@ -254,27 +235,6 @@ mod tests {
         }
         // 12 has left the window; 9 is the fastest of 8, 9, 7.
         assert_eq!(l.standing(&ID, 0).peak_rate_kib_s, 9.0 * 1024.0);
-    }
-
-    #[test]
-    fn a_guest_is_prompt_while_its_resizes_show_at_the_next_read() {
-        let mut l = Ledger::new();
-        assert!(!l.standing(&ID, 0).prompt, "unknown until it was resized");
-        l.observe(&guest(500, 50), "g");
-        l.resized(&resize(500, 600));
-        l.observe(&guest(600, 140), "g");
-        assert!(l.standing(&ID, 0).prompt);
-        // Reads with no resize before them change nothing.
-        l.not_fresh(&ID);
-        assert!(l.standing(&ID, 0).prompt);
-        // A resize whose next read is still settling: not prompt, until one shows at once again.
-        l.resized(&resize(600, 500));
-        l.not_fresh(&ID);
-        l.observe(&guest(500, 40), "g");
-        assert!(!l.standing(&ID, 0).prompt);
-        l.resized(&resize(500, 550));
-        l.observe(&guest(550, 80), "g");
-        assert!(l.standing(&ID, 0).prompt);
     }
 
     #[test]

@@ -16,15 +16,17 @@
 //!    `waste_pct` % and it is not consuming, and it stays wasting, while it does not consume,
 //!    until it is brought down to where a shrink stops (rule 5), so a guest is not left just
 //!    under the waste line; **balanced** otherwise ([`MemPolicy::status`]).
-//! 3. **Feeding.** Each starving guest wants what it lacks to still have, after the periods of
-//!    consumption until it is decided on again, its *headroom*. That is one period for a guest
-//!    whose last resize showed in its very next report (a report counts once it was taken at the
-//!    balloon's new size, see [`crate::sampling::MemorySampler`]), two for any other (its balloon
-//!    is decided on once it has settled). The headroom is `runway_periods` periods of
-//!    consumption (at the fastest rate of its last few reports: one report's rate swings), and
-//!    at least `headroom_pct` % of its balloon. No more than it needs (what a guest holds free is
-//!    memory no other guest can have), and nothing while it has that much (it is fed again, in
-//!    time, as its free memory falls). A guest whose balloon did not follow its last grant (its
+//! 3. **Feeding.** Each starving guest wants what it lacks to still have, after two periods of
+//!    consumption, its *headroom*. A resized guest is decided on again as soon as a report shows
+//!    its balloon's new size: one period later when the report read then was taken after the
+//!    move (see [`crate::sampling::MemorySampler`]), two when it predates it. The second period
+//!    is a margin for a burst: a guest may eat twice its recent rate for a period and still keep
+//!    its headroom (seen on real guests: a guest that fell behind caught up at 4 times its
+//!    rate). The headroom is `runway_periods` periods of consumption (at the fastest rate of its
+//!    last few reports: one report's rate swings), and at least `headroom_pct` % of its balloon.
+//!    No more than it needs (what a guest holds free is memory no other guest can have), and
+//!    nothing while it has that much (it is fed again, in time, as its free memory falls). A
+//!    guest whose balloon did not follow its last grant (its
 //!    `actual` stayed under the size it was given) gets nothing until it does. Grants are paid
 //!    from the host's budget only (rule 6); when the budget cannot pay every want, it is shared
 //!    in proportion to the wants, so equal needs get equal shares whatever each guest claims.
@@ -80,12 +82,12 @@ pub struct MemPolicy {
     pub max_step_kib: u64,
     /// Fraction of a wasting guest's excess returned to the host per cycle.
     pub return_fraction: f64,
-    /// Seconds between cycles: a starving guest gets its consumption until its next decision.
+    /// Seconds between cycles: a starving guest gets twice its consumption over one period.
     pub period_secs: f64,
     /// A consuming guest whose free memory would last fewer periods than this is starving.
     pub runway_periods: f64,
-    /// A starving guest is fed so that at its next decision it still has this % of its balloon
-    /// free (and its runway).
+    /// A starving guest is fed so that two periods ahead it still has this % of its balloon free
+    /// (and its runway).
     pub headroom_pct: f64,
 }
 
@@ -143,9 +145,6 @@ pub struct Standing {
     /// The fastest it consumed over its last few reports, KiB/s: a grant is sized on this, not on
     /// the last rate alone, which swings from report to report (rule 3).
     pub peak_rate_kib_s: f64,
-    /// Its last resize showed in its very next report: after a resize it is decided on again one
-    /// period later, not two (rule 3).
-    pub prompt: bool,
 }
 
 /// Everything the memory planner needs at one instant.
@@ -366,15 +365,14 @@ fn feed(snapshot: &MemSnapshot, starving: &[usize], policy: &MemPolicy, target: 
     Fed { asked, granted }
 }
 
-/// Rule 3: what starving guest `g` wants this cycle: enough that, after the periods until it is
-/// decided on again (one for a prompt guest, else two), it still has its headroom; nothing under
-/// 1 MiB; within its one step and its max memory (rule 6).
+/// Rule 3: what starving guest `g` wants this cycle: enough that, after two periods of
+/// consumption, it still has its headroom; nothing under 1 MiB; within its one step and its max
+/// memory (rule 6).
 fn want_kib(g: &GuestMemory, standing: &Standing, policy: &MemPolicy) -> u64 {
     let per_period = g.rate_kib_s.max(standing.peak_rate_kib_s) * policy.period_secs;
     let runway = policy.runway_periods * per_period;
     let headroom = runway.max(g.actual_kib as f64 * policy.headroom_pct / 100.0);
-    let until_decided = if standing.prompt { 1.0 } else { 2.0 };
-    let need = (until_decided * per_period + headroom - g.free_kib as f64).ceil();
+    let need = (2.0 * per_period + headroom - g.free_kib as f64).ceil();
     let need = if need >= MIB as f64 { need as u64 } else { 0 };
     need.min(policy.max_step_kib)
         .min(g.max_kib.saturating_sub(g.actual_kib))

@@ -230,32 +230,6 @@ fn a_guest_is_given_what_it_lacks_of_its_runway_two_periods_ahead() {
 }
 
 #[test]
-fn a_prompt_guest_is_given_one_period_ahead() {
-    // The same guest as above, whose last resize showed in its very next report: it is decided
-    // on again one period later, so it eats 60 MiB until then and lacks nothing with 240 free...
-    let prompt = |free_mib| {
-        let g = guest(1, 2000, free_mib, 20.0);
-        let mut s = snapshot(vec![g], host(16384, 8000));
-        s.standing.insert(
-            g.id,
-            Standing {
-                prompt: true,
-                ..Standing::default()
-            },
-        );
-        checked(s, &policy())
-    };
-    let (s, p) = prompt(240);
-    assert_eq!(status(&s.guests[0]), MemStatus::Starving);
-    assert!(p.changes.is_empty(), "{p:?}");
-    // ...and with 200 free it lacks 40 MiB (where a guest decided on two periods later lacks 100).
-    let (s, p) = prompt(200);
-    assert_eq!(size_mib(&s, &p, 1), 2040);
-    let (s, p) = plan_for(vec![guest(1, 2000, 200, 20.0)], host(16384, 8000));
-    assert_eq!(size_mib(&s, &p, 1), 2100);
-}
-
-#[test]
 fn a_slow_consumer_is_kept_at_its_headroom_share() {
     // 1.5 MiB/s: 9 MiB in two periods, a runway of 13.5 MiB; 8 % of 1000 MiB is more: 80 MiB.
     let (s, p) = plan_for(vec![guest(1, 1000, 30, 1.5)], host(16384, 8000));
@@ -472,7 +446,6 @@ fn arb_guest(n: u8) -> impl Strategy<Value = (GuestMemory, Standing)> {
                     behind,
                     // A faster recent rate than the last one, sometimes.
                     peak_rate_kib_s: rate.max(0.0) * 1024.0 * (guaranteed % 3) as f64,
-                    prompt: extra % 2 == 0,
                 };
                 (g, standing)
             },

@@ -73,8 +73,8 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 3.0, value_parser = parse_runway)]
     runway_periods: f64,
 
-    /// A starving guest is fed so that, at its next decision, it still has this % of its memory
-    /// free (and --runway-periods periods of its consumption)
+    /// A starving guest is fed so that, two periods ahead, it still has this % of its memory free
+    /// (and --runway-periods periods of its consumption)
     #[arg(long, value_name = "PCT", default_value_t = 8.0, value_parser = parse_non_negative)]
     headroom_pct: f64,
 
