@@ -77,10 +77,10 @@ struct LastRead {
 /// or it moved, and the guest's total memory (MemTotal, which a Linux balloon driver lowers and
 /// raises page by page as it inflates and deflates) moved with it exactly, so the report postdates
 /// the move. The second lets a resized guest be decided on again one read after the resize instead
-/// of two. A guest whose MemTotal does not follow its balloon (virtio-balloon's `deflate-on-oom`)
-/// is simply judged by the first.
+/// of two. A guest whose MemTotal does not follow its balloon (Linux keeps it when virtio-balloon's
+/// `deflate-on-oom` is negotiated) is simply judged by the first.
 ///
-/// A guest's consumption is its growth over its last [`RATE_INTERVALS`] reports: a guest that
+/// A guest's consumption is its growth over its last two reports (`RATE_INTERVALS`): a guest that
 /// stalls for a report and catches up in the next (seen on real guests after a grant: a rate of
 /// 0, then twice the true one, and grants sized on that 2×) is read at most 1.5 times its rate,
 /// and never as idle while it consumes.
@@ -91,7 +91,7 @@ pub struct MemorySampler {
 }
 
 /// Intervals between reports a consumption rate covers.
-pub const RATE_INTERVALS: usize = 2;
+const RATE_INTERVALS: usize = 2;
 
 impl Default for MemorySampler {
     fn default() -> Self {
