@@ -26,12 +26,12 @@
 //!    last few reports: one report's rate swings), and at least `headroom_pct` % of its balloon.
 //!    No more than it needs (what a guest holds free is memory no other guest can have), and
 //!    nothing while it has that much (it is fed again, in time, as its free memory falls). A
-//!    guest whose balloon did not follow its last grant (its
-//!    `actual` stayed under the size it was given) gets nothing until it does. Grants are paid
-//!    from the host's budget only (rule 6); when the budget cannot pay every want, it is shared
-//!    in proportion to the wants, so equal needs get equal shares whatever each guest claims.
-//!    Wasting guests (most wasteful first) give back as much as the starving guests want: it
-//!    reaches the host's figure, and so the budget, in later cycles.
+//!    guest whose balloon did not follow its last grant (its `actual` stayed under the size it
+//!    was given) gets nothing until it does. Grants are paid from the host's budget only (rule
+//!    6); when the budget cannot pay every want, it is shared in proportion to the wants, so
+//!    equal needs get equal shares whatever each guest claims. Wasting guests (most wasteful
+//!    first) give back as much as the starving guests want: it reaches the host's figure, and so
+//!    the budget, in later cycles.
 //! 4. **Returning.** With nobody starving (a guest behind its last grant does not count), wasting
 //!    guests give a fraction of their excess back to the host each cycle (all of it, step-capped,
 //!    while the host is under its reserve). In

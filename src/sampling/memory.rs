@@ -264,7 +264,7 @@ mod tests {
     }
 
     #[test]
-    fn a_guest_that_stalls_and_catches_up_is_read_at_its_true_rate() {
+    fn a_guest_that_stalls_and_catches_up_is_never_read_idle_nor_at_twice_its_rate() {
         let (mut m, t0) = (MemorySampler::new(), Instant::now());
         cycle(&mut m, t0, 0, (100_000, 90_000, 1));
         cycle(&mut m, t0, 2, (100_000, 90_000, 3));
