@@ -19,8 +19,9 @@ pub struct GuestMemory {
     pub free_kib: u64,
     /// Memory the guest does not use at all (MemFree): every page it never touched is in here.
     pub unused_kib: u64,
-    /// Consumption: growth of the memory the guest uses (actual − unused), in KiB/s, over the
-    /// measured interval. Positive = consuming. A balloon change does not count as consumption.
+    /// Consumption: growth of the memory the guest uses (actual − free), in KiB/s, over the
+    /// measured interval since its report two reports back. Positive = consuming. A balloon
+    /// change does not count as consumption.
     pub rate_kib_s: f64,
 }
 
