@@ -61,6 +61,7 @@ pub enum MemoryReading {
 }
 
 /// What the sampler remembers of a domain's previous read.
+#[derive(Clone, Copy)]
 struct LastRead {
     update: u64,
     actual_kib: u64,
@@ -125,18 +126,15 @@ impl MemorySampler {
             && available > 0
             && stats.actual_kib > 0;
         let offset = stats.actual_kib as i64 - available as i64;
-        let previous = self
-            .last
-            .get(&id)
-            .map(|p| (p.update, p.actual_kib, p.offset_kib));
-        let moved = previous.is_some_and(|(_, actual, _)| actual != stats.actual_kib);
+        let previous = self.last.get(&id).copied();
+        let moved = previous.is_some_and(|p| p.actual_kib != stats.actual_kib);
         // Taken at the balloon size read now: the balloon stayed put, or MemTotal moved with it.
-        let at_this_size = !moved || previous.is_some_and(|(_, _, known)| known == Some(offset));
-        let fresh = previous.is_some_and(|(last, _, _)| update > last);
+        let at_this_size = !moved || previous.is_some_and(|p| p.offset_kib == Some(offset));
+        let fresh = previous.is_some_and(|p| update > p.update);
         let known_offset = if fresh && at_this_size && sane {
             Some(offset)
         } else {
-            previous.and_then(|(_, _, known)| known)
+            previous.and_then(|p| p.offset_kib)
         };
         self.last.insert(
             id,
