@@ -561,24 +561,25 @@ fn assert_no_oom(lab: &Lab, name: &str) {
     );
 }
 
-/// The fastest consumption the coordinator reported for guest `name` over the run, MiB/s.
-fn fastest_rate(reports: &[Value], name: &str) -> f64 {
+/// Guest `name`'s line in each cycle report that has one, in order.
+fn guest_lines<'a>(reports: &'a [Value], name: &str) -> impl Iterator<Item = &'a Value> {
     let domain = Lab::domain(name);
     reports
         .iter()
         .flat_map(|r| r["guests"].as_array().unwrap().iter())
-        .filter(|g| g["domain"] == domain.as_str())
+        .filter(move |g| g["domain"] == domain.as_str())
+}
+
+/// The fastest consumption the coordinator reported for guest `name` over the run, MiB/s.
+fn fastest_rate(reports: &[Value], name: &str) -> f64 {
+    guest_lines(reports, name)
         .filter_map(|g| g["rate_mib_s"].as_f64())
         .fold(0.0f64, f64::max)
 }
 
 /// How many times guest `name` was read with its balloon still settling after its first decision.
 fn settling_reads(reports: &[Value], name: &str) -> usize {
-    let domain = Lab::domain(name);
-    let states: Vec<&str> = reports
-        .iter()
-        .flat_map(|r| r["guests"].as_array().unwrap().iter())
-        .filter(|g| g["domain"] == domain.as_str())
+    let states: Vec<&str> = guest_lines(reports, name)
         .filter_map(|g| g["state"].as_str())
         .collect();
     let decided = states
