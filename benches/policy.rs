@@ -24,6 +24,7 @@ use vmbalance::coordinator::Coordinator;
 use vmbalance::cpu_plan::{CpuPlan, CpuPolicy, PinMove, plan};
 use vmbalance::host::{DomainId, HostMemory};
 use vmbalance::mem_plan::{self, MemPlan, MemPolicy, MemSnapshot};
+use vmbalance::report::GuestState;
 use vmbalance::sampling::{Allowed, CpuSnapshot, GuestMemory, VcpuKey, VcpuLoad, pcpu_usage};
 use vmbalance::scheduler::Scheduler;
 
@@ -666,7 +667,10 @@ fn run_mem_trace(t: &MemTrace, runner: MemRunner) -> MemOutcome {
         if runner != MemRunner::Nobody {
             let report = c.cycle(&mut host).unwrap().unwrap();
             for h in 0..t.hogs {
-                let starving = report.guests[h].state.starts_with("STARVING");
+                let starving = matches!(
+                    report.guests[h].state,
+                    GuestState::Starving | GuestState::StarvingBehind
+                );
                 if host.domains[h].mem.actual > before[h] {
                     wait[h] = 0;
                 } else if starving {

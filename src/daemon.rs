@@ -11,9 +11,9 @@ use clap::Parser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::exclusions::{Exclusions, parse_pattern};
+use crate::exclusions::{ExcludePattern, Exclusions};
 use crate::host::{Host, HostError, HostResult};
-use crate::metrics::{Endpoint, Metrics};
+use crate::metrics::{Endpoint, Export, Metrics};
 use crate::report::Report;
 
 /// The URI used when neither `--connect` nor `LIBVIRT_DEFAULT_URI` names one.
@@ -56,8 +56,8 @@ pub struct CommonArgs {
 
     /// Leave a domain alone: read, never changed (repeatable). PATTERN is a domain UUID or a
     /// glob over domain names (`rt-*`). A domain also opts out in its own metadata (see README)
-    #[arg(long = "exclude", value_name = "PATTERN", value_parser = parse_pattern)]
-    pub exclude: Vec<String>,
+    #[arg(long = "exclude", value_name = "PATTERN", value_parser = ExcludePattern::parse)]
+    pub exclude: Vec<ExcludePattern>,
 
     /// Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9177 [default: off]
     #[arg(long, value_name = "HOST:PORT")]
@@ -88,7 +88,7 @@ pub struct LoopOptions {
 impl CommonArgs {
     /// The domains to leave alone (`--exclude`, and each domain's own metadata).
     pub fn exclusions(&self) -> Exclusions {
-        Exclusions::new(&self.exclude).expect("patterns are checked when parsed")
+        Exclusions::new(self.exclude.clone())
     }
 
     /// What the start-up line adds for `--dry-run` (nothing without it).
@@ -102,7 +102,7 @@ impl CommonArgs {
 
     /// Run a daemon with these options: `cycle` on `host` every `period` (see [`run_cycles`]),
     /// reconnecting the host when its connection drops (see [`host_turn`]).
-    pub fn serve<H: Host, R: Report>(
+    pub fn serve<H: Host, R: Report + Export>(
         &self,
         uri: &str,
         period: Duration,
@@ -315,7 +315,7 @@ pub fn reconnect_delay(previous: Duration, period: Duration) -> Duration {
 /// JSON object with its cycle number and time (Unix seconds). While the connection is down it
 /// retries with a doubling delay (at most [`MAX_RECONNECT_DELAY`]), saying so once. The end is
 /// logged with the run's totals. Any other error ends the loop and is returned.
-pub fn run_cycles<R: Report>(
+pub fn run_cycles<R: Report + Export>(
     uri: &str,
     options: LoopOptions,
     mut cycle: impl FnMut() -> anyhow::Result<Turn<R>>,
@@ -434,7 +434,7 @@ impl Run<'_> {
     }
 
     /// A cycle ran: count what it did, log it, and print it with `--json`.
-    fn report<R: Report>(&mut self, report: &R) -> anyhow::Result<()> {
+    fn report<R: Report + Export>(&mut self, report: &R) -> anyhow::Result<()> {
         self.cycled();
         self.idle = false;
         self.totals.changes += report.changes();
@@ -444,7 +444,7 @@ impl Run<'_> {
             print_json(report, self.totals.cycles)?;
         }
         if let Some(e) = &mut self.exporter {
-            report.export(&mut e.metrics);
+            e.metrics.export(report);
             e.publish();
         }
         Ok(())

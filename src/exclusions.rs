@@ -10,8 +10,6 @@
 //! An excluded domain is read, never changed: the vCPU scheduler still counts its vCPUs as load
 //! on the pCPUs they run on, and the memory coordinator never resizes its balloon.
 
-use std::collections::HashMap;
-
 use crate::host::{DomainId, DomainRef};
 
 /// The XML namespace of vmbalance's element in a domain's metadata.
@@ -53,28 +51,42 @@ impl DomainMetadata {
     }
 }
 
-/// One `--exclude` argument.
+/// What one `--exclude` argument matches.
 #[derive(Clone, Debug)]
-enum Pattern {
+enum Matcher {
     Uuid(DomainId),
     Name(glob::Pattern),
 }
 
-impl Pattern {
-    /// A domain UUID, else a glob over domain names (`*`, `?`, `[…]`).
-    fn new(text: &str) -> Result<Self, String> {
-        if let Some(id) = DomainId::parse(text) {
-            return Ok(Self::Uuid(id));
-        }
-        glob::Pattern::new(text)
-            .map(Self::Name)
-            .map_err(|e| format!("'{text}' is neither a UUID nor a valid name pattern: {e}"))
-    }
+/// One `--exclude` argument, parsed: a domain UUID, else a glob over domain names.
+#[derive(Clone, Debug)]
+pub struct ExcludePattern {
+    text: String,
+    matcher: Matcher,
 }
 
-/// Check one `--exclude` value (see [`Exclusions::new`]).
-pub fn parse_pattern(text: &str) -> Result<String, String> {
-    Pattern::new(text).map(|_| text.to_string())
+impl ExcludePattern {
+    /// A domain UUID, else a glob over domain names (`*`, `?`, `[…]`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let matcher = match DomainId::parse(text) {
+            Some(id) => Matcher::Uuid(id),
+            None => glob::Pattern::new(text)
+                .map(Matcher::Name)
+                .map_err(|e| format!("'{text}' is neither a UUID nor a valid name pattern: {e}"))?,
+        };
+        Ok(Self {
+            text: text.to_string(),
+            matcher,
+        })
+    }
+
+    /// Does it name `domain`?
+    fn matches(&self, domain: &DomainRef) -> bool {
+        match &self.matcher {
+            Matcher::Uuid(id) => *id == domain.id,
+            Matcher::Name(glob) => glob.matches(&domain.name),
+        }
+    }
 }
 
 /// Why a domain is left alone.
@@ -86,26 +98,17 @@ pub enum Reason {
     Metadata,
 }
 
-/// The domains to leave alone, said once per domain at first sight.
+/// The domains to leave alone. It keeps no state: whether an exclusion was said is in each
+/// daemon's record of the domain.
 #[derive(Clone, Debug, Default)]
 pub struct Exclusions {
-    patterns: Vec<(String, Pattern)>,
-    /// Domains found excluded, and the cycle they were last seen in (forgotten when not seen).
-    announced: HashMap<DomainId, u64>,
-    cycle: u64,
+    patterns: Vec<ExcludePattern>,
 }
 
 impl Exclusions {
-    /// Exclusions from `--exclude` values: each a domain UUID, else a glob over domain names.
-    pub fn new(patterns: &[String]) -> Result<Self, String> {
-        let patterns = patterns
-            .iter()
-            .map(|text| Ok((text.clone(), Pattern::new(text)?)))
-            .collect::<Result<_, String>>()?;
-        Ok(Self {
-            patterns,
-            ..Self::default()
-        })
+    /// Exclusions from `--exclude` values.
+    pub fn new(patterns: Vec<ExcludePattern>) -> Self {
+        Self { patterns }
     }
 
     /// Why `domain` is left alone, if it is.
@@ -115,24 +118,17 @@ impl Exclusions {
         }
         self.patterns
             .iter()
-            .find(|(_, p)| match p {
-                Pattern::Uuid(id) => *id == domain.id,
-                Pattern::Name(glob) => glob.matches(&domain.name),
-            })
-            .map(|(text, _)| Reason::Flag(text.clone()))
+            .find(|p| p.matches(domain))
+            .map(|p| Reason::Flag(p.text.clone()))
     }
 
-    /// Start a cycle.
-    pub fn begin_cycle(&mut self) {
-        self.cycle += 1;
-    }
-
-    /// Is `domain` to be left alone? Said in the log the first time it is seen so.
-    pub fn excludes(&mut self, domain: &DomainRef) -> bool {
-        let Some(reason) = self.reason(domain) else {
-            return false;
-        };
-        if self.announced.insert(domain.id, self.cycle).is_none() {
+    /// Is `domain` to be left alone? Said in the log when it becomes so: `said` is whether it was
+    /// left alone at its last sight (kept in the daemon's record of the domain), updated here.
+    pub fn excludes(&self, domain: &DomainRef, said: &mut bool) -> bool {
+        let reason = self.reason(domain);
+        if let Some(reason) = &reason
+            && !*said
+        {
             match reason {
                 Reason::Flag(pattern) => log::info!(
                     "domain {} is excluded by --exclude '{pattern}': read, never changed",
@@ -144,13 +140,8 @@ impl Exclusions {
                 ),
             }
         }
-        true
-    }
-
-    /// End a cycle: forget excluded domains not seen in it (said again if they come back).
-    pub fn end_cycle(&mut self) {
-        let current = self.cycle;
-        self.announced.retain(|_, seen| *seen == current);
+        *said = reason.is_some();
+        reason.is_some()
     }
 
     /// No exclusion at all (no `--exclude`)?
@@ -173,7 +164,10 @@ mod tests {
     #[test]
     fn names_by_glob_uuids_exactly_and_metadata_always() {
         let uuid = DomainId([7; 16]).to_string();
-        let ex = Exclusions::new(&["rt-*".into(), uuid]).unwrap();
+        let ex = Exclusions::new(vec![
+            ExcludePattern::parse("rt-*").unwrap(),
+            ExcludePattern::parse(&uuid).unwrap(),
+        ]);
         assert_eq!(
             ex.reason(&domain("rt-db", 1, false)),
             Some(Reason::Flag("rt-*".into()))
@@ -184,9 +178,20 @@ mod tests {
     }
 
     #[test]
+    fn an_exclusion_is_said_when_it_begins() {
+        let ex = Exclusions::new(vec![ExcludePattern::parse("rt-*").unwrap()]);
+        let mut said = false;
+        assert!(ex.excludes(&domain("rt-db", 1, false), &mut said));
+        assert!(said);
+        // Its metadata no longer asks, nor does a flag: not excluded, and said again if it is.
+        assert!(!ex.excludes(&domain("db", 1, false), &mut said));
+        assert!(!said);
+    }
+
+    #[test]
     fn bad_patterns_are_refused() {
-        assert!(parse_pattern("[").is_err());
-        assert!(parse_pattern("web-[0-9]").is_ok());
+        assert!(ExcludePattern::parse("[").is_err());
+        assert!(ExcludePattern::parse("web-[0-9]").is_ok());
     }
 
     #[test]

@@ -49,6 +49,15 @@ impl serde::Serialize for DomainId {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for DomainId {
+    /// From its UUID string.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("'{text}' is not a domain UUID")))
+    }
+}
+
 impl fmt::Debug for DomainId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)

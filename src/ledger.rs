@@ -16,11 +16,8 @@
 //!   up (rule 3); the operator is told once.
 //! - **Reclaiming.** A guest found wasting stays so until it is brought to its target (rule 2).
 
-use std::collections::HashMap;
-
 use log::warn;
 
-use crate::host::DomainId;
 use crate::mem_plan::{BalloonChange, MemStatus, Standing};
 use crate::sampling::GuestMemory;
 
@@ -30,9 +27,14 @@ fn slack_kib(size_kib: u64) -> u64 {
     (size_kib / 100).max(1024)
 }
 
-/// What is known of one guest.
+/// How many fresh reports' rates a grant is sized on.
+const RATES_KEPT: usize = 3;
+
+/// What the coordinator asked of one guest, and what it knows from that: memory the guest may
+/// still make the host back, whether its balloon lags, whether it is being reclaimed. Kept in the
+/// coordinator's record of the guest's domain run.
 #[derive(Clone, Debug, Default)]
-struct Entry {
+pub struct GuestLedger {
     /// Memory it had touched at its last consistent report (balloon size minus MemFree), KiB.
     touched_kib: Option<u64>,
     /// The size of its last grant, until its balloon reaches it.
@@ -49,39 +51,28 @@ struct Entry {
     rates: Vec<f64>,
 }
 
-/// How many fresh reports' rates a grant is sized on.
-const RATES_KEPT: usize = 3;
-
-/// Memory guests may still make the host back, balloons lagging, guests being reclaimed: per
-/// guest, across cycles.
-#[derive(Default)]
-pub struct Ledger {
-    guests: HashMap<DomainId, Entry>,
-}
-
-impl Ledger {
-    /// An empty ledger.
+impl GuestLedger {
+    /// Nothing asked or known yet.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// A fresh report of guest `g` (named `name`): what it has touched, and whether its balloon
-    /// reached the size it was last given.
+    /// A fresh report `g` of the guest (named `name`): what it has touched, and whether its
+    /// balloon reached the size it was last given.
     pub fn observe(&mut self, g: &GuestMemory, name: &str) {
-        let e = self.guests.entry(g.id).or_default();
-        e.touched_kib = Some(g.actual_kib.saturating_sub(g.unused_kib));
-        if e.rates.len() == RATES_KEPT {
-            e.rates.remove(0);
+        self.touched_kib = Some(g.actual_kib.saturating_sub(g.unused_kib));
+        if self.rates.len() == RATES_KEPT {
+            self.rates.remove(0);
         }
-        e.rates.push(g.rate_kib_s);
-        if let Some(set) = e.set_kib {
-            e.reached |= g.actual_kib.abs_diff(set) <= slack_kib(set);
+        self.rates.push(g.rate_kib_s);
+        if let Some(set) = self.set_kib {
+            self.reached |= g.actual_kib.abs_diff(set) <= slack_kib(set);
         }
-        if let Some(asked) = e.asked_kib {
+        if let Some(asked) = self.asked_kib {
             if g.actual_kib + slack_kib(asked) >= asked {
-                e.asked_kib = None;
-                e.warned = false;
-            } else if !std::mem::replace(&mut e.warned, true) {
+                self.asked_kib = None;
+                self.warned = false;
+            } else if !std::mem::replace(&mut self.warned, true) {
                 warn!(
                     "domain {name}: its balloon stays at {} MiB although it was given {} MiB; it gets no more memory until it follows",
                     g.actual_kib / 1024,
@@ -91,64 +82,51 @@ impl Ledger {
         }
     }
 
-    /// What guest `id`, whose balloon reads `actual_kib` now, may still make the host back: its
+    /// What the guest, whose balloon reads `actual_kib` now, may still make the host back: its
     /// balloon (as read, or as last set if that is more) minus what it had touched at its last
     /// report (all of it before any report).
-    pub fn unbacked_kib(&self, id: &DomainId, actual_kib: u64) -> u64 {
-        let e = self.guests.get(id);
-        let touched = e.and_then(|e| e.touched_kib).unwrap_or(0);
-        let set = e.and_then(|e| e.set_kib).unwrap_or(0);
+    pub fn unbacked_kib(&self, actual_kib: u64) -> u64 {
+        let touched = self.touched_kib.unwrap_or(0);
+        let set = self.set_kib.unwrap_or(0);
         actual_kib.max(set).saturating_sub(touched)
     }
 
-    /// The standing of guest `id`, whose metadata guarantees it `guaranteed_kib`.
-    pub fn standing(&self, id: &DomainId, guaranteed_kib: u64) -> Standing {
-        let e = self.guests.get(id);
+    /// The guest's standing, its metadata guaranteeing it `guaranteed_kib`.
+    pub fn standing(&self, guaranteed_kib: u64) -> Standing {
         Standing {
             guaranteed_kib,
-            reclaiming: e.is_some_and(|e| e.reclaiming),
-            behind: e.is_some_and(|e| e.asked_kib.is_some() && e.warned),
-            peak_rate_kib_s: e.map_or(0.0, |e| e.rates.iter().copied().fold(0.0, f64::max)),
+            reclaiming: self.reclaiming,
+            behind: self.asked_kib.is_some() && self.warned,
+            peak_rate_kib_s: self.rates.iter().copied().fold(0.0, f64::max),
         }
     }
 
-    /// Guest `id` was judged `status` this cycle.
-    pub fn judged(&mut self, id: &DomainId, status: MemStatus) {
-        self.guests.entry(*id).or_default().reclaiming = status == MemStatus::Wasting;
+    /// The guest was judged `status` this cycle.
+    pub fn judged(&mut self, status: MemStatus) {
+        self.reclaiming = status == MemStatus::Wasting;
     }
 
-    /// Was guest `id`'s balloon last set to `kib`, and has it not been seen there since? (Asking
-    /// again changes nothing: a balloon that did not get there will not for being asked twice.
-    /// One that got there and moved away on its own may be asked again.)
-    pub fn already_set(&self, id: &DomainId, kib: u64) -> bool {
-        self.guests
-            .get(id)
-            .is_some_and(|e| e.set_kib == Some(kib) && !e.reached)
+    /// Was the balloon last set to `kib`, and has it not been seen there since? (Asking again
+    /// changes nothing: a balloon that did not get there will not for being asked twice. One that
+    /// got there and moved away on its own may be asked again.)
+    pub fn already_set(&self, kib: u64) -> bool {
+        self.set_kib == Some(kib) && !self.reached
     }
 
     /// Change `c` was made: a grant is watched until the balloon reaches it; a shrink ends that.
     pub fn resized(&mut self, c: &BalloonChange) {
-        let e = self.guests.entry(c.id).or_default();
-        e.asked_kib = (!c.shrinks()).then_some(c.to_kib);
-        e.set_kib = Some(c.to_kib);
-        e.reached = false;
-        e.warned = false;
-    }
-
-    /// Forget guest `id`: it vanished or restarted.
-    pub fn forget(&mut self, id: &DomainId) {
-        self.guests.remove(id);
-    }
-
-    /// Keep only the guests `keep` says to.
-    pub fn retain(&mut self, mut keep: impl FnMut(&DomainId) -> bool) {
-        self.guests.retain(|id, _| keep(id));
+        self.asked_kib = (!c.shrinks()).then_some(c.to_kib);
+        self.set_kib = Some(c.to_kib);
+        self.reached = false;
+        self.warned = false;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::host::DomainId;
 
     const MIB: u64 = 1024;
     const ID: DomainId = DomainId([1; 16]);
@@ -174,76 +152,76 @@ mod tests {
 
     #[test]
     fn a_guest_may_touch_its_free_memory_and_what_its_balloon_gained_since() {
-        let mut l = Ledger::new();
+        let mut l = GuestLedger::new();
         // Never reported: all of its balloon.
-        assert_eq!(l.unbacked_kib(&ID, 500 * MIB), 500 * MIB);
+        assert_eq!(l.unbacked_kib(500 * MIB), 500 * MIB);
         l.observe(&guest(500, 50), "g");
-        assert_eq!(l.unbacked_kib(&ID, 500 * MIB), 50 * MIB);
+        assert_eq!(l.unbacked_kib(500 * MIB), 50 * MIB);
         // Given 100 MiB, not reported since: those too.
-        assert_eq!(l.unbacked_kib(&ID, 600 * MIB), 150 * MIB);
+        assert_eq!(l.unbacked_kib(600 * MIB), 150 * MIB);
         // Shrunk by 30 MiB: the balloon took free pages.
-        assert_eq!(l.unbacked_kib(&ID, 470 * MIB), 20 * MIB);
+        assert_eq!(l.unbacked_kib(470 * MIB), 20 * MIB);
         // Set to 600 MiB, it reads 500 still: it may have the 600 MiB it was given.
         l.resized(&resize(500, 600));
-        assert_eq!(l.unbacked_kib(&ID, 500 * MIB), 150 * MIB);
+        assert_eq!(l.unbacked_kib(500 * MIB), 150 * MIB);
         // It used 40 MiB more: 110 MiB left to touch.
         l.observe(&guest(600, 110), "g");
-        assert_eq!(l.unbacked_kib(&ID, 600 * MIB), 110 * MIB);
-        l.forget(&ID);
-        assert_eq!(l.unbacked_kib(&ID, 600 * MIB), 600 * MIB);
+        assert_eq!(l.unbacked_kib(600 * MIB), 110 * MIB);
+        // A guest of which nothing is known may touch all of its balloon.
+        assert_eq!(GuestLedger::new().unbacked_kib(600 * MIB), 600 * MIB);
     }
 
     #[test]
     fn a_balloon_that_does_not_follow_its_grant_is_behind_until_it_does() {
-        let mut l = Ledger::new();
+        let mut l = GuestLedger::new();
         l.observe(&guest(500, 50), "g");
         l.resized(&resize(500, 600));
-        assert!(!l.standing(&ID, 0).behind, "not judged before a report");
+        assert!(!l.standing(0).behind, "not judged before a report");
         l.observe(&guest(500, 40), "g");
-        assert!(l.standing(&ID, 0).behind);
+        assert!(l.standing(0).behind);
         l.observe(&guest(599, 130), "g");
-        assert!(!l.standing(&ID, 0).behind);
+        assert!(!l.standing(0).behind);
         // A shrink ends the wait.
         l.resized(&resize(599, 700));
         l.observe(&guest(599, 130), "g");
         l.resized(&resize(599, 550));
-        assert!(!l.standing(&ID, 0).behind);
+        assert!(!l.standing(0).behind);
     }
 
     #[test]
     fn a_size_is_not_asked_twice_until_the_balloon_got_there_once() {
-        let mut l = Ledger::new();
+        let mut l = GuestLedger::new();
         l.resized(&resize(500, 400));
-        assert!(l.already_set(&ID, 400 * MIB));
-        assert!(!l.already_set(&ID, 390 * MIB));
+        assert!(l.already_set(400 * MIB));
+        assert!(!l.already_set(390 * MIB));
         // It stays at 500 (a balloon that does not follow): not asked again.
         l.observe(&guest(500, 300), "g");
-        assert!(l.already_set(&ID, 400 * MIB));
+        assert!(l.already_set(400 * MIB));
         // It got there, then grew back on its own (deflate on OOM): it may be asked again.
         l.observe(&guest(400, 200), "g");
         l.observe(&guest(450, 220), "g");
-        assert!(!l.already_set(&ID, 400 * MIB));
+        assert!(!l.already_set(400 * MIB));
     }
 
     #[test]
     fn grants_are_sized_on_the_fastest_of_the_last_three_rates() {
-        let mut l = Ledger::new();
+        let mut l = GuestLedger::new();
         for rate in [12.0, 8.0, 9.0, 7.0] {
             let mut g = guest(500, 50);
             g.rate_kib_s = rate * 1024.0;
             l.observe(&g, "g");
         }
         // 12 has left the window; 9 is the fastest of 8, 9, 7.
-        assert_eq!(l.standing(&ID, 0).peak_rate_kib_s, 9.0 * 1024.0);
+        assert_eq!(l.standing(0).peak_rate_kib_s, 9.0 * 1024.0);
     }
 
     #[test]
     fn a_wasting_guest_is_reclaiming_until_judged_otherwise() {
-        let mut l = Ledger::new();
-        l.judged(&ID, MemStatus::Wasting);
-        assert!(l.standing(&ID, 7).reclaiming);
-        assert_eq!(l.standing(&ID, 7).guaranteed_kib, 7);
-        l.judged(&ID, MemStatus::Balanced);
-        assert!(!l.standing(&ID, 0).reclaiming);
+        let mut l = GuestLedger::new();
+        l.judged(MemStatus::Wasting);
+        assert!(l.standing(7).reclaiming);
+        assert_eq!(l.standing(7).guaranteed_kib, 7);
+        l.judged(MemStatus::Balanced);
+        assert!(!l.standing(0).reclaiming);
     }
 }

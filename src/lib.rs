@@ -13,6 +13,9 @@
 //! The binaries in `src/bin` parse arguments and hand a cycle to [`daemon`], which runs the loop
 //! (period, signals, reconnection, output) for both.
 
+#[macro_use]
+mod named;
+
 pub mod coordinator;
 pub mod cpu_plan;
 pub mod daemon;
@@ -27,3 +30,4 @@ pub mod report;
 pub mod sampling;
 pub mod scheduler;
 pub mod topology;
+pub mod tracker;

@@ -133,7 +133,7 @@ impl std::fmt::Display for MemStatus {
 }
 
 /// What the planner knows of a guest beyond its report: the admin's word and the guest's
-/// history with the coordinator ([`crate::ledger::Ledger`]).
+/// history with the coordinator ([`crate::ledger::GuestLedger`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Standing {
     /// No shrink takes the guest under this (its metadata's guaranteed minimum), KiB.
@@ -158,7 +158,7 @@ pub struct MemSnapshot {
     pub standing: HashMap<DomainId, Standing>,
     /// Memory guests may still make the host back, KiB: what they hold free (every page a guest
     /// never touched is free in it), as last reported and moved by their balloons since
-    /// ([`crate::ledger::Ledger::unbacked_kib`]). The host may have to back it at any time, so it
+    /// ([`crate::ledger::GuestLedger::unbacked_kib`]). The host may have to back it at any time, so it
     /// is not in the budget.
     pub unbacked_kib: u64,
 }

@@ -12,11 +12,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
-use serde_json::Value;
+use serde::Deserialize;
+
+use crate::report::{CpuReport, Daemon, GuestState, MemReport, ResizeWhy};
 
 /// What a picture shows, counted (the tests check the picture against it).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -46,76 +48,105 @@ fn color(i: usize) -> RGBColor {
     PALETTE[i % PALETTE.len()]
 }
 
-/// Read a `--json` stream: one report per line; lines that are not JSON objects are skipped
-/// (a log mixed in), and reports of another daemon than the first one's are ignored.
-pub fn read_reports(text: &str) -> Vec<Value> {
-    let reports: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        .filter(|v| v.get("daemon").is_some())
-        .collect();
-    let Some(daemon) = reports.first().map(|r| r["daemon"].clone()) else {
-        return reports;
-    };
-    reports
-        .into_iter()
-        .filter(|r| r["daemon"] == daemon)
-        .collect()
+/// One cycle's report as `--json` prints it: the report, and the time it was printed.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Stamped<R> {
+    /// Unix seconds.
+    #[serde(default)]
+    pub time: f64,
+    /// The report.
+    #[serde(flatten)]
+    pub report: R,
 }
 
-/// Draw `reports` into the SVG file `out`.
-pub fn draw(reports: &[Value], out: &Path) -> anyhow::Result<Drawn> {
-    let Some(first) = reports.first() else {
-        bail!("no report to draw: give the --json output of vcpu_scheduler or memory_coordinator");
-    };
-    let start = first["time"].as_f64().unwrap_or(0.0);
-    let drawn = match first["daemon"].as_str() {
-        Some("vcpu_scheduler") => draw_cpu(reports, start, out),
-        Some("memory_coordinator") => draw_mem(reports, start, out),
-        other => bail!("cannot draw reports of {other:?}"),
+/// A run of one daemon, read back from its `--json` stream.
+#[derive(Clone, Debug)]
+pub enum Run {
+    /// A `vcpu_scheduler` run.
+    Cpu(Vec<Stamped<CpuReport>>),
+    /// A `memory_coordinator` run.
+    Mem(Vec<Stamped<MemReport>>),
+}
+
+/// Just the daemon of a report line.
+#[derive(Deserialize)]
+struct Header {
+    daemon: Daemon,
+}
+
+/// Read a `--json` stream: one report per line. Lines that are not JSON objects naming a daemon
+/// are skipped (a log mixed in), and reports of another daemon than the first one's are ignored;
+/// a report that does not read as its daemon's is an error naming its line.
+pub fn read_run(text: &str) -> anyhow::Result<Run> {
+    let mut run: Option<Run> = None;
+    for (n, line) in text.lines().enumerate() {
+        let Ok(header) = serde_json::from_str::<Header>(line.trim()) else {
+            continue;
+        };
+        let bad = || format!("line {}: not a {} report", n + 1, header.daemon);
+        match (&mut run, header.daemon) {
+            (None | Some(Run::Cpu(_)), Daemon::VcpuScheduler) => {
+                let report = serde_json::from_str(line).with_context(bad)?;
+                match run.get_or_insert_with(|| Run::Cpu(Vec::new())) {
+                    Run::Cpu(reports) => reports.push(report),
+                    Run::Mem(_) => unreachable!("matched above"),
+                }
+            }
+            (None | Some(Run::Mem(_)), Daemon::MemoryCoordinator) => {
+                let report = serde_json::from_str(line).with_context(bad)?;
+                match run.get_or_insert_with(|| Run::Mem(Vec::new())) {
+                    Run::Mem(reports) => reports.push(report),
+                    Run::Cpu(_) => unreachable!("matched above"),
+                }
+            }
+            // Another daemon's report, after the first one's.
+            _ => {}
+        }
+    }
+    run.context("no report to draw: give the --json output of vcpu_scheduler or memory_coordinator")
+}
+
+/// Draw `run` into the SVG file `out`.
+pub fn draw(run: &Run, out: &Path) -> anyhow::Result<Drawn> {
+    let drawn = match run {
+        Run::Cpu(reports) => draw_cpu(reports, out),
+        Run::Mem(reports) => draw_mem(reports, out),
     };
     drawn.with_context(|| format!("drawing {}", out.display()))
 }
 
-/// Seconds since the first report.
-fn at(report: &Value, start: f64) -> f64 {
-    report["time"].as_f64().unwrap_or(start) - start
+/// Seconds since the first report of `reports`, for each report.
+fn times<R>(reports: &[Stamped<R>]) -> impl Iterator<Item = (f64, &R)> {
+    let start = reports.first().map_or(0.0, |r| r.time);
+    reports.iter().map(move |r| (r.time - start, &r.report))
 }
 
 /// The end of the time axis (at least one second).
-fn span(reports: &[Value], start: f64) -> f64 {
-    reports.last().map_or(1.0, |r| at(r, start)).max(1.0)
+fn span<R>(reports: &[Stamped<R>]) -> f64 {
+    times(reports).last().map_or(1.0, |(t, _)| t).max(1.0)
 }
 
-fn draw_cpu(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> {
-    let demand = reports.iter().any(|r| {
-        r["pcpus"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["demand"].is_f64()))
-    });
+fn draw_cpu(reports: &[Stamped<CpuReport>], out: &Path) -> anyhow::Result<Drawn> {
+    let demand = reports
+        .iter()
+        .any(|r| r.report.pcpus.iter().any(|p| p.demand.is_some()));
     let figure = if demand { "demand" } else { "usage" };
     // (time, load) per pCPU, and each pCPU's load by cycle time for the markers.
-    let mut lines: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut lines: BTreeMap<u32, Vec<(f64, f64)>> = BTreeMap::new();
     let mut markers = Vec::new();
-    for r in reports {
-        let t = at(r, start);
+    for (t, r) in times(reports) {
         let mut load_now = BTreeMap::new();
-        for p in r["pcpus"].as_array().into_iter().flatten() {
-            let (Some(pcpu), Some(usage)) = (p["pcpu"].as_u64(), p["usage"].as_f64()) else {
-                continue;
-            };
+        for p in &r.pcpus {
             let load = if demand {
-                p["demand"].as_f64().unwrap_or(usage)
+                p.demand.unwrap_or(p.usage)
             } else {
-                usage
+                p.usage
             };
-            lines.entry(pcpu).or_default().push((t, load));
-            load_now.insert(pcpu, load);
+            lines.entry(p.pcpu).or_default().push((t, load));
+            load_now.insert(p.pcpu, load);
         }
-        for m in r["moves"].as_array().into_iter().flatten() {
-            if let Some(to) = m["to"].as_u64() {
-                markers.push((t, load_now.get(&to).copied().unwrap_or(0.0), to));
-            }
+        for m in &r.moves {
+            markers.push((t, load_now.get(&m.to).copied().unwrap_or(0.0), m.to));
         }
     }
     let top = lines
@@ -134,7 +165,7 @@ fn draw_cpu(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..span(reports, start), 0.0..top)?;
+        .build_cartesian_2d(0.0..span(reports), 0.0..top)?;
     chart
         .configure_mesh()
         .x_desc("time since start (s)")
@@ -142,7 +173,7 @@ fn draw_cpu(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
-    let index: BTreeMap<u64, usize> = lines.keys().enumerate().map(|(i, &p)| (p, i)).collect();
+    let index: BTreeMap<u32, usize> = lines.keys().enumerate().map(|(i, &p)| (p, i)).collect();
     for (&pcpu, points) in &lines {
         line(
             &mut chart,
@@ -161,7 +192,7 @@ fn draw_cpu(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
             .label("pin change (on the pCPU it went to, at its load then)")
             .legend(|(x, y)| Circle::new((x + 10, y), 5, BLACK.filled()));
         // Several changes to one pCPU in one cycle share a marker: say how many.
-        let mut stacked: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+        let mut stacked: BTreeMap<(u64, u32), usize> = BTreeMap::new();
         for &(t, _, to) in &markers {
             *stacked.entry(((t * 1000.0) as u64, to)).or_default() += 1;
         }
@@ -227,44 +258,34 @@ struct GuestLines {
     free: Vec<(f64, f64)>,
 }
 
-fn draw_mem(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> {
+fn draw_mem(reports: &[Stamped<MemReport>], out: &Path) -> anyhow::Result<Drawn> {
     let mut guests: BTreeMap<String, GuestLines> = BTreeMap::new();
     let mut markers = Vec::new();
     let mut available = Vec::new();
     let mut reserve = Vec::new();
     let mut budget = Vec::new();
-    for r in reports {
-        let t = at(r, start);
-        for g in r["guests"].as_array().into_iter().flatten() {
-            let Some(name) = g["domain"].as_str() else {
-                continue;
-            };
-            let lines = guests.entry(name.to_string()).or_default();
-            if let Some(size) = g["actual_mib"].as_f64() {
-                lines.balloon.push((t, size));
-            }
+    for (t, r) in times(reports) {
+        for g in &r.guests {
+            let lines = guests.entry(g.domain.clone()).or_default();
+            lines.balloon.push((t, g.actual_mib));
             // Figures of a report that is not fresh may predate the stats period.
             let judged = !matches!(
-                g["state"].as_str(),
-                Some("waiting for stats" | "inconsistent stats" | "first report")
+                g.state,
+                GuestState::WaitingForStats
+                    | GuestState::InconsistentStats
+                    | GuestState::FirstReport
             );
-            if let (Some(free), true) = (g["free_mib"].as_f64(), judged) {
+            if let (Some(free), true) = (g.free_mib, judged) {
                 lines.free.push((t, free));
             }
         }
-        for c in r["changes"].as_array().into_iter().flatten() {
-            if let (Some(name), Some(to)) = (c["domain"].as_str(), c["to_mib"].as_f64()) {
-                markers.push((t, to, name.to_string(), c["why"] == "starving"));
-            }
+        for c in &r.changes {
+            markers.push((t, c.to_mib, c.domain.clone(), c.why == ResizeWhy::Starving));
         }
-        if let (Some(a), Some(res)) = (
-            r["host"]["available_mib"].as_f64(),
-            r["host"]["reserve_mib"].as_f64(),
-        ) {
-            available.push((t, a));
-            reserve.push((t, res));
-            let unbacked = r["host"]["unbacked_mib"].as_f64().unwrap_or(0.0);
-            budget.push((t, (a - unbacked).max(0.0)));
+        if let Some(h) = &r.host {
+            available.push((t, h.available_mib));
+            reserve.push((t, h.reserve_mib));
+            budget.push((t, (h.available_mib - h.unbacked_mib).max(0.0)));
         }
     }
     let host_known = !available.is_empty();
@@ -283,7 +304,7 @@ fn draw_mem(reports: &[Value], start: f64, out: &Path) -> anyhow::Result<Drawn> 
         .map(|&(_, y)| y)
         .fold(1.0f64, f64::max)
         * 1.4;
-    let x_end = span(reports, start);
+    let x_end = span(reports);
     let mut chart = ChartBuilder::on(&upper)
         .caption(
             "memory_coordinator: guests' balloons (thick) and free memory (thin); \u{25b2} grown, \u{25bc} shrunk",

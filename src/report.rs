@@ -5,11 +5,11 @@
 
 use std::fmt;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::cpu_plan::Basis;
 use crate::host::DomainId;
-use crate::metrics::Metrics;
+use crate::mem_plan::MemStatus;
 
 /// What every cycle report offers the daemon loop.
 pub trait Report: fmt::Display + Serialize {
@@ -21,9 +21,6 @@ pub trait Report: fmt::Display + Serialize {
 
     /// Record how many hypervisor API calls the cycle made.
     fn set_api_calls(&mut self, calls: u64);
-
-    /// Export the cycle into `metrics`.
-    fn export(&self, metrics: &mut Metrics);
 }
 
 /// Round to one decimal, for figures in JSON output.
@@ -52,8 +49,18 @@ pub fn spread(figures: impl IntoIterator<Item = f64>) -> f64 {
     if min > max { 0.0 } else { max - min }
 }
 
+named_enum! {
+    /// Which daemon a report comes from.
+    pub enum Daemon {
+        /// `vcpu_scheduler`.
+        VcpuScheduler = "vcpu_scheduler",
+        /// `memory_coordinator`.
+        MemoryCoordinator = "memory_coordinator",
+    }
+}
+
 /// How far a vCPU scheduler cycle got.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
     /// The first cycle: no usage yet.
@@ -66,7 +73,7 @@ pub enum Decision {
 }
 
 /// One pCPU's figures in a vCPU scheduler cycle.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PcpuLine {
     /// pCPU number.
     pub pcpu: u32,
@@ -79,7 +86,7 @@ pub struct PcpuLine {
 }
 
 /// One NUMA node's balance in a vCPU scheduler cycle.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeLine {
     /// NUMA node.
     pub node: u32,
@@ -88,41 +95,84 @@ pub struct NodeLine {
     pub spread: f64,
 }
 
-/// Why a change was made, in a word: the `reason` label of the change counters (a bounded set).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Why {
-    /// A vCPU not pinned to one pCPU was pinned (rule 1 of [`crate::cpu_plan`]).
-    Unpinned,
-    /// A vCPU pinned outside the pCPUs it may use was brought back into them (rule 9).
-    OutsideAllowed,
-    /// A vCPU moved from a busier pCPU to a freer one (rules 2-4).
-    Balance,
-    /// A starving guest was fed (rule 3 of [`crate::mem_plan`]).
-    Starving,
-    /// A wasting guest gave memory back (rules 3 and 4).
-    Idle,
-    /// A wasting guest gave memory back while the host was short (under its reserve, or under
-    /// its target in host-pressure mode).
-    HostShort,
+named_enum! {
+    /// Why a pin change was made, in a word: the `reason` label of the pin change counter.
+    pub enum PinWhy {
+        /// A vCPU not pinned to one pCPU was pinned (rule 1 of [`crate::cpu_plan`]).
+        Unpinned = "unpinned",
+        /// A vCPU pinned outside the pCPUs it may use was brought back into them (rule 9).
+        OutsideAllowed = "outside_allowed",
+        /// A vCPU moved from a busier pCPU to a freer one (rules 2-4).
+        Balance = "balance",
+    }
 }
 
-impl Why {
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            Why::Unpinned => "unpinned",
-            Why::OutsideAllowed => "outside_allowed",
-            Why::Balance => "balance",
-            Why::Starving => "starving",
-            Why::Idle => "idle",
-            Why::HostShort => "host_short",
+named_enum! {
+    /// Why a balloon was resized, in a word: the `reason` label of the resize counter.
+    pub enum ResizeWhy {
+        /// A starving guest was fed (rule 3 of [`crate::mem_plan`]).
+        Starving = "starving",
+        /// A wasting guest gave memory back (rules 3 and 4).
+        Idle = "idle",
+        /// A wasting guest gave memory back while the host was short (under its reserve, or
+        /// under its target in host-pressure mode).
+        HostShort = "host_short",
+    }
+}
+
+named_enum! {
+    /// How a guest stood in a memory coordinator cycle: its status, or why it has none.
+    pub enum GuestState {
+        /// Little free memory and still consuming.
+        Starving = "STARVING",
+        /// Starving, but its balloon did not follow its last grant: no more until it does.
+        StarvingBehind = "STARVING (balloon behind)",
+        /// Much free memory and not consuming.
+        Wasting = "WASTING",
+        /// Neither.
+        Balanced = "BALANCED",
+        /// Its first fresh report: no consumption rate yet.
+        FirstReport = "first report",
+        /// No report posted since the last one read.
+        WaitingForStats = "waiting for stats",
+        /// Its balloon moved and the report may predate the move.
+        BalloonSettling = "balloon settling",
+        /// The report contradicts itself.
+        InconsistentStats = "inconsistent stats",
+        /// The domain reports no guest figures at all.
+        NoGuestStats = "no guest stats",
+        /// Left alone (`--exclude`, or its metadata).
+        Excluded = "excluded",
+        /// Its memory is held (hugepages, locked, VFIO): ballooning frees nothing.
+        MemoryHeld = "memory held",
+    }
+}
+
+impl GuestState {
+    /// The state of a guest judged `status`, whose balloon is `behind` its last grant.
+    pub fn judged(status: MemStatus, behind: bool) -> Self {
+        match status {
+            MemStatus::Starving if behind => GuestState::StarvingBehind,
+            MemStatus::Starving => GuestState::Starving,
+            MemStatus::Wasting => GuestState::Wasting,
+            MemStatus::Balanced => GuestState::Balanced,
         }
+    }
+
+    /// Was the guest judged on a fresh report (its free memory a fact this cycle)?
+    pub fn is_judged(self) -> bool {
+        matches!(
+            self,
+            GuestState::Starving
+                | GuestState::StarvingBehind
+                | GuestState::Wasting
+                | GuestState::Balanced
+        )
     }
 }
 
 /// One pin change made (or, in a dry run, that would have been made).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MoveLine {
     /// Domain name.
     pub domain: String,
@@ -138,7 +188,7 @@ pub struct MoveLine {
     #[serde(serialize_with = "rounded")]
     pub load: f64,
     /// Why, in a word.
-    pub why: Why,
+    pub why: PinWhy,
     /// Why, with the figures that decided it (`pCPU 3 demand 190% vs pCPU 7 40%`).
     pub reason: String,
 }
@@ -161,11 +211,13 @@ pub struct VcpuLine {
     pub demand: Option<f64>,
 }
 
-/// What one vCPU scheduler cycle saw and did.
-#[derive(Clone, Debug, Default, Serialize)]
+/// What one vCPU scheduler cycle saw and did. Read back (the plot) with every field optional, so
+/// runs written by older versions still read.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CpuReport {
-    /// Always `vcpu_scheduler`.
-    pub daemon: &'static str,
+    /// Always [`Daemon::VcpuScheduler`].
+    pub daemon: Daemon,
     /// Active domains seen.
     pub domains: usize,
     /// vCPUs seen.
@@ -203,11 +255,33 @@ pub struct CpuReport {
     pub predicted_spread: f64,
 }
 
+impl Default for CpuReport {
+    fn default() -> Self {
+        Self {
+            daemon: Daemon::VcpuScheduler,
+            domains: 0,
+            vcpus: 0,
+            pcpus: Vec::new(),
+            nodes: Vec::new(),
+            decision: Decision::default(),
+            basis: None,
+            dry_run: false,
+            moves: Vec::new(),
+            vcpu_lines: Vec::new(),
+            decision_secs: None,
+            skipped: 0,
+            libvirt_calls: 0,
+            planned: 0,
+            balanced: false,
+            predicted_spread: 0.0,
+        }
+    }
+}
+
 impl CpuReport {
     /// An empty report of a cycle that has just begun.
     pub fn new(dry_run: bool) -> Self {
         Self {
-            daemon: "vcpu_scheduler",
             dry_run,
             ..Self::default()
         }
@@ -288,10 +362,6 @@ impl Report for CpuReport {
     fn set_api_calls(&mut self, calls: u64) {
         self.libvirt_calls = calls;
     }
-
-    fn export(&self, metrics: &mut Metrics) {
-        metrics.export_cpu(self);
-    }
 }
 
 /// KiB as MiB.
@@ -300,7 +370,7 @@ pub fn mib(kib: u64) -> f64 {
 }
 
 /// The host's memory in a memory coordinator cycle.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HostLine {
     /// Physical memory, MiB.
     #[serde(serialize_with = "rounded")]
@@ -318,7 +388,7 @@ pub struct HostLine {
 }
 
 /// How one guest stood in a memory coordinator cycle.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GuestLine {
     /// Domain name.
     pub domain: String,
@@ -334,11 +404,11 @@ pub struct GuestLine {
     #[serde(serialize_with = "rounded_opt")]
     pub rate_mib_s: Option<f64>,
     /// Status (`STARVING`, `WASTING`, `BALANCED`), or why there is none.
-    pub state: String,
+    pub state: GuestState,
 }
 
 /// One balloon resize made (or, in a dry run, that would have been made).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResizeLine {
     /// Domain name.
     pub domain: String,
@@ -349,16 +419,17 @@ pub struct ResizeLine {
     #[serde(serialize_with = "rounded")]
     pub to_mib: f64,
     /// Why, in a word.
-    pub why: Why,
+    pub why: ResizeWhy,
     /// Why, with the figures that decided it (`starving: 6% free, +10.0 MiB/s`).
     pub reason: String,
 }
 
-/// What one memory coordinator cycle saw and did.
-#[derive(Clone, Debug, Default, Serialize)]
+/// What one memory coordinator cycle saw and did. Read back like [`CpuReport`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MemReport {
-    /// Always `memory_coordinator`.
-    pub daemon: &'static str,
+    /// Always [`Daemon::MemoryCoordinator`].
+    pub daemon: Daemon,
     /// Host memory, when the driver reports it.
     pub host: Option<HostLine>,
     /// Every active domain read.
@@ -378,11 +449,26 @@ pub struct MemReport {
     pub decision_secs: Option<f64>,
 }
 
+impl Default for MemReport {
+    fn default() -> Self {
+        Self {
+            daemon: Daemon::MemoryCoordinator,
+            host: None,
+            guests: Vec::new(),
+            without_balloon: 0,
+            dry_run: false,
+            changes: Vec::new(),
+            skipped: 0,
+            libvirt_calls: 0,
+            decision_secs: None,
+        }
+    }
+}
+
 impl MemReport {
     /// An empty report of a cycle that has just begun.
     pub fn new(dry_run: bool) -> Self {
         Self {
-            daemon: "memory_coordinator",
             dry_run,
             ..Self::default()
         }
@@ -453,10 +539,6 @@ impl Report for MemReport {
     fn set_api_calls(&mut self, calls: u64) {
         self.libvirt_calls = calls;
     }
-
-    fn export(&self, metrics: &mut Metrics) {
-        metrics.export_mem(self);
-    }
 }
 
 #[cfg(test)]
@@ -484,13 +566,13 @@ mod tests {
                 actual_mib: 300.0,
                 free_mib: Some(40.06),
                 rate_mib_s: Some(10.55),
-                state: "STARVING".into(),
+                state: GuestState::Starving,
             }],
             changes: vec![ResizeLine {
                 domain: "g".into(),
                 from_mib: 300.0,
                 to_mib: 350.0,
-                why: Why::Starving,
+                why: ResizeWhy::Starving,
                 reason: "starving: 13% free, +10.6 MiB/s".into(),
             }],
             ..MemReport::new(false)
@@ -510,5 +592,10 @@ mod tests {
             json["guests"][0]["uuid"],
             "01010101-0101-0101-0101-010101010101"
         );
+        // Read back, it is the same report.
+        let back: MemReport = serde_json::from_value(json).unwrap();
+        assert_eq!(back.guests[0].state, GuestState::Starving);
+        assert_eq!(back.changes[0].why, ResizeWhy::Starving);
+        assert_eq!(back.to_string(), report.to_string());
     }
 }

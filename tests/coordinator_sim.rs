@@ -187,13 +187,14 @@ fn no_decision_before_fresh_stats() {
 
 #[test]
 fn an_excluded_guest_is_never_touched() {
-    use vmbalance::exclusions::Exclusions;
+    use vmbalance::exclusions::{ExcludePattern, Exclusions};
     // Guest 2 idles with 85 % free: it would be shrunk, but it is excluded (and guest 3 opts out
     // in its metadata). Not even its statistics period is set.
     let mut host = lab();
     host.domains[2].opted_out = true;
-    let mut c = Coordinator::new(policy(), false)
-        .with_exclusions(Exclusions::new(&["dom2".into()]).unwrap());
+    let mut c = Coordinator::new(policy(), false).with_exclusions(Exclusions::new(vec![
+        ExcludePattern::parse("dom2").unwrap(),
+    ]));
     run(&mut host, &mut c, 20);
     for d in &host.domains[1..] {
         assert_eq!(d.mem.actual, 1024 * MIB, "{} resized", d.name);
@@ -595,4 +596,35 @@ mod traces {
             }
         }
     }
+}
+
+#[test]
+fn a_guest_restarted_under_the_same_uuid_carries_no_ledger_over() {
+    // Guest 1's driver reports a fixed balloon size: after a grant it reads as behind it, and
+    // gets no more.
+    let mut host = tight_lab(1500, 2);
+    host.domains[0].mem.claims_actual = Some(1024 * MIB);
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 3);
+    host.domains[0].mem.work(40.0 * 1024.0, 2000 * MIB);
+    let behind = (0..30).any(|_| run(&mut host, &mut c, 1).contains("STARVING (balloon behind)"));
+    assert!(behind, "never read as behind its grant");
+    // It restarts under the same UUID, now with an honest driver, and consumes again: its new
+    // run owes nothing to the old one's grants, so it is fed, never read as behind.
+    let d = &mut host.domains[0];
+    d.run += 1;
+    d.mem.claims_actual = None;
+    d.mem.restart(200 * MIB);
+    d.mem.stats_period = 1;
+    d.mem.work(20.0 * 1024.0, 1800 * MIB);
+    let start = d.mem.actual;
+    for _ in 0..60 {
+        let line = run(&mut host, &mut c, 1);
+        assert!(!line.contains("balloon behind"), "{line}");
+    }
+    assert_eq!(host.domains[0].mem.ooms, 0);
+    assert!(
+        host.domains[0].mem.actual > start,
+        "never fed after its restart"
+    );
 }

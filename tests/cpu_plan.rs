@@ -1,7 +1,7 @@
 //! The vCPU planner, rule by rule, and its invariants over random hosts.
 
 use proptest::prelude::*;
-use vmbalance::cpu_plan::{Basis, CpuPlan, CpuPolicy, plan};
+use vmbalance::cpu_plan::{Basis, CpuPlan, CpuPolicy, allowed, plan};
 use vmbalance::host::DomainId;
 use vmbalance::sampling::{Allowed, CpuSnapshot, VcpuKey, VcpuLoad, pcpu_usage};
 
@@ -976,4 +976,14 @@ fn a_step_moves_a_vcpu_away_from_its_guests_other_vcpus_where_one_about_as_good_
     let p = default_plan(&s);
     let moves: Vec<(VcpuKey, u32)> = p.moves.iter().map(|m| (m.key, m.to)).collect();
     assert_eq!(moves, [(key(0, 0), 1)], "{p:?}");
+}
+
+#[test]
+fn the_set_is_configuration_and_pool_and_online() {
+    let online = [0, 1, 2, 3, 5];
+    assert_eq!(allowed(&online, &[None, None]), online);
+    assert_eq!(allowed(&online, &[Some(&[1, 2, 4]), None]), [1, 2]);
+    assert_eq!(allowed(&online, &[Some(&[1, 2, 4]), Some(&[2, 3])]), [2]);
+    assert_eq!(allowed(&online, &[None, Some(&[3, 4, 5])]), [3, 5]);
+    assert!(allowed(&online, &[Some(&[4]), None]).is_empty());
 }

@@ -256,3 +256,44 @@ fn the_topology_comes_from_the_capabilities() {
     assert_eq!(t.node_of(9), Some(1));
     assert_eq!(host().topology().unwrap(), None);
 }
+
+#[test]
+fn a_transient_domain_restarted_under_the_same_uuid_starts_fresh_in_the_scheduler() {
+    use vmbalance::cpu_plan::CpuPolicy;
+    use vmbalance::scheduler::Scheduler;
+    let mut h = host();
+    let xml = |cpuset: &str| {
+        format!(
+            "<domain type='test'><name>eph</name><uuid>5eb0a7e5-0000-4000-8000-0000000000ee</uuid>\
+             <memory>65536</memory><vcpu cpuset='{cpuset}'>1</vcpu><os><type>hvm</type></os></domain>"
+        )
+    };
+    // A transient domain (no persistent configuration) first seen free to run on pCPUs 0-4.
+    let dom = h
+        .connection()
+        .create_domain_xml(&xml("0-4"), 0)
+        .expect("create a transient domain");
+    let id = id_of(&mut h, "eph");
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    for _ in 0..2 {
+        sched.cycle(&mut h).unwrap();
+    }
+    let affinity = |h: &mut LibvirtHost| h.vcpus(&id).unwrap()[0].affinity.clone();
+    assert_eq!(affinity(&mut h).len(), 1, "pinned to one pCPU");
+    // Destroyed and created again under the same UUID, its admin now allowing pCPU 4 only.
+    dom.destroy().expect("destroy");
+    h.connection()
+        .create_domain_xml(&xml("4"), 0)
+        .expect("create again");
+    for _ in 0..2 {
+        sched.cycle(&mut h).unwrap();
+    }
+    assert_eq!(
+        affinity(&mut h),
+        [4],
+        "moved out of what its new run allows"
+    );
+    // Restored to what its new run was first seen with, not its old run's.
+    sched.restore(&mut h);
+    assert_eq!(affinity(&mut h), [4]);
+}

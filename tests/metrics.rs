@@ -350,7 +350,7 @@ fn every_family() -> std::collections::BTreeSet<String> {
         actual_mib: 100.0,
         free_mib: Some(10.0),
         rate_mib_s: Some(1.0),
-        state: "STARVING".into(),
+        state: GuestState::Starving,
     }];
     m.export_mem(&mem);
     m.disconnected();

@@ -100,11 +100,11 @@ fn vcpu_rules_agree_between_readme_planner_and_code() {
         "src/cpu_plan/mod.rs",
         &[
             "src/cpu_plan/mod.rs",
-            "src/cpu_plan/allowed.rs",
+            "src/scheduler/allowed.rs",
             "src/cpu_plan/placement.rs",
             "src/cpu_plan/paying.rs",
             "src/cpu_plan/steps.rs",
-            "src/scheduler.rs",
+            "src/scheduler/mod.rs",
         ],
     );
 }
@@ -114,7 +114,7 @@ fn memory_rules_agree_between_readme_planner_and_code() {
     check(
         "memory_coordinator",
         "src/mem_plan.rs",
-        &["src/mem_plan.rs", "src/coordinator.rs", "src/host.rs"],
+        &["src/mem_plan.rs", "src/coordinator/mod.rs", "src/host.rs"],
     );
 }
 

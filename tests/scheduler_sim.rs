@@ -238,7 +238,7 @@ fn a_lasting_change_is_acted_on_once_it_holds_for_a_second_sample() {
 
 #[test]
 fn admin_restrictions_exclusions_and_the_pool_are_respected() {
-    use vmbalance::exclusions::Exclusions;
+    use vmbalance::exclusions::{ExcludePattern, Exclusions};
     // Eight busy single-vCPU domains, all on pCPU 0 of 4:
     // - dom1, dom2: their configuration allows pCPU 0 only (an admin's pin);
     // - dom3: its configuration allows 0 and 3 only;
@@ -255,7 +255,9 @@ fn admin_restrictions_exclusions_and_the_pool_are_respected() {
         .opted_out = true;
     let mut sched = Scheduler::new(CpuPolicy::default(), false)
         .with_limits(Some(vec![0, 1, 2]), false)
-        .with_exclusions(Exclusions::new(&["dom4".into()]).unwrap());
+        .with_exclusions(Exclusions::new(vec![
+            ExcludePattern::parse("dom4").unwrap(),
+        ]));
     let changes = run(&mut host, &mut sched, 10);
     let pin = |n: u8| host.domains[n as usize - 1].vcpus[0].affinity.clone();
     for n in [1, 2, 4, 5] {
@@ -448,4 +450,37 @@ proptest::proptest! {
         sched.cycle(&mut host).unwrap();
         proptest::prop_assert_eq!(host.pins, before, "pins still changing after 10 cycles");
     }
+}
+
+#[test]
+fn a_transient_domain_restarted_under_the_same_uuid_is_a_fresh_record() {
+    // dom1 has no persistent configuration and is first seen free to run anywhere; pCPUs 2 and 3
+    // are busy, so it is pinned to a free one.
+    let mut host = SimHost::new(4);
+    host.add(1, &[(90.0, &[0, 1, 2, 3])]);
+    host.add(2, &[(90.0, &[2])]);
+    host.add(3, &[(90.0, &[3])]);
+    host.domains[0].vcpus[0].configured = None;
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    run(&mut host, &mut sched, 3);
+    assert!(
+        matches!(host.domains[0].vcpus[0].affinity[..], [0] | [1]),
+        "{:?}",
+        host.domains[0].vcpus[0].affinity
+    );
+    // Destroyed and started again within one period, by an admin who now allows it pCPUs 2-3
+    // only: that is its admin's word now, not what its old run was first seen with.
+    host.domains[0].run += 1;
+    host.domains[0].vcpus[0].affinity = vec![2, 3];
+    host.domains[0].vcpus[0].cpu_ns = 0;
+    host.advance(PERIOD);
+    run(&mut host, &mut sched, 4);
+    assert!(
+        matches!(host.domains[0].vcpus[0].affinity[..], [2] | [3]),
+        "pinned outside what its new run allows: {:?}",
+        host.domains[0].vcpus[0].affinity
+    );
+    // Restored to the new run's first affinity, not the old run's.
+    sched.restore(&mut host);
+    assert_eq!(host.domains[0].vcpus[0].affinity, [2, 3]);
 }

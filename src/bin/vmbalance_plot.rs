@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use vmbalance::daemon::{exit_with, parse_args};
-use vmbalance::plot::{draw, read_reports};
+use vmbalance::plot::{draw, read_run};
 
 /// Draw a run of vcpu_scheduler or memory_coordinator as an SVG timeline.
 ///
@@ -37,7 +37,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         text = std::fs::read_to_string(&args.input)
             .with_context(|| format!("reading {}", args.input.display()))?;
     }
-    let drawn = draw(&read_reports(&text), &args.output)?;
+    let drawn = draw(&read_run(&text)?, &args.output)?;
     println!(
         "{}: {} run, {} series, {} changes marked",
         args.output.display(),

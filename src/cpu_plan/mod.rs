@@ -30,7 +30,7 @@
 //!    Loads that swing from one sample to the next make gaps that no pin change fixes for good:
 //!    a pair is only worked on when its gap exceeds `threshold` plus three standard deviations of
 //!    the gap's own swing (each vCPU's swing is measured by the sampler, see
-//!    [`crate::sampling::Rates`]; swings of different vCPUs add as independent). Steady loads have
+//!    [`crate::sampling::RateSeries`]; swings of different vCPUs add as independent). Steady loads have
 //!    no swing, and the rule is the threshold alone.
 //! 5. **Unknown loads.** vCPUs whose load is not known yet (first sample) are neither moved nor
 //!    pinned; nothing is ever pinned to an offline pCPU.
@@ -44,7 +44,7 @@
 //!    steps are taken in the order above until the next one would exceed the budget. The rest
 //!    waits for a later decision.
 //! 9. **Allowed pCPUs.** Each vCPU may only be pinned to the pCPUs of its allowed set
-//!    ([`VcpuLoad::allowed`], worked out by [`AllowedSets`]: what its admin's persistent
+//!    ([`VcpuLoad::allowed`], worked out with [`allowed`]: what its admin's persistent
 //!    configuration, the NUMA node its memory is bound to or it runs on, the host's pool and the
 //!    online pCPUs leave it). Each NUMA node ([`CpuSnapshot::nodes`]) is balanced on its own:
 //!    rules 2-4 run within each node in turn, so a busy node never hides an unbalanced one; then,
@@ -74,15 +74,12 @@
 //! The plan is the difference between the final placement and the current pins, so a vCPU
 //! moved and moved back costs nothing, and one moved twice costs one change.
 
-mod allowed;
 mod cores;
 mod members;
 mod paying;
 mod placement;
 mod reach;
 mod steps;
-
-pub use allowed::{AllowedSets, allowed};
 
 use std::collections::BTreeMap;
 
@@ -91,6 +88,21 @@ use cores::Cores;
 use placement::{Placement, VcpuFacts};
 use reach::{Reach, SetInterner};
 use steps::even_out;
+
+/// Rule 9's set of one vCPU: `online` ∩ each of the other sets given (sorted): its persistent
+/// configuration's affinity, the pCPUs of the NUMA nodes it may use, the host's pool.
+pub fn allowed(online: &[u32], limits: &[Option<&[u32]>]) -> Vec<u32> {
+    online
+        .iter()
+        .copied()
+        .filter(|p| {
+            limits
+                .iter()
+                .flatten()
+                .all(|set| set.binary_search(p).is_ok())
+        })
+        .collect()
+}
 
 /// Tuning of the vCPU planner.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -135,7 +147,7 @@ pub struct Balance {
 }
 
 /// Which figure a plan balances.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Basis {
     /// CPU time used: the rule when the hypervisor reports no run-queue delay.

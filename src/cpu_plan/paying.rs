@@ -1,5 +1,5 @@
 //! Rule 4, whole: when a step, or a set of steps, pays for its pin changes. The swings it allows
-//! for are measured by the sampler ([`crate::sampling::Rates`]).
+//! for are measured by the sampler ([`crate::sampling::RateSeries`]).
 
 /// A pair of pCPUs must be further apart than the threshold plus this many standard deviations of
 /// their gap's swing before a step is taken between them: the busiest and the freest of many

@@ -1,6 +1,6 @@
 //! Prometheus metrics of both daemons (`--metrics-address`), and the endpoint that serves them.
 //!
-//! Each cycle's report is exported into a registry ([`crate::report::Report::export`]) and the
+//! Each cycle's report is exported into a registry ([`Export`]) and the
 //! registry encoded once; scrapes read the last encoding, so a scrape never waits for a cycle and
 //! a cycle never waits for a scrape. Names follow Prometheus conventions: a `vmbalance_` prefix,
 //! base units (`_seconds`, `_bytes`, `_ratio`), counters ending in `_total`. Series of domains
@@ -19,9 +19,27 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::report::{CpuReport, MemReport, Why};
+use crate::report::{CpuReport, MemReport, PinWhy, ResizeWhy};
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// A cycle report the metrics know how to export.
+pub trait Export {
+    /// Export this report into `metrics`.
+    fn export_into(&self, metrics: &mut Metrics);
+}
+
+impl Export for CpuReport {
+    fn export_into(&self, metrics: &mut Metrics) {
+        metrics.export_cpu(self);
+    }
+}
+
+impl Export for MemReport {
+    fn export_into(&self, metrics: &mut Metrics) {
+        metrics.export_mem(self);
+    }
+}
 
 /// Every metric either daemon exports. Families a daemon never fills are left out of its scrape.
 pub struct Metrics {
@@ -244,19 +262,20 @@ impl Metrics {
         self.disconnections.inc();
     }
 
-    /// Count a change made for `why` in `family`, so every reason shows from the start at 0.
-    fn changed(family: &IntCounterVec, why: Why) {
-        family.with_label_values(&[why.label()]).inc();
+    /// Show every reason of `family` from the start, at 0 until a change is made for it.
+    fn every_reason(family: &IntCounterVec, reasons: &[&str]) {
+        for reason in reasons {
+            family.with_label_values(&[reason]);
+        }
     }
 
     /// Export a vCPU scheduler cycle.
     pub fn export_cpu(&mut self, r: &CpuReport) {
         self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
-        for why in [Why::Unpinned, Why::OutsideAllowed, Why::Balance] {
-            self.pin_changes.with_label_values(&[why.label()]);
-        }
+        let reasons: Vec<&str> = PinWhy::ALL.iter().map(|w| w.as_str()).collect();
+        Self::every_reason(&self.pin_changes, &reasons);
         for m in &r.moves {
-            Self::changed(&self.pin_changes, m.why);
+            self.pin_changes.with_label_values(&[m.why.as_str()]).inc();
         }
         for p in &r.pcpus {
             let pcpu = p.pcpu.to_string();
@@ -293,11 +312,10 @@ impl Metrics {
     /// Export a memory coordinator cycle.
     pub fn export_mem(&mut self, r: &MemReport) {
         self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
-        for why in [Why::Starving, Why::Idle, Why::HostShort] {
-            self.resizes.with_label_values(&[why.label()]);
-        }
+        let reasons: Vec<&str> = ResizeWhy::ALL.iter().map(|w| w.as_str()).collect();
+        Self::every_reason(&self.resizes, &reasons);
         for c in &r.changes {
-            Self::changed(&self.resizes, c.why);
+            self.resizes.with_label_values(&[c.why.as_str()]).inc();
         }
         for g in &r.guests {
             let uuid = g.uuid.to_string();
@@ -309,7 +327,8 @@ impl Metrics {
             if let Some(rate) = g.rate_mib_s {
                 self.guest_rate.set(&labels, rate * MIB);
             }
-            let state = g.state.to_lowercase();
+            // The state's name in lower case: a fixed, bounded set of label values.
+            let state = g.state.as_str().to_lowercase();
             self.guest_state
                 .set(&[g.domain.as_str(), &uuid, &state], 1.0);
         }
@@ -334,6 +353,11 @@ impl Metrics {
         }
     }
 
+    /// Export one cycle's report.
+    pub fn export<R: Export>(&mut self, report: &R) {
+        report.export_into(self);
+    }
+
     /// The exposition of every metric, in Prometheus's text format.
     pub fn encode(&self) -> String {
         let mut out = Vec::new();
@@ -348,7 +372,7 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::host::DomainId;
-    use crate::report::{GuestLine, ResizeLine};
+    use crate::report::{GuestLine, GuestState, ResizeLine};
 
     fn guest(name: &str, n: u8) -> GuestLine {
         GuestLine {
@@ -357,7 +381,7 @@ mod tests {
             actual_mib: 512.0,
             free_mib: Some(128.0),
             rate_mib_s: Some(2.0),
-            state: "STARVING".into(),
+            state: GuestState::Starving,
         }
     }
 
@@ -370,7 +394,7 @@ mod tests {
             domain: "a".into(),
             from_mib: 512.0,
             to_mib: 600.0,
-            why: Why::Starving,
+            why: ResizeWhy::Starving,
             reason: String::new(),
         }];
         m.export_mem(&r);

@@ -1,11 +1,11 @@
 //! [`CpuSampler`]: vCPU CPU times and run-queue delays in, the [`CpuSnapshot`] the vCPU planner
-//! decides on out.
+//! decides on out; [`VcpuHistory`] is what it needs of a vCPU's earlier samples.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::Rates;
+use super::RateSeries;
 use crate::host::{DomainId, VcpuInfo};
 
 /// Nanoseconds of CPU time per second that make one percent of one pCPU.
@@ -134,117 +134,117 @@ pub fn pcpu_demand(snapshot: &CpuSnapshot) -> Option<BTreeMap<u32, f64>> {
     Some(charged_sums(snapshot, VcpuLoad::demand_or_usage))
 }
 
-/// Turns successive vCPU CPU-time readings into a [`CpuSnapshot`].
+/// What the sampler keeps of one vCPU between samples: its CPU-time and demand series and its
+/// affinity at the last sample. The scheduler keeps it in its record of the vCPU's domain run, so
+/// it goes when the vCPU or its domain does.
 ///
 /// Usage and demand are averaged over the last `window` samples, so that a load which swings from
 /// one sample to the next is judged by its level, not by its latest swing. A vCPU's demand is what
 /// it wants wherever it runs, so its average carries across pin changes; its usage depends on where
 /// it runs (a vCPU sharing a pCPU uses its share), so its average starts again when its affinity
 /// changes.
+#[derive(Clone, Debug)]
+pub struct VcpuHistory {
+    usage: RateSeries,
+    /// Rates of CPU time plus run-queue delay: demand.
+    demand: RateSeries,
+    /// Its affinity at the last sample.
+    affinity: Option<Vec<u32>>,
+}
+
+impl VcpuHistory {
+    /// No sample yet; rates averaged over the last `window` intervals.
+    pub fn new(window: usize) -> Self {
+        Self {
+            usage: RateSeries::with_window(window),
+            demand: RateSeries::with_window(window),
+            affinity: None,
+        }
+    }
+}
+
+/// Builds one cycle's [`CpuSnapshot`] from each vCPU's reading and its [`VcpuHistory`].
 #[derive(Default)]
 pub struct CpuSampler {
-    rates: Rates<VcpuKey>,
-    /// Rates of CPU time plus run-queue delay: demand.
-    demand_rates: Rates<VcpuKey>,
     pcpus: Vec<u32>,
     vcpus: Vec<VcpuLoad>,
-    /// Each vCPU's affinity at the previous sample, and at this one.
-    affinity_before: HashMap<VcpuKey, Vec<u32>>,
-    affinity_now: HashMap<VcpuKey, Vec<u32>>,
 }
 
 impl CpuSampler {
-    /// A sampler with no history whose rates cover the last sample interval.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// A sampler with no history whose rates are averaged over the last `window` intervals.
-    pub fn with_window(window: usize) -> Self {
-        Self {
-            rates: Rates::with_window(window),
-            demand_rates: Rates::with_window(window),
-            ..Self::default()
-        }
-    }
-
     /// Start a cycle on a host whose online pCPUs are `online`.
-    pub fn begin(&mut self, online: &[u32]) {
-        self.pcpus = online.to_vec();
-        self.vcpus.clear();
-    }
-
-    /// Record the vCPUs of one domain, read at `at`.
-    pub fn record(&mut self, domain: DomainId, at: Instant, vcpus: &[VcpuInfo]) {
-        for v in vcpus {
-            let key = VcpuKey {
-                domain,
-                vcpu: v.number,
-            };
-            if self
-                .affinity_before
-                .get(&key)
-                .is_some_and(|before| *before != v.affinity)
-            {
-                self.rates.restart(&key);
-            }
-            self.affinity_now.insert(key, v.affinity.clone());
-            let percent = |(rate, swing): (f64, Option<f64>)| {
-                (
-                    rate / NS_PER_SEC_PER_PERCENT,
-                    swing.map(|s| s / NS_PER_SEC_PER_PERCENT),
-                )
-            };
-            let (usage, usage_swing) = self
-                .rates
-                .counter_with_swing(key, v.cpu_time_ns, at)
-                .map(percent)
-                .unzip();
-            let (demand, demand_swing) = v
-                .delay_ns
-                .and_then(|delay| {
-                    let used_or_waited = v.cpu_time_ns.saturating_add(delay);
-                    self.demand_rates
-                        .counter_with_swing(key, used_or_waited, at)
-                })
-                .map(percent)
-                .unzip();
-            let online = |p: &u32| self.pcpus.binary_search(p).is_ok();
-            let pinned = match v.affinity.as_slice() {
-                [only] if online(only) => Some(*only),
-                _ => None,
-            };
-            self.vcpus.push(VcpuLoad {
-                key,
-                usage,
-                demand,
-                pinned,
-                last_pcpu: v.last_pcpu.filter(online),
-                usage_swing: usage_swing.flatten(),
-                demand_swing: demand_swing.flatten(),
-                allowed: Allowed::Any,
-            });
+    pub fn new(online: &[u32]) -> Self {
+        Self {
+            pcpus: online.to_vec(),
+            vcpus: Vec::new(),
         }
     }
 
-    /// Close the cycle: forget vCPUs that were not recorded, and return the snapshot.
-    pub fn finish(&mut self) -> CpuSnapshot {
-        self.rates.end_cycle();
-        self.demand_rates.end_cycle();
-        self.affinity_before = std::mem::take(&mut self.affinity_now);
-        let mut vcpus = std::mem::take(&mut self.vcpus);
+    /// Record vCPU `v` of `domain`, read at `at`, against its `history` (updated).
+    pub fn record(
+        &mut self,
+        domain: DomainId,
+        at: Instant,
+        v: &VcpuInfo,
+        history: &mut VcpuHistory,
+    ) {
+        let key = VcpuKey {
+            domain,
+            vcpu: v.number,
+        };
+        if history
+            .affinity
+            .as_ref()
+            .is_some_and(|before| *before != v.affinity)
+        {
+            history.usage.restart();
+        }
+        history.affinity = Some(v.affinity.clone());
+        let percent = |(rate, swing): (f64, Option<f64>)| {
+            (
+                rate / NS_PER_SEC_PER_PERCENT,
+                swing.map(|s| s / NS_PER_SEC_PER_PERCENT),
+            )
+        };
+        let (usage, usage_swing) = history
+            .usage
+            .counter_with_swing(v.cpu_time_ns, at)
+            .map(percent)
+            .unzip();
+        let (demand, demand_swing) = v
+            .delay_ns
+            .and_then(|delay| {
+                let used_or_waited = v.cpu_time_ns.saturating_add(delay);
+                history.demand.counter_with_swing(used_or_waited, at)
+            })
+            .map(percent)
+            .unzip();
+        let online = |p: &u32| self.pcpus.binary_search(p).is_ok();
+        let pinned = match v.affinity.as_slice() {
+            [only] if online(only) => Some(*only),
+            _ => None,
+        };
+        self.vcpus.push(VcpuLoad {
+            key,
+            usage,
+            demand,
+            pinned,
+            last_pcpu: v.last_pcpu.filter(online),
+            usage_swing: usage_swing.flatten(),
+            demand_swing: demand_swing.flatten(),
+            allowed: Allowed::Any,
+        });
+    }
+
+    /// Close the cycle and return the snapshot, its vCPUs in key order.
+    pub fn finish(self) -> CpuSnapshot {
+        let mut vcpus = self.vcpus;
         vcpus.sort_by_key(|v| v.key);
         CpuSnapshot {
-            pcpus: self.pcpus.clone(),
+            pcpus: self.pcpus,
             vcpus,
             cores: Vec::new(),
             nodes: Vec::new(),
         }
-    }
-
-    /// Number of vCPU series with history.
-    pub fn tracked(&self) -> usize {
-        self.rates.len()
     }
 }
 
@@ -255,6 +255,29 @@ mod tests {
 
     fn dom(n: u8) -> DomainId {
         DomainId([n; 16])
+    }
+
+    /// Each vCPU's history, as the scheduler's records keep them, by domain and vCPU number.
+    type Histories = std::collections::HashMap<(u8, u32), VcpuHistory>;
+
+    /// One cycle on a host whose online pCPUs are `online`: each domain's vCPUs read at `at`.
+    fn sample(
+        histories: &mut Histories,
+        window: usize,
+        online: &[u32],
+        at: Instant,
+        domains: &[(u8, &[VcpuInfo])],
+    ) -> CpuSnapshot {
+        let mut s = CpuSampler::new(online);
+        for &(d, vcpus) in domains {
+            for v in vcpus {
+                let history = histories
+                    .entry((d, v.number))
+                    .or_insert_with(|| VcpuHistory::new(window));
+                s.record(dom(d), at, v, history);
+            }
+        }
+        s.finish()
     }
 
     fn vcpu(number: u32, ns: u64, pcpu: u32, affinity: &[u32]) -> VcpuInfo {
@@ -270,7 +293,7 @@ mod tests {
 
     #[test]
     fn averaged_usage_starts_again_when_a_vcpu_is_re_pinned_but_demand_carries_on() {
-        let mut s = CpuSampler::with_window(3);
+        let mut h = Histories::new();
         let t0 = Instant::now();
         let at = |n| t0 + Duration::from_secs(n);
         let read = |ns: u64, delay: u64, pcpu: u32| VcpuInfo {
@@ -289,9 +312,14 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            s.begin(&[0, 1]);
-            s.record(dom(1), at(n as u64), &[read(ns, delay, pcpu)]);
-            snaps.push(s.finish().vcpus[0].clone());
+            let snap = sample(
+                &mut h,
+                3,
+                &[0, 1],
+                at(n as u64),
+                &[(1, &[read(ns, delay, pcpu)])],
+            );
+            snaps.push(snap.vcpus[0].clone());
         }
         assert!((snaps[3].usage.unwrap() - 30.0).abs() < 1e-9);
         assert!((snaps[3].demand.unwrap() - 100.0).abs() < 1e-9);
@@ -301,27 +329,21 @@ mod tests {
     }
 
     #[test]
-    fn sampler_derives_vcpu_usage_and_tolerates_domains_coming_and_going() {
-        let mut s = CpuSampler::new();
+    fn sampler_derives_vcpu_usage_over_the_measured_interval() {
+        let mut h = Histories::new();
         let t0 = Instant::now();
-        s.begin(&[0, 1]);
-        s.record(dom(1), t0, &[vcpu(0, 0, 0, &[0]), vcpu(1, 0, 1, &[0, 1])]);
-        let first = s.finish();
+        let d1 = [vcpu(0, 0, 0, &[0]), vcpu(1, 0, 1, &[0, 1])];
+        let first = sample(&mut h, 1, &[0, 1], t0, &[(1, &d1)]);
         assert!(first.vcpus.iter().all(|v| v.usage.is_none()));
 
-        let t1 = t0 + Duration::from_secs(2);
-        s.begin(&[0, 1]);
         // vCPU 0 used 1 s of its 2 s: 50 %. vCPU 1 used 0.2 s: 10 %. Domain 2 is new.
-        s.record(
-            dom(1),
-            t1,
-            &[
-                vcpu(0, 1_000_000_000, 0, &[0]),
-                vcpu(1, 200_000_000, 1, &[0, 1]),
-            ],
-        );
-        s.record(dom(2), t1, &[vcpu(0, 9_000_000_000, 1, &[1])]);
-        let snap = s.finish();
+        let t1 = t0 + Duration::from_secs(2);
+        let d1 = [
+            vcpu(0, 1_000_000_000, 0, &[0]),
+            vcpu(1, 200_000_000, 1, &[0, 1]),
+        ];
+        let d2 = [vcpu(0, 9_000_000_000, 1, &[1])];
+        let snap = sample(&mut h, 1, &[0, 1], t1, &[(1, &d1), (2, &d2)]);
         let u: Vec<_> = snap.vcpus.iter().map(|v| v.usage).collect();
         assert!((u[0].unwrap() - 50.0).abs() < 1e-9);
         assert!((u[1].unwrap() - 10.0).abs() < 1e-9);
@@ -329,25 +351,23 @@ mod tests {
         assert_eq!(snap.vcpus[0].pinned, Some(0));
         assert_eq!(snap.vcpus[1].pinned, None);
 
-        // Domain 1 vanishes; its series are dropped at the end of the cycle.
-        s.begin(&[0, 1]);
-        s.record(
-            dom(2),
-            t1 + Duration::from_secs(1),
-            &[vcpu(0, 9_500_000_000, 1, &[1])],
-        );
-        let snap = s.finish();
+        // Domain 1 is not read: only what was read is in the snapshot.
+        let d2 = [vcpu(0, 9_500_000_000, 1, &[1])];
+        let snap = sample(&mut h, 1, &[0, 1], t1 + Duration::from_secs(1), &[(2, &d2)]);
         assert_eq!(snap.vcpus.len(), 1);
         assert!((snap.vcpus[0].usage.unwrap() - 50.0).abs() < 1e-9);
-        assert_eq!(s.tracked(), 1);
     }
 
     #[test]
     fn pin_to_an_offline_pcpu_does_not_count_as_pinned() {
-        let mut s = CpuSampler::new();
-        s.begin(&[0, 2]);
-        s.record(dom(1), Instant::now(), &[vcpu(0, 0, 1, &[1])]);
-        let v = &s.finish().vcpus[0];
+        let snap = sample(
+            &mut Histories::new(),
+            1,
+            &[0, 2],
+            Instant::now(),
+            &[(1, &[vcpu(0, 0, 1, &[1])])],
+        );
+        let v = &snap.vcpus[0];
         assert_eq!(v.pinned, None);
         assert_eq!(v.last_pcpu, None);
     }
@@ -388,27 +408,26 @@ mod tests {
 
     #[test]
     fn demand_adds_the_run_queue_wait_to_the_time_used() {
-        let mut s = CpuSampler::new();
+        let mut h = Histories::new();
         let t0 = Instant::now();
         let with_delay = |ns, delay| VcpuInfo {
             delay_ns: Some(delay),
             ..vcpu(0, ns, 0, &[0])
         };
-        s.begin(&[0, 1]);
-        s.record(dom(1), t0, &[with_delay(0, 0), vcpu(1, 0, 1, &[1])]);
-        s.finish();
-        s.begin(&[0, 1]);
+        sample(
+            &mut h,
+            1,
+            &[0, 1],
+            t0,
+            &[(1, &[with_delay(0, 0), vcpu(1, 0, 1, &[1])])],
+        );
         // Over 2 s: 0.66 s run and 1.18 s waiting = 33 % used, 92 % wanted. No delay: no demand.
         let t1 = t0 + Duration::from_secs(2);
-        s.record(
-            dom(1),
-            t1,
-            &[
-                with_delay(660_000_000, 1_180_000_000),
-                vcpu(1, 1_760_000_000, 1, &[1]),
-            ],
-        );
-        let snap = s.finish();
+        let read = [
+            with_delay(660_000_000, 1_180_000_000),
+            vcpu(1, 1_760_000_000, 1, &[1]),
+        ];
+        let snap = sample(&mut h, 1, &[0, 1], t1, &[(1, &read)]);
         assert!((snap.vcpus[0].usage.unwrap() - 33.0).abs() < 1e-9);
         assert!((snap.vcpus[0].demand.unwrap() - 92.0).abs() < 1e-9);
         assert_eq!(snap.vcpus[1].demand, None);

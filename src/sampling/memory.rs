@@ -1,10 +1,9 @@
-//! [`MemorySampler`]: balloon reports in, [`MemoryReading`]s (with each guest's consumption rate)
-//! out.
+//! [`MemoryHistory`]: one guest's balloon reports in, [`MemoryReading`]s (with its consumption
+//! rate) out.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
-use super::Rates;
+use super::RateSeries;
 use crate::host::{BalloonStats, DomainId};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -60,18 +59,18 @@ pub enum MemoryReading {
     NoStats,
 }
 
-/// What the sampler remembers of a domain's previous read.
-#[derive(Clone, Copy)]
+/// What the history remembers of a guest's previous read.
+#[derive(Clone, Copy, Debug)]
 struct LastRead {
     update: u64,
     actual_kib: u64,
     /// Balloon size minus the guest's total memory (MemTotal) in the last report known to be
     /// taken at the balloon size read with it: what the guest's kernel keeps for itself.
     offset_kib: Option<i64>,
-    generation: u64,
 }
 
-/// Turns successive balloon reports into [`MemoryReading`]s.
+/// Turns one guest's successive balloon reports into [`MemoryReading`]s. The coordinator keeps it
+/// in its record of the guest's domain run, so it goes when the domain vanishes or restarts.
 ///
 /// A report is used only when it is new (the guest posted it after our previous read) and it was
 /// taken with the balloon at the size read now, so that "used = actual − free" is a consistent
@@ -86,32 +85,32 @@ struct LastRead {
 /// stalls for a report and catches up in the next (seen on real guests after a grant: a rate of
 /// 0, then twice the true one, and grants sized on that 2×) is read at most 1.5 times its rate,
 /// and never as idle while it consumes.
-pub struct MemorySampler {
-    used: Rates<DomainId>,
-    last: HashMap<DomainId, LastRead>,
-    generation: u64,
+#[derive(Clone, Debug)]
+pub struct MemoryHistory {
+    used: RateSeries,
+    last: Option<LastRead>,
 }
 
 /// Intervals between reports a consumption rate covers.
 const RATE_INTERVALS: usize = 2;
 
-impl Default for MemorySampler {
+impl Default for MemoryHistory {
     fn default() -> Self {
         Self {
-            used: Rates::with_window(RATE_INTERVALS),
-            last: HashMap::new(),
-            generation: 0,
+            used: RateSeries::with_window(RATE_INTERVALS),
+            last: None,
         }
     }
 }
 
-impl MemorySampler {
-    /// A sampler with no history.
+impl MemoryHistory {
+    /// No report seen yet.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Judge the report `stats` of domain `id`, read at `at`.
+    /// Judge the report `stats` of guest `id`, read at `at`. A guest that reports no figures
+    /// starts again: its next report is a first sight.
     pub fn record(&mut self, id: DomainId, at: Instant, stats: &BalloonStats) -> MemoryReading {
         let (Some(unused), Some(free), Some(available), Some(update)) = (
             stats.unused_kib,
@@ -119,6 +118,7 @@ impl MemorySampler {
             stats.available_kib,
             stats.last_update,
         ) else {
+            *self = Self::new();
             return MemoryReading::NoStats;
         };
         let sane = unused <= stats.actual_kib
@@ -126,7 +126,7 @@ impl MemorySampler {
             && available > 0
             && stats.actual_kib > 0;
         let offset = stats.actual_kib as i64 - available as i64;
-        let previous = self.last.get(&id).copied();
+        let previous = self.last;
         let moved = previous.is_some_and(|p| p.actual_kib != stats.actual_kib);
         // Taken at the balloon size read now: the balloon stayed put, or MemTotal moved with it.
         let at_this_size = !moved || previous.is_some_and(|p| p.offset_kib == Some(offset));
@@ -136,32 +136,22 @@ impl MemorySampler {
         } else {
             previous.and_then(|p| p.offset_kib)
         };
-        self.last.insert(
-            id,
-            LastRead {
-                update,
-                actual_kib: stats.actual_kib,
-                offset_kib: known_offset,
-                generation: self.generation,
-            },
-        );
-        if previous.is_none() {
-            return MemoryReading::Stale;
-        }
-        if !fresh {
-            self.used.touch(&id);
+        self.last = Some(LastRead {
+            update,
+            actual_kib: stats.actual_kib,
+            offset_kib: known_offset,
+        });
+        if previous.is_none() || !fresh {
             return MemoryReading::Stale;
         }
         if !at_this_size {
-            self.used.touch(&id);
             return MemoryReading::Settling;
         }
         if !sane {
-            self.used.touch(&id);
             return MemoryReading::Inconsistent;
         }
         let used = stats.actual_kib - free;
-        match self.used.gauge(id, used as f64, at) {
+        match self.used.gauge(used as f64, at) {
             None => MemoryReading::First,
             Some(rate_kib_s) => MemoryReading::Fresh(GuestMemory {
                 id,
@@ -172,20 +162,6 @@ impl MemorySampler {
                 rate_kib_s,
             }),
         }
-    }
-
-    /// Forget domain `id` (it restarted): its next report is a first sight.
-    pub fn forget(&mut self, id: &DomainId) {
-        self.last.remove(id);
-        self.used.forget(id);
-    }
-
-    /// Close a cycle: forget domains that were not recorded in it.
-    pub fn end_cycle(&mut self) {
-        let current = self.generation;
-        self.last.retain(|_, r| r.generation == current);
-        self.used.end_cycle();
-        self.generation += 1;
     }
 }
 
@@ -209,20 +185,18 @@ mod tests {
         }
     }
 
-    /// One cycle: domain 1's report (actual, unused, last update) read `secs` after `t0`.
+    /// Domain 1's report (actual, unused, last update), read `secs` after `t0`.
     fn cycle(
-        m: &mut MemorySampler,
+        m: &mut MemoryHistory,
         t0: Instant,
         secs: u64,
         (actual, unused, update): (u64, u64, u64),
     ) -> MemoryReading {
-        let reading = m.record(
+        m.record(
             dom(1),
             t0 + Duration::from_secs(secs),
             &stats(actual, unused, update),
-        );
-        m.end_cycle();
-        reading
+        )
     }
 
     fn fresh_rate(reading: MemoryReading) -> f64 {
@@ -234,7 +208,7 @@ mod tests {
 
     #[test]
     fn memory_needs_an_advanced_report_then_a_second_one_for_a_rate() {
-        let (mut m, t0) = (MemorySampler::new(), Instant::now());
+        let (mut m, t0) = (MemoryHistory::new(), Instant::now());
         // First sight: the report may predate the stats period. The same report again: still stale.
         assert_eq!(cycle(&mut m, t0, 0, (1000, 900, 10)), MemoryReading::Stale);
         assert_eq!(cycle(&mut m, t0, 2, (1000, 900, 10)), MemoryReading::Stale);
@@ -256,7 +230,6 @@ mod tests {
             m.record(dom(1), t0 + Duration::from_secs(8), &before_the_move),
             MemoryReading::Settling
         );
-        m.end_cycle();
         // ...and once the balloon stayed put, the memory given is not mistaken for memory released:
         // over its last two intervals the guest used 200 KiB more, in 6 s.
         assert!((fresh_rate(cycle(&mut m, t0, 10, (1500, 1100, 18))) - 200.0 / 6.0).abs() < 1e-9);
@@ -264,7 +237,7 @@ mod tests {
 
     #[test]
     fn a_guest_that_stalls_and_catches_up_is_never_read_idle_nor_at_twice_its_rate() {
-        let (mut m, t0) = (MemorySampler::new(), Instant::now());
+        let (mut m, t0) = (MemoryHistory::new(), Instant::now());
         cycle(&mut m, t0, 0, (100_000, 90_000, 1));
         cycle(&mut m, t0, 2, (100_000, 90_000, 3));
         // 1000 KiB/s, then nothing for an interval, then 2000 KiB/s to catch up, then 1000 again.
@@ -288,16 +261,14 @@ mod tests {
 
     #[test]
     fn a_report_whose_total_moved_with_the_balloon_is_used_at_once() {
-        let (mut m, t0) = (MemorySampler::new(), Instant::now());
+        let (mut m, t0) = (MemoryHistory::new(), Instant::now());
         // The guest's kernel keeps 64 KiB: its total is its balloon minus 64.
         let report = |actual: u64, unused: u64, update| BalloonStats {
             available_kib: Some(actual - 64),
             ..stats(actual, unused, update)
         };
-        let read = |m: &mut MemorySampler, secs, r: &BalloonStats| {
-            let reading = m.record(dom(1), t0 + Duration::from_secs(secs), r);
-            m.end_cycle();
-            reading
+        let read = |m: &mut MemoryHistory, secs, r: &BalloonStats| {
+            m.record(dom(1), t0 + Duration::from_secs(secs), r)
         };
         read(&mut m, 0, &report(1000, 900, 1));
         read(&mut m, 2, &report(1000, 900, 3));
@@ -334,7 +305,7 @@ mod tests {
 
     #[test]
     fn a_stale_cycle_does_not_lose_the_rate_history() {
-        let (mut m, t0) = (MemorySampler::new(), Instant::now());
+        let (mut m, t0) = (MemoryHistory::new(), Instant::now());
         cycle(&mut m, t0, 0, (1000, 900, 1));
         cycle(&mut m, t0, 1, (1000, 900, 2));
         assert_eq!(cycle(&mut m, t0, 2, (1000, 900, 2)), MemoryReading::Stale);
@@ -343,7 +314,7 @@ mod tests {
 
     #[test]
     fn inconsistent_or_missing_memory_reports_are_not_facts() {
-        let mut m = MemorySampler::new();
+        let mut m = MemoryHistory::new();
         let t0 = Instant::now();
         m.record(dom(1), t0, &stats(1000, 900, 1));
         // unused above actual: a stale report from before the balloon shrank.
@@ -356,22 +327,27 @@ mod tests {
             max_kib: 1000,
             ..BalloonStats::default()
         };
-        assert_eq!(m.record(dom(2), t0, &no_driver), MemoryReading::NoStats);
+        assert_eq!(m.record(dom(1), t0, &no_driver), MemoryReading::NoStats);
     }
 
     #[test]
-    fn a_vanished_guest_starts_over() {
-        let (mut m, t0) = (MemorySampler::new(), Instant::now());
+    fn a_guest_that_stops_reporting_starts_over() {
+        let (mut m, t0) = (MemoryHistory::new(), Instant::now());
         cycle(&mut m, t0, 0, (1000, 900, 1));
         cycle(&mut m, t0, 1, (1000, 900, 2));
-        m.end_cycle();
-        // Back (restarted) with a new report: first sight again, not a rate against old figures.
+        let silent = BalloonStats {
+            actual_kib: 1000,
+            max_kib: 1000,
+            ..BalloonStats::default()
+        };
+        assert_eq!(m.record(dom(1), t0, &silent), MemoryReading::NoStats);
+        // Back with a new report: first sight again, not a rate against old figures.
         assert_eq!(cycle(&mut m, t0, 9, (1000, 100, 50)), MemoryReading::Stale);
     }
 
     #[test]
     fn free_memory_is_what_the_guest_can_still_use() {
-        let mut m = MemorySampler::new();
+        let mut m = MemoryHistory::new();
         let t0 = Instant::now();
         // A ballooned-down guest: 57 MiB free by MemFree, nothing available by MemAvailable.
         let report = |update| BalloonStats {
@@ -390,6 +366,7 @@ mod tests {
             usable_kib: None,
             ..stats(1000, 300, update)
         };
+        let mut m = MemoryHistory::new();
         m.record(dom(2), t0, &plain(1));
         m.record(dom(2), t0 + Duration::from_secs(1), &plain(2));
         let MemoryReading::Fresh(g) = m.record(dom(2), t0 + Duration::from_secs(2), &plain(3))

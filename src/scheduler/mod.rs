@@ -1,23 +1,35 @@
 //! One cycle of the vCPU scheduler: observe the host, derive usage, decide, apply.
 //!
 //! Generic over [`Host`], so the same cycle runs against libvirt in the daemon and against a
-//! simulated host in tests and benchmarks.
+//! simulated host in tests and benchmarks. What must persist between cycles about a domain (its
+//! vCPUs' history, first affinities, which it re-pinned) is its [`DomainRecord`], one per domain
+//! run in a [`Tracker`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod allowed;
+mod record;
+
+pub use allowed::AllowedSets;
+
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use log::{info, warn};
 
-use crate::cpu_plan::{self, AllowedSets, Basis, CpuPlan, CpuPolicy, PinMove, plan};
+use crate::cpu_plan::{self, Basis, CpuPlan, CpuPolicy, PinMove, plan};
 use crate::exclusions::Exclusions;
 use crate::host::{DomainNames, Host, HostResult, VcpuSample, changed_or_skipped};
-use crate::report::{CpuReport, Decision, MoveLine, NodeLine, PcpuLine, VcpuLine, Why, spread};
+use crate::report::{CpuReport, Decision, MoveLine, NodeLine, PcpuLine, PinWhy, VcpuLine, spread};
 use crate::sampling::{Allowed, CpuSampler, CpuSnapshot, VcpuKey, pcpu_demand, pcpu_usage};
 use crate::topology::Topology;
+use crate::tracker::Tracker;
+use record::{DomainRecord, VcpuRecord};
 
 /// The vCPU scheduler's state across cycles.
 pub struct Scheduler {
-    sampler: CpuSampler,
+    /// Everything remembered about each domain, one record per domain run.
+    domains: Tracker<DomainRecord>,
+    /// Samples over which vCPU loads are averaged.
+    window: usize,
     policy: CpuPolicy,
     planner: Planner,
     dry_run: bool,
@@ -37,13 +49,11 @@ pub struct Scheduler {
     period: Option<Duration>,
     /// Said that sampling is slow, and not yet that it is back to normal.
     slow: bool,
-    /// vCPUs this scheduler has re-pinned (their first affinity is kept by `allowed`).
-    changed: HashSet<VcpuKey>,
     /// The host topology last said in the log (`Some(None)`: said that there is none).
     topology_said: Option<Option<Topology>>,
 }
 
-/// Samples over which vCPU loads are averaged by default (see [`CpuSampler`]): one, the latest
+/// Samples over which vCPU loads are averaged by default (see [`crate::sampling::VcpuHistory`]): one, the latest
 /// sample. The planner allows for swings whatever the window; a longer window sees a lasting
 /// change only part by part, and then corrects it in several steps (see BENCHMARKS.md).
 pub const DEFAULT_WINDOW: usize = 1;
@@ -60,7 +70,8 @@ impl Scheduler {
     /// A scheduler deciding with another planner (benchmarks compare policies this way).
     pub fn with_planner(policy: CpuPolicy, dry_run: bool, planner: Planner) -> Self {
         Self {
-            sampler: CpuSampler::with_window(DEFAULT_WINDOW),
+            domains: Tracker::new(),
+            window: DEFAULT_WINDOW,
             policy,
             planner,
             dry_run,
@@ -72,7 +83,6 @@ impl Scheduler {
             exclusions: Exclusions::default(),
             period: None,
             slow: false,
-            changed: HashSet::new(),
             topology_said: None,
         }
     }
@@ -99,7 +109,7 @@ impl Scheduler {
 
     /// Average vCPU loads over the last `window` samples (1: judge each sample alone).
     pub fn with_window(mut self, window: usize) -> Self {
-        self.sampler = CpuSampler::with_window(window);
+        self.window = window;
         self
     }
 
@@ -162,31 +172,43 @@ impl Scheduler {
         report: &mut CpuReport,
         names: &mut DomainNames,
     ) -> CpuSnapshot {
-        self.sampler.begin(online);
+        let mut sampler = CpuSampler::new(online);
         self.allowed.begin(online, topology.clone());
-        self.exclusions.begin_cycle();
+        self.domains.begin_cycle();
         let mut allowed = HashMap::new();
         for sample in samples {
-            self.sampler
-                .record(sample.domain.id, sample.at, &sample.vcpus);
-            // Rule 9: where each vCPU may go.
-            let excluded = self.exclusions.excludes(&sample.domain);
+            let (_, record) = self.domains.see(&sample.domain, DomainRecord::default);
+            record.keep_only(&sample.vcpus);
+            let excluded = self
+                .exclusions
+                .excludes(&sample.domain, &mut record.excluded);
+            let DomainRecord {
+                vcpus,
+                nowhere_said,
+                ..
+            } = record;
             for vcpu in &sample.vcpus {
+                let v = vcpus
+                    .entry(vcpu.number)
+                    .or_insert_with(|| VcpuRecord::new(self.window, vcpu));
+                sampler.record(sample.domain.id, sample.at, vcpu, &mut v.history);
+                // Rule 9: where each vCPU may go.
                 let key = VcpuKey {
                     domain: sample.domain.id,
                     vcpu: vcpu.number,
                 };
-                allowed.insert(key, self.allowed.of(&sample.domain, excluded, vcpu));
+                let first = &v.first_affinity;
+                let set = self
+                    .allowed
+                    .of(&sample.domain, excluded, vcpu, first, nowhere_said);
+                allowed.insert(key, set);
             }
             report.domains += 1;
             report.vcpus += sample.vcpus.len();
             names.insert(&sample.domain);
         }
-        self.allowed.end_cycle();
-        self.exclusions.end_cycle();
-        // Vanished vCPUs need no restoring (a domain that comes back starts afresh).
-        self.changed.retain(|key| allowed.contains_key(key));
-        let mut snapshot = self.sampler.finish();
+        self.domains.end_cycle();
+        let mut snapshot = sampler.finish();
         for v in &mut snapshot.vcpus {
             if let Some(set) = allowed.remove(&v.key) {
                 v.allowed = set;
@@ -274,14 +296,18 @@ impl Scheduler {
     /// how many vCPUs were restored.
     pub fn restore(&mut self, host: &mut dyn Host) -> usize {
         let mut restored = 0;
-        let mut changed: Vec<VcpuKey> = self.changed.drain().collect();
-        changed.sort();
-        for key in changed {
-            let Some(first) = self.allowed.first_seen(&key) else {
-                continue;
-            };
+        let mut repinned = Vec::new();
+        for (id, record) in self.domains.sorted() {
+            for (&vcpu, v) in record.vcpus.iter().filter(|(_, v)| v.repinned) {
+                repinned.push((VcpuKey { domain: id, vcpu }, v.first_affinity.clone()));
+            }
+        }
+        for (key, first) in repinned {
+            if let Some(v) = self.vcpu_record(&key) {
+                v.repinned = false;
+            }
             let what = format!("vCPU{} could be restored", key.vcpu);
-            let result = host.set_affinity(&key.domain, key.vcpu, first);
+            let result = host.set_affinity(&key.domain, key.vcpu, &first);
             match changed_or_skipped(&key.domain.to_string(), &what, result) {
                 Ok(true) => restored += 1,
                 Ok(false) => {}
@@ -295,6 +321,11 @@ impl Scheduler {
         }
         info!("restored {restored} vCPUs to the affinity they had when first seen");
         restored
+    }
+
+    /// What is remembered of vCPU `key`, if its domain was seen in the last cycle.
+    fn vcpu_record(&mut self, key: &VcpuKey) -> Option<&mut VcpuRecord> {
+        self.domains.get_mut(&key.domain)?.vcpus.get_mut(&key.vcpu)
     }
 
     /// Make the plan's pin changes (in a dry run, only report them).
@@ -320,8 +351,10 @@ impl Scheduler {
                 report.skipped += 1;
                 continue;
             }
-            if !self.dry_run {
-                self.changed.insert(m.key);
+            if !self.dry_run
+                && let Some(v) = self.vcpu_record(&m.key)
+            {
+                v.repinned = true;
             }
             let (why, reason) = move_reason(m, allowed.get(&m.key).copied(), plan.basis, report);
             if let Some(line) = report
@@ -353,7 +386,7 @@ fn move_reason(
     allowed: Option<&Allowed>,
     basis: Basis,
     report: &CpuReport,
-) -> (Why, String) {
+) -> (PinWhy, String) {
     let load = |pcpu: u32| {
         report
             .pcpus
@@ -366,7 +399,7 @@ fn move_reason(
     };
     match m.from {
         None => (
-            Why::Unpinned,
+            PinWhy::Unpinned,
             format!(
                 "not pinned to one pCPU; pCPU {} {basis} {:.0}% is the freest it may use",
                 m.to,
@@ -374,11 +407,11 @@ fn move_reason(
             ),
         ),
         Some(from) if allowed.is_some_and(|a| !a.contains(from)) => (
-            Why::OutsideAllowed,
+            PinWhy::OutsideAllowed,
             format!("pCPU {from} is outside the pCPUs it may use"),
         ),
         Some(from) => (
-            Why::Balance,
+            PinWhy::Balance,
             format!(
                 "pCPU {from} {basis} {:.0}% vs pCPU {} {:.0}%",
                 load(from),

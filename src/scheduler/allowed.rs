@@ -1,47 +1,29 @@
-//! Rule 9's sets: where each vCPU may be pinned, from what its admin configured, the NUMA node its
-//! memory is bound to or it runs on, the host's pool (`--cpus`) and the online pCPUs, and whether
-//! its domain is excluded.
+//! Rule 9's sets, worked out for the scheduler's cycle: where each vCPU may be pinned, from what
+//! its admin configured, the NUMA node its memory is bound to or it runs on, the host's pool
+//! (`--cpus`) and the online pCPUs, and whether its domain is excluded. The intersection itself is
+//! the planner's ([`crate::cpu_plan::allowed`]); what must be remembered across cycles (a vCPU's
+//! first affinity, that a domain was told it has nowhere to go) is in the scheduler's record of
+//! the domain.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::host::{DomainId, DomainRef, VcpuInfo};
-use crate::sampling::{Allowed, VcpuKey};
+use crate::cpu_plan::allowed;
+use crate::host::{DomainRef, VcpuInfo};
+use crate::sampling::Allowed;
 use crate::topology::Topology;
 
-/// The allowed set of one vCPU: `online` ∩ each of the other sets given (sorted): its persistent
-/// configuration's affinity, the pCPUs of the NUMA nodes it may use, the host's pool.
-pub fn allowed(online: &[u32], limits: &[Option<&[u32]>]) -> Vec<u32> {
-    online
-        .iter()
-        .copied()
-        .filter(|p| {
-            limits
-                .iter()
-                .flatten()
-                .all(|set| set.binary_search(p).is_ok())
-        })
-        .collect()
-}
-
-/// Works out every vCPU's allowed set, cycle after cycle.
+/// Works out every vCPU's allowed set in a cycle.
 ///
 /// A transient domain has no persistent configuration: its admin's word is the affinity its
-/// vCPUs had when first seen, before any pin of ours (so after a restart of the daemon, a
-/// transient domain keeps the pins it was given). Sets are shared between the vCPUs that have the
-/// same one, and a vCPU left with no pCPU at all is said once.
+/// vCPUs had when first seen in its run, before any pin of ours (so after a restart of the
+/// daemon, a transient domain keeps the pins it was given). Sets are shared between the vCPUs
+/// that have the same one, and a vCPU left with no pCPU at all is said once per domain run.
 #[derive(Debug, Default)]
 pub struct AllowedSets {
     /// The host's pool (`--cpus`), sorted; `None`: every online pCPU.
     pool: Option<Vec<u32>>,
-    /// Each vCPU's affinity when first seen: the admin's word for a domain without a persistent
-    /// configuration, and what `--restore-on-exit` puts back.
-    first_seen: HashMap<VcpuKey, Vec<u32>>,
-    /// vCPUs seen this cycle.
-    seen: HashSet<VcpuKey>,
-    /// Domains told about a vCPU with nowhere to go.
-    warned: HashSet<DomainId>,
     /// The distinct sets of this cycle.
     interned: HashMap<Vec<u32>, Arc<[u32]>>,
     /// The host's online pCPUs this cycle.
@@ -77,7 +59,6 @@ impl AllowedSets {
         self.online = online.to_vec();
         self.topology = topology;
         self.interned.clear();
-        self.seen.clear();
     }
 
     /// The pCPUs of the NUMA nodes `vcpu` of `domain` may use: those its memory is bound to;
@@ -100,27 +81,27 @@ impl AllowedSets {
         Some(Cow::Borrowed(topology.cpus_of_node(node)))
     }
 
-    /// The allowed set of vCPU `vcpu` of `domain`; empty when the domain is `excluded`.
-    pub fn of(&mut self, domain: &DomainRef, excluded: bool, vcpu: &VcpuInfo) -> Allowed {
-        let key = VcpuKey {
-            domain: domain.id,
-            vcpu: vcpu.number,
-        };
-        self.seen.insert(key);
-        let first_seen = self
-            .first_seen
-            .entry(key)
-            .or_insert_with(|| vcpu.affinity.clone());
+    /// The allowed set of vCPU `vcpu` of `domain`, whose affinity was `first_affinity` when first
+    /// seen in this run; empty when the domain is `excluded`. A vCPU with nowhere to go is said
+    /// unless `nowhere_said` (the domain's record of it) says it was.
+    pub fn of(
+        &mut self,
+        domain: &DomainRef,
+        excluded: bool,
+        vcpu: &VcpuInfo,
+        first_affinity: &[u32],
+        nowhere_said: &mut bool,
+    ) -> Allowed {
         if excluded {
             return Allowed::Only(Arc::from([]));
         }
-        let configured = vcpu.configured.as_ref().unwrap_or(first_seen).clone();
+        let configured = vcpu.configured.as_deref().unwrap_or(first_affinity);
         let nodes = self.node_cpus(domain, vcpu);
         let set = allowed(
             &self.online,
-            &[Some(&configured), nodes.as_deref(), self.pool.as_deref()],
+            &[Some(configured), nodes.as_deref(), self.pool.as_deref()],
         );
-        if set.is_empty() && self.warned.insert(domain.id) {
+        if set.is_empty() && !std::mem::replace(nowhere_said, true) {
             log::warn!(
                 "domain {} vCPU{}: none of the pCPUs it may use ({configured:?}) is online{}; it is left where it runs",
                 domain.name,
@@ -141,24 +122,12 @@ impl AllowedSets {
             .or_insert_with_key(|set| Arc::from(set.as_slice()));
         Allowed::Only(Arc::clone(shared))
     }
-
-    /// The affinity vCPU `key` had when first seen (while it is seen, cycle after cycle).
-    pub fn first_seen(&self, key: &VcpuKey) -> Option<&[u32]> {
-        self.first_seen.get(key).map(Vec::as_slice)
-    }
-
-    /// End a cycle: forget the vCPUs and domains not seen in it.
-    pub fn end_cycle(&mut self) {
-        let seen = &self.seen;
-        self.first_seen.retain(|key, _| seen.contains(key));
-        let domains: HashSet<DomainId> = seen.iter().map(|k| k.domain).collect();
-        self.warned.retain(|id| domains.contains(id));
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::DomainId;
 
     fn vcpu(number: u32, affinity: &[u32], configured: Option<&[u32]>) -> VcpuInfo {
         VcpuInfo {
@@ -175,14 +144,14 @@ mod tests {
         DomainRef::new(DomainId([n; 16]), &format!("d{n}"))
     }
 
-    #[test]
-    fn the_set_is_configuration_and_pool_and_online() {
-        let online = [0, 1, 2, 3, 5];
-        assert_eq!(allowed(&online, &[None, None]), online);
-        assert_eq!(allowed(&online, &[Some(&[1, 2, 4]), None]), [1, 2]);
-        assert_eq!(allowed(&online, &[Some(&[1, 2, 4]), Some(&[2, 3])]), [2]);
-        assert_eq!(allowed(&online, &[None, Some(&[3, 4, 5])]), [3, 5]);
-        assert!(allowed(&online, &[Some(&[4]), None]).is_empty());
+    /// The set of `vcpu` of `domain`, first seen with the affinity it has now.
+    fn set_of(
+        sets: &mut AllowedSets,
+        domain: &DomainRef,
+        excluded: bool,
+        vcpu: &VcpuInfo,
+    ) -> Allowed {
+        sets.of(domain, excluded, vcpu, &vcpu.affinity.clone(), &mut false)
     }
 
     #[test]
@@ -201,7 +170,7 @@ mod tests {
         sets.begin(&online, topology.clone());
         let on5 = vcpu(0, &[5], Some(&anywhere));
         assert_eq!(
-            sets.of(&domain(1), false, &on5),
+            set_of(&mut sets, &domain(1), false, &on5),
             Allowed::Only(Arc::from(node1))
         );
         // Spanning both nodes, last ran on pCPU 1 (node 0): node 0.
@@ -211,7 +180,7 @@ mod tests {
         };
         let node0 = [0, 1, 2, 3, 8, 9, 10, 11];
         assert_eq!(
-            sets.of(&domain(1), false, &spanning),
+            set_of(&mut sets, &domain(1), false, &spanning),
             Allowed::Only(Arc::from(node0))
         );
         // Memory strictly bound to node 0: node 0, even while it runs on node 1, even across.
@@ -222,11 +191,11 @@ mod tests {
         let mut crossing = AllowedSets::new(None).with_cross_node(true);
         crossing.begin(&online, topology);
         assert_eq!(
-            crossing.of(&bound, false, &on5),
+            set_of(&mut crossing, &bound, false, &on5),
             Allowed::Only(Arc::from(node0))
         );
         // Not bound, crossing allowed: anywhere.
-        assert_eq!(crossing.of(&domain(3), false, &on5), Allowed::Any);
+        assert_eq!(set_of(&mut crossing, &domain(3), false, &on5), Allowed::Any);
     }
 
     #[test]
@@ -236,22 +205,30 @@ mod tests {
         let d = domain(1);
         // Configured on 0-1, pool 1-3: pCPU 1 only.
         assert_eq!(
-            sets.of(&d, false, &vcpu(0, &[0], Some(&[0, 1]))),
+            set_of(&mut sets, &d, false, &vcpu(0, &[0], Some(&[0, 1]))),
             Allowed::Only(Arc::from([1]))
         );
         // Excluded: nowhere.
-        assert!(sets.of(&d, true, &vcpu(1, &[0], Some(&[0, 1]))).is_none());
+        assert!(set_of(&mut sets, &d, true, &vcpu(1, &[0], Some(&[0, 1]))).is_none());
         // Transient: its first affinity (0-3) within the pool, and it stays so after we pin it.
-        let first = sets.of(&domain(2), false, &vcpu(0, &[0, 1, 2, 3], None));
+        let first = set_of(&mut sets, &domain(2), false, &vcpu(0, &[0, 1, 2, 3], None));
         assert_eq!(first, Allowed::Only(Arc::from([1, 2, 3])));
-        sets.end_cycle();
         sets.begin(&[0, 1, 2, 3], None);
-        assert_eq!(sets.of(&domain(2), false, &vcpu(0, &[2], None)), first);
+        let pinned = vcpu(0, &[2], None);
+        assert_eq!(
+            sets.of(&domain(2), false, &pinned, &[0, 1, 2, 3], &mut false),
+            first
+        );
+        // Nowhere to go: said once.
+        let mut said = false;
+        let offline = vcpu(0, &[0], Some(&[7]));
+        assert!(sets.of(&d, false, &offline, &[0], &mut said).is_none());
+        assert!(said);
         // Without a pool, a set of every online pCPU is no constraint.
         let mut free = AllowedSets::new(None);
         free.begin(&[0, 1], None);
         assert_eq!(
-            free.of(&d, false, &vcpu(0, &[0], Some(&[0, 1, 7]))),
+            set_of(&mut free, &d, false, &vcpu(0, &[0], Some(&[0, 1, 7]))),
             Allowed::Any
         );
     }

@@ -1,37 +1,39 @@
 //! One cycle of the memory coordinator: observe balloons, derive consumption, decide, apply.
 //!
-//! Generic over [`Host`], like [`crate::scheduler`]. It owns what must persist between cycles:
-//! where each domain's balloon statistics stand (switched on, gone stale, or no balloon at all:
-//! warned about once, then left alone), and the sampler's history. A cycle runs in four steps:
+//! Generic over [`Host`], like [`crate::scheduler`]. What must persist between cycles about a
+//! guest (where its balloon statistics stand, its earlier reports, what it was asked) is its
+//! [`GuestRecord`], one per domain run in a [`Tracker`]. A cycle runs in four steps:
 //! [`Coordinator::arm`] switches statistics on, [`Coordinator::classify`] judges each report,
 //! [`Coordinator::decide`] plans and checks the plan against the hard limits, and
 //! [`Coordinator::apply`] makes the changes.
 
-use std::collections::HashMap;
+mod record;
 
 use log::warn;
 
 use crate::exclusions::Exclusions;
 use crate::host::{
-    BalloonSample, DomainId, DomainNames, DomainRef, Host, HostError, HostMemory, HostResult,
+    BalloonSample, DomainId, DomainNames, Host, HostError, HostMemory, HostResult,
     changed_or_skipped,
 };
-use crate::ledger::Ledger;
+use crate::ledger::GuestLedger;
 use crate::mem_plan::{
-    BalloonChange, MemPlan, MemPlanner, MemPolicy, MemSnapshot, MemStatus, Standing, checked_plan,
+    BalloonChange, MemPlan, MemPlanner, MemPolicy, MemSnapshot, Standing, checked_plan,
 };
-use crate::report::{GuestLine, HostLine, MemReport, ResizeLine, Why, mib};
-use crate::sampling::{GuestMemory, MemoryReading, MemorySampler};
+use crate::report::{GuestLine, GuestState, HostLine, MemReport, ResizeLine, ResizeWhy, mib};
+use crate::sampling::{GuestMemory, MemoryHistory, MemoryReading};
+use crate::tracker::{Sight, Tracker};
+use record::{Followed, GuestRecord, Stats};
 
 /// The report line of a guest: what it shows, and its state (or why it is left alone).
-fn guest_line(sample: &BalloonSample, state: &str) -> GuestLine {
+fn guest_line(sample: &BalloonSample, state: GuestState) -> GuestLine {
     GuestLine {
         domain: sample.domain.name.clone(),
         uuid: sample.domain.id,
         actual_mib: mib(sample.stats.actual_kib),
         free_mib: sample.stats.free_kib().map(mib),
         rate_mib_s: None,
-        state: state.into(),
+        state,
     }
 }
 
@@ -46,98 +48,15 @@ fn unbacked_as_reported(sample: &BalloonSample) -> u64 {
         .unwrap_or(stats.actual_kib)
 }
 
-/// Stale reports in a row after which the stats period is set again (the domain may have
-/// restarted, which resets it) and the operator is warned once.
-const STALE_CYCLES_BEFORE_REARM: u32 = 5;
-
-/// Where a domain's balloon statistics stand.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stats {
-    /// Not switched on yet: first sight, or switched on again after going stale.
-    Off,
-    /// Switched on; `stale_cycles` cycles in a row without a usable report since.
-    On { stale_cycles: u32 },
-    /// The domain has no balloon device: it is left alone.
-    NoBalloon,
-    /// Its memory is held (hugepages, locked, VFIO): shrinking its balloon would free nothing on
-    /// the host, so it is left alone.
-    Held,
-    /// A dry run: statistics are not switched on; the domain is judged on what it reports anyway.
-    Watched,
-}
-
-/// What the operator has been told about a domain whose statistics go stale: told once, with a
-/// hint about the guest driver when no report ever came.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StaleNotice {
-    /// Not told; no usable report came yet.
-    NeverFresh,
-    /// Not told; reports came before.
-    WasFresh,
-    /// Told.
-    Given,
-}
-
-/// A domain as the coordinator follows it across cycles.
-#[derive(Clone)]
-struct DomainState {
-    stats: Stats,
-    notice: StaleNotice,
-    /// The cycle it was last seen in; domains not seen in a cycle are forgotten.
-    seen: u64,
-    /// The run of the domain this state is about (see [`DomainRef::run`]).
-    run: Option<u32>,
-}
-
-impl DomainState {
-    /// Follow how long the domain's reports have been stale: after
-    /// [`STALE_CYCLES_BEFORE_REARM`] cycles, switch its statistics on again and tell the operator
-    /// (once).
-    fn track_staleness(&mut self, reading: &MemoryReading, name: &str) {
-        let reporting = matches!(
-            reading,
-            MemoryReading::Fresh(_) | MemoryReading::First | MemoryReading::Settling
-        );
-        if reporting {
-            self.stats = Stats::On { stale_cycles: 0 };
-            if self.notice == StaleNotice::NeverFresh {
-                self.notice = StaleNotice::WasFresh;
-            }
-            return;
-        }
-        let Stats::On { stale_cycles } = &mut self.stats else {
-            return;
-        };
-        *stale_cycles += 1;
-        if *stale_cycles < STALE_CYCLES_BEFORE_REARM {
-            return;
-        }
-        self.stats = Stats::Off;
-        if self.notice != StaleNotice::Given {
-            warn!(
-                "domain {name}: no fresh balloon statistics for {STALE_CYCLES_BEFORE_REARM} cycles{}; it is left alone until they come",
-                if self.notice == StaleNotice::WasFresh {
-                    ""
-                } else {
-                    " (is the virtio_balloon driver loaded in the guest?)"
-                }
-            );
-            self.notice = StaleNotice::Given;
-        }
-    }
-}
-
 /// The memory coordinator's state across cycles.
 pub struct Coordinator {
-    sampler: MemorySampler,
     policy: MemPolicy,
     stats_period_secs: u32,
     dry_run: bool,
-    domains: HashMap<DomainId, DomainState>,
-    cycles: u64,
+    /// Everything remembered about each guest, one record per domain run.
+    guests: Tracker<GuestRecord>,
     warned_host_unknown: bool,
     exclusions: Exclusions,
-    ledger: Ledger,
     planner: MemPlanner,
 }
 
@@ -146,15 +65,12 @@ impl Coordinator {
     /// at least one second.
     pub fn new(policy: MemPolicy, dry_run: bool) -> Self {
         Self {
-            sampler: MemorySampler::new(),
             stats_period_secs: policy.period_secs.ceil().max(1.0).min(u32::MAX as f64) as u32,
             policy,
             dry_run,
-            domains: HashMap::new(),
-            cycles: 0,
+            guests: Tracker::new(),
             warned_host_unknown: false,
             exclusions: Exclusions::default(),
-            ledger: Ledger::new(),
             planner: checked_plan,
         }
     }
@@ -174,7 +90,6 @@ impl Coordinator {
 
     /// Run one cycle. `Ok(None)` when the host has no active domain.
     pub fn cycle(&mut self, host: &mut dyn Host) -> HostResult<Option<MemReport>> {
-        self.cycles += 1;
         let samples = host.sample_balloons()?;
         if samples.is_empty() {
             return Ok(None);
@@ -192,35 +107,39 @@ impl Coordinator {
             ..MemSnapshot::default()
         };
         let mut names = DomainNames::default();
-        self.exclusions.begin_cycle();
+        self.guests.begin_cycle();
         for sample in &samples {
-            if self.exclusions.excludes(&sample.domain) {
-                report.guests.push(guest_line(sample, "excluded"));
+            let dom = &sample.domain;
+            let (sight, record) = self.guests.see(dom, GuestRecord::default);
+            if sight == Sight::Restarted {
+                log::debug!("domain {} restarted: its history starts again", dom.name);
+            }
+            if self.exclusions.excludes(dom, &mut record.excluded) {
+                record.followed = None;
+                report.guests.push(guest_line(sample, GuestState::Excluded));
                 snapshot.unbacked_kib += unbacked_as_reported(sample);
                 continue;
             }
-            if !self.arm(host, sample, &mut report)? {
-                if sample.domain.memory_held.is_none() {
+            let guest = record.followed.get_or_insert_with(Followed::default);
+            let (dry_run, period) = (self.dry_run, self.stats_period_secs);
+            if !Self::arm(guest, host, sample, dry_run, period, &mut report)? {
+                // Not read this cycle: its next report is a first sight.
+                guest.history = MemoryHistory::new();
+                if dom.memory_held.is_none() {
                     snapshot.unbacked_kib += unbacked_as_reported(sample);
                 }
                 continue;
             }
-            let (line, fresh) = self.classify(sample);
-            snapshot.unbacked_kib += self
-                .ledger
-                .unbacked_kib(&sample.domain.id, sample.stats.actual_kib);
+            let (line, fresh) = Self::classify(guest, sample, &self.policy);
+            snapshot.unbacked_kib += guest.ledger.unbacked_kib(sample.stats.actual_kib);
             if let Some((g, standing)) = fresh {
                 snapshot.guests.push(g);
                 snapshot.standing.insert(g.id, standing);
             }
-            names.insert(&sample.domain);
+            names.insert(dom);
             report.guests.push(line);
         }
-        self.sampler.end_cycle();
-        self.exclusions.end_cycle();
-        let current = self.cycles;
-        self.domains.retain(|_, s| s.seen == current);
-        self.ledger.retain(|id| self.domains.contains_key(id));
+        self.guests.end_cycle();
         if let Some(h) = &mut report.host {
             h.unbacked_mib = mib(snapshot.unbacked_kib);
         }
@@ -250,30 +169,33 @@ impl Coordinator {
         }
     }
 
-    /// Make sure the domain of `sample` has its balloon statistics switched on, on first sight
-    /// and again after they went stale. False when it is not to be read this cycle: it has no
-    /// balloon (counted in the report), or it vanished.
+    /// Make sure `guest`, the domain of `sample`, has its balloon statistics switched on, on
+    /// first sight and again after they went stale (with `period`; a `dry_run` only watches).
+    /// False when it is not to be read this cycle: it has no balloon (counted in the report), its
+    /// memory is held, or it vanished.
     fn arm(
-        &mut self,
+        guest: &mut Followed,
         host: &mut dyn Host,
         sample: &BalloonSample,
+        dry_run: bool,
+        period: u32,
         report: &mut MemReport,
     ) -> HostResult<bool> {
         let dom = &sample.domain;
-        let (dry_run, period) = (self.dry_run, self.stats_period_secs);
-        let state = self.follow(dom);
         if let Some(reason) = dom.memory_held {
-            if state.stats != Stats::Held {
+            if guest.stats != Stats::Held {
                 warn!(
                     "domain {}: its memory is {reason}, so ballooning it would free nothing on the host; it is left alone",
                     dom.name
                 );
-                state.stats = Stats::Held;
+                guest.stats = Stats::Held;
             }
-            report.guests.push(guest_line(sample, "memory held"));
+            report
+                .guests
+                .push(guest_line(sample, GuestState::MemoryHeld));
             return Ok(false);
         }
-        match state.stats {
+        match guest.stats {
             Stats::On { .. } | Stats::Watched => return Ok(true),
             Stats::NoBalloon => {
                 report.without_balloon += 1;
@@ -287,81 +209,61 @@ impl Coordinator {
                 "dry run: domain {}'s balloon statistics are not switched on; it is judged on what it already reports",
                 dom.name
             );
-            state.stats = Stats::Watched;
+            guest.stats = Stats::Watched;
             return Ok(true);
         }
-        // The figures read this cycle predate the switch; the sampler treats a first report as
-        // stale anyway.
+        // The figures read this cycle predate the switch; a first report is taken as stale anyway.
         match host.enable_balloon_stats(&dom.id, period) {
             Ok(()) => {
-                state.stats = Stats::On { stale_cycles: 0 };
+                guest.stats = Stats::On { stale_cycles: 0 };
                 Ok(true)
             }
             Err(HostError::Vanished(_)) => Ok(false),
             Err(e @ HostError::Disconnected(_)) => Err(e),
             Err(e) => {
                 warn!("domain {}: {e:#}; it is left alone", dom.name);
-                state.stats = Stats::NoBalloon;
+                guest.stats = Stats::NoBalloon;
                 report.without_balloon += 1;
                 Ok(false)
             }
         }
     }
 
-    /// The state of domain `dom`, seen this cycle: new on first sight, and new again when the
-    /// domain restarted under the same UUID (its history is forgotten: a new guest as far as its
-    /// figures go, and its statistics period is gone too).
-    fn follow(&mut self, dom: &DomainRef) -> &mut DomainState {
-        let fresh = DomainState {
-            stats: Stats::Off,
-            notice: StaleNotice::NeverFresh,
-            seen: 0,
-            run: dom.run,
+    /// Judge the report of `sample` against what is known of `guest` under `policy`: its line in
+    /// the report, and the guest's figures and standing when the planner may act on them.
+    fn classify(
+        guest: &mut Followed,
+        sample: &BalloonSample,
+        policy: &MemPolicy,
+    ) -> (GuestLine, Option<(GuestMemory, Standing)>) {
+        let (dom, stats) = (&sample.domain, &sample.stats);
+        let reading = guest.history.record(dom.id, sample.at, stats);
+        let mut fresh = None;
+        let state = match reading {
+            MemoryReading::Fresh(g) => {
+                guest.ledger.observe(&g, &dom.name);
+                let standing = guest.ledger.standing(dom.guaranteed_kib);
+                let status = policy.status(&g, &standing);
+                guest.ledger.judged(status);
+                fresh = Some((g, standing));
+                GuestState::judged(status, standing.behind)
+            }
+            MemoryReading::First => GuestState::FirstReport,
+            MemoryReading::Stale => GuestState::WaitingForStats,
+            MemoryReading::Settling => GuestState::BalloonSettling,
+            MemoryReading::Inconsistent => GuestState::InconsistentStats,
+            MemoryReading::NoStats => GuestState::NoGuestStats,
         };
-        let state = self.domains.entry(dom.id).or_insert_with(|| fresh.clone());
-        if state.run != dom.run {
-            log::debug!("domain {} restarted: its history starts again", dom.name);
-            *state = fresh;
-            self.sampler.forget(&dom.id);
-            self.ledger.forget(&dom.id);
-        }
-        state.seen = self.cycles;
-        state
+        guest.track_staleness(&reading, &dom.name);
+        let mut line = guest_line(sample, state);
+        line.rate_mib_s = fresh.map(|(g, _)| g.rate_kib_s / 1024.0);
+        (line, fresh)
     }
 
-    /// Judge the report of `sample`: its line in the report, and the guest's figures and
-    /// standing when the planner may act on them.
-    fn classify(&mut self, sample: &BalloonSample) -> (GuestLine, Option<(GuestMemory, Standing)>) {
-        let (dom, stats) = (&sample.domain, &sample.stats);
-        let reading = self.sampler.record(dom.id, sample.at, stats);
-        let mut line = guest_line(sample, "");
-        let mut fresh = None;
-        line.state = match reading {
-            MemoryReading::Fresh(g) => {
-                line.rate_mib_s = Some(g.rate_kib_s / 1024.0);
-                self.ledger.observe(&g, &dom.name);
-                let standing = self.ledger.standing(&dom.id, dom.guaranteed_kib);
-                let status = self.policy.status(&g, &standing);
-                self.ledger.judged(&dom.id, status);
-                fresh = Some((g, standing));
-                if standing.behind && status == MemStatus::Starving {
-                    format!("{status} (balloon behind)")
-                } else {
-                    status.to_string()
-                }
-            }
-            MemoryReading::First => "first report".into(),
-            MemoryReading::Stale => "waiting for stats".into(),
-            MemoryReading::Settling => "balloon settling".into(),
-            MemoryReading::Inconsistent => "inconsistent stats".into(),
-            MemoryReading::NoStats => "no guest stats".into(),
-        };
-        let state = self
-            .domains
-            .get_mut(&dom.id)
-            .expect("armed before it is classified");
-        state.track_staleness(&reading, &dom.name);
-        (line, fresh)
+    /// The ledger of guest `id`, where it is followed.
+    fn ledger(&mut self, id: &DomainId) -> Option<&mut GuestLedger> {
+        let guest = self.guests.get_mut(id)?.followed.as_mut()?;
+        Some(&mut guest.ledger)
     }
 
     /// The plan for `snapshot`, or `None` when it breaks a hard limit: then it is refused whole,
@@ -392,45 +294,47 @@ impl Coordinator {
         report: &mut MemReport,
     ) -> HostResult<()> {
         for c in &plan.changes {
-            if self.ledger.already_set(&c.id, c.to_kib) {
+            if self.ledger(&c.id).is_some_and(|l| l.already_set(c.to_kib)) {
                 continue;
             }
             let why = self.reason(c, snapshot);
             if self.set(host, c, why, names, report)? && !self.dry_run {
-                self.ledger.resized(c);
+                self.ledger(&c.id)
+                    .expect("planned guests are followed")
+                    .resized(c);
             }
         }
         Ok(())
     }
 
     /// Why change `c` of the plan for `snapshot` is made, in a word and with its figures.
-    fn reason(&self, c: &BalloonChange, snapshot: &MemSnapshot) -> (Why, String) {
+    fn reason(&self, c: &BalloonChange, snapshot: &MemSnapshot) -> (ResizeWhy, String) {
         let Some(g) = snapshot.guests.iter().find(|g| g.id == c.id) else {
-            return (Why::Idle, String::new());
+            return (ResizeWhy::Idle, String::new());
         };
         let free = g.free_pct();
         let rate = g.rate_kib_s / 1024.0;
         if !c.shrinks() {
             return (
-                Why::Starving,
+                ResizeWhy::Starving,
                 format!("starving: {free:.0}% free, {rate:+.1} MiB/s"),
             );
         }
         let target = self.policy.target_free_pct;
         match snapshot.host {
             Some(h) if h.available_kib < self.policy.reserve_kib(h) => (
-                Why::HostShort,
+                ResizeWhy::HostShort,
                 format!("host under its reserve; {free:.0}% free, idle"),
             ),
             Some(h) if self.policy.host_target_pct.is_some() => (
-                Why::HostShort,
+                ResizeWhy::HostShort,
                 format!(
                     "host at {:.0}% available; {free:.0}% free, idle",
                     100.0 * h.available_kib as f64 / h.total_kib.max(1) as f64
                 ),
             ),
             _ => (
-                Why::Idle,
+                ResizeWhy::Idle,
                 format!("wasting: {free:.0}% free, idle (target {target}%)"),
             ),
         }
@@ -441,7 +345,7 @@ impl Coordinator {
         &self,
         host: &mut dyn Host,
         c: &BalloonChange,
-        (why, reason): (Why, String),
+        (why, reason): (ResizeWhy, String),
         names: &DomainNames,
         report: &mut MemReport,
     ) -> HostResult<bool> {
