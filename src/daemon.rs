@@ -285,7 +285,7 @@ pub struct CpuList(pub Vec<u32>);
 
 /// Parse a list of pCPUs in cpuset syntax (`2-15,18`, `^` to leave one out).
 pub fn parse_cpus(text: &str) -> Result<CpuList, String> {
-    crate::host::parse_cpu_list(text)
+    crate::cpuset::parse(text)
         .map(CpuList)
         .ok_or_else(|| format!("'{text}' is not a list of pCPUs such as 2-15,18"))
 }

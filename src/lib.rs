@@ -18,6 +18,7 @@ mod named;
 
 pub mod coordinator;
 pub mod cpu_plan;
+pub mod cpuset;
 pub mod daemon;
 pub mod exclusions;
 pub mod host;

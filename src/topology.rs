@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::host::parse_cpu_list;
+use crate::cpuset;
 
 /// Where one pCPU sits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,7 +50,7 @@ impl Topology {
                     core: number("core_id").unwrap_or(id),
                     siblings: cpu
                         .attribute("siblings")
-                        .and_then(parse_cpu_list)
+                        .and_then(cpuset::parse)
                         .unwrap_or_else(|| vec![id]),
                 };
                 cpus.insert(id, place);
@@ -160,7 +160,7 @@ pub fn strict_memory_nodes(domain_xml: &str) -> Option<Vec<u32>> {
     if memory.attribute("mode").is_some_and(|m| m != "strict") {
         return None;
     }
-    parse_cpu_list(memory.attribute("nodeset")?)
+    cpuset::parse(memory.attribute("nodeset")?)
 }
 
 /// Why ballooning a domain down would free nothing on the host, from its XML: memory backed by

@@ -155,7 +155,7 @@ unsafe extern "C" fn on_tunable(
             let vcpu = vcpu_of_pin_field(&c_field(&p.field))?;
             // SAFETY: every parameter was filled by libvirt.
             let cpus = match unsafe { typed_value(p) } {
-                Some(Value::Text(list)) => crate::host::parse_cpu_list(&list),
+                Some(Value::Text(list)) => crate::cpuset::parse(&list),
                 _ => None,
             };
             Some(PinChange { uuid, vcpu, cpus })
