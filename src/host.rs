@@ -138,12 +138,12 @@ pub struct BalloonStats {
     pub actual_kib: u64,
     /// The most the balloon may give the guest (the domain's max memory).
     pub max_kib: u64,
-    /// Memory the guest leaves completely unused (its MemFree).
+    /// Memory the guest leaves completely unused (its MemFree; libvirt's `unused`).
     pub unused_kib: Option<u64>,
-    /// Memory the guest sees in total (its MemTotal).
-    pub available_kib: Option<u64>,
-    /// Memory the guest could use without swapping (its MemAvailable).
-    pub usable_kib: Option<u64>,
+    /// Memory the guest sees in total (its MemTotal; libvirt's `available`).
+    pub mem_total_kib: Option<u64>,
+    /// Memory the guest could use without swapping (its MemAvailable; libvirt's `usable`).
+    pub mem_available_kib: Option<u64>,
     /// Guest timestamp, in seconds, of the report these figures come from.
     pub last_update: Option<u64>,
 }
@@ -153,7 +153,7 @@ impl BalloonStats {
     /// (`usable`) when it reports one, else its MemFree (`unused`). MemFree overstates it: a
     /// ballooned-down guest can show tens of MiB free that sit in reserves it cannot allocate.
     pub fn free_kib(&self) -> Option<u64> {
-        self.usable_kib.or(self.unused_kib)
+        self.mem_available_kib.or(self.unused_kib)
     }
 }
 
@@ -162,8 +162,8 @@ impl BalloonStats {
 pub struct HostMemory {
     /// Physical memory.
     pub total_kib: u64,
-    /// Memory the host can give: what the kernel can hand out (MemAvailable where it is known,
-    /// see the libvirt layer), not memory merely cached or shared.
+    /// Memory the host can give: what the kernel can hand out (the host's MemAvailable where it
+    /// is known, see the libvirt layer), not memory merely cached or shared.
     pub available_kib: u64,
 }
 

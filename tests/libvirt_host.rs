@@ -129,7 +129,7 @@ fn reads_balloon_stats() {
     // The test driver's guest figures are fake but present and self-consistent.
     let unused = stats.unused_kib.expect("unused");
     assert!(unused <= stats.actual_kib);
-    assert!(stats.available_kib.is_some() && stats.last_update.is_some());
+    assert!(stats.mem_total_kib.is_some() && stats.last_update.is_some());
 }
 
 #[test]

@@ -32,14 +32,37 @@ const PIN_REFRESH_SAMPLES: u64 = 10;
 /// with `virDomainGetVcpus`, which reports the real affinity of each thread, one call per domain.
 const AFFINITY_CHECK_SAMPLES: u64 = 30;
 
-/// What is read once per run of a domain (its domain ID): whether it asks to be left alone, and
-/// the vCPU affinity of its persistent configuration (read when the vCPU scheduler first needs it).
+/// The vCPU affinity of a domain's persistent configuration, read when the vCPU scheduler first
+/// needs it.
+#[derive(Clone, Debug)]
+enum ConfiguredPins {
+    /// Not read yet.
+    Unread,
+    /// The domain has no persistent configuration.
+    Transient,
+    /// Each vCPU's configured affinity, by vCPU number.
+    Pinned(Vec<Vec<u32>>),
+}
+
+impl ConfiguredPins {
+    /// The affinities, where known: `None` unread, `Some(None)` for a transient domain.
+    fn known(&self) -> Option<Option<Vec<Vec<u32>>>> {
+        match self {
+            ConfiguredPins::Unread => None,
+            ConfiguredPins::Transient => Some(None),
+            ConfiguredPins::Pinned(pins) => Some(Some(pins.clone())),
+        }
+    }
+}
+
+/// What is read once per run of a domain (its domain ID): whether it asks to be left alone, what
+/// its XML says of its memory, and its configured vCPU affinity.
 struct DomainFacts {
     run: u32,
     metadata: DomainMetadata,
     memory_nodes: Option<Vec<u32>>,
     memory_held: Option<&'static str>,
-    configured: Option<Option<Vec<Vec<u32>>>>,
+    configured: ConfiguredPins,
 }
 
 impl DomainFacts {
@@ -137,37 +160,64 @@ fn meminfo_available_kib(meminfo: &str) -> Option<u64> {
         .ok()
 }
 
-/// A connection to one libvirt host.
-pub struct LibvirtHost {
-    conn: Connect,
-    uri: String,
+/// Whether pin changes are followed through libvirt's events on this connection.
+#[derive(Default)]
+enum PinEvents {
+    /// Not tried yet.
+    #[default]
+    Untried,
+    /// The driver does not announce them (or the event loop is not running): pins are polled.
+    Polled,
+    /// Announced: pins are never polled.
+    Watched(events::PinWatch),
+}
+
+/// The host's topology, read once per connection.
+#[derive(Default)]
+enum Capabilities {
+    /// Not read yet (or to be read again: SIGHUP).
+    #[default]
+    Unread,
+    /// Read: the topology, where the driver describes one.
+    Read(Option<Topology>),
+}
+
+/// What is learnt through one connection: a new connection starts with `Session::default()`.
+#[derive(Default)]
+struct Session {
     /// Handles of the domains seen in the last listing, by UUID.
     domains: HashMap<DomainId, Domain>,
     /// pCPUs present, from the last node read; sizes the affinity bitmaps.
     present_cpus: Option<u32>,
-    /// libvirt API calls made so far (each may be a round trip to the daemon).
-    calls: u64,
-    /// Bulk samples taken so far.
-    samples: u64,
     /// Pins known per domain, for bulk samples (which carry none).
     pins: HashMap<DomainId, KnownPins>,
     /// Set once the driver showed it has no bulk statistics (e.g. the test driver).
     no_bulk_stats: bool,
-    /// Was libvirt's event loop running when this connection was opened?
-    event_loop: bool,
-    /// Pin changes announced by libvirt, when it does announce them (QEMU): pins are then never
-    /// polled.
-    pin_watch: Option<events::PinWatch>,
-    /// Set once we tried to register `pin_watch` on this connection.
-    pin_watch_tried: bool,
+    /// Pin changes announced by libvirt, where it announces them.
+    pin_events: PinEvents,
     /// How many fields the host's memory statistics have (0 until learnt).
     node_memory_fields: std::os::raw::c_int,
     /// What was read once per domain run, by UUID.
     facts: HashMap<DomainId, DomainFacts>,
-    /// The host's topology, once read on this connection.
-    topology: Option<Option<Topology>>,
+    /// The host's topology.
+    capabilities: Capabilities,
+}
+
+/// A connection to one libvirt host.
+pub struct LibvirtHost {
+    conn: Connect,
+    uri: String,
+    /// libvirt API calls made so far (each may be a round trip to the daemon); only
+    /// [`LibvirtHost::counted`] adds to it.
+    calls: u64,
+    /// Bulk samples taken so far.
+    samples: u64,
+    /// Was libvirt's event loop running when the first connection was opened?
+    event_loop: bool,
     /// Where the host's available memory is read from.
     memory_source: MemorySource,
+    /// What was learnt through the current connection.
+    session: Session,
 }
 
 impl LibvirtHost {
@@ -192,19 +242,11 @@ impl LibvirtHost {
         Ok(Self {
             conn,
             uri: uri.to_string(),
-            domains: HashMap::new(),
-            present_cpus: None,
             calls: 0,
             samples: 0,
-            pins: HashMap::new(),
-            no_bulk_stats: false,
             event_loop,
-            pin_watch: None,
-            pin_watch_tried: false,
-            node_memory_fields: 0,
-            facts: HashMap::new(),
-            topology: None,
             memory_source: MemorySource::for_uri(uri),
+            session: Session::default(),
         })
     }
 
@@ -220,7 +262,14 @@ impl LibvirtHost {
 
     /// Are pin changes followed through libvirt's events (rather than polled)?
     pub fn follows_pin_events(&self) -> bool {
-        self.pin_watch.is_some()
+        matches!(self.session.pin_events, PinEvents::Watched(_))
+    }
+
+    /// Make `calls` libvirt calls with `op` on the connection, counting them: every libvirt call
+    /// goes through here.
+    fn counted<T>(&mut self, calls: u64, op: impl FnOnce(&Connect) -> T) -> T {
+        self.calls += calls;
+        op(&self.conn)
     }
 
     /// Is the connection to the libvirt daemon still up?
@@ -254,13 +303,12 @@ impl LibvirtHost {
 
     /// The handle of a domain by UUID: from the last listing, else looked up afresh.
     fn domain(&mut self, id: &DomainId) -> HostResult<Domain> {
-        if let Some(dom) = self.domains.get(id) {
+        if let Some(dom) = self.session.domains.get(id) {
             return Ok(dom.clone());
         }
-        self.calls += 1;
-        match self.conn.lookup_domain_by_uuid_string(&id.to_string()) {
+        match self.counted(1, |c| c.lookup_domain_by_uuid_string(&id.to_string())) {
             Ok(dom) => {
-                self.domains.insert(*id, dom.clone());
+                self.session.domains.insert(*id, dom.clone());
                 Ok(dom)
             }
             Err(e) if is_vanished(&e) => Err(HostError::Vanished(*id)),
@@ -268,16 +316,17 @@ impl LibvirtHost {
         }
     }
 
-    /// Run `op` on a domain's handle: "no such domain" and "not running" are
-    /// [`HostError::Vanished`], any other failure says what was being done.
+    /// Run `op`, which makes `calls` libvirt calls, on a domain's handle: "no such domain" and
+    /// "not running" are [`HostError::Vanished`], any other failure says what was being done.
     fn on_domain<T>(
         &mut self,
         id: &DomainId,
+        calls: u64,
         what: impl FnOnce() -> String,
         op: impl FnOnce(&Domain) -> Result<T, virt::error::Error>,
     ) -> HostResult<T> {
         let dom = self.domain(id)?;
-        match op(&dom) {
+        match self.counted(calls, |_| op(&dom)) {
             Ok(v) => Ok(v),
             Err(e) if is_vanished(&e) => Err(HostError::Vanished(*id)),
             Err(e) => Err(self.error(e, what)),
@@ -288,16 +337,15 @@ impl LibvirtHost {
     /// vCPU times need no libvirt job, so they are read without waiting for domains busy in one
     /// (a stuck domain must not stall the host's cycle).
     fn bulk_stats(&mut self, groups: u32) -> HostResult<Option<Vec<raw::DomainStats>>> {
-        if self.no_bulk_stats {
+        if self.session.no_bulk_stats {
             return Ok(None);
         }
-        self.calls += 1;
         let nowait = groups == sys::VIR_DOMAIN_STATS_VCPU;
-        match raw::all_domain_stats(&self.conn, groups, nowait) {
+        match self.counted(1, |c| raw::all_domain_stats(c, groups, nowait)) {
             Ok(records) => Ok(Some(records)),
             Err(e) => match self.error(e, || "reading the statistics of all domains".into()) {
                 HostError::Unsupported(_) => {
-                    self.no_bulk_stats = true;
+                    self.session.no_bulk_stats = true;
                     Ok(None)
                 }
                 e => Err(e),
@@ -313,22 +361,22 @@ impl LibvirtHost {
         domain_id: u32,
         nvcpus: u32,
     ) -> HostResult<Vec<Vec<u32>>> {
-        let polled = self.pin_watch.is_none();
-        let fresh = self.pins.get(id).is_some_and(|k| {
+        let polled = !self.follows_pin_events();
+        let fresh = self.session.pins.get(id).is_some_and(|k| {
             k.domain_id == domain_id
                 && k.affinity.len() >= nvcpus as usize
                 && (!polled || self.samples - k.read_at_sample < PIN_REFRESH_SAMPLES)
         });
         if !fresh {
             let present = self.present_cpus()?;
-            self.calls += 1;
             let affinity = self.on_domain(
                 id,
+                1,
                 || format!("reading the vCPU pins of domain {id}"),
                 |dom| raw::vcpu_pin_info(dom, nvcpus, present, Definition::Live),
             )?;
             let read_at_sample = self.samples;
-            self.pins.insert(
+            self.session.pins.insert(
                 *id,
                 KnownPins {
                     domain_id,
@@ -337,28 +385,30 @@ impl LibvirtHost {
                 },
             );
         }
-        Ok(self.pins[id].affinity.clone())
+        Ok(self.session.pins[id].affinity.clone())
     }
 
     /// Register for pin-change events, once per connection, where libvirt emits them for every
     /// pin change (the QEMU driver). Elsewhere pins are polled.
     fn watch_pins(&mut self) {
-        if std::mem::replace(&mut self.pin_watch_tried, true) || !self.event_loop {
+        if !matches!(self.session.pin_events, PinEvents::Untried) {
             return;
         }
-        self.calls += 1;
-        if !self
-            .conn
-            .driver_type()
-            .is_ok_and(|t| t.eq_ignore_ascii_case("QEMU"))
-        {
+        self.session.pin_events = PinEvents::Polled;
+        if !self.event_loop {
             return;
         }
-        self.calls += 1;
-        match events::PinWatch::register(&self.conn) {
+        let qemu = self.counted(1, |c| {
+            c.driver_type()
+                .is_ok_and(|t| t.eq_ignore_ascii_case("QEMU"))
+        });
+        if !qemu {
+            return;
+        }
+        match self.counted(1, events::PinWatch::register) {
             Ok(watch) => {
                 debug!("following vCPU pin changes through libvirt events");
-                self.pin_watch = Some(watch);
+                self.session.pin_events = PinEvents::Watched(watch);
             }
             Err(e) => debug!(
                 "no pin-change events ({}): re-reading pins every {PIN_REFRESH_SAMPLES} samples",
@@ -370,18 +420,19 @@ impl LibvirtHost {
     /// Apply the pin changes libvirt announced since the last sample to the pins we know. A
     /// change we cannot apply makes the domain's pins unknown, so they are read again.
     fn apply_pin_events(&mut self) {
-        let Some(watch) = &self.pin_watch else {
+        let session = &mut self.session;
+        let PinEvents::Watched(watch) = &session.pin_events else {
             return;
         };
         for change in watch.take() {
             let id = DomainId(change.uuid);
-            let Some(known) = self.pins.get_mut(&id) else {
+            let Some(known) = session.pins.get_mut(&id) else {
                 continue;
             };
             match (known.affinity.get_mut(change.vcpu as usize), change.cpus) {
                 (Some(affinity), Some(cpus)) => *affinity = cpus,
                 _ => {
-                    self.pins.remove(&id);
+                    session.pins.remove(&id);
                 }
             }
         }
@@ -391,11 +442,10 @@ impl LibvirtHost {
     /// metadata asks vmbalance to leave it alone or guarantees it memory (`virDomainGetMetadata`), and what its live XML
     /// says of its memory: a strict NUMA binding, memory a balloon cannot give back.
     fn facts(&mut self, id: &DomainId, run: u32) -> HostResult<&mut DomainFacts> {
-        if self.facts.get(id).is_none_or(|f| f.run != run) {
+        if self.session.facts.get(id).is_none_or(|f| f.run != run) {
             let dom = self.domain(id)?;
-            self.calls += 1;
             let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
-            let metadata = match dom.metadata(kind, Some(METADATA_URI), 0) {
+            let metadata = match self.counted(1, |_| dom.metadata(kind, Some(METADATA_URI), 0)) {
                 Ok(xml) => DomainMetadata::parse(&xml),
                 Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN_METADATA => {
                     DomainMetadata::default()
@@ -407,8 +457,7 @@ impl LibvirtHost {
                 },
             };
             // The live XML says whether its memory is strictly bound to NUMA nodes.
-            self.calls += 1;
-            let (memory_nodes, memory_held) = match dom.xml_desc(0) {
+            let (memory_nodes, memory_held) = match self.counted(1, |_| dom.xml_desc(0)) {
                 Ok(xml) => (strict_memory_nodes(&xml), memory_held_by(&xml)),
                 Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
                 Err(e) => return Err(self.error(e, || format!("reading the XML of domain {id}"))),
@@ -418,11 +467,11 @@ impl LibvirtHost {
                 metadata,
                 memory_nodes,
                 memory_held,
-                configured: None,
+                configured: ConfiguredPins::Unread,
             };
-            self.facts.insert(*id, facts);
+            self.session.facts.insert(*id, facts);
         }
-        Ok(self.facts.get_mut(id).expect("just read"))
+        Ok(self.session.facts.get_mut(id).expect("just read"))
     }
 
     /// Domain `id`, named `name`, in its run `run`, with what is read of it once per run; `None`
@@ -441,34 +490,35 @@ impl LibvirtHost {
         run: u32,
         nvcpus: u32,
     ) -> HostResult<Option<Vec<Vec<u32>>>> {
-        if let Some(known) = &self.facts(id, run)?.configured {
-            return Ok(known.clone());
+        if let Some(known) = self.facts(id, run)?.configured.known() {
+            return Ok(known);
         }
         let present = self.present_cpus()?;
-        self.calls += 1;
         let persistent = self.on_domain(
             id,
+            1,
             || format!("asking whether domain {id} is persistent"),
             |dom| dom.is_persistent(),
         )?;
         let configured = if persistent {
-            self.calls += 1;
-            Some(self.on_domain(
+            ConfiguredPins::Pinned(self.on_domain(
                 id,
+                1,
                 || format!("reading the configured vCPU pins of domain {id}"),
                 |dom| raw::vcpu_pin_info(dom, nvcpus, present, Definition::Config),
             )?)
         } else {
-            None
+            ConfiguredPins::Transient
         };
-        self.facts(id, run)?.configured = Some(configured.clone());
-        Ok(configured)
+        let known = configured.known().expect("just read");
+        self.facts(id, run)?.configured = configured;
+        Ok(known)
     }
 
     /// Keep the known pins true to the real affinity `vcpus` report, saying when it differs (a
     /// change made outside libvirt).
     fn note_real_affinity(&mut self, domain: &DomainRef, vcpus: &[VcpuInfo]) {
-        let Some(known) = self.pins.get_mut(&domain.id) else {
+        let Some(known) = self.session.pins.get_mut(&domain.id) else {
             return;
         };
         for v in vcpus {
@@ -486,9 +536,10 @@ impl LibvirtHost {
 
     /// Forget what was learnt of domains not in `seen`.
     fn forget_others(&mut self, seen: &std::collections::HashSet<DomainId>) {
-        self.pins.retain(|id, _| seen.contains(id));
-        self.domains.retain(|id, _| seen.contains(id));
-        self.facts.retain(|id, _| seen.contains(id));
+        let session = &mut self.session;
+        session.pins.retain(|id, _| seen.contains(id));
+        session.domains.retain(|id, _| seen.contains(id));
+        session.facts.retain(|id, _| seen.contains(id));
     }
 
     /// The domain's run (its domain ID), from its handle.
@@ -497,7 +548,7 @@ impl LibvirtHost {
     }
 
     fn present_cpus(&mut self) -> HostResult<u32> {
-        match self.present_cpus {
+        match self.session.present_cpus {
             Some(n) => Ok(n),
             None => Ok(self.node_cpus()?.present),
         }
@@ -589,8 +640,8 @@ impl Host for LibvirtHost {
                     actual_kib,
                     max_kib,
                     unused_kib: rec.u64("balloon.unused"),
-                    available_kib: rec.u64("balloon.available"),
-                    usable_kib: rec.u64("balloon.usable"),
+                    mem_total_kib: rec.u64("balloon.available"),
+                    mem_available_kib: rec.u64("balloon.usable"),
                     last_update: rec.u64("balloon.last-update"),
                 }),
                 // This driver's records carry no balloon statistics: read the domain directly.
@@ -610,12 +661,10 @@ impl Host for LibvirtHost {
 
     fn active_domains(&mut self) -> HostResult<Vec<DomainRef>> {
         let flags = sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
-        self.calls += 1;
         let listed = self
-            .conn
-            .list_all_domains(flags)
+            .counted(1, |c| c.list_all_domains(flags))
             .map_err(|e| self.error(e, || format!("listing the active domains of {}", self.uri)))?;
-        self.domains.clear();
+        self.session.domains.clear();
         let mut out = Vec::with_capacity(listed.len());
         for dom in listed {
             // A domain that vanishes between the listing and these reads is simply not listed.
@@ -624,19 +673,19 @@ impl Host for LibvirtHost {
             };
             let id = DomainId(*uuid.as_bytes());
             let run = dom.id().unwrap_or(u32::MAX);
-            self.domains.insert(id, dom);
+            self.session.domains.insert(id, dom);
             out.extend(self.described(id, &name, run)?);
         }
         let seen: std::collections::HashSet<DomainId> = out.iter().map(|d| d.id).collect();
-        self.facts.retain(|id, _| seen.contains(id));
+        self.session.facts.retain(|id, _| seen.contains(id));
         Ok(out)
     }
 
     fn vcpus(&mut self, id: &DomainId) -> HostResult<Vec<VcpuInfo>> {
         let present = self.present_cpus()?;
-        self.calls += 2;
         let raw = self.on_domain(
             id,
+            2,
             || format!("reading the vCPUs of domain {id}"),
             |dom| raw::domain_vcpus(dom, present),
         )?;
@@ -659,15 +708,13 @@ impl Host for LibvirtHost {
     }
 
     fn node_cpus(&mut self) -> HostResult<NodeCpus> {
-        self.calls += 1;
-        let cpus = match raw::node_cpu_map(&self.conn) {
+        let cpus = match self.counted(1, raw::node_cpu_map) {
             Ok((present, online)) => NodeCpus { present, online },
             Err(e) => match self.error(e, || "reading the host's online CPUs".into()) {
                 HostError::Unsupported(_) => {
                     // Drivers without a CPU map: every CPU the node reports counts as online.
                     let info = self
-                        .conn
-                        .node_info()
+                        .counted(1, Connect::node_info)
                         .map_err(|e| self.error(e, || "reading the host's CPU count".into()))?;
                     NodeCpus {
                         present: info.cpus,
@@ -677,20 +724,21 @@ impl Host for LibvirtHost {
                 e => return Err(e),
             },
         };
-        self.present_cpus = Some(cpus.present);
+        self.session.present_cpus = Some(cpus.present);
         Ok(cpus)
     }
 
     fn set_affinity(&mut self, id: &DomainId, vcpu: u32, cpus: &[u32]) -> HostResult<()> {
         let map = map_of_cpus(cpus, self.present_cpus()?);
-        self.calls += 1;
         self.on_domain(
             id,
+            1,
             || format!("pinning vCPU {vcpu} of domain {id} to pCPUs {cpus:?}"),
             |dom| dom.pin_vcpu(vcpu, &map),
         )?;
         // Keep the known pins true to what we just set.
         if let Some(slot) = self
+            .session
             .pins
             .get_mut(id)
             .and_then(|k| k.affinity.get_mut(vcpu as usize))
@@ -701,9 +749,9 @@ impl Host for LibvirtHost {
     }
 
     fn balloon_stats(&mut self, id: &DomainId) -> HostResult<BalloonStats> {
-        self.calls += 2;
         self.on_domain(
             id,
+            2,
             || format!("reading the memory statistics of domain {id}"),
             |dom| {
                 let mut stats = BalloonStats {
@@ -716,9 +764,11 @@ impl Host for LibvirtHost {
                         sys::VIR_DOMAIN_MEMORY_STAT_ACTUAL_BALLOON => actual = Some(stat.val),
                         sys::VIR_DOMAIN_MEMORY_STAT_UNUSED => stats.unused_kib = Some(stat.val),
                         sys::VIR_DOMAIN_MEMORY_STAT_AVAILABLE => {
-                            stats.available_kib = Some(stat.val)
+                            stats.mem_total_kib = Some(stat.val)
                         }
-                        sys::VIR_DOMAIN_MEMORY_STAT_USABLE => stats.usable_kib = Some(stat.val),
+                        sys::VIR_DOMAIN_MEMORY_STAT_USABLE => {
+                            stats.mem_available_kib = Some(stat.val)
+                        }
                         sys::VIR_DOMAIN_MEMORY_STAT_LAST_UPDATE => {
                             stats.last_update = Some(stat.val)
                         }
@@ -737,18 +787,18 @@ impl Host for LibvirtHost {
 
     fn enable_balloon_stats(&mut self, id: &DomainId, period_secs: u32) -> HostResult<()> {
         let period = i32::try_from(period_secs).unwrap_or(i32::MAX);
-        self.calls += 1;
         self.on_domain(
             id,
+            1,
             || format!("setting the balloon statistics period of domain {id} (does it have a <memballoon> device?)"),
             |dom| dom.set_memory_stats_period(period, sys::VIR_DOMAIN_AFFECT_LIVE),
         )
     }
 
     fn set_balloon(&mut self, id: &DomainId, kib: u64) -> HostResult<()> {
-        self.calls += 1;
         self.on_domain(
             id,
+            1,
             || format!("setting the balloon of domain {id} to {kib} KiB"),
             |dom| dom.set_memory_flags(kib, sys::VIR_DOMAIN_MEM_LIVE),
         )
@@ -758,9 +808,13 @@ impl Host for LibvirtHost {
     /// available as [`LibvirtHost::memory_figure`] says.
     fn host_memory(&mut self) -> HostResult<HostMemory> {
         const WHAT: &str = "reading the host's memory statistics";
-        self.calls += if self.node_memory_fields > 0 { 1 } else { 2 };
-        let fields = raw::node_memory_stats(&self.conn, &mut self.node_memory_fields)
+        // The first read asks how many fields there are, then reads them.
+        let mut known = self.session.node_memory_fields;
+        let calls = if known > 0 { 1 } else { 2 };
+        let fields = self
+            .counted(calls, |c| raw::node_memory_stats(c, &mut known))
             .map_err(|e| self.error(e, || WHAT.into()))?;
+        self.session.node_memory_fields = known;
         let get = |name: &str| fields.iter().find(|(f, _)| f == name).map(|&(_, v)| v);
         let Some(total_kib) = get("total") else {
             return Err(HostError::Unsupported(format!("{WHAT}: no total reported")));
@@ -779,41 +833,32 @@ impl Host for LibvirtHost {
     }
 
     fn reload(&mut self) {
-        self.facts.clear();
-        self.pins.clear();
-        self.topology = None;
+        self.session.facts.clear();
+        self.session.pins.clear();
+        self.session.capabilities = Capabilities::Unread;
     }
 
     /// `virConnectGetCapabilities`, once per connection (and again after SIGHUP).
     fn topology(&mut self) -> HostResult<Option<Topology>> {
-        if let Some(known) = &self.topology {
+        if let Capabilities::Read(known) = &self.session.capabilities {
             return Ok(known.clone());
         }
-        self.calls += 1;
-        let topology = match self.conn.capabilities() {
+        let topology = match self.counted(1, Connect::capabilities) {
             Ok(xml) => Topology::from_capabilities(&xml),
             Err(e) => match self.error(e, || "reading the host's capabilities".into()) {
                 HostError::Unsupported(_) => None,
                 e => return Err(e),
             },
         };
-        self.topology = Some(topology.clone());
+        self.session.capabilities = Capabilities::Read(topology.clone());
         Ok(topology)
     }
 
     /// Open the connection again (the daemon restarted or dropped it). What was learnt through the
     /// old connection (domain handles, pins, driver abilities) is forgotten.
     fn reconnect(&mut self) -> HostResult<()> {
-        self.pin_watch = None;
-        self.pin_watch_tried = false;
-        self.node_memory_fields = 0;
+        self.session = Session::default();
         self.conn = open(&self.uri).map_err(|e| HostError::Disconnected(format!("{e:#}")))?;
-        self.domains.clear();
-        self.pins.clear();
-        self.facts.clear();
-        self.topology = None;
-        self.present_cpus = None;
-        self.no_bulk_stats = false;
         Ok(())
     }
 }

@@ -115,7 +115,7 @@ impl MemoryHistory {
         let (Some(unused), Some(free), Some(available), Some(update)) = (
             stats.unused_kib,
             stats.free_kib(),
-            stats.available_kib,
+            stats.mem_total_kib,
             stats.last_update,
         ) else {
             *self = Self::new();
@@ -179,8 +179,8 @@ mod tests {
             actual_kib: actual,
             max_kib: 4 * actual,
             unused_kib: Some(unused),
-            available_kib: Some(actual),
-            usable_kib: Some(unused),
+            mem_total_kib: Some(actual),
+            mem_available_kib: Some(unused),
             last_update: Some(update),
         }
     }
@@ -223,7 +223,7 @@ mod tests {
         // The balloon grew by 500 KiB and the next report predates the move (the guest's total
         // memory is still the old one), so it waits...
         let before_the_move = BalloonStats {
-            available_kib: Some(1000),
+            mem_total_kib: Some(1000),
             ..stats(1500, 1100, 16)
         };
         assert_eq!(
@@ -264,7 +264,7 @@ mod tests {
         let (mut m, t0) = (MemoryHistory::new(), Instant::now());
         // The guest's kernel keeps 64 KiB: its total is its balloon minus 64.
         let report = |actual: u64, unused: u64, update| BalloonStats {
-            available_kib: Some(actual - 64),
+            mem_total_kib: Some(actual - 64),
             ..stats(actual, unused, update)
         };
         let read = |m: &mut MemoryHistory, secs, r: &BalloonStats| {
@@ -279,7 +279,7 @@ mod tests {
         assert_eq!(fresh_rate(grown), 50.0);
         // Shrunk by 300, but the total moved by 200 only: taken mid-move, it waits.
         let mid_move = BalloonStats {
-            available_kib: Some(1500 - 64 - 200),
+            mem_total_kib: Some(1500 - 64 - 200),
             ..stats(1200, 900, 9)
         };
         assert_eq!(read(&mut m, 8, &mid_move), MemoryReading::Settling);
@@ -287,7 +287,7 @@ mod tests {
         // A guest whose total does not follow its balloon (deflate-on-oom) waits a read after
         // every move, as before, and its rate is right.
         let fixed = |actual: u64, unused: u64, update| BalloonStats {
-            available_kib: Some(936),
+            mem_total_kib: Some(936),
             ..stats(actual, unused, update)
         };
         read(&mut m, 20, &fixed(1000, 900, 21));
@@ -351,7 +351,7 @@ mod tests {
         let t0 = Instant::now();
         // A ballooned-down guest: 57 MiB free by MemFree, nothing available by MemAvailable.
         let report = |update| BalloonStats {
-            usable_kib: Some(0),
+            mem_available_kib: Some(0),
             ..stats(160 * 1024, 57 * 1024, update)
         };
         m.record(dom(1), t0, &report(1));
@@ -363,7 +363,7 @@ mod tests {
         assert_eq!((g.free_kib, g.used_kib()), (0, 160 * 1024));
         // Without MemAvailable, MemFree is all there is.
         let plain = |update| BalloonStats {
-            usable_kib: None,
+            mem_available_kib: None,
             ..stats(1000, 300, update)
         };
         let mut m = MemoryHistory::new();

@@ -49,8 +49,17 @@ pub struct Scheduler {
     period: Option<Duration>,
     /// Said that sampling is slow, and not yet that it is back to normal.
     slow: bool,
-    /// The host topology last said in the log (`Some(None)`: said that there is none).
-    topology_said: Option<Option<Topology>>,
+    /// The host topology last said in the log.
+    topology_said: TopologySaid,
+}
+
+/// What the log last said of the host's topology.
+#[derive(Debug)]
+enum TopologySaid {
+    /// Nothing yet.
+    Nothing,
+    /// This topology, or that there is none.
+    Said(Option<Topology>),
 }
 
 /// Samples over which vCPU loads are averaged by default (see [`crate::sampling::VcpuHistory`]): one, the latest
@@ -83,7 +92,7 @@ impl Scheduler {
             exclusions: Exclusions::default(),
             period: None,
             slow: false,
-            topology_said: None,
+            topology_said: TopologySaid::Nothing,
         }
     }
 
@@ -251,10 +260,10 @@ impl Scheduler {
     /// Say what the host's topology is and what the planner makes of it, once per connection
     /// and again if it changes (SIGHUP re-reads it).
     fn say_topology_once(&mut self, topology: &Option<Topology>) {
-        if self.topology_said.as_ref() == Some(topology) {
+        if matches!(&self.topology_said, TopologySaid::Said(said) if said == topology) {
             return;
         }
-        self.topology_said = Some(topology.clone());
+        self.topology_said = TopologySaid::Said(topology.clone());
         match topology {
             Some(t) => info!(
                 "host topology: {}; each NUMA node is balanced on its own{}{}",

@@ -582,8 +582,8 @@ impl Host for SimHost {
         };
         if let Some((update, unused, usable, total)) = m.report {
             stats.unused_kib = Some(unused);
-            stats.available_kib = Some(total);
-            stats.usable_kib = Some(usable);
+            stats.mem_total_kib = Some(total);
+            stats.mem_available_kib = Some(usable);
             stats.last_update = Some(update);
         }
         Ok(stats)
