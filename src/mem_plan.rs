@@ -91,23 +91,28 @@ pub struct MemPolicy {
     pub headroom_pct: f64,
 }
 
+impl MemPolicy {
+    /// The defaults, written once: `--help`, the man page and the daemon take them from here.
+    pub const DEFAULT: MemPolicy = MemPolicy {
+        starve_pct: 15.0,
+        waste_pct: 50.0,
+        target_free_pct: 32.5,
+        host_reserve_pct: 5.0,
+        host_target_pct: None,
+        min_guest_kib: 50 * MIB,
+        consuming_kib_s: 1024.0,
+        min_step_kib: 32 * MIB,
+        max_step_kib: 512 * MIB,
+        return_fraction: 0.25,
+        period_secs: 3.0,
+        runway_periods: 3.0,
+        headroom_pct: 8.0,
+    };
+}
+
 impl Default for MemPolicy {
     fn default() -> Self {
-        Self {
-            starve_pct: 15.0,
-            waste_pct: 50.0,
-            target_free_pct: 32.5,
-            host_reserve_pct: 5.0,
-            host_target_pct: None,
-            min_guest_kib: 50 * MIB,
-            consuming_kib_s: 1024.0,
-            min_step_kib: 32 * MIB,
-            max_step_kib: 512 * MIB,
-            return_fraction: 0.25,
-            period_secs: 3.0,
-            runway_periods: 3.0,
-            headroom_pct: 8.0,
-        }
+        Self::DEFAULT
     }
 }
 

@@ -30,11 +30,11 @@ struct Args {
     period: Duration,
 
     /// A guest with less than this % of its memory free, and still consuming, is starving
-    #[arg(long, value_name = "PCT", default_value_t = 15.0, value_parser = parse_non_negative)]
+    #[arg(long, value_name = "PCT", default_value_t = DEFAULT.starve_pct, value_parser = parse_non_negative)]
     starve_pct: f64,
 
     /// A guest with more than this % of its memory free, and not consuming, is wasting
-    #[arg(long, value_name = "PCT", default_value_t = 50.0, value_parser = parse_non_negative)]
+    #[arg(long, value_name = "PCT", default_value_t = DEFAULT.waste_pct, value_parser = parse_non_negative)]
     waste_pct: f64,
 
     /// An idle guest is shrunk until this % of its memory is free [default: mid-way between
@@ -43,7 +43,7 @@ struct Args {
     target_free_pct: Option<f64>,
 
     /// Keep at least this % of the host's memory available
-    #[arg(long, value_name = "PCT", default_value_t = 5.0, value_parser = parse_non_negative)]
+    #[arg(long, value_name = "PCT", default_value_t = DEFAULT.host_reserve_pct, value_parser = parse_non_negative)]
     host_reserve_pct: f64,
 
     /// Host-pressure mode: take memory back from idle guests only while the host has less than
@@ -52,39 +52,42 @@ struct Args {
     host_target_pct: Option<f64>,
 
     /// Never shrink a guest below this many MiB
-    #[arg(long, value_name = "MIB", default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=MAX_MIB))]
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT.min_guest_kib / 1024, value_parser = clap::value_parser!(u64).range(0..=MAX_MIB))]
     min_guest_mib: u64,
 
     /// A guest whose used memory grows faster than this many MiB/s is consuming
-    #[arg(long, value_name = "MIB_S", default_value_t = 1.0, value_parser = parse_rate)]
+    #[arg(long, value_name = "MIB_S", default_value_t = DEFAULT.consuming_kib_s / 1024.0, value_parser = parse_rate)]
     consuming_mib_s: f64,
 
     /// The margin a shrink leaves above what a guest uses, and the smallest step an idle guest
     /// gives back, in MiB
-    #[arg(long, value_name = "MIB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=MAX_MIB))]
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT.min_step_kib / 1024, value_parser = clap::value_parser!(u64).range(1..=MAX_MIB))]
     min_step_mib: u64,
 
     /// Largest change of one guest's memory in one cycle, in MiB
-    #[arg(long, value_name = "MIB", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=MAX_MIB))]
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT.max_step_kib / 1024, value_parser = clap::value_parser!(u64).range(1..=MAX_MIB))]
     max_step_mib: u64,
 
     /// A consuming guest whose free memory would run out within this many periods is starving,
     /// whatever its free %
-    #[arg(long, value_name = "N", default_value_t = 3.0, value_parser = parse_runway)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT.runway_periods, value_parser = parse_runway)]
     runway_periods: f64,
 
     /// A starving guest is fed so that, two periods ahead, it still has this % of its memory free
     /// (and --runway-periods periods of its consumption)
-    #[arg(long, value_name = "PCT", default_value_t = 8.0, value_parser = parse_non_negative)]
+    #[arg(long, value_name = "PCT", default_value_t = DEFAULT.headroom_pct, value_parser = parse_non_negative)]
     headroom_pct: f64,
 
     /// Share of a wasting guest's excess memory returned to the host per cycle, in %
-    #[arg(long, value_name = "PCT", default_value_t = 25.0, value_parser = parse_non_negative)]
+    #[arg(long, value_name = "PCT", default_value_t = DEFAULT.return_fraction * 100.0, value_parser = parse_non_negative)]
     return_pct: f64,
 
     #[command(flatten)]
     common: CommonArgs,
 }
+
+/// The policy's defaults, which the options show and take.
+const DEFAULT: MemPolicy = MemPolicy::DEFAULT;
 
 /// Largest size any option takes, in MiB (1 PiB): far above any host, and small enough that
 /// sizes in KiB cannot wrap.

@@ -32,7 +32,7 @@ struct Args {
     period: Duration,
 
     /// Largest allowed gap between the busiest and the freest pCPU, in percentage points
-    #[arg(long, value_name = "POINTS", default_value_t = 10.0, value_parser = parse_non_negative)]
+    #[arg(long, value_name = "POINTS", default_value_t = CpuPolicy::DEFAULT.threshold, value_parser = parse_non_negative)]
     threshold: f64,
 
     /// Samples over which each vCPU's load is averaged before deciding (and logged): 1 judges

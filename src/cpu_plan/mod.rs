@@ -113,12 +113,17 @@ pub struct CpuPolicy {
     pub max_changes: Option<usize>,
 }
 
+impl CpuPolicy {
+    /// The defaults, written once: `--help`, the man page and the daemon take them from here.
+    pub const DEFAULT: CpuPolicy = CpuPolicy {
+        threshold: 10.0,
+        max_changes: None,
+    };
+}
+
 impl Default for CpuPolicy {
     fn default() -> Self {
-        Self {
-            threshold: 10.0,
-            max_changes: None,
-        }
+        Self::DEFAULT
     }
 }
 
