@@ -19,7 +19,7 @@
 //! 3. **Feeding.** Each starving guest wants what it lacks to still have, after two periods of
 //!    consumption, its *headroom*. A resized guest is decided on again as soon as a report shows
 //!    its balloon's new size: one period later when the report read then was taken after the
-//!    move (see [`crate::sampling::MemorySampler`]), two when it predates it. The second period
+//!    move (see [`crate::sampling::MemoryHistory`]), two when it predates it. The second period
 //!    is a margin for a burst: a guest may eat twice its recent rate for a period and still keep
 //!    its headroom (seen on real guests: a guest that fell behind caught up at 4 times its
 //!    rate). The headroom is `runway_periods` periods of consumption (at the fastest rate of its

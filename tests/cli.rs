@@ -2,8 +2,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::daemon::Daemon;
 
 const SCHEDULER: &str = env!("CARGO_BIN_EXE_vcpu_scheduler");
 
@@ -222,47 +224,13 @@ fn quiet_silences_info() {
 
 /// Start the daemon with a long PERIOD, wait for its first cycle, send `signal`, and expect a clean
 /// exit long before the PERIOD is over.
-/// Start `bin` with `args`, its stderr read on a thread (joined for the whole log).
-fn spawn_logged(bin: &str, args: &[&str]) -> (Child, std::thread::JoinHandle<String>) {
-    let mut child = Command::new(bin)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
-        s
-    });
-    (child, reader)
-}
-
-/// Send `name` (`-TERM`, `-HUP`, ...) to `child`.
-fn send(child: &Child, name: &str) {
-    let sent = Command::new("kill")
-        .args([name, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-}
-
 fn stops_cleanly_on(signal: &str) {
     let uri = common::test_uri("node.xml");
-    let (mut child, reader) = spawn_logged(SCHEDULER, &["--connect", &uri, "3600"]);
+    let mut d = Daemon::start(SCHEDULER, &["--connect", &uri, "3600"]);
     // The first cycle runs at once; give it a moment to be in its sleep.
     std::thread::sleep(Duration::from_millis(500));
-    send(&child, signal);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "still running after {signal}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let log = reader.join().unwrap();
+    d.send(signal);
+    let (status, log) = d.exit_within(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("stopping on signal"), "{log}");
 }
@@ -566,14 +534,13 @@ fn pins_stay_in_the_pool_and_excluded_domains_are_left_alone() {
 fn sighup_rereads_the_configuration_and_keeps_running() {
     let uri = common::test_uri("node.xml");
     for bin in [SCHEDULER, COORDINATOR] {
-        let (mut child, reader) = spawn_logged(bin, &["--connect", &uri, "0.2"]);
+        let mut d = Daemon::start(bin, &["--connect", &uri, "0.2"]);
         std::thread::sleep(Duration::from_millis(600));
-        send(&child, "-HUP");
+        d.send("-HUP");
         std::thread::sleep(Duration::from_millis(800));
-        assert!(child.try_wait().unwrap().is_none(), "{bin} ended on SIGHUP");
-        send(&child, "-TERM");
-        let status = child.wait().unwrap();
-        let log = reader.join().unwrap();
+        assert!(d.running(), "{bin} ended on SIGHUP");
+        d.send("-TERM");
+        let (status, log) = d.exit_within(Duration::from_secs(20));
         assert_eq!(status.code(), Some(0), "{log}");
         assert!(log.contains("SIGHUP: re-reading"), "{log}");
         assert!(log.contains("stopping on signal"), "{log}");

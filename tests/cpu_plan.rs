@@ -34,14 +34,10 @@ fn snapshot(pcpus: &[u32], vcpus: &[(Option<f64>, Pin)]) -> CpuSnapshot {
                     Pin::Spans(p) => (None, Some(p)),
                 };
                 VcpuLoad {
-                    key: key((i / 4) as u8, (i % 4) as u32),
                     usage,
-                    demand: None,
                     pinned,
                     last_pcpu: last.filter(|p| pcpus.contains(p)),
-                    usage_swing: None,
-                    demand_swing: None,
-                    allowed: Allowed::Any,
+                    ..VcpuLoad::unknown(key((i / 4) as u8, (i % 4) as u32))
                 }
             })
             .collect(),

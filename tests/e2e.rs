@@ -994,6 +994,16 @@ fn run_as(user: &str, groups: &str, bin: &str, args: &[&str]) -> std::process::O
         .unwrap()
 }
 
+/// Run `bin` with `args` as a system user in the `libvirt` group; it must end with status 0. Its
+/// log (printed too).
+fn run_in_group_ok(bin: &str, args: &[&str]) -> String {
+    let o = run_as("vmbalance-e2e", "libvirt", bin, args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    eprintln!("{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    err
+}
+
 #[test]
 #[ignore = "needs the real-guest lab: run `make e2e`"]
 fn both_daemons_run_unprivileged_in_the_libvirt_group_and_say_which_group_outside_it() {
@@ -1013,15 +1023,7 @@ fn both_daemons_run_unprivileged_in_the_libvirt_group_and_say_which_group_outsid
         },
     ];
     let _lab = Lab::guests(&specs);
-    let o = run_as(
-        "vmbalance-e2e",
-        "libvirt",
-        SCHEDULER,
-        &["--cycles", "3", "2"],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    eprintln!("{err}");
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    run_in_group_ok(SCHEDULER, &["--cycles", "3", "2"]);
     let on: Vec<u32> = ["unpriv0", "unpriv1"]
         .iter()
         .map(|n| pins(n)[0].unwrap())
@@ -1032,15 +1034,7 @@ fn both_daemons_run_unprivileged_in_the_libvirt_group_and_say_which_group_outsid
         on[0]
     );
     let before = balloon("unpriv-idle").0 / MIB;
-    let o = run_as(
-        "vmbalance-e2e",
-        "libvirt",
-        COORDINATOR,
-        &["--cycles", "8", "1"],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    eprintln!("{err}");
-    assert_eq!(o.status.code(), Some(0), "{err}");
+    let err = run_in_group_ok(COORDINATOR, &["--cycles", "8", "1"]);
     let after = balloon("unpriv-idle").0 / MIB;
     assert!(
         after < before,

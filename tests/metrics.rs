@@ -7,73 +7,41 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
 
 const SCHEDULER: &str = env!("CARGO_BIN_EXE_vcpu_scheduler");
 const COORDINATOR: &str = env!("CARGO_BIN_EXE_memory_coordinator");
 
 /// A daemon running with `--metrics-address 127.0.0.1:0`, its log collected as it comes.
 struct Running {
-    child: Child,
-    log: Arc<Mutex<String>>,
+    daemon: Daemon,
     address: String,
 }
 
 impl Running {
     fn start(bin: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(bin)
-            .args(["--metrics-address", "127.0.0.1:0"])
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let filled = log.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                filled
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let mut running = Self {
-            child,
-            log,
-            address: String::new(),
-        };
-        let line = running.wait_for("serving metrics at http://");
-        running.address = line
+        let mut all = vec!["--metrics-address", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let daemon = Daemon::start(bin, &all);
+        let line = daemon.wait_for("serving metrics at http://");
+        let address = line
             .split("http://")
             .nth(1)
             .unwrap()
             .trim_end_matches("/metrics")
             .to_string();
-        running
+        Self { daemon, address }
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.daemon.log()
     }
 
-    /// The first log line containing `text`, waiting up to 20 s for it.
     fn wait_for(&self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(line) = self.log().lines().find(|l| l.contains(text)) {
-                return line.to_string();
-            }
-            assert!(Instant::now() < deadline, "no '{text}' in:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.daemon.wait_for(text)
     }
 
     fn cycles(&self) -> usize {
@@ -95,13 +63,6 @@ impl Running {
         let (status, body) = self.get("/metrics");
         assert_eq!(status, 200, "{body}");
         body
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

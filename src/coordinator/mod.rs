@@ -2,7 +2,7 @@
 //!
 //! Generic over [`Host`], like [`crate::scheduler`]. What must persist between cycles about a
 //! guest (where its balloon statistics stand, its earlier reports, what it was asked) is its
-//! [`GuestRecord`], one per domain run in a [`Tracker`]. A cycle runs in four steps:
+//! `GuestRecord` (`record.rs`), one per domain run in a [`Tracker`]. A cycle runs in four steps:
 //! [`Coordinator::arm`] switches statistics on, [`Coordinator::classify`] judges each report,
 //! [`Coordinator::decide`] plans and checks the plan against the hard limits, and
 //! [`Coordinator::apply`] makes the changes.

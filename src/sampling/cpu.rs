@@ -71,6 +71,21 @@ impl Allowed {
 }
 
 impl VcpuLoad {
+    /// vCPU `key` with nothing known of it: no load yet, not pinned, no pCPU it last ran on,
+    /// allowed anywhere. Snapshots built by hand (tests, benchmarks) start from it.
+    pub fn unknown(key: VcpuKey) -> Self {
+        Self {
+            key,
+            usage: None,
+            demand: None,
+            pinned: None,
+            last_pcpu: None,
+            usage_swing: None,
+            demand_swing: None,
+            allowed: Allowed::Any,
+        }
+    }
+
     /// The pCPU this vCPU's usage is charged to: its pin, else the pCPU it last ran on.
     pub fn charged_pcpu(&self) -> Option<u32> {
         self.pinned.or(self.last_pcpu)
@@ -379,14 +394,10 @@ mod tests {
             vcpu: n,
         };
         let load = |d, n, usage, pinned, last_pcpu| VcpuLoad {
-            key: key(d, n),
             usage,
-            demand: None,
             pinned,
             last_pcpu,
-            usage_swing: None,
-            demand_swing: None,
-            allowed: Allowed::Any,
+            ..VcpuLoad::unknown(key(d, n))
         };
         let snap = CpuSnapshot {
             pcpus: vec![0, 1, 2],

@@ -2,7 +2,7 @@
 //!
 //! Generic over [`Host`], so the same cycle runs against libvirt in the daemon and against a
 //! simulated host in tests and benchmarks. What must persist between cycles about a domain (its
-//! vCPUs' history, first affinities, which it re-pinned) is its [`DomainRecord`], one per domain
+//! vCPUs' history, first affinities, which it re-pinned) is its `DomainRecord` (`record.rs`), one per domain
 //! run in a [`Tracker`].
 
 mod allowed;

@@ -5,5 +5,6 @@
 pub fn test_uri(file: &str) -> String {
     format!("test://{}/tests/data/{file}", env!("CARGO_MANIFEST_DIR"))
 }
+pub mod daemon;
 pub mod lab;
 pub mod sim;
