@@ -80,6 +80,9 @@ pub struct DomainRef {
     pub memory_nodes: Option<Vec<u32>>,
     /// Why its balloon would free nothing on the host (hugepages, locked memory, VFIO), where so.
     pub memory_held: Option<&'static str>,
+    /// Its balloon deflates on its own when the guest runs short (deflate-on-oom): the guest may
+    /// grow back to its max memory without being asked.
+    pub autodeflate: bool,
     /// Which run of the domain this is (libvirt's domain ID, new at every start), where known: a
     /// domain that restarted under the same UUID starts new series.
     pub run: Option<u32>,
@@ -95,6 +98,7 @@ impl DomainRef {
             guaranteed_kib: 0,
             memory_nodes: None,
             memory_held: None,
+            autodeflate: false,
             run: None,
         }
     }
@@ -146,6 +150,9 @@ pub struct BalloonStats {
     pub mem_available_kib: Option<u64>,
     /// Guest timestamp, in seconds, of the report these figures come from.
     pub last_update: Option<u64>,
+    /// The host's own figure: memory the domain's QEMU process has resident on the host (libvirt's
+    /// `rss`), where the driver reports it. Every other figure here is the guest's claim.
+    pub rss_kib: Option<u64>,
 }
 
 impl BalloonStats {

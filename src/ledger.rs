@@ -11,6 +11,12 @@
 //!   free memory at that report, and is what the host backs at least. A guest that never reported
 //!   may touch all of its balloon. The balloon size is what the guest says, or what it was last
 //!   set to if that is more: a guest that under-reports its balloon must not hide a grant.
+//! - **Host figures bound the claims.** Every figure above is the guest's own. The host's own
+//!   figure for a guest is the memory its QEMU process has resident (RSS): the guest may still
+//!   make the host back at least its balloon minus that, whatever it reports, so no report of a
+//!   guest's can enlarge the host's budget. A guest whose report cannot be true, or whose balloon
+//!   deflates on its own (deflate-on-oom), may grow to its max memory: it counts at its max
+//!   ([`at_max_kib`]).
 //! - **Balloons that do not follow.** A guest writes its own `actual`. One whose `actual` stays
 //!   under the size it was last given (a broken or lying driver) gets no more until it catches
 //!   up (rule 3); the operator is told once.
@@ -25,6 +31,20 @@ use crate::sampling::GuestMemory;
 /// 1 MiB, or 1 % of the size, whichever is more.
 fn slack_kib(size_kib: u64) -> u64 {
     (size_kib / 100).max(1024)
+}
+
+/// What a guest whose balloon is `balloon_kib` may still make the host back by the host's own
+/// figure: its balloon minus what its QEMU process has resident (`rss_kib`; nothing where the
+/// host does not report it).
+pub fn host_floor_kib(balloon_kib: u64, rss_kib: Option<u64>) -> u64 {
+    rss_kib.map_or(0, |rss| balloon_kib.saturating_sub(rss))
+}
+
+/// What a guest that may grow to its max memory `max_kib` on its own (its report cannot be
+/// true, or its balloon deflates on its own) may still make the host back: its max minus what
+/// its QEMU process has resident (`rss_kib`), all of it where the host does not report that.
+pub fn at_max_kib(max_kib: u64, rss_kib: Option<u64>) -> u64 {
+    max_kib.saturating_sub(rss_kib.unwrap_or(0))
 }
 
 /// How many fresh reports' rates a grant is sized on.
@@ -82,13 +102,16 @@ impl GuestLedger {
         }
     }
 
-    /// What the guest, whose balloon reads `actual_kib` now, may still make the host back: its
-    /// balloon (as read, or as last set if that is more) minus what it had touched at its last
-    /// report (all of it before any report).
-    pub fn unbacked_kib(&self, actual_kib: u64) -> u64 {
+    /// What the guest, whose balloon reads `actual_kib` now and whose QEMU process has
+    /// `rss_kib` resident, may still make the host back: its balloon (as read, or as last set if
+    /// that is more) minus what it had touched at its last report (all of it before any report);
+    /// never less than the host's own figure says ([`host_floor_kib`]).
+    pub fn unbacked_kib(&self, actual_kib: u64, rss_kib: Option<u64>) -> u64 {
         let touched = self.touched_kib.unwrap_or(0);
-        let set = self.set_kib.unwrap_or(0);
-        actual_kib.max(set).saturating_sub(touched)
+        let balloon = actual_kib.max(self.set_kib.unwrap_or(0));
+        balloon
+            .saturating_sub(touched)
+            .max(host_floor_kib(balloon, rss_kib))
     }
 
     /// The guest's standing, its metadata guaranteeing it `guaranteed_kib`.
@@ -154,21 +177,37 @@ mod tests {
     fn a_guest_may_touch_its_free_memory_and_what_its_balloon_gained_since() {
         let mut l = GuestLedger::new();
         // Never reported: all of its balloon.
-        assert_eq!(l.unbacked_kib(500 * MIB), 500 * MIB);
+        assert_eq!(l.unbacked_kib(500 * MIB, None), 500 * MIB);
         l.observe(&guest(500, 50), "g");
-        assert_eq!(l.unbacked_kib(500 * MIB), 50 * MIB);
+        assert_eq!(l.unbacked_kib(500 * MIB, None), 50 * MIB);
         // Given 100 MiB, not reported since: those too.
-        assert_eq!(l.unbacked_kib(600 * MIB), 150 * MIB);
+        assert_eq!(l.unbacked_kib(600 * MIB, None), 150 * MIB);
         // Shrunk by 30 MiB: the balloon took free pages.
-        assert_eq!(l.unbacked_kib(470 * MIB), 20 * MIB);
+        assert_eq!(l.unbacked_kib(470 * MIB, None), 20 * MIB);
         // Set to 600 MiB, it reads 500 still: it may have the 600 MiB it was given.
         l.resized(&resize(500, 600));
-        assert_eq!(l.unbacked_kib(500 * MIB), 150 * MIB);
+        assert_eq!(l.unbacked_kib(500 * MIB, None), 150 * MIB);
         // It used 40 MiB more: 110 MiB left to touch.
         l.observe(&guest(600, 110), "g");
-        assert_eq!(l.unbacked_kib(600 * MIB), 110 * MIB);
+        assert_eq!(l.unbacked_kib(600 * MIB, None), 110 * MIB);
         // A guest of which nothing is known may touch all of its balloon.
-        assert_eq!(GuestLedger::new().unbacked_kib(600 * MIB), 600 * MIB);
+        assert_eq!(GuestLedger::new().unbacked_kib(600 * MIB, None), 600 * MIB);
+    }
+
+    #[test]
+    fn no_report_makes_a_guest_owe_less_than_the_host_sees() {
+        let mut l = GuestLedger::new();
+        // It claims to have touched all of its 500 MiB (no MemFree), but its QEMU process has
+        // only 200 MiB resident: it may still make the host back 300.
+        l.observe(&guest(500, 0), "g");
+        assert_eq!(l.unbacked_kib(500 * MIB, None), 0);
+        assert_eq!(l.unbacked_kib(500 * MIB, Some(200 * MIB)), 300 * MIB);
+        // An honest report says more than the host's floor: the report stands.
+        l.observe(&guest(500, 350), "g");
+        assert_eq!(l.unbacked_kib(500 * MIB, Some(200 * MIB)), 350 * MIB);
+        // A guest that may grow to its max counts at its max, less what the host backs.
+        assert_eq!(at_max_kib(1024 * MIB, Some(200 * MIB)), 824 * MIB);
+        assert_eq!(at_max_kib(1024 * MIB, None), 1024 * MIB);
     }
 
     #[test]

@@ -46,8 +46,9 @@
 //!    than the host's budget: its available memory, minus `host_reserve_pct` % of its total,
 //!    minus what guests may still make it back (what they hold free: every page a guest never
 //!    touched is free in it, and it may touch it at any time; see [`crate::ledger`]). Memory a
-//!    shrink frees on the host counts only once the host's own figure shows it. [`violations`]
-//!    checks every plan against these before it is applied.
+//!    shrink frees on the host counts only once the host's own figure shows it. Every plan is
+//!    checked against these before it is applied ([`safe_part`]): a change that breaks one is
+//!    dropped and said, never the whole plan, so one guest cannot stop the others being fed.
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -431,49 +432,65 @@ fn return_to_host(
 /// Benchmarks compare policies by handing the coordinator another.
 pub type MemPlanner = fn(&MemSnapshot, &MemPolicy) -> (MemPlan, Vec<String>);
 
-/// [`plan`], checked by [`violations`] (rule 6): the coordinator's planner.
+/// [`plan`], with every change that breaks a hard limit dropped by [`safe_part`] (rule 6): the
+/// coordinator's planner. The problems are the changes dropped.
 pub fn checked_plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> (MemPlan, Vec<String>) {
-    let plan = plan(snapshot, policy);
-    let problems = violations(snapshot, &plan, policy);
-    (plan, problems)
+    safe_part(snapshot, plan(snapshot, policy), policy)
+}
+
+/// How change `c` breaks a hard limit of its guest `g` (rule 6), if it does; `g` is `None` when
+/// the guest is not in the snapshot.
+fn change_problems(
+    c: &BalloonChange,
+    g: Option<&GuestMemory>,
+    snapshot: &MemSnapshot,
+    policy: &MemPolicy,
+) -> Vec<String> {
+    let Some(g) = g else {
+        return vec![format!("{}: not in the snapshot", c.id)];
+    };
+    let mut found = Vec::new();
+    if c.to_kib > g.max_kib {
+        found.push(format!(
+            "{}: {} KiB above max {} KiB",
+            c.id, c.to_kib, g.max_kib
+        ));
+    }
+    let floor = policy.hard_floor_kib(g, &snapshot.standing(&c.id));
+    if c.shrinks() && c.to_kib < floor {
+        found.push(format!(
+            "{}: {} KiB under its floor {} KiB (uses {} KiB)",
+            c.id,
+            c.to_kib,
+            floor,
+            g.used_kib()
+        ));
+    }
+    if c.from_kib.abs_diff(c.to_kib) > policy.max_step_kib {
+        found.push(format!("{}: step over {} KiB", c.id, policy.max_step_kib));
+    }
+    found
+}
+
+/// Memory `changes` grant to guests, KiB.
+fn granted_kib(changes: &[BalloonChange]) -> u64 {
+    changes
+        .iter()
+        .filter(|c| !c.shrinks())
+        .map(|c| c.to_kib - c.from_kib)
+        .sum()
 }
 
 /// Rule 6: every way `plan` breaks a hard limit for `snapshot`; empty when it is safe to apply.
 pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) -> Vec<String> {
-    let mut found = Vec::new();
     let guests: HashMap<DomainId, &GuestMemory> =
         snapshot.guests.iter().map(|g| (g.id, g)).collect();
-    for c in &plan.changes {
-        let Some(g) = guests.get(&c.id) else {
-            found.push(format!("{}: not in the snapshot", c.id));
-            continue;
-        };
-        if c.to_kib > g.max_kib {
-            found.push(format!(
-                "{}: {} KiB above max {} KiB",
-                c.id, c.to_kib, g.max_kib
-            ));
-        }
-        let floor = policy.hard_floor_kib(g, &snapshot.standing(&c.id));
-        if c.shrinks() && c.to_kib < floor {
-            found.push(format!(
-                "{}: {} KiB under its floor {} KiB (uses {} KiB)",
-                c.id,
-                c.to_kib,
-                floor,
-                g.used_kib()
-            ));
-        }
-        if c.from_kib.abs_diff(c.to_kib) > policy.max_step_kib {
-            found.push(format!("{}: step over {} KiB", c.id, policy.max_step_kib));
-        }
-    }
-    let granted: u64 = plan
+    let mut found: Vec<String> = plan
         .changes
         .iter()
-        .filter(|c| !c.shrinks())
-        .map(|c| c.to_kib - c.from_kib)
-        .sum();
+        .flat_map(|c| change_problems(c, guests.get(&c.id).copied(), snapshot, policy))
+        .collect();
+    let granted = granted_kib(&plan.changes);
     let budget = policy.host_budget_kib(snapshot.host, snapshot.unbacked_kib);
     if granted > budget {
         found.push(format!(
@@ -481,4 +498,47 @@ pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) ->
         ));
     }
     found
+}
+
+/// Rule 6 applied: `plan` without the changes that break a hard limit for `snapshot`, and one line
+/// per change dropped. A change beyond its guest's limits is dropped alone, never the whole plan
+/// (one guest cannot stop the others being fed); grants beyond the host's budget are dropped from
+/// the last one on until the rest fits. What is left has no [`violations`].
+pub fn safe_part(
+    snapshot: &MemSnapshot,
+    mut plan: MemPlan,
+    policy: &MemPolicy,
+) -> (MemPlan, Vec<String>) {
+    let guests: HashMap<DomainId, &GuestMemory> =
+        snapshot.guests.iter().map(|g| (g.id, g)).collect();
+    let mut dropped = Vec::new();
+    plan.changes.retain(|c| {
+        let problems = change_problems(c, guests.get(&c.id).copied(), snapshot, policy);
+        dropped.extend(problems.iter().take(1).cloned());
+        problems.is_empty()
+    });
+    let budget = policy.host_budget_kib(snapshot.host, snapshot.unbacked_kib);
+    let mut granted = granted_kib(&plan.changes);
+    while granted > budget {
+        let last = plan
+            .changes
+            .iter()
+            .rposition(|c| !c.shrinks())
+            .expect("something is granted");
+        let c = plan.changes.remove(last);
+        granted -= c.to_kib - c.from_kib;
+        dropped.push(format!(
+            "{}: a grant of {} KiB, beyond what the host can spare ({budget} KiB above its reserve and what guests may still touch)",
+            c.id,
+            c.to_kib - c.from_kib
+        ));
+    }
+    plan.from_host_kib = granted;
+    plan.to_host_kib = plan
+        .changes
+        .iter()
+        .filter(|c| c.shrinks())
+        .map(|c| c.from_kib - c.to_kib)
+        .sum();
+    (plan, dropped)
 }

@@ -440,7 +440,7 @@ pub struct MemReport {
     pub dry_run: bool,
     /// Resizes made.
     pub changes: Vec<ResizeLine>,
-    /// Resizes skipped: domain vanished, call failed, or plan refused.
+    /// Resizes skipped: domain vanished, call failed, or dropped for breaking a limit (rule 6).
     pub skipped: usize,
     /// libvirt calls the cycle made.
     pub libvirt_calls: u64,

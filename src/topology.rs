@@ -163,9 +163,21 @@ pub fn strict_memory_nodes(domain_xml: &str) -> Option<Vec<u32>> {
     cpuset::parse(memory.attribute("nodeset")?)
 }
 
+/// Does the domain's balloon deflate on its own when the guest runs short
+/// (`<memballoon autodeflate='on'>`, virtio-balloon's deflate-on-oom), from its XML? Such a guest
+/// can grow back to its max memory without being asked, so the host must count it at its max.
+pub fn balloon_autodeflates(domain_xml: &str) -> bool {
+    roxmltree::Document::parse(domain_xml).is_ok_and(|doc| {
+        doc.descendants()
+            .any(|n| n.has_tag_name("memballoon") && n.attribute("autodeflate") == Some("on"))
+    })
+}
+
 /// Why ballooning a domain down would free nothing on the host, from its XML: memory backed by
-/// hugepages (`<memoryBacking><hugepages/>`) or locked (`<memoryBacking><locked/>`), or a device
-/// assigned with VFIO (`<hostdev>`), which pins all guest memory. `None` when none of these holds.
+/// hugepages (`<memoryBacking><hugepages/>`) or locked (`<memoryBacking><locked/>`), a device
+/// assigned with VFIO (`<hostdev>`, or `<interface type='hostdev'>`) or a vDPA device
+/// (`<interface type='vdpa'>`), which pin all guest memory, or memory encrypted for the guest
+/// (`<launchSecurity>`, AMD SEV), which the host pins too. `None` when none of these holds.
 pub fn memory_held_by(domain_xml: &str) -> Option<&'static str> {
     fn child<'a, 'i>(
         parent: roxmltree::Node<'a, 'i>,
@@ -183,8 +195,19 @@ pub fn memory_held_by(domain_xml: &str) -> Option<&'static str> {
             return Some("locked");
         }
     }
+    if child(domain, "launchSecurity").is_some() {
+        return Some("encrypted for the guest (launchSecurity), which pins it");
+    }
     let devices = child(domain, "devices")?;
-    child(devices, "hostdev").map(|_| "pinned by an assigned device (VFIO)")
+    let interface_of = |kind: &str| {
+        devices
+            .children()
+            .any(|n| n.has_tag_name("interface") && n.attribute("type") == Some(kind))
+    };
+    if child(devices, "hostdev").is_some() || interface_of("hostdev") {
+        return Some("pinned by an assigned device (VFIO)");
+    }
+    interface_of("vdpa").then_some("pinned by a vDPA device")
 }
 
 #[cfg(test)]
@@ -250,12 +273,31 @@ mod tests {
                     <source><address domain='0x0000' bus='0x06' slot='0x02' function='0x0'/></source>\
                     </hostdev></devices>";
         assert!(memory_held_by(&xml(vfio)).is_some_and(|r| r.contains("VFIO")));
+        // A NIC assigned with VFIO, a vDPA NIC, SEV: all pin guest memory.
+        let nic = |kind: &str| format!("<devices><interface type='{kind}'/></devices>");
+        assert!(memory_held_by(&xml(&nic("hostdev"))).is_some_and(|r| r.contains("VFIO")));
+        assert!(memory_held_by(&xml(&nic("vdpa"))).is_some_and(|r| r.contains("vDPA")));
+        assert_eq!(memory_held_by(&xml(&nic("network"))), None);
+        let sev = "<launchSecurity type='sev'><policy>0x0003</policy></launchSecurity>";
+        assert!(memory_held_by(&xml(sev)).is_some_and(|r| r.contains("launchSecurity")));
         assert_eq!(
             memory_held_by(&xml(
                 "<memoryBacking><nosharepages/></memoryBacking><devices><memballoon model='virtio'/></devices>"
             )),
             None
         );
+    }
+
+    #[test]
+    fn a_balloon_that_deflates_on_its_own_is_seen() {
+        let xml = |balloon: &str| format!("<domain><devices>{balloon}</devices></domain>");
+        assert!(balloon_autodeflates(&xml(
+            "<memballoon model='virtio' autodeflate='on'/>"
+        )));
+        assert!(!balloon_autodeflates(&xml("<memballoon model='virtio'/>")));
+        assert!(!balloon_autodeflates(&xml(
+            "<memballoon model='virtio' autodeflate='off'/>"
+        )));
     }
 
     #[test]

@@ -492,14 +492,39 @@ fn in_host_pressure_mode_idle_memory_stays_until_the_host_is_short() {
 }
 
 mod traces {
-    //! Random multi-cycle traces: the hard limits hold at every instant, across cycles.
+    //! Random multi-cycle traces with guests that lie in their reports: the hard limits hold at
+    //! every instant, across cycles, and no change is dropped for breaking one.
 
     use super::*;
     use proptest::prelude::*;
 
+    /// How a guest lies in its reports.
+    #[derive(Clone, Copy, Debug)]
+    enum Lie {
+        Honest,
+        /// Its balloon size stays at its first one whatever it is given.
+        FixedActual,
+        /// Its balloon size is four times its max.
+        ActualOverMax,
+        /// It reports nothing free.
+        NothingFree,
+        /// It reports more free than its max.
+        FreeOverMax,
+    }
+
     /// One guest: (balloon MiB, headroom to max MiB, used MiB, guarantee MiB, frees nothing,
-    /// lies about its balloon, workloads: (start cycle, rate MiB/s, goal MiB)).
-    type GuestSpec = (u64, u64, u64, u64, bool, bool, Vec<(usize, f64, u64)>);
+    /// how it lies, workloads: (start cycle, rate MiB/s, goal MiB)).
+    type GuestSpec = (u64, u64, u64, u64, bool, Lie, Vec<(usize, f64, u64)>);
+
+    fn lie() -> impl Strategy<Value = Lie> {
+        prop_oneof![
+            6 => Just(Lie::Honest),
+            1 => Just(Lie::FixedActual),
+            1 => Just(Lie::ActualOverMax),
+            1 => Just(Lie::NothingFree),
+            1 => Just(Lie::FreeOverMax),
+        ]
+    }
 
     fn guest_spec() -> impl Strategy<Value = GuestSpec> {
         (
@@ -508,7 +533,7 @@ mod traces {
             0u64..100,
             prop::option::weighted(0.3, 0u64..2048),
             prop::bool::weighted(0.15),
-            prop::bool::weighted(0.15),
+            lie(),
             prop::collection::vec((0usize..60, -80.0f64..80.0, 50u64..3000), 0..4),
         )
             .prop_map(
@@ -530,7 +555,7 @@ mod traces {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
         #[test]
-        fn the_host_never_goes_under_its_reserve_and_no_guest_under_its_floor(
+        fn the_host_never_goes_under_its_reserve_and_no_guest_under_its_floor_whatever_guests_say(
             guests in prop::collection::vec((guest_spec(), 0u64..=100), 1..6),
             spare_mib in 0u64..3000,
         ) {
@@ -544,7 +569,14 @@ mod traces {
             {
                 let mut mem = SimMemory::new(actual * MIB, (actual + headroom) * MIB, used * MIB);
                 mem.frees_nothing = *frees_nothing;
-                mem.claims_actual = lies.then_some(actual * MIB);
+                let max = (actual + headroom) * MIB;
+                match lies {
+                    Lie::Honest => {}
+                    Lie::FixedActual => mem.claims_actual = Some(actual * MIB),
+                    Lie::ActualOverMax => mem.claims_actual = Some(4 * max),
+                    Lie::NothingFree => mem.claims_free = Some(0),
+                    Lie::FreeOverMax => mem.claims_free = Some(4 * max),
+                }
                 host.add_guest(n as u8 + 1, mem);
                 host.domains[n].guaranteed_kib = guarantee * MIB;
             }
@@ -576,7 +608,9 @@ mod traces {
                     }
                 }
                 host.advance(PERIOD);
-                c.cycle(&mut host).unwrap();
+                let report = c.cycle(&mut host).unwrap().expect("guests run");
+                // No change is ever dropped for breaking a limit, whatever the liars say.
+                prop_assert_eq!(report.skipped, 0, "cycle {}: {}", cycle, report);
                 prop_assert!(
                     host.host_low >= reserve(&host),
                     "cycle {}: host down to {} MiB, reserve {} MiB",
@@ -627,4 +661,55 @@ fn a_guest_restarted_under_the_same_uuid_carries_no_ledger_over() {
         host.domains[0].mem.actual > start,
         "never fed after its restart"
     );
+}
+
+#[test]
+fn a_guest_claiming_a_balloon_over_its_max_blocks_no_grant() {
+    // Guest 2's driver claims a 9 GiB balloon, its max being 2 GiB: it reads as 90 % free and not
+    // consuming. Taken at its word it is wasting, its shrink target above its max, and a plan
+    // holding that shrink broke a limit: every plan was refused and the hog starved.
+    let mut host = tight_lab(1500, 2);
+    host.domains[1].mem.claims_actual = Some(9 * 1024 * MIB);
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 3);
+    host.domains[0].mem.work(20.0 * 1024.0, 1300 * MIB);
+    let mut said = false;
+    for _ in 0..60 {
+        let line = run(&mut host, &mut c, 1);
+        said |= line.contains("dom2 9216 MiB") && line.contains("inconsistent stats");
+    }
+    let hog = &host.domains[0].mem;
+    assert_eq!(hog.ooms, 0, "the hog ran out");
+    assert!(
+        hog.used >= 1300.0 * 1024.0 - 1.0,
+        "the hog got {} MiB",
+        hog.actual / MIB
+    );
+    assert!(said, "the liar was never read as inconsistent");
+    assert_eq!(
+        host.domains[1].mem.actual,
+        1024 * MIB,
+        "the liar was resized"
+    );
+}
+
+#[test]
+fn a_guest_hiding_its_free_memory_cannot_enlarge_the_host_budget() {
+    // Guest 2 has touched 100 MiB of its 1 GiB balloon but reports nothing free. By its word it
+    // has touched it all; by the host's own figure (its QEMU process's RSS) it may still make the
+    // host back 924 MiB. Granting that to a hog would take the host under its reserve the moment
+    // guest 2 touches its memory; `run` checks the reserve at every instant.
+    let mut host = tight_lab(400, 2);
+    let liar = &mut host.domains[1].mem;
+    liar.resident = 100.0 * 1024.0;
+    liar.used = 100.0 * 1024.0;
+    liar.baseline = liar.used;
+    liar.claims_free = Some(0);
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 3);
+    host.domains[0].mem.work(40.0 * 1024.0, 1800 * MIB);
+    run(&mut host, &mut c, 40);
+    host.domains[1].mem.work(200.0 * 1024.0, 1000 * MIB);
+    run(&mut host, &mut c, 10);
+    assert!(host.domains[1].mem.resident >= 1000.0 * 1024.0 - 1.0);
 }

@@ -474,7 +474,7 @@ fn coordinator_feeds_a_hog_shrinks_idle_guests_and_returns_memory_to_the_host() 
             "{idle}: unused {unused:?} > actual {actual}"
         );
     }
-    assert!(!log.contains("refusing a plan"), "{log}");
+    assert!(!log.contains("breaks a limit"), "{log}");
 }
 
 /// Host memory the kernel can hand out (MemAvailable), KiB.
@@ -662,7 +662,7 @@ fn coordinator_keeps_the_footprint_small_idle_guests_at_their_target_and_a_hog_f
     // above). Measured (BENCHMARKS.md): 1604-1652 MiB in all at the end, 1885 before targets and
     // need-sized grants; the issue hoped for 1600.
     assert_lent_no_more_than_needed(&reports, "hog", last[0]);
-    assert!(!log.contains("refusing a plan"), "{log}");
+    assert!(!log.contains("breaks a limit"), "{log}");
     // The metrics: each guest's balloon gauge is its size, every resize counted by reason.
     for n in names {
         let domain = Lab::domain(n);
@@ -717,7 +717,7 @@ fn coordinator_feeds_every_guest_when_all_consume_at_once() {
         assert!(last[i].0 > 512, "{n} was never fed: {} MiB", last[i].0);
         assert_lent_no_more_than_needed(&reports, n, last[i]);
     }
-    assert!(!log.contains("refusing a plan"), "{log}");
+    assert!(!log.contains("breaks a limit"), "{log}");
 }
 
 #[test]
@@ -762,7 +762,7 @@ fn coordinator_never_takes_the_host_under_its_reserve() {
         assert!(min < 400, "{n} never shrank to feed the hog");
     }
     assert!(hog_peak > 512 + 100, "the hog was not fed: {hog_peak} MiB");
-    assert!(!log.contains("refusing a plan"), "{log}");
+    assert!(!log.contains("breaks a limit"), "{log}");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use crate::host::{
     BalloonSample, DomainId, DomainNames, Host, HostError, HostMemory, HostResult,
     changed_or_skipped,
 };
-use crate::ledger::GuestLedger;
+use crate::ledger::{GuestLedger, at_max_kib, host_floor_kib};
 use crate::mem_plan::{
     BalloonChange, MemPlan, MemPlanner, MemPolicy, MemSnapshot, Standing, checked_plan,
 };
@@ -38,14 +38,29 @@ fn guest_line(sample: &BalloonSample, state: GuestState) -> GuestLine {
 }
 
 /// What a domain the coordinator does not follow (left alone, or without a balloon) may still
-/// make the host back: what it reports free, or all of its balloon when it reports nothing. (A
-/// domain whose memory is held is backed already.)
+/// make the host back: what it reports free, or all of its balloon when it reports nothing; never
+/// less than the host's own figure says, and all of its max where its balloon deflates on its own.
+/// (A domain whose memory is held is backed already.)
 fn unbacked_as_reported(sample: &BalloonSample) -> u64 {
     let stats = &sample.stats;
+    if sample.domain.autodeflate {
+        return at_max_kib(stats.max_kib, stats.rss_kib);
+    }
     stats
         .unused_kib
         .filter(|&unused| unused <= stats.actual_kib)
         .unwrap_or(stats.actual_kib)
+        .max(host_floor_kib(stats.actual_kib, stats.rss_kib))
+}
+
+/// What one guest's report came to this cycle.
+struct Judged {
+    /// Its line in the report.
+    line: GuestLine,
+    /// Its figures and standing, when the planner may act on them.
+    fresh: Option<(GuestMemory, Standing)>,
+    /// What it may still make the host back, KiB.
+    unbacked_kib: u64,
 }
 
 /// The memory coordinator's state across cycles.
@@ -130,14 +145,14 @@ impl Coordinator {
                 }
                 continue;
             }
-            let (line, fresh) = Self::classify(guest, sample, &self.policy);
-            snapshot.unbacked_kib += guest.ledger.unbacked_kib(sample.stats.actual_kib);
-            if let Some((g, standing)) = fresh {
+            let judged = Self::classify(guest, sample, &self.policy);
+            snapshot.unbacked_kib += judged.unbacked_kib;
+            if let Some((g, standing)) = judged.fresh {
                 snapshot.guests.push(g);
                 snapshot.standing.insert(g.id, standing);
             }
             names.insert(dom);
-            report.guests.push(line);
+            report.guests.push(judged.line);
         }
         self.guests.end_cycle();
         if let Some(h) = &mut report.host {
@@ -147,9 +162,7 @@ impl Coordinator {
         let started = std::time::Instant::now();
         let plan = self.decide(&snapshot, &mut report);
         report.decision_secs = Some(started.elapsed().as_secs_f64());
-        if let Some(plan) = plan {
-            self.apply(host, &plan, &snapshot, &names, &mut report)?;
-        }
+        self.apply(host, &plan, &snapshot, &names, &mut report)?;
         Ok(Some(report))
     }
 
@@ -230,17 +243,18 @@ impl Coordinator {
     }
 
     /// Judge the report of `sample` against what is known of `guest` under `policy`: its line in
-    /// the report, and the guest's figures and standing when the planner may act on them.
-    fn classify(
-        guest: &mut Followed,
-        sample: &BalloonSample,
-        policy: &MemPolicy,
-    ) -> (GuestLine, Option<(GuestMemory, Standing)>) {
+    /// the report, its figures and standing when the planner may act on them, and what it may
+    /// still make the host back. A report that cannot be true leaves the guest alone and counts
+    /// it at its max memory (said once, until its reports are plausible again), as does a balloon
+    /// that deflates on its own.
+    fn classify(guest: &mut Followed, sample: &BalloonSample, policy: &MemPolicy) -> Judged {
         let (dom, stats) = (&sample.domain, &sample.stats);
         let reading = guest.history.record(dom.id, sample.at, stats);
         let mut fresh = None;
+        let mut trusted = !dom.autodeflate;
         let state = match reading {
             MemoryReading::Fresh(g) => {
+                guest.implausible_said = false;
                 guest.ledger.observe(&g, &dom.name);
                 let standing = guest.ledger.standing(dom.guaranteed_kib);
                 let status = policy.status(&g, &standing);
@@ -251,13 +265,31 @@ impl Coordinator {
             MemoryReading::First => GuestState::FirstReport,
             MemoryReading::Stale => GuestState::WaitingForStats,
             MemoryReading::Settling => GuestState::BalloonSettling,
-            MemoryReading::Inconsistent => GuestState::InconsistentStats,
+            MemoryReading::Inconsistent(why) => {
+                if !std::mem::replace(&mut guest.implausible_said, true) {
+                    warn!(
+                        "domain {}: its balloon statistics cannot be true ({why}); it is left alone and counted at its max memory while they are so",
+                        dom.name
+                    );
+                }
+                trusted = false;
+                GuestState::InconsistentStats
+            }
             MemoryReading::NoStats => GuestState::NoGuestStats,
         };
         guest.track_staleness(&reading, &dom.name);
         let mut line = guest_line(sample, state);
         line.rate_mib_s = fresh.map(|(g, _)| g.rate_kib_s / 1024.0);
-        (line, fresh)
+        let unbacked_kib = if trusted {
+            guest.ledger.unbacked_kib(stats.actual_kib, stats.rss_kib)
+        } else {
+            at_max_kib(stats.max_kib, stats.rss_kib)
+        };
+        Judged {
+            line,
+            fresh,
+            unbacked_kib,
+        }
     }
 
     /// The ledger of guest `id`, where it is followed.
@@ -266,19 +298,15 @@ impl Coordinator {
         Some(&mut guest.ledger)
     }
 
-    /// The plan for `snapshot`, or `None` when it breaks a hard limit: then it is refused whole,
-    /// each problem logged as an error, and its changes counted as skipped.
-    fn decide(&self, snapshot: &MemSnapshot, report: &mut MemReport) -> Option<MemPlan> {
-        // Rule 6: no plan that breaks a hard limit is applied.
-        let (plan, problems) = (self.planner)(snapshot, &self.policy);
-        if problems.is_empty() {
-            return Some(plan);
+    /// The plan for `snapshot`, without the changes that break a hard limit: each dropped is
+    /// logged as an error and counted as skipped (rule 6).
+    fn decide(&self, snapshot: &MemSnapshot, report: &mut MemReport) -> MemPlan {
+        let (plan, dropped) = (self.planner)(snapshot, &self.policy);
+        for p in &dropped {
+            log::error!("dropped a change that breaks a limit: {p}");
         }
-        for p in &problems {
-            log::error!("refusing a plan that breaks a limit: {p}");
-        }
-        report.skipped = plan.changes.len();
-        None
+        report.skipped += dropped.len();
+        plan
     }
 
     /// Apply shrinks, then grows (grants never count on this cycle's shrinks: rule 6 of

@@ -58,6 +58,8 @@ pub struct Followed {
     pub history: MemoryHistory,
     /// What it was asked, and what that tells.
     pub ledger: GuestLedger,
+    /// Told the operator its reports cannot be true (until one can again).
+    pub implausible_said: bool,
 }
 
 impl Default for Followed {
@@ -67,6 +69,7 @@ impl Default for Followed {
             notice: StaleNotice::NeverFresh,
             history: MemoryHistory::new(),
             ledger: GuestLedger::new(),
+            implausible_said: false,
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::host::{
     NodeCpus, VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip,
     vcpus_domain_by_domain,
 };
-use crate::topology::{Topology, memory_held_by, strict_memory_nodes};
+use crate::topology::{Topology, balloon_autodeflates, memory_held_by, strict_memory_nodes};
 
 /// Where libvirt does not announce pin changes (see [`events`]), bulk samples re-read the vCPU
 /// pins of every domain this often (in samples), so pins changed by someone else are seen; between
@@ -62,6 +62,7 @@ struct DomainFacts {
     metadata: DomainMetadata,
     memory_nodes: Option<Vec<u32>>,
     memory_held: Option<&'static str>,
+    autodeflate: bool,
     configured: ConfiguredPins,
 }
 
@@ -73,6 +74,7 @@ impl DomainFacts {
             guaranteed_kib: self.metadata.guaranteed_kib,
             memory_nodes: self.memory_nodes.clone(),
             memory_held: self.memory_held,
+            autodeflate: self.autodeflate,
             run: Some(self.run),
             ..domain.clone()
         }
@@ -457,8 +459,14 @@ impl LibvirtHost {
                 },
             };
             // The live XML says whether its memory is strictly bound to NUMA nodes.
-            let (memory_nodes, memory_held) = match self.counted(1, |_| dom.xml_desc(0)) {
-                Ok(xml) => (strict_memory_nodes(&xml), memory_held_by(&xml)),
+            let (memory_nodes, memory_held, autodeflate) = match self
+                .counted(1, |_| dom.xml_desc(0))
+            {
+                Ok(xml) => (
+                    strict_memory_nodes(&xml),
+                    memory_held_by(&xml),
+                    balloon_autodeflates(&xml),
+                ),
                 Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
                 Err(e) => return Err(self.error(e, || format!("reading the XML of domain {id}"))),
             };
@@ -467,6 +475,7 @@ impl LibvirtHost {
                 metadata,
                 memory_nodes,
                 memory_held,
+                autodeflate,
                 configured: ConfiguredPins::Unread,
             };
             self.session.facts.insert(*id, facts);
@@ -643,6 +652,7 @@ impl Host for LibvirtHost {
                     mem_total_kib: rec.u64("balloon.available"),
                     mem_available_kib: rec.u64("balloon.usable"),
                     last_update: rec.u64("balloon.last-update"),
+                    rss_kib: rec.u64("balloon.rss"),
                 }),
                 // This driver's records carry no balloon statistics: read the domain directly.
                 _ => {
@@ -772,6 +782,7 @@ impl Host for LibvirtHost {
                         sys::VIR_DOMAIN_MEMORY_STAT_LAST_UPDATE => {
                             stats.last_update = Some(stat.val)
                         }
+                        sys::VIR_DOMAIN_MEMORY_STAT_RSS => stats.rss_kib = Some(stat.val),
                         _ => {}
                     }
                 }

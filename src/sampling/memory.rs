@@ -53,10 +53,60 @@ pub enum MemoryReading {
     /// The balloon moved since the previous read: the report may predate the move, so balloon
     /// size and free memory cannot be compared yet.
     Settling,
-    /// The report contradicts itself (unused above actual, no total): ignored.
-    Inconsistent,
+    /// The report cannot be true (see [`Implausible`]): ignored, and the guest is not to be
+    /// trusted this cycle.
+    Inconsistent(Implausible),
     /// The domain reports no guest figures at all: no balloon device or no guest driver.
     NoStats,
+}
+
+/// Why a guest's report cannot be true. The balloon size (`actual`) and every guest figure are
+/// written by the guest; the domain's max memory is the host's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Implausible {
+    /// Its balloon size is over the domain's max memory.
+    ActualOverMax,
+    /// Its MemTotal is over the domain's max memory.
+    TotalOverMax,
+    /// It reports more free memory than its balloon holds.
+    FreeOverActual,
+    /// It reports an empty balloon, or no memory at all.
+    Empty,
+}
+
+impl std::fmt::Display for Implausible {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Implausible::ActualOverMax => "its balloon size is over its max memory",
+            Implausible::TotalOverMax => "its MemTotal is over its max memory",
+            Implausible::FreeOverActual => "it reports more free memory than its balloon holds",
+            Implausible::Empty => "it reports an empty balloon or no memory at all",
+        })
+    }
+}
+
+impl Implausible {
+    /// What cannot be true of a report: its balloon `actual_kib` of max `max_kib`, MemTotal
+    /// `total_kib`, MemFree `unused_kib` and free memory `free_kib`.
+    fn of(
+        actual_kib: u64,
+        max_kib: u64,
+        total_kib: u64,
+        unused_kib: u64,
+        free_kib: u64,
+    ) -> Option<Self> {
+        if actual_kib == 0 || total_kib == 0 {
+            Some(Implausible::Empty)
+        } else if actual_kib > max_kib {
+            Some(Implausible::ActualOverMax)
+        } else if total_kib > max_kib {
+            Some(Implausible::TotalOverMax)
+        } else if unused_kib > actual_kib || free_kib > actual_kib {
+            Some(Implausible::FreeOverActual)
+        } else {
+            None
+        }
+    }
 }
 
 /// What the history remembers of a guest's previous read.
@@ -121,10 +171,8 @@ impl MemoryHistory {
             *self = Self::new();
             return MemoryReading::NoStats;
         };
-        let sane = unused <= stats.actual_kib
-            && free <= stats.actual_kib
-            && available > 0
-            && stats.actual_kib > 0;
+        let implausible = Implausible::of(stats.actual_kib, stats.max_kib, available, unused, free);
+        let sane = implausible.is_none();
         let offset = stats.actual_kib as i64 - available as i64;
         let previous = self.last;
         let moved = previous.is_some_and(|p| p.actual_kib != stats.actual_kib);
@@ -147,8 +195,8 @@ impl MemoryHistory {
         if !at_this_size {
             return MemoryReading::Settling;
         }
-        if !sane {
-            return MemoryReading::Inconsistent;
+        if let Some(why) = implausible {
+            return MemoryReading::Inconsistent(why);
         }
         let used = stats.actual_kib - free;
         match self.used.gauge(used as f64, at) {
@@ -182,6 +230,7 @@ mod tests {
             mem_total_kib: Some(actual),
             mem_available_kib: Some(unused),
             last_update: Some(update),
+            rss_kib: None,
         }
     }
 
@@ -317,10 +366,28 @@ mod tests {
         let mut m = MemoryHistory::new();
         let t0 = Instant::now();
         m.record(dom(1), t0, &stats(1000, 900, 1));
-        // unused above actual: a stale report from before the balloon shrank.
+        // More free than its balloon holds, the balloon not having moved: cannot be true.
         assert_eq!(
             m.record(dom(1), t0 + Duration::from_secs(1), &stats(1000, 1200, 2)),
-            MemoryReading::Inconsistent
+            MemoryReading::Inconsistent(Implausible::FreeOverActual)
+        );
+        // A balloon, or a MemTotal, over the domain's max memory: cannot be true either.
+        let over = |actual: u64, total: u64, update| BalloonStats {
+            max_kib: 1000,
+            mem_total_kib: Some(total),
+            ..stats(actual, 100, update)
+        };
+        let mut m = MemoryHistory::new();
+        m.record(dom(1), t0, &over(1000, 900, 1));
+        assert_eq!(
+            m.record(dom(1), t0 + Duration::from_secs(1), &over(1000, 1100, 2)),
+            MemoryReading::Inconsistent(Implausible::TotalOverMax)
+        );
+        let mut m = MemoryHistory::new();
+        m.record(dom(1), t0, &over(9000, 900, 1));
+        assert_eq!(
+            m.record(dom(1), t0 + Duration::from_secs(1), &over(9000, 900, 2)),
+            MemoryReading::Inconsistent(Implausible::ActualOverMax)
         );
         let no_driver = BalloonStats {
             actual_kib: 1000,

@@ -21,5 +21,5 @@ mod rates;
 pub use cpu::{
     Allowed, CpuSampler, CpuSnapshot, VcpuHistory, VcpuKey, VcpuLoad, pcpu_demand, pcpu_usage,
 };
-pub use memory::{GuestMemory, MemoryHistory, MemoryReading};
+pub use memory::{GuestMemory, Implausible, MemoryHistory, MemoryReading};
 pub use rates::RateSeries;

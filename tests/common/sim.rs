@@ -123,6 +123,10 @@ pub struct SimMemory {
     pub frees_nothing: bool,
     /// It reports this balloon size whatever its real one (a lying or broken driver).
     pub claims_actual: Option<u64>,
+    /// Its configuration says its balloon deflates on its own (`autodeflate`, deflate-on-oom).
+    pub autodeflate: bool,
+    /// It reports this much free memory (MemFree and MemAvailable) whatever it really has free.
+    pub claims_free: Option<u64>,
 }
 
 impl SimMemory {
@@ -145,6 +149,8 @@ impl SimMemory {
             resident: used as f64,
             frees_nothing: false,
             claims_actual: None,
+            autodeflate: false,
+            claims_free: None,
         }
     }
 
@@ -195,6 +201,7 @@ impl SimMemory {
             let actual = self.reported_actual() as f64;
             let unused = (actual - self.resident.max(self.used)).max(0.0) as u64;
             let usable = (actual - self.used).max(0.0) as u64;
+            let (unused, usable) = self.claims_free.map_or((unused, usable), |f| (f, f));
             let total = self.fixed_total.unwrap_or(actual as u64);
             self.report = Some((1_000_000 + now as u64, unused, usable, total));
         }
@@ -509,6 +516,7 @@ impl Host for SimHost {
                 guaranteed_kib: d.guaranteed_kib,
                 memory_nodes: d.memory_nodes.clone(),
                 memory_held: d.memory_held,
+                autodeflate: d.mem.autodeflate,
                 run: Some(d.run),
             })
             .collect();
@@ -578,6 +586,7 @@ impl Host for SimHost {
         let mut stats = BalloonStats {
             actual_kib: m.reported_actual(),
             max_kib: m.max,
+            rss_kib: Some(m.resident as u64),
             ..BalloonStats::default()
         };
         if let Some((update, unused, usable, total)) = m.report {
