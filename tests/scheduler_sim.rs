@@ -484,3 +484,28 @@ fn a_transient_domain_restarted_under_the_same_uuid_is_a_fresh_record() {
     sched.restore(&mut host);
     assert_eq!(host.domains[0].vcpus[0].affinity, [2, 3]);
 }
+
+#[test]
+fn restore_leaves_alone_a_vcpu_pinned_by_someone_else_since() {
+    let mut host = SimHost::new(4);
+    for n in 1..=3 {
+        host.add(n, &[(90.0, &[0])]);
+    }
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    run(&mut host, &mut sched, 3);
+    let moved: Vec<usize> = (0..3)
+        .filter(|&i| host.domains[i].vcpus[0].affinity != [0])
+        .collect();
+    assert_eq!(moved.len(), 2, "two of three were moved off pCPU 0");
+    // The admin pins one of them somewhere else after us: that pin stands.
+    let theirs = if host.domains[moved[0]].vcpus[0].affinity == [3] {
+        vec![1, 2]
+    } else {
+        vec![3]
+    };
+    host.domains[moved[0]].vcpus[0].affinity = theirs.clone();
+    let restored = sched.restore(&mut host);
+    assert_eq!(restored, 1);
+    assert_eq!(host.domains[moved[0]].vcpus[0].affinity, theirs);
+    assert_eq!(host.domains[moved[1]].vcpus[0].affinity, [0]);
+}

@@ -61,7 +61,7 @@ struct Args {
     cross_node: bool,
 
     /// When the daemon stops, put every vCPU it re-pinned back to the affinity it had when the
-    /// daemon first saw it
+    /// daemon first saw it, unless someone else pinned it since
     #[arg(long)]
     restore_on_exit: bool,
 

@@ -17,7 +17,9 @@ use log::{info, warn};
 
 use crate::cpu_plan::{self, Basis, CpuPlan, CpuPolicy, PinMove, plan};
 use crate::exclusions::Exclusions;
-use crate::host::{DomainNames, Host, HostResult, VcpuSample, changed_or_skipped};
+use crate::host::{
+    DomainNames, DomainRef, Host, HostResult, VcpuSample, changed_or_skipped, read_or_skip,
+};
 use crate::report::{CpuReport, Decision, MoveLine, NodeLine, PcpuLine, PinWhy, VcpuLine, spread};
 use crate::sampling::{Allowed, CpuSampler, CpuSnapshot, VcpuKey, pcpu_demand, pcpu_usage};
 use crate::topology::Topology;
@@ -187,6 +189,7 @@ impl Scheduler {
         let mut allowed = HashMap::new();
         for sample in samples {
             let (_, record) = self.domains.see(&sample.domain, DomainRecord::default);
+            record.name.clone_from(&sample.domain.name);
             record.keep_only(&sample.vcpus);
             let excluded = self
                 .exclusions
@@ -301,30 +304,53 @@ impl Scheduler {
     }
 
     /// Put every vCPU this scheduler re-pinned back to the affinity it had when first seen
-    /// (`--restore-on-exit`). Domains that are gone are skipped; a failure is warned about. Returns
-    /// how many vCPUs were restored.
+    /// (`--restore-on-exit`), unless its pin changed since ours (someone else pinned it: theirs
+    /// is the word that stands). Domains that are gone are skipped; a failure is warned about.
+    /// Returns how many vCPUs were restored.
     pub fn restore(&mut self, host: &mut dyn Host) -> usize {
         let mut restored = 0;
-        let mut repinned = Vec::new();
-        for (id, record) in self.domains.sorted() {
-            for (&vcpu, v) in record.vcpus.iter().filter(|(_, v)| v.repinned) {
-                repinned.push((VcpuKey { domain: id, vcpu }, v.first_affinity.clone()));
+        'domains: for (id, record) in self.domains.sorted() {
+            let ours: Vec<(u32, u32, Vec<u32>)> = record
+                .vcpus
+                .iter()
+                .filter_map(|(&n, v)| Some((n, v.pinned_to?, v.first_affinity.clone())))
+                .collect();
+            if ours.is_empty() {
+                continue;
             }
-        }
-        for (key, first) in repinned {
-            if let Some(v) = self.vcpu_record(&key) {
-                v.repinned = false;
-            }
-            let what = format!("vCPU{} could be restored", key.vcpu);
-            let result = host.set_affinity(&key.domain, key.vcpu, &first);
-            match changed_or_skipped(&key.domain.to_string(), &what, result) {
-                Ok(true) => restored += 1,
-                Ok(false) => {}
+            let name = &record.name;
+            let now = match read_or_skip(&DomainRef::new(id, name), host.vcpus(&id)) {
+                Ok(Some(now)) => now,
+                Ok(None) => continue,
                 Err(e) => {
                     warn!(
                         "restoring the vCPUs' first affinity: {e}; the rest are left as they are"
                     );
                     break;
+                }
+            };
+            for (vcpu, pinned_to, first) in ours {
+                let Some(current) = now.iter().find(|v| v.number == vcpu) else {
+                    continue;
+                };
+                if current.affinity != [pinned_to] {
+                    info!(
+                        "domain {name} vCPU{vcpu}: pinned to {:?} since we pinned it to {pinned_to}; left as it is",
+                        current.affinity
+                    );
+                    continue;
+                }
+                let what = format!("vCPU{vcpu} could be restored");
+                let result = host.set_affinity(&id, vcpu, &first);
+                match changed_or_skipped(name, &what, result) {
+                    Ok(true) => restored += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(
+                            "restoring the vCPUs' first affinity: {e}; the rest are left as they are"
+                        );
+                        break 'domains;
+                    }
                 }
             }
         }
@@ -363,7 +389,7 @@ impl Scheduler {
             if !self.dry_run
                 && let Some(v) = self.vcpu_record(&m.key)
             {
-                v.repinned = true;
+                v.pinned_to = Some(m.to);
             }
             let (why, reason) = move_reason(m, allowed.get(&m.key).copied(), plan.basis, report);
             if let Some(line) = report

@@ -11,6 +11,8 @@ use crate::sampling::VcpuHistory;
 /// Everything the scheduler remembers about one domain run.
 #[derive(Debug, Default)]
 pub struct DomainRecord {
+    /// Its name at its last sight, for the log.
+    pub name: String,
     /// It was left alone (`--exclude`, its metadata) at its last sight: said when that begins.
     pub excluded: bool,
     /// Told the operator that one of its vCPUs has no online pCPU it may use.
@@ -40,8 +42,8 @@ pub struct VcpuRecord {
     /// Its affinity when first seen in this run, before any pin of ours: the admin's word for a
     /// domain without a persistent configuration, and what `--restore-on-exit` puts back.
     pub first_affinity: Vec<u32>,
-    /// This scheduler re-pinned it.
-    pub repinned: bool,
+    /// The pCPU this scheduler last pinned it to, if it re-pinned it.
+    pub pinned_to: Option<u32>,
 }
 
 impl VcpuRecord {
@@ -50,7 +52,7 @@ impl VcpuRecord {
         Self {
             history: VcpuHistory::new(window),
             first_affinity: vcpu.affinity.clone(),
-            repinned: false,
+            pinned_to: None,
         }
     }
 }
