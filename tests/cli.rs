@@ -46,6 +46,8 @@ fn bad_period_is_refused_with_one_line() {
         (vec!["-0.5"], "positive"),
         (vec!["abc"], "not a number"),
         (vec!["3s"], "not a number"),
+        (vec!["1e-300"], "shorter than 0.1 s"),
+        (vec!["0.05"], "shorter than 0.1 s"),
         (vec!["1e12"], "longer than a day"),
     ] {
         let mut all = vec!["--connect", uri.as_str()];

@@ -27,7 +27,7 @@ use vmbalance::scheduler::{DEFAULT_WINDOW, Scheduler};
 #[derive(Parser, Debug)]
 #[command(name = "vcpu_scheduler", version, allow_negative_numbers = true)]
 struct Args {
-    /// Seconds between two samples: a positive number, e.g. 3 or 0.5
+    /// Seconds between two samples, from 0.1 to 86400 (a day), e.g. 3 or 0.5
     #[arg(value_name = "PERIOD", value_parser = parse_period)]
     period: Duration,
 
