@@ -308,6 +308,9 @@ pub enum Turn<R> {
     NoDomain,
     /// The connection to the hypervisor is down (the message says why); try again later.
     Disconnected(String),
+    /// The cycle failed in a way that may pass (the message says how); try again later, with
+    /// the daemon's state kept.
+    Failed(String),
 }
 
 /// Longest wait between two reconnection attempts.
@@ -338,16 +341,21 @@ pub fn run_cycles<R: Report + Export>(
         totals: Totals::default(),
         idle: false,
         delay: Duration::ZERO,
+        failing: Duration::ZERO,
         exporter,
     };
     loop {
-        if run.started() && stop.sleep(options.period.max(run.delay)) {
+        if run.started() && stop.sleep(options.period.max(run.delay).max(run.failing)) {
             return run.end("stopping on signal");
         }
         let turn = cycle().inspect_err(|_| run.totals.summary("stopping on error"))?;
         let go_on = match turn {
             Turn::Disconnected(why) => {
                 run.lost(&why);
+                continue;
+            }
+            Turn::Failed(why) => {
+                run.failed(&why);
                 continue;
             }
             Turn::NoDomain => run.no_domain(),
@@ -374,6 +382,8 @@ struct Run<'a> {
     idle: bool,
     /// The wait before the next reconnection attempt; zero while connected.
     delay: Duration,
+    /// The wait before the next try after a failed cycle; zero while cycles succeed.
+    failing: Duration,
     /// Where metrics go, with `--metrics-address`.
     exporter: Option<Exporter>,
 }
@@ -406,7 +416,25 @@ impl Exporter {
 impl Run<'_> {
     /// Has a turn run yet (so the next one waits)?
     fn started(&self) -> bool {
-        self.totals.cycles > 0 || !self.delay.is_zero()
+        self.totals.cycles > 0 || !self.delay.is_zero() || !self.failing.is_zero()
+    }
+
+    /// A cycle failed in a way that may pass: say so once, and wait longer before each try. The
+    /// daemon's state (rates, ledger, first affinities) is kept.
+    fn failed(&mut self, why: &str) {
+        if self.failing.is_zero() {
+            log::warn!(
+                "a cycle failed: {why}; trying again with a growing delay (at most {} s), keeping what the daemon knows",
+                MAX_RECONNECT_DELAY.as_secs()
+            );
+        } else {
+            log::debug!("a cycle failed again: {why}");
+        }
+        self.failing = reconnect_delay(self.failing, self.options.period);
+        if let Some(e) = &self.exporter {
+            e.metrics.cycle_failed();
+            e.publish();
+        }
     }
 
     /// The connection is down: say so once, and wait longer before each attempt.
@@ -426,6 +454,10 @@ impl Run<'_> {
         if !self.delay.is_zero() {
             log::info!("reconnected to {}", self.uri);
             self.delay = Duration::ZERO;
+        }
+        if !self.failing.is_zero() {
+            log::info!("cycles succeed again");
+            self.failing = Duration::ZERO;
         }
         self.totals.cycles += 1;
     }
@@ -469,8 +501,10 @@ impl Run<'_> {
 
 /// One turn of a daemon against a host: run `cycle` and count its hypervisor calls (logged at
 /// debug level, kept in the report); when it fails because the connection is down, try to
-/// reconnect and report the turn as [`Turn::Disconnected`] instead of failing. The daemon's own
-/// state lives outside the host, so it is kept across the reconnection.
+/// reconnect and report the turn as [`Turn::Disconnected`]; when it fails in a way that may pass
+/// (libvirt restarting, a read of the host failing), report [`Turn::Failed`]. The daemon's own
+/// state lives outside the host, so it is kept either way. Only a refused call (the daemon's user
+/// lost its rights) or a call the driver lacks ends the daemon.
 pub fn host_turn<H: Host + ?Sized, R: Report>(
     host: &mut H,
     cycle: impl FnOnce(&mut H) -> HostResult<Option<R>>,
@@ -492,7 +526,9 @@ pub fn host_turn<H: Host + ?Sized, R: Report>(
             }
             Ok(Turn::Disconnected(why))
         }
-        Err(e) => Err(e.into_anyhow()),
+        Err(HostError::Other(e)) => Ok(Turn::Failed(format!("{e:#}"))),
+        Err(e @ HostError::Vanished(_)) => Ok(Turn::Failed(e.to_string())),
+        Err(e @ (HostError::Denied(_) | HostError::Unsupported(_))) => Err(e.into_anyhow()),
     }
 }
 

@@ -175,7 +175,8 @@ pub struct HostMemory {
 }
 
 /// Why a call to the host failed. The daemons act on the kind: a vanished domain is skipped, a
-/// lost connection is re-opened, an unsupported call is worked around, anything else is reported.
+/// lost connection is re-opened, an unsupported call is worked around, a refused one (lost rights)
+/// ends the daemon, anything else is retried with a growing delay.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// The domain stopped or was undefined since it was listed: a normal event on a live host.
@@ -188,6 +189,10 @@ pub enum HostError {
     /// This hypervisor driver does not offer the call (the message says which).
     #[error("{0}")]
     Unsupported(String),
+    /// The hypervisor refused the call for lack of rights (the message says which): the daemon's
+    /// user lost the permission it needs.
+    #[error("{0}")]
+    Denied(String),
     /// Any other failure, with what was being done.
     #[error(transparent)]
     Other(#[from] anyhow::Error),

@@ -122,18 +122,58 @@ fn the_memory_coordinator_reconnects_too() {
 }
 
 #[test]
-fn any_other_host_error_ends_the_loop_with_it() {
+fn an_error_that_may_pass_is_retried_with_backoff_and_the_state_is_kept() {
+    let mut host = SimHost::new(2);
+    host.add(1, &[(60.0, &[0]), (60.0, &[0])]);
+    host.add(2, &[(10.0, &[1])]);
+    let mut scheduler = Scheduler::new(CpuPolicy::default(), false);
+    let mut turns: Vec<Option<CpuReport>> = Vec::new();
+    let result = run_cycles("sim:///", options(3), || {
+        host.advance(PERIOD);
+        // Turns 2 to 4 fail as a read of the host does while libvirt restarts.
+        let failing = (1..4).contains(&turns.len());
+        let turn = host_turn(&mut host, |h| {
+            if failing {
+                return Err(anyhow::anyhow!(
+                    "reading the host's memory statistics: internal error"
+                )
+                .into());
+            }
+            scheduler.cycle(h)
+        })?;
+        turns.push(match &turn {
+            Turn::Report(r) => Some(r.clone()),
+            _ => None,
+        });
+        Ok(turn)
+    });
+    result.expect("an error that may pass does not end the daemon");
+    let shape: Vec<bool> = turns.iter().map(Option::is_some).collect();
+    assert_eq!(shape, [true, false, false, false, true, true]);
+    // The first sample was kept across the failures: the next cycle decides at once.
+    let after = turns[4].as_ref().unwrap();
+    assert_eq!(after.decision, Decision::Planned, "{after}");
+    assert_eq!(host.reconnects, 0);
+}
+
+#[test]
+fn a_refused_call_ends_the_loop_with_it() {
     let mut host = SimHost::new(1);
     host.add(1, &[(1.0, &[0])]);
     let result = run_cycles("sim:///", options(3), || {
         host_turn(
             &mut host,
             |_| -> vmbalance::host::HostResult<Option<CpuReport>> {
-                Err(anyhow::anyhow!("permission denied").into())
+                Err(vmbalance::host::HostError::Denied(
+                    "listing the active domains: access denied".into(),
+                ))
             },
         )
     });
     let err = result.unwrap_err();
-    assert_eq!(format!("{err:#}"), "permission denied");
+    assert_eq!(
+        format!("{err:#}"),
+        "listing the active domains: access denied"
+    );
     assert_eq!(host.reconnects, 0);
 }

@@ -281,11 +281,24 @@ impl LibvirtHost {
 
     /// A libvirt error as a [`HostError`] whose message is libvirt's own (without the code and
     /// domain numbers meant for developers) after `what` was being done: "no support" is
-    /// [`HostError::Unsupported`], any error on a connection that is no longer alive is
-    /// [`HostError::Disconnected`].
+    /// [`HostError::Unsupported`], "access denied" and its kin [`HostError::Denied`], any error on
+    /// a connection that is no longer alive is [`HostError::Disconnected`].
     fn error(&self, e: virt::error::Error, what: impl FnOnce() -> String) -> HostError {
-        if e.code().to_raw() == sys::VIR_ERR_NO_SUPPORT {
+        let code = e.code().to_raw();
+        if code == sys::VIR_ERR_NO_SUPPORT {
             HostError::Unsupported(format!("{}: {}", what(), e.message()))
+        } else if [
+            sys::VIR_ERR_ACCESS_DENIED,
+            sys::VIR_ERR_AUTH_FAILED,
+            sys::VIR_ERR_OPERATION_DENIED,
+        ]
+        .contains(&code)
+        {
+            HostError::Denied(format!(
+                "{}: {} (this user may no longer use libvirt: run as root or as a member of the 'libvirt' group)",
+                what(),
+                e.message()
+            ))
         } else if !self.is_connected() {
             HostError::Disconnected(e.message().to_string())
         } else {

@@ -50,6 +50,7 @@ pub struct Metrics {
     libvirt_calls: IntCounter,
     changes_skipped: IntCounter,
     disconnections: IntCounter,
+    cycle_failures: IntCounter,
     pcpu_usage: Series,
     pcpu_demand: Series,
     vcpu_usage: Series,
@@ -170,6 +171,11 @@ impl Metrics {
                 "vmbalance_disconnections_total",
                 "Cycles that found the libvirt connection down (each followed by a reconnection attempt).",
             ),
+            cycle_failures: counter(
+                &r,
+                "vmbalance_cycle_failures_total",
+                "Cycles that failed in a way that may pass (each followed by a later try, the daemon's state kept).",
+            ),
             pcpu_usage: Series::new(gauges(
                 &r,
                 "vmbalance_pcpu_usage_ratio",
@@ -260,6 +266,11 @@ impl Metrics {
     /// A cycle found the connection down.
     pub fn disconnected(&self) {
         self.disconnections.inc();
+    }
+
+    /// A cycle failed in a way that may pass.
+    pub fn cycle_failed(&self) {
+        self.cycle_failures.inc();
     }
 
     /// Show every reason of `family` from the start, at 0 until a change is made for it.
