@@ -69,6 +69,13 @@ pub struct CommonArgs {
     pub metrics_address: Option<SocketAddr>,
 }
 
+/// How long a libvirt call that may wait on one domain's QEMU is waited for, with `period`: half
+/// the period, at least 1 s (a busy host's QEMU may take a few hundred milliseconds) and at most
+/// 10 s. Past it the domain is skipped until it answers.
+pub fn call_deadline(period: Duration) -> Duration {
+    (period / 2).clamp(Duration::from_secs(1), Duration::from_secs(10))
+}
+
 /// A mistake in the command line found only once connected (say, a pCPU the host does not have):
 /// reported like a parse error, with exit status 2.
 #[derive(Debug, thiserror::Error)]
@@ -527,7 +534,7 @@ pub fn host_turn<H: Host + ?Sized, R: Report>(
             Ok(Turn::Disconnected(why))
         }
         Err(HostError::Other(e)) => Ok(Turn::Failed(format!("{e:#}"))),
-        Err(e @ HostError::Vanished(_)) => Ok(Turn::Failed(e.to_string())),
+        Err(e @ (HostError::Vanished(_) | HostError::Stuck(_))) => Ok(Turn::Failed(e.to_string())),
         Err(e @ (HostError::Denied(_) | HostError::Unsupported(_))) => Err(e.into_anyhow()),
     }
 }
@@ -614,6 +621,12 @@ impl StopSignal {
 
     /// True when a stop was requested, without sleeping.
     pub fn requested(&mut self) -> bool {
+        Self::stop_requested()
+    }
+
+    /// Was a stop requested (Ctrl-C, SIGTERM)? For waits outside the loop, such as a libvirt call
+    /// bounded in time, so that the daemon stops within a second whatever libvirt does.
+    pub fn stop_requested() -> bool {
         *STOP.stopped.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -182,6 +182,10 @@ pub enum HostError {
     /// The domain stopped or was undefined since it was listed: a normal event on a live host.
     #[error("domain {0} stopped or vanished")]
     Vanished(DomainId),
+    /// The domain did not answer in time (busy in a libvirt job, or its QEMU stopped or hung):
+    /// skipped until it does, the others going on.
+    #[error("domain {0} does not answer")]
+    Stuck(DomainId),
     /// The connection to the hypervisor is down (the message says why); [`Host::reconnect`] may
     /// bring it back.
     #[error("{0}")]
@@ -298,6 +302,12 @@ pub trait Host {
     /// the next sample reads it again: the operator changed something (SIGHUP).
     fn reload(&mut self) {}
 
+    /// The active domains left out of the last sample because they did not answer in time (busy
+    /// in a libvirt job, or their QEMU stopped or hung): the daemons keep what they know of them.
+    fn stuck_domains(&self) -> Vec<DomainRef> {
+        Vec::new()
+    }
+
     /// Hypervisor API calls made so far, for cost reports (0 where not counted).
     fn api_calls(&self) -> u64 {
         0
@@ -317,6 +327,10 @@ pub fn read_or_skip<T>(domain: &DomainRef, read: HostResult<T>) -> HostResult<Op
         Ok(value) => Ok(Some(value)),
         Err(HostError::Vanished(_)) => {
             log::debug!("domain {} stopped while being read; skipped", domain.name);
+            Ok(None)
+        }
+        Err(HostError::Stuck(_)) => {
+            log::debug!("domain {} does not answer; skipped", domain.name);
             Ok(None)
         }
         Err(e @ HostError::Disconnected(_)) => Err(e),
@@ -371,6 +385,10 @@ pub fn changed_or_skipped(domain: &str, what: &str, result: HostResult<()>) -> H
         Ok(()) => Ok(true),
         Err(HostError::Vanished(_)) => {
             log::debug!("domain {domain} stopped before {what}; skipped");
+            Ok(false)
+        }
+        Err(HostError::Stuck(_)) => {
+            log::debug!("domain {domain} does not answer; skipped");
             Ok(false)
         }
         Err(e @ HostError::Disconnected(_)) => Err(e),

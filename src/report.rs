@@ -242,6 +242,9 @@ pub struct CpuReport {
     pub decision_secs: Option<f64>,
     /// Pin changes skipped because the domain vanished or the call failed.
     pub skipped: usize,
+    /// Domains left out because they did not answer in time (busy in a libvirt job, or their
+    /// QEMU stopped or hung), by name.
+    pub not_answering: Vec<String>,
     /// libvirt calls the cycle made.
     pub libvirt_calls: u64,
     /// Pin changes in the plan (made or skipped).
@@ -270,6 +273,7 @@ impl Default for CpuReport {
             vcpu_lines: Vec::new(),
             decision_secs: None,
             skipped: 0,
+            not_answering: Vec::new(),
             libvirt_calls: 0,
             planned: 0,
             balanced: false,
@@ -296,6 +300,7 @@ impl CpuReport {
 impl fmt::Display for CpuReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} domains, {} vCPUs", self.domains, self.vcpus)?;
+        write_not_answering(f, &self.not_answering)?;
         if self.decision == Decision::FirstSample {
             return write!(f, "; first sample, usage from the next cycle");
         }
@@ -362,6 +367,14 @@ impl Report for CpuReport {
     fn set_api_calls(&mut self, calls: u64) {
         self.libvirt_calls = calls;
     }
+}
+
+/// The domains left out of a cycle because they did not answer, if any.
+fn write_not_answering(f: &mut fmt::Formatter<'_>, names: &[String]) -> fmt::Result {
+    if names.is_empty() {
+        return Ok(());
+    }
+    write!(f, "; not answering, skipped: {}", names.join(" "))
 }
 
 /// KiB as MiB.
@@ -442,6 +455,9 @@ pub struct MemReport {
     pub changes: Vec<ResizeLine>,
     /// Resizes skipped: domain vanished, call failed, or dropped for breaking a limit (rule 6).
     pub skipped: usize,
+    /// Domains left out because they did not answer in time, by name: each counts in the host's
+    /// budget at its max memory, as last known.
+    pub not_answering: Vec<String>,
     /// libvirt calls the cycle made.
     pub libvirt_calls: u64,
     /// How long deciding took (planning, not reading or applying), where a decision was made.
@@ -459,6 +475,7 @@ impl Default for MemReport {
             dry_run: false,
             changes: Vec::new(),
             skipped: 0,
+            not_answering: Vec::new(),
             libvirt_calls: 0,
             decision_secs: None,
         }
@@ -504,6 +521,7 @@ impl fmt::Display for MemReport {
         if self.without_balloon > 0 {
             write!(f, "; {} without balloon left alone", self.without_balloon)?;
         }
+        write_not_answering(f, &self.not_answering)?;
         if self.changes.is_empty() && self.skipped == 0 {
             return f.write_str("; no change");
         }

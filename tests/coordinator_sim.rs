@@ -713,3 +713,40 @@ fn a_guest_hiding_its_free_memory_cannot_enlarge_the_host_budget() {
     run(&mut host, &mut c, 10);
     assert!(host.domains[1].mem.resident >= 1000.0 * 1024.0 - 1.0);
 }
+
+#[test]
+fn a_guest_that_does_not_answer_stalls_no_other_and_counts_at_its_max() {
+    let mut host = tight_lab(1500, 2);
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 3);
+    // Guest 2's QEMU stops answering (stopped, or hung on its storage) while guest 1 grows.
+    let frozen = host.domains[1].id;
+    host.stuck.push(frozen);
+    host.domains[0].mem.work(20.0 * 1024.0, 1100 * MIB);
+    let mut grants = 0;
+    for _ in 0..60 {
+        let line = run(&mut host, &mut c, 1);
+        assert!(line.contains("not answering, skipped: dom2"), "{line}");
+        grants += line.matches("(starving:").count();
+        // While it does not answer it counts at its max, less what the host backs of it.
+        let report = c.cycle(&mut host).unwrap().unwrap();
+        let unbacked = report.host.unwrap().unbacked_mib;
+        assert!(
+            unbacked >= 1024.0,
+            "counted {unbacked} MiB for a 2 GiB guest backed at 1 GiB"
+        );
+    }
+    let hog = &host.domains[0].mem;
+    assert_eq!(hog.ooms, 0, "the hog ran out");
+    assert!(grants > 0, "the hog was never fed");
+    assert!(
+        hog.used >= 1100.0 * 1024.0 - 1.0,
+        "the hog got {} MiB",
+        hog.actual / MIB
+    );
+    // It answers again, its record kept: judged at once, not taken for a new guest.
+    host.stuck.clear();
+    let line = run(&mut host, &mut c, 1);
+    assert!(!line.contains("not answering"), "{line}");
+    assert!(!line.contains("dom2 1024 MiB free 0 waiting"), "{line}");
+}

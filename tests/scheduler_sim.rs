@@ -509,3 +509,28 @@ fn restore_leaves_alone_a_vcpu_pinned_by_someone_else_since() {
     assert_eq!(host.domains[moved[0]].vcpus[0].affinity, theirs);
     assert_eq!(host.domains[moved[1]].vcpus[0].affinity, [0]);
 }
+
+#[test]
+fn a_domain_that_does_not_answer_stalls_no_other() {
+    let mut host = SimHost::new(4);
+    for n in 1..=4 {
+        host.add(n, &[(90.0, &[0])]);
+    }
+    host.add(5, &[(10.0, &[0, 1, 2, 3])]);
+    // dom5's QEMU stops answering: the others are balanced as usual, and dom5 is left as it is.
+    host.stuck.push(vmbalance::host::DomainId([5; 16]));
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let changes = run(&mut host, &mut sched, 4);
+    assert_eq!(changes[..2], [0, 3], "{changes:?}");
+    let on: Vec<u32> = host.domains[..4]
+        .iter()
+        .map(|d| d.vcpus[0].affinity[0])
+        .collect();
+    let mut distinct = on.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "{on:?}");
+    assert_eq!(host.domains[4].vcpus[0].affinity, [0, 1, 2, 3]);
+    let report = sched.cycle(&mut host).unwrap().unwrap();
+    assert_eq!(report.not_answering, ["dom5"], "{report}");
+}

@@ -8,7 +8,9 @@ use anyhow::{Result, ensure};
 use clap::Parser;
 use log::info;
 use vmbalance::coordinator::Coordinator;
-use vmbalance::daemon::{CommonArgs, exit_with, parse_args, parse_non_negative, parse_period};
+use vmbalance::daemon::{
+    CommonArgs, StopSignal, call_deadline, exit_with, parse_args, parse_non_negative, parse_period,
+};
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::mem_plan::MemPolicy;
 
@@ -177,7 +179,8 @@ impl Args {
 
 fn run(args: Args, policy: MemPolicy) -> Result<()> {
     let uri = args.common.uri();
-    let mut host = LibvirtHost::connect(&uri)?;
+    let mut host = LibvirtHost::connect(&uri)?
+        .with_deadline(call_deadline(args.period), StopSignal::stop_requested);
     let mut coordinator =
         Coordinator::new(policy, args.common.dry_run).with_exclusions(args.common.exclusions());
     info!(

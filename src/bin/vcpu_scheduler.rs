@@ -8,8 +8,8 @@ use clap::Parser;
 use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{
-    CommonArgs, CpuList, UsageError, exit_with, parse_args, parse_cpus, parse_non_negative,
-    parse_period, parse_positive_count,
+    CommonArgs, CpuList, StopSignal, UsageError, call_deadline, exit_with, parse_args, parse_cpus,
+    parse_non_negative, parse_period, parse_positive_count,
 };
 use vmbalance::host::{Host, HostError};
 use vmbalance::libvirt::LibvirtHost;
@@ -87,7 +87,8 @@ fn check_pool(pool: &[u32], online: &[u32], uri: &str) -> Result<()> {
 
 fn run(args: Args) -> Result<()> {
     let uri = args.common.uri();
-    let mut host = LibvirtHost::connect(&uri)?;
+    let mut host = LibvirtHost::connect(&uri)?
+        .with_deadline(call_deadline(args.period), StopSignal::stop_requested);
     if let Some(CpuList(pool)) = &args.cpus {
         let online = host.node_cpus().map_err(HostError::into_anyhow)?.online;
         check_pool(pool, &online, &uri)?;
@@ -122,6 +123,8 @@ fn run(args: Args) -> Result<()> {
         .common
         .serve(&uri, args.period, &mut host, |host| scheduler.cycle(host));
     if args.restore_on_exit && !args.common.dry_run {
+        // Stopping: each restore is still waited for, up to the deadline.
+        host = host.with_deadline(call_deadline(args.period), || false);
         scheduler.restore(&mut host);
     }
     result

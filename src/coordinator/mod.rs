@@ -23,7 +23,7 @@ use crate::mem_plan::{
 use crate::report::{GuestLine, GuestState, HostLine, MemReport, ResizeLine, ResizeWhy, mib};
 use crate::sampling::{GuestMemory, MemoryHistory, MemoryReading};
 use crate::tracker::{Sight, Tracker};
-use record::{Followed, GuestRecord, Stats};
+use record::{Followed, GuestRecord, LastFigures, Stats};
 
 /// The report line of a guest: what it shows, and its state (or why it is left alone).
 fn guest_line(sample: &BalloonSample, state: GuestState) -> GuestLine {
@@ -106,7 +106,8 @@ impl Coordinator {
     /// Run one cycle. `Ok(None)` when the host has no active domain.
     pub fn cycle(&mut self, host: &mut dyn Host) -> HostResult<Option<MemReport>> {
         let samples = host.sample_balloons()?;
-        if samples.is_empty() {
+        let stuck = host.stuck_domains();
+        if samples.is_empty() && stuck.is_empty() {
             return Ok(None);
         }
         let host_memory = self.host_memory(host)?;
@@ -153,6 +154,15 @@ impl Coordinator {
             }
             names.insert(dom);
             report.guests.push(judged.line);
+        }
+        // A domain that does not answer keeps its record, and counts in the budget at its most
+        // cautious: all of its max memory the host did not back at its last read.
+        for dom in &stuck {
+            let (_, record) = self.guests.see(dom, GuestRecord::default);
+            if let Some(last) = record.followed.as_ref().and_then(|g| g.last_read) {
+                snapshot.unbacked_kib += at_max_kib(last.max_kib, last.rss_kib);
+            }
+            report.not_answering.push(dom.name.clone());
         }
         self.guests.end_cycle();
         if let Some(h) = &mut report.host {
@@ -249,6 +259,10 @@ impl Coordinator {
     /// that deflates on its own.
     fn classify(guest: &mut Followed, sample: &BalloonSample, policy: &MemPolicy) -> Judged {
         let (dom, stats) = (&sample.domain, &sample.stats);
+        guest.last_read = Some(LastFigures {
+            max_kib: stats.max_kib,
+            rss_kib: stats.rss_kib,
+        });
         let reading = guest.history.record(dom.id, sample.at, stats);
         let mut fresh = None;
         let mut trusted = !dom.autodeflate;

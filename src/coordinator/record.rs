@@ -60,6 +60,17 @@ pub struct Followed {
     pub ledger: GuestLedger,
     /// Told the operator its reports cannot be true (until one can again).
     pub implausible_said: bool,
+    /// The host's figures at its last read, for when it does not answer.
+    pub last_read: Option<LastFigures>,
+}
+
+/// The host's own figures of a guest at its last read.
+#[derive(Clone, Copy, Debug)]
+pub struct LastFigures {
+    /// Its max memory, KiB.
+    pub max_kib: u64,
+    /// What its QEMU process had resident, KiB, where reported.
+    pub rss_kib: Option<u64>,
 }
 
 impl Default for Followed {
@@ -70,6 +81,7 @@ impl Default for Followed {
             history: MemoryHistory::new(),
             ledger: GuestLedger::new(),
             implausible_said: false,
+            last_read: None,
         }
     }
 }

@@ -1,12 +1,16 @@
 //! The libvirt implementation of [`Host`]: the only code that talks to libvirt.
 
+mod bounded;
 mod events;
 mod raw;
+
+use bounded::{Bounded, Connections, Target};
 
 use raw::Definition;
 pub use raw::{cpu_map_len, cpus_in_map, map_of_cpus};
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use log::debug;
@@ -220,7 +224,16 @@ pub struct LibvirtHost {
     memory_source: MemorySource,
     /// What was learnt through the current connection.
     session: Session,
+    /// Calls that may wait on a domain's QEMU, bounded in time.
+    bounded: Bounded,
+    /// Is the daemon stopping? A bounded call stops waiting at once when it is.
+    stop: fn() -> bool,
+    /// The domains said to be stuck (not answering), by UUID, with their names.
+    stuck_said: HashMap<DomainId, String>,
 }
+
+/// How long a call that may wait on a domain's QEMU is waited for, by default.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
 
 impl LibvirtHost {
     /// Open a read-write connection to `uri`. libvirt's habit of printing every error to stderr is
@@ -241,6 +254,7 @@ impl LibvirtHost {
         // Events reach a connection only if the event loop was registered before it was opened.
         let event_loop = events::start_event_loop();
         let conn = open(uri)?;
+        let conn_for_calls = conn.clone();
         Ok(Self {
             conn,
             uri: uri.to_string(),
@@ -249,7 +263,54 @@ impl LibvirtHost {
             event_loop,
             memory_source: MemorySource::for_uri(uri),
             session: Session::default(),
+            bounded: {
+                let mut b = Bounded::new(DEFAULT_DEADLINE);
+                b.set_connections(Connections::for_uri(uri, &conn_for_calls));
+                b
+            },
+            stop: || false,
+            stuck_said: HashMap::new(),
         })
+    }
+
+    /// Wait at most `deadline` for a call that may wait on one domain's QEMU (its monitor, or a
+    /// job someone else holds): past it, the domain is skipped as stuck until the call returns.
+    /// `stop` tells whether the daemon is stopping, which ends any such wait at once.
+    pub fn with_deadline(mut self, deadline: Duration, stop: fn() -> bool) -> Self {
+        self.bounded.set_deadline(deadline);
+        self.stop = stop;
+        self
+    }
+
+    /// Say which domains became stuck, and which answer again, since the last time.
+    fn say_stuck(&mut self) {
+        let stuck = self.bounded.stuck_domains();
+        let deadline = self.bounded.deadline().as_secs_f64();
+        for id in &stuck {
+            if !self.stuck_said.contains_key(id) {
+                let name = self.name_of(id);
+                log::warn!(
+                    "domain {name} did not answer within {deadline:.1} s (busy in a libvirt job, or its QEMU is stopped or hung): it is skipped until it answers"
+                );
+                self.stuck_said.insert(*id, name);
+            }
+        }
+        self.stuck_said.retain(|id, name| {
+            let still = stuck.contains(id);
+            if !still {
+                log::info!("domain {name} answers again");
+            }
+            still
+        });
+    }
+
+    /// The name of domain `id`, from what is known of it, else its UUID.
+    fn name_of(&self, id: &DomainId) -> String {
+        self.session
+            .domains
+            .get(id)
+            .and_then(|d| d.name().ok())
+            .unwrap_or_else(|| id.to_string())
     }
 
     /// Which figure stands for the host's available memory, for the start-up line.
@@ -267,11 +328,11 @@ impl LibvirtHost {
         matches!(self.session.pin_events, PinEvents::Watched(_))
     }
 
-    /// Make `calls` libvirt calls with `op` on the connection, counting them: every libvirt call
-    /// goes through here.
-    fn counted<T>(&mut self, calls: u64, op: impl FnOnce(&Connect) -> T) -> T {
+    /// Make `calls` libvirt calls with `op` (on the connection, or bounded in time), counting
+    /// them: every libvirt call goes through here.
+    fn counted<T>(&mut self, calls: u64, op: impl FnOnce(&Self) -> T) -> T {
         self.calls += calls;
-        op(&self.conn)
+        op(self)
     }
 
     /// Is the connection to the libvirt daemon still up?
@@ -321,7 +382,7 @@ impl LibvirtHost {
         if let Some(dom) = self.session.domains.get(id) {
             return Ok(dom.clone());
         }
-        match self.counted(1, |c| c.lookup_domain_by_uuid_string(&id.to_string())) {
+        match self.counted(1, |h| h.conn.lookup_domain_by_uuid_string(&id.to_string())) {
             Ok(dom) => {
                 self.session.domains.insert(*id, dom.clone());
                 Ok(dom)
@@ -348,15 +409,50 @@ impl LibvirtHost {
         }
     }
 
+    /// Like [`LibvirtHost::on_domain`], for a call that may wait on the domain's QEMU (its monitor,
+    /// or a job someone else holds): it runs on a worker thread, waited for at most the deadline.
+    /// One that does not answer in time is [`HostError::Stuck`], and so is every call on the domain
+    /// until it answers.
+    fn on_domain_bounded<T: Send + 'static>(
+        &mut self,
+        id: &DomainId,
+        calls: u64,
+        what: impl FnOnce() -> String,
+        op: impl FnOnce(&Domain) -> Result<T, virt::error::Error> + Send + 'static,
+    ) -> HostResult<T> {
+        let uuid = id.to_string();
+        let stop = self.stop;
+        // The domain is looked up on the call's own connection (one call more).
+        let call = move |conn: &Connect| op(&conn.lookup_domain_by_uuid_string(&uuid)?);
+        let answer = self.counted(calls + 1, |h| {
+            h.bounded.run(Target::Domain(*id), stop, call)
+        });
+        match answer {
+            None => Err(HostError::Stuck(*id)),
+            Some(Ok(v)) => Ok(v),
+            Some(Err(e)) if is_vanished(&e) => Err(HostError::Vanished(*id)),
+            Some(Err(e)) => Err(self.error(e, what)),
+        }
+    }
+
     /// `virConnectGetAllDomainStats` for `groups`; `None` when the driver does not support it.
     /// vCPU times need no libvirt job, so they are read without waiting for domains busy in one
     /// (a stuck domain must not stall the host's cycle).
     fn bulk_stats(&mut self, groups: u32) -> HostResult<Option<Vec<raw::DomainStats>>> {
-        if self.session.no_bulk_stats {
+        // With a domain stuck, a bulk call would wait on it again: read domain by domain.
+        if self.session.no_bulk_stats || self.bounded.any_stuck() {
             return Ok(None);
         }
         let nowait = groups == sys::VIR_DOMAIN_STATS_VCPU;
-        match self.counted(1, |c| raw::all_domain_stats(c, groups, nowait)) {
+        let call = move |conn: &Connect| raw::all_domain_stats(conn, groups, nowait);
+        let Some(read) = self.counted(1, |h| h.bounded.run(Target::AllDomains, h.stop, call))
+        else {
+            log::debug!(
+                "the bulk statistics call did not answer in time: reading domain by domain"
+            );
+            return Ok(None);
+        };
+        match read {
             Ok(records) => Ok(Some(records)),
             Err(e) => match self.error(e, || "reading the statistics of all domains".into()) {
                 HostError::Unsupported(_) => {
@@ -413,14 +509,15 @@ impl LibvirtHost {
         if !self.event_loop {
             return;
         }
-        let qemu = self.counted(1, |c| {
-            c.driver_type()
+        let qemu = self.counted(1, |h| {
+            h.conn
+                .driver_type()
                 .is_ok_and(|t| t.eq_ignore_ascii_case("QEMU"))
         });
         if !qemu {
             return;
         }
-        match self.counted(1, events::PinWatch::register) {
+        match self.counted(1, |h| events::PinWatch::register(&h.conn)) {
             Ok(watch) => {
                 debug!("following vCPU pin changes through libvirt events");
                 self.session.pin_events = PinEvents::Watched(watch);
@@ -556,6 +653,15 @@ impl LibvirtHost {
         }
     }
 
+    /// After a bulk sample of the domains `sampled`: say which domains are stuck, and forget what
+    /// was learnt of the domains neither sampled nor stuck.
+    fn after_bulk_sample(&mut self, sampled: impl Iterator<Item = DomainId>) {
+        self.say_stuck();
+        let mut seen: std::collections::HashSet<DomainId> = sampled.collect();
+        seen.extend(self.bounded.stuck_domains());
+        self.forget_others(&seen);
+    }
+
     /// Forget what was learnt of domains not in `seen`.
     fn forget_others(&mut self, seen: &std::collections::HashSet<DomainId>) {
         let session = &mut self.session;
@@ -585,10 +691,13 @@ impl Host for LibvirtHost {
     /// One `virConnectGetAllDomainStats` call for every domain's vCPU times, plus the pins where
     /// they are not known; per-domain calls where the driver has no bulk statistics.
     fn sample_vcpus(&mut self) -> HostResult<Vec<VcpuSample>> {
+        let before = Instant::now();
         let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_VCPU)? else {
-            return vcpus_domain_by_domain(self);
+            let out = vcpus_domain_by_domain(self)?;
+            self.say_stuck();
+            return Ok(out);
         };
-        let at = std::time::Instant::now();
+        let at = midway(before);
         self.samples += 1;
         self.watch_pins();
         self.apply_pin_events();
@@ -640,18 +749,20 @@ impl Host for LibvirtHost {
                 out.push(VcpuSample { domain, vcpus, at });
             }
         }
-        let seen = out.iter().map(|s| s.domain.id).collect();
-        self.forget_others(&seen);
+        self.after_bulk_sample(out.iter().map(|s| s.domain.id));
         Ok(out)
     }
 
     /// One `virConnectGetAllDomainStats` call for every domain's balloon figures; per-domain calls
     /// where the driver has no bulk statistics.
     fn sample_balloons(&mut self) -> HostResult<Vec<BalloonSample>> {
+        let before = Instant::now();
         let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_BALLOON)? else {
-            return balloons_domain_by_domain(self);
+            let out = balloons_domain_by_domain(self)?;
+            self.say_stuck();
+            return Ok(out);
         };
-        let at = std::time::Instant::now();
+        let at = midway(before);
         let mut out = Vec::with_capacity(records.len());
         for rec in records {
             let Some(domain) = self.described(DomainId(rec.uuid), &rec.name, rec.id)? else {
@@ -677,15 +788,14 @@ impl Host for LibvirtHost {
                 out.push(BalloonSample { domain, stats, at });
             }
         }
-        let seen = out.iter().map(|s| s.domain.id).collect();
-        self.forget_others(&seen);
+        self.after_bulk_sample(out.iter().map(|s| s.domain.id));
         Ok(out)
     }
 
     fn active_domains(&mut self) -> HostResult<Vec<DomainRef>> {
         let flags = sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
         let listed = self
-            .counted(1, |c| c.list_all_domains(flags))
+            .counted(1, |h| h.conn.list_all_domains(flags))
             .map_err(|e| self.error(e, || format!("listing the active domains of {}", self.uri)))?;
         self.session.domains.clear();
         let mut out = Vec::with_capacity(listed.len());
@@ -731,13 +841,13 @@ impl Host for LibvirtHost {
     }
 
     fn node_cpus(&mut self) -> HostResult<NodeCpus> {
-        let cpus = match self.counted(1, raw::node_cpu_map) {
+        let cpus = match self.counted(1, |h| raw::node_cpu_map(&h.conn)) {
             Ok((present, online)) => NodeCpus { present, online },
             Err(e) => match self.error(e, || "reading the host's online CPUs".into()) {
                 HostError::Unsupported(_) => {
                     // Drivers without a CPU map: every CPU the node reports counts as online.
                     let info = self
-                        .counted(1, Connect::node_info)
+                        .counted(1, |h| h.conn.node_info())
                         .map_err(|e| self.error(e, || "reading the host's CPU count".into()))?;
                     NodeCpus {
                         present: info.cpus,
@@ -753,11 +863,12 @@ impl Host for LibvirtHost {
 
     fn set_affinity(&mut self, id: &DomainId, vcpu: u32, cpus: &[u32]) -> HostResult<()> {
         let map = map_of_cpus(cpus, self.present_cpus()?);
-        self.on_domain(
+        // Pinning takes the domain's job: bounded, in case someone else holds it.
+        self.on_domain_bounded(
             id,
             1,
             || format!("pinning vCPU {vcpu} of domain {id} to pCPUs {cpus:?}"),
-            |dom| dom.pin_vcpu(vcpu, &map),
+            move |dom| dom.pin_vcpu(vcpu, &map),
         )?;
         // Keep the known pins true to what we just set.
         if let Some(slot) = self
@@ -772,7 +883,7 @@ impl Host for LibvirtHost {
     }
 
     fn balloon_stats(&mut self, id: &DomainId) -> HostResult<BalloonStats> {
-        self.on_domain(
+        self.on_domain_bounded(
             id,
             2,
             || format!("reading the memory statistics of domain {id}"),
@@ -811,20 +922,20 @@ impl Host for LibvirtHost {
 
     fn enable_balloon_stats(&mut self, id: &DomainId, period_secs: u32) -> HostResult<()> {
         let period = i32::try_from(period_secs).unwrap_or(i32::MAX);
-        self.on_domain(
+        self.on_domain_bounded(
             id,
             1,
             || format!("setting the balloon statistics period of domain {id} (does it have a <memballoon> device?)"),
-            |dom| dom.set_memory_stats_period(period, sys::VIR_DOMAIN_AFFECT_LIVE),
+            move |dom| dom.set_memory_stats_period(period, sys::VIR_DOMAIN_AFFECT_LIVE),
         )
     }
 
     fn set_balloon(&mut self, id: &DomainId, kib: u64) -> HostResult<()> {
-        self.on_domain(
+        self.on_domain_bounded(
             id,
             1,
             || format!("setting the balloon of domain {id} to {kib} KiB"),
-            |dom| dom.set_memory_flags(kib, sys::VIR_DOMAIN_MEM_LIVE),
+            move |dom| dom.set_memory_flags(kib, sys::VIR_DOMAIN_MEM_LIVE),
         )
     }
 
@@ -836,7 +947,7 @@ impl Host for LibvirtHost {
         let mut known = self.session.node_memory_fields;
         let calls = if known > 0 { 1 } else { 2 };
         let fields = self
-            .counted(calls, |c| raw::node_memory_stats(c, &mut known))
+            .counted(calls, |h| raw::node_memory_stats(&h.conn, &mut known))
             .map_err(|e| self.error(e, || WHAT.into()))?;
         self.session.node_memory_fields = known;
         let get = |name: &str| fields.iter().find(|(f, _)| f == name).map(|&(_, v)| v);
@@ -856,6 +967,16 @@ impl Host for LibvirtHost {
         })
     }
 
+    fn stuck_domains(&self) -> Vec<DomainRef> {
+        self.stuck_said
+            .iter()
+            .filter_map(|(id, name)| {
+                let facts = self.session.facts.get(id)?;
+                Some(facts.describe(&DomainRef::new(*id, name)))
+            })
+            .collect()
+    }
+
     fn reload(&mut self) {
         self.session.facts.clear();
         self.session.pins.clear();
@@ -867,7 +988,7 @@ impl Host for LibvirtHost {
         if let Capabilities::Read(known) = &self.session.capabilities {
             return Ok(known.clone());
         }
-        let topology = match self.counted(1, Connect::capabilities) {
+        let topology = match self.counted(1, |h| h.conn.capabilities()) {
             Ok(xml) => Topology::from_capabilities(&xml),
             Err(e) => match self.error(e, || "reading the host's capabilities".into()) {
                 HostError::Unsupported(_) => None,
@@ -883,8 +1004,16 @@ impl Host for LibvirtHost {
     fn reconnect(&mut self) -> HostResult<()> {
         self.session = Session::default();
         self.conn = open(&self.uri).map_err(|e| HostError::Disconnected(format!("{e:#}")))?;
+        self.bounded
+            .set_connections(Connections::for_uri(&self.uri, &self.conn));
         Ok(())
     }
+}
+
+/// The instant midway between `before` and now: when a call that began at `before` and returned
+/// now read its figures, give or take half its length.
+fn midway(before: Instant) -> Instant {
+    before + before.elapsed() / 2
 }
 
 /// The vCPUs of one bulk record: `vcpu.N.time` for each online vCPU N below `max`, with the

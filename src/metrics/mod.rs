@@ -51,6 +51,7 @@ pub struct Metrics {
     changes_skipped: IntCounter,
     disconnections: IntCounter,
     cycle_failures: IntCounter,
+    not_answering: prometheus::IntGauge,
     pcpu_usage: Series,
     pcpu_demand: Series,
     vcpu_usage: Series,
@@ -176,6 +177,15 @@ impl Metrics {
                 "vmbalance_cycle_failures_total",
                 "Cycles that failed in a way that may pass (each followed by a later try, the daemon's state kept).",
             ),
+            not_answering: {
+                let g = prometheus::IntGauge::new(
+                    "vmbalance_domains_not_answering",
+                    "Domains left out of the last cycle because they did not answer in time (busy in a libvirt job, or their QEMU stopped or hung).",
+                )
+                .expect("a valid metric name");
+                r.register(Box::new(g.clone())).expect("registered once");
+                g
+            },
             pcpu_usage: Series::new(gauges(
                 &r,
                 "vmbalance_pcpu_usage_ratio",
@@ -283,6 +293,7 @@ impl Metrics {
     /// Export a vCPU scheduler cycle.
     pub fn export_cpu(&mut self, r: &CpuReport) {
         self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
+        self.not_answering.set(r.not_answering.len() as i64);
         let reasons: Vec<&str> = PinWhy::ALL.iter().map(|w| w.as_str()).collect();
         Self::every_reason(&self.pin_changes, &reasons);
         for m in &r.moves {
@@ -323,6 +334,7 @@ impl Metrics {
     /// Export a memory coordinator cycle.
     pub fn export_mem(&mut self, r: &MemReport) {
         self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
+        self.not_answering.set(r.not_answering.len() as i64);
         let reasons: Vec<&str> = ResizeWhy::ALL.iter().map(|w| w.as_str()).collect();
         Self::every_reason(&self.resizes, &reasons);
         for c in &r.changes {

@@ -11,6 +11,12 @@ use crate::host::{DomainId, VcpuInfo};
 /// Nanoseconds of CPU time per second that make one percent of one pCPU.
 const NS_PER_SEC_PER_PERCENT: f64 = 1e7;
 
+/// The most a vCPU's usage or demand can read, in percent of one pCPU: a vCPU thread is running,
+/// waiting to run or asleep, so neither exceeds 100 %; the margin allows for the instant a reading
+/// is stamped with. A figure over it says the interval is wrong (a read that stalled and was stamped
+/// long after the counters were read), and is not used.
+const MOST_PERCENT: f64 = 110.0;
+
 /// A vCPU across domains: domain UUID and vCPU number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VcpuKey {
@@ -233,6 +239,20 @@ impl CpuSampler {
             })
             .map(percent)
             .unzip();
+        // More than the interval allows: the interval is wrong; both series start again.
+        let impossible = |p: Option<f64>| p.is_some_and(|p| p > MOST_PERCENT);
+        let (usage, usage_swing, demand, demand_swing) = if impossible(usage) || impossible(demand)
+        {
+            log::debug!(
+                "vCPU{} of domain {domain}: {usage:?} % used, {demand:?} % wanted, more than the interval allows; not used",
+                v.number
+            );
+            history.usage.restart();
+            history.demand.restart();
+            (None, None, None, None)
+        } else {
+            (usage, usage_swing, demand, demand_swing)
+        };
         let online = |p: &u32| self.pcpus.binary_search(p).is_ok();
         let pinned = match v.affinity.as_slice() {
             [only] if online(only) => Some(*only),
@@ -453,5 +473,32 @@ mod tests {
             ..snap
         };
         assert_eq!(pcpu_demand(&without), None);
+    }
+
+    #[test]
+    fn a_figure_beyond_what_the_interval_allows_is_not_used() {
+        let mut h = Histories::new();
+        let t0 = Instant::now();
+        sample(&mut h, 1, &[0], t0, &[(1, &[vcpu(0, 0, 0, &[0])])]);
+        // 4 s of CPU time over a 1 s interval: a read stamped long after its counters were read.
+        let t1 = t0 + Duration::from_secs(1);
+        let snap = sample(
+            &mut h,
+            1,
+            &[0],
+            t1,
+            &[(1, &[vcpu(0, 4_000_000_000, 0, &[0])])],
+        );
+        assert_eq!(snap.vcpus[0].usage, None);
+        // The next interval is measured from that reading on.
+        let t2 = t1 + Duration::from_secs(1);
+        let snap = sample(
+            &mut h,
+            1,
+            &[0],
+            t2,
+            &[(1, &[vcpu(0, 4_500_000_000, 0, &[0])])],
+        );
+        assert!((snap.vcpus[0].usage.unwrap() - 50.0).abs() < 1e-9);
     }
 }

@@ -138,14 +138,22 @@ impl Scheduler {
         let started = host.now();
         let samples = host.sample_vcpus()?;
         let slow = self.sampling_was_slow(host.now().saturating_duration_since(started));
-        if samples.is_empty() {
+        let stuck = host.stuck_domains();
+        if samples.is_empty() && stuck.is_empty() {
             return Ok(None);
         }
         let mut report = CpuReport::new(self.dry_run);
         let mut names = DomainNames::default();
         let topology = host.topology()?;
         self.say_topology_once(&topology);
-        let snapshot = self.derive(&samples, &node.online, &topology, &mut report, &mut names);
+        let snapshot = self.derive(
+            &samples,
+            &stuck,
+            &node.online,
+            &topology,
+            &mut report,
+            &mut names,
+        );
         if self.cycles == 1 {
             return Ok(Some(report));
         }
@@ -173,11 +181,13 @@ impl Scheduler {
     }
 
     /// The snapshot of this cycle's `samples`: each vCPU's load (from the sampler) and allowed
-    /// set (rule 9), on a host whose online pCPUs are `online`. Counts domains and vCPUs in
+    /// set (rule 9), on a host whose online pCPUs are `online`; the records of the domains
+    /// `stuck` (not answering) are kept. Counts domains and vCPUs in
     /// `report` and their names in `names`.
     fn derive(
         &mut self,
         samples: &[VcpuSample],
+        stuck: &[DomainRef],
         online: &[u32],
         topology: &Option<Topology>,
         report: &mut CpuReport,
@@ -218,6 +228,11 @@ impl Scheduler {
             report.domains += 1;
             report.vcpus += sample.vcpus.len();
             names.insert(&sample.domain);
+        }
+        // Domains that do not answer are not read, but what is known of them is kept.
+        for domain in stuck {
+            self.domains.see(domain, DomainRecord::default);
+            report.not_answering.push(domain.name.clone());
         }
         self.domains.end_cycle();
         let mut snapshot = sampler.finish();

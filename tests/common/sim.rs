@@ -230,6 +230,22 @@ pub struct SimDomain {
     pub mem: SimMemory,
 }
 
+impl SimDomain {
+    /// The domain as the host lists it.
+    pub fn domain_ref(&self) -> DomainRef {
+        DomainRef {
+            id: self.id,
+            name: self.name.clone(),
+            opted_out: self.opted_out,
+            guaranteed_kib: self.guaranteed_kib,
+            memory_nodes: self.memory_nodes.clone(),
+            memory_held: self.memory_held,
+            autodeflate: self.mem.autodeflate,
+            run: Some(self.run),
+        }
+    }
+}
+
 /// The simulated host.
 pub struct SimHost {
     pub online: Vec<u32>,
@@ -237,6 +253,9 @@ pub struct SimHost {
     pub domains: Vec<SimDomain>,
     /// Domains that vanish right after the next listing (before they are read).
     pub vanish_after_listing: Vec<DomainId>,
+    /// Domains that do not answer (their QEMU stopped, or busy in a libvirt job): listed, but
+    /// every call on them is `HostError::Stuck`.
+    pub stuck: Vec<DomainId>,
     /// Number of pin calls that changed something.
     pub pins: usize,
     /// Host memory, KiB; guests take their balloon size from it.
@@ -280,6 +299,7 @@ impl SimHost {
             present: pcpus,
             domains: Vec::new(),
             vanish_after_listing: Vec::new(),
+            stuck: Vec::new(),
             pins: 0,
             host_total: 16 << 20,
             host_used: 1 << 20,
@@ -493,9 +513,12 @@ impl SimHost {
         }
     }
 
-    /// A running domain, or `HostError::Vanished`.
+    /// A running domain, or `HostError::Vanished` (`Stuck` for one that does not answer).
     fn running(&mut self, id: &DomainId) -> HostResult<&mut SimDomain> {
         self.up()?;
+        if self.stuck.contains(id) {
+            return Err(HostError::Stuck(*id));
+        }
         self.domains
             .iter_mut()
             .find(|d| d.id == *id)
@@ -506,24 +529,19 @@ impl SimHost {
 impl Host for SimHost {
     fn active_domains(&mut self) -> HostResult<Vec<DomainRef>> {
         self.up()?;
-        let listed = self
-            .domains
-            .iter()
-            .map(|d| DomainRef {
-                id: d.id,
-                name: d.name.clone(),
-                opted_out: d.opted_out,
-                guaranteed_kib: d.guaranteed_kib,
-                memory_nodes: d.memory_nodes.clone(),
-                memory_held: d.memory_held,
-                autodeflate: d.mem.autodeflate,
-                run: Some(d.run),
-            })
-            .collect();
+        let listed = self.domains.iter().map(SimDomain::domain_ref).collect();
         for gone in std::mem::take(&mut self.vanish_after_listing) {
             self.domains.retain(|d| d.id != gone);
         }
         Ok(listed)
+    }
+
+    fn stuck_domains(&self) -> Vec<DomainRef> {
+        self.domains
+            .iter()
+            .filter(|d| self.stuck.contains(&d.id))
+            .map(SimDomain::domain_ref)
+            .collect()
     }
 
     fn vcpus(&mut self, id: &DomainId) -> HostResult<Vec<VcpuInfo>> {

@@ -1,0 +1,262 @@
+//! Calls that may wait on one domain's QEMU, bounded in time.
+//!
+//! libvirt answers most calls at once, but a call that needs a domain's QEMU monitor (balloon
+//! statistics and resizes, and even bulk vCPU statistics, which refresh each vCPU's halted state)
+//! waits as long as that QEMU does not answer (stopped, or hung on its storage), and one that needs
+//! a domain's job waits up to 30 s for whoever holds it (a migration, a dump, or our own stuck
+//! call). [`Bounded`] runs such a call on a worker thread and waits for it at most a deadline. A
+//! call still running then is left to finish on its own, and what it waits on is *stuck* until it
+//! does: no other call is made on it meanwhile (each would only add a blocked thread), and a
+//! domain stuck is skipped by the daemons, said once, until it answers again.
+//!
+//! Each call runs on a connection of its own, taken from a pool ([`Connections`]) and given back
+//! when it returns: a call stuck in libvirt holds up every other call on its connection (measured
+//! on real guests: with one stuck call on the daemon's connection, the others took 5 to 20 s), so
+//! a stuck call keeps its connection to itself.
+
+use std::collections::HashSet;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+
+use crate::host::DomainId;
+
+/// Where bounded calls get a connection.
+#[derive(Clone)]
+pub enum Connections {
+    /// One shared connection: for libvirt's test driver, whose calls run in-process and never
+    /// wait, and whose `test:///FILE` hosts are private to each connection.
+    Shared(Connect),
+    /// A pool of connections to `uri`: each call takes an idle one, or opens one.
+    Pool {
+        uri: String,
+        idle: Arc<Mutex<Vec<Connect>>>,
+    },
+}
+
+impl Connections {
+    /// The connections for bounded calls to the host at `uri`, whose daemon connection is
+    /// `conn`.
+    pub fn for_uri(uri: &str, conn: &Connect) -> Self {
+        if uri.starts_with("test:") {
+            Connections::Shared(conn.clone())
+        } else {
+            Connections::Pool {
+                uri: uri.to_string(),
+                idle: Arc::default(),
+            }
+        }
+    }
+
+    /// A connection for one call: an idle one, else a new one.
+    fn take(&self) -> Result<Connect, virt::error::Error> {
+        match self {
+            Connections::Shared(conn) => Ok(conn.clone()),
+            Connections::Pool { uri, idle } => {
+                let taken = idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                match taken {
+                    Some(conn) => Ok(conn),
+                    None => Connect::open(Some(uri)),
+                }
+            }
+        }
+    }
+
+    /// Give `conn` back after a call that returned.
+    fn give_back(&self, conn: Connect) {
+        if let Connections::Pool { idle, .. } = self {
+            idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        }
+    }
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Connections::Shared(_) => f.write_str("Shared"),
+            Connections::Pool { uri, .. } => write!(f, "Pool({uri})"),
+        }
+    }
+}
+
+/// What a bounded call waits on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// One domain.
+    Domain(DomainId),
+    /// Every domain (a bulk statistics call).
+    AllDomains,
+}
+
+/// How often a wait looks whether the daemon was asked to stop.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// Runs calls on worker threads, each waited for at most a deadline.
+#[derive(Debug)]
+pub struct Bounded {
+    deadline: Duration,
+    /// Where each call gets its connection; `None` until the host is connected.
+    connections: Option<Connections>,
+    /// Targets with a call running: waited for, or past its deadline (stuck).
+    running: Arc<Mutex<HashSet<Target>>>,
+}
+
+impl Bounded {
+    /// Calls waited for at most `deadline` each.
+    pub fn new(deadline: Duration) -> Self {
+        Self {
+            deadline,
+            connections: None,
+            running: Arc::default(),
+        }
+    }
+
+    /// Make calls on `connections` from now on (a new connection to the host).
+    pub fn set_connections(&mut self, connections: Connections) {
+        self.connections = Some(connections);
+    }
+
+    /// The deadline of each call.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// Wait at most `deadline` for each call from now on.
+    pub fn set_deadline(&mut self, deadline: Duration) {
+        self.deadline = deadline;
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashSet<Target>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The domains a call is stuck on.
+    pub fn stuck_domains(&self) -> Vec<DomainId> {
+        let mut stuck: Vec<DomainId> = self
+            .running()
+            .iter()
+            .filter_map(|t| match t {
+                Target::Domain(id) => Some(*id),
+                Target::AllDomains => None,
+            })
+            .collect();
+        stuck.sort();
+        stuck
+    }
+
+    /// Is any call stuck?
+    pub fn any_stuck(&self) -> bool {
+        !self.running().is_empty()
+    }
+
+    /// Run `call` on `target` with a connection of its own, waiting at most the deadline (less
+    /// when `stop` says the daemon is stopping). `None` when it did not return in time, or
+    /// `target` is stuck already: the call is then left to finish on its own.
+    pub fn run<T: Send + 'static>(
+        &self,
+        target: Target,
+        stop: impl Fn() -> bool,
+        call: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
+    ) -> Option<Result<T, virt::error::Error>> {
+        let connections = self.connections.clone()?;
+        self.run_plain(target, stop, move || {
+            let conn = connections.take()?;
+            let out = call(&conn);
+            connections.give_back(conn);
+            out
+        })
+    }
+
+    /// Run `call` on `target` on a worker thread, waiting at most the deadline (see
+    /// [`Bounded::run`]).
+    fn run_plain<T: Send + 'static>(
+        &self,
+        target: Target,
+        stop: impl Fn() -> bool,
+        call: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        if !self.running().insert(target) {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel();
+        let running = Arc::clone(&self.running);
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-call".into())
+            .spawn(move || {
+                let value = call();
+                running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&target);
+                // The caller may have given up waiting: then the value is dropped.
+                let _ = tx.send(value);
+            });
+        if let Err(e) = spawned {
+            self.running().remove(&target);
+            log::warn!("cannot start a thread for a libvirt call ({e}); skipped");
+            return None;
+        }
+        let until = Instant::now() + self.deadline;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || stop() {
+                return None;
+            }
+            match rx.recv_timeout(left.min(STOP_CHECK)) {
+                Ok(value) => return Some(value),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: DomainId = DomainId([1; 16]);
+
+    #[test]
+    fn a_quick_call_returns_its_value() {
+        let b = Bounded::new(Duration::from_secs(5));
+        assert_eq!(b.run_plain(Target::Domain(ID), || false, || 7), Some(7));
+        assert!(!b.any_stuck());
+    }
+
+    #[test]
+    fn a_call_past_its_deadline_leaves_its_target_stuck_until_it_returns() {
+        let b = Bounded::new(Duration::from_millis(50));
+        let (release, held) = mpsc::channel::<()>();
+        let started = Instant::now();
+        let out = b.run_plain(Target::Domain(ID), || false, move || held.recv().is_ok());
+        assert_eq!(out, None);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(b.stuck_domains(), [ID]);
+        // No second call is made on a stuck target; others go on.
+        assert_eq!(b.run_plain(Target::Domain(ID), || false, || 1), None);
+        assert_eq!(b.run_plain(Target::AllDomains, || false, || 2), Some(2));
+        // Once the stuck call returns, the target answers again.
+        release.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while b.any_stuck() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(b.run_plain(Target::Domain(ID), || false, || 3), Some(3));
+    }
+
+    #[test]
+    fn a_stop_request_ends_the_wait_at_once() {
+        let b = Bounded::new(Duration::from_secs(60));
+        let started = Instant::now();
+        let out = b.run_plain(
+            Target::AllDomains,
+            || started.elapsed() > Duration::from_millis(200),
+            || std::thread::sleep(Duration::from_secs(5)),
+        );
+        assert_eq!(out, None);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+}
