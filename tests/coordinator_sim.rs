@@ -750,3 +750,20 @@ fn a_guest_that_does_not_answer_stalls_no_other_and_counts_at_its_max() {
     assert!(!line.contains("not answering"), "{line}");
     assert!(!line.contains("dom2 1024 MiB free 0 waiting"), "{line}");
 }
+
+#[test]
+fn a_guest_busy_when_its_statistics_are_switched_on_is_armed_once_it_answers() {
+    // Setting guest 2's statistics period does not answer in time for 3 cycles (a job holds the
+    // domain): it is tried again, not taken for a guest without a balloon.
+    let mut host = lab();
+    let busy = host.domains[1].id;
+    host.stuck_on_stats_period.push(busy);
+    let mut c = Coordinator::new(policy(), false);
+    let line = run(&mut host, &mut c, 3);
+    assert!(!line.contains("without balloon"), "{line}");
+    assert_eq!(host.domains[1].mem.stats_period, 0);
+    host.stuck_on_stats_period.clear();
+    let line = run(&mut host, &mut c, 1);
+    assert!(!line.contains("without balloon"), "{line}");
+    assert_eq!(host.domains[1].mem.stats_period, 1);
+}

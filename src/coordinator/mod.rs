@@ -241,7 +241,8 @@ impl Coordinator {
                 guest.stats = Stats::On { stale_cycles: 0 };
                 Ok(true)
             }
-            Err(HostError::Vanished(_)) => Ok(false),
+            // Gone, or busy for now: tried again next cycle.
+            Err(HostError::Vanished(_) | HostError::Stuck(_)) => Ok(false),
             Err(e @ HostError::Disconnected(_)) => Err(e),
             Err(e) => {
                 warn!("domain {}: {e:#}; it is left alone", dom.name);

@@ -256,6 +256,9 @@ pub struct SimHost {
     /// Domains that do not answer (their QEMU stopped, or busy in a libvirt job): listed, but
     /// every call on them is `HostError::Stuck`.
     pub stuck: Vec<DomainId>,
+    /// Domains whose statistics period cannot be set in time (busy in a libvirt job), though
+    /// they are read as usual.
+    pub stuck_on_stats_period: Vec<DomainId>,
     /// Number of pin calls that changed something.
     pub pins: usize,
     /// Host memory, KiB; guests take their balloon size from it.
@@ -300,6 +303,7 @@ impl SimHost {
             domains: Vec::new(),
             vanish_after_listing: Vec::new(),
             stuck: Vec::new(),
+            stuck_on_stats_period: Vec::new(),
             pins: 0,
             host_total: 16 << 20,
             host_used: 1 << 20,
@@ -617,6 +621,9 @@ impl Host for SimHost {
     }
 
     fn enable_balloon_stats(&mut self, id: &DomainId, period: u32) -> HostResult<()> {
+        if self.stuck_on_stats_period.contains(id) {
+            return Err(HostError::Stuck(*id));
+        }
         let d = self.running(id)?;
         if !d.mem.balloon {
             return Err(anyhow::anyhow!("No memory balloon device configured").into());
