@@ -97,25 +97,25 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Bounded {
     deadline: Duration,
-    /// Where each call gets its connection; `None` until the host is connected.
-    connections: Option<Connections>,
+    /// Where each call gets its connection.
+    connections: Connections,
     /// Targets with a call running: waited for, or past its deadline (stuck).
     running: Arc<Mutex<HashSet<Target>>>,
 }
 
 impl Bounded {
-    /// Calls waited for at most `deadline` each.
-    pub fn new(deadline: Duration) -> Self {
+    /// Calls on `connections`, each waited for at most `deadline`.
+    pub fn new(deadline: Duration, connections: Connections) -> Self {
         Self {
             deadline,
-            connections: None,
+            connections,
             running: Arc::default(),
         }
     }
 
     /// Make calls on `connections` from now on (a new connection to the host).
     pub fn set_connections(&mut self, connections: Connections) {
-        self.connections = Some(connections);
+        self.connections = connections;
     }
 
     /// The deadline of each call.
@@ -160,7 +160,7 @@ impl Bounded {
         stop: impl Fn() -> bool,
         call: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
     ) -> Option<Result<T, virt::error::Error>> {
-        let connections = self.connections.clone()?;
+        let connections = self.connections.clone();
         self.run_plain(target, stop, move || {
             let conn = connections.take()?;
             let out = call(&conn);
@@ -219,16 +219,25 @@ mod tests {
 
     const ID: DomainId = DomainId([1; 16]);
 
+    /// Calls waited for at most `deadline`, on libvirt's test driver.
+    fn bounded(deadline: Duration) -> Bounded {
+        let conn = Connect::open(Some("test:///default")).expect("the test driver opens");
+        Bounded::new(deadline, Connections::for_uri("test:///default", &conn))
+    }
+
     #[test]
     fn a_quick_call_returns_its_value() {
-        let b = Bounded::new(Duration::from_secs(5));
+        let b = bounded(Duration::from_secs(5));
         assert_eq!(b.run_plain(Target::Domain(ID), || false, || 7), Some(7));
         assert!(!b.any_stuck());
+        // A call with a connection of its own, on the test driver.
+        let listed = b.run(Target::AllDomains, || false, |c| c.list_all_domains(0));
+        assert_eq!(listed.map(|r| r.map(|l| l.len())), Some(Ok(1)));
     }
 
     #[test]
     fn a_call_past_its_deadline_leaves_its_target_stuck_until_it_returns() {
-        let b = Bounded::new(Duration::from_millis(50));
+        let b = bounded(Duration::from_millis(50));
         let (release, held) = mpsc::channel::<()>();
         let started = Instant::now();
         let out = b.run_plain(Target::Domain(ID), || false, move || held.recv().is_ok());
@@ -249,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_stop_request_ends_the_wait_at_once() {
-        let b = Bounded::new(Duration::from_secs(60));
+        let b = bounded(Duration::from_secs(60));
         let started = Instant::now();
         let out = b.run_plain(
             Target::AllDomains,

@@ -48,17 +48,6 @@ enum ConfiguredPins {
     Pinned(Vec<Vec<u32>>),
 }
 
-impl ConfiguredPins {
-    /// The affinities, where known: `None` unread, `Some(None)` for a transient domain.
-    fn known(&self) -> Option<Option<Vec<Vec<u32>>>> {
-        match self {
-            ConfiguredPins::Unread => None,
-            ConfiguredPins::Transient => Some(None),
-            ConfiguredPins::Pinned(pins) => Some(Some(pins.clone())),
-        }
-    }
-}
-
 /// What is read once per run of a domain (its domain ID): whether it asks to be left alone, what
 /// its XML says of its memory, and its configured vCPU affinity.
 struct DomainFacts {
@@ -254,7 +243,7 @@ impl LibvirtHost {
         // Events reach a connection only if the event loop was registered before it was opened.
         let event_loop = events::start_event_loop();
         let conn = open(uri)?;
-        let conn_for_calls = conn.clone();
+        let bounded = Bounded::new(DEFAULT_DEADLINE, Connections::for_uri(uri, &conn));
         Ok(Self {
             conn,
             uri: uri.to_string(),
@@ -263,11 +252,7 @@ impl LibvirtHost {
             event_loop,
             memory_source: MemorySource::for_uri(uri),
             session: Session::default(),
-            bounded: {
-                let mut b = Bounded::new(DEFAULT_DEADLINE);
-                b.set_connections(Connections::for_uri(uri, &conn_for_calls));
-                b
-            },
+            bounded,
             stop: || false,
             stuck_said: HashMap::new(),
         })
@@ -435,9 +420,10 @@ impl LibvirtHost {
         }
     }
 
-    /// `virConnectGetAllDomainStats` for `groups`; `None` when the driver does not support it.
-    /// vCPU times need no libvirt job, so they are read without waiting for domains busy in one
-    /// (a stuck domain must not stall the host's cycle).
+    /// `virConnectGetAllDomainStats` for `groups`, bounded in time; `None` when the driver does not
+    /// support it, when it did not answer in time, or while a domain is stuck (the caller then
+    /// reads domain by domain). vCPU times are read without waiting for domains busy in a job
+    /// (`NOWAIT`), which does not keep the call from waiting on a QEMU nobody else holds.
     fn bulk_stats(&mut self, groups: u32) -> HostResult<Option<Vec<raw::DomainStats>>> {
         // With a domain stuck, a bulk call would wait on it again: read domain by domain.
         if self.session.no_bulk_stats || self.bounded.any_stuck() {
@@ -609,8 +595,10 @@ impl LibvirtHost {
         run: u32,
         nvcpus: u32,
     ) -> HostResult<Option<Vec<Vec<u32>>>> {
-        if let Some(known) = self.facts(id, run)?.configured.known() {
-            return Ok(known);
+        match &self.facts(id, run)?.configured {
+            ConfiguredPins::Transient => return Ok(None),
+            ConfiguredPins::Pinned(pins) => return Ok(Some(pins.clone())),
+            ConfiguredPins::Unread => {}
         }
         let present = self.present_cpus()?;
         let persistent = self.on_domain(
@@ -620,18 +608,19 @@ impl LibvirtHost {
             |dom| dom.is_persistent(),
         )?;
         let configured = if persistent {
-            ConfiguredPins::Pinned(self.on_domain(
+            Some(self.on_domain(
                 id,
                 1,
                 || format!("reading the configured vCPU pins of domain {id}"),
                 |dom| raw::vcpu_pin_info(dom, nvcpus, present, Definition::Config),
             )?)
         } else {
-            ConfiguredPins::Transient
+            None
         };
-        let known = configured.known().expect("just read");
-        self.facts(id, run)?.configured = configured;
-        Ok(known)
+        self.facts(id, run)?.configured = configured
+            .clone()
+            .map_or(ConfiguredPins::Transient, ConfiguredPins::Pinned);
+        Ok(configured)
     }
 
     /// Keep the known pins true to the real affinity `vcpus` report, saying when it differs (a
