@@ -283,10 +283,18 @@ impl Metrics {
         self.cycle_failures.inc();
     }
 
-    /// Show every reason of `family` from the start, at 0 until a change is made for it.
-    fn every_reason(family: &IntCounterVec, reasons: &[&str]) {
-        for reason in reasons {
+    /// Count in `family` a change for each reason in `made`, every reason of `all` shown from
+    /// the start (at 0 until a change is made for it).
+    fn count_changes(
+        family: &IntCounterVec,
+        all: impl IntoIterator<Item = &'static str>,
+        made: impl IntoIterator<Item = &'static str>,
+    ) {
+        for reason in all {
             family.with_label_values(&[reason]);
+        }
+        for reason in made {
+            family.with_label_values(&[reason]).inc();
         }
     }
 
@@ -294,11 +302,11 @@ impl Metrics {
     pub fn export_cpu(&mut self, r: &CpuReport) {
         self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
         self.not_answering.set(r.not_answering.len() as i64);
-        let reasons: Vec<&str> = PinWhy::ALL.iter().map(|w| w.as_str()).collect();
-        Self::every_reason(&self.pin_changes, &reasons);
-        for m in &r.moves {
-            self.pin_changes.with_label_values(&[m.why.as_str()]).inc();
-        }
+        Self::count_changes(
+            &self.pin_changes,
+            PinWhy::ALL.iter().map(|w| w.as_str()),
+            r.moves.iter().map(|m| m.why.as_str()),
+        );
         for p in &r.pcpus {
             let pcpu = p.pcpu.to_string();
             self.pcpu_usage.set(&[&pcpu], p.usage / 100.0);
@@ -335,11 +343,11 @@ impl Metrics {
     pub fn export_mem(&mut self, r: &MemReport) {
         self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
         self.not_answering.set(r.not_answering.len() as i64);
-        let reasons: Vec<&str> = ResizeWhy::ALL.iter().map(|w| w.as_str()).collect();
-        Self::every_reason(&self.resizes, &reasons);
-        for c in &r.changes {
-            self.resizes.with_label_values(&[c.why.as_str()]).inc();
-        }
+        Self::count_changes(
+            &self.resizes,
+            ResizeWhy::ALL.iter().map(|w| w.as_str()),
+            r.changes.iter().map(|c| c.why.as_str()),
+        );
         for g in &r.guests {
             let uuid = g.uuid.to_string();
             let labels = [g.domain.as_str(), &uuid];
