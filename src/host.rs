@@ -165,13 +165,40 @@ impl BalloonStats {
 }
 
 /// The host's memory, summed over all NUMA cells, in KiB.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HostMemory {
     /// Physical memory.
     pub total_kib: u64,
     /// Memory the host can give: what the kernel can hand out (the host's MemAvailable where it
     /// is known, see the libvirt layer), not memory merely cached or shared.
     pub available_kib: u64,
+    /// The share of the last 10 s some task on the host stalled waiting for memory, in % (the
+    /// kernel's pressure stall information, `some avg10` of `/proc/pressure/memory`), where the
+    /// host is this machine and its kernel reports it.
+    pub stalled_pct: Option<f64>,
+}
+
+impl HostMemory {
+    /// `total_kib` of memory, `available_kib` of it available, pressure unknown.
+    pub fn new(total_kib: u64, available_kib: u64) -> Self {
+        Self {
+            total_kib,
+            available_kib,
+            stalled_pct: None,
+        }
+    }
+}
+
+/// One NUMA node's memory, KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeMemory {
+    /// The node (libvirt's cell id).
+    pub node: u32,
+    /// Its physical memory.
+    pub total_kib: u64,
+    /// What it has free (the node's MemFree: page cache the kernel could reclaim is not counted,
+    /// which errs on the safe side).
+    pub free_kib: u64,
 }
 
 /// Why a call to the host failed. The daemons act on the kind: a vanished domain is skipped, a
@@ -293,6 +320,12 @@ pub trait Host {
     /// The host's total and available memory over all NUMA cells ([`HostError::Unsupported`]
     /// when the driver cannot tell).
     fn host_memory(&mut self) -> HostResult<HostMemory>;
+
+    /// Each NUMA node's memory, on a host of two nodes or more (empty on one node, where
+    /// [`Host::host_memory`] says it all, and where the driver cannot tell).
+    fn node_memory(&mut self) -> HostResult<Vec<NodeMemory>> {
+        Ok(Vec::new())
+    }
 
     /// Open the connection to the hypervisor again after [`HostError::Disconnected`]. What the
     /// host learnt through the old connection is forgotten; the daemons' own state is not here.

@@ -15,7 +15,8 @@
 //!    a fast hog has no time to wait for the percentage); **wasting** when free memory is over
 //!    `waste_pct` % and it is not consuming, and it stays wasting, while it does not consume,
 //!    until it is brought down to where a shrink stops (rule 5), so a guest is not left just
-//!    under the waste line; **balanced** otherwise ([`MemPolicy::status`]).
+//!    under the waste line (a guest already there is not wasting, whatever its free share);
+//!    **balanced** otherwise ([`MemPolicy::status`]).
 //! 3. **Feeding.** Each starving guest wants what it lacks to still have, after two periods of
 //!    consumption, its *headroom*. A resized guest is decided on again as soon as a report shows
 //!    its balloon's new size: one period later when the report read then was taken after the
@@ -34,26 +35,33 @@
 //!    the budget, in later cycles.
 //! 4. **Returning.** With nobody starving (a guest behind its last grant does not count), wasting
 //!    guests give a fraction of their excess back to the host each cycle (all of it, step-capped,
-//!    while the host is under its reserve). In
-//!    host-pressure mode (`host_target_pct`) wasting guests give memory back (rules 3 and 4)
-//!    only while the host's available memory is under that % of its total.
+//!    while the host is *pressed*: under its reserve, or its tasks stalled on memory for
+//!    `host_stall_pct` % of the last 10 s, the kernel's pressure stall information, read where
+//!    the host is this machine). In host-pressure mode (`host_target_pct`) wasting guests give
+//!    memory back (rules 3 and 4) only while the host's available memory is under that % of its
+//!    total, or it is pressed.
 //! 5. **Shrink floor.** A shrinking guest keeps enough memory to have `target_free_pct` % of it
 //!    free (by default mid-way between starving and wasting), so a guest that was shrunk is
-//!    balanced, not starving, the next cycle; and never less than its hard floor (rule 6).
+//!    balanced, not starving, the next cycle, and at least `cushion_kib` free, so a burst (a
+//!    service starting) lives on it until the next reports show it and it is fed; and never less
+//!    than its hard floor (rule 6).
 //! 6. **Hard limits.** Never below the hard floor: `min_guest_kib`, what the guest uses plus
 //!    `min_step_kib`, and the minimum its metadata guarantees it; never above the guest's max
 //!    memory; never more than `max_step_kib` of change per guest per cycle; never granting more
 //!    than the host's budget: its available memory, minus `host_reserve_pct` % of its total,
 //!    minus what guests may still make it back (what they hold free: every page a guest never
-//!    touched is free in it, and it may touch it at any time; see [`crate::ledger`]). Memory a
+//!    touched is free in it, and it may touch it at any time; see [`crate::ledger`]); and, to a
+//!    guest whose memory is strictly bound to NUMA nodes, never more than those nodes' budget:
+//!    their free memory, minus `host_reserve_pct` % of theirs, minus what the guests bound to
+//!    them may still make them back (shared in proportion to the grants when short). Memory a
 //!    shrink frees on the host counts only once the host's own figure shows it. Every plan is
 //!    checked against these before it is applied ([`safe_part`]): a change that breaks one is
 //!    dropped and said, never the whole plan, so one guest cannot stop the others being fed.
 
 use std::cmp::Reverse;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::host::{DomainId, HostMemory};
+use crate::host::{DomainId, HostMemory, NodeMemory};
 use crate::sampling::GuestMemory;
 
 const MIB: u64 = 1024;
@@ -67,11 +75,17 @@ pub struct MemPolicy {
     pub waste_pct: f64,
     /// A shrink stops where the guest has this % of its balloon free (rule 5).
     pub target_free_pct: f64,
+    /// A shrink stops where the guest has at least this much free, KiB: the cushion a burst
+    /// lives on until the coordinator sees it (rule 5).
+    pub cushion_kib: u64,
     /// The host keeps at least this % of its memory available.
     pub host_reserve_pct: f64,
     /// Host-pressure mode: wasting guests give memory back only while the host has less than this
     /// % of its memory available (rule 4). `None`: always.
     pub host_target_pct: Option<f64>,
+    /// The host is pressed when its tasks stalled on memory at least this % of the last 10 s
+    /// (its PSI `some avg10`), whatever it has available (rule 4).
+    pub host_stall_pct: f64,
     /// No guest is shrunk below this.
     pub min_guest_kib: u64,
     /// A guest whose used memory grows faster than this, in KiB/s, is consuming.
@@ -98,8 +112,10 @@ impl MemPolicy {
         starve_pct: 15.0,
         waste_pct: 50.0,
         target_free_pct: 32.5,
+        cushion_kib: 256 * MIB,
         host_reserve_pct: 5.0,
         host_target_pct: None,
+        host_stall_pct: 10.0,
         min_guest_kib: 50 * MIB,
         consuming_kib_s: 1024.0,
         min_step_kib: 32 * MIB,
@@ -167,9 +183,25 @@ pub struct MemSnapshot {
     /// ([`crate::ledger::GuestLedger::unbacked_kib`]). The host may have to back it at any time, so it
     /// is not in the budget.
     pub unbacked_kib: u64,
+    /// Each NUMA node's memory, on a host of two nodes or more (empty: one budget for all).
+    pub nodes: Vec<NodeMemory>,
+    /// The NUMA nodes each guest's memory is strictly bound to, for the guests bound.
+    pub bound: HashMap<DomainId, Vec<u32>>,
+    /// What the guests bound to each node may still make it back, KiB (a guest bound to several
+    /// nodes counts on each: it may touch any of them).
+    pub node_unbacked_kib: HashMap<u32, u64>,
 }
 
 impl MemSnapshot {
+    /// Count `kib` that a domain whose memory is bound to `memory_nodes` (if it is) may still
+    /// make the host back: against the host's budget, and against that of each of those nodes.
+    pub fn add_unbacked(&mut self, memory_nodes: Option<&[u32]>, kib: u64) {
+        self.unbacked_kib += kib;
+        for &node in memory_nodes.unwrap_or_default() {
+            *self.node_unbacked_kib.entry(node).or_default() += kib;
+        }
+    }
+
     /// The standing of guest `id`.
     pub fn standing(&self, id: &DomainId) -> Standing {
         self.standing.get(id).copied().unwrap_or_default()
@@ -212,10 +244,10 @@ impl MemPolicy {
         let free = g.free_pct();
         let runway_secs = g.free_kib as f64 / g.rate_kib_s.max(f64::MIN_POSITIVE);
         let short = free < self.starve_pct || runway_secs < self.runway_periods * self.period_secs;
-        let still_reclaiming = standing.reclaiming && self.excess_kib(g, standing) >= MIB;
+        let has_excess = self.excess_kib(g, standing) >= MIB;
         if consuming && short {
             MemStatus::Starving
-        } else if !consuming && (free > self.waste_pct || still_reclaiming) {
+        } else if !consuming && has_excess && (free > self.waste_pct || standing.reclaiming) {
             MemStatus::Wasting
         } else {
             MemStatus::Balanced
@@ -230,11 +262,14 @@ impl MemPolicy {
             .max(standing.guaranteed_kib)
     }
 
-    /// The size a shrink stops at (rule 5): above the hard floor, with `target_free_pct` % free.
+    /// The size a shrink stops at (rule 5): above the hard floor, with `target_free_pct` % free
+    /// and the burst cushion free.
     pub fn keep_kib(&self, g: &GuestMemory, standing: &Standing) -> u64 {
         let free_frac = (self.target_free_pct / 100.0).clamp(0.0, 0.95);
         let comfortable = (g.used_kib() as f64 / (1.0 - free_frac)).ceil() as u64;
-        self.hard_floor_kib(g, standing).max(comfortable)
+        self.hard_floor_kib(g, standing)
+            .max(comfortable)
+            .max(g.used_kib().saturating_add(self.cushion_kib))
     }
 
     /// What a guest holds above the size a shrink stops at.
@@ -252,20 +287,35 @@ impl MemPolicy {
         })
     }
 
+    /// What NUMA node `n` can grant the guests bound to it (rule 6): its free memory above its
+    /// share of the reserve, minus `unbacked_kib`, what the guests bound to it may still touch.
+    pub fn node_budget_kib(&self, n: &NodeMemory, unbacked_kib: u64) -> u64 {
+        let reserve = (n.total_kib as f64 * self.host_reserve_pct / 100.0).ceil() as u64;
+        n.free_kib
+            .saturating_sub(reserve)
+            .saturating_sub(unbacked_kib)
+    }
+
     /// The host memory kept available: `host_reserve_pct` % of its total.
     pub fn reserve_kib(&self, h: HostMemory) -> u64 {
         (h.total_kib as f64 * self.host_reserve_pct / 100.0).ceil() as u64
     }
 
     /// May wasting guests give memory back now (rule 4)? Always, except in host-pressure mode
-    /// while the host has its target available (or its memory is unknown).
+    /// while the host has its target available and is not pressed (or its memory is unknown).
     fn reclaims(&self, host: Option<HostMemory>) -> bool {
         match self.host_target_pct {
             None => true,
-            Some(pct) => {
-                host.is_some_and(|h| (h.available_kib as f64) < h.total_kib as f64 * pct / 100.0)
-            }
+            Some(pct) => host.is_some_and(|h| {
+                (h.available_kib as f64) < h.total_kib as f64 * pct / 100.0 || self.pressed(h)
+            }),
         }
+    }
+
+    /// Is the host pressed (rule 4): under its reserve, or its tasks stalling on memory?
+    pub fn pressed(&self, h: HostMemory) -> bool {
+        h.available_kib < self.reserve_kib(h)
+            || h.stalled_pct.is_some_and(|pct| pct >= self.host_stall_pct)
     }
 }
 
@@ -357,18 +407,99 @@ fn feed(snapshot: &MemSnapshot, starving: &[usize], policy: &MemPolicy, target: 
         .collect();
     let asked: u64 = wants.iter().map(|&(_, w)| w).sum();
     let budget = policy.host_budget_kib(snapshot.host, snapshot.unbacked_kib);
-    let mut granted = 0;
+    let mut shares = vec![0; guests.len()];
     for &(i, want) in &wants {
-        let share = if asked <= budget {
+        shares[i] = if asked <= budget {
             want
         } else {
-            // Rounded down, so the shares never add up to more than the budget.
-            (u128::from(budget) * u128::from(want) / u128::from(asked)) as u64
+            share_of(budget, want, asked)
         };
-        target[i] += share;
-        granted += share;
     }
-    Fed { asked, granted }
+    within_nodes(snapshot, policy, &mut shares);
+    for (t, share) in target.iter_mut().zip(&shares) {
+        *t += share;
+    }
+    Fed {
+        asked,
+        granted: shares.iter().sum(),
+    }
+}
+
+/// `want`'s share of `budget` when `asked` in all cannot be paid: rounded down, so the shares
+/// never add up to more than the budget.
+fn share_of(budget: u64, want: u64, asked: u64) -> u64 {
+    (u128::from(budget) * u128::from(want) / u128::from(asked.max(1))) as u64
+}
+
+/// Rule 6 for guests strictly bound to NUMA nodes: cut `grants` (KiB, by index of
+/// `snapshot.guests`) so that the guests bound to the same nodes get no more in all than those
+/// nodes' budget, shared in proportion to their grants when short. Groups are served in order of
+/// their node sets, each taking from its first node first. A node the snapshot does not describe
+/// grants nothing; a snapshot with no nodes leaves the grants alone.
+fn within_nodes(snapshot: &MemSnapshot, policy: &MemPolicy, grants: &mut [u64]) {
+    if snapshot.nodes.is_empty() {
+        return;
+    }
+    let mut left: BTreeMap<u32, u64> = snapshot
+        .nodes
+        .iter()
+        .map(|n| {
+            let unbacked = snapshot.node_unbacked_kib.get(&n.node).copied();
+            (n.node, policy.node_budget_kib(n, unbacked.unwrap_or(0)))
+        })
+        .collect();
+    let mut groups: BTreeMap<&[u32], Vec<usize>> = BTreeMap::new();
+    for (i, g) in snapshot.guests.iter().enumerate() {
+        if let Some(nodes) = snapshot.bound.get(&g.id).filter(|_| grants[i] > 0) {
+            groups.entry(nodes.as_slice()).or_default().push(i);
+        }
+    }
+    for (nodes, members) in groups {
+        let cap: u64 = nodes.iter().filter_map(|n| left.get(n)).sum();
+        let asked: u64 = members.iter().map(|&i| grants[i]).sum();
+        if asked > cap {
+            for &i in &members {
+                grants[i] = share_of(cap, grants[i], asked);
+            }
+        }
+        let mut take: u64 = members.iter().map(|&i| grants[i]).sum();
+        for n in nodes {
+            if let Some(l) = left.get_mut(n) {
+                let t = take.min(*l);
+                *l -= t;
+                take -= t;
+            }
+        }
+    }
+}
+
+/// The changes among `changes` whose grant goes beyond what the NUMA nodes their guests are bound
+/// to can spare (rule 6), by index in `changes`.
+fn beyond_nodes(
+    snapshot: &MemSnapshot,
+    policy: &MemPolicy,
+    changes: &[BalloonChange],
+) -> Vec<usize> {
+    let index: HashMap<DomainId, usize> = snapshot
+        .guests
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (g.id, i))
+        .collect();
+    let mut grants = vec![0; snapshot.guests.len()];
+    for c in changes.iter().filter(|c| !c.shrinks()) {
+        if let Some(&i) = index.get(&c.id) {
+            grants[i] = c.to_kib - c.from_kib;
+        }
+    }
+    let asked = grants.clone();
+    within_nodes(snapshot, policy, &mut grants);
+    changes
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| index.get(&c.id).is_some_and(|&i| grants[i] < asked[i]))
+        .map(|(k, _)| k)
+        .collect()
 }
 
 /// Rule 3: what starving guest `g` wants this cycle: enough that, after two periods of
@@ -397,7 +528,7 @@ fn take_back(givers: &[(usize, u64)], asked: u64, target: &mut [u64]) -> u64 {
 }
 
 /// Rule 4: shrink each giver's `target` by a share of its excess (all of it while the host is
-/// under its reserve), at least one minimum step, at most what it can give. Returns what goes
+/// pressed), at least one minimum step, at most what it can give. Returns what goes
 /// back to the host, KiB.
 fn return_to_host(
     snapshot: &MemSnapshot,
@@ -405,10 +536,7 @@ fn return_to_host(
     policy: &MemPolicy,
     target: &mut [u64],
 ) -> u64 {
-    let host_short = snapshot
-        .host
-        .is_some_and(|h| h.available_kib < policy.reserve_kib(h));
-    let fraction = if host_short {
+    let fraction = if snapshot.host.is_some_and(|h| policy.pressed(h)) {
         1.0
     } else {
         policy.return_fraction
@@ -497,7 +625,22 @@ pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) ->
             "grants {granted} KiB, but the host can spare {budget} KiB above its reserve and what guests may still touch"
         ));
     }
+    for k in beyond_nodes(snapshot, policy, &plan.changes) {
+        found.push(beyond_nodes_said(snapshot, &plan.changes[k]));
+    }
     found
+}
+
+/// What is said of change `c`, a grant beyond what its guest's NUMA nodes can spare.
+fn beyond_nodes_said(snapshot: &MemSnapshot, c: &BalloonChange) -> String {
+    let nodes = snapshot.bound.get(&c.id).map_or(String::new(), |n| {
+        n.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+    });
+    format!(
+        "{}: a grant of {} KiB, beyond what NUMA node {nodes} (its memory's binding) can spare above its share of the reserve",
+        c.id,
+        c.to_kib - c.from_kib
+    )
 }
 
 /// Rule 6 applied: `plan` without the changes that break a hard limit for `snapshot`, and one line
@@ -532,6 +675,12 @@ pub fn safe_part(
             c.id,
             c.to_kib - c.from_kib
         ));
+    }
+    let beyond = beyond_nodes(snapshot, policy, &plan.changes);
+    for &k in beyond.iter().rev() {
+        let c = plan.changes.remove(k);
+        granted -= c.to_kib - c.from_kib;
+        dropped.push(beyond_nodes_said(snapshot, &c));
     }
     plan.from_host_kib = granted;
     plan.to_host_kib = plan

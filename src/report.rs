@@ -398,6 +398,9 @@ pub struct HostLine {
     /// back, MiB: not counted as the host's to give.
     #[serde(serialize_with = "rounded")]
     pub unbacked_mib: f64,
+    /// The share of the last 10 s the host's tasks stalled on memory, in % (its PSI), where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_pct: Option<f64>,
 }
 
 /// How one guest stood in a memory coordinator cycle.
@@ -504,6 +507,9 @@ impl fmt::Display for MemReport {
                 if h.unbacked_mib >= 1.0 {
                     write!(f, ", guests may still touch {:.0}", h.unbacked_mib)?;
                 }
+                if let Some(pct) = h.stalled_pct.filter(|&p| p >= 1.0) {
+                    write!(f, ", stalled on memory {pct:.0} % of the last 10 s")?;
+                }
                 f.write_str(")")?
             }
             None => f.write_str("host memory unknown")?,
@@ -577,6 +583,7 @@ mod tests {
                 available_mib: 512.34,
                 reserve_mib: 50.0,
                 unbacked_mib: 64.0,
+                stalled_pct: Some(12.5),
             }),
             guests: vec![GuestLine {
                 domain: "g".into(),
@@ -597,12 +604,13 @@ mod tests {
         };
         assert_eq!(
             report.to_string(),
-            "host available 512/1000 MiB (reserve 50, guests may still touch 64); g 300 MiB free 40 rate +10.6 MiB/s STARVING; resized 1: g 300->350 MiB (starving: 13% free, +10.6 MiB/s)"
+            "host available 512/1000 MiB (reserve 50, guests may still touch 64, stalled on memory 12 % of the last 10 s); g 300 MiB free 40 rate +10.6 MiB/s STARVING; resized 1: g 300->350 MiB (starving: 13% free, +10.6 MiB/s)"
         );
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["daemon"], "memory_coordinator");
         assert_eq!(json["host"]["available_mib"], 512.3);
         assert_eq!(json["host"]["unbacked_mib"], 64.0);
+        assert_eq!(json["host"]["stalled_pct"], 12.5);
         assert_eq!(json["guests"][0]["free_mib"], 40.1);
         assert_eq!(json["changes"][0]["to_mib"], 350.0);
         assert_eq!(json["changes"][0]["why"], "starving");

@@ -28,6 +28,8 @@ pub struct Topology {
     pub cpus: BTreeMap<u32, CpuPlace>,
     /// Each NUMA node's pCPUs, sorted (worked out once: the scheduler asks for every vCPU).
     by_node: BTreeMap<u32, Vec<u32>>,
+    /// Each NUMA node's memory, KiB, where the capabilities say (`<cell><memory unit='KiB'>`).
+    memory_kib: BTreeMap<u32, u64>,
 }
 
 impl Topology {
@@ -36,11 +38,20 @@ impl Topology {
     pub fn from_capabilities(xml: &str) -> Option<Self> {
         let doc = roxmltree::Document::parse(xml).ok()?;
         let mut cpus = BTreeMap::new();
+        let mut memory_kib = BTreeMap::new();
         let cells = doc.descendants().filter(|n| {
             n.has_tag_name("cell") && n.parent().is_some_and(|p| p.has_tag_name("cells"))
         });
         for cell in cells {
             let node: u32 = cell.attribute("id")?.parse().ok()?;
+            let memory = cell
+                .children()
+                .find(|n| n.has_tag_name("memory"))
+                .filter(|m| m.attribute("unit").is_none_or(|u| u == "KiB"))
+                .and_then(|m| m.text()?.trim().parse::<u64>().ok());
+            if let Some(kib) = memory {
+                memory_kib.insert(node, kib);
+            }
             for cpu in cell.descendants().filter(|n| n.has_tag_name("cpu")) {
                 let id: u32 = cpu.attribute("id")?.parse().ok()?;
                 let number = |name: &str| cpu.attribute(name).and_then(|v| v.parse().ok());
@@ -63,7 +74,16 @@ impl Topology {
         for (&cpu, place) in &cpus {
             by_node.entry(place.node).or_default().push(cpu);
         }
-        Some(Self { cpus, by_node })
+        Some(Self {
+            cpus,
+            by_node,
+            memory_kib,
+        })
+    }
+
+    /// The memory of NUMA node `node`, KiB, where the capabilities say.
+    pub fn node_memory_kib(&self, node: u32) -> Option<u64> {
+        self.memory_kib.get(&node).copied()
     }
 
     /// The NUMA node of pCPU `cpu`, where known.

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::sim::{SimHost, SimMemory};
+use common::sim::{SimDomain, SimHost, SimMemory};
 use vmbalance::coordinator::Coordinator;
 use vmbalance::mem_plan::MemPolicy;
 
@@ -450,7 +450,12 @@ fn a_guest_whose_reports_show_its_resizes_at_once_is_fed_every_cycle() {
 #[test]
 fn idle_guests_settle_at_their_target_free_share_and_stay_there() {
     let mut host = lab();
-    let mut c = Coordinator::new(policy(), false);
+    // No cushion: the share alone says where they stop.
+    let no_cushion = MemPolicy {
+        cushion_kib: 0,
+        ..policy()
+    };
+    let mut c = Coordinator::new(no_cushion, false);
     let mut sizes = Vec::new();
     for _ in 0..200 {
         run(&mut host, &mut c, 1);
@@ -510,11 +515,24 @@ mod traces {
         NothingFree,
         /// It reports more free than its max.
         FreeOverMax,
+        /// Honest, but its balloon deflates on its own when it runs short (deflate-on-oom).
+        Autodeflate,
     }
 
     /// One guest: (balloon MiB, headroom to max MiB, used MiB, guarantee MiB, frees nothing,
-    /// how it lies, workloads: (start cycle, rate MiB/s, goal MiB)).
-    type GuestSpec = (u64, u64, u64, u64, bool, Lie, Vec<(usize, f64, u64)>);
+    /// how it lies, workloads: (start cycle, rate MiB/s, goal MiB), cycles it does not answer
+    /// (first, count), the NUMA node its memory is bound to).
+    type GuestSpec = (
+        u64,
+        u64,
+        u64,
+        u64,
+        bool,
+        Lie,
+        Vec<(usize, f64, u64)>,
+        Option<(usize, usize)>,
+        Option<u32>,
+    );
 
     fn lie() -> impl Strategy<Value = Lie> {
         prop_oneof![
@@ -523,6 +541,7 @@ mod traces {
             1 => Just(Lie::ActualOverMax),
             1 => Just(Lie::NothingFree),
             1 => Just(Lie::FreeOverMax),
+            1 => Just(Lie::Autodeflate),
         ]
     }
 
@@ -535,9 +554,22 @@ mod traces {
             prop::bool::weighted(0.15),
             lie(),
             prop::collection::vec((0usize..60, -80.0f64..80.0, 50u64..3000), 0..4),
+            // Stuck once it has been read (a domain never read is not known to the daemon).
+            prop::option::weighted(0.2, (3usize..70, 1usize..20)),
+            prop::option::weighted(0.4, 0u32..2),
         )
             .prop_map(
-                |(actual, headroom, used_pct, guarantee, frees_nothing, lies, work)| {
+                |(
+                    actual,
+                    headroom,
+                    used_pct,
+                    guarantee,
+                    frees_nothing,
+                    lies,
+                    work,
+                    stuck,
+                    node,
+                )| {
                     let used = (actual * used_pct / 100).max(40);
                     (
                         actual,
@@ -547,6 +579,8 @@ mod traces {
                         frees_nothing,
                         lies,
                         work,
+                        stuck,
+                        node,
                     )
                 },
             )
@@ -564,7 +598,7 @@ mod traces {
             let (guests, touched_pct): (Vec<GuestSpec>, Vec<u64>) = guests.into_iter().unzip();
             let mut host = SimHost::new(2);
             host.host_total = 32768 * MIB;
-            for (n, (actual, headroom, used, guarantee, frees_nothing, lies, _)) in
+            for (n, (actual, headroom, used, guarantee, frees_nothing, lies, _, _, node)) in
                 guests.iter().enumerate()
             {
                 let mut mem = SimMemory::new(actual * MIB, (actual + headroom) * MIB, used * MIB);
@@ -576,23 +610,47 @@ mod traces {
                     Lie::ActualOverMax => mem.claims_actual = Some(4 * max),
                     Lie::NothingFree => mem.claims_free = Some(0),
                     Lie::FreeOverMax => mem.claims_free = Some(4 * max),
+                    Lie::Autodeflate => mem.autodeflate = true,
                 }
                 host.add_guest(n as u8 + 1, mem);
                 host.domains[n].guaranteed_kib = guarantee * MIB;
+                host.domains[n].memory_nodes = node.map(|n| vec![n]);
             }
             for (d, pct) in host.domains.iter_mut().zip(&touched_pct) {
                 let m = &mut d.mem;
                 m.resident = m.used + (m.actual as f64 - m.used) * *pct as f64 / 100.0;
             }
-            // The host can back every guest's whole balloon, and has `spare_mib` more above its
-            // reserve.
-            let untouched: u64 = host
-                .domains
-                .iter()
-                .map(|d| d.mem.actual - d.mem.resident as u64)
-                .sum();
+            // The host can back every guest's whole balloon (all of its max where it deflates on
+            // its own), and has `spare_mib` more above its reserve.
+            let untouched = |d: &SimDomain| {
+                let most = if d.mem.autodeflate { d.mem.max } else { d.mem.actual };
+                most - d.mem.resident as u64
+            };
+            let all_untouched: u64 = host.domains.iter().map(untouched).sum();
             host.host_used = 0;
-            host.host_used = host.host_free() - reserve(&host) - untouched - spare_mib * MIB;
+            host.host_used = host.host_free() - reserve(&host) - all_untouched - spare_mib * MIB;
+            // Two NUMA nodes, each able to back the whole balloons of the guests bound to it
+            // above its 5 % share of the reserve, with `spare_mib` (node 0) or twice that (node
+            // 1) more.
+            host.mem_nodes = (0..2u32)
+                .map(|node| {
+                    let bound: u64 = host
+                        .domains
+                        .iter()
+                        .filter(|d| d.memory_nodes == Some(vec![node]))
+                        .map(|d| d.mem.resident as u64 + untouched(d))
+                        .sum();
+                    let others = 512 * MIB;
+                    let spare = u64::from(node + 1) * spare_mib * MIB;
+                    let total = ((others + bound + spare) as f64 / 0.95).ceil() as u64 + MIB;
+                    (node, total, others)
+                })
+                .collect();
+            let node_reserve: Vec<u64> = host
+                .mem_nodes
+                .iter()
+                .map(|&(_, total, _)| (total as f64 * 0.05).ceil() as u64)
+                .collect();
             let floors: Vec<u64> = host
                 .domains
                 .iter()
@@ -607,6 +665,15 @@ mod traces {
                         }
                     }
                 }
+                host.stuck = host
+                    .domains
+                    .iter()
+                    .zip(&guests)
+                    .filter(|(_, spec)| {
+                        spec.7.is_some_and(|(from, len)| (from..from + len).contains(&cycle))
+                    })
+                    .map(|(d, _)| d.id)
+                    .collect();
                 host.advance(PERIOD);
                 let report = c.cycle(&mut host).unwrap().expect("guests run");
                 // No change is ever dropped for breaking a limit, whatever the liars say.
@@ -616,6 +683,13 @@ mod traces {
                     "cycle {}: host down to {} MiB, reserve {} MiB",
                     cycle, host.host_low / MIB, reserve(&host) / MIB
                 );
+                for (node, low) in &host.node_low {
+                    prop_assert!(
+                        *low >= node_reserve[*node as usize],
+                        "cycle {}: node {} down to {} MiB, its reserve {} MiB",
+                        cycle, node, low / MIB, node_reserve[*node as usize] / MIB
+                    );
+                }
                 for (d, floor) in host.domains.iter().zip(&floors) {
                     prop_assert!(d.mem.actual <= d.mem.max, "{} over its max", d.name);
                     prop_assert!(d.mem.actual >= *floor, "{} under its floor", d.name);
@@ -766,4 +840,75 @@ fn a_guest_busy_when_its_statistics_are_switched_on_is_armed_once_it_answers() {
     let line = run(&mut host, &mut c, 1);
     assert!(!line.contains("without balloon"), "{line}");
     assert_eq!(host.domains[1].mem.stats_period, 1);
+}
+
+/// A host of two NUMA nodes (16 GiB in all): node 0 has 4 GiB, 3000 MiB of it taken by others;
+/// node 1 has 12 GiB, 500 MiB taken. Guest 1's memory is bound to node 0, guest 2's to node 1;
+/// both start at 512 of 2048 MiB using 200, then allocate 20 MiB/s up to 1500.
+fn two_node_host(reports_nodes: bool) -> SimHost {
+    let mut host = SimHost::new(2);
+    host.host_total = 16384 * MIB;
+    host.host_used = 3500 * MIB;
+    host.mem_nodes = vec![(0, 4096 * MIB, 3000 * MIB), (1, 12288 * MIB, 500 * MIB)];
+    host.reports_nodes = reports_nodes;
+    for (n, node) in [(1, 0), (2, 1)] {
+        host.add_guest(n, SimMemory::new(512 * MIB, 2048 * MIB, 200 * MIB));
+        host.domains[usize::from(n) - 1].memory_nodes = Some(vec![node]);
+    }
+    host
+}
+
+#[test]
+fn a_guest_bound_to_a_nearly_full_numa_node_is_never_fed_past_that_nodes_reserve() {
+    let node_reserve = |total_mib: u64| (total_mib as f64 * 1024.0 * 0.05).ceil() as u64;
+    // Guest 1's largest balloon.
+    let grow = |host: &mut SimHost| {
+        let mut c = Coordinator::new(policy(), false);
+        run(host, &mut c, 4);
+        for d in &mut host.domains {
+            d.mem.work(20.0 * 1024.0, 1500 * MIB);
+        }
+        (0..80)
+            .map(|_| {
+                run(host, &mut c, 1);
+                host.domains[0].mem.actual
+            })
+            .max()
+            .unwrap()
+    };
+    let mut host = two_node_host(true);
+    let peak = grow(&mut host);
+    let low0 = host.node_low[&0];
+    eprintln!(
+        "node 0 low {} MiB (reserve {}), guest 1 peaked at {} MiB, guest 2 at {} MiB",
+        low0 / MIB,
+        node_reserve(4096) / MIB,
+        peak / MIB,
+        host.domains[1].mem.actual / MIB
+    );
+    // Node 0 keeps its share of the reserve; the guest bound to it gets what node 0 can spare
+    // (node 0's 1096 MiB less its 205 MiB reserve) and runs out inside itself, not the node.
+    // Node 1's guest is fed in full.
+    assert!(
+        low0 >= node_reserve(4096),
+        "node 0 fell to {} MiB",
+        low0 / MIB
+    );
+    assert!(
+        peak > 800 * MIB,
+        "guest 1 was fed what node 0 had: {} MiB",
+        peak / MIB
+    );
+    assert!(host.domains[0].mem.ooms >= 1);
+    assert_eq!(host.domains[1].mem.ooms, 0);
+    assert!(host.domains[1].mem.used >= 1500.0 * 1024.0 - 1.0);
+    // Blind to the nodes, the coordinator feeds guest 1 from the host's whole budget, and node
+    // 0 runs out.
+    let mut blind = two_node_host(false);
+    grow(&mut blind);
+    assert!(
+        blind.node_low[&0] < node_reserve(4096),
+        "{:?}",
+        blind.node_low
+    );
 }

@@ -118,7 +118,10 @@ fn the_memory_coordinator_reconnects_too() {
     assert_eq!(turn, 5, "3 cycles and 2 turns without a connection");
     assert_eq!(host.reconnects, 2);
     // Statistics were switched on (at first sight, before the connection dropped).
-    assert_eq!(host.domains[0].mem.stats_period, 3);
+    assert_eq!(
+        host.domains[0].mem.stats_period,
+        vmbalance::coordinator::STATS_PERIOD_SECS
+    );
 }
 
 #[test]

@@ -465,7 +465,8 @@ fn coordinator_feeds_a_hog_shrinks_idle_guests_and_returns_memory_to_the_host() 
             .map(|(_, s, _)| s[i + 1])
             .min()
             .unwrap();
-        assert!(min < 400, "{idle} never shrank (min {min} MiB)");
+        // Down to what it uses (about 160 MiB) and its 256 MiB cushion.
+        assert!(min < 450, "{idle} never shrank (min {min} MiB)");
         // The floor, and what the guest uses, hold.
         assert!(min >= 50, "{idle} under the floor: {min} MiB");
         let (actual, unused, _) = balloon(idle);
@@ -652,15 +653,17 @@ fn coordinator_keeps_the_footprint_small_idle_guests_at_their_target_and_a_hog_f
     for (i, n) in names.iter().enumerate().skip(1) {
         let low = lowest_avail(&run, i);
         assert!(low >= 25.0, "{n} fell to {low:.1} % available");
-        let end = avail_pct(last[i]);
+        // Its target: the 256 MiB cushion, more than its 32.5 % share of about 240 MiB.
+        let end = last[i].1;
         assert!(
-            (27.5..=37.5).contains(&end),
-            "{n} ended at {end:.1} % available, not its 32.5 % target"
+            (240..=300).contains(&end),
+            "{n} ended with {end} MiB available, not its 256 MiB cushion"
         );
     }
     // The hog is lent what it needs, no more (the idle guests' part is their target, asserted
-    // above). Measured (BENCHMARKS.md): 1604-1652 MiB in all at the end, 1885 before targets and
-    // need-sized grants; the issue hoped for 1600.
+    // above). Measured (BENCHMARKS.md): 1604-1652 MiB in all at the end without the cushion,
+    // 1885 before targets and need-sized grants; the issue hoped for 1600. The cushion costs
+    // about 180 MiB per idle guest here.
     assert_lent_no_more_than_needed(&reports, "hog", last[0]);
     assert!(!log.contains("breaks a limit"), "{log}");
     // The metrics: each guest's balloon gauge is its size, every resize counted by reason.
@@ -1156,4 +1159,67 @@ fn scheduler_balances_the_others_while_a_guests_qemu_is_stopped() {
             assert!(usage <= 2.0 * 110.0, "{pcpu} in {r}");
         }
     }
+}
+
+/// The largest amount workload `name` held, from its console: `reached N` or its last
+/// `holding N` line.
+fn largest_held_mib(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| {
+            l.split("workload: reached ")
+                .nth(1)
+                .or_else(|| l.split("workload: holding ").nth(1))
+        })
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn a_service_starting_in_a_guest_shrunk_to_its_target_is_not_oom_killed() {
+    // An idle guest of 512 MiB is shrunk to its target by `memory_coordinator 3` (defaults);
+    // then a service starts in it and allocates 600 MiB at 50 MiB/s. Before the cushion, such a
+    // guest held 79 MiB free and was OOM-killed 52 MiB into a 250 MiB burst. Other bursts can be
+    // measured the same way, e.g. VMB_E2E_BURST="100 600" (MiB/s, MiB).
+    let burst = std::env::var("VMB_E2E_BURST").unwrap_or_else(|_| "50 600".into());
+    let (rate, size) = burst
+        .split_once(' ')
+        .expect("VMB_E2E_BURST is \"RATE_MIB_S SIZE_MIB\"");
+    let lab = Lab::guests(&[guest_spec("bursty")]);
+    let mut d = Daemon::start(COORDINATOR, &["3"]);
+    d.wait_cycles(4, Duration::from_secs(60));
+    // Settled: the same balloon size over four reads 3 s apart.
+    let start = Instant::now();
+    let mut sizes: Vec<u64> = Vec::new();
+    while start.elapsed() < Duration::from_secs(180) {
+        sizes.push(balloon("bursty").0);
+        if sizes.len() >= 4 && sizes[sizes.len() - 4..].windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let (settled, _, usable) = balloon("bursty");
+    let usable = usable.unwrap_or(0);
+    lab.send("bursty", &format!("mem {rate} {size} 0"));
+    let run = sample_memory(&["bursty"], Duration::from_secs(1), Duration::from_secs(30));
+    let Ended { code, log, .. } = d.stop();
+    eprintln!("{log}");
+    print_memory_run(&["bursty"], &run);
+    let console = lab.console("bursty");
+    let held = largest_held_mib(&console);
+    eprintln!(
+        "settled at {} MiB with {} MiB available (of 512 before); a burst at {rate} MiB/s held {held} of {size} MiB; lowest available {:.1} %",
+        settled / MIB,
+        usable / MIB,
+        lowest_avail(&run, 0)
+    );
+    assert_eq!(code, Some(0));
+    assert!(settled < 512 * MIB, "never shrunk: {sizes:?}");
+    assert_no_oom(&lab, "bursty");
+    assert!(
+        console.contains(&format!("workload: reached {size} MiB")),
+        "{console}"
+    );
 }

@@ -297,3 +297,54 @@ fn a_transient_domain_restarted_under_the_same_uuid_starts_fresh_in_the_schedule
     sched.restore(&mut h);
     assert_eq!(affinity(&mut h), [4]);
 }
+
+#[test]
+fn each_numa_nodes_memory_and_a_guests_binding_come_from_the_two_node_host() {
+    // test:///default describes two cells: 2 GiB and 4 GiB.
+    let mut h = LibvirtHost::connect("test:///default").unwrap();
+    let nodes = h.node_memory().unwrap();
+    let totals: Vec<(u32, u64)> = nodes.iter().map(|n| (n.node, n.total_kib)).collect();
+    assert_eq!(totals, [(0, 2 << 20), (1, 4 << 20)]);
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n.free_kib > 0 && n.free_kib <= n.total_kib),
+        "{nodes:?}"
+    );
+    // A guest strictly bound to node 1, one preferring node 0 (it may run anywhere), one free.
+    for (name, n, numatune) in [
+        (
+            "bound",
+            'b',
+            "<numatune><memory mode='strict' nodeset='1'/></numatune>",
+        ),
+        (
+            "prefers",
+            'c',
+            "<numatune><memory mode='preferred' nodeset='0'/></numatune>",
+        ),
+        ("free", 'd', ""),
+    ] {
+        let xml = format!(
+            "<domain type='test'><name>{name}</name><uuid>5eb0a7e5-0000-4000-8000-00000000000{n}</uuid>\
+             <memory>65536</memory><vcpu>1</vcpu>{numatune}<os><type>hvm</type></os></domain>"
+        );
+        h.connection()
+            .create_domain_xml(&xml, 0)
+            .expect("create a transient domain");
+    }
+    let domains = h.active_domains().unwrap();
+    let binding = |name: &str| {
+        domains
+            .iter()
+            .find(|d| d.name == name)
+            .map(|d| d.memory_nodes.clone())
+            .unwrap()
+    };
+    assert_eq!(binding("bound"), Some(vec![1]));
+    assert_eq!(binding("prefers"), None);
+    assert_eq!(binding("free"), None);
+    // A host of one node (the custom node file describes none) has no node figures: its one
+    // budget says it all.
+    assert!(host().node_memory().unwrap().is_empty());
+}

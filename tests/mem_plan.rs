@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use proptest::prelude::*;
-use vmbalance::host::{DomainId, HostMemory};
+use vmbalance::host::{DomainId, HostMemory, NodeMemory};
 use vmbalance::mem_plan::{MemPlan, MemPolicy, MemSnapshot, MemStatus, Standing, plan, violations};
 use vmbalance::sampling::GuestMemory;
 
@@ -21,10 +21,7 @@ fn guest(n: u8, actual_mib: u64, unused_mib: u64, rate_mib_s: f64) -> GuestMemor
 }
 
 fn host(total_mib: u64, free_mib: u64) -> Option<HostMemory> {
-    Some(HostMemory {
-        total_kib: total_mib * MIB,
-        available_kib: free_mib * MIB,
-    })
+    Some(HostMemory::new(total_mib * MIB, free_mib * MIB))
 }
 
 fn policy() -> MemPolicy {
@@ -287,10 +284,11 @@ fn wasting_guests_return_memory_in_steps_down_to_their_target_and_stay_there() {
         sizes.windows(2).all(|w| w[1] <= w[0]),
         "never grown back: {sizes:?}"
     );
-    // It ends with 32.5 % of it free (its 200 MiB in use are 67.5 %), not just under the waste
-    // line, and stays there for the rest of the 200 cycles.
+    // It ends with its 256 MiB cushion free above its 200 MiB in use (its 32.5 % target share
+    // would leave it 96), not just under the waste line, and stays there for the rest of the 200
+    // cycles.
     let last = *sizes.last().unwrap();
-    assert!((296..=297).contains(&last), "{sizes:?}");
+    assert_eq!(last, 456, "{sizes:?}");
     let settled = sizes.iter().position(|&s| s == last).unwrap();
     assert!(settled < 40, "took {settled} cycles: {sizes:?}");
 }
@@ -299,12 +297,133 @@ fn wasting_guests_return_memory_in_steps_down_to_their_target_and_stay_there() {
 fn the_target_free_share_can_be_set() {
     let pol = MemPolicy {
         target_free_pct: 20.0,
+        cushion_kib: 0,
         ..policy()
     };
     let last = *reclaim(guest(1, 2000, 1800, 0.0), &pol, (16384, 8000))
         .last()
         .unwrap();
     assert_eq!(last, 250, "200 MiB used are 80 %");
+}
+
+#[test]
+fn a_host_stalling_on_memory_takes_all_idle_excess_back_at_once() {
+    let idle = guest(1, 2000, 1800, 0.0);
+    let returned = |stalled_pct: Option<f64>| {
+        let h = HostMemory {
+            stalled_pct,
+            ..host(16384, 8000).unwrap()
+        };
+        let (_, p) = checked(snapshot(vec![idle], Some(h)), &policy());
+        p.to_host_kib / MIB
+    };
+    // Plenty available and no stall: a quarter of its excess (2000 - 456) per cycle.
+    assert_eq!(returned(None), 386);
+    assert_eq!(returned(Some(2.0)), 386);
+    // Stalling 10 % of the time or more: all of it (one step, 512 MiB), whatever MemAvailable says.
+    assert_eq!(returned(Some(10.0)), 512);
+    // In host-pressure mode, a stalling host takes idle memory back although it has its target.
+    let pressure_mode = MemPolicy {
+        host_target_pct: Some(20.0),
+        ..policy()
+    };
+    let h = |stalled_pct| HostMemory {
+        stalled_pct,
+        ..host(16384, 8000).unwrap()
+    };
+    let (_, calm) = checked(snapshot(vec![idle], Some(h(None))), &pressure_mode);
+    assert!(calm.changes.is_empty(), "{calm:?}");
+    let (_, pressed) = checked(snapshot(vec![idle], Some(h(Some(25.0)))), &pressure_mode);
+    assert_eq!(pressed.to_host_kib / MIB, 512);
+}
+
+/// A two-node host: node 0 (8 GiB) has `free0_mib` free, node 1 (8 GiB) 6000 MiB.
+fn two_nodes(free0_mib: u64) -> Vec<NodeMemory> {
+    [(0, free0_mib), (1, 6000)]
+        .map(|(node, free)| NodeMemory {
+            node,
+            total_kib: 8192 * MIB,
+            free_kib: free * MIB,
+        })
+        .to_vec()
+}
+
+#[test]
+fn a_guest_bound_to_a_full_numa_node_is_fed_only_from_that_node() {
+    // Three starving guests, each wanting about 300 MiB: guest 1 bound to node 0, which has
+    // 600 MiB free of which 410 are its share of the 5 % reserve; guest 2 bound to node 1; guest
+    // 3 unbound. The host as a whole has plenty.
+    let starving = |n| guest(n, 1000, 50, 20.0);
+    let mut s = snapshot(
+        vec![starving(1), starving(2), starving(3)],
+        host(16384, 6600),
+    );
+    s.nodes = two_nodes(600);
+    s.bound = HashMap::from([(DomainId([1; 16]), vec![0]), (DomainId([2; 16]), vec![1])]);
+    let (_, p) = checked(s.clone(), &policy());
+    let grant = |p: &MemPlan, n: u8| {
+        p.changes
+            .iter()
+            .find(|c| c.id == DomainId([n; 16]))
+            .map_or(0, |c| (c.to_kib - c.from_kib) / MIB)
+    };
+    let (want, node0_spare) = (grant(&p, 3), 600 - 410);
+    assert!(want > node0_spare, "each wants {want} MiB");
+    assert_eq!(grant(&p, 1), node0_spare, "{p:?}");
+    assert_eq!(grant(&p, 2), want);
+    // What guests bound to node 0 may still touch comes off its budget too.
+    s.node_unbacked_kib = HashMap::from([(0, 150 * MIB)]);
+    let (_, p) = checked(s.clone(), &policy());
+    assert_eq!(grant(&p, 1), node0_spare - 150);
+    // Two guests bound to the same full node share it in proportion to their wants.
+    s.node_unbacked_kib.clear();
+    s.bound.insert(DomainId([3; 16]), vec![0]);
+    let (_, p) = checked(s.clone(), &policy());
+    assert!(grant(&p, 1).abs_diff(grant(&p, 3)) <= 1, "{p:?}");
+    assert!(grant(&p, 1) + grant(&p, 3) <= node0_spare);
+    // Without node figures (one node), the host's budget alone.
+    s.nodes.clear();
+    let (_, p) = checked(s, &policy());
+    assert_eq!(grant(&p, 1), want);
+    // A change another planner makes beyond the node is dropped alone.
+    let mut s = snapshot(vec![starving(1), starving(2)], host(16384, 6600));
+    s.nodes = two_nodes(600);
+    s.bound = HashMap::from([(DomainId([1; 16]), vec![0])]);
+    let greedy = MemPlan {
+        changes: [1, 2]
+            .map(|n| vmbalance::mem_plan::BalloonChange {
+                id: DomainId([n; 16]),
+                from_kib: 1000 * MIB,
+                to_kib: 1300 * MIB,
+            })
+            .to_vec(),
+        from_host_kib: 600 * MIB,
+        to_host_kib: 0,
+    };
+    assert_eq!(violations(&s, &greedy, &policy()).len(), 1);
+    let (safe, dropped) = vmbalance::mem_plan::safe_part(&s, greedy, &policy());
+    assert_eq!(safe.changes.len(), 1, "{dropped:?}");
+    assert_eq!(safe.changes[0].id, DomainId([2; 16]));
+    assert!(dropped[0].contains("NUMA node 0"), "{dropped:?}");
+}
+
+#[test]
+fn an_idle_guest_keeps_the_larger_of_its_cushion_and_its_target_share_free() {
+    let end = |g: GuestMemory, cushion_mib: u64| {
+        let pol = MemPolicy {
+            cushion_kib: cushion_mib * MIB,
+            ..policy()
+        };
+        *reclaim(g, &pol, (16384, 8000)).last().unwrap()
+    };
+    // 200 MiB used: the share would leave 96 MiB free, the cushion leaves 128.
+    assert_eq!(end(guest(1, 2000, 1800, 0.0), 128), 328);
+    // 1000 MiB used: the share leaves 481 MiB free, more than the cushion.
+    assert!((1481..=1482).contains(&end(guest(1, 4000, 3000, 0.0), 128)));
+    // A guest already within its cushion is not wasting, whatever its free share: left alone.
+    let small = guest(1, 300, 250, 0.0);
+    let (_, p) = checked(snapshot(vec![small], host(16384, 8000)), &policy());
+    assert!(p.changes.is_empty(), "{p:?}");
 }
 
 #[test]
@@ -452,29 +571,75 @@ fn arb_guest(n: u8) -> impl Strategy<Value = (GuestMemory, Standing)> {
         )
 }
 
+/// A host of two to four NUMA nodes (total, free, what guests bound to it may touch, MiB), or
+/// one node (no node figures), and the nodes each guest is strictly bound to (0: none).
+fn arb_nodes() -> impl Strategy<Value = (Vec<(u64, u64, u64)>, Vec<u8>)> {
+    (
+        prop::collection::vec((512u64..16384, 0u64..=100, 0u64..2048), 0..=4),
+        prop::collection::vec(0u8..16, 12),
+    )
+        .prop_map(|(nodes, bindings)| {
+            let nodes = if nodes.len() == 1 { Vec::new() } else { nodes };
+            let nodes = nodes
+                .into_iter()
+                .map(|(total, free_pct, unbacked)| (total, total * free_pct / 100, unbacked))
+                .collect();
+            (nodes, bindings)
+        })
+}
+
 fn arb_snapshot() -> impl Strategy<Value = (MemSnapshot, MemPolicy)> {
     (
         (0u8..12).prop_flat_map(|n| (0..n).map(arb_guest).collect::<Vec<_>>()),
         prop::option::weighted(0.9, (1024u64..65536, 0u64..=100)),
         0u64..4096,
         prop::option::of(10.0f64..90.0),
+        arb_nodes(),
     )
-        .prop_map(|(guests, host, unbacked_mib, host_target_pct)| {
-            let s = MemSnapshot {
-                standing: guests.iter().map(|(g, st)| (g.id, *st)).collect(),
-                guests: guests.into_iter().map(|(g, _)| g).collect(),
-                host: host.map(|(total, free_pct)| HostMemory {
-                    total_kib: total * MIB,
-                    available_kib: total * MIB * free_pct / 100,
-                }),
-                unbacked_kib: unbacked_mib * MIB,
-            };
-            let pol = MemPolicy {
-                host_target_pct,
-                ..policy()
-            };
-            (s, pol)
-        })
+        .prop_map(
+            |(guests, host, unbacked_mib, host_target_pct, (nodes, bindings))| {
+                let node_count = nodes.len();
+                // Guest i is bound to the nodes whose bit is set in bindings[i] (nodes the host
+                // has or not: a node it does not describe grants nothing).
+                let bound = guests
+                    .iter()
+                    .zip(&bindings)
+                    .filter(|&(_, &bits)| bits != 0 && node_count > 0)
+                    .map(|((g, _), &bits)| {
+                        let set: Vec<u32> = (0..4).filter(|b| bits & (1 << b) != 0).collect();
+                        (g.id, set)
+                    })
+                    .collect();
+                let s = MemSnapshot {
+                    standing: guests.iter().map(|(g, st)| (g.id, *st)).collect(),
+                    guests: guests.into_iter().map(|(g, _)| g).collect(),
+                    host: host.map(|(total, free_pct)| {
+                        HostMemory::new(total * MIB, total * MIB * free_pct / 100)
+                    }),
+                    unbacked_kib: unbacked_mib * MIB,
+                    node_unbacked_kib: nodes
+                        .iter()
+                        .enumerate()
+                        .map(|(n, &(_, _, unbacked))| (n as u32, unbacked * MIB))
+                        .collect(),
+                    nodes: nodes
+                        .iter()
+                        .enumerate()
+                        .map(|(n, &(total, free, _))| NodeMemory {
+                            node: n as u32,
+                            total_kib: total * MIB,
+                            free_kib: free * MIB,
+                        })
+                        .collect(),
+                    bound,
+                };
+                let pol = MemPolicy {
+                    host_target_pct,
+                    ..policy()
+                };
+                (s, pol)
+            },
+        )
 }
 
 proptest! {
@@ -513,6 +678,31 @@ proptest! {
         // Nobody starving: memory only flows back to the host.
         if s.guests.iter().all(|g| pol.status(g, &s.standing(&g.id)) != MemStatus::Starving) {
             prop_assert_eq!(p.from_host_kib, 0);
+        }
+        // Guests bound to one NUMA node are granted no more in all than that node has free
+        // above its share of the reserve and what the guests bound to it may touch; guests bound
+        // to a node the host does not describe get nothing.
+        if !s.nodes.is_empty() {
+            for n in &s.nodes {
+                let reserve = (n.total_kib as f64 * pol.host_reserve_pct / 100.0).ceil() as u64;
+                let unbacked = s.node_unbacked_kib.get(&n.node).copied().unwrap_or(0);
+                let spare = n.free_kib.saturating_sub(reserve + unbacked);
+                let granted: u64 = p
+                    .changes
+                    .iter()
+                    .filter(|c| !c.shrinks() && s.bound.get(&c.id) == Some(&vec![n.node]))
+                    .map(|c| c.to_kib - c.from_kib)
+                    .sum();
+                prop_assert!(granted <= spare, "node {}: {granted} > {spare}", n.node);
+            }
+            for c in p.changes.iter().filter(|c| !c.shrinks()) {
+                if let Some(nodes) = s.bound.get(&c.id) {
+                    prop_assert!(
+                        nodes.iter().any(|&b| s.nodes.iter().any(|n| n.node == b)),
+                        "granted from nodes {nodes:?} the host does not describe"
+                    );
+                }
+            }
         }
     }
 }

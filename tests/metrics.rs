@@ -304,6 +304,7 @@ fn every_family() -> std::collections::BTreeSet<String> {
         available_mib: 500.0,
         reserve_mib: 50.0,
         unbacked_mib: 10.0,
+        stalled_pct: None,
     });
     mem.guests = vec![GuestLine {
         domain: "d".into(),

@@ -106,10 +106,7 @@ fn mem_snapshot(guests: usize, seed: u64) -> MemSnapshot {
                 }
             })
             .collect(),
-        host: Some(HostMemory {
-            total_kib: 1 << 30,
-            available_kib: 1 << 28,
-        }),
+        host: Some(HostMemory::new(1 << 30, 1 << 28)),
         ..MemSnapshot::default()
     }
 }

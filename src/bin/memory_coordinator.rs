@@ -44,6 +44,11 @@ struct Args {
     #[arg(long, value_name = "PCT", value_parser = parse_non_negative)]
     target_free_pct: Option<f64>,
 
+    /// An idle guest is never shrunk under this many MiB free: the cushion a burst (a service
+    /// starting) lives on until the coordinator sees it and feeds it
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT.cushion_kib / 1024, value_parser = clap::value_parser!(u64).range(0..=MAX_MIB))]
+    cushion_mib: u64,
+
     /// Keep at least this % of the host's memory available
     #[arg(long, value_name = "PCT", default_value_t = DEFAULT.host_reserve_pct, value_parser = parse_non_negative)]
     host_reserve_pct: f64,
@@ -52,6 +57,12 @@ struct Args {
     /// this % of its memory available [default: always take idle memory back]
     #[arg(long, value_name = "PCT", value_parser = parse_non_negative)]
     host_target_pct: Option<f64>,
+
+    /// The host is pressed, and idle guests give back all they can at once, when its tasks
+    /// stalled on memory this % of the last 10 s (the kernel's pressure stall information, read
+    /// where the host is this machine)
+    #[arg(long, value_name = "PCT", default_value_t = DEFAULT.host_stall_pct, value_parser = parse_non_negative)]
+    host_stall_pct: f64,
 
     /// Never shrink a guest below this many MiB
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT.min_guest_kib / 1024, value_parser = clap::value_parser!(u64).range(0..=MAX_MIB))]
@@ -163,8 +174,10 @@ impl Args {
             starve_pct: self.starve_pct,
             waste_pct: self.waste_pct,
             target_free_pct,
+            cushion_kib: self.cushion_mib * 1024,
             host_reserve_pct: self.host_reserve_pct,
             host_target_pct: self.host_target_pct,
+            host_stall_pct: self.host_stall_pct,
             min_guest_kib: self.min_guest_mib * 1024,
             consuming_kib_s: self.consuming_mib_s * 1024.0,
             min_step_kib: self.min_step_mib * 1024,
@@ -184,11 +197,12 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
     let mut coordinator =
         Coordinator::new(policy, args.common.dry_run).with_exclusions(args.common.exclusions());
     info!(
-        "memory_coordinator on {uri}: period {:?}, starving under {}% free, wasting over {}% (shrunk to {}% free), host reserve {}% (host available memory: {}), {}, guest floor {} MiB{}",
+        "memory_coordinator on {uri}: period {:?}, starving under {}% free, wasting over {}% (shrunk to {}% free, {} MiB at least), host reserve {}% (host available memory: {}), {}, guest floor {} MiB{}",
         args.period,
         args.starve_pct,
         args.waste_pct,
         policy.target_free_pct,
+        args.cushion_mib,
         args.host_reserve_pct,
         host.memory_figure(),
         match policy.host_target_pct {

@@ -63,6 +63,11 @@ struct Judged {
     unbacked_kib: u64,
 }
 
+/// Seconds between two balloon reports of a guest: the shortest libvirt allows, whatever the
+/// coordinator's period, so the report a cycle reads is at most a second old and a burst shows a
+/// second after it starts, not a period (the guest's balloon driver posts a few hundred bytes).
+pub const STATS_PERIOD_SECS: u32 = 1;
+
 /// The memory coordinator's state across cycles.
 pub struct Coordinator {
     policy: MemPolicy,
@@ -76,11 +81,11 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// A coordinator with no history. The guests' stats period is `policy.period_secs` rounded up,
-    /// at least one second.
+    /// A coordinator with no history. The guests report every [`STATS_PERIOD_SECS`], whatever
+    /// the policy's period.
     pub fn new(policy: MemPolicy, dry_run: bool) -> Self {
         Self {
-            stats_period_secs: policy.period_secs.ceil().max(1.0).min(u32::MAX as f64) as u32,
+            stats_period_secs: STATS_PERIOD_SECS,
             policy,
             dry_run,
             guests: Tracker::new(),
@@ -117,9 +122,17 @@ impl Coordinator {
             available_mib: mib(h.available_kib),
             reserve_mib: mib(self.policy.reserve_kib(h)),
             unbacked_mib: 0.0,
+            stalled_pct: h.stalled_pct,
         });
+        // Each NUMA node's memory, where some guest is bound to nodes (rule 6).
+        let bound = samples.iter().any(|s| s.domain.memory_nodes.is_some());
         let mut snapshot = MemSnapshot {
             host: host_memory,
+            nodes: if bound {
+                host.node_memory()?
+            } else {
+                Vec::new()
+            },
             ..MemSnapshot::default()
         };
         let mut names = DomainNames::default();
@@ -133,7 +146,7 @@ impl Coordinator {
             if self.exclusions.excludes(dom, &mut record.excluded) {
                 record.followed = None;
                 report.guests.push(guest_line(sample, GuestState::Excluded));
-                snapshot.unbacked_kib += unbacked_as_reported(sample);
+                snapshot.add_unbacked(dom.memory_nodes.as_deref(), unbacked_as_reported(sample));
                 continue;
             }
             let guest = record.followed.get_or_insert_with(Followed::default);
@@ -142,15 +155,19 @@ impl Coordinator {
                 // Not read this cycle: its next report is a first sight.
                 guest.history = MemoryHistory::new();
                 if dom.memory_held.is_none() {
-                    snapshot.unbacked_kib += unbacked_as_reported(sample);
+                    snapshot
+                        .add_unbacked(dom.memory_nodes.as_deref(), unbacked_as_reported(sample));
                 }
                 continue;
             }
             let judged = Self::classify(guest, sample, &self.policy);
-            snapshot.unbacked_kib += judged.unbacked_kib;
+            snapshot.add_unbacked(dom.memory_nodes.as_deref(), judged.unbacked_kib);
             if let Some((g, standing)) = judged.fresh {
                 snapshot.guests.push(g);
                 snapshot.standing.insert(g.id, standing);
+                if let Some(nodes) = &dom.memory_nodes {
+                    snapshot.bound.insert(g.id, nodes.clone());
+                }
             }
             names.insert(dom);
             report.guests.push(judged.line);
@@ -160,7 +177,8 @@ impl Coordinator {
         for dom in &stuck {
             let (_, record) = self.guests.see(dom, GuestRecord::default);
             if let Some(last) = record.followed.as_ref().and_then(|g| g.last_read) {
-                snapshot.unbacked_kib += at_max_kib(last.max_kib, last.rss_kib);
+                let at_max = at_max_kib(last.max_kib, last.rss_kib);
+                snapshot.add_unbacked(dom.memory_nodes.as_deref(), at_max);
             }
             report.not_answering.push(dom.name.clone());
         }

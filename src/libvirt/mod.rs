@@ -21,7 +21,7 @@ use virt::sys;
 use crate::exclusions::{DomainMetadata, METADATA_URI};
 use crate::host::{
     BalloonSample, BalloonStats, DomainId, DomainRef, Host, HostError, HostMemory, HostResult,
-    NodeCpus, VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip,
+    NodeCpus, NodeMemory, VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip,
     vcpus_domain_by_domain,
 };
 use crate::topology::{Topology, balloon_autodeflates, memory_held_by, strict_memory_nodes};
@@ -142,6 +142,18 @@ impl MemorySource {
             Self::LibvirtFree
         }
     }
+}
+
+/// The share of the last 10 s some task stalled waiting for memory, in %, from the text of
+/// /proc/pressure/memory (its `some avg10=` figure).
+fn pressure_some_avg10(pressure: &str) -> Option<f64> {
+    pressure
+        .lines()
+        .find_map(|l| l.strip_prefix("some "))?
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("avg10="))?
+        .parse()
+        .ok()
 }
 
 /// MemAvailable, in KiB, from the text of /proc/meminfo.
@@ -943,17 +955,57 @@ impl Host for LibvirtHost {
         let Some(total_kib) = get("total") else {
             return Err(HostError::Unsupported(format!("{WHAT}: no total reported")));
         };
-        let local = match self.memory_source {
-            MemorySource::ProcMeminfo => std::fs::read_to_string("/proc/meminfo")
-                .ok()
-                .and_then(|text| meminfo_available_kib(&text)),
-            MemorySource::LibvirtFree => None,
+        let read = |path: &str| std::fs::read_to_string(path).ok();
+        let (local, stalled_pct) = match self.memory_source {
+            MemorySource::ProcMeminfo => (
+                read("/proc/meminfo").and_then(|text| meminfo_available_kib(&text)),
+                read("/proc/pressure/memory").and_then(|text| pressure_some_avg10(&text)),
+            ),
+            MemorySource::LibvirtFree => (None, None),
         };
         let available_kib = local.or_else(|| get("free")).unwrap_or(0).min(total_kib);
         Ok(HostMemory {
             total_kib,
             available_kib,
+            stalled_pct,
         })
+    }
+
+    /// The nodes and their memory from the capabilities, their free memory from
+    /// `virNodeGetCellsFreeMemory` (one call for all nodes).
+    fn node_memory(&mut self) -> HostResult<Vec<NodeMemory>> {
+        let Some(topology) = self.topology()? else {
+            return Ok(Vec::new());
+        };
+        let nodes = topology.nodes();
+        let (Some(&first), Some(&last)) = (nodes.first(), nodes.last()) else {
+            return Ok(Vec::new());
+        };
+        if nodes.len() < 2 {
+            return Ok(Vec::new());
+        }
+        // libvirt reads consecutive cells: from the first node to the last.
+        let count = (last - first + 1) as i32;
+        let free_bytes = match self.counted(1, |h| h.conn.cells_free_memory(first as i32, count)) {
+            Ok(free) => free,
+            Err(e) => {
+                return match self.error(e, || "reading the NUMA nodes' free memory".into()) {
+                    HostError::Unsupported(_) => Ok(Vec::new()),
+                    e => Err(e),
+                };
+            }
+        };
+        Ok(nodes
+            .iter()
+            .filter_map(|&node| {
+                let free = free_bytes.get((node - first) as usize)?;
+                Some(NodeMemory {
+                    node,
+                    total_kib: topology.node_memory_kib(node)?,
+                    free_kib: free / 1024,
+                })
+            })
+            .collect())
     }
 
     fn stuck_domains(&self) -> Vec<DomainRef> {
@@ -1055,6 +1107,13 @@ mod tests {
         let meminfo = "MemTotal:       24576000 kB\nMemFree:          512000 kB\nMemAvailable:   20480000 kB\nShmem:          8192000 kB\n";
         assert_eq!(meminfo_available_kib(meminfo), Some(20_480_000));
         assert_eq!(meminfo_available_kib("MemTotal: 1 kB\n"), None);
+        let pressure = "some avg10=12.50 avg60=3.00 avg300=0.50 total=123456\nfull avg10=4.00 avg60=1.00 avg300=0.10 total=6789\n";
+        assert_eq!(pressure_some_avg10(pressure), Some(12.5));
+        assert_eq!(pressure_some_avg10("full avg10=4.00\n"), None);
+        // This machine's, where its kernel has PSI.
+        if let Ok(text) = std::fs::read_to_string("/proc/pressure/memory") {
+            assert!(pressure_some_avg10(&text).is_some_and(|p| (0.0..=100.0).contains(&p)));
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use vmbalance::host::{
-    BalloonStats, DomainId, DomainRef, Host, HostError, HostMemory, HostResult, NodeCpus, VcpuInfo,
+    BalloonStats, DomainId, DomainRef, Host, HostError, HostMemory, HostResult, NodeCpus,
+    NodeMemory, VcpuInfo,
 };
 
 /// xorshift64*: a small seeded generator, so every simulated run is the same on every run.
@@ -184,6 +185,11 @@ impl SimMemory {
         } else if self.rate < 0.0 {
             self.used = (self.used + self.rate * dt).max(self.goal).min(self.used);
         }
+        if self.autodeflate && self.used > self.actual as f64 {
+            // Deflate-on-oom: the guest's balloon driver takes pages back from the balloon, up
+            // to its max, without asking anyone.
+            self.actual = self.max.min(self.used.ceil() as u64);
+        }
         if self.used > self.actual as f64 {
             self.ooms += 1;
             // The kill frees the workload's memory, and at least what overflowed.
@@ -267,6 +273,16 @@ pub struct SimHost {
     pub host_used: u64,
     /// Does the host report its memory?
     pub host_reports_memory: bool,
+    /// The host's memory pressure (PSI `some avg10`, %), where it reports one.
+    pub host_stalled_pct: Option<f64>,
+    /// NUMA nodes' memory: (node, total KiB, KiB used by others than the guests). A guest whose
+    /// memory is bound to nodes ([`SimDomain::memory_nodes`]) takes what it touched from them,
+    /// shared evenly. Empty: one node.
+    pub mem_nodes: Vec<(u32, u64, u64)>,
+    /// Does the host describe its nodes' memory ([`Host::node_memory`])?
+    pub reports_nodes: bool,
+    /// The least each of `mem_nodes` had free at any instant, KiB.
+    pub node_low: std::collections::BTreeMap<u32, u64>,
     /// Number of balloon changes made.
     pub resizes: usize,
     /// The least memory the host had available at any instant, KiB.
@@ -308,6 +324,10 @@ impl SimHost {
             host_total: 16 << 20,
             host_used: 1 << 20,
             host_reports_memory: true,
+            host_stalled_pct: None,
+            mem_nodes: Vec::new(),
+            reports_nodes: true,
+            node_low: std::collections::BTreeMap::new(),
             resizes: 0,
             host_low: u64::MAX,
             reports_delay: false,
@@ -414,6 +434,30 @@ impl SimHost {
             d.mem.advance(now, dt.as_secs_f64());
         }
         self.host_low = self.host_low.min(self.host_free());
+        for (node, free) in self.nodes_free() {
+            let low = self.node_low.entry(node).or_insert(u64::MAX);
+            *low = (*low).min(free);
+        }
+    }
+
+    /// What each of `mem_nodes` has free, KiB.
+    pub fn nodes_free(&self) -> Vec<(u32, u64)> {
+        self.mem_nodes
+            .iter()
+            .map(|&(node, total, others)| {
+                let guests: f64 = self
+                    .domains
+                    .iter()
+                    .filter_map(|d| {
+                        let nodes = d.memory_nodes.as_ref()?;
+                        nodes
+                            .contains(&node)
+                            .then(|| d.mem.resident / nodes.len() as f64)
+                    })
+                    .sum();
+                (node, total.saturating_sub(others + guests as u64))
+            })
+            .collect()
     }
 
     /// The work the vCPUs want and the work they do with the current pins, in percent of one
@@ -650,6 +694,23 @@ impl Host for SimHost {
         Ok(())
     }
 
+    fn node_memory(&mut self) -> HostResult<Vec<NodeMemory>> {
+        self.up()?;
+        if !self.reports_nodes {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .nodes_free()
+            .into_iter()
+            .zip(&self.mem_nodes)
+            .map(|((node, free_kib), &(_, total_kib, _))| NodeMemory {
+                node,
+                total_kib,
+                free_kib,
+            })
+            .collect())
+    }
+
     fn host_memory(&mut self) -> HostResult<HostMemory> {
         self.up()?;
         if !self.host_reports_memory {
@@ -660,6 +721,7 @@ impl Host for SimHost {
         Ok(HostMemory {
             total_kib: self.host_total,
             available_kib: self.host_free(),
+            stalled_pct: self.host_stalled_pct,
         })
     }
 
