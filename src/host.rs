@@ -80,6 +80,12 @@ pub struct DomainRef {
     pub memory_nodes: Option<Vec<u32>>,
     /// Why its balloon would free nothing on the host (hugepages, locked memory, VFIO), where so.
     pub memory_held: Option<&'static str>,
+    /// Memory hugepages hold for some of its NUMA cells only, KiB (0: none): a balloon shrunk
+    /// into it would free nothing on the host.
+    pub held_kib: u64,
+    /// Its max memory, from its definition, where known: what it may grow to, known without
+    /// asking its QEMU (so known of a domain that does not answer).
+    pub max_kib: Option<u64>,
     /// Its balloon deflates on its own when the guest runs short (deflate-on-oom): the guest may
     /// grow back to its max memory without being asked.
     pub autodeflate: bool,
@@ -98,6 +104,8 @@ impl DomainRef {
             guaranteed_kib: 0,
             memory_nodes: None,
             memory_held: None,
+            held_kib: 0,
+            max_kib: None,
             autodeflate: false,
             run: None,
         }

@@ -208,7 +208,9 @@ pub fn memory_held_by(domain_xml: &str) -> Option<&'static str> {
     let doc = roxmltree::Document::parse(domain_xml).ok()?;
     let domain = doc.root_element();
     if let Some(backing) = child(domain, "memoryBacking") {
-        if child(backing, "hugepages").is_some() {
+        // Hugepages for some of the guest's NUMA cells only hold part of it (see
+        // [`hugepages_held_kib`]).
+        if child(backing, "hugepages").is_some() && hugepage_cells(domain).is_none() {
             return Some("backed by hugepages");
         }
         if child(backing, "locked").is_some() {
@@ -230,9 +232,110 @@ pub fn memory_held_by(domain_xml: &str) -> Option<&'static str> {
     interface_of("vdpa").then_some("pinned by a vDPA device")
 }
 
+/// A size in a domain XML element (`<memory unit='KiB'>1048576</memory>`), in KiB.
+fn size_kib(node: roxmltree::Node, value: Option<&str>) -> Option<u64> {
+    let n: u64 = value?.trim().parse().ok()?;
+    let kib = match node.attribute("unit").unwrap_or("KiB") {
+        "b" | "bytes" => n / 1024,
+        "k" | "KiB" => n,
+        "KB" => n * 1000 / 1024,
+        "M" | "MiB" => n << 10,
+        "MB" => n * 1_000_000 / 1024,
+        "G" | "GiB" => n << 20,
+        "GB" => n * 1_000_000_000 / 1024,
+        "T" | "TiB" => n << 30,
+        _ => return None,
+    };
+    Some(kib)
+}
+
+/// The domain's max memory (`<memory>`), KiB, from its XML: what it may grow to, known without
+/// asking its QEMU.
+pub fn max_memory_kib(domain_xml: &str) -> Option<u64> {
+    let doc = roxmltree::Document::parse(domain_xml).ok()?;
+    let memory = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("memory"))?;
+    size_kib(memory, memory.text())
+}
+
+/// The guest NUMA cells whose memory hugepages back, when `<hugepages>` names some cells only
+/// (`<page size=… nodeset='0'/>`), with each such cell's memory in KiB; `None` when hugepages
+/// back all of it (or there are none, or the cells cannot be told).
+fn hugepage_cells(domain: roxmltree::Node) -> Option<Vec<(u32, u64)>> {
+    let hugepages = domain
+        .children()
+        .find(|n| n.has_tag_name("memoryBacking"))?
+        .children()
+        .find(|n| n.has_tag_name("hugepages"))?;
+    let mut nodes = Vec::new();
+    let mut pages = 0;
+    for page in hugepages.children().filter(|n| n.has_tag_name("page")) {
+        pages += 1;
+        nodes.extend(cpuset::parse(page.attribute("nodeset")?)?);
+    }
+    if pages == 0 {
+        return None;
+    }
+    let cells: Vec<(u32, u64)> = domain
+        .children()
+        .find(|n| n.has_tag_name("cpu"))?
+        .descendants()
+        .filter(|n| n.has_tag_name("cell") && n.parent().is_some_and(|p| p.has_tag_name("numa")))
+        .map(|c| {
+            let id = c.attribute("id")?.parse().ok()?;
+            Some((id, size_kib(c, c.attribute("memory"))?))
+        })
+        .collect::<Option<_>>()?;
+    let held: Vec<(u32, u64)> = cells
+        .iter()
+        .copied()
+        .filter(|(id, _)| nodes.contains(id))
+        .collect();
+    // Every cell backed: all of it is held.
+    (held.len() < cells.len()).then_some(held)
+}
+
+/// Memory that hugepages hold when they back some of the guest's NUMA cells only, KiB, from its
+/// XML (0 when none, or when they back all of it: see [`memory_held_by`]). A balloon shrunk into
+/// it frees nothing on the host.
+pub fn hugepages_held_kib(domain_xml: &str) -> u64 {
+    roxmltree::Document::parse(domain_xml)
+        .ok()
+        .and_then(|doc| hugepage_cells(doc.root_element()))
+        .map_or(0, |cells| cells.iter().map(|&(_, kib)| kib).sum())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hugepages_on_some_guest_cells_hold_those_cells_only() {
+        let numa = "<cpu><numa><cell id='0' cpus='0' memory='1' unit='GiB'/><cell id='1' cpus='1' memory='524288' unit='KiB'/></numa></cpu>";
+        let with = |pages: &str| {
+            format!(
+                "<domain><memory unit='KiB'>1572864</memory><memoryBacking><hugepages>{pages}</hugepages></memoryBacking>{numa}</domain>"
+            )
+        };
+        // Cell 1 only: half a GiB held, the rest balloons.
+        let one = with("<page size='2048' unit='KiB' nodeset='1'/>");
+        assert_eq!(memory_held_by(&one), None);
+        assert_eq!(hugepages_held_kib(&one), 512 * 1024);
+        // Both cells, or no nodeset: all of it.
+        let both = with("<page size='2048' unit='KiB' nodeset='0-1'/>");
+        assert_eq!(memory_held_by(&both), Some("backed by hugepages"));
+        assert_eq!(hugepages_held_kib(&both), 0);
+        let all = with("<page size='2048' unit='KiB'/>");
+        assert_eq!(memory_held_by(&all), Some("backed by hugepages"));
+        assert_eq!(max_memory_kib(&one), Some(1572864));
+        assert_eq!(
+            max_memory_kib("<domain><memory unit='GiB'>2</memory></domain>"),
+            Some(2 << 20)
+        );
+        assert_eq!(max_memory_kib("<domain/>"), None);
+    }
 
     fn fixture(name: &str) -> String {
         let path = format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"));

@@ -912,3 +912,63 @@ fn a_guest_bound_to_a_nearly_full_numa_node_is_never_fed_past_that_nodes_reserve
         blind.node_low
     );
 }
+
+#[test]
+fn a_domain_that_cannot_be_read_counts_at_its_max_memory_even_if_never_read() {
+    // Guest 3 (1 GiB of 2 GiB max) cannot be read from the start, then once it is known, then
+    // can be read again.
+    let mut host = lab();
+    host.unreadable = vec![host.domains[2].id];
+    let mut c = Coordinator::new(policy(), false);
+    let unbacked = |host: &mut SimHost, c: &mut Coordinator| {
+        host.advance(PERIOD);
+        let report = c.cycle(host).unwrap().unwrap();
+        (report.host.unwrap().unbacked_mib, report.not_answering)
+    };
+    // Never read: all of its 2048 MiB max (from its definition) may still land on the host,
+    // where a guest read but not yet reported on counts its 1024 MiB balloon.
+    let (never_read, said) = unbacked(&mut host, &mut c);
+    let (mut twin, mut twin_c) = (lab(), Coordinator::new(policy(), false));
+    let (all_read, _) = unbacked(&mut twin, &mut twin_c);
+    assert!(
+        never_read >= all_read + 1024.0 - 1.0,
+        "{never_read} MiB, {all_read} when all are read"
+    );
+    assert_eq!(said, ["dom3"]);
+    host.unreadable.clear();
+    for _ in 0..4 {
+        unbacked(&mut host, &mut c);
+    }
+    let (readable, said) = unbacked(&mut host, &mut c);
+    assert!(said.is_empty());
+    assert!(readable < never_read - 1000.0, "{readable} MiB once read");
+    // Its read fails again: at its max less what its QEMU had resident at its last read.
+    host.unreadable = vec![host.domains[2].id];
+    let (failed, _) = unbacked(&mut host, &mut c);
+    let resident = host.domains[2].mem.resident / 1024.0;
+    assert!(
+        failed >= readable + (2048.0 - resident) - 1024.0 - 1.0,
+        "{failed} MiB, {readable} before, {resident} resident"
+    );
+}
+
+#[test]
+fn a_guest_partly_backed_by_hugepages_is_never_shrunk_into_them() {
+    // Guests 2 and 3 are idle alike; hugepages hold 800 MiB of guest 3 (one of its NUMA cells).
+    let mut host = lab();
+    host.domains[2].held_kib = 800 * MIB;
+    let mut c = Coordinator::new(policy(), false);
+    run(&mut host, &mut c, 60);
+    let (free, held) = (host.domains[1].mem.actual, host.domains[2].mem.actual);
+    assert!(
+        free < 500 * MIB,
+        "the other idle guest shrank: {} MiB",
+        free / MIB
+    );
+    assert!(held >= 800 * MIB, "{} MiB", held / MIB);
+    assert!(
+        held < 1024 * MIB,
+        "it still gave back what is not held: {} MiB",
+        held / MIB
+    );
+}

@@ -344,6 +344,30 @@ fn each_numa_nodes_memory_and_a_guests_binding_come_from_the_two_node_host() {
     assert_eq!(binding("bound"), Some(vec![1]));
     assert_eq!(binding("prefers"), None);
     assert_eq!(binding("free"), None);
+    // Each one's max memory comes from its definition, known without asking its QEMU.
+    assert!(
+        domains
+            .iter()
+            .filter(|d| d.name != "test")
+            .all(|d| d.max_kib == Some(65536))
+    );
+    // Hugepages backing one of a guest's two NUMA cells hold that cell only: it is managed,
+    // never shrunk into the held half.
+    let xml = "<domain type='test'><name>half-huge</name><uuid>5eb0a7e5-0000-4000-8000-0000000000ff</uuid>\
+               <memory unit='KiB'>65536</memory><vcpu>2</vcpu>\
+               <memoryBacking><hugepages><page size='2048' unit='KiB' nodeset='1'/></hugepages></memoryBacking>\
+               <cpu><numa><cell id='0' cpus='0' memory='32768' unit='KiB'/><cell id='1' cpus='1' memory='32768' unit='KiB'/></numa></cpu>\
+               <os><type>hvm</type></os></domain>";
+    h.connection()
+        .create_domain_xml(xml, 0)
+        .expect("create a half-hugepage domain");
+    let half = h
+        .active_domains()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == "half-huge")
+        .unwrap();
+    assert_eq!((half.memory_held, half.held_kib), (None, 32768));
     // A host of one node (the custom node file describes none) has no node figures: its one
     // budget says it all.
     assert!(host().node_memory().unwrap().is_empty());

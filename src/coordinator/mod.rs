@@ -172,12 +172,18 @@ impl Coordinator {
             names.insert(dom);
             report.guests.push(judged.line);
         }
-        // A domain that does not answer keeps its record, and counts in the budget at its most
-        // cautious: all of its max memory the host did not back at its last read.
+        // A domain that does not answer, or whose read failed, keeps its record, and counts in
+        // the budget at its most cautious: all of its max memory the host did not back at its
+        // last read, or all of its max memory when it was never read.
         for dom in &stuck {
             let (_, record) = self.guests.see(dom, GuestRecord::default);
-            if let Some(last) = record.followed.as_ref().and_then(|g| g.last_read) {
-                let at_max = at_max_kib(last.max_kib, last.rss_kib);
+            let last = record.followed.as_ref().and_then(|g| g.last_read);
+            let at_max = match last {
+                Some(last) => Some(at_max_kib(last.max_kib, last.rss_kib)),
+                None => dom.max_kib,
+            };
+            if dom.memory_held.is_none() {
+                let at_max = at_max.unwrap_or(0);
                 snapshot.add_unbacked(dom.memory_nodes.as_deref(), at_max);
             }
             report.not_answering.push(dom.name.clone());
@@ -289,7 +295,8 @@ impl Coordinator {
             MemoryReading::Fresh(g) => {
                 guest.implausible_said = false;
                 guest.ledger.observe(&g, &dom.name);
-                let standing = guest.ledger.standing(dom.guaranteed_kib);
+                // Memory its hugepages hold is a floor too: a shrink into it frees nothing.
+                let standing = guest.ledger.standing(dom.guaranteed_kib.max(dom.held_kib));
                 let status = policy.status(&g, &standing);
                 guest.ledger.judged(status);
                 fresh = Some((g, standing));

@@ -24,7 +24,10 @@ use crate::host::{
     NodeCpus, NodeMemory, VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip,
     vcpus_domain_by_domain,
 };
-use crate::topology::{Topology, balloon_autodeflates, memory_held_by, strict_memory_nodes};
+use crate::topology::{
+    Topology, balloon_autodeflates, hugepages_held_kib, max_memory_kib, memory_held_by,
+    strict_memory_nodes,
+};
 
 /// Where libvirt does not announce pin changes (see [`events`]), bulk samples re-read the vCPU
 /// pins of every domain this often (in samples), so pins changed by someone else are seen; between
@@ -55,6 +58,8 @@ struct DomainFacts {
     metadata: DomainMetadata,
     memory_nodes: Option<Vec<u32>>,
     memory_held: Option<&'static str>,
+    held_kib: u64,
+    max_kib: Option<u64>,
     autodeflate: bool,
     configured: ConfiguredPins,
 }
@@ -67,6 +72,8 @@ impl DomainFacts {
             guaranteed_kib: self.metadata.guaranteed_kib,
             memory_nodes: self.memory_nodes.clone(),
             memory_held: self.memory_held,
+            held_kib: self.held_kib,
+            max_kib: self.max_kib,
             autodeflate: self.autodeflate,
             run: Some(self.run),
             ..domain.clone()
@@ -231,6 +238,9 @@ pub struct LibvirtHost {
     stop: fn() -> bool,
     /// The domains said to be stuck (not answering), by UUID, with their names.
     stuck_said: HashMap<DomainId, String>,
+    /// Domains whose read failed in the last sample (not vanished, not stuck), by UUID, with
+    /// their names.
+    unreadable: HashMap<DomainId, String>,
 }
 
 /// How long a call that may wait on a domain's QEMU is waited for, by default.
@@ -267,6 +277,7 @@ impl LibvirtHost {
             bounded,
             stop: || false,
             stuck_said: HashMap::new(),
+            unreadable: HashMap::new(),
         })
     }
 
@@ -299,6 +310,82 @@ impl LibvirtHost {
             }
             still
         });
+    }
+
+    /// Domain `id`'s vCPUs, read directly.
+    fn read_vcpus(&mut self, id: &DomainId) -> HostResult<Vec<VcpuInfo>> {
+        let present = self.present_cpus()?;
+        let raw = self.on_domain(
+            id,
+            2,
+            || format!("reading the vCPUs of domain {id}"),
+            |dom| raw::domain_vcpus(dom, present),
+        )?;
+        let nvcpus = raw.iter().map(|v| v.number + 1).max().unwrap_or(0);
+        let run = self.run_of(id)?;
+        let configured = self.configured(id, run, nvcpus)?;
+        Ok(raw
+            .into_iter()
+            .map(|v| VcpuInfo {
+                number: v.number,
+                cpu_time_ns: v.cpu_time_ns,
+                last_pcpu: u32::try_from(v.cpu).ok(),
+                configured: configured
+                    .as_ref()
+                    .and_then(|c| c.get(v.number as usize).cloned()),
+                affinity: v.affinity,
+                delay_ns: None,
+            })
+            .collect())
+    }
+
+    /// Domain `id`'s balloon and guest memory figures (bounded in time).
+    fn read_balloon_stats(&mut self, id: &DomainId) -> HostResult<BalloonStats> {
+        self.on_domain_bounded(
+            id,
+            2,
+            || format!("reading the memory statistics of domain {id}"),
+            |dom| {
+                let mut stats = BalloonStats {
+                    max_kib: dom.max_memory()?,
+                    ..BalloonStats::default()
+                };
+                let mut actual = None;
+                for stat in dom.memory_stats(0)? {
+                    match stat.tag as sys::virDomainMemoryStatTags {
+                        sys::VIR_DOMAIN_MEMORY_STAT_ACTUAL_BALLOON => actual = Some(stat.val),
+                        sys::VIR_DOMAIN_MEMORY_STAT_UNUSED => stats.unused_kib = Some(stat.val),
+                        sys::VIR_DOMAIN_MEMORY_STAT_AVAILABLE => {
+                            stats.mem_total_kib = Some(stat.val)
+                        }
+                        sys::VIR_DOMAIN_MEMORY_STAT_USABLE => {
+                            stats.mem_available_kib = Some(stat.val)
+                        }
+                        sys::VIR_DOMAIN_MEMORY_STAT_LAST_UPDATE => {
+                            stats.last_update = Some(stat.val)
+                        }
+                        sys::VIR_DOMAIN_MEMORY_STAT_RSS => stats.rss_kib = Some(stat.val),
+                        _ => {}
+                    }
+                }
+                // Without a balloon there is no "actual": the domain's current memory is its size.
+                stats.actual_kib = match actual {
+                    Some(kib) => kib,
+                    None => dom.info()?.memory,
+                };
+                Ok(stats)
+            },
+        )
+    }
+
+    /// Remember domain `id` as unreadable this sample when `read` failed otherwise than by
+    /// vanishing, not answering or losing the connection: the daemons then count it at its most
+    /// cautious ([`Host::stuck_domains`]).
+    fn note_unreadable<T>(&mut self, id: &DomainId, read: &HostResult<T>) {
+        if let Err(HostError::Other(_) | HostError::Unsupported(_) | HostError::Denied(_)) = read {
+            let name = self.name_of(id);
+            self.unreadable.insert(*id, name);
+        }
     }
 
     /// The name of domain `id`, from what is known of it, else its UUID.
@@ -567,12 +654,14 @@ impl LibvirtHost {
                 },
             };
             // The live XML says whether its memory is strictly bound to NUMA nodes.
-            let (memory_nodes, memory_held, autodeflate) = match self
+            let (memory_nodes, memory_held, held_kib, max_kib, autodeflate) = match self
                 .counted(1, |_| dom.xml_desc(0))
             {
                 Ok(xml) => (
                     strict_memory_nodes(&xml),
                     memory_held_by(&xml),
+                    hugepages_held_kib(&xml),
+                    max_memory_kib(&xml),
                     balloon_autodeflates(&xml),
                 ),
                 Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
@@ -583,6 +672,8 @@ impl LibvirtHost {
                 metadata,
                 memory_nodes,
                 memory_held,
+                held_kib,
+                max_kib,
                 autodeflate,
                 configured: ConfiguredPins::Unread,
             };
@@ -692,6 +783,7 @@ impl Host for LibvirtHost {
     /// One `virConnectGetAllDomainStats` call for every domain's vCPU times, plus the pins where
     /// they are not known; per-domain calls where the driver has no bulk statistics.
     fn sample_vcpus(&mut self) -> HostResult<Vec<VcpuSample>> {
+        self.unreadable.clear();
         let before = Instant::now();
         let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_VCPU)? else {
             let out = vcpus_domain_by_domain(self)?;
@@ -757,6 +849,7 @@ impl Host for LibvirtHost {
     /// One `virConnectGetAllDomainStats` call for every domain's balloon figures; per-domain calls
     /// where the driver has no bulk statistics.
     fn sample_balloons(&mut self) -> HostResult<Vec<BalloonSample>> {
+        self.unreadable.clear();
         let before = Instant::now();
         let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_BALLOON)? else {
             let out = balloons_domain_by_domain(self)?;
@@ -816,29 +909,9 @@ impl Host for LibvirtHost {
     }
 
     fn vcpus(&mut self, id: &DomainId) -> HostResult<Vec<VcpuInfo>> {
-        let present = self.present_cpus()?;
-        let raw = self.on_domain(
-            id,
-            2,
-            || format!("reading the vCPUs of domain {id}"),
-            |dom| raw::domain_vcpus(dom, present),
-        )?;
-        let nvcpus = raw.iter().map(|v| v.number + 1).max().unwrap_or(0);
-        let run = self.run_of(id)?;
-        let configured = self.configured(id, run, nvcpus)?;
-        Ok(raw
-            .into_iter()
-            .map(|v| VcpuInfo {
-                number: v.number,
-                cpu_time_ns: v.cpu_time_ns,
-                last_pcpu: u32::try_from(v.cpu).ok(),
-                configured: configured
-                    .as_ref()
-                    .and_then(|c| c.get(v.number as usize).cloned()),
-                affinity: v.affinity,
-                delay_ns: None,
-            })
-            .collect())
+        let read = self.read_vcpus(id);
+        self.note_unreadable(id, &read);
+        read
     }
 
     fn node_cpus(&mut self) -> HostResult<NodeCpus> {
@@ -884,41 +957,9 @@ impl Host for LibvirtHost {
     }
 
     fn balloon_stats(&mut self, id: &DomainId) -> HostResult<BalloonStats> {
-        self.on_domain_bounded(
-            id,
-            2,
-            || format!("reading the memory statistics of domain {id}"),
-            |dom| {
-                let mut stats = BalloonStats {
-                    max_kib: dom.max_memory()?,
-                    ..BalloonStats::default()
-                };
-                let mut actual = None;
-                for stat in dom.memory_stats(0)? {
-                    match stat.tag as sys::virDomainMemoryStatTags {
-                        sys::VIR_DOMAIN_MEMORY_STAT_ACTUAL_BALLOON => actual = Some(stat.val),
-                        sys::VIR_DOMAIN_MEMORY_STAT_UNUSED => stats.unused_kib = Some(stat.val),
-                        sys::VIR_DOMAIN_MEMORY_STAT_AVAILABLE => {
-                            stats.mem_total_kib = Some(stat.val)
-                        }
-                        sys::VIR_DOMAIN_MEMORY_STAT_USABLE => {
-                            stats.mem_available_kib = Some(stat.val)
-                        }
-                        sys::VIR_DOMAIN_MEMORY_STAT_LAST_UPDATE => {
-                            stats.last_update = Some(stat.val)
-                        }
-                        sys::VIR_DOMAIN_MEMORY_STAT_RSS => stats.rss_kib = Some(stat.val),
-                        _ => {}
-                    }
-                }
-                // Without a balloon there is no "actual": the domain's current memory is its size.
-                stats.actual_kib = match actual {
-                    Some(kib) => kib,
-                    None => dom.info()?.memory,
-                };
-                Ok(stats)
-            },
-        )
+        let read = self.read_balloon_stats(id);
+        self.note_unreadable(id, &read);
+        read
     }
 
     fn enable_balloon_stats(&mut self, id: &DomainId, period_secs: u32) -> HostResult<()> {
@@ -1008,9 +1049,11 @@ impl Host for LibvirtHost {
             .collect())
     }
 
+    /// The domains that did not answer in time, and those whose read failed in the last sample.
     fn stuck_domains(&self) -> Vec<DomainRef> {
         self.stuck_said
             .iter()
+            .chain(&self.unreadable)
             .filter_map(|(id, name)| {
                 let facts = self.session.facts.get(id)?;
                 Some(facts.describe(&DomainRef::new(*id, name)))

@@ -226,6 +226,8 @@ pub struct SimDomain {
     pub home_node: Option<u32>,
     /// Why its balloon frees nothing on the host (hugepages, locked, VFIO), if so.
     pub memory_held: Option<&'static str>,
+    /// Memory hugepages hold for some of its NUMA cells, KiB.
+    pub held_kib: u64,
     /// Its run (domain ID): a restart gives it a new one.
     pub run: u32,
     /// Its metadata asks vmbalance to leave it alone.
@@ -246,6 +248,8 @@ impl SimDomain {
             guaranteed_kib: self.guaranteed_kib,
             memory_nodes: self.memory_nodes.clone(),
             memory_held: self.memory_held,
+            held_kib: self.held_kib,
+            max_kib: Some(self.mem.max),
             autodeflate: self.mem.autodeflate,
             run: Some(self.run),
         }
@@ -262,6 +266,9 @@ pub struct SimHost {
     /// Domains that do not answer (their QEMU stopped, or busy in a libvirt job): listed, but
     /// every call on them is `HostError::Stuck`.
     pub stuck: Vec<DomainId>,
+    /// Domains whose every read fails (an error that is neither a vanished domain nor a stuck
+    /// one); reported with the stuck ones, as the libvirt layer does.
+    pub unreadable: Vec<DomainId>,
     /// Domains whose statistics period cannot be set in time (busy in a libvirt job), though
     /// they are read as usual.
     pub stuck_on_stats_period: Vec<DomainId>,
@@ -319,6 +326,7 @@ impl SimHost {
             domains: Vec::new(),
             vanish_after_listing: Vec::new(),
             stuck: Vec::new(),
+            unreadable: Vec::new(),
             stuck_on_stats_period: Vec::new(),
             pins: 0,
             host_total: 16 << 20,
@@ -355,6 +363,7 @@ impl SimHost {
             memory_nodes: None,
             home_node: None,
             memory_held: None,
+            held_kib: 0,
             run: 1,
             opted_out: false,
             guaranteed_kib: 0,
@@ -567,6 +576,9 @@ impl SimHost {
         if self.stuck.contains(id) {
             return Err(HostError::Stuck(*id));
         }
+        if self.unreadable.contains(id) {
+            return Err(anyhow::anyhow!("the simulated domain {id} cannot be read").into());
+        }
         self.domains
             .iter_mut()
             .find(|d| d.id == *id)
@@ -587,7 +599,7 @@ impl Host for SimHost {
     fn stuck_domains(&self) -> Vec<DomainRef> {
         self.domains
             .iter()
-            .filter(|d| self.stuck.contains(&d.id))
+            .filter(|d| self.stuck.contains(&d.id) || self.unreadable.contains(&d.id))
             .map(SimDomain::domain_ref)
             .collect()
     }
