@@ -1223,3 +1223,38 @@ fn a_service_starting_in_a_guest_shrunk_to_its_target_is_not_oom_killed() {
         "{console}"
     );
 }
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn a_device_hot_plugged_into_a_guest_has_its_xml_read_again() {
+    // A USB tablet hot-plugged into, then unplugged from, a running guest: libvirt announces
+    // both, and the coordinator reads the domain's XML again at its next cycle (where a VFIO or
+    // vDPA device, which the lab has none of, would show its memory held). Before, a hot-plug was
+    // seen only on SIGHUP.
+    let lab = Lab::guests(&[guest_spec("plug")]);
+    let mut d = Daemon::start(COORDINATOR, &["-v", "1"]);
+    d.wait_cycles(2, Duration::from_secs(30));
+    let tablet = lab.dir.join("tablet.xml");
+    std::fs::write(&tablet, "<input type='tablet' bus='usb'/>").unwrap();
+    let domain = Lab::domain("plug");
+    let said = |d: &Daemon| {
+        d.log()
+            .matches(&format!("domain {domain}: a device was added or removed"))
+            .count()
+    };
+    let wait_said = |d: &Daemon, n: usize| {
+        let start = Instant::now();
+        while said(d) < n && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        said(d)
+    };
+    let tablet = tablet.to_str().unwrap();
+    virsh(&["attach-device", &domain, tablet, "--live"]);
+    let after_plug = wait_said(&d, 1);
+    virsh(&["detach-device", &domain, tablet, "--live"]);
+    let after_unplug = wait_said(&d, 2);
+    let Ended { code, log, .. } = d.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!((after_plug, after_unplug), (1, 2), "{log}");
+}

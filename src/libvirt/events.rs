@@ -1,4 +1,4 @@
-//! vCPU pin changes as libvirt announces them, so pins need not be polled.
+//! vCPU pin changes and device hot-plugs as libvirt announces them, so neither need be polled.
 //!
 //! Bulk statistics carry no pins. Rather than re-reading every domain's pins now and then (one
 //! round trip per domain), the libvirt layer keeps the pins it read once and applies the tunable
@@ -170,6 +170,121 @@ unsafe extern "C" fn on_tunable(
     if let Ok(mut q) = queue.lock() {
         q.extend(changes);
     }
+}
+
+/// Domains (by UUID) whose devices were added or removed, waiting to be read again.
+type DeviceQueue = Mutex<Vec<[u8; 16]>>;
+
+/// A registration for device hot-plugs (`VIR_DOMAIN_EVENT_ID_DEVICE_ADDED` and `_REMOVED`) of
+/// every domain on one connection: a hot-plugged VFIO or vDPA device pins a guest's memory, so
+/// what the domain's XML says of its memory must be read again. Deregistered on drop.
+pub struct DeviceWatch {
+    conn: Connect,
+    callback_ids: Vec<c_int>,
+    queue: Arc<DeviceQueue>,
+}
+
+impl DeviceWatch {
+    /// Register for device-added and device-removed events on `conn`.
+    pub fn register(conn: &Connect) -> Result<Self, Error> {
+        let mut watch = Self {
+            conn: conn.clone(),
+            callback_ids: Vec::new(),
+            queue: Arc::default(),
+        };
+        for event in [
+            sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+            sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+        ] {
+            let opaque = Arc::into_raw(Arc::clone(&watch.queue)) as *mut c_void;
+            // SAFETY: libvirt calls device-added and device-removed callbacks with this
+            // signature; the generic type is what the registration takes.
+            let callback = unsafe {
+                std::mem::transmute::<
+                    unsafe extern "C" fn(
+                        sys::virConnectPtr,
+                        sys::virDomainPtr,
+                        *const std::os::raw::c_char,
+                        *mut c_void,
+                    ),
+                    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+                >(on_device)
+            };
+            // SAFETY: `opaque` is a strong reference to the queue that libvirt hands back to
+            // `on_device` and releases, exactly once, through `release_device_queue`.
+            let id = unsafe {
+                sys::virConnectDomainEventRegisterAny(
+                    conn.as_ptr(),
+                    std::ptr::null_mut(),
+                    event as c_int,
+                    Some(callback),
+                    opaque,
+                    Some(release_device_queue),
+                )
+            };
+            if id < 0 {
+                // SAFETY: registration failed, so libvirt did not keep `opaque`: take it back.
+                unsafe { release_device_queue(opaque) };
+                // Dropping `watch` deregisters what was registered.
+                return Err(Error::last_error());
+            }
+            watch.callback_ids.push(id);
+        }
+        Ok(watch)
+    }
+
+    /// The domains whose devices changed since the last call, each once.
+    pub fn take(&self) -> Vec<[u8; 16]> {
+        let mut uuids = self
+            .queue
+            .lock()
+            .map(|mut q| std::mem::take(&mut *q))
+            .unwrap_or_default();
+        uuids.sort_unstable();
+        uuids.dedup();
+        uuids
+    }
+}
+
+impl Drop for DeviceWatch {
+    fn drop(&mut self) {
+        for &id in &self.callback_ids {
+            // SAFETY: as for `PinWatch`: registered on this connection, kept open by `self.conn`.
+            unsafe { sys::virConnectDomainEventDeregisterAny(self.conn.as_ptr(), id) };
+        }
+    }
+}
+
+/// The device-added and device-removed callback: queue the domain's UUID.
+///
+/// # Safety
+/// Called by libvirt with a live domain and the `opaque` given at registration.
+unsafe extern "C" fn on_device(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _alias: *const std::os::raw::c_char,
+    opaque: *mut c_void,
+) {
+    let mut uuid = [0u8; 16];
+    // SAFETY: `dom` is live for the call; the UUID is read from the local object.
+    if unsafe { sys::virDomainGetUUID(dom, uuid.as_mut_ptr()) } != 0 {
+        return;
+    }
+    // SAFETY: `opaque` is the queue reference taken at registration, alive until
+    // `release_device_queue`, which libvirt calls only after the last callback.
+    let queue = unsafe { &*(opaque as *const DeviceQueue) };
+    if let Ok(mut q) = queue.lock() {
+        q.push(uuid);
+    }
+}
+
+/// Release a device queue reference handed to libvirt at registration.
+///
+/// # Safety
+/// `opaque` must come from `Arc::into_raw` on a device queue, and be released once.
+unsafe extern "C" fn release_device_queue(opaque: *mut c_void) {
+    // SAFETY: as the caller guarantees.
+    drop(unsafe { Arc::from_raw(opaque as *const DeviceQueue) });
 }
 
 /// Release the queue reference handed to libvirt at registration.

@@ -186,6 +186,18 @@ enum PinEvents {
     Watched(events::PinWatch),
 }
 
+/// Whether device hot-plugs are followed through libvirt's events on this connection.
+#[derive(Default)]
+enum DeviceEvents {
+    /// Not tried yet.
+    #[default]
+    Untried,
+    /// Not announced (or the event loop is not running): a hot-plug is seen on SIGHUP.
+    Unavailable,
+    /// Announced: a domain whose devices changed has its XML read again.
+    Watched(events::DeviceWatch),
+}
+
 /// The host's topology, read once per connection.
 #[derive(Default)]
 enum Capabilities {
@@ -215,6 +227,8 @@ struct Session {
     facts: HashMap<DomainId, DomainFacts>,
     /// The host's topology.
     capabilities: Capabilities,
+    /// Device hot-plugs announced by libvirt, where it announces them.
+    device_events: DeviceEvents,
 }
 
 /// A connection to one libvirt host.
@@ -614,6 +628,36 @@ impl LibvirtHost {
         }
     }
 
+    /// Forget what was read once of the domains whose devices libvirt announced as added or
+    /// removed since the last call (registering for those events first, once per connection),
+    /// so their XML is read again: a hot-plugged VFIO or vDPA device pins a guest's memory.
+    fn forget_replugged(&mut self) {
+        if matches!(self.session.device_events, DeviceEvents::Untried) {
+            self.session.device_events = DeviceEvents::Unavailable;
+            if self.event_loop {
+                match self.counted(2, |h| events::DeviceWatch::register(&h.conn)) {
+                    Ok(watch) => self.session.device_events = DeviceEvents::Watched(watch),
+                    Err(e) => debug!(
+                        "no device events ({}): a hot-plugged device is seen on SIGHUP",
+                        e.message()
+                    ),
+                }
+            }
+        }
+        let DeviceEvents::Watched(watch) = &self.session.device_events else {
+            return;
+        };
+        for uuid in watch.take() {
+            let id = DomainId(uuid);
+            if self.session.facts.remove(&id).is_some() {
+                debug!(
+                    "domain {}: a device was added or removed; its XML is read again",
+                    self.name_of(&id)
+                );
+            }
+        }
+    }
+
     /// Apply the pin changes libvirt announced since the last sample to the pins we know. A
     /// change we cannot apply makes the domain's pins unknown, so they are read again.
     fn apply_pin_events(&mut self) {
@@ -784,6 +828,7 @@ impl Host for LibvirtHost {
     /// they are not known; per-domain calls where the driver has no bulk statistics.
     fn sample_vcpus(&mut self) -> HostResult<Vec<VcpuSample>> {
         self.unreadable.clear();
+        self.forget_replugged();
         let before = Instant::now();
         let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_VCPU)? else {
             let out = vcpus_domain_by_domain(self)?;
@@ -850,6 +895,7 @@ impl Host for LibvirtHost {
     /// where the driver has no bulk statistics.
     fn sample_balloons(&mut self) -> HostResult<Vec<BalloonSample>> {
         self.unreadable.clear();
+        self.forget_replugged();
         let before = Instant::now();
         let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_BALLOON)? else {
             let out = balloons_domain_by_domain(self)?;
