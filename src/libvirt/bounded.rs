@@ -88,6 +88,8 @@ pub enum Target {
     Domain(DomainId),
     /// Every domain (a bulk statistics call).
     AllDomains,
+    /// The listing of the domains, which waits on any domain held by a blocked libvirt call.
+    Listing,
 }
 
 /// How often a wait looks whether the daemon was asked to stop.
@@ -139,7 +141,7 @@ impl Bounded {
             .iter()
             .filter_map(|t| match t {
                 Target::Domain(id) => Some(*id),
-                Target::AllDomains => None,
+                Target::AllDomains | Target::Listing => None,
             })
             .collect();
         stuck.sort();

@@ -229,6 +229,11 @@ struct Session {
     capabilities: Capabilities,
     /// Device hot-plugs announced by libvirt, where it announces them.
     device_events: DeviceEvents,
+    /// The last listing that answered: each active domain's UUID, name and run. Used while a
+    /// listing does not answer.
+    last_listing: Vec<(DomainId, String, u32)>,
+    /// A listing did not answer in time, and it was said.
+    listing_stuck_said: bool,
 }
 
 /// A connection to one libvirt host.
@@ -329,11 +334,12 @@ impl LibvirtHost {
     /// Domain `id`'s vCPUs, read directly.
     fn read_vcpus(&mut self, id: &DomainId) -> HostResult<Vec<VcpuInfo>> {
         let present = self.present_cpus()?;
-        let raw = self.on_domain(
+        // Bounded: it waits on a domain held by a blocked libvirt call.
+        let raw = self.on_domain_bounded(
             id,
             2,
             || format!("reading the vCPUs of domain {id}"),
-            |dom| raw::domain_vcpus(dom, present),
+            move |dom| raw::domain_vcpus(dom, present),
         )?;
         let nvcpus = raw.iter().map(|v| v.number + 1).max().unwrap_or(0);
         let run = self.run_of(id)?;
@@ -400,6 +406,27 @@ impl LibvirtHost {
             let name = self.name_of(id);
             self.unreadable.insert(*id, name);
         }
+    }
+
+    /// The domains of the last listing that answered, as they were described then (the listing
+    /// does not answer now: said once).
+    fn last_listing(&mut self) -> HostResult<Vec<DomainRef>> {
+        if !std::mem::replace(&mut self.session.listing_stuck_said, true) {
+            log::warn!(
+                "listing the domains did not answer within {:.1} s (a domain is held by a libvirt call that blocks: a dump or save to a file that does not open, a hung storage call): going on with the {} domains listed before",
+                self.bounded.deadline().as_secs_f64(),
+                self.session.last_listing.len()
+            );
+        }
+        Ok(self
+            .session
+            .last_listing
+            .iter()
+            .filter_map(|(id, name, run)| {
+                let facts = self.session.facts.get(id).filter(|f| f.run == *run)?;
+                Some(facts.describe(&DomainRef::new(*id, name)))
+            })
+            .collect())
     }
 
     /// The name of domain `id`, from what is known of it, else its UUID.
@@ -552,7 +579,12 @@ impl LibvirtHost {
             return Ok(None);
         };
         match read {
-            Ok(records) => Ok(Some(records)),
+            Ok(records) => {
+                if std::mem::take(&mut self.session.listing_stuck_said) {
+                    log::info!("listing the domains answers again");
+                }
+                Ok(Some(records))
+            }
             Err(e) => match self.error(e, || "reading the statistics of all domains".into()) {
                 HostError::Unsupported(_) => {
                     self.session.no_bulk_stats = true;
@@ -579,11 +611,11 @@ impl LibvirtHost {
         });
         if !fresh {
             let present = self.present_cpus()?;
-            let affinity = self.on_domain(
+            let affinity = self.on_domain_bounded(
                 id,
                 1,
                 || format!("reading the vCPU pins of domain {id}"),
-                |dom| raw::vcpu_pin_info(dom, nvcpus, present, Definition::Live),
+                move |dom| raw::vcpu_pin_info(dom, nvcpus, present, Definition::Live),
             )?;
             let read_at_sample = self.samples;
             self.session.pins.insert(
@@ -846,10 +878,13 @@ impl Host for LibvirtHost {
             );
         }
         let mut out = Vec::with_capacity(records.len());
+        self.session.last_listing.clear();
         for rec in records {
             let Some(domain) = self.described(DomainId(rec.uuid), &rec.name, rec.id)? else {
                 continue;
             };
+            let listed = (domain.id, rec.name.clone(), rec.id);
+            self.session.last_listing.push(listed);
             let from_bulk = match rec.u64("vcpu.maximum") {
                 Some(max) => {
                     let max = u32::try_from(max).unwrap_or(u32::MAX);
@@ -904,10 +939,13 @@ impl Host for LibvirtHost {
         };
         let at = midway(before);
         let mut out = Vec::with_capacity(records.len());
+        self.session.last_listing.clear();
         for rec in records {
             let Some(domain) = self.described(DomainId(rec.uuid), &rec.name, rec.id)? else {
                 continue;
             };
+            let listed = (domain.id, rec.name.clone(), rec.id);
+            self.session.last_listing.push(listed);
             let stats = match (rec.u64("balloon.current"), rec.u64("balloon.maximum")) {
                 (Some(actual_kib), Some(max_kib)) => Some(BalloonStats {
                     actual_kib,
@@ -932,12 +970,25 @@ impl Host for LibvirtHost {
         Ok(out)
     }
 
+    /// The active domains, listed on a connection of the pool and waited for at most the
+    /// deadline: a listing locks every domain in turn, so one domain held by a libvirt call that
+    /// blocks (a dump or save to a file that does not open, a hung storage call) holds it up.
+    /// While it does not answer, the domains of the last listing that did are used (said once),
+    /// each read on its own, bounded too.
     fn active_domains(&mut self) -> HostResult<Vec<DomainRef>> {
         let flags = sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
-        let listed = self
-            .counted(1, |h| h.conn.list_all_domains(flags))
+        let call = move |conn: &Connect| conn.list_all_domains(flags);
+        let answer = self.counted(1, |h| h.bounded.run(Target::Listing, h.stop, call));
+        let Some(listed) = answer else {
+            return self.last_listing();
+        };
+        let listed = listed
             .map_err(|e| self.error(e, || format!("listing the active domains of {}", self.uri)))?;
+        if std::mem::take(&mut self.session.listing_stuck_said) {
+            log::info!("listing the domains answers again");
+        }
         self.session.domains.clear();
+        self.session.last_listing.clear();
         let mut out = Vec::with_capacity(listed.len());
         for dom in listed {
             // A domain that vanishes between the listing and these reads is simply not listed.
@@ -947,7 +998,10 @@ impl Host for LibvirtHost {
             let id = DomainId(*uuid.as_bytes());
             let run = dom.id().unwrap_or(u32::MAX);
             self.session.domains.insert(id, dom);
-            out.extend(self.described(id, &name, run)?);
+            if let Some(domain) = self.described(id, &name, run)? {
+                self.session.last_listing.push((id, name, run));
+                out.push(domain);
+            }
         }
         let seen: std::collections::HashSet<DomainId> = out.iter().map(|d| d.id).collect();
         self.session.facts.retain(|id, _| seen.contains(id));

@@ -24,7 +24,8 @@ fn lab_sh() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("lab/lab.sh")
 }
 
-fn run(cmd: &mut Command) -> String {
+/// Run `cmd`, failing the test when it fails; its standard output.
+pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("command runs");
     assert!(
         out.status.success(),
