@@ -121,6 +121,7 @@ impl GuestLedger {
             reclaiming: self.reclaiming,
             behind: self.asked_kib.is_some() && self.warned,
             peak_rate_kib_s: self.rates.iter().copied().fold(0.0, f64::max),
+            self_deflates: false,
         }
     }
 
@@ -162,6 +163,7 @@ mod tests {
             free_kib: unused_mib * MIB,
             unused_kib: unused_mib * MIB,
             rate_kib_s: 0.0,
+            latest_rate_kib_s: 0.0,
         }
     }
 

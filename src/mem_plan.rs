@@ -12,7 +12,9 @@
 //! 2. **Status.** A guest is **starving** when it is still consuming (its used memory grows
 //!    faster than `consuming_kib_s`) and its free memory is under `starve_pct` % of its balloon,
 //!    or would run out within `runway_periods` periods at its current rate (a small guest running
-//!    a fast hog has no time to wait for the percentage); **wasting** when free memory is over
+//!    a fast hog has no time to wait for the percentage). Its rate here and in rule 3 is its
+//!    *pace*: the last interval's rate alone when its consumption jumped to more than twice its
+//!    rate, so a burst is fed a report sooner ([`GuestMemory::pace_kib_s`]); **wasting** when free memory is over
 //!    `waste_pct` % and it is not consuming, and it stays wasting, while it does not consume,
 //!    until it is brought down to where a shrink stops (rule 5), so a guest is not left just
 //!    under the waste line (a guest already there is not wasting, whatever its free share);
@@ -43,7 +45,8 @@
 //! 5. **Shrink floor.** A shrinking guest keeps enough memory to have `target_free_pct` % of it
 //!    free (by default mid-way between starving and wasting), so a guest that was shrunk is
 //!    balanced, not starving, the next cycle, and at least `cushion_kib` free, so a burst (a
-//!    service starting) lives on it until the next reports show it and it is fed; and never less
+//!    service starting) lives on it until the next reports show it and it is fed (not a guest
+//!    whose balloon deflates on its own: a burst takes its memory back at once); and never less
 //!    than its hard floor (rule 6).
 //! 6. **Hard limits.** Never below the hard floor: `min_guest_kib`, what the guest uses plus
 //!    `min_step_kib`, and the minimum its metadata guarantees it; never above the guest's max
@@ -167,6 +170,9 @@ pub struct Standing {
     /// The fastest it consumed over its last few reports, KiB/s: a grant is sized on this, not on
     /// the last rate alone, which swings from report to report (rule 3).
     pub peak_rate_kib_s: f64,
+    /// Its balloon deflates on its own when it runs short (deflate-on-oom): a burst takes its
+    /// memory back without waiting for us, so a shrink leaves it no cushion (rule 5).
+    pub self_deflates: bool,
 }
 
 /// Everything the memory planner needs at one instant.
@@ -240,9 +246,10 @@ pub struct MemPlan {
 impl MemPolicy {
     /// Status of a guest under this policy (rule 2), given its standing.
     pub fn status(&self, g: &GuestMemory, standing: &Standing) -> MemStatus {
-        let consuming = g.rate_kib_s > self.consuming_kib_s;
+        let pace = g.pace_kib_s();
+        let consuming = pace > self.consuming_kib_s;
         let free = g.free_pct();
-        let runway_secs = g.free_kib as f64 / g.rate_kib_s.max(f64::MIN_POSITIVE);
+        let runway_secs = g.free_kib as f64 / pace.max(f64::MIN_POSITIVE);
         let short = free < self.starve_pct || runway_secs < self.runway_periods * self.period_secs;
         let has_excess = self.excess_kib(g, standing) >= MIB;
         if consuming && short {
@@ -267,9 +274,14 @@ impl MemPolicy {
     pub fn keep_kib(&self, g: &GuestMemory, standing: &Standing) -> u64 {
         let free_frac = (self.target_free_pct / 100.0).clamp(0.0, 0.95);
         let comfortable = (g.used_kib() as f64 / (1.0 - free_frac)).ceil() as u64;
+        let cushion = if standing.self_deflates {
+            0
+        } else {
+            self.cushion_kib
+        };
         self.hard_floor_kib(g, standing)
             .max(comfortable)
-            .max(g.used_kib().saturating_add(self.cushion_kib))
+            .max(g.used_kib().saturating_add(cushion))
     }
 
     /// What a guest holds above the size a shrink stops at.
@@ -506,7 +518,7 @@ fn beyond_nodes(
 /// consumption, it still has its headroom; nothing under 1 MiB; within its one step and its max
 /// memory (rule 6).
 fn want_kib(g: &GuestMemory, standing: &Standing, policy: &MemPolicy) -> u64 {
-    let per_period = g.rate_kib_s.max(standing.peak_rate_kib_s) * policy.period_secs;
+    let per_period = g.pace_kib_s().max(standing.peak_rate_kib_s) * policy.period_secs;
     let runway = policy.runway_periods * per_period;
     let headroom = runway.max(g.actual_kib as f64 * policy.headroom_pct / 100.0);
     let need = (2.0 * per_period + headroom - g.free_kib as f64).ceil();

@@ -17,6 +17,7 @@ fn guest(n: u8, actual_mib: u64, unused_mib: u64, rate_mib_s: f64) -> GuestMemor
         free_kib: unused_mib * MIB,
         unused_kib: unused_mib * MIB,
         rate_kib_s: rate_mib_s * 1024.0,
+        latest_rate_kib_s: rate_mib_s * 1024.0,
     }
 }
 
@@ -408,6 +409,31 @@ fn a_guest_bound_to_a_full_numa_node_is_fed_only_from_that_node() {
 }
 
 #[test]
+fn a_jump_in_consumption_is_fed_at_the_latest_pace() {
+    // 10 MiB/s over its last two reports, but 40 MiB/s over the last one: a burst starting.
+    let steady = guest(1, 1000, 150, 10.0);
+    let jumping = GuestMemory {
+        latest_rate_kib_s: 40.0 * 1024.0,
+        ..steady
+    };
+    let grant = |g: GuestMemory| {
+        let (_, p) = checked(snapshot(vec![g], host(16384, 8000)), &policy());
+        p.from_host_kib / MIB
+    };
+    // Steady, 150 MiB free lasts 15 s: balanced. Jumping, it lasts under 4 s: fed at once, for
+    // its runway and two periods at 40 MiB/s.
+    assert_eq!(grant(steady), 0);
+    let fed = grant(jumping);
+    assert!(fed >= 5 * 3 * 40 - 150, "{fed} MiB");
+    // A slower last interval changes nothing.
+    let slowing = GuestMemory {
+        latest_rate_kib_s: 5.0 * 1024.0,
+        ..steady
+    };
+    assert_eq!(grant(slowing), 0);
+}
+
+#[test]
 fn an_idle_guest_keeps_the_larger_of_its_cushion_and_its_target_share_free() {
     let end = |g: GuestMemory, cushion_mib: u64| {
         let pol = MemPolicy {
@@ -420,6 +446,19 @@ fn an_idle_guest_keeps_the_larger_of_its_cushion_and_its_target_share_free() {
     assert_eq!(end(guest(1, 2000, 1800, 0.0), 128), 328);
     // 1000 MiB used: the share leaves 481 MiB free, more than the cushion.
     assert!((1481..=1482).contains(&end(guest(1, 4000, 3000, 0.0), 128)));
+    // A guest whose balloon deflates on its own keeps no cushion: its share alone.
+    let pol = policy();
+    let g = guest(1, 2000, 1800, 0.0);
+    let self_deflating = Standing {
+        self_deflates: true,
+        ..Standing::default()
+    };
+    let share = (g.used_kib() as f64 / (1.0 - pol.target_free_pct / 100.0)).ceil() as u64;
+    assert_eq!(pol.keep_kib(&g, &self_deflating), share);
+    assert_eq!(
+        pol.keep_kib(&g, &Standing::default()),
+        g.used_kib() + pol.cushion_kib
+    );
     // A guest already within its cushion is not wasting, whatever its free share: left alone.
     let small = guest(1, 300, 250, 0.0);
     let (_, p) = checked(snapshot(vec![small], host(16384, 8000)), &policy());
@@ -558,6 +597,8 @@ fn arb_guest(n: u8) -> impl Strategy<Value = (GuestMemory, Standing)> {
                     free_kib: actual * MIB * unused_pct / 100,
                     unused_kib: actual * MIB * unused_pct / 100,
                     rate_kib_s: rate * 1024.0,
+                    // Sometimes a jump.
+                    latest_rate_kib_s: rate * 1024.0 * (1 + guaranteed % 4) as f64,
                 };
                 let standing = Standing {
                     guaranteed_kib: guaranteed * MIB,
@@ -565,6 +606,7 @@ fn arb_guest(n: u8) -> impl Strategy<Value = (GuestMemory, Standing)> {
                     behind,
                     // A faster recent rate than the last one, sometimes.
                     peak_rate_kib_s: rate.max(0.0) * 1024.0 * (guaranteed % 3) as f64,
+                    self_deflates: extra % 5 == 0,
                 };
                 (g, standing)
             },

@@ -103,6 +103,7 @@ fn mem_snapshot(guests: usize, seed: u64) -> MemSnapshot {
                     free_kib: actual * rng.below(100) / 100,
                     unused_kib: actual / 10,
                     rate_kib_s: rng.range(-20.0, 40.0) * 1024.0,
+                    latest_rate_kib_s: 0.0,
                 }
             })
             .collect(),

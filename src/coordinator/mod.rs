@@ -296,7 +296,10 @@ impl Coordinator {
                 guest.implausible_said = false;
                 guest.ledger.observe(&g, &dom.name);
                 // Memory its hugepages hold is a floor too: a shrink into it frees nothing.
-                let standing = guest.ledger.standing(dom.guaranteed_kib.max(dom.held_kib));
+                let standing = Standing {
+                    self_deflates: dom.autodeflate,
+                    ..guest.ledger.standing(dom.guaranteed_kib.max(dom.held_kib))
+                };
                 let status = policy.status(&g, &standing);
                 guest.ledger.judged(status);
                 fresh = Some((g, standing));
@@ -394,6 +397,15 @@ impl Coordinator {
                 ResizeWhy::HostShort,
                 format!("host under its reserve; {free:.0}% free, idle"),
             ),
+            Some(HostMemory {
+                stalled_pct: Some(stalled),
+                ..
+            }) if stalled >= self.policy.host_stall_pct => (
+                ResizeWhy::HostShort,
+                format!(
+                    "host stalled on memory {stalled:.0}% of the last 10 s; {free:.0}% free, idle"
+                ),
+            ),
             Some(h) if self.policy.host_target_pct.is_some() => (
                 ResizeWhy::HostShort,
                 format!(
@@ -403,7 +415,10 @@ impl Coordinator {
             ),
             _ => (
                 ResizeWhy::Idle,
-                format!("wasting: {free:.0}% free, idle (target {target}%)"),
+                format!(
+                    "wasting: {free:.0}% free, idle (target {target}% free, at least {} MiB)",
+                    self.policy.cushion_kib / 1024
+                ),
             ),
         }
     }

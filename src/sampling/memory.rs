@@ -22,12 +22,27 @@ pub struct GuestMemory {
     /// measured interval since its report two reports back. Positive = consuming. A balloon
     /// change does not count as consumption.
     pub rate_kib_s: f64,
+    /// Consumption over the last interval alone, KiB/s: a burst shows here a report before it
+    /// shows in `rate_kib_s`.
+    pub latest_rate_kib_s: f64,
 }
 
 impl GuestMemory {
     /// Memory the guest uses: its balloon size minus what it can still use.
     pub fn used_kib(&self) -> u64 {
         self.actual_kib.saturating_sub(self.free_kib)
+    }
+
+    /// The pace the planner judges the guest on, KiB/s: its rate, or, when its consumption
+    /// jumped (the last interval at more than twice its rate), the last interval's: a burst is
+    /// fed a report sooner. (A guest that stalls and catches up is then read at up to twice its
+    /// rate for one report.)
+    pub fn pace_kib_s(&self) -> f64 {
+        if self.latest_rate_kib_s > 2.0 * self.rate_kib_s.max(0.0) {
+            self.latest_rate_kib_s
+        } else {
+            self.rate_kib_s
+        }
     }
 
     /// Free memory as a percentage of the balloon size.
@@ -202,6 +217,7 @@ impl MemoryHistory {
         match self.used.gauge(used as f64, at) {
             None => MemoryReading::First,
             Some(rate_kib_s) => MemoryReading::Fresh(GuestMemory {
+                latest_rate_kib_s: self.used.last_interval_rate().unwrap_or(rate_kib_s),
                 id,
                 actual_kib: stats.actual_kib,
                 max_kib: stats.max_kib,
@@ -306,6 +322,31 @@ mod tests {
             )));
         }
         assert_eq!(rates, [1000.0, 1000.0, 500.0, 1000.0, 1500.0]);
+    }
+
+    #[test]
+    fn a_jump_shows_in_the_latest_rate_a_report_before_the_rate() {
+        let (mut m, t0) = (MemoryHistory::new(), Instant::now());
+        cycle(&mut m, t0, 0, (100_000, 90_000, 1));
+        cycle(&mut m, t0, 2, (100_000, 90_000, 3));
+        cycle(&mut m, t0, 4, (100_000, 88_000, 5));
+        // 1000 KiB/s, then 5000 KiB/s over the last interval.
+        let reading = cycle(&mut m, t0, 6, (100_000, 78_000, 7));
+        let MemoryReading::Fresh(g) = reading else {
+            panic!("{reading:?}")
+        };
+        assert_eq!((g.rate_kib_s, g.latest_rate_kib_s), (3000.0, 5000.0));
+        assert_eq!(g.pace_kib_s(), 3000.0, "not twice its rate: the rate");
+        let reading = cycle(&mut m, t0, 8, (100_000, 58_000, 9));
+        let MemoryReading::Fresh(g) = reading else {
+            panic!("{reading:?}")
+        };
+        assert_eq!((g.rate_kib_s, g.latest_rate_kib_s), (7500.0, 10000.0));
+        let steady = GuestMemory {
+            latest_rate_kib_s: 20_000.0,
+            ..g
+        };
+        assert_eq!(steady.pace_kib_s(), 20_000.0, "a jump: the latest");
     }
 
     #[test]

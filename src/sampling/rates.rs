@@ -48,6 +48,16 @@ impl RateSeries {
 
     /// Record `value` read at `at`; return the per-second change since the oldest reading kept,
     /// or `None` for a new series or a non-positive interval.
+    /// The rate between the last two readings alone, per second (`None` before two): a jump
+    /// shows here one reading before it shows in the windowed rate.
+    pub fn last_interval_rate(&self) -> Option<f64> {
+        let n = self.readings.len();
+        let (old, then) = *self.readings.get(n.checked_sub(2)?)?;
+        let (value, at) = *self.readings.get(n - 1)?;
+        let secs = at.checked_duration_since(then)?.as_secs_f64();
+        (secs > 0.0).then(|| (value - old) / secs)
+    }
+
     pub fn gauge(&mut self, value: f64, at: Instant) -> Option<f64> {
         while self.readings.len() > self.window.max(SWING_SAMPLES) {
             self.readings.pop_front();
