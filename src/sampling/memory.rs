@@ -87,6 +87,9 @@ pub enum Implausible {
     FreeOverActual,
     /// It reports an empty balloon, or no memory at all.
     Empty,
+    /// Its MemTotal moved by more than its balloon did since the last report taken at its
+    /// balloon's size (a guest's kernel lowers and raises it with the balloon, page for page).
+    TotalJumped,
 }
 
 impl std::fmt::Display for Implausible {
@@ -96,6 +99,7 @@ impl std::fmt::Display for Implausible {
             Implausible::TotalOverMax => "its MemTotal is over its max memory",
             Implausible::FreeOverActual => "it reports more free memory than its balloon holds",
             Implausible::Empty => "it reports an empty balloon or no memory at all",
+            Implausible::TotalJumped => "its MemTotal moved by more than its balloon did",
         })
     }
 }
@@ -156,6 +160,10 @@ pub struct MemoryHistory {
     last: Option<LastRead>,
 }
 
+/// How far a guest's MemTotal may move, KiB, while its balloon stays put (the kernel's own
+/// reservations shift a little).
+const TOTAL_JUMP_KIB: i64 = 4 * 1024;
+
 /// Intervals between reports a consumption rate covers.
 const RATE_INTERVALS: usize = 2;
 
@@ -186,14 +194,23 @@ impl MemoryHistory {
             *self = Self::new();
             return MemoryReading::NoStats;
         };
-        let implausible = Implausible::of(stats.actual_kib, stats.max_kib, available, unused, free);
-        let sane = implausible.is_none();
         let offset = stats.actual_kib as i64 - available as i64;
         let previous = self.last;
         let moved = previous.is_some_and(|p| p.actual_kib != stats.actual_kib);
+        let fresh = previous.is_some_and(|p| update > p.update);
+        // The balloon stayed put, yet MemTotal moved (memory hot-plugged into the guest, or a
+        // report made up): this report is not trusted, and the new figure is the baseline from
+        // the next one on.
+        let jumped = fresh
+            && !moved
+            && previous
+                .and_then(|p| p.offset_kib)
+                .is_some_and(|known| (known - offset).abs() > TOTAL_JUMP_KIB);
+        let implausible = Implausible::of(stats.actual_kib, stats.max_kib, available, unused, free)
+            .or(jumped.then_some(Implausible::TotalJumped));
+        let sane = implausible.is_none() || jumped;
         // Taken at the balloon size read now: the balloon stayed put, or MemTotal moved with it.
         let at_this_size = !moved || previous.is_some_and(|p| p.offset_kib == Some(offset));
-        let fresh = previous.is_some_and(|p| update > p.update);
         let known_offset = if fresh && at_this_size && sane {
             Some(offset)
         } else {
@@ -322,6 +339,38 @@ mod tests {
             )));
         }
         assert_eq!(rates, [1000.0, 1000.0, 500.0, 1000.0, 1500.0]);
+    }
+
+    #[test]
+    fn a_memtotal_that_moves_while_the_balloon_stays_is_not_trusted_once() {
+        let (mut m, t0) = (MemoryHistory::new(), Instant::now());
+        let report = |total: u64, unused: u64, update| BalloonStats {
+            mem_total_kib: Some(total),
+            ..stats(100_000, unused, update)
+        };
+        let read = |m: &mut MemoryHistory, secs, r: &BalloonStats| {
+            m.record(dom(1), t0 + Duration::from_secs(secs), r)
+        };
+        read(&mut m, 0, &report(99_000, 90_000, 1));
+        read(&mut m, 2, &report(99_000, 90_000, 3));
+        assert!(matches!(
+            read(&mut m, 4, &report(99_000, 89_000, 5)),
+            MemoryReading::Fresh(_)
+        ));
+        // A little drift is the kernel's own.
+        assert!(matches!(
+            read(&mut m, 6, &report(98_000, 89_000, 7)),
+            MemoryReading::Fresh(_)
+        ));
+        // MemTotal 20 MiB lower with the balloon put: not trusted, then the new baseline.
+        assert_eq!(
+            read(&mut m, 8, &report(78_000, 69_000, 9)),
+            MemoryReading::Inconsistent(Implausible::TotalJumped)
+        );
+        assert!(matches!(
+            read(&mut m, 10, &report(78_000, 69_000, 11)),
+            MemoryReading::Fresh(_)
+        ));
     }
 
     #[test]
