@@ -64,8 +64,9 @@ pub struct CommonArgs {
     #[arg(long = "exclude", value_name = "PATTERN", value_parser = ExcludePattern::parse)]
     pub exclude: Vec<ExcludePattern>,
 
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9177 [default: off]
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9177 (a host name,
+    /// [IPv6]:PORT, or :PORT for every interface) [default: off]
+    #[arg(long, value_name = "HOST:PORT", value_parser = crate::metrics::parse_listen_address)]
     pub metrics_address: Option<SocketAddr>,
 }
 

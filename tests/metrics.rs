@@ -197,6 +197,48 @@ fn status_of(address: &str, request: &[u8]) -> String {
 }
 
 #[test]
+fn idle_and_half_sent_connections_do_not_blind_a_scrape() {
+    // Before, one connection was served at a time: a scrape beside 8 idle connections took
+    // 16.4 s, beyond Prometheus' default 10 s timeout.
+    let uri = common::test_uri("node.xml");
+    let d = Running::start(SCHEDULER, &["-c", &uri, "1"]);
+    d.wait_for("cycle 1:");
+    let mut crowd: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(&d.address).unwrap())
+        .collect();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(&d.address).unwrap();
+        s.write_all(b"GET /metr").unwrap();
+        crowd.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let text = d.scrape();
+    let took = started.elapsed();
+    eprintln!("a scrape beside 40 idle or half-sent connections took {took:?}");
+    assert!(text.contains("vmbalance_cycles_total"), "{text}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // Past the limit a connection is told 503 at once, not kept waiting.
+    drop(crowd);
+    std::thread::sleep(Duration::from_millis(300));
+    let limit = vmbalance::metrics::MAX_CONNECTIONS;
+    let mut crowd: Vec<TcpStream> = (0..limit + 8)
+        .map(|_| TcpStream::connect(&d.address).unwrap())
+        .collect();
+    // The first `limit` stay open (each holds a slot) while the late ones are read.
+    for late in crowd.iter_mut().skip(limit) {
+        late.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut answer = String::new();
+        let _ = late.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    }
+    // Once the crowd leaves, scrapes are served again.
+    drop(crowd);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.scrape().contains("vmbalance_cycles_total"));
+}
+
+#[test]
 fn the_endpoint_answers_only_what_it_serves_and_a_stalled_scrape_delays_no_cycle() {
     let uri = common::test_uri("node.xml");
     let d = Running::start(SCHEDULER, &["-c", &uri, "0.2"]);
@@ -221,23 +263,35 @@ fn the_endpoint_answers_only_what_it_serves_and_a_stalled_scrape_delays_no_cycle
         status_of(&d.address, b"not http at all\r\n\r\n"),
         "HTTP/1.1 400 Bad Request"
     );
-    // Three clients connect and send nothing. The endpoint drops each after its time limit; the
-    // daemon's cycles go on at their period meanwhile, and a scrape behind them is answered.
+    // Three clients connect and send nothing, and the endpoint drops each after its time limit
+    // (2 s): a scrape beside them is answered at once, and the daemon's cycles go on at their
+    // period meanwhile.
     let before = d.cycles();
     let started = Instant::now();
-    let stalled: Vec<TcpStream> = (0..3)
+    let mut stalled: Vec<TcpStream> = (0..3)
         .map(|_| TcpStream::connect(&d.address).unwrap())
         .collect();
     let text = d.scrape();
-    let waited = started.elapsed();
-    let cycles = d.cycles() - before;
-    drop(stalled);
     assert!(text.contains("vmbalance_cycles_total"));
     assert!(
-        waited < Duration::from_secs(20),
-        "the scrape waited {waited:?}"
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
     );
+    // Dropped after their time limit: their reads end.
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{answer}"
+        );
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "dropped after {waited:?}");
     // At 0.2 s a cycle, the cycles ran at their pace while the stalled clients were dropped.
+    let cycles = d.cycles() - before;
     let expected = waited.as_secs_f64() / 0.2;
     assert!(
         cycles as f64 >= expected * 0.6,

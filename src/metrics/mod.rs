@@ -10,7 +10,7 @@
 
 mod endpoint;
 
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, MAX_CONNECTIONS, parse_listen_address};
 
 use std::collections::HashSet;
 
