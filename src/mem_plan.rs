@@ -47,7 +47,9 @@
 //!    balanced, not starving, the next cycle, and at least `cushion_kib` free, so a burst (a
 //!    service starting) lives on it until the next reports show it and it is fed (not a guest
 //!    whose balloon deflates on its own: a burst takes its memory back at once); and never less
-//!    than its hard floor (rule 6).
+//!    than its hard floor (rule 6). When starving guests want more than the host's budget and
+//!    the wasting guests can give, idle guests give from their cushions, down to their share: a
+//!    guest starving now comes before a burst that may come.
 //! 6. **Hard limits.** Never below the hard floor: `min_guest_kib`, what the guest uses plus
 //!    `min_step_kib`, and the minimum its metadata guarantees it; never above the guest's max
 //!    memory; never more than `max_step_kib` of change per guest per cycle; never granting more
@@ -272,16 +274,22 @@ impl MemPolicy {
     /// The size a shrink stops at (rule 5): above the hard floor, with `target_free_pct` % free
     /// and the burst cushion free.
     pub fn keep_kib(&self, g: &GuestMemory, standing: &Standing) -> u64 {
-        let free_frac = (self.target_free_pct / 100.0).clamp(0.0, 0.95);
-        let comfortable = (g.used_kib() as f64 / (1.0 - free_frac)).ceil() as u64;
         let cushion = if standing.self_deflates {
             0
         } else {
             self.cushion_kib
         };
-        self.hard_floor_kib(g, standing)
-            .max(comfortable)
+        self.share_keep_kib(g, standing)
             .max(g.used_kib().saturating_add(cushion))
+    }
+
+    /// The size a shrink stops at without the burst cushion (rule 5): above the hard floor, with
+    /// `target_free_pct` % free. An idle guest gives from its cushion down to this when a
+    /// starving guest needs more than the host can give.
+    pub fn share_keep_kib(&self, g: &GuestMemory, standing: &Standing) -> u64 {
+        let free_frac = (self.target_free_pct / 100.0).clamp(0.0, 0.95);
+        let comfortable = (g.used_kib() as f64 / (1.0 - free_frac)).ceil() as u64;
+        self.hard_floor_kib(g, standing).max(comfortable)
     }
 
     /// What a guest holds above the size a shrink stops at.
@@ -356,10 +364,54 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
     } else {
         let wanted = feed(snapshot, &starving, policy, &mut target);
         out.from_host_kib = wanted.granted;
-        out.to_host_kib = take_back(&givers, wanted.asked, &mut target);
+        let from_wasting = take_back(&givers, wanted.asked, &mut target);
+        // Rule 5: what neither the host nor the wasting guests can give comes from idle guests'
+        // cushions, a guest starving now before a burst that may come.
+        let short = wanted
+            .asked
+            .saturating_sub(wanted.granted)
+            .saturating_sub(from_wasting);
+        let cushions = if short > 0 && policy.reclaims(snapshot.host) {
+            cushion_givers(snapshot, &status, policy, &target)
+        } else {
+            Vec::new()
+        };
+        out.to_host_kib = from_wasting + take_back(&cushions, short, &mut target);
     }
     out.changes = changes_to(guests, &target);
     out
+}
+
+/// What each idle guest can give from its burst cushion this cycle (rule 5): from its `target`
+/// so far down to its share, within its one step (rule 6), most free first, as (guest index,
+/// KiB). Idle: not starving and not consuming.
+fn cushion_givers(
+    snapshot: &MemSnapshot,
+    status: &[MemStatus],
+    policy: &MemPolicy,
+    target: &[u64],
+) -> Vec<(usize, u64)> {
+    let guests = &snapshot.guests;
+    let mut givers: Vec<(usize, u64)> = (0..guests.len())
+        .filter(|&i| status[i] != MemStatus::Starving)
+        .filter(|&i| guests[i].pace_kib_s() <= policy.consuming_kib_s)
+        .map(|i| {
+            let g = &guests[i];
+            let share = policy.share_keep_kib(g, &snapshot.standing(&g.id));
+            let step_left = policy
+                .max_step_kib
+                .saturating_sub(g.actual_kib.saturating_sub(target[i]));
+            (i, target[i].saturating_sub(share).min(step_left))
+        })
+        .filter(|&(_, can)| can >= MIB)
+        .collect();
+    givers.sort_by(|a, b| {
+        guests[b.0]
+            .free_pct()
+            .total_cmp(&guests[a.0].free_pct())
+            .then(a.0.cmp(&b.0))
+    });
+    givers
 }
 
 /// The resizes that take each of `guests` to its `target` size (same order), shrinks first.

@@ -434,6 +434,38 @@ fn a_jump_in_consumption_is_fed_at_the_latest_pace() {
 }
 
 #[test]
+fn idle_guests_give_from_their_cushion_when_the_host_cannot_feed_a_starving_guest() {
+    // Two idle guests at their cushion (200 MiB used, 456 held) beside a starving one.
+    let idle = |n| guest(n, 456, 256, 0.0);
+    let starving = guest(3, 1000, 40, 20.0);
+    let cushion_given = |host_free_mib: u64| {
+        let (_, p) = checked(
+            snapshot(vec![idle(1), idle(2), starving], host(16384, host_free_mib)),
+            &policy(),
+        );
+        let shrunk: Vec<u64> = p
+            .changes
+            .iter()
+            .filter(|c| c.shrinks())
+            .map(|c| c.to_kib / MIB)
+            .collect();
+        (p.from_host_kib / MIB, shrunk)
+    };
+    // The host can pay: cushions are kept.
+    let (granted, shrunk) = cushion_given(8000);
+    assert!(granted > 0 && shrunk.is_empty(), "{granted} {shrunk:?}");
+    // The host is at its reserve: the idle guests give from their cushions, never under their
+    // 32.5 % share (200 MiB used: 297 MiB).
+    let (granted, shrunk) = cushion_given(800);
+    assert_eq!(granted, 0);
+    assert!(!shrunk.is_empty(), "nobody gave");
+    assert!(
+        shrunk.iter().all(|&s| (296..456).contains(&s)),
+        "{shrunk:?}"
+    );
+}
+
+#[test]
 fn an_idle_guest_keeps_the_larger_of_its_cushion_and_its_target_share_free() {
     let end = |g: GuestMemory, cushion_mib: u64| {
         let pol = MemPolicy {
@@ -700,7 +732,18 @@ proptest! {
                 prop_assert!(c.to_kib >= pol.min_guest_kib);
                 prop_assert!(c.to_kib >= g.used_kib() + pol.min_step_kib);
                 prop_assert!(c.to_kib >= st.guaranteed_kib);
-                prop_assert_eq!(pol.status(g, &st), MemStatus::Wasting, "only wasting guests shrink");
+                // Wasting guests, and idle ones giving from their cushion to a starving guest.
+                let status = pol.status(g, &st);
+                let someone_starves = s
+                    .guests
+                    .iter()
+                    .any(|o| pol.status(o, &s.standing(&o.id)) == MemStatus::Starving);
+                let idle = status != MemStatus::Starving && g.pace_kib_s() <= pol.consuming_kib_s;
+                prop_assert!(
+                    status == MemStatus::Wasting || (idle && someone_starves),
+                    "only wasting guests shrink, and idle ones feeding a starving guest"
+                );
+                prop_assert!(c.to_kib >= pol.share_keep_kib(g, &st), "never under its share");
             } else {
                 prop_assert_eq!(pol.status(g, &st), MemStatus::Starving, "only starving guests grow");
                 prop_assert!(!st.behind, "a guest behind its balloon gets nothing");
