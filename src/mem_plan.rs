@@ -48,8 +48,9 @@
 //!    service starting) lives on it until the next reports show it and it is fed (not a guest
 //!    whose balloon deflates on its own: a burst takes its memory back at once); and never less
 //!    than its hard floor (rule 6). When starving guests want more than the host's budget and
-//!    the wasting guests can give, idle guests give from their cushions, down to their share: a
-//!    guest starving now comes before a burst that may come.
+//!    the wasting guests can give, idle guests give from their cushions, down to their share,
+//!    what the wants lack and what the budget lacks to be above zero again: a guest starving now
+//!    comes before a burst that may come.
 //! 6. **Hard limits.** Never below the hard floor: `min_guest_kib`, what the guest uses plus
 //!    `min_step_kib`, and the minimum its metadata guarantees it; never above the guest's max
 //!    memory; never more than `max_step_kib` of change per guest per cycle; never granting more
@@ -366,11 +367,13 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
         out.from_host_kib = wanted.granted;
         let from_wasting = take_back(&givers, wanted.asked, &mut target);
         // Rule 5: what neither the host nor the wasting guests can give comes from idle guests'
-        // cushions, a guest starving now before a burst that may come.
-        let short = wanted
-            .asked
-            .saturating_sub(wanted.granted)
-            .saturating_sub(from_wasting);
+        // cushions, a guest starving now before a burst that may come: the wants not granted,
+        // and what the host's budget lacks to be above zero again.
+        let deficit = snapshot.host.map_or(0, |h| {
+            (policy.reserve_kib(h) + snapshot.unbacked_kib).saturating_sub(h.available_kib)
+        });
+        let short =
+            (wanted.asked.saturating_sub(wanted.granted) + deficit).saturating_sub(from_wasting);
         let cushions = if short > 0 && policy.reclaims(snapshot.host) {
             cushion_givers(snapshot, &status, policy, &target)
         } else {
