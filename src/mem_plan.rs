@@ -311,15 +311,19 @@ impl MemPolicy {
     /// What NUMA node `n` can grant the guests bound to it (rule 6): its free memory above its
     /// share of the reserve, minus `unbacked_kib`, what the guests bound to it may still touch.
     pub fn node_budget_kib(&self, n: &NodeMemory, unbacked_kib: u64) -> u64 {
-        let reserve = (n.total_kib as f64 * self.host_reserve_pct / 100.0).ceil() as u64;
         n.free_kib
-            .saturating_sub(reserve)
+            .saturating_sub(self.reserve_of_kib(n.total_kib))
             .saturating_sub(unbacked_kib)
     }
 
     /// The host memory kept available: `host_reserve_pct` % of its total.
     pub fn reserve_kib(&self, h: HostMemory) -> u64 {
-        (h.total_kib as f64 * self.host_reserve_pct / 100.0).ceil() as u64
+        self.reserve_of_kib(h.total_kib)
+    }
+
+    /// `host_reserve_pct` % of `total_kib`: the share of the reserve memory of that size keeps.
+    fn reserve_of_kib(&self, total_kib: u64) -> u64 {
+        (total_kib as f64 * self.host_reserve_pct / 100.0).ceil() as u64
     }
 
     /// May wasting guests give memory back now (rule 4)? Always, except in host-pressure mode
@@ -335,8 +339,13 @@ impl MemPolicy {
 
     /// Is the host pressed (rule 4): under its reserve, or its tasks stalling on memory?
     pub fn pressed(&self, h: HostMemory) -> bool {
-        h.available_kib < self.reserve_kib(h)
-            || h.stalled_pct.is_some_and(|pct| pct >= self.host_stall_pct)
+        h.available_kib < self.reserve_kib(h) || self.stalling(h).is_some()
+    }
+
+    /// The share of the last 10 s the host stalled on memory, in %, when it is at least
+    /// `host_stall_pct` (rule 4).
+    pub fn stalling(&self, h: HostMemory) -> Option<f64> {
+        h.stalled_pct.filter(|&pct| pct >= self.host_stall_pct)
     }
 }
 
@@ -408,12 +417,7 @@ fn cushion_givers(
         })
         .filter(|&(_, can)| can >= MIB)
         .collect();
-    givers.sort_by(|a, b| {
-        guests[b.0]
-            .free_pct()
-            .total_cmp(&guests[a.0].free_pct())
-            .then(a.0.cmp(&b.0))
-    });
+    most_free_first(guests, &mut givers);
     givers
 }
 
@@ -446,13 +450,18 @@ fn givers(snapshot: &MemSnapshot, status: &[MemStatus], policy: &MemPolicy) -> V
         })
         .filter(|&(_, can)| can > 0)
         .collect();
+    most_free_first(guests, &mut givers);
+    givers
+}
+
+/// Order `givers` (guest index, KiB) by their guest's free share, most free first, then by index.
+fn most_free_first(guests: &[GuestMemory], givers: &mut [(usize, u64)]) {
     givers.sort_by(|a, b| {
         guests[b.0]
             .free_pct()
             .total_cmp(&guests[a.0].free_pct())
             .then(a.0.cmp(&b.0))
     });
-    givers
 }
 
 /// What feeding asked for and what it could grant, KiB.

@@ -392,21 +392,19 @@ impl Coordinator {
             );
         }
         let target = self.policy.target_free_pct;
-        match snapshot.host {
-            Some(h) if h.available_kib < self.policy.reserve_kib(h) => (
+        let stalled = snapshot.host.and_then(|h| self.policy.stalling(h));
+        match (snapshot.host, stalled) {
+            (Some(h), _) if h.available_kib < self.policy.reserve_kib(h) => (
                 ResizeWhy::HostShort,
                 format!("host under its reserve; {free:.0}% free, idle"),
             ),
-            Some(HostMemory {
-                stalled_pct: Some(stalled),
-                ..
-            }) if stalled >= self.policy.host_stall_pct => (
+            (_, Some(stalled)) => (
                 ResizeWhy::HostShort,
                 format!(
                     "host stalled on memory {stalled:.0}% of the last 10 s; {free:.0}% free, idle"
                 ),
             ),
-            Some(h) if self.policy.host_target_pct.is_some() => (
+            (Some(h), None) if self.policy.host_target_pct.is_some() => (
                 ResizeWhy::HostShort,
                 format!(
                     "host at {:.0}% available; {free:.0}% free, idle",
