@@ -244,6 +244,20 @@ pub struct MemPlan {
     pub from_host_kib: u64,
     /// Memory wasting guests give back to the host, KiB.
     pub to_host_kib: u64,
+    /// Memory needed and not found this cycle, KiB: what the starving guests asked and were not
+    /// granted, plus what the host lacks to be back at its reserve, minus what guests give
+    /// back. What only moving a guest to another host would relieve, when it lasts.
+    pub unmet_kib: u64,
+}
+
+impl MemPolicy {
+    /// `unmet_kib` as a share, in [0, 1], of the memory the reserve lets guests have: the
+    /// host's total less its reserve. `None` when the host's memory is unknown.
+    pub fn unmet_share(&self, unmet_kib: u64, host: Option<HostMemory>) -> Option<f64> {
+        let h = host?;
+        let usable = h.total_kib.saturating_sub(self.reserve_kib(h)).max(1);
+        Some((unmet_kib as f64 / usable as f64).min(1.0))
+    }
 }
 
 impl MemPolicy {
@@ -369,10 +383,11 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
         .filter(|&i| status[i] == MemStatus::Starving)
         .filter(|&i| !snapshot.standing(&guests[i].id).behind)
         .collect();
+    let mut wanted = Fed::default();
     if starving.is_empty() {
         out.to_host_kib = return_to_host(snapshot, &givers, policy, &mut target);
     } else {
-        let wanted = feed(snapshot, &starving, policy, &mut target);
+        wanted = feed(snapshot, &starving, policy, &mut target);
         out.from_host_kib = wanted.granted;
         let from_wasting = take_back(&givers, wanted.asked, &mut target);
         // Rule 5: what neither the host nor the wasting guests can give comes from idle guests'
@@ -390,6 +405,13 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
         };
         out.to_host_kib = from_wasting + take_back(&cushions, short, &mut target);
     }
+    // The fleet signal: what the starving guests asked and the host's reserve lacks, that
+    // neither the host nor any guest gave.
+    let reserve_deficit = snapshot
+        .host
+        .map_or(0, |h| policy.reserve_kib(h).saturating_sub(h.available_kib));
+    out.unmet_kib = (wanted.asked.saturating_sub(wanted.granted) + reserve_deficit)
+        .saturating_sub(out.to_host_kib);
     out.changes = changes_to(guests, &target);
     out
 }
@@ -465,6 +487,7 @@ fn most_free_first(guests: &[GuestMemory], givers: &mut [(usize, u64)]) {
 }
 
 /// What feeding asked for and what it could grant, KiB.
+#[derive(Default)]
 struct Fed {
     asked: u64,
     granted: u64,

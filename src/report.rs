@@ -256,6 +256,10 @@ pub struct CpuReport {
     /// The spread the plan predicts.
     #[serde(skip)]
     pub predicted_spread: f64,
+    /// The CPU demand the plan leaves unserved, as a share of the usable pCPUs' capacity (see
+    /// [`crate::cpu_plan::unserved_share`]), where a plan was made and demand is reported.
+    #[serde(skip)]
+    pub unserved_share: Option<f64>,
 }
 
 impl Default for CpuReport {
@@ -278,6 +282,7 @@ impl Default for CpuReport {
             planned: 0,
             balanced: false,
             predicted_spread: 0.0,
+            unserved_share: None,
         }
     }
 }
@@ -466,6 +471,10 @@ pub struct MemReport {
     /// How long deciding took (planning, not reading or applying), where a decision was made.
     #[serde(skip)]
     pub decision_secs: Option<f64>,
+    /// The memory need the plan leaves unmet, as a share of what the reserve lets guests have
+    /// (see [`crate::mem_plan::MemPolicy::unmet_share`]), where the host's memory is known.
+    #[serde(skip)]
+    pub unmet_share: Option<f64>,
 }
 
 impl Default for MemReport {
@@ -481,6 +490,7 @@ impl Default for MemReport {
             not_answering: Vec::new(),
             libvirt_calls: 0,
             decision_secs: None,
+            unmet_share: None,
         }
     }
 }

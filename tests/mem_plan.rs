@@ -400,7 +400,7 @@ fn a_guest_bound_to_a_full_numa_node_is_fed_only_from_that_node() {
             })
             .to_vec(),
         from_host_kib: 600 * MIB,
-        to_host_kib: 0,
+        ..MemPlan::default()
     };
     assert_eq!(violations(&s, &greedy, &policy()).len(), 1);
     let (safe, dropped) = vmbalance::mem_plan::safe_part(&s, greedy, &policy());
@@ -799,4 +799,32 @@ proptest! {
             }
         }
     }
+}
+
+/// The fleet signal: a host whose guests' needs it cannot meet says by how much; one that meets
+/// them reads zero.
+#[test]
+fn memory_need_left_unmet_is_what_neither_host_nor_guests_could_give() {
+    // Two guests starving on a host at its reserve, nobody idle to give: all they ask is unmet.
+    let (s, p) = plan_for(
+        vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 50, 20.0)],
+        host(16384, 16384 / 20),
+    );
+    assert!(p.changes.is_empty(), "{:?}", p.changes);
+    assert!(p.unmet_kib > 0);
+    let share = policy().unmet_share(p.unmet_kib, s.host).unwrap();
+    assert!(share > 0.0 && share <= 1.0, "{share}");
+    // The same guests on a host with room: fed, nothing unmet.
+    let (s, p) = plan_for(
+        vec![guest(1, 1000, 50, 20.0), guest(2, 1000, 50, 20.0)],
+        host(16384, 8192),
+    );
+    assert_eq!(p.changes.len(), 2, "{:?}", p.changes);
+    assert_eq!(p.unmet_kib, 0);
+    assert_eq!(policy().unmet_share(p.unmet_kib, s.host), Some(0.0));
+    // A host under its reserve with nothing to take back lacks the difference.
+    let (s, p) = plan_for(vec![guest(1, 1000, 300, 0.0)], host(10000, 100));
+    assert_eq!(p.unmet_kib, (500 - 100) * MIB);
+    assert_eq!(policy().unmet_share(p.unmet_kib, None), None);
+    let _ = s;
 }

@@ -196,6 +196,7 @@ impl Coordinator {
         let started = std::time::Instant::now();
         let plan = self.decide(&snapshot, &mut report);
         report.decision_secs = Some(started.elapsed().as_secs_f64());
+        report.unmet_share = self.policy.unmet_share(plan.unmet_kib, snapshot.host);
         self.apply(host, &plan, &snapshot, &names, &mut report)?;
         Ok(Some(report))
     }

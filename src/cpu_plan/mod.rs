@@ -78,6 +78,7 @@ mod cores;
 mod members;
 mod paying;
 mod placement;
+mod pressure;
 mod reach;
 mod steps;
 
@@ -86,6 +87,7 @@ use std::collections::BTreeMap;
 use crate::sampling::{Allowed, CpuSnapshot, VcpuKey, VcpuLoad};
 use cores::Cores;
 use placement::{Placement, VcpuFacts};
+pub use pressure::unserved_share;
 use reach::{Reach, SetInterner};
 use steps::even_out;
 

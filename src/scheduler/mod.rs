@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use crate::cpu_plan::{self, Basis, CpuPlan, CpuPolicy, PinMove, plan};
+use crate::cpu_plan::{self, Basis, CpuPlan, CpuPolicy, PinMove, plan, unserved_share};
 use crate::exclusions::Exclusions;
 use crate::host::{
     DomainNames, DomainRef, Host, HostResult, VcpuSample, changed_or_skipped, read_or_skip,
@@ -176,6 +176,7 @@ impl Scheduler {
         report.planned = plan.moves.len();
         report.balanced = plan.before.fixable_spread <= self.policy.threshold;
         report.predicted_spread = plan.after.spread;
+        report.unserved_share = unserved_share(&snapshot, &plan, self.policy.threshold);
         self.settling = self.settle_after_changes && !self.dry_run && !report.moves.is_empty();
         Ok(Some(report))
     }
