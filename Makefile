@@ -67,7 +67,7 @@ lint: deps
 ## Never installs packages: a packager's build machine has them, or runs `make deps` first.
 install: binaries
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(DATADIR)
-	install -m 644 dist/grafana-dashboard.json $(DESTDIR)$(DATADIR)/
+	install -m 644 dist/grafana-dashboard.json dist/vmbalance-alerts.yml dist/vmbalance-fleet-rules.yml $(DESTDIR)$(DATADIR)/
 	install -m 755 $(addprefix $(BIN_DIR)/,$(BINARIES)) $(DESTDIR)$(BINDIR)/
 	for b in $(BINARIES); do $(BIN_DIR)/$$b --man > $(DESTDIR)$(MANDIR)/$$b.1; done
 	for u in $(UNITS); do \
@@ -79,7 +79,7 @@ install: binaries
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(BINARIES)) $(foreach b,$(BINARIES),$(DESTDIR)$(MANDIR)/$(b).1)
 	rm -f $(foreach u,$(UNITS),$(DESTDIR)$(UNITDIR)/$(u).service $(DESTDIR)$(SYSCONFDIR)/default/$(u))
-	rm -f $(DESTDIR)$(DATADIR)/grafana-dashboard.json
+	rm -f $(DESTDIR)$(DATADIR)/grafana-dashboard.json $(DESTDIR)$(DATADIR)/vmbalance-alerts.yml $(DESTDIR)$(DATADIR)/vmbalance-fleet-rules.yml
 	-rmdir $(DESTDIR)$(DATADIR) 2>/dev/null
 
 clean:

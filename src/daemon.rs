@@ -64,7 +64,7 @@ pub struct CommonArgs {
     #[arg(long = "exclude", value_name = "PATTERN", value_parser = ExcludePattern::parse)]
     pub exclude: Vec<ExcludePattern>,
 
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9177 (a host name,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9841 (a host name,
     /// [IPv6]:PORT, or :PORT for every interface) [default: off]
     #[arg(long, value_name = "HOST:PORT", value_parser = crate::metrics::parse_listen_address)]
     pub metrics_address: Option<SocketAddr>,
@@ -342,7 +342,10 @@ pub fn run_cycles<R: Report + Export>(
     mut cycle: impl FnMut() -> anyhow::Result<Turn<R>>,
 ) -> anyhow::Result<()> {
     let mut stop = StopSignal::install()?;
-    let exporter = options.metrics.map(Exporter::start).transpose()?;
+    let exporter = options
+        .metrics
+        .map(|address| Exporter::start::<R>(address, options.period))
+        .transpose()?;
     let mut run = Run {
         uri,
         options,
@@ -366,7 +369,7 @@ pub fn run_cycles<R: Report + Export>(
                 run.failed(&why);
                 continue;
             }
-            Turn::NoDomain => run.no_domain(),
+            Turn::NoDomain => run.no_domain::<R>(),
             Turn::Report(report) => {
                 run.report(&report)?;
                 true
@@ -403,12 +406,12 @@ struct Exporter {
 }
 
 impl Exporter {
-    /// Listen on `address`, saying where.
-    fn start(address: SocketAddr) -> anyhow::Result<Self> {
+    /// Listen on `address` for the metrics of `R`'s daemon, run every `period`, saying where.
+    fn start<R: Export>(address: SocketAddr, period: Duration) -> anyhow::Result<Self> {
         let endpoint = Endpoint::start(address)?;
         log::info!("serving metrics at http://{}/metrics", endpoint.address());
         let exporter = Self {
-            metrics: Metrics::new(),
+            metrics: Metrics::new(R::DAEMON, period),
             endpoint,
         };
         exporter.publish();
@@ -451,7 +454,7 @@ impl Run<'_> {
             log::warn!("lost the connection to {} ({why}); reconnecting", self.uri);
         }
         self.delay = reconnect_delay(self.delay, self.options.period);
-        if let Some(e) = &self.exporter {
+        if let Some(e) = &mut self.exporter {
             e.metrics.disconnected();
             e.publish();
         }
@@ -471,8 +474,12 @@ impl Run<'_> {
     }
 
     /// A cycle found no active domain: go on only with `--wait` (saying so once).
-    fn no_domain(&mut self) -> bool {
+    fn no_domain<R: Export>(&mut self) -> bool {
         self.cycled();
+        if let Some(e) = &mut self.exporter {
+            e.metrics.no_domain::<R>();
+            e.publish();
+        }
         if !self.options.wait {
             log::info!("no active domain on {}: nothing to do, exiting", self.uri);
             return false;

@@ -111,9 +111,9 @@ fn scheduler_spreads_busy_vcpus_crowded_on_one_pcpu_and_then_stays_put() {
         assert!(
             metrics
                 .lines()
-                .any(|l| l.starts_with("vmbalance_vcpu_usage_ratio{")
+                .any(|l| l.starts_with("vmbalance_vcpu_pcpu{")
                     && l.contains(&format!("domain=\"{domain}\""))
-                    && l.contains(&format!("pcpu=\"{pcpu}\""))),
+                    && l.ends_with(&format!(" {pcpu}"))),
             "{domain} on pCPU {pcpu}:\n{metrics}"
         );
     }

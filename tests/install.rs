@@ -33,7 +33,7 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-const FILES: [&str; 11] = [
+const FILES: [&str; 13] = [
     "usr/bin/vcpu_scheduler",
     "usr/bin/memory_coordinator",
     "usr/share/man/man1/vcpu_scheduler.1",
@@ -41,6 +41,8 @@ const FILES: [&str; 11] = [
     "usr/bin/vmbalance_plot",
     "usr/share/man/man1/vmbalance_plot.1",
     "usr/share/vmbalance/grafana-dashboard.json",
+    "usr/share/vmbalance/vmbalance-alerts.yml",
+    "usr/share/vmbalance/vmbalance-fleet-rules.yml",
     "usr/lib/systemd/system/vcpu-scheduler.service",
     "usr/lib/systemd/system/memory-coordinator.service",
     "etc/default/vcpu-scheduler",

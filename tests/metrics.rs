@@ -169,14 +169,14 @@ fn the_coordinator_exports_each_guest_and_its_state() {
     assert_eq!(
         text.lines()
             .filter(|l| l.starts_with("vmbalance_guest_state{")
-                && l.contains("state=\"waiting for stats\"")
+                && l.contains("state=\"waiting_for_stats\"")
                 && l.ends_with(" 1"))
             .count(),
         guests,
         "{text}"
     );
     // The test driver does not report host memory: no host series rather than made-up ones.
-    assert!(!text.contains("vmbalance_host_memory_bytes{"), "{text}");
+    assert!(!text.contains("vmbalance_host_memory_"), "{text}");
     assert_eq!(
         value(
             &text,
@@ -326,12 +326,21 @@ fn a_bad_or_taken_metrics_address_is_one_line_and_a_non_zero_exit() {
     );
 }
 
+/// The families in an exposition.
+fn families(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect()
+}
+
 /// Every family either daemon exports, each filled once.
 fn every_family() -> std::collections::BTreeSet<String> {
+    use std::time::Duration;
     use vmbalance::host::DomainId;
     use vmbalance::metrics::Metrics;
     use vmbalance::report::*;
-    let mut m = Metrics::new();
+    let mut m = Metrics::new(Daemon::VcpuScheduler, Duration::from_secs(3));
     let mut cpu = CpuReport::new(false);
     cpu.pcpus = vec![PcpuLine {
         pcpu: 0,
@@ -351,14 +360,19 @@ fn every_family() -> std::collections::BTreeSet<String> {
         demand: Some(60.0),
     }];
     cpu.decision_secs = Some(0.001);
-    m.export_cpu(&cpu);
+    cpu.decision = Decision::Planned;
+    cpu.unserved_share = Some(0.0);
+    m.export(&cpu);
+    m.disconnected();
+    let mut all = families(&m.encode());
+    let mut m = Metrics::new(Daemon::MemoryCoordinator, Duration::from_secs(3));
     let mut mem = MemReport::new(false);
     mem.host = Some(HostLine {
         total_mib: 1000.0,
         available_mib: 500.0,
         reserve_mib: 50.0,
         unbacked_mib: 10.0,
-        stalled_pct: None,
+        stalled_pct: Some(1.0),
     });
     mem.guests = vec![GuestLine {
         domain: "d".into(),
@@ -368,13 +382,33 @@ fn every_family() -> std::collections::BTreeSet<String> {
         rate_mib_s: Some(1.0),
         state: GuestState::Starving,
     }];
-    m.export_mem(&mem);
-    m.disconnected();
-    m.encode()
+    mem.unmet_share = Some(0.0);
+    m.export(&mem);
+    all.extend(families(&m.encode()));
+    all
+}
+
+/// The metrics docs/metrics.md documents: the first column of its tables, in backquotes.
+fn documented_metrics() -> std::collections::BTreeSet<String> {
+    include_str!("../docs/metrics.md")
         .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .map(|l| l.split(' ').next().unwrap().to_string())
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|name| name.starts_with("vmbalance_") || name.starts_with("process_"))
+        .map(str::to_string)
         .collect()
+}
+
+#[test]
+fn the_documented_metrics_are_exactly_those_exported() {
+    let exported = every_family();
+    let documented = documented_metrics();
+    let undocumented: Vec<_> = exported.difference(&documented).collect();
+    let gone: Vec<_> = documented.difference(&exported).collect();
+    assert!(
+        undocumented.is_empty() && gone.is_empty(),
+        "docs/metrics.md lacks {undocumented:?} and documents {gone:?}, which no daemon exports"
+    );
 }
 
 #[test]
@@ -385,9 +419,29 @@ fn every_metric_the_dashboard_queries_is_exported() {
     let mut queried = Vec::new();
     let mut exprs = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().unwrap() {
+        let Some(targets) = panel["targets"].as_array() else {
+            assert_eq!(panel["type"], "row", "{panel}");
+            continue;
+        };
+        for target in targets {
             exprs.push(target["expr"].as_str().unwrap().to_string());
+            // A fleet dashboard: every line says which host it is.
+            let legend = target["legendFormat"].as_str().unwrap_or("");
+            assert!(legend.contains("{{instance}}"), "{target}");
         }
+    }
+    for a in dashboard["annotations"]["list"].as_array().unwrap() {
+        exprs.push(a["expr"].as_str().unwrap().to_string());
+    }
+    // Each daemon's decision time on its own panel, told apart by its build_info.
+    for daemon in ["vcpu_scheduler", "memory_coordinator"] {
+        assert!(
+            exprs
+                .iter()
+                .any(|e| e.contains("vmbalance_decision_duration_seconds_bucket")
+                    && e.contains(&format!("daemon=\"{daemon}\""))),
+            "{daemon}"
+        );
     }
     for v in dashboard["templating"]["list"].as_array().unwrap() {
         if let Some(q) = v["definition"].as_str() {
@@ -419,7 +473,10 @@ fn every_metric_the_dashboard_queries_is_exported() {
         "vmbalance_pcpu_demand_ratio",
         "vmbalance_pin_changes_total",
         "vmbalance_guest_balloon_bytes",
-        "vmbalance_host_memory_bytes",
+        "vmbalance_host_memory_available_bytes",
+        "vmbalance_host_memory_reserve_bytes",
+        "vmbalance_cpu_pressure_ratio",
+        "vmbalance_memory_pressure_ratio",
     ] {
         assert!(queried.iter().any(|q| q == needed), "{needed}");
     }

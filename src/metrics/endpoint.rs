@@ -34,7 +34,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 const CONNECTION_STACK: usize = 64 * 1024;
 
 /// A listen address as exporters take it: `HOST:PORT`, `[IPv6]:PORT`, a host name with its port
-/// (`localhost:9177`), or `:PORT` for every interface.
+/// (`localhost:9841`), or `:PORT` for every interface.
 pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
     if let Some(port) = text.strip_prefix(':') {
         let port: u16 = port
@@ -50,7 +50,7 @@ pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
         .is_none_or(|(_, port)| port.parse::<u16>().is_err())
     {
         return Err(format!(
-            "'{text}' is not HOST:PORT (e.g. 127.0.0.1:9177, localhost:9177, [::1]:9177 or :9177)"
+            "'{text}' is not HOST:PORT (e.g. 127.0.0.1:9841, localhost:9841, [::1]:9841 or :9841)"
         ));
     }
     let mut found = text

@@ -6,387 +6,277 @@
 //! base units (`_seconds`, `_bytes`, `_ratio`), counters ending in `_total`. Series of domains
 //! that are gone are dropped: a per-domain or per-vCPU series not set in a cycle is removed at its
 //! end, so label sets stay bounded by what runs. The encoding is the `prometheus` crate's (the
-//! classic text format, which every Prometheus version and `promtool` read).
+//! classic text format, which every Prometheus version and `promtool` read). The process's own
+//! figures (`process_*`) are read at the same time, once a cycle. Every family is listed in
+//! docs/metrics.md, which a test keeps in step with the code.
 
+mod cpu;
 mod endpoint;
+mod families;
+mod mem;
 
 pub use endpoint::{Endpoint, MAX_CONNECTIONS, parse_listen_address};
 
-use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
-};
+use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounter, Registry, TextEncoder};
 
-use crate::report::{CpuReport, MemReport, PinWhy, ResizeWhy};
-
-const MIB: f64 = 1024.0 * 1024.0;
+use crate::report::{CpuReport, Daemon, MemReport};
+use cpu::CpuFamilies;
+use families::{counter, gauge, register};
+use mem::MemFamilies;
 
 /// A cycle report the metrics know how to export.
-pub trait Export {
+pub trait Export: Default {
+    /// The daemon whose report it is.
+    const DAEMON: Daemon;
+
+    /// The number of libvirt calls, changes skipped, decision time (where a decision was made)
+    /// and domains of this cycle, for the families both daemons share.
+    fn run_figures(&self) -> RunFigures;
+
     /// Export this report into `metrics`.
     fn export_into(&self, metrics: &mut Metrics);
 }
 
+/// The figures of one cycle every daemon exports.
+pub struct RunFigures {
+    /// libvirt calls made.
+    pub libvirt_calls: u64,
+    /// Changes skipped.
+    pub skipped: usize,
+    /// Time deciding took, where a decision was made.
+    pub decision_secs: Option<f64>,
+    /// Active domains seen (those not answering included).
+    pub domains: usize,
+    /// Domains that did not answer in time.
+    pub not_answering: usize,
+}
+
 impl Export for CpuReport {
+    const DAEMON: Daemon = Daemon::VcpuScheduler;
+
+    fn run_figures(&self) -> RunFigures {
+        RunFigures {
+            libvirt_calls: self.libvirt_calls,
+            skipped: self.skipped,
+            decision_secs: self.decision_secs,
+            domains: self.domains + self.not_answering.len(),
+            not_answering: self.not_answering.len(),
+        }
+    }
+
     fn export_into(&self, metrics: &mut Metrics) {
-        metrics.export_cpu(self);
+        if let Some(cpu) = &mut metrics.cpu {
+            cpu.export(self);
+        }
     }
 }
 
 impl Export for MemReport {
+    const DAEMON: Daemon = Daemon::MemoryCoordinator;
+
+    fn run_figures(&self) -> RunFigures {
+        RunFigures {
+            libvirt_calls: self.libvirt_calls,
+            skipped: self.skipped,
+            decision_secs: self.decision_secs,
+            domains: self.guests.len() + self.without_balloon + self.not_answering.len(),
+            not_answering: self.not_answering.len(),
+        }
+    }
+
     fn export_into(&self, metrics: &mut Metrics) {
-        metrics.export_mem(self);
+        if let Some(mem) = &mut metrics.mem {
+            mem.export(self);
+        }
     }
 }
 
-/// Every metric either daemon exports. Families a daemon never fills are left out of its scrape.
+/// One daemon's metrics: the families every daemon exports, its own, and the process's.
 pub struct Metrics {
     registry: Registry,
+    run: RunFamilies,
+    cpu: Option<CpuFamilies>,
+    mem: Option<MemFamilies>,
+    /// Whether the connection to libvirt was up at the last turn.
+    connected: bool,
+}
+
+/// The families every daemon exports.
+struct RunFamilies {
     cycles: IntCounter,
     cycles_without_decision: IntCounter,
+    last_cycle: Gauge,
     decision_seconds: Histogram,
     libvirt_calls: IntCounter,
-    changes_skipped: IntCounter,
+    connected: Gauge,
     disconnections: IntCounter,
+    reconnects: IntCounter,
     cycle_failures: IntCounter,
-    not_answering: prometheus::IntGauge,
-    pcpu_usage: Series,
-    pcpu_demand: Series,
-    vcpu_usage: Series,
-    vcpu_demand: Series,
-    node_spread: Series,
-    pin_changes: IntCounterVec,
-    guest_balloon: Series,
-    guest_free: Series,
-    guest_rate: Series,
-    guest_state: Series,
-    host_memory: Series,
-    resizes: IntCounterVec,
+    changes_skipped: IntCounter,
+    domains: Gauge,
+    not_answering: Gauge,
 }
 
-/// A gauge family whose series are those set in the last cycle: a series not set again is
-/// removed when the cycle ends (its domain, vCPU or pCPU is gone). Series set again are updated
-/// in place, which costs far less than building every series anew each cycle.
-struct Series {
-    family: GaugeVec,
-    previous: HashSet<Vec<String>>,
-    current: HashSet<Vec<String>>,
-}
-
-impl Series {
-    fn new(family: GaugeVec) -> Self {
+impl RunFamilies {
+    fn new(r: &Registry, daemon: Daemon, period: Duration) -> Self {
+        let info = register(
+            r,
+            prometheus::GaugeVec::new(
+                prometheus::Opts::new(
+                    "vmbalance_build_info",
+                    "1, labelled with the daemon and its version.",
+                ),
+                &["daemon", "version"],
+            )
+            .expect("a valid metric name"),
+        );
+        info.with_label_values(&[daemon.as_str(), env!("CARGO_PKG_VERSION")])
+            .set(1.0);
+        gauge(
+            r,
+            "vmbalance_period_seconds",
+            "The daemon's PERIOD: time between two cycles.",
+        )
+        .set(period.as_secs_f64());
+        let decision_seconds = register(
+            r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "vmbalance_decision_duration_seconds",
+                    "Time one decision (planning, not reading or applying) took.",
+                )
+                .buckets(prometheus::exponential_buckets(1e-6, 4.0, 12).expect("valid buckets")),
+            )
+            .expect("a valid metric name"),
+        );
+        let connected = gauge(
+            r,
+            "vmbalance_libvirt_connected",
+            "1 while the connection to libvirt is up, 0 while the daemon is reconnecting.",
+        );
+        connected.set(1.0);
         Self {
-            family,
-            previous: HashSet::new(),
-            current: HashSet::new(),
+            cycles: counter(r, "vmbalance_cycles_total", "Cycles run."),
+            cycles_without_decision: counter(
+                r,
+                "vmbalance_cycles_without_decision_total",
+                "Cycles that made no decision: first sample, settling after changes, sampling too slow, no domain.",
+            ),
+            last_cycle: gauge(
+                r,
+                "vmbalance_last_cycle_timestamp_seconds",
+                "When the last cycle ended (Unix time): a daemon whose value stops moving is stalled or disconnected.",
+            ),
+            decision_seconds,
+            libvirt_calls: counter(
+                r,
+                "vmbalance_libvirt_calls_total",
+                "libvirt API calls made.",
+            ),
+            connected,
+            disconnections: counter(
+                r,
+                "vmbalance_disconnections_total",
+                "Times the connection to libvirt was found lost.",
+            ),
+            reconnects: counter(
+                r,
+                "vmbalance_reconnects_total",
+                "Times the connection to libvirt was made again after it was lost.",
+            ),
+            cycle_failures: counter(
+                r,
+                "vmbalance_cycle_failures_total",
+                "Cycles that failed in a way that may pass (each followed by a later try, the daemon's state kept).",
+            ),
+            changes_skipped: counter(
+                r,
+                "vmbalance_changes_skipped_total",
+                "Changes not made because their libvirt call failed or their domain vanished.",
+            ),
+            domains: gauge(
+                r,
+                "vmbalance_domains",
+                "Active domains the last cycle saw, those not answering included.",
+            ),
+            not_answering: gauge(
+                r,
+                "vmbalance_domains_not_answering",
+                "Domains left out of the last cycle because they did not answer in time (busy in a libvirt job, or their QEMU stopped or hung).",
+            ),
         }
-    }
-
-    /// Set the series labelled `labels` to `value` this cycle.
-    fn set(&mut self, labels: &[&str], value: f64) {
-        self.family.with_label_values(labels).set(value);
-        self.current
-            .insert(labels.iter().map(|l| l.to_string()).collect());
-    }
-
-    /// End the cycle: drop the series not set in it.
-    fn end_cycle(&mut self) {
-        for gone in self.previous.difference(&self.current) {
-            let labels: Vec<&str> = gone.iter().map(String::as_str).collect();
-            let _ = self.family.remove_label_values(&labels);
-        }
-        self.previous = std::mem::take(&mut self.current);
-    }
-}
-
-/// A gauge family named `name`, labelled `labels`, registered in `registry`.
-fn gauges(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-    let family = GaugeVec::new(Opts::new(name, help), labels).expect("a valid metric name");
-    registry
-        .register(Box::new(family.clone()))
-        .expect("registered once");
-    family
-}
-
-/// A counter named `name` (ending in `_total`), registered in `registry`.
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let counter = IntCounter::new(name, help).expect("a valid metric name");
-    registry
-        .register(Box::new(counter.clone()))
-        .expect("registered once");
-    counter
-}
-
-/// A counter family named `name`, labelled `labels`, registered in `registry`.
-fn counters(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let family = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric name");
-    registry
-        .register(Box::new(family.clone()))
-        .expect("registered once");
-    family
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
 impl Metrics {
-    /// Every family, registered and empty.
-    pub fn new() -> Self {
-        let r = Registry::new();
-        let decision_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "vmbalance_decision_duration_seconds",
-                "Time one decision (planning, not reading or applying) took.",
-            )
-            .buckets(prometheus::exponential_buckets(1e-6, 4.0, 12).expect("valid buckets")),
-        )
-        .expect("a valid metric name");
-        r.register(Box::new(decision_seconds.clone()))
+    /// The metrics of `daemon`, run every `period`: its families registered, with the
+    /// process's own (CPU time, memory, file descriptors, start time).
+    pub fn new(daemon: Daemon, period: Duration) -> Self {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("registered once");
-        let domain_vcpu = ["domain", "uuid", "vcpu", "pcpu"];
         Self {
-            cycles: counter(&r, "vmbalance_cycles_total", "Cycles run."),
-            cycles_without_decision: counter(
-                &r,
-                "vmbalance_cycles_without_decision_total",
-                "Cycles that made no decision: first sample, settling after changes, sampling too slow.",
-            ),
-            decision_seconds,
-            libvirt_calls: counter(
-                &r,
-                "vmbalance_libvirt_calls_total",
-                "libvirt API calls made.",
-            ),
-            changes_skipped: counter(
-                &r,
-                "vmbalance_changes_skipped_total",
-                "Changes not made because their libvirt call failed or their domain vanished.",
-            ),
-            disconnections: counter(
-                &r,
-                "vmbalance_disconnections_total",
-                "Cycles that found the libvirt connection down (each followed by a reconnection attempt).",
-            ),
-            cycle_failures: counter(
-                &r,
-                "vmbalance_cycle_failures_total",
-                "Cycles that failed in a way that may pass (each followed by a later try, the daemon's state kept).",
-            ),
-            not_answering: {
-                let g = prometheus::IntGauge::new(
-                    "vmbalance_domains_not_answering",
-                    "Domains left out of the last cycle because they did not answer in time (busy in a libvirt job, or their QEMU stopped or hung).",
-                )
-                .expect("a valid metric name");
-                r.register(Box::new(g.clone())).expect("registered once");
-                g
-            },
-            pcpu_usage: Series::new(gauges(
-                &r,
-                "vmbalance_pcpu_usage_ratio",
-                "CPU time the vCPUs on a pCPU used over the last period, as a share of the pCPU.",
-                &["pcpu"],
-            )),
-            pcpu_demand: Series::new(gauges(
-                &r,
-                "vmbalance_pcpu_demand_ratio",
-                "CPU time the vCPUs on a pCPU wanted (used plus waited for) over the last period.",
-                &["pcpu"],
-            )),
-            vcpu_usage: Series::new(gauges(
-                &r,
-                "vmbalance_vcpu_usage_ratio",
-                "CPU time a vCPU used over the last period, as a share of one pCPU.",
-                &domain_vcpu,
-            )),
-            vcpu_demand: Series::new(gauges(
-                &r,
-                "vmbalance_vcpu_demand_ratio",
-                "CPU time a vCPU wanted (used plus waited for) over the last period.",
-                &domain_vcpu,
-            )),
-            node_spread: Series::new(gauges(
-                &r,
-                "vmbalance_node_spread_ratio",
-                "Busiest minus freest pCPU of a NUMA node, in the figure balanced.",
-                &["node"],
-            )),
-            pin_changes: counters(
-                &r,
-                "vmbalance_pin_changes_total",
-                "vCPU pin changes made, by reason.",
-                &["reason"],
-            ),
-            guest_balloon: Series::new(gauges(
-                &r,
-                "vmbalance_guest_balloon_bytes",
-                "A guest's balloon size (the memory it has).",
-                &["domain", "uuid"],
-            )),
-            guest_free: Series::new(gauges(
-                &r,
-                "vmbalance_guest_free_bytes",
-                "Memory a guest can still use (MemAvailable, else MemFree), as it last reported.",
-                &["domain", "uuid"],
-            )),
-            guest_rate: Series::new(gauges(
-                &r,
-                "vmbalance_guest_consumption_bytes_per_second",
-                "How fast a guest's used memory grows (negative: shrinks).",
-                &["domain", "uuid"],
-            )),
-            guest_state: Series::new(gauges(
-                &r,
-                "vmbalance_guest_state",
-                "1 for a guest's state this cycle (starving, wasting, balanced, or why it is not judged).",
-                &["domain", "uuid", "state"],
-            )),
-            host_memory: Series::new(gauges(
-                &r,
-                "vmbalance_host_memory_bytes",
-                "The host's memory: total, available (what the kernel can hand out), reserve (kept available), unbacked (what guests hold free and may still touch).",
-                &["kind"],
-            )),
-            resizes: counters(
-                &r,
-                "vmbalance_balloon_resizes_total",
-                "Balloon resizes made, by reason.",
-                &["reason"],
-            ),
-            registry: r,
-        }
-    }
-
-    /// A cycle ran: count it, and its libvirt calls, skipped changes and decision time.
-    fn cycle(&self, libvirt_calls: u64, skipped: usize, decision_secs: Option<f64>) {
-        self.cycles.inc();
-        self.libvirt_calls.inc_by(libvirt_calls);
-        self.changes_skipped.inc_by(skipped as u64);
-        match decision_secs {
-            Some(secs) => self.decision_seconds.observe(secs),
-            None => self.cycles_without_decision.inc(),
-        }
-    }
-
-    /// A cycle found the connection down.
-    pub fn disconnected(&self) {
-        self.disconnections.inc();
-    }
-
-    /// A cycle failed in a way that may pass.
-    pub fn cycle_failed(&self) {
-        self.cycle_failures.inc();
-    }
-
-    /// Count in `family` a change for each reason in `made`, every reason of `all` shown from
-    /// the start (at 0 until a change is made for it).
-    fn count_changes(
-        family: &IntCounterVec,
-        all: impl IntoIterator<Item = &'static str>,
-        made: impl IntoIterator<Item = &'static str>,
-    ) {
-        for reason in all {
-            family.with_label_values(&[reason]);
-        }
-        for reason in made {
-            family.with_label_values(&[reason]).inc();
-        }
-    }
-
-    /// Export a vCPU scheduler cycle.
-    pub fn export_cpu(&mut self, r: &CpuReport) {
-        self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
-        self.not_answering.set(r.not_answering.len() as i64);
-        Self::count_changes(
-            &self.pin_changes,
-            PinWhy::ALL.iter().map(|w| w.as_str()),
-            r.moves.iter().map(|m| m.why.as_str()),
-        );
-        for p in &r.pcpus {
-            let pcpu = p.pcpu.to_string();
-            self.pcpu_usage.set(&[&pcpu], p.usage / 100.0);
-            if let Some(demand) = p.demand {
-                self.pcpu_demand.set(&[&pcpu], demand / 100.0);
-            }
-        }
-        for v in &r.vcpu_lines {
-            let uuid = v.uuid.to_string();
-            let vcpu = v.vcpu.to_string();
-            let pcpu = v.pcpu.map_or(String::new(), |p| p.to_string());
-            let labels = [v.domain.as_str(), &uuid, &vcpu, &pcpu];
-            self.vcpu_usage.set(&labels, v.usage / 100.0);
-            if let Some(demand) = v.demand {
-                self.vcpu_demand.set(&labels, demand / 100.0);
-            }
-        }
-        for n in &r.nodes {
-            self.node_spread
-                .set(&[&n.node.to_string()], n.spread / 100.0);
-        }
-        for series in [
-            &mut self.pcpu_usage,
-            &mut self.pcpu_demand,
-            &mut self.vcpu_usage,
-            &mut self.vcpu_demand,
-            &mut self.node_spread,
-        ] {
-            series.end_cycle();
-        }
-    }
-
-    /// Export a memory coordinator cycle.
-    pub fn export_mem(&mut self, r: &MemReport) {
-        self.cycle(r.libvirt_calls, r.skipped, r.decision_secs);
-        self.not_answering.set(r.not_answering.len() as i64);
-        Self::count_changes(
-            &self.resizes,
-            ResizeWhy::ALL.iter().map(|w| w.as_str()),
-            r.changes.iter().map(|c| c.why.as_str()),
-        );
-        for g in &r.guests {
-            let uuid = g.uuid.to_string();
-            let labels = [g.domain.as_str(), &uuid];
-            self.guest_balloon.set(&labels, g.actual_mib * MIB);
-            if let Some(free) = g.free_mib {
-                self.guest_free.set(&labels, free * MIB);
-            }
-            if let Some(rate) = g.rate_mib_s {
-                self.guest_rate.set(&labels, rate * MIB);
-            }
-            // The state's name in lower case: a fixed, bounded set of label values.
-            let state = g.state.as_str().to_lowercase();
-            self.guest_state
-                .set(&[g.domain.as_str(), &uuid, &state], 1.0);
-        }
-        if let Some(h) = &r.host {
-            for (kind, mib) in [
-                ("total", h.total_mib),
-                ("available", h.available_mib),
-                ("reserve", h.reserve_mib),
-                ("unbacked", h.unbacked_mib),
-            ] {
-                self.host_memory.set(&[kind], mib * MIB);
-            }
-        }
-        for series in [
-            &mut self.guest_balloon,
-            &mut self.guest_free,
-            &mut self.guest_rate,
-            &mut self.guest_state,
-            &mut self.host_memory,
-        ] {
-            series.end_cycle();
+            run: RunFamilies::new(&registry, daemon, period),
+            cpu: (daemon == Daemon::VcpuScheduler).then(|| CpuFamilies::new(&registry)),
+            mem: (daemon == Daemon::MemoryCoordinator).then(|| MemFamilies::new(&registry)),
+            registry,
+            connected: true,
         }
     }
 
     /// Export one cycle's report.
     pub fn export<R: Export>(&mut self, report: &R) {
+        let f = report.run_figures();
+        let run = &self.run;
+        run.cycles.inc();
+        run.libvirt_calls.inc_by(f.libvirt_calls);
+        run.changes_skipped.inc_by(f.skipped as u64);
+        match f.decision_secs {
+            Some(secs) => run.decision_seconds.observe(secs),
+            None => run.cycles_without_decision.inc(),
+        }
+        run.domains.set(f.domains as f64);
+        run.not_answering.set(f.not_answering as f64);
+        self.connection(true);
         report.export_into(self);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.run.last_cycle.set(now.as_secs_f64());
+    }
+
+    /// A cycle found no active domain: exported as an empty report of `R`'s daemon.
+    pub fn no_domain<R: Export>(&mut self) {
+        self.export(&R::default());
+    }
+
+    /// A turn found the connection down (counted once per loss).
+    pub fn disconnected(&mut self) {
+        self.connection(false);
+    }
+
+    /// A cycle failed in a way that may pass.
+    pub fn cycle_failed(&self) {
+        self.run.cycle_failures.inc();
+    }
+
+    /// The connection is `up` this turn: count a loss or a return.
+    fn connection(&mut self, up: bool) {
+        if up != self.connected {
+            if up {
+                self.run.reconnects.inc();
+            } else {
+                self.run.disconnections.inc();
+            }
+            self.connected = up;
+        }
+        self.run.connected.set(if up { 1.0 } else { 0.0 });
     }
 
     /// The exposition of every metric, in Prometheus's text format.
@@ -403,7 +293,7 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::host::DomainId;
-    use crate::report::{GuestLine, GuestState, ResizeLine};
+    use crate::report::{GuestLine, GuestState, ResizeLine, ResizeWhy, VcpuLine};
 
     fn guest(name: &str, n: u8) -> GuestLine {
         GuestLine {
@@ -418,7 +308,7 @@ mod tests {
 
     #[test]
     fn a_vanished_guest_leaves_no_series_and_counters_keep_counting() {
-        let mut m = Metrics::new();
+        let mut m = Metrics::new(Daemon::MemoryCoordinator, Duration::from_secs(3));
         let mut r = MemReport::new(false);
         r.guests = vec![guest("a", 1), guest("b", 2)];
         r.changes = vec![ResizeLine {
@@ -428,16 +318,16 @@ mod tests {
             why: ResizeWhy::Starving,
             reason: String::new(),
         }];
-        m.export_mem(&r);
+        m.export(&r);
         let text = m.encode();
         assert!(text.contains("domain=\"b\""), "{text}");
         assert!(text.contains("vmbalance_guest_balloon_bytes{domain=\"a\",uuid=\"01010101-0101-0101-0101-010101010101\"} 536870912"), "{text}");
         assert!(
-            text.contains("vmbalance_guest_state{domain=\"a\",state=\"starving\""),
+            text.contains("vmbalance_guest_state{domain=\"a\",state=\"starving\",uuid=\"01010101-0101-0101-0101-010101010101\"} 1"),
             "{text}"
         );
         r.guests.truncate(1);
-        m.export_mem(&r);
+        m.export(&r);
         let text = m.encode();
         assert!(!text.contains("domain=\"b\""), "{text}");
         assert!(
@@ -449,8 +339,8 @@ mod tests {
 
     #[test]
     fn a_daemon_shows_only_its_own_families() {
-        let mut m = Metrics::new();
-        m.export_cpu(&CpuReport::new(false));
+        let mut m = Metrics::new(Daemon::VcpuScheduler, Duration::from_secs(3));
+        m.export(&CpuReport::new(false));
         let text = m.encode();
         assert!(
             text.contains("vmbalance_pin_changes_total{reason=\"balance\"} 0"),
@@ -458,5 +348,97 @@ mod tests {
         );
         assert!(!text.contains("vmbalance_balloon_resizes_total"), "{text}");
         assert!(!text.contains("vmbalance_guest_"), "{text}");
+    }
+
+    #[test]
+    fn every_state_of_a_guest_is_a_series_and_each_state_is_counted() {
+        let mut m = Metrics::new(Daemon::MemoryCoordinator, Duration::from_secs(3));
+        let mut r = MemReport::new(false);
+        r.guests = vec![guest("a", 1)];
+        m.export(&r);
+        let text = m.encode();
+        let states: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("vmbalance_guest_state{"))
+            .collect();
+        assert_eq!(states.len(), GuestState::ALL.len(), "{text}");
+        assert_eq!(states.iter().filter(|l| l.ends_with(" 1")).count(), 1);
+        assert!(
+            text.contains("vmbalance_guests{state=\"starving\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmbalance_guests{state=\"wasting\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("state=\"starving_balloon_behind\""), "{text}");
+    }
+
+    #[test]
+    fn a_repin_keeps_a_vcpus_series_and_changes_its_pcpu_value() {
+        let mut m = Metrics::new(Daemon::VcpuScheduler, Duration::from_secs(3));
+        let mut r = CpuReport::new(false);
+        let line = |pcpu| VcpuLine {
+            domain: "a".into(),
+            uuid: DomainId([1; 16]),
+            vcpu: 0,
+            pcpu: Some(pcpu),
+            usage: 50.0,
+            demand: None,
+        };
+        let series = "vmbalance_vcpu_pcpu{domain=\"a\",uuid=\"01010101-0101-0101-0101-010101010101\",vcpu=\"0\"}";
+        r.vcpu_lines = vec![line(0)];
+        m.export(&r);
+        assert!(m.encode().contains(&format!("{series} 0")));
+        r.vcpu_lines = vec![line(3)];
+        m.export(&r);
+        let text = m.encode();
+        assert!(text.contains(&format!("{series} 3")), "{text}");
+        assert!(!text.contains("pcpu=\""), "{text}");
+    }
+
+    #[test]
+    fn losses_and_returns_of_the_connection_are_counted_once_each() {
+        let mut m = Metrics::new(Daemon::VcpuScheduler, Duration::from_secs(3));
+        let r = CpuReport::new(false);
+        m.export(&r);
+        m.disconnected();
+        m.disconnected();
+        m.disconnected();
+        let text = m.encode();
+        assert!(text.contains("vmbalance_disconnections_total 1"), "{text}");
+        assert!(text.contains("vmbalance_libvirt_connected 0"), "{text}");
+        assert!(text.contains("vmbalance_reconnects_total 0"), "{text}");
+        m.export(&r);
+        let text = m.encode();
+        assert!(text.contains("vmbalance_reconnects_total 1"), "{text}");
+        assert!(text.contains("vmbalance_libvirt_connected 1"), "{text}");
+        assert!(
+            text.contains("vmbalance_build_info{daemon=\"vcpu_scheduler\",version="),
+            "{text}"
+        );
+        assert!(text.contains("vmbalance_period_seconds 3"), "{text}");
+        let stamp: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("vmbalance_last_cycle_timestamp_seconds "))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert!(stamp > 1.7e9, "{stamp}");
+    }
+
+    #[test]
+    fn a_host_with_no_domain_reads_balanced_and_unpressed() {
+        let mut m = Metrics::new(Daemon::VcpuScheduler, Duration::from_secs(3));
+        m.no_domain::<CpuReport>();
+        let text = m.encode();
+        assert!(text.contains("vmbalance_cpu_balanced 1"), "{text}");
+        assert!(text.contains("vmbalance_cpu_pressure_ratio 0"), "{text}");
+        assert!(text.contains("vmbalance_domains 0"), "{text}");
+        // Before any decision the pressure is unknown, not 0.
+        let mut m = Metrics::new(Daemon::VcpuScheduler, Duration::from_secs(3));
+        let mut r = CpuReport::new(false);
+        r.domains = 1;
+        m.export(&r);
+        assert!(!m.encode().contains("vmbalance_cpu_pressure_ratio "));
     }
 }
