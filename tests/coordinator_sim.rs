@@ -972,3 +972,48 @@ fn a_guest_partly_backed_by_hugepages_is_never_shrunk_into_them() {
         held / MIB
     );
 }
+
+/// The fleet signal of each of `cycles` cycles one PERIOD apart.
+fn pressures(host: &mut SimHost, c: &mut Coordinator, cycles: usize) -> Vec<Option<f64>> {
+    (0..cycles)
+        .map(|_| {
+            host.advance(PERIOD);
+            c.cycle(host)
+                .unwrap()
+                .expect("domains are running")
+                .unmet_share
+        })
+        .collect()
+}
+
+#[test]
+fn a_host_that_cannot_feed_its_hog_says_so_and_one_that_can_says_zero() {
+    // The host of the test above: ~200 MiB above its reserve, the hog wants 800 MiB more.
+    let mut host = lab();
+    host.domains.truncate(1);
+    host.host_used = host.host_total - 1024 * MIB - 610 * MIB;
+    let mut c = Coordinator::new(policy(), false);
+    pressures(&mut host, &mut c, 3);
+    host.domains[0].mem.work(40.0 * 1024.0, 1800 * MIB);
+    let read: Vec<f64> = pressures(&mut host, &mut c, 40)
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(read.len(), 40);
+    assert!(read.iter().all(|&s| (0.0..=1.0).contains(&s)), "{read:?}");
+    // Once the host's budget is spent, the hog's need goes unmet, more each cycle, until the
+    // hog runs out of memory (its workload killed, it consumes no more).
+    let unmet: Vec<f64> = read.iter().copied().filter(|&s| s > 0.0).collect();
+    assert!(unmet.len() >= 3, "{read:?}");
+    assert!(unmet.windows(2).all(|w| w[1] > w[0]), "{read:?}");
+    // The lab with idle guests to take from feeds the same hog: nothing left unmet.
+    let mut host = lab();
+    let mut c = Coordinator::new(policy(), false);
+    pressures(&mut host, &mut c, 4);
+    host.domains[0].mem.work(40.0 * 1024.0, 1800 * MIB);
+    let read: Vec<f64> = pressures(&mut host, &mut c, 60)
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(read.iter().all(|&s| s == 0.0), "{read:?}");
+}

@@ -282,6 +282,55 @@ fn scheduler_mixes_heavy_and_light_guests_and_survives_a_guest_destroyed_mid_run
     assert!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
 }
 
+/// The scheduler's fleet gauge, read `reads` times a cycle apart from the daemon `d`.
+fn cpu_pressure_reads(d: &mut Daemon, reads: usize) -> Vec<f64> {
+    let mut seen = d.cycles();
+    (0..reads)
+        .map(|_| {
+            seen += 1;
+            d.wait_cycles(seen, Duration::from_secs(30));
+            let text = scrape(&d.log());
+            text.lines()
+                .find_map(|l| l.strip_prefix("vmbalance_cpu_pressure_ratio "))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no CPU pressure read:\n{text}"))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn the_fleet_gauge_reads_demand_two_pcpus_cannot_serve_and_zero_once_they_can() {
+    // Four CPU-bound vCPUs on two pCPUs: however they are pinned, half their demand waits.
+    if online_pcpus() != 2 {
+        eprintln!("skipped: needs exactly two online pCPUs");
+        return;
+    }
+    let names = ["press0", "press1", "press2", "press3"];
+    let specs: Vec<Spec> = names.iter().map(|n| busy(n, "0-1")).collect();
+    let mut lab = Lab::guests(&specs);
+    let mut d = Daemon::start(SCHEDULER, &["--metrics-address", "127.0.0.1:0", "2"]);
+    d.wait_cycles(4, Duration::from_secs(60));
+    let over = cpu_pressure_reads(&mut d, 6);
+    eprintln!("four busy vCPUs on two pCPUs: CPU pressure {over:.3?}");
+    // Above zero, and stable: a cluster scheduler acts on it without chasing noise.
+    assert!(over.iter().all(|&p| p > 0.3 && p <= 1.0), "{over:?}");
+    let (lo, hi) = over
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+    assert!(hi - lo < 0.2, "{over:?}");
+    // Two of them go (moved elsewhere, say): two busy vCPUs fit two pCPUs.
+    lab.remove("press2");
+    lab.remove("press3");
+    let seen = d.cycles();
+    d.wait_cycles(seen + 4, Duration::from_secs(60));
+    let fits = cpu_pressure_reads(&mut d, 4);
+    eprintln!("two busy vCPUs on two pCPUs: CPU pressure {fits:.3?}");
+    let Ended { code, log, .. } = d.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(fits.iter().all(|&p| p == 0.0), "{fits:?}\n{log}");
+}
+
 #[test]
 #[ignore = "needs the real-guest lab: run `make e2e`"]
 fn scheduler_sees_contention_that_usage_hides_and_fixes_it_in_one_move() {

@@ -534,3 +534,67 @@ fn a_domain_that_does_not_answer_stalls_no_other() {
     let report = sched.cycle(&mut host).unwrap().unwrap();
     assert_eq!(report.not_answering, ["dom5"], "{report}");
 }
+
+/// The fleet signal of each decision of `cycles` cycles (`None` where no decision was made).
+fn pressures(host: &mut SimHost, sched: &mut Scheduler, cycles: usize) -> Vec<Option<f64>> {
+    (0..cycles)
+        .map(|i| {
+            if i > 0 {
+                host.advance(PERIOD);
+            }
+            sched
+                .cycle(host)
+                .unwrap()
+                .expect("domains are running")
+                .unserved_share
+        })
+        .collect()
+}
+
+#[test]
+fn an_over_committed_host_says_how_much_demand_it_cannot_serve_and_a_fitting_one_says_zero() {
+    // Four busy vCPUs on two pCPUs: balanced two and two, still half their demand unserved.
+    let mut host = SimHost::new(2);
+    host.reports_delay = true;
+    for n in 1..=4 {
+        host.add(n, &[(100.0, &[0, 1])]);
+    }
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let read: Vec<f64> = pressures(&mut host, &mut sched, 12)
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(read.len() >= 4, "{read:?}");
+    // Stable once balanced: every decision after the first reads the same.
+    for share in &read[1..] {
+        assert!(*share > 0.5 && *share <= 1.0, "{read:?}");
+        assert!((share - read[1]).abs() < 0.05, "{read:?}");
+    }
+    // Two busy vCPUs on two pCPUs, and a host of light loads: balanced within the threshold,
+    // nothing unserved.
+    for loads in [vec![100.0, 100.0], vec![40.0, 30.0, 30.0, 20.0]] {
+        let mut host = SimHost::new(2);
+        host.reports_delay = true;
+        for (n, &load) in loads.iter().enumerate() {
+            host.add(n as u8 + 1, &[(load, &[0, 1])]);
+        }
+        let mut sched = Scheduler::new(CpuPolicy::default(), false);
+        let read: Vec<f64> = pressures(&mut host, &mut sched, 8)
+            .into_iter()
+            .flatten()
+            .collect();
+        assert!(!read.is_empty());
+        assert!(read.iter().all(|&s| s == 0.0), "{loads:?}: {read:?}");
+    }
+    // Without run-queue delay the host cannot tell: no figure rather than a false 0.
+    let mut host = SimHost::new(2);
+    for n in 1..=4 {
+        host.add(n, &[(100.0, &[0, 1])]);
+    }
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    assert!(
+        pressures(&mut host, &mut sched, 6)
+            .iter()
+            .all(Option::is_none)
+    );
+}
