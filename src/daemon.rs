@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,7 +13,7 @@ use signal_hook::iterator::Signals;
 
 use crate::exclusions::{ExcludePattern, Exclusions};
 use crate::host::{Host, HostError, HostResult};
-use crate::metrics::{Endpoint, Export, Metrics};
+use crate::metrics::{Endpoint, Export, Metrics, WebConfig};
 use crate::report::Report;
 
 /// The URI used when neither `--connect` nor `LIBVIRT_DEFAULT_URI` names one.
@@ -68,6 +68,12 @@ pub struct CommonArgs {
     /// [IPv6]:PORT, or :PORT for every interface) [default: off]
     #[arg(long, value_name = "HOST:PORT", value_parser = crate::metrics::parse_listen_address)]
     pub metrics_address: Option<SocketAddr>,
+
+    /// Serve the metrics over TLS and/or with basic authentication, as this file says: the web
+    /// configuration format of node_exporter (tls_server_config, basic_auth_users with bcrypt
+    /// hashes, http_server_config.headers); see docs/metrics.md
+    #[arg(long, value_name = "FILE", requires = "metrics_address", value_parser = crate::metrics::parse_web_config_file)]
+    pub web_config_file: Option<Arc<WebConfig>>,
 }
 
 /// How long a libvirt call that may wait on one domain's QEMU is waited for, with `period`: half
@@ -84,7 +90,7 @@ pub fn call_deadline(period: Duration) -> Duration {
 pub struct UsageError(pub String);
 
 /// How a daemon's loop runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoopOptions {
     /// Time between cycles.
     pub period: Duration,
@@ -96,6 +102,8 @@ pub struct LoopOptions {
     pub wait: bool,
     /// Serve metrics on this address.
     pub metrics: Option<SocketAddr>,
+    /// With TLS and authentication as this says.
+    pub web: Option<Arc<WebConfig>>,
 }
 
 impl CommonArgs {
@@ -141,6 +149,7 @@ impl CommonArgs {
             json: self.json,
             wait: self.wait,
             metrics: self.metrics_address,
+            web: self.web_config_file.clone(),
         }
     }
 }
@@ -344,8 +353,9 @@ pub fn run_cycles<R: Report + Export>(
     let mut stop = StopSignal::install()?;
     let exporter = options
         .metrics
-        .map(|address| Exporter::start::<R>(address, options.period))
+        .map(|address| Exporter::start::<R>(address, options.web.clone(), options.period))
         .transpose()?;
+    let (period, cycles) = (options.period, options.cycles);
     let mut run = Run {
         uri,
         options,
@@ -356,7 +366,7 @@ pub fn run_cycles<R: Report + Export>(
         exporter,
     };
     loop {
-        if run.started() && stop.sleep(options.period.max(run.delay).max(run.failing)) {
+        if run.started() && stop.sleep(period.max(run.delay).max(run.failing)) {
             return run.end("stopping on signal");
         }
         let turn = cycle().inspect_err(|_| run.totals.summary("stopping on error"))?;
@@ -375,7 +385,7 @@ pub fn run_cycles<R: Report + Export>(
                 true
             }
         };
-        if !go_on || options.cycles.is_some_and(|n| run.totals.cycles >= n) {
+        if !go_on || cycles.is_some_and(|n| run.totals.cycles >= n) {
             return run.end("done");
         }
         if stop.requested() {
@@ -407,9 +417,13 @@ struct Exporter {
 
 impl Exporter {
     /// Listen on `address` for the metrics of `R`'s daemon, run every `period`, saying where.
-    fn start<R: Export>(address: SocketAddr, period: Duration) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::start(address)?;
-        log::info!("serving metrics at http://{}/metrics", endpoint.address());
+    fn start<R: Export>(
+        address: SocketAddr,
+        web: Option<Arc<WebConfig>>,
+        period: Duration,
+    ) -> anyhow::Result<Self> {
+        let endpoint = Endpoint::start(address, web)?;
+        log::info!("serving metrics at {}", endpoint.url());
         let exporter = Self {
             metrics: Metrics::new(R::DAEMON, period),
             endpoint,

@@ -24,6 +24,7 @@ fn options(cycles: u64) -> LoopOptions {
         json: false,
         wait: false,
         metrics: None,
+        web: None,
     }
 }
 

@@ -8,7 +8,8 @@
 //! has not sent its request within 2 s or does not read its answer within 5 s is dropped. So idle,
 //! slow or half-open clients delay no scrape and no cycle, and bound the daemon's memory. Every
 //! answer closes its connection. (Measured before: one connection at a time, a scrape beside 8
-//! idle connections took 16.4 s.)
+//! idle connections took 16.4 s.) With a [`WebConfig`] it serves HTTPS and asks for basic
+//! authentication, as the file says.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -17,6 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+
+use super::WebConfig;
 
 /// Largest request accepted, headers included.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -32,6 +35,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MAX_CONNECTIONS: usize = 64;
 /// Stack of each connection's thread: it parses into a fixed buffer and copies a page pointer.
 const CONNECTION_STACK: usize = 64 * 1024;
+/// Stack of a connection's thread over TLS or with basic authentication: a handshake and a
+/// bcrypt check need more (64 KiB overflowed). Only the pages touched are resident.
+const SECURE_CONNECTION_STACK: usize = 512 * 1024;
 
 /// A listen address as exporters take it: `HOST:PORT`, `[IPv6]:PORT`, a host name with its port
 /// (`localhost:9841`), or `:PORT` for every interface.
@@ -68,29 +74,48 @@ type Page = Arc<Mutex<Arc<str>>>;
 pub struct Endpoint {
     address: SocketAddr,
     page: Page,
+    https: bool,
 }
 
 impl Endpoint {
-    /// Listen on `address` and serve from a thread of its own until the process ends.
-    pub fn start(address: SocketAddr) -> anyhow::Result<Self> {
+    /// Listen on `address` and serve from a thread of its own until the process ends, with TLS
+    /// and authentication as `web` says.
+    pub fn start(address: SocketAddr, web: Option<Arc<WebConfig>>) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(address).with_context(|| {
             format!("cannot listen on {address} for metrics (is the port taken, or the address not this host's?)")
         })?;
         let address = listener
             .local_addr()
             .context("reading the metrics address")?;
+        let web = web.unwrap_or_else(|| Arc::new(WebConfig::none()));
         if !address.ip().is_loopback() {
             log::warn!(
-                "metrics are served on {address}, which other hosts may reach: the page names every domain, its UUID and its figures; bind to 127.0.0.1 unless scrapers elsewhere need it, and firewall the port"
+                "metrics are served on {address}, which other hosts may reach: the page names every domain, its UUID and its figures; bind to 127.0.0.1 unless scrapers elsewhere need it, and firewall the port{}",
+                if web.tls().is_none() || !web.asks_for_credentials() {
+                    " (or give --web-config-file for TLS and basic authentication)"
+                } else {
+                    ""
+                }
             );
         }
+        let https = web.tls().is_some();
         let page: Page = Arc::new(Mutex::new(Arc::from("")));
         let served = page.clone();
         std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || serve(&listener, &served))
+            .spawn(move || serve(&listener, &served, &web))
             .context("starting the metrics thread")?;
-        Ok(Self { address, page })
+        Ok(Self {
+            address,
+            page,
+            https,
+        })
+    }
+
+    /// The URL of the metrics page.
+    pub fn url(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/metrics", self.address)
     }
 
     /// Where it listens (with the port the system chose, for port 0).
@@ -106,8 +131,13 @@ impl Endpoint {
 }
 
 /// Answer each connection on a thread of its own, at most [`MAX_CONNECTIONS`] at once, for ever.
-fn serve(listener: &TcpListener, page: &Page) {
+fn serve(listener: &TcpListener, page: &Page, web: &Arc<WebConfig>) {
     let open = Arc::new(AtomicUsize::new(0));
+    let stack = if web.tls().is_some() || web.asks_for_credentials() {
+        SECURE_CONNECTION_STACK
+    } else {
+        CONNECTION_STACK
+    };
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
@@ -116,12 +146,12 @@ fn serve(listener: &TcpListener, page: &Page) {
                     refuse(stream);
                     continue;
                 }
-                let (page, done) = (Arc::clone(page), Arc::clone(&open));
+                let (page, done, web) = (Arc::clone(page), Arc::clone(&open), Arc::clone(web));
                 let spawned = std::thread::Builder::new()
                     .name("metrics-conn".into())
-                    .stack_size(CONNECTION_STACK)
+                    .stack_size(stack)
                     .spawn(move || {
-                        if let Err(e) = answer(stream, &page) {
+                        if let Err(e) = answer(stream, &page, &web) {
                             log::debug!("metrics: a scrape ended early: {e}");
                         }
                         done.fetch_sub(1, Ordering::SeqCst);
@@ -156,6 +186,11 @@ struct Answer {
     head_only: bool,
 }
 
+/// A connection, plain or over TLS.
+trait Connection: Read + Write {}
+
+impl<T: Read + Write> Connection for T {}
+
 impl Answer {
     fn text(status: &'static str, body: &str) -> Self {
         Self {
@@ -167,10 +202,23 @@ impl Answer {
     }
 }
 
-/// Read one request from `stream` within the limits and answer it.
-fn answer(mut stream: TcpStream, page: &Page) -> std::io::Result<()> {
+/// Read one request from `stream` within the limits and answer it, over TLS where `web` asks.
+fn answer(mut stream: TcpStream, page: &Page, web: &WebConfig) -> std::io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let Some(tls) = web.tls() else {
+        return exchange(&mut stream, page, web);
+    };
+    let connection = rustls::ServerConnection::new(tls).map_err(std::io::Error::other)?;
+    let mut stream = rustls::StreamOwned::new(connection, stream);
+    exchange(&mut stream, page, web)?;
+    stream.conn.send_close_notify();
+    let _ = stream.flush();
+    Ok(())
+}
+
+/// Read one request from `stream` within the limits and answer it.
+fn exchange(stream: &mut dyn Connection, page: &Page, web: &WebConfig) -> std::io::Result<()> {
     let deadline = Instant::now() + REQUEST_TIME_LIMIT;
     let mut buf = [0u8; MAX_REQUEST];
     let mut len = 0;
@@ -189,6 +237,14 @@ fn answer(mut stream: TcpStream, page: &Page) -> std::io::Result<()> {
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf[..len]) {
             Ok(httparse::Status::Complete(_)) => {
+                let authorization = request
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+                    .map(|h| h.value);
+                if !web.authorized(authorization) {
+                    break Answer::text("401 Unauthorized", "unauthorized\n");
+                }
                 break route(
                     request.method.unwrap_or(""),
                     request.path.unwrap_or(""),
@@ -202,7 +258,7 @@ fn answer(mut stream: TcpStream, page: &Page) -> std::io::Result<()> {
             Err(_) => break Answer::text("400 Bad Request", "bad request\n"),
         }
     };
-    send(&mut stream, &answer, Instant::now() + ANSWER_TIME_LIMIT)
+    send(stream, &answer, web, Instant::now() + ANSWER_TIME_LIMIT)
 }
 
 /// What a request for `path` with `method` gets.
@@ -233,8 +289,13 @@ fn route(method: &str, path: &str, page: &Page) -> Answer {
     answer
 }
 
-/// Write `answer` to `stream`, giving up at `deadline`.
-fn send(stream: &mut TcpStream, answer: &Answer, deadline: Instant) -> std::io::Result<()> {
+/// Write `answer` to `stream` with the headers `web` adds, giving up at `deadline`.
+fn send(
+    stream: &mut dyn Connection,
+    answer: &Answer,
+    web: &WebConfig,
+    deadline: Instant,
+) -> std::io::Result<()> {
     let mut head = format!(
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
         answer.status,
@@ -243,6 +304,12 @@ fn send(stream: &mut TcpStream, answer: &Answer, deadline: Instant) -> std::io::
     );
     if answer.status.starts_with("405") {
         head.push_str("Allow: GET, HEAD\r\n");
+    }
+    if answer.status.starts_with("401") {
+        head.push_str("WWW-Authenticate: Basic realm=\"vmbalance\", charset=\"UTF-8\"\r\n");
+    }
+    for (name, value) in web.headers() {
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
     let body: &[u8] = if answer.head_only {

@@ -14,8 +14,10 @@ mod cpu;
 mod endpoint;
 mod families;
 mod mem;
+mod web_config;
 
 pub use endpoint::{Endpoint, MAX_CONNECTIONS, parse_listen_address};
+pub use web_config::{WebConfig, parse_web_config_file};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
