@@ -481,3 +481,38 @@ fn every_metric_the_dashboard_queries_is_exported() {
         assert!(queried.iter().any(|q| q == needed), "{needed}");
     }
 }
+
+#[test]
+fn a_scrape_never_sees_half_of_one_cycle_and_half_of_another() {
+    // Each cycle's page is published whole; scrapes racing with publications must each get one
+    // page entire. Pages of 40,000 lines take many writes to send, so a torn read would show.
+    use vmbalance::metrics::Endpoint;
+    let endpoint =
+        std::sync::Arc::new(Endpoint::start("127.0.0.1:0".parse().unwrap(), None).unwrap());
+    let page = |k: usize| format!("vmbalance_cycles_total {k}\n").repeat(40_000);
+    endpoint.publish(page(0));
+    let publisher = {
+        let endpoint = endpoint.clone();
+        std::thread::spawn(move || {
+            for k in 1..=200 {
+                endpoint.publish(page(k));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    while !publisher.is_finished() {
+        let mut s = TcpStream::connect(endpoint.address()).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        let lines: std::collections::BTreeSet<&str> = body.lines().collect();
+        assert_eq!(lines.len(), 1, "a page mixing cycles: {lines:?}");
+        assert_eq!(body.lines().count(), 40_000);
+        seen.insert(lines.into_iter().next().unwrap().to_string());
+    }
+    publisher.join().unwrap();
+    // The scrapes did race with the publications: they saw several cycles.
+    assert!(seen.len() > 3, "{seen:?}");
+}
