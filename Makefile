@@ -20,7 +20,10 @@ BINARIES := vcpu_scheduler memory_coordinator vmbalance_plot
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: all build binaries test test-unit e2e demo lint clean deps test-deps install uninstall
+.PHONY: all build binaries test test-unit e2e demo lint clean deps test-deps install uninstall rust-version deb
+
+# The oldest Rust that builds vmbalance (Cargo.toml's rust-version).
+RUST_MIN := $(shell sed -n 's/^rust-version *= *"\(.*\)"/\1/p' Cargo.toml)
 
 all: build
 
@@ -31,7 +34,7 @@ build: deps
 ## Build the release binaries into bin/, without installing packages. Each binary is written beside
 ## its old one and renamed over it, so this works while a daemon started from bin/ is running (a
 ## copy in place fails with "Text file busy"); the running daemon keeps its old file.
-binaries:
+binaries: rust-version
 	$(CARGO) build --release --locked
 	@mkdir -p $(BIN_DIR)
 	@for b in $(BINARIES); do \
@@ -43,7 +46,7 @@ binaries:
 test: test-unit e2e
 
 ## Unit, property, simulated-host, libvirt test-driver and CLI tests (no root, no guests).
-test-unit: test-deps
+test-unit: test-deps rust-version
 	$(CARGO) test --locked --all-targets
 
 ## End-to-end tests: set up the lab (root: packages, libvirtd, guests), run the daemons against
@@ -58,7 +61,7 @@ demo: build
 	lab/demo.sh
 
 ## Formatting and lints, as CI checks them.
-lint: deps
+lint: deps rust-version
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
@@ -88,6 +91,16 @@ clean:
 
 ## Install the Debian packages the build needs (libvirt's headers and pkg-config file, for the
 ## `virt` bindings) when they are missing; `make`, `make test` and `make lint` run it first.
+## Say clearly when the installed Rust is older than the one vmbalance needs.
+rust-version:
+	@have=$$($(CARGO) --version 2>/dev/null | awk '{print $$2}'); \
+	if [ -z "$$have" ]; then \
+		echo "error: cargo is not installed; install Rust $(RUST_MIN) or newer (https://rustup.rs)" >&2; exit 1; \
+	fi; \
+	if [ "$$(printf '%s\n%s\n' "$(RUST_MIN)" "$$have" | sort -V | head -n1)" != "$(RUST_MIN)" ]; then \
+		echo "error: vmbalance needs Rust $(RUST_MIN) or newer; this machine has $$have (rustup update)" >&2; exit 1; \
+	fi
+
 deps:
 	@if ! pkg-config --exists 'libvirt >= 6.0.0' 2>/dev/null; then \
 		echo "installing libvirt-dev and pkg-config with apt-get"; \
