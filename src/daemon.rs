@@ -104,6 +104,8 @@ pub struct LoopOptions {
     pub metrics: Option<SocketAddr>,
     /// With TLS and authentication as this says.
     pub web: Option<Arc<WebConfig>>,
+    /// How often a quiet run sums up in the log (see [`crate::logging::CycleLog`]).
+    pub summary_every: Duration,
 }
 
 impl CommonArgs {
@@ -150,6 +152,7 @@ impl CommonArgs {
             wait: self.wait,
             metrics: self.metrics_address,
             web: self.web_config_file.clone(),
+            summary_every: crate::logging::SUMMARY_EVERY,
         }
     }
 }
@@ -186,11 +189,9 @@ impl CommonArgs {
             .unwrap_or_else(|| DEFAULT_URI.to_string())
     }
 
-    /// Set up logging to stderr: info by default, `RUST_LOG` if set, `-v`/`-q` over both.
+    /// Set up logging to stderr (see [`crate::logging`]): info by default, `RUST_LOG` if set,
+    /// `-v`/`-q` over both.
     pub fn init_logging(&self) {
-        let mut builder = env_logger::Builder::new();
-        builder.filter_level(log::LevelFilter::Info);
-        builder.parse_env(env_logger::Env::default());
         let level = match (self.verbose, self.quiet) {
             (0, 0) => None,
             (1, _) => Some(log::LevelFilter::Debug),
@@ -198,10 +199,7 @@ impl CommonArgs {
             (_, 1) => Some(log::LevelFilter::Warn),
             _ => Some(log::LevelFilter::Error),
         };
-        if let Some(level) = level {
-            builder.filter_level(level);
-        }
-        builder.format_target(false).init();
+        crate::logging::init(level);
     }
 }
 
@@ -356,6 +354,7 @@ pub fn run_cycles<R: Report + Export>(
         .map(|address| Exporter::start::<R>(address, options.web.clone(), options.period))
         .transpose()?;
     let (period, cycles) = (options.period, options.cycles);
+    let summary_every = options.summary_every;
     let mut run = Run {
         uri,
         options,
@@ -364,6 +363,7 @@ pub fn run_cycles<R: Report + Export>(
         delay: Duration::ZERO,
         failing: Duration::ZERO,
         exporter,
+        cycle_log: crate::logging::CycleLog::for_stderr(period, summary_every),
     };
     loop {
         if run.started() && stop.sleep(period.max(run.delay).max(run.failing)) {
@@ -407,6 +407,8 @@ struct Run<'a> {
     failing: Duration,
     /// Where metrics go, with `--metrics-address`.
     exporter: Option<Exporter>,
+    /// The pacing of the per-cycle log.
+    cycle_log: crate::logging::CycleLog,
 }
 
 /// The metrics of a run and the endpoint serving them.
@@ -510,7 +512,9 @@ impl Run<'_> {
         self.idle = false;
         self.totals.changes += report.changes();
         self.totals.skipped += report.skipped();
-        log::info!("cycle {}: {report}", self.totals.cycles);
+        for (level, line) in self.cycle_log.lines(self.totals.cycles, report) {
+            log::log!(level, "{line}");
+        }
         if self.options.json {
             print_json(report, self.totals.cycles)?;
         }

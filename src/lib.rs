@@ -24,6 +24,7 @@ pub mod exclusions;
 pub mod host;
 pub mod ledger;
 pub mod libvirt;
+pub mod logging;
 pub mod mem_plan;
 pub mod metrics;
 pub mod plot;

@@ -21,6 +21,16 @@ pub trait Report: fmt::Display + Serialize {
 
     /// Record how many hypervisor API calls the cycle made.
     fn set_api_calls(&mut self, calls: u64);
+
+    /// What is wrong on the host this cycle, in words that stay the same while it lasts (no
+    /// figures), so the log can say it when it begins and changes rather than every cycle;
+    /// `None` when nothing is.
+    fn trouble(&self) -> Option<String>;
+}
+
+/// The parts of a trouble joined, or `None` when there is none.
+fn troubles(parts: Vec<String>) -> Option<String> {
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 /// Round to one decimal, for figures in JSON output.
@@ -372,6 +382,17 @@ impl Report for CpuReport {
     fn set_api_calls(&mut self, calls: u64) {
         self.libvirt_calls = calls;
     }
+
+    fn trouble(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.decision == Decision::Planned && !self.balanced && self.planned == 0 {
+            parts.push("unbalanced, and no pin change within the limits helps".to_string());
+        }
+        if !self.not_answering.is_empty() {
+            parts.push(format!("not answering: {}", self.not_answering.join(" ")));
+        }
+        troubles(parts)
+    }
 }
 
 /// The domains left out of a cycle because they did not answer, if any.
@@ -572,6 +593,27 @@ impl Report for MemReport {
 
     fn set_api_calls(&mut self, calls: u64) {
         self.libvirt_calls = calls;
+    }
+
+    fn trouble(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        let mut starving: Vec<&str> = self
+            .guests
+            .iter()
+            .filter(|g| matches!(g.state, GuestState::Starving | GuestState::StarvingBehind))
+            .map(|g| g.domain.as_str())
+            .collect();
+        starving.sort_unstable();
+        if !starving.is_empty() {
+            parts.push(format!("starving: {}", starving.join(" ")));
+        }
+        if self.host.is_some_and(|h| h.available_mib < h.reserve_mib) {
+            parts.push("the host is under its reserve".to_string());
+        }
+        if !self.not_answering.is_empty() {
+            parts.push(format!("not answering: {}", self.not_answering.join(" ")));
+        }
+        troubles(parts)
     }
 }
 

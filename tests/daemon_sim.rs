@@ -25,6 +25,7 @@ fn options(cycles: u64) -> LoopOptions {
         wait: false,
         metrics: None,
         web: None,
+        summary_every: Duration::from_secs(600),
     }
 }
 
