@@ -15,6 +15,7 @@ use crate::exclusions::{ExcludePattern, Exclusions};
 use crate::host::{Host, HostError, HostResult};
 use crate::metrics::{Endpoint, Export, Metrics, WebConfig};
 use crate::report::Report;
+use crate::service::Service;
 
 /// The URI used when neither `--connect` nor `LIBVIRT_DEFAULT_URI` names one.
 pub const DEFAULT_URI: &str = "qemu:///system";
@@ -364,9 +365,10 @@ pub fn run_cycles<R: Report + Export>(
         failing: Duration::ZERO,
         exporter,
         cycle_log: crate::logging::CycleLog::for_stderr(period, summary_every),
+        service: Service::from_env(),
     };
     loop {
-        if run.started() && stop.sleep(period.max(run.delay).max(run.failing)) {
+        if run.started() && run.sleep(&mut stop, period.max(run.delay).max(run.failing)) {
             return run.end("stopping on signal");
         }
         let turn = cycle().inspect_err(|_| run.totals.summary("stopping on error"))?;
@@ -409,6 +411,8 @@ struct Run<'a> {
     exporter: Option<Exporter>,
     /// The pacing of the per-cycle log.
     cycle_log: crate::logging::CycleLog,
+    /// systemd's notify protocol (nothing outside systemd).
+    service: Service,
 }
 
 /// The metrics of a run and the endpoint serving them.
@@ -441,6 +445,24 @@ impl Exporter {
 }
 
 impl Run<'_> {
+    /// Sleep `wait`, pinging systemd's watchdog as often as it asks; true when a stop was
+    /// requested.
+    fn sleep(&self, stop: &mut StopSignal, wait: Duration) -> bool {
+        let Some(every) = self.service.ping_every() else {
+            return stop.sleep(wait);
+        };
+        let mut left = wait;
+        while !left.is_zero() {
+            let step = left.min(every);
+            if stop.sleep(step) {
+                return true;
+            }
+            self.service.alive();
+            left -= step;
+        }
+        false
+    }
+
     /// Has a turn run yet (so the next one waits)?
     fn started(&self) -> bool {
         self.totals.cycles > 0 || !self.delay.is_zero() || !self.failing.is_zero()
@@ -458,6 +480,8 @@ impl Run<'_> {
             log::debug!("a cycle failed again: {why}");
         }
         self.failing = reconnect_delay(self.failing, self.options.period);
+        self.service
+            .turn(false, &format!("a cycle failed: {why}; trying again"));
         if let Some(e) = &self.exporter {
             e.metrics.cycle_failed();
             e.publish();
@@ -470,6 +494,10 @@ impl Run<'_> {
             log::warn!("lost the connection to {} ({why}); reconnecting", self.uri);
         }
         self.delay = reconnect_delay(self.delay, self.options.period);
+        self.service.turn(
+            false,
+            &format!("lost the connection to {} ({why}); reconnecting", self.uri),
+        );
         if let Some(e) = &mut self.exporter {
             e.metrics.disconnected();
             e.publish();
@@ -492,6 +520,10 @@ impl Run<'_> {
     /// A cycle found no active domain: go on only with `--wait` (saying so once).
     fn no_domain<R: Export>(&mut self) -> bool {
         self.cycled();
+        self.service.turn(
+            true,
+            &format!("cycle {}: no active domain", self.totals.cycles),
+        );
         if let Some(e) = &mut self.exporter {
             e.metrics.no_domain::<R>();
             e.publish();
@@ -515,6 +547,7 @@ impl Run<'_> {
         for (level, line) in self.cycle_log.lines(self.totals.cycles, report) {
             log::log!(level, "{line}");
         }
+        self.service.turn(true, &self.status(report));
         if self.options.json {
             print_json(report, self.totals.cycles)?;
         }
@@ -525,8 +558,22 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// The one-line status systemd shows after a cycle that produced `report`.
+    fn status<R: Report + Export>(&self, report: &R) -> String {
+        let t = &self.totals;
+        format!(
+            "cycle {}: {} domains; {} changes, {} skipped since start; {}",
+            t.cycles,
+            report.run_figures().domains,
+            t.changes,
+            t.skipped,
+            report.trouble().unwrap_or_else(|| "nothing wrong".into())
+        )
+    }
+
     /// End the loop, logging the run's totals.
     fn end(&self, why: &str) -> anyhow::Result<()> {
+        self.service.stopping(why);
         self.totals.summary(why);
         Ok(())
     }

@@ -31,5 +31,6 @@ pub mod plot;
 pub mod report;
 pub mod sampling;
 pub mod scheduler;
+pub mod service;
 pub mod topology;
 pub mod tracker;

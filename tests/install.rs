@@ -228,8 +228,22 @@ fn the_installed_units_are_sandboxed() {
             "DynamicUser=yes",
             "SupplementaryGroups=libvirt",
             "CapabilityBoundingSet=\n",
+            // The notify protocol, and a watchdog for a daemon stuck in a cycle.
+            "Type=notify\n",
+            "WatchdogSec=",
+            // Ordered after libvirt in every layout, sockets included...
+            "After=libvirtd.service libvirtd.socket virtqemud.service virtqemud.socket\n",
         ] {
             assert!(unit_text.contains(setting), "{unit} lacks {setting:?}");
+        }
+        // ...without pulling in either daemon: their units conflict with each other.
+        for pull in ["Wants=", "Requires=", "BindsTo=", "Requisite="] {
+            assert!(
+                !unit_text
+                    .lines()
+                    .any(|l| l.starts_with(pull) && l.contains("virt")),
+                "{unit} pulls libvirt in with {pull}"
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&root);
