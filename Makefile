@@ -91,6 +91,13 @@ clean:
 
 ## Install the Debian packages the build needs (libvirt's headers and pkg-config file, for the
 ## `virt` bindings) when they are missing; `make`, `make test` and `make lint` run it first.
+## Build target/debian/vmbalance_<version>_<arch>.deb (dist/deb/build.sh, with dpkg-deb), installing
+## dpkg-dev (for dpkg-shlibdeps) when it is missing.
+deb: deps rust-version
+	@command -v dpkg-shlibdeps >/dev/null 2>&1 || { echo "installing dpkg-dev with apt-get"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) dpkg-dev; }
+	dist/deb/build.sh
+
 ## Say clearly when the installed Rust is older than the one vmbalance needs.
 rust-version:
 	@have=$$($(CARGO) --version 2>/dev/null | awk '{print $$2}'); \

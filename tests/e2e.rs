@@ -1397,3 +1397,212 @@ fn both_daemons_go_on_while_a_guest_is_busy_in_a_long_dump() {
     );
     assert!(!mem.log.contains("breaks a limit"), "{}", mem.log);
 }
+
+/// The unit's `ExecStart=` with `$VAR`s expanded from its `EnvironmentFile=` (as systemd does:
+/// each `$VAR` splits into words), and its `SupplementaryGroups=`.
+fn unit_command(unit: &str) -> (Vec<String>, String) {
+    let text = std::fs::read_to_string(format!("/usr/lib/systemd/system/{unit}.service")).unwrap();
+    let setting = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{unit} has no {key}="))
+            .to_string()
+    };
+    let env_file = setting("EnvironmentFile");
+    let env_text = std::fs::read_to_string(env_file.trim_start_matches('-')).unwrap();
+    let vars: std::collections::HashMap<String, String> = env_text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect();
+    let words = setting("ExecStart")
+        .split_whitespace()
+        .flat_map(|w| match w.strip_prefix('$') {
+            Some(var) => vars
+                .get(var)
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default(),
+            None => vec![w.to_string()],
+        })
+        .collect();
+    (words, setting("SupplementaryGroups"))
+}
+
+/// Start `command` the way its unit would, as a system user in `groups` with no capability and
+/// no new privileges, telling the fake systemd at `notify` (its stderr to a file, returned).
+fn start_as_unit(
+    command: &[String],
+    groups: &str,
+    notify: &std::path::Path,
+) -> (std::process::Child, std::path::PathBuf) {
+    let log = std::env::temp_dir().join(format!(
+        "vmbalance-unit-{}.log",
+        std::path::Path::new(&command[0])
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+    ));
+    let child = Command::new("setpriv")
+        .args([
+            "--reuid=vmbalance-e2e",
+            "--regid=vmbalance-e2e",
+            &format!("--groups={groups}"),
+            "--no-new-privs",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .args(command)
+        .env("NOTIFY_SOCKET", notify)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, log)
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn the_package_installs_runs_its_units_balances_the_guests_and_purges_clean() {
+    // Build the package as `make deb` does, and install it.
+    let root = env!("CARGO_MANIFEST_DIR");
+    assert!(
+        Command::new("make")
+            .args(["-s", "-C", root, "deb"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    let arch = run(Command::new("dpkg").arg("--print-architecture"));
+    let deb = format!(
+        "{root}/target/debian/vmbalance_{version}_{}.deb",
+        arch.trim()
+    );
+    let _ = Command::new("dpkg").args(["--purge", "vmbalance"]).status();
+    let installed = Command::new("dpkg").args(["-i", &deb]).output().unwrap();
+    assert!(
+        installed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    let files: Vec<String> = run(Command::new("dpkg").args(["-L", "vmbalance"]))
+        .lines()
+        .map(str::to_string)
+        .collect();
+    for f in [
+        "/usr/bin/vcpu_scheduler",
+        "/usr/bin/memory_coordinator",
+        "/usr/bin/vmbalance_plot",
+        "/usr/share/man/man1/vcpu_scheduler.1.gz",
+        "/usr/lib/systemd/system/memory-coordinator.service",
+        "/etc/default/vcpu-scheduler",
+        "/usr/share/vmbalance/grafana-dashboard.json",
+        "/usr/share/vmbalance/vmbalance-alerts.yml",
+        "/usr/share/doc/vmbalance/copyright",
+    ] {
+        assert!(
+            files.iter().any(|l| l == f),
+            "{f} not in the package:\n{files:?}"
+        );
+    }
+    // Installing enabled nothing.
+    let wants = std::path::Path::new("/etc/systemd/system/multi-user.target.wants");
+    for unit in ["vcpu-scheduler", "memory-coordinator"] {
+        assert!(
+            !wants.join(format!("{unit}.service")).exists(),
+            "{unit} enabled"
+        );
+    }
+
+    // Run both units' own command lines, user and settings, against the lab's guests.
+    system_user("vmbalance-e2e", "libvirt");
+    let specs = [
+        busy("pkg0", "0"),
+        busy("pkg1", "0"),
+        Spec {
+            name: "pkg-idle",
+            vcpus: 1,
+            cur_mib: 512,
+            max_mib: 512,
+            pins: "1",
+            work: "idle",
+        },
+    ];
+    let _lab = Lab::guests(&specs);
+    let notify = std::env::temp_dir().join("vmbalance-pkg-notify");
+    let _ = std::fs::remove_file(&notify);
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&notify, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let before = balloon("pkg-idle").0 / MIB;
+    let mut daemons = Vec::new();
+    for unit in ["vcpu-scheduler", "memory-coordinator"] {
+        let (command, groups) = unit_command(unit);
+        eprintln!("{unit}: {}", command.join(" "));
+        assert!(command[0].starts_with("/usr/bin/"), "{command:?}");
+        daemons.push(start_as_unit(&command, &groups, &notify));
+    }
+    // Both say READY once their first cycle ran.
+    let mut ready = 0;
+    let mut buf = [0u8; 4096];
+    while ready < 2 {
+        let n = systemd
+            .recv(&mut buf)
+            .expect("READY=1 from both daemons within a minute");
+        ready += usize::from(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    }
+    // PERIOD 3 from the settings file: a few cycles to pin, settle, shrink.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let balanced = || {
+        let on: Vec<Option<u32>> = ["pkg0", "pkg1"].iter().map(|n| pins(n)[0]).collect();
+        on[0].is_some() && on[1].is_some() && on[0] != on[1]
+    };
+    while !(balanced() && balloon("pkg-idle").0 / MIB < before) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    for (child, _) in &daemons {
+        let _ = Command::new("kill").arg(child.id().to_string()).status();
+    }
+    let mut logs = String::new();
+    for (mut child, log) in daemons {
+        let status = child.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        logs.push_str(&text);
+        assert!(status.success(), "{status}: {text}");
+    }
+    eprintln!("{logs}");
+    assert!(balanced(), "the busy guests still share a pCPU:\n{logs}");
+    let after = balloon("pkg-idle").0 / MIB;
+    assert!(
+        after < before,
+        "the idle guest kept {after} of {before} MiB:\n{logs}"
+    );
+
+    // Purged: not one of its files is left.
+    let purged = Command::new("dpkg")
+        .args(["--purge", "vmbalance"])
+        .output()
+        .unwrap();
+    assert!(
+        purged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&purged.stderr)
+    );
+    let left: Vec<&String> = files
+        .iter()
+        .filter(|f| {
+            let p = std::path::Path::new(f.as_str());
+            p.exists() && !p.is_dir()
+        })
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    for dir in ["/usr/share/vmbalance", "/usr/share/doc/vmbalance"] {
+        assert!(!std::path::Path::new(dir).exists(), "{dir} left behind");
+    }
+}
