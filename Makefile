@@ -66,7 +66,7 @@ lint: deps rust-version
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 ## Install the binaries, their man pages (generated from --help's definitions), the systemd units
-## and their settings in $(SYSCONFDIR)/default (kept if already there). Honours PREFIX and DESTDIR.
+## and their configuration files in $(SYSCONFDIR)/vmbalance (kept if already there). Honours PREFIX and DESTDIR.
 ## Never installs packages: a packager's build machine has them, or runs `make deps` first.
 install: binaries
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(DATADIR)
@@ -75,13 +75,17 @@ install: binaries
 	for b in $(BINARIES); do $(BIN_DIR)/$$b --man > $(DESTDIR)$(MANDIR)/$$b.1; done
 	for u in $(UNITS); do \
 		sed 's|@BINDIR@|$(BINDIR)|g; s|@SYSCONFDIR@|$(SYSCONFDIR)|g' dist/$$u.service > $(DESTDIR)$(UNITDIR)/$$u.service; \
-		[ -e $(DESTDIR)$(SYSCONFDIR)/default/$$u ] || install -m 644 dist/$$u.default $(DESTDIR)$(SYSCONFDIR)/default/$$u; \
+	done
+	for b in vcpu_scheduler memory_coordinator; do \
+		[ -e $(DESTDIR)$(SYSCONFDIR)/vmbalance/$$b.toml ] || install -D -m 644 dist/$$b.toml $(DESTDIR)$(SYSCONFDIR)/vmbalance/$$b.toml; \
 	done
 
 ## Remove what `make install` installed (same PREFIX and DESTDIR).
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,$(BINARIES)) $(foreach b,$(BINARIES),$(DESTDIR)$(MANDIR)/$(b).1)
-	rm -f $(foreach u,$(UNITS),$(DESTDIR)$(UNITDIR)/$(u).service $(DESTDIR)$(SYSCONFDIR)/default/$(u))
+	rm -f $(foreach u,$(UNITS),$(DESTDIR)$(UNITDIR)/$(u).service)
+	rm -f $(DESTDIR)$(SYSCONFDIR)/vmbalance/vcpu_scheduler.toml $(DESTDIR)$(SYSCONFDIR)/vmbalance/memory_coordinator.toml
+	-rmdir $(DESTDIR)$(SYSCONFDIR)/vmbalance 2>/dev/null
 	rm -f $(DESTDIR)$(DATADIR)/grafana-dashboard.json $(DESTDIR)$(DATADIR)/vmbalance-alerts.yml $(DESTDIR)$(DATADIR)/vmbalance-fleet-rules.yml
 	-rmdir $(DESTDIR)$(DATADIR) 2>/dev/null
 

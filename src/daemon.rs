@@ -70,6 +70,12 @@ pub struct CommonArgs {
     #[arg(long, value_name = "HOST:PORT", value_parser = crate::metrics::parse_listen_address)]
     pub metrics_address: Option<SocketAddr>,
 
+    /// Read options from this TOML file first: `period` and the long option names as keys (e.g.
+    /// `threshold = 15`, `exclude = ["rt-*"]`); the command line wins over it. SIGHUP (systemctl
+    /// reload) re-reads it and applies it from the next cycle, keeping what the daemon knows
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
     /// Serve the metrics over TLS and/or with basic authentication, as this file says: the web
     /// configuration format of node_exporter (tls_server_config, basic_auth_users with bcrypt
     /// hashes, http_server_config.headers); see docs/metrics.md
@@ -125,23 +131,30 @@ impl CommonArgs {
     }
 
     /// Run a daemon with these options: `cycle` on `host` every `period` (see [`run_cycles`]),
-    /// reconnecting the host when its connection drops (see [`host_turn`]).
+    /// reconnecting the host when its connection drops (see [`host_turn`]). On SIGHUP the host
+    /// re-reads every domain's configuration, and `reload` re-reads the daemon's (its new
+    /// period, or `None` to keep the running one).
     pub fn serve<H: Host, R: Report + Export>(
         &self,
         uri: &str,
         period: Duration,
         host: &mut H,
         mut cycle: impl FnMut(&mut H) -> HostResult<Option<R>>,
+        mut reload: impl FnMut() -> Option<Duration>,
     ) -> anyhow::Result<()> {
-        run_cycles(uri, self.loop_options(period), || {
-            if StopSignal::reload_requested() {
+        let host = std::cell::RefCell::new(host);
+        run_cycles_reloading(
+            uri,
+            self.loop_options(period),
+            || host_turn(&mut **host.borrow_mut(), &mut cycle),
+            || {
                 log::info!(
                     "SIGHUP: re-reading every domain's configured affinity, metadata and pins"
                 );
-                host.reload();
-            }
-            host_turn(host, &mut cycle)
-        })
+                host.borrow_mut().reload();
+                reload()
+            },
+        )
     }
 
     /// The loop options these arguments ask for, with `period`.
@@ -154,6 +167,42 @@ impl CommonArgs {
             metrics: self.metrics_address,
             web: self.web_config_file.clone(),
             summary_every: crate::logging::SUMMARY_EVERY,
+        }
+    }
+}
+
+/// On a reload, warn about each option that `new` changes and that only a restart applies: the
+/// connection, the metrics endpoint, the log level, the run's shape.
+pub fn warn_fixed_on_reload(old: &CommonArgs, new: &CommonArgs) {
+    let fixed = [
+        (
+            "connect",
+            format!("{:?}", old.connect),
+            format!("{:?}", new.connect),
+        ),
+        (
+            "metrics-address",
+            format!("{:?}", old.metrics_address),
+            format!("{:?}", new.metrics_address),
+        ),
+        (
+            "web-config-file",
+            format!("{:?}", old.web_config_file.is_some()),
+            format!("{:?}", new.web_config_file.is_some()),
+        ),
+        (
+            "cycles",
+            format!("{:?}", old.cycles),
+            format!("{:?}", new.cycles),
+        ),
+        ("json", old.json.to_string(), new.json.to_string()),
+        ("wait", old.wait.to_string(), new.wait.to_string()),
+        ("verbose", old.verbose.to_string(), new.verbose.to_string()),
+        ("quiet", old.quiet.to_string(), new.quiet.to_string()),
+    ];
+    for (name, was, now) in fixed {
+        if was != now {
+            log::warn!("reload: {name} changes at the next restart ({was} -> {now})");
         }
     }
 }
@@ -244,34 +293,22 @@ pub fn parse_positive_count(text: &str) -> Result<usize, String> {
     }
 }
 
-/// Parse the command line; on bad input print one line to stderr and exit with status 2.
+/// Parse the command line and the configuration file it names (`--config`); on bad input print
+/// one line to stderr and exit with status 2.
 /// `--help` and `--version` print as usual and exit 0.
 pub fn parse_args<T: Parser>() -> T {
     print_man_page_if_asked::<T>();
-    match T::try_parse() {
-        Ok(args) => args,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                let _ = e.print();
-                std::process::exit(0);
-            }
-            // clap's message is its first paragraph; usage and hints follow a blank line.
-            let rendered = e.render().to_string();
-            let message: Vec<&str> = rendered
-                .trim_start()
-                .lines()
-                .take_while(|l| !l.trim().is_empty())
-                .map(str::trim)
-                .collect();
-            eprintln!("{} (see --help)", message.join(" "));
-            std::process::exit(2);
-        }
-    }
+    crate::config::parse_or_exit::<T>().0
 }
 
-/// With `--man` as the only argument, print the man page generated from the command-line
-/// definition and exit: `make install` installs it, so it never drifts from `--help`.
+/// Re-read the options of `T` from this process's command line and the configuration file it
+/// names (on SIGHUP); an error is one line naming the file and the line.
+pub fn reparse_args<T: Parser>() -> Result<T, String> {
+    crate::config::parse::<T>(&crate::config::process_argv())
+        .map(|(t, _)| t)
+        .map_err(|p| p.to_string())
+}
+
 fn print_man_page_if_asked<T: clap::CommandFactory>() {
     let mut args = std::env::args().skip(1);
     if args.next().as_deref() != Some("--man") || args.next().is_some() {
@@ -347,14 +384,25 @@ pub fn reconnect_delay(previous: Duration, period: Duration) -> Duration {
 pub fn run_cycles<R: Report + Export>(
     uri: &str,
     options: LoopOptions,
+    cycle: impl FnMut() -> anyhow::Result<Turn<R>>,
+) -> anyhow::Result<()> {
+    run_cycles_reloading(uri, options, cycle, || None)
+}
+
+/// [`run_cycles`], calling `reload` on SIGHUP before the next turn: it re-reads the daemon's
+/// configuration and gives its new period (`None`: keep the running one).
+pub fn run_cycles_reloading<R: Report + Export>(
+    uri: &str,
+    options: LoopOptions,
     mut cycle: impl FnMut() -> anyhow::Result<Turn<R>>,
+    mut reload: impl FnMut() -> Option<Duration>,
 ) -> anyhow::Result<()> {
     let mut stop = StopSignal::install()?;
     let exporter = options
         .metrics
         .map(|address| Exporter::start::<R>(address, options.web.clone(), options.period))
         .transpose()?;
-    let (period, cycles) = (options.period, options.cycles);
+    let (mut period, cycles) = (options.period, options.cycles);
     let summary_every = options.summary_every;
     let mut run = Run {
         uri,
@@ -370,6 +418,17 @@ pub fn run_cycles<R: Report + Export>(
     loop {
         if run.started() && run.sleep(&mut stop, period.max(run.delay).max(run.failing)) {
             return run.end("stopping on signal");
+        }
+        if StopSignal::reload_requested()
+            && let Some(new) = reload()
+            && new != period
+        {
+            period = new;
+            run.options.period = new;
+            run.cycle_log = crate::logging::CycleLog::for_stderr(new, summary_every);
+            if let Some(e) = &mut run.exporter {
+                e.metrics.set_period(new);
+            }
         }
         let turn = cycle().inspect_err(|_| run.totals.summary("stopping on error"))?;
         let go_on = match turn {

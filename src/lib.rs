@@ -16,6 +16,7 @@
 #[macro_use]
 mod named;
 
+pub mod config;
 pub mod coordinator;
 pub mod cpu_plan;
 pub mod cpuset;

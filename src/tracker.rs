@@ -53,6 +53,11 @@ impl<R> Tracker<R> {
         Self::default()
     }
 
+    /// Every record, in no order.
+    pub fn records_mut(&mut self) -> impl Iterator<Item = &mut R> {
+        self.entries.values_mut().map(|e| &mut e.record)
+    }
+
     /// Start a cycle.
     pub fn begin_cycle(&mut self) {
         self.cycle += 1;

@@ -1398,8 +1398,8 @@ fn both_daemons_go_on_while_a_guest_is_busy_in_a_long_dump() {
     assert!(!mem.log.contains("breaks a limit"), "{}", mem.log);
 }
 
-/// The unit's `ExecStart=` with `$VAR`s expanded from its `EnvironmentFile=` (as systemd does:
-/// each `$VAR` splits into words), and its `SupplementaryGroups=`.
+/// The unit's `ExecStart=` with `$VAR`s expanded from its `EnvironmentFile=`, if it has one (as
+/// systemd does: each `$VAR` splits into words), and its `SupplementaryGroups=`.
 fn unit_command(unit: &str) -> (Vec<String>, String) {
     let text = std::fs::read_to_string(format!("/usr/lib/systemd/system/{unit}.service")).unwrap();
     let setting = |key: &str| {
@@ -1408,8 +1408,11 @@ fn unit_command(unit: &str) -> (Vec<String>, String) {
             .unwrap_or_else(|| panic!("{unit} has no {key}="))
             .to_string()
     };
-    let env_file = setting("EnvironmentFile");
-    let env_text = std::fs::read_to_string(env_file.trim_start_matches('-')).unwrap();
+    let env_text = text
+        .lines()
+        .find_map(|l| l.strip_prefix("EnvironmentFile="))
+        .and_then(|f| std::fs::read_to_string(f.trim_start_matches('-')).ok())
+        .unwrap_or_default();
     let vars: std::collections::HashMap<String, String> = env_text
         .lines()
         .filter(|l| !l.trim_start().starts_with('#'))
@@ -1498,7 +1501,7 @@ fn the_package_installs_runs_its_units_balances_the_guests_and_purges_clean() {
         "/usr/bin/vmbalance_plot",
         "/usr/share/man/man1/vcpu_scheduler.1.gz",
         "/usr/lib/systemd/system/memory-coordinator.service",
-        "/etc/default/vcpu-scheduler",
+        "/etc/vmbalance/vcpu_scheduler.toml",
         "/usr/share/vmbalance/grafana-dashboard.json",
         "/usr/share/vmbalance/vmbalance-alerts.yml",
         "/usr/share/doc/vmbalance/copyright",

@@ -45,8 +45,8 @@ const FILES: [&str; 13] = [
     "usr/share/vmbalance/vmbalance-fleet-rules.yml",
     "usr/lib/systemd/system/vcpu-scheduler.service",
     "usr/lib/systemd/system/memory-coordinator.service",
-    "etc/default/vcpu-scheduler",
-    "etc/default/memory-coordinator",
+    "etc/vmbalance/vcpu_scheduler.toml",
+    "etc/vmbalance/memory_coordinator.toml",
 ];
 
 #[test]
@@ -59,15 +59,13 @@ fn install_into_destdir_then_uninstall() {
     }
     let unit = read(&root.join("usr/lib/systemd/system/vcpu-scheduler.service"));
     assert!(
-        unit.contains("ExecStart=/usr/bin/vcpu_scheduler --wait $VCPU_SCHEDULER_OPTS $PERIOD"),
+        unit.contains(
+            "ExecStart=/usr/bin/vcpu_scheduler --wait --config /etc/vmbalance/vcpu_scheduler.toml"
+        ),
         "{unit}"
     );
-    assert!(
-        unit.contains("EnvironmentFile=-/etc/default/vcpu-scheduler"),
-        "{unit}"
-    );
-    let settings = read(&root.join("etc/default/memory-coordinator"));
-    assert!(settings.contains("PERIOD=3") && settings.contains("MEMORY_COORDINATOR_OPTS="));
+    let settings = read(&root.join("etc/vmbalance/memory_coordinator.toml"));
+    assert!(settings.contains("\nperiod = 3\n"), "{settings}");
     // The man pages are generated from the same definitions as --help: every option is there.
     let man = read(&root.join("usr/share/man/man1/memory_coordinator.1"));
     assert!(man.contains(".TH memory_coordinator 1"));
@@ -81,9 +79,16 @@ fn install_into_destdir_then_uninstall() {
         assert!(man.contains(option), "man page lacks {option}");
     }
     // Settings an operator edited survive a reinstall.
-    std::fs::write(root.join("etc/default/vcpu-scheduler"), "PERIOD=7\n").unwrap();
+    std::fs::write(
+        root.join("etc/vmbalance/vcpu_scheduler.toml"),
+        "period = 7\n",
+    )
+    .unwrap();
     make(&["install", &destdir, "PREFIX=/usr"]);
-    assert_eq!(read(&root.join("etc/default/vcpu-scheduler")), "PERIOD=7\n");
+    assert_eq!(
+        read(&root.join("etc/vmbalance/vcpu_scheduler.toml")),
+        "period = 7\n"
+    );
 
     make(&["uninstall", &destdir, "PREFIX=/usr"]);
     for f in FILES {

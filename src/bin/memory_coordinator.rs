@@ -10,6 +10,7 @@ use log::info;
 use vmbalance::coordinator::Coordinator;
 use vmbalance::daemon::{
     CommonArgs, StopSignal, call_deadline, exit_with, parse_args, parse_non_negative, parse_period,
+    reparse_args, warn_fixed_on_reload,
 };
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::mem_plan::MemPolicy;
@@ -24,7 +25,7 @@ use vmbalance::mem_plan::MemPolicy;
 /// used yet, never shrinks a guest under its floor, its guaranteed minimum or what it uses, and
 /// never grows one past its max memory. It exits 0 when a cycle finds no active domain,
 /// and on Ctrl-C or SIGTERM.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "memory_coordinator", version, allow_negative_numbers = true)]
 struct Args {
     /// Seconds between two samples, from 0.1 to 86400 (a day), e.g. 3 or 0.5
@@ -194,7 +195,7 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
     let uri = args.common.uri();
     let mut host = LibvirtHost::connect(&uri)?
         .with_deadline(call_deadline(args.period), StopSignal::stop_requested);
-    let mut coordinator =
+    let coordinator =
         Coordinator::new(policy, args.common.dry_run).with_exclusions(args.common.exclusions());
     info!(
         "memory_coordinator on {uri}: period {:?}, starving under {}% free, wasting over {}% (shrunk to {}% free, {} MiB at least), host reserve {}% (host available memory: {}), {}, guest floor {} MiB{}",
@@ -213,8 +214,67 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
         args.min_guest_mib,
         args.common.dry_run_note()
     );
-    args.common
-        .serve(&uri, args.period, &mut host, |host| coordinator.cycle(host))
+    let coordinator = std::cell::RefCell::new(coordinator);
+    let mut running = (args.clone(), policy);
+    args.common.serve(
+        &uri,
+        args.period,
+        &mut host,
+        |host| coordinator.borrow_mut().cycle(host),
+        || reload(&mut running, &mut coordinator.borrow_mut()),
+    )
+}
+
+/// SIGHUP: re-read the command line and `--config` file into `running` (the options and their
+/// policy), and apply what changed to `coordinator` from the next cycle, keeping what it knows
+/// (rates, the ledger, balloons behind). A bad file or inconsistent options change nothing (one
+/// error line). The new period, if any.
+fn reload(running: &mut (Args, MemPolicy), coordinator: &mut Coordinator) -> Option<Duration> {
+    let Some(path) = running.0.common.config.clone() else {
+        log::info!("SIGHUP: no --config file to re-read");
+        return None;
+    };
+    let checked = reparse_args::<Args>()
+        .and_then(|new| new.policy().map(|p| (new, p)).map_err(|e| format!("{e:#}")));
+    let (new, policy) = match checked {
+        Ok(found) => found,
+        Err(e) => {
+            log::error!("reload: {e}; the running configuration is kept");
+            return None;
+        }
+    };
+    let (old, old_policy) = &*running;
+    let mut changed: Vec<String> = policy
+        .differences(old_policy)
+        .into_iter()
+        .map(|(name, was, now)| format!("{name} {was} -> {now}"))
+        .collect();
+    if old.common.dry_run != new.common.dry_run {
+        changed.push(format!(
+            "dry-run {} -> {}",
+            old.common.dry_run, new.common.dry_run
+        ));
+    }
+    if format!("{:?}", old.common.exclude) != format!("{:?}", new.common.exclude) {
+        changed.push(format!(
+            "exclude {:?} -> {:?}",
+            old.common.exclude, new.common.exclude
+        ));
+    }
+    warn_fixed_on_reload(&old.common, &new.common);
+    coordinator.reconfigure(policy, new.common.dry_run, new.common.exclusions());
+    log::info!(
+        "reloaded {}: {}",
+        path.display(),
+        if changed.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            changed.join(", ")
+        }
+    );
+    let period = new.period;
+    *running = (new, policy);
+    Some(period)
 }
 
 fn main() -> ExitCode {

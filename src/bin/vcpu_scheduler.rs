@@ -9,7 +9,7 @@ use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{
     CommonArgs, CpuList, StopSignal, UsageError, call_deadline, exit_with, parse_args, parse_cpus,
-    parse_non_negative, parse_period, parse_positive_count,
+    parse_non_negative, parse_period, parse_positive_count, reparse_args,
 };
 use vmbalance::host::{Host, HostError};
 use vmbalance::libvirt::LibvirtHost;
@@ -24,7 +24,7 @@ use vmbalance::scheduler::{DEFAULT_WINDOW, Scheduler};
 /// pCPU are pinned once. Where the hypervisor reports run-queue delay (QEMU does), it balances
 /// demand, CPU time used plus waited for, instead of usage.
 /// It exits 0 when a cycle finds no active domain, and on Ctrl-C or SIGTERM.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "vcpu_scheduler", version, allow_negative_numbers = true)]
 struct Args {
     /// Seconds between two samples, from 0.1 to 86400 (a day), e.g. 3 or 0.5
@@ -85,19 +85,119 @@ fn check_pool(pool: &[u32], online: &[u32], uri: &str) -> Result<()> {
     .into())
 }
 
+impl Args {
+    /// The planner's policy these options ask for.
+    fn policy(&self) -> CpuPolicy {
+        CpuPolicy {
+            threshold: self.threshold,
+            max_changes: self.max_changes,
+        }
+    }
+}
+
+/// SIGHUP: re-read the command line and `--config` file into `running`, and apply what changed
+/// to `scheduler` from the next cycle, keeping what it knows. A bad file changes nothing (one
+/// error line naming it). `online` are the host's pCPUs, for `--cpus`. The new period, if any.
+fn reload(running: &mut Args, scheduler: &mut Scheduler, online: &[u32]) -> Option<Duration> {
+    let Some(path) = running.common.config.clone() else {
+        log::info!("SIGHUP: no --config file to re-read");
+        return None;
+    };
+    let new: Args = match reparse_args() {
+        Ok(new) => new,
+        Err(e) => {
+            log::error!("reload: {e}; the running configuration is kept");
+            return None;
+        }
+    };
+    if let Some(CpuList(pool)) = &new.cpus
+        && let Err(e) = check_pool(pool, online, "this host")
+    {
+        log::error!(
+            "reload of {}: {e}; the running configuration is kept",
+            path.display()
+        );
+        return None;
+    }
+    let mut changed = Vec::new();
+    let mut note = |name: &str, old: String, new: String| {
+        if old != new {
+            changed.push(format!("{name} {old} -> {new}"));
+        }
+    };
+    note(
+        "period",
+        format!("{:?}", running.period),
+        format!("{:?}", new.period),
+    );
+    note(
+        "threshold",
+        running.threshold.to_string(),
+        new.threshold.to_string(),
+    );
+    note("window", running.window.to_string(), new.window.to_string());
+    note(
+        "max-changes",
+        format!("{:?}", running.max_changes),
+        format!("{:?}", new.max_changes),
+    );
+    note(
+        "cpus",
+        format!("{:?}", running.cpus),
+        format!("{:?}", new.cpus),
+    );
+    note(
+        "cross-node",
+        running.cross_node.to_string(),
+        new.cross_node.to_string(),
+    );
+    note(
+        "dry-run",
+        running.common.dry_run.to_string(),
+        new.common.dry_run.to_string(),
+    );
+    note(
+        "exclude",
+        format!("{:?}", running.common.exclude),
+        format!("{:?}", new.common.exclude),
+    );
+    vmbalance::daemon::warn_fixed_on_reload(&running.common, &new.common);
+    if running.restore_on_exit != new.restore_on_exit {
+        log::warn!("reload: restore-on-exit changes at the next restart");
+    }
+    scheduler.set_policy(new.policy(), new.common.dry_run);
+    scheduler.set_window(new.window);
+    scheduler.set_limits(
+        new.cpus.clone().map(|CpuList(pool)| pool),
+        new.cross_node,
+        new.common.exclusions(),
+        new.period,
+    );
+    log::info!(
+        "reloaded {}: {}",
+        path.display(),
+        if changed.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            changed.join(", ")
+        }
+    );
+    let period = new.period;
+    let restore = running.restore_on_exit;
+    *running = new;
+    running.restore_on_exit = restore;
+    Some(period)
+}
+
 fn run(args: Args) -> Result<()> {
     let uri = args.common.uri();
     let mut host = LibvirtHost::connect(&uri)?
         .with_deadline(call_deadline(args.period), StopSignal::stop_requested);
+    let online = host.node_cpus().map_err(HostError::into_anyhow)?.online;
     if let Some(CpuList(pool)) = &args.cpus {
-        let online = host.node_cpus().map_err(HostError::into_anyhow)?.online;
         check_pool(pool, &online, &uri)?;
     }
-    let policy = CpuPolicy {
-        threshold: args.threshold,
-        max_changes: args.max_changes,
-    };
-    let mut scheduler = Scheduler::new(policy, args.common.dry_run)
+    let scheduler = Scheduler::new(args.policy(), args.common.dry_run)
         .with_window(args.window)
         .with_period(args.period)
         .with_limits(args.cpus.clone().map(|CpuList(pool)| pool), args.cross_node)
@@ -119,9 +219,16 @@ fn run(args: Args) -> Result<()> {
         )),
         args.common.dry_run_note()
     );
-    let result = args
-        .common
-        .serve(&uri, args.period, &mut host, |host| scheduler.cycle(host));
+    let scheduler = std::cell::RefCell::new(scheduler);
+    let mut running = args.clone();
+    let result = args.common.serve(
+        &uri,
+        args.period,
+        &mut host,
+        |host| scheduler.borrow_mut().cycle(host),
+        || reload(&mut running, &mut scheduler.borrow_mut(), &online),
+    );
+    let mut scheduler = scheduler.into_inner();
     if args.restore_on_exit && !args.common.dry_run {
         // Stopping: each restore is still waited for, up to the deadline.
         host = host.with_deadline(call_deadline(args.period), || false);

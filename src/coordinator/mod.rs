@@ -108,6 +108,15 @@ impl Coordinator {
         self
     }
 
+    /// Change the policy, dry-run mode and exclusions from the next cycle, keeping all the
+    /// coordinator knows (rates, the ledger of grants, balloons behind): a configuration
+    /// reloaded.
+    pub fn reconfigure(&mut self, policy: MemPolicy, dry_run: bool, exclusions: Exclusions) {
+        self.policy = policy;
+        self.dry_run = dry_run;
+        self.exclusions = exclusions;
+    }
+
     /// Run one cycle. `Ok(None)` when the host has no active domain.
     pub fn cycle(&mut self, host: &mut dyn Host) -> HostResult<Option<MemReport>> {
         let samples = host.sample_balloons()?;

@@ -119,6 +119,7 @@ struct RunFamilies {
     changes_skipped: IntCounter,
     domains: Gauge,
     not_answering: Gauge,
+    period: Gauge,
 }
 
 impl RunFamilies {
@@ -136,12 +137,12 @@ impl RunFamilies {
         );
         info.with_label_values(&[daemon.as_str(), env!("CARGO_PKG_VERSION")])
             .set(1.0);
-        gauge(
+        let period_gauge = gauge(
             r,
             "vmbalance_period_seconds",
             "The daemon's PERIOD: time between two cycles.",
-        )
-        .set(period.as_secs_f64());
+        );
+        period_gauge.set(period.as_secs_f64());
         let decision_seconds = register(
             r,
             Histogram::with_opts(
@@ -208,6 +209,7 @@ impl RunFamilies {
                 "vmbalance_domains_not_answering",
                 "Domains left out of the last cycle because they did not answer in time (busy in a libvirt job, or their QEMU stopped or hung).",
             ),
+            period: period_gauge,
         }
     }
 }
@@ -256,6 +258,11 @@ impl Metrics {
     /// A cycle found no active domain: exported as an empty report of `R`'s daemon.
     pub fn no_domain<R: Export>(&mut self) {
         self.export(&R::default());
+    }
+
+    /// The period changed (a configuration reloaded).
+    pub fn set_period(&self, period: Duration) {
+        self.run.period.set(period.as_secs_f64());
     }
 
     /// A turn found the connection down (counted once per loss).

@@ -182,6 +182,12 @@ impl VcpuHistory {
             affinity: None,
         }
     }
+
+    /// Average over the last `window` intervals from now on, keeping the samples.
+    pub fn set_window(&mut self, window: usize) {
+        self.usage.set_window(window);
+        self.demand.set_window(window);
+    }
 }
 
 /// Builds one cycle's [`CpuSnapshot`] from each vCPU's reading and its [`VcpuHistory`].

@@ -46,6 +46,11 @@ impl RateSeries {
         }
     }
 
+    /// Average rates over the last `window` intervals from now on, keeping the readings.
+    pub fn set_window(&mut self, window: usize) {
+        self.window = window.max(1);
+    }
+
     /// Record `value` read at `at`; return the per-second change since the oldest reading kept,
     /// or `None` for a new series or a non-positive interval.
     /// The rate between the last two readings alone, per second (`None` before two): a jump

@@ -124,6 +124,37 @@ impl Scheduler {
         self
     }
 
+    /// Change the policy and the dry-run mode from the next cycle, keeping all the scheduler
+    /// knows (rates, first-seen affinities): a configuration reloaded.
+    pub fn set_policy(&mut self, policy: CpuPolicy, dry_run: bool) {
+        self.policy = policy;
+        self.dry_run = dry_run;
+    }
+
+    /// Average vCPU loads over the last `window` samples from now on, the samples kept.
+    pub fn set_window(&mut self, window: usize) {
+        self.window = window;
+        for record in self.domains.records_mut() {
+            for v in record.vcpus.values_mut() {
+                v.history.set_window(window);
+            }
+        }
+    }
+
+    /// Change the pool, NUMA crossing, exclusions and period from the next cycle (see the
+    /// `with_` builders).
+    pub fn set_limits(
+        &mut self,
+        pool: Option<Vec<u32>>,
+        cross_node: bool,
+        exclusions: Exclusions,
+        period: Duration,
+    ) {
+        self.allowed = AllowedSets::new(pool).with_cross_node(cross_node);
+        self.exclusions = exclusions;
+        self.period = Some(period);
+    }
+
     /// Decide in every cycle, even right after pin changes (benchmarks use it to run the seed's
     /// one-move-per-period policy as it was).
     pub fn without_settling(mut self) -> Self {
