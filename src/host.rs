@@ -89,6 +89,9 @@ pub struct DomainRef {
     /// Its balloon deflates on its own when the guest runs short (deflate-on-oom): the guest may
     /// grow back to its max memory without being asked.
     pub autodeflate: bool,
+    /// Its vCPU placement is `auto` (`<vcpu placement='auto'>`): libvirt asked numad where to
+    /// run it, and numad owns its placement.
+    pub auto_placement: bool,
     /// Which run of the domain this is (libvirt's domain ID, new at every start), where known: a
     /// domain that restarted under the same UUID starts new series.
     pub run: Option<u32>,
@@ -107,6 +110,7 @@ impl DomainRef {
             held_kib: 0,
             max_kib: None,
             autodeflate: false,
+            auto_placement: false,
             run: None,
         }
     }
@@ -338,6 +342,12 @@ pub trait Host {
     /// Open the connection to the hypervisor again after [`HostError::Disconnected`]. What the
     /// host learnt through the old connection is forgotten; the daemons' own state is not here.
     fn reconnect(&mut self) -> HostResult<()>;
+
+    /// Does numad, which places processes on NUMA nodes by re-pinning them, run on the host?
+    /// (`false` where it cannot be told, as on a remote host.)
+    fn numad_running(&mut self) -> bool {
+        false
+    }
 
     /// Forget what is read once per domain (its configured affinity, its metadata, its pins), so
     /// the next sample reads it again: the operator changed something (SIGHUP).

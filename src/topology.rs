@@ -183,6 +183,16 @@ pub fn strict_memory_nodes(domain_xml: &str) -> Option<Vec<u32>> {
     cpuset::parse(memory.attribute("nodeset")?)
 }
 
+/// Is the domain's vCPU placement `auto` (`<vcpu placement='auto'>`), from its XML: libvirt asked
+/// numad for the nodes to run it on, and numad owns its placement?
+pub fn vcpu_placement_auto(domain_xml: &str) -> bool {
+    roxmltree::Document::parse(domain_xml).is_ok_and(|doc| {
+        doc.root_element()
+            .children()
+            .any(|n| n.has_tag_name("vcpu") && n.attribute("placement") == Some("auto"))
+    })
+}
+
 /// Does the domain's balloon deflate on its own when the guest runs short
 /// (`<memballoon autodeflate='on'>`, virtio-balloon's deflate-on-oom), from its XML? Such a guest
 /// can grow back to its max memory without being asked, so the host must count it at its max.
@@ -310,6 +320,17 @@ pub fn hugepages_held_kib(domain_xml: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_vcpu_placement_is_numads() {
+        assert!(vcpu_placement_auto(
+            "<domain><vcpu placement='auto'>4</vcpu><numatune><memory placement='auto'/></numatune></domain>"
+        ));
+        assert!(!vcpu_placement_auto(
+            "<domain><vcpu placement='static' cpuset='0-3'>4</vcpu></domain>"
+        ));
+        assert!(!vcpu_placement_auto("<domain><vcpu>4</vcpu></domain>"));
+    }
 
     #[test]
     fn hugepages_on_some_guest_cells_hold_those_cells_only() {

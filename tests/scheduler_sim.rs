@@ -598,3 +598,36 @@ fn an_over_committed_host_says_how_much_demand_it_cannot_serve_and_a_fitting_one
             .all(Option::is_none)
     );
 }
+
+#[test]
+fn vcpus_numad_places_are_left_alone_unless_overridden() {
+    // Two busy vCPUs crowded on pCPU 0: the scheduler would spread them.
+    let crowded = |auto: bool, numad: bool| {
+        let mut host = SimHost::new(2);
+        host.numad = numad;
+        host.add(1, &[(90.0, &[0])]);
+        host.add(2, &[(90.0, &[0])]);
+        host.domains[1].auto_placement = auto;
+        host
+    };
+    // numad runs on the host: nothing is touched.
+    let mut host = crowded(false, true);
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    assert_eq!(run(&mut host, &mut sched, 6).iter().sum::<usize>(), 0);
+    // A domain whose placement is auto stays put; the other one moves.
+    let mut host = crowded(true, false);
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    assert_eq!(run(&mut host, &mut sched, 6).iter().sum::<usize>(), 1);
+    assert_eq!(host.domains[1].vcpus[0].affinity, [0]);
+    assert_eq!(host.domains[0].vcpus[0].affinity, [1]);
+    // Told otherwise, the scheduler balances whatever numad does.
+    let mut host = crowded(true, true);
+    let mut sched = Scheduler::new(CpuPolicy::default(), false).with_override_numad(true);
+    assert_eq!(run(&mut host, &mut sched, 6).iter().sum::<usize>(), 1);
+    // And numad stopping hands the host back at the next cycle.
+    let mut host = crowded(false, true);
+    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    assert_eq!(run(&mut host, &mut sched, 3).iter().sum::<usize>(), 0);
+    host.numad = false;
+    assert_eq!(run(&mut host, &mut sched, 3).iter().sum::<usize>(), 1);
+}

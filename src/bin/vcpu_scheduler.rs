@@ -60,6 +60,12 @@ struct Args {
     #[arg(long)]
     cross_node: bool,
 
+    /// Balance the vCPUs numad places too. By default, while numad runs on the host every vCPU is
+    /// left alone, and so are the vCPUs of a domain whose vCPU placement is auto (numad's): two
+    /// tools pinning the same vCPUs undo each other's work
+    #[arg(long)]
+    override_numad: bool,
+
     /// When the daemon stops, put every vCPU it re-pinned back to the affinity it had when the
     /// daemon first saw it, unless someone else pinned it since
     #[arg(long)]
@@ -157,6 +163,11 @@ fn reload(running: &mut Args, scheduler: &mut Scheduler, online: &[u32]) -> Opti
         new.common.dry_run.to_string(),
     );
     note(
+        "override-numad",
+        running.override_numad.to_string(),
+        new.override_numad.to_string(),
+    );
+    note(
         "exclude",
         format!("{:?}", running.common.exclude),
         format!("{:?}", new.common.exclude),
@@ -167,6 +178,9 @@ fn reload(running: &mut Args, scheduler: &mut Scheduler, online: &[u32]) -> Opti
     }
     scheduler.set_policy(new.policy(), new.common.dry_run);
     scheduler.set_window(new.window);
+    if new.override_numad != running.override_numad {
+        scheduler.set_override_numad(new.override_numad);
+    }
     scheduler.set_limits(
         new.cpus.clone().map(|CpuList(pool)| pool),
         new.cross_node,
@@ -201,7 +215,8 @@ fn run(args: Args) -> Result<()> {
         .with_window(args.window)
         .with_period(args.period)
         .with_limits(args.cpus.clone().map(|CpuList(pool)| pool), args.cross_node)
-        .with_exclusions(args.common.exclusions());
+        .with_exclusions(args.common.exclusions())
+        .with_override_numad(args.override_numad);
     info!(
         "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}{}{}{}",
         args.period,

@@ -2,6 +2,7 @@
 
 mod bounded;
 mod events;
+mod numad;
 mod raw;
 
 use bounded::{Bounded, Connections, Target};
@@ -26,7 +27,7 @@ use crate::host::{
 };
 use crate::topology::{
     Topology, balloon_autodeflates, hugepages_held_kib, max_memory_kib, memory_held_by,
-    strict_memory_nodes,
+    strict_memory_nodes, vcpu_placement_auto,
 };
 
 /// Where libvirt does not announce pin changes (see [`events`]), bulk samples re-read the vCPU
@@ -61,6 +62,7 @@ struct DomainFacts {
     held_kib: u64,
     max_kib: Option<u64>,
     autodeflate: bool,
+    auto_placement: bool,
     configured: ConfiguredPins,
 }
 
@@ -75,6 +77,7 @@ impl DomainFacts {
             held_kib: self.held_kib,
             max_kib: self.max_kib,
             autodeflate: self.autodeflate,
+            auto_placement: self.auto_placement,
             run: Some(self.run),
             ..domain.clone()
         }
@@ -260,6 +263,8 @@ pub struct LibvirtHost {
     /// Domains whose read failed in the last sample (not vanished, not stuck), by UUID, with
     /// their names.
     unreadable: HashMap<DomainId, String>,
+    /// numad, on a host that is this machine.
+    numad: numad::Numad,
 }
 
 /// How long a call that may wait on a domain's QEMU is waited for, by default.
@@ -295,6 +300,7 @@ impl LibvirtHost {
             session: Session::default(),
             bounded,
             stop: || false,
+            numad: numad::Numad::default(),
             stuck_said: HashMap::new(),
             unreadable: HashMap::new(),
         })
@@ -730,19 +736,21 @@ impl LibvirtHost {
                 },
             };
             // The live XML says whether its memory is strictly bound to NUMA nodes.
-            let (memory_nodes, memory_held, held_kib, max_kib, autodeflate) = match self
-                .counted(1, |_| dom.xml_desc(0))
-            {
-                Ok(xml) => (
-                    strict_memory_nodes(&xml),
-                    memory_held_by(&xml),
-                    hugepages_held_kib(&xml),
-                    max_memory_kib(&xml),
-                    balloon_autodeflates(&xml),
-                ),
-                Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
-                Err(e) => return Err(self.error(e, || format!("reading the XML of domain {id}"))),
-            };
+            let (memory_nodes, memory_held, held_kib, max_kib, autodeflate, auto_placement) =
+                match self.counted(1, |_| dom.xml_desc(0)) {
+                    Ok(xml) => (
+                        strict_memory_nodes(&xml),
+                        memory_held_by(&xml),
+                        hugepages_held_kib(&xml),
+                        max_memory_kib(&xml),
+                        balloon_autodeflates(&xml),
+                        vcpu_placement_auto(&xml),
+                    ),
+                    Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
+                    Err(e) => {
+                        return Err(self.error(e, || format!("reading the XML of domain {id}")));
+                    }
+                };
             let facts = DomainFacts {
                 run,
                 metadata,
@@ -751,6 +759,7 @@ impl LibvirtHost {
                 held_kib,
                 max_kib,
                 autodeflate,
+                auto_placement,
                 configured: ConfiguredPins::Unread,
             };
             self.session.facts.insert(*id, facts);
@@ -852,6 +861,11 @@ impl LibvirtHost {
 }
 
 impl Host for LibvirtHost {
+    fn numad_running(&mut self) -> bool {
+        // Only where the host is this machine: a remote host's processes are not ours to see.
+        self.memory_source == MemorySource::ProcMeminfo && self.numad.running()
+    }
+
     fn api_calls(&self) -> u64 {
         self.calls
     }

@@ -53,6 +53,10 @@ pub struct Scheduler {
     slow: bool,
     /// The host topology last said in the log.
     topology_said: TopologySaid,
+    /// Balance the vCPUs numad places too (`--override-numad`).
+    override_numad: bool,
+    /// Whether numad ran on the host at the last cycle, once said in the log.
+    numad_said: Option<bool>,
 }
 
 /// What the log last said of the host's topology.
@@ -95,7 +99,47 @@ impl Scheduler {
             period: None,
             slow: false,
             topology_said: TopologySaid::Nothing,
+            override_numad: false,
+            numad_said: None,
         }
+    }
+
+    /// Balance the vCPUs numad places too (when numad runs on the host, or a domain's vCPU
+    /// placement is `auto`), which are otherwise left alone.
+    pub fn with_override_numad(mut self, override_numad: bool) -> Self {
+        self.override_numad = override_numad;
+        self
+    }
+
+    /// [`Scheduler::with_override_numad`] on a running scheduler (a configuration reloaded).
+    pub fn set_override_numad(&mut self, override_numad: bool) {
+        self.override_numad = override_numad;
+        self.numad_said = None;
+        for record in self.domains.records_mut() {
+            record.numad_said = false;
+        }
+    }
+
+    /// Does numad place every domain's vCPUs on this host (it runs, and is not overridden)?
+    /// Said in the log when that is first known and when it changes.
+    fn numad_owns_the_host(&mut self, host: &mut dyn Host) -> bool {
+        let running = host.numad_running();
+        if self.numad_said != Some(running) {
+            match (running, self.override_numad) {
+                (true, false) => log::warn!(
+                    "numad runs on this host and places the guests' processes: every vCPU is left alone, so the two tools do not undo each other's pins (--override-numad to balance anyway, or stop numad)"
+                ),
+                (true, true) => log::warn!(
+                    "numad runs on this host, and --override-numad is given: vCPUs are balanced, and numad may move them again"
+                ),
+                (false, _) if self.numad_said.is_some() => {
+                    log::info!("numad no longer runs on this host: vCPUs are balanced again")
+                }
+                (false, _) => {}
+            }
+            self.numad_said = Some(running);
+        }
+        running && !self.override_numad
     }
 
     /// Pin vCPUs only within `pool` (sorted pCPU numbers; `--cpus`), and let vCPUs whose memory
@@ -175,6 +219,7 @@ impl Scheduler {
         }
         let mut report = CpuReport::new(self.dry_run);
         let mut names = DomainNames::default();
+        let numad_host = self.numad_owns_the_host(host);
         let topology = host.topology()?;
         self.say_topology_once(&topology);
         let snapshot = self.derive(
@@ -182,6 +227,7 @@ impl Scheduler {
             &stuck,
             &node.online,
             &topology,
+            numad_host,
             &mut report,
             &mut names,
         );
@@ -214,14 +260,17 @@ impl Scheduler {
 
     /// The snapshot of this cycle's `samples`: each vCPU's load (from the sampler) and allowed
     /// set (rule 9), on a host whose online pCPUs are `online`; the records of the domains
-    /// `stuck` (not answering) are kept. Counts domains and vCPUs in
-    /// `report` and their names in `names`.
+    /// `stuck` (not answering) are kept. Every vCPU is left alone when `numad_host` (numad places
+    /// them), and those of a domain whose placement is `auto` unless numad is overridden. Counts
+    /// domains and vCPUs in `report` and their names in `names`.
+    #[allow(clippy::too_many_arguments)]
     fn derive(
         &mut self,
         samples: &[VcpuSample],
         stuck: &[DomainRef],
         online: &[u32],
         topology: &Option<Topology>,
+        numad_host: bool,
         report: &mut CpuReport,
         names: &mut DomainNames,
     ) -> CpuSnapshot {
@@ -236,6 +285,14 @@ impl Scheduler {
             let excluded = self
                 .exclusions
                 .excludes(&sample.domain, &mut record.excluded);
+            let numad_domain = sample.domain.auto_placement && !self.override_numad;
+            if numad_domain && !std::mem::replace(&mut record.numad_said, true) {
+                log::info!(
+                    "domain {}: its vCPU placement is auto (numad chose its nodes): its vCPUs are left alone (--override-numad to balance them)",
+                    sample.domain.name
+                );
+            }
+            let excluded = excluded || numad_domain || numad_host;
             let DomainRecord {
                 vcpus,
                 nowhere_said,

@@ -17,6 +17,8 @@ pub struct DomainRecord {
     pub excluded: bool,
     /// Told the operator that one of its vCPUs has no online pCPU it may use.
     pub nowhere_said: bool,
+    /// Told the operator that numad places it (its vCPU placement is `auto`).
+    pub numad_said: bool,
     /// Its vCPUs seen at the last sample, by number.
     pub vcpus: BTreeMap<u32, VcpuRecord>,
 }

@@ -234,6 +234,8 @@ pub struct SimDomain {
     pub opted_out: bool,
     /// The memory its metadata guarantees it, KiB.
     pub guaranteed_kib: u64,
+    /// Its vCPU placement is `auto` (numad's).
+    pub auto_placement: bool,
     pub vcpus: Vec<SimVcpu>,
     pub mem: SimMemory,
 }
@@ -251,6 +253,7 @@ impl SimDomain {
             held_kib: self.held_kib,
             max_kib: Some(self.mem.max),
             autodeflate: self.mem.autodeflate,
+            auto_placement: self.auto_placement,
             run: Some(self.run),
         }
     }
@@ -296,6 +299,8 @@ pub struct SimHost {
     pub host_low: u64,
     /// Does the host report vCPU run-queue delay (like QEMU's `vcpu.N.delay`)?
     pub reports_delay: bool,
+    /// Does numad run on the host?
+    pub numad: bool,
     /// Each period, every vCPU wants its demand plus a uniform draw in ±`jitter` points (clamped
     /// to 0-100): loads that swing from one sample to the next around a steady level.
     pub jitter: f64,
@@ -339,6 +344,7 @@ impl SimHost {
             resizes: 0,
             host_low: u64::MAX,
             reports_delay: false,
+            numad: false,
             jitter: 0.0,
             jitter_rng: Rng(0x9E37_79B9_7F4A_7C15),
             connected: true,
@@ -367,6 +373,7 @@ impl SimHost {
             run: 1,
             opted_out: false,
             guaranteed_kib: 0,
+            auto_placement: false,
             vcpus: vcpus
                 .iter()
                 .map(|&(demand, affinity)| SimVcpu {
@@ -619,6 +626,10 @@ impl Host for SimHost {
                 configured: v.configured.clone(),
             })
             .collect())
+    }
+
+    fn numad_running(&mut self) -> bool {
+        self.numad
     }
 
     fn node_cpus(&mut self) -> HostResult<NodeCpus> {
