@@ -61,7 +61,8 @@ pub struct CommonArgs {
     pub wait: bool,
 
     /// Leave a domain alone: read, never changed (repeatable). PATTERN is a domain UUID or a
-    /// glob over domain names (`rt-*`). A domain also opts out in its own metadata (see README)
+    /// glob over domain names (`rt-*`). A domain also opts out in its own metadata (see
+    /// docs/vcpu_scheduler.md)
     #[arg(long = "exclude", value_name = "PATTERN", value_parser = ExcludePattern::parse)]
     pub exclude: Vec<ExcludePattern>,
 

@@ -2,9 +2,9 @@
 //!
 //! Pure: a [`MemSnapshot`] in, a [`MemPlan`] out, no I/O. Only guests with a fresh report and a
 //! consumption rate are in the snapshot; every other guest is left alone. This is the one
-//! statement of the memory coordinator's rules; the README's "How it decides" tells them to the
-//! user under the same numbers and names (a test keeps the two lists in step), and every place in
-//! the code that implements a rule says `rule N`.
+//! statement of the memory coordinator's rules; docs/memory_coordinator.md's "How it decides"
+//! tells them to the user under the same numbers and names (a test keeps the two lists in step),
+//! and every place in the code that implements a rule says `rule N`.
 //!
 //! 1. **Free memory.** A guest's free memory is what it can still use: its MemAvailable
 //!    (`usable`) when it reports one, else its MemFree (`unused`)

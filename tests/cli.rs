@@ -589,15 +589,12 @@ fn coordinator_warns_once_per_domain_without_a_balloon() {
     );
 }
 
-/// The long options a README section's option table names (`--name` in its first column).
+/// The long options a daemon's page (docs/DAEMON.md) names in its option table (`--name` in its
+/// first column).
 fn readme_options(daemon: &str) -> std::collections::BTreeSet<String> {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let section = readme
-        .split("\n## ")
-        .find(|s| s.starts_with(daemon))
-        .unwrap()
-        .to_string();
+    let page = std::fs::read_to_string(format!("{}/docs/{daemon}.md", env!("CARGO_MANIFEST_DIR")))
+        .unwrap();
+    let section = page.split("\n## ").next().unwrap().to_string();
     section
         .lines()
         .filter(|l| l.starts_with("| `"))
@@ -643,7 +640,7 @@ fn readme_and_help_name_the_same_options() {
         let in_readme = readme_options(daemon);
         assert_eq!(
             in_readme, in_help,
-            "{daemon}: README's table and --help differ"
+            "{daemon}: docs/{daemon}.md's table and --help differ"
         );
     }
 }

@@ -1,4 +1,4 @@
-//! One home per rule: the README's "How it decides" and the planners' module docs number and name
+//! One home per rule: docs/DAEMON.md's "How it decides" and the planners' module docs number and name
 //! the same rules, and every rule is named (`rule N`) where the code implements it.
 
 use std::path::Path;
@@ -21,18 +21,13 @@ fn rules(text: &str, prefix: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// The part of the README between `## {daemon}` and the next `## ` heading, from its
-/// "How it decides".
+/// The "How it decides" section of the daemon's page, docs/DAEMON.md.
 fn readme_decides(daemon: &str) -> String {
-    let readme = read("README.md");
-    let section = readme
-        .split("\n## ")
-        .find(|s| s.starts_with(daemon))
-        .unwrap_or_else(|| panic!("README has no ## {daemon}"));
-    let (_, decides) = section
-        .split_once("### How it decides")
-        .unwrap_or_else(|| panic!("README's {daemon} section has no How it decides"));
-    decides.to_string()
+    let page = read(&format!("docs/{daemon}.md"));
+    let (_, decides) = page
+        .split_once("\n## How it decides")
+        .unwrap_or_else(|| panic!("docs/{daemon}.md has no How it decides"));
+    decides.split("\n## ").next().unwrap().to_string()
 }
 
 /// Rule numbers the code names, as `rule N`, `rules N-M` or `rules N and M` (any case), outside
@@ -75,7 +70,7 @@ fn check(daemon: &str, module_doc: &str, code: &[&str]) {
     assert!(!planner.is_empty(), "{module_doc} states no numbered rules");
     assert_eq!(
         readme, planner,
-        "README's {daemon} rules and {module_doc}'s disagree"
+        "docs/{daemon}.md's rules and {module_doc}'s disagree"
     );
     let numbers: Vec<u32> = planner.iter().map(|(n, _)| *n).collect();
     let expected: Vec<u32> = (1..=planner.len() as u32).collect();

@@ -206,7 +206,7 @@ fn run_mem_trace(t: &MemTrace, runner: MemRunner) -> MemOutcome {
 pub(crate) fn memory_quality() {
     println!("## Memory policy on simulated traces (period 2 s)\n");
     println!(
-        "Ours against a reference implementation of the seed's policy and against no coordinator at"
+        "Ours against a reference implementation of the baseline policy and against no coordinator at"
     );
     println!(
         "all, each run with the real coordinator cycle on the same simulated host, whose guests are"
@@ -296,7 +296,7 @@ pub(crate) fn memory_quality() {
     for t in &traces {
         for (runner, label) in [
             (MemRunner::Ours, "ours"),
-            (MemRunner::Seed, "seed"),
+            (MemRunner::Seed, "baseline"),
             (MemRunner::Nobody, "none"),
         ] {
             let o = run_mem_trace(t, runner);

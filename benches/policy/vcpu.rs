@@ -348,7 +348,9 @@ pub(crate) fn vcpu_quality(delay: bool) {
     } else {
         "usage only, no delay reported"
     };
-    println!("## vCPU policy: ours vs the seed's, on the simulated host ({what}; threshold 10)\n");
+    println!(
+        "## vCPU policy: ours vs the baseline's, on the simulated host ({what}; threshold 10)\n"
+    );
     println!(
         "Each scenario runs 80 cycles; at cycle 40 a fifth of the vCPUs change demand. `settle` is the"
     );
@@ -363,7 +365,7 @@ pub(crate) fn vcpu_quality(delay: bool) {
     );
     println!("bound on the pin changes needed from the starting layout.\n");
     println!(
-        "| pCPUs | start | lb | ours: settle / changes / spread / cv | seed: settle / changes / spread / cv | best | after shake, ours | after shake, seed |"
+        "| pCPUs | start | lb | ours: settle / changes / spread / cv | baseline: settle / changes / spread / cv | best | after shake, ours | after shake, baseline |"
     );
     println!("| ---: | --- | ---: | --- | --- | ---: | --- | --- |");
     let (mut slower, mut dearer, mut dearer_but_better) = (Vec::new(), Vec::new(), Vec::new());
@@ -452,7 +454,7 @@ pub(crate) fn vcpu_quality(delay: bool) {
             v.join(", ")
         }
     };
-    println!("\nFirst phase, ours against the seed's:");
+    println!("\nFirst phase, ours against the baseline's:");
     println!("- settled later: {}", list(&slower));
     println!(
         "- more pin changes, ending less balanced (spread or cv): {}",
@@ -466,14 +468,14 @@ pub(crate) fn vcpu_quality(delay: bool) {
         "Pin changes for the same balance (first phase): ours run again with a total budget of pin"
     );
     println!(
-        "changes (`--max-changes`, summed over the cycles): held to the seed's number of changes, and"
+        "changes (`--max-changes`, summed over the cycles): held to the baseline's number of changes, and"
     );
     println!(
-        "with the fewest changes that end at least as balanced as the seed (spread and cv no larger).\n"
+        "with the fewest changes that end at least as balanced as the baseline (spread and cv no larger).\n"
     );
     println!("`served` is the share of the CPU time the vCPUs want that they get, in percent.\n");
     println!(
-        "| pCPUs | start | seed: changes / spread / cv / served | ours within the seed's changes: changes / spread / cv / served | ours: fewest changes to be as balanced as the seed | ours unlimited: changes / served |"
+        "| pCPUs | start | baseline: changes / spread / cv / served | ours within the baseline's changes: changes / spread / cv / served | ours: fewest changes to be as balanced as the baseline | ours unlimited: changes / served |"
     );
     println!("| ---: | --- | --- | --- | ---: | --- |");
     for row in &equal_rows {
@@ -481,11 +483,11 @@ pub(crate) fn vcpu_quality(delay: bool) {
     }
     println!();
     println!(
-        "- ours less balanced than the seed with the seed's changes: {}",
+        "- ours less balanced than the baseline with the baseline's changes: {}",
         list(&worse_at_equal)
     );
     println!(
-        "- ours needs more changes than the seed to be as balanced: {}\n",
+        "- ours needs more changes than the baseline to be as balanced: {}\n",
         list(&dearer_to_match)
     );
 }
@@ -519,7 +521,7 @@ pub(crate) fn vcpu_stability() {
     );
     println!("`served` the mean share of the CPU time the vCPUs want that they get, in percent.\n");
     println!(
-        "| demand trace | ours: changes / spread / served | ours, `--window 5` | ours, `--max-changes 1` | ours, `--threshold 20` | seed: changes / spread / served |"
+        "| demand trace | ours: changes / spread / served | ours, `--window 5` | ours, `--max-changes 1` | ours, `--threshold 20` | baseline: changes / spread / served |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
     for trace in [

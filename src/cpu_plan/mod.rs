@@ -1,9 +1,9 @@
 //! Decide: which vCPUs to re-pin so pCPU load is balanced, with as few pin changes as possible.
 //!
 //! Pure: a [`CpuSnapshot`] in, a [`CpuPlan`] out, no I/O. This is the one statement of the vCPU
-//! scheduler's rules; the README's "How it decides" tells them to the user under the same numbers
-//! and names (a test keeps the two lists in step), and every place in the code that implements a
-//! rule says `rule N`.
+//! scheduler's rules; docs/vcpu_scheduler.md's "How it decides" tells them to the user under the
+//! same numbers and names (a test keeps the two lists in step), and every place in the code that
+//! implements a rule says `rule N`.
 //!
 //! 1. **Pinning.** Every vCPU whose affinity is not exactly one online pCPU (libvirt's default
 //!    spans them all) is pinned to one, heaviest first onto the least-loaded pCPU.
