@@ -315,9 +315,11 @@ fn print_man_page_if_asked<T: clap::CommandFactory>() {
     if args.next().as_deref() != Some("--man") || args.next().is_some() {
         return;
     }
-    let man = clap_mangen::Man::new(T::command());
-    let code = match man.render(&mut std::io::stdout().lock()) {
-        Ok(()) => 0,
+    let code = match crate::manual::render(T::command()) {
+        Ok(page) => {
+            print!("{page}");
+            0
+        }
         Err(e) => {
             eprintln!("error: writing the man page: {e}");
             1

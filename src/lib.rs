@@ -26,6 +26,7 @@ pub mod host;
 pub mod ledger;
 pub mod libvirt;
 pub mod logging;
+pub mod manual;
 pub mod mem_plan;
 pub mod metrics;
 pub mod plot;

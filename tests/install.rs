@@ -78,6 +78,20 @@ fn install_into_destdir_then_uninstall() {
     ] {
         assert!(man.contains(option), "man page lacks {option}");
     }
+    // And the sections an operator looks for in a daemon's manual.
+    for daemon in ["vcpu_scheduler", "memory_coordinator"] {
+        let man = read(&root.join(format!("usr/share/man/man1/{daemon}.1")));
+        for section in ["EXIT STATUS", "SIGNALS", "FILES", "ENVIRONMENT", "METADATA"] {
+            assert!(
+                man.contains(&format!(".SH \"{section}\"")),
+                "{daemon}.1 lacks {section}"
+            );
+        }
+        assert!(
+            man.contains("SIGHUP") && man.contains("JOURNAL_STREAM"),
+            "{daemon}.1"
+        );
+    }
     // Settings an operator edited survive a reinstall.
     std::fs::write(
         root.join("etc/vmbalance/vcpu_scheduler.toml"),
