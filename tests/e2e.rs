@@ -1605,7 +1605,11 @@ fn the_package_installs_runs_its_units_balances_the_guests_and_purges_clean() {
         })
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
-    for dir in ["/usr/share/vmbalance", "/usr/share/doc/vmbalance"] {
+    for dir in [
+        "/usr/share/vmbalance",
+        "/usr/share/doc/vmbalance",
+        "/etc/vmbalance",
+    ] {
         assert!(!std::path::Path::new(dir).exists(), "{dir} left behind");
     }
 }
