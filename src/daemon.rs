@@ -172,6 +172,36 @@ impl CommonArgs {
     }
 }
 
+/// SIGHUP: the options of `T` re-read from the command line and the `--config` file `config`
+/// names, with that file's path; `None`, said in the log, when there is no file or it has a
+/// mistake (the running configuration is then kept).
+pub fn reload_args<T: Parser>(config: Option<&std::path::Path>) -> Option<(T, std::path::PathBuf)> {
+    let Some(path) = config else {
+        log::info!("SIGHUP: no --config file to re-read");
+        return None;
+    };
+    match reparse_args::<T>() {
+        Ok(new) => Some((new, path.to_path_buf())),
+        Err(e) => {
+            log::error!("reload: {e}; the running configuration is kept");
+            None
+        }
+    }
+}
+
+/// Say that the configuration file at `path` was reloaded, and what `changed`.
+pub fn say_reloaded(path: &std::path::Path, changed: &[String]) {
+    log::info!(
+        "reloaded {}: {}",
+        path.display(),
+        if changed.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            changed.join(", ")
+        }
+    );
+}
+
 /// On a reload, warn about each option that `new` changes and that only a restart applies: the
 /// connection, the metrics endpoint, the log level, the run's shape.
 pub fn warn_fixed_on_reload(old: &CommonArgs, new: &CommonArgs) {

@@ -10,7 +10,7 @@ use log::info;
 use vmbalance::coordinator::Coordinator;
 use vmbalance::daemon::{
     CommonArgs, StopSignal, call_deadline, exit_with, parse_args, parse_non_negative, parse_period,
-    reparse_args, warn_fixed_on_reload,
+    reload_args, say_reloaded, warn_fixed_on_reload,
 };
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::mem_plan::MemPolicy;
@@ -230,16 +230,11 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
 /// (rates, the ledger, balloons behind). A bad file or inconsistent options change nothing (one
 /// error line). The new period, if any.
 fn reload(running: &mut (Args, MemPolicy), coordinator: &mut Coordinator) -> Option<Duration> {
-    let Some(path) = running.0.common.config.clone() else {
-        log::info!("SIGHUP: no --config file to re-read");
-        return None;
-    };
-    let checked = reparse_args::<Args>()
-        .and_then(|new| new.policy().map(|p| (new, p)).map_err(|e| format!("{e:#}")));
-    let (new, policy) = match checked {
-        Ok(found) => found,
+    let (new, path) = reload_args::<Args>(running.0.common.config.as_deref())?;
+    let policy = match new.policy() {
+        Ok(policy) => policy,
         Err(e) => {
-            log::error!("reload: {e}; the running configuration is kept");
+            log::error!("reload: {e:#}; the running configuration is kept");
             return None;
         }
     };
@@ -263,15 +258,7 @@ fn reload(running: &mut (Args, MemPolicy), coordinator: &mut Coordinator) -> Opt
     }
     warn_fixed_on_reload(&old.common, &new.common);
     coordinator.reconfigure(policy, new.common.dry_run, new.common.exclusions());
-    log::info!(
-        "reloaded {}: {}",
-        path.display(),
-        if changed.is_empty() {
-            "nothing changed".to_string()
-        } else {
-            changed.join(", ")
-        }
-    );
+    say_reloaded(&path, &changed);
     let period = new.period;
     *running = (new, policy);
     Some(period)

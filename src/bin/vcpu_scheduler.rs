@@ -9,7 +9,7 @@ use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{
     CommonArgs, CpuList, StopSignal, UsageError, call_deadline, exit_with, parse_args, parse_cpus,
-    parse_non_negative, parse_period, parse_positive_count, reparse_args,
+    parse_non_negative, parse_period, parse_positive_count, reload_args, say_reloaded,
 };
 use vmbalance::host::{Host, HostError};
 use vmbalance::libvirt::LibvirtHost;
@@ -105,17 +105,7 @@ impl Args {
 /// to `scheduler` from the next cycle, keeping what it knows. A bad file changes nothing (one
 /// error line naming it). `online` are the host's pCPUs, for `--cpus`. The new period, if any.
 fn reload(running: &mut Args, scheduler: &mut Scheduler, online: &[u32]) -> Option<Duration> {
-    let Some(path) = running.common.config.clone() else {
-        log::info!("SIGHUP: no --config file to re-read");
-        return None;
-    };
-    let new: Args = match reparse_args() {
-        Ok(new) => new,
-        Err(e) => {
-            log::error!("reload: {e}; the running configuration is kept");
-            return None;
-        }
-    };
+    let (new, path) = reload_args::<Args>(running.common.config.as_deref())?;
     if let Some(CpuList(pool)) = &new.cpus
         && let Err(e) = check_pool(pool, online, "this host")
     {
@@ -187,15 +177,7 @@ fn reload(running: &mut Args, scheduler: &mut Scheduler, online: &[u32]) -> Opti
         new.common.exclusions(),
         new.period,
     );
-    log::info!(
-        "reloaded {}: {}",
-        path.display(),
-        if changed.is_empty() {
-            "nothing changed".to_string()
-        } else {
-            changed.join(", ")
-        }
-    );
+    say_reloaded(&path, &changed);
     let period = new.period;
     let restore = running.restore_on_exit;
     *running = new;
