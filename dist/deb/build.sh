@@ -1,6 +1,6 @@
 #!/bin/sh
 # Build target/debian/vmbalance_<version>_<arch>.deb with dpkg-deb from what `make install` puts
-# in place (PREFIX=/usr): the binaries (stripped), man pages (gzipped), units, settings files
+# in place (PREFIX=/usr): the binaries (stripped), man pages (gzipped), units, configuration files
 # (conffiles), the dashboard and the Prometheus rules, the copyright. Depends are worked out by
 # dpkg-shlibdeps from the binaries' own links (libvirt0, libc6, ...): no compiler needed.
 set -eu
