@@ -329,17 +329,18 @@ pub fn parse_positive_count(text: &str) -> Result<usize, String> {
 /// `--help` and `--version` print as usual and exit 0.
 pub fn parse_args<T: Parser>() -> T {
     print_man_page_if_asked::<T>();
-    crate::config::parse_or_exit::<T>().0
+    crate::config::parse_or_exit::<T>()
 }
 
 /// Re-read the options of `T` from this process's command line and the configuration file it
 /// names (on SIGHUP); an error is one line naming the file and the line.
 pub fn reparse_args<T: Parser>() -> Result<T, String> {
-    crate::config::parse::<T>(&crate::config::process_argv())
-        .map(|(t, _)| t)
-        .map_err(|p| p.to_string())
+    crate::config::parse::<T>(&crate::config::process_argv()).map_err(|p| p.to_string())
 }
 
+/// With `--man` as the only argument, print the man page generated from the command-line
+/// definition (see [`crate::manual`]) and exit: `make install` installs it, so it never drifts
+/// from `--help`.
 fn print_man_page_if_asked<T: clap::CommandFactory>() {
     let mut args = std::env::args().skip(1);
     if args.next().as_deref() != Some("--man") || args.next().is_some() {
@@ -435,8 +436,7 @@ pub fn run_cycles_reloading<R: Report + Export>(
         .metrics
         .map(|address| Exporter::start::<R>(address, options.web.clone(), options.period))
         .transpose()?;
-    let (mut period, cycles) = (options.period, options.cycles);
-    let summary_every = options.summary_every;
+    let cycle_log = crate::logging::CycleLog::for_stderr(options.period, options.summary_every);
     let mut run = Run {
         uri,
         options,
@@ -445,20 +445,20 @@ pub fn run_cycles_reloading<R: Report + Export>(
         delay: Duration::ZERO,
         failing: Duration::ZERO,
         exporter,
-        cycle_log: crate::logging::CycleLog::for_stderr(period, summary_every),
+        cycle_log,
         service: Service::from_env(),
     };
     loop {
-        if run.started() && run.sleep(&mut stop, period.max(run.delay).max(run.failing)) {
+        let wait = run.options.period.max(run.delay).max(run.failing);
+        if run.started() && run.sleep(&mut stop, wait) {
             return run.end("stopping on signal");
         }
         if StopSignal::reload_requested()
             && let Some(new) = reload()
-            && new != period
+            && new != run.options.period
         {
-            period = new;
             run.options.period = new;
-            run.cycle_log = crate::logging::CycleLog::for_stderr(new, summary_every);
+            run.cycle_log.set_period(new, run.options.summary_every);
             if let Some(e) = &mut run.exporter {
                 e.metrics.set_period(new);
             }
@@ -479,7 +479,7 @@ pub fn run_cycles_reloading<R: Report + Export>(
                 true
             }
         };
-        if !go_on || cycles.is_some_and(|n| run.totals.cycles >= n) {
+        if !go_on || run.options.cycles.is_some_and(|n| run.totals.cycles >= n) {
             return run.end("done");
         }
         if stop.requested() {
@@ -659,7 +659,7 @@ impl Run<'_> {
             report.run_figures().domains,
             t.changes,
             t.skipped,
-            report.trouble().unwrap_or_else(|| "nothing wrong".into())
+            self.cycle_log.trouble().unwrap_or("nothing wrong")
         )
     }
 

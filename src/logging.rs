@@ -105,14 +105,28 @@ impl CycleLog {
     /// The pacing of a daemon run every `period`, summing up every `summary_every`, for the
     /// journal.
     pub fn new(period: std::time::Duration, summary_every: std::time::Duration) -> Self {
-        let period = period.as_secs_f64().max(1e-3);
-        Self {
-            summary_cycles: ((summary_every.as_secs_f64() / period).round() as u64).max(1),
-            summary_minutes: (summary_every.as_secs() / 60).max(1),
+        let mut log = Self {
+            summary_cycles: 1,
+            summary_minutes: 1,
             since: Counts::default(),
             trouble: None,
             every_cycle: false,
-        }
+        };
+        log.set_period(period, summary_every);
+        log
+    }
+
+    /// The daemon now runs every `period` (a configuration reloaded): sum up every
+    /// `summary_every` of its cycles, keeping the counts and the trouble said so far.
+    pub fn set_period(&mut self, period: std::time::Duration, summary_every: std::time::Duration) {
+        let period = period.as_secs_f64().max(1e-3);
+        self.summary_cycles = ((summary_every.as_secs_f64() / period).round() as u64).max(1);
+        self.summary_minutes = (summary_every.as_secs() / 60).max(1);
+    }
+
+    /// The trouble of the last cycle, as [`crate::report::Report::trouble`] said it.
+    pub fn trouble(&self) -> Option<&str> {
+        self.trouble.as_deref()
     }
 
     /// The lines to log for cycle number `cycle`, whose report is `report`.
