@@ -33,12 +33,10 @@ impl std::fmt::Display for Problem {
 }
 
 /// The options of `T` from the command line `argv` (program name first) and the file its
-/// `--config` names, if any; with that file's path.
-pub fn parse<T: Parser>(argv: &[OsString]) -> Result<(T, Option<PathBuf>), Problem> {
+/// `--config` names, if any.
+pub fn parse<T: Parser>(argv: &[OsString]) -> Result<T, Problem> {
     let Some(path) = config_path(argv) else {
-        return T::try_parse_from(argv)
-            .map(|t| (t, None))
-            .map_err(Problem::CommandLine);
+        return T::try_parse_from(argv).map_err(Problem::CommandLine);
     };
     let text = std::fs::read_to_string(&path).map_err(|e| {
         Problem::File(format!(
@@ -46,8 +44,7 @@ pub fn parse<T: Parser>(argv: &[OsString]) -> Result<(T, Option<PathBuf>), Probl
             path.display()
         ))
     })?;
-    let t = with_file::<T>(argv, &path, &text)?;
-    Ok((t, Some(path)))
+    with_file::<T>(argv, &path, &text)
 }
 
 /// `argv` with the configuration `text` (read from `path`) under it.
@@ -306,7 +303,7 @@ pub fn process_argv() -> Vec<OsString> {
 
 /// Parse `T` from this process's command line and configuration file, or exit: 0 after `--help`
 /// or `--version`, 2 with one line for a mistake in either.
-pub fn parse_or_exit<T: Parser>() -> (T, Option<PathBuf>) {
+pub fn parse_or_exit<T: Parser>() -> T {
     match parse::<T>(&process_argv()) {
         Ok(parsed) => parsed,
         Err(Problem::CommandLine(e))
