@@ -166,23 +166,27 @@ fn reload(running: &mut Args, scheduler: &mut Scheduler, online: &[u32]) -> Opti
     if running.restore_on_exit != new.restore_on_exit {
         log::warn!("reload: restore-on-exit changes at the next restart");
     }
-    scheduler.set_policy(new.policy(), new.common.dry_run);
-    scheduler.set_window(new.window);
-    if new.override_numad != running.override_numad {
-        scheduler.set_override_numad(new.override_numad);
-    }
-    scheduler.set_limits(
-        new.cpus.clone().map(|CpuList(pool)| pool),
-        new.cross_node,
-        new.common.exclusions(),
-        new.period,
-    );
+    configure(scheduler, &new);
     say_reloaded(&path, &changed);
     let period = new.period;
     let restore = running.restore_on_exit;
     *running = new;
     running.restore_on_exit = restore;
     Some(period)
+}
+
+/// Give `scheduler` what `args` ask for: its policy, window, pool, NUMA crossing, exclusions,
+/// numad and period. At start, and again on each reload (what it knows is kept).
+fn configure(scheduler: &mut Scheduler, args: &Args) {
+    scheduler.set_policy(args.policy(), args.common.dry_run);
+    scheduler.set_window(args.window);
+    scheduler.set_override_numad(args.override_numad);
+    scheduler.set_limits(
+        args.cpus.clone().map(|CpuList(pool)| pool),
+        args.cross_node,
+        args.common.exclusions(),
+        args.period,
+    );
 }
 
 fn run(args: Args) -> Result<()> {
@@ -193,12 +197,8 @@ fn run(args: Args) -> Result<()> {
     if let Some(CpuList(pool)) = &args.cpus {
         check_pool(pool, &online, &uri)?;
     }
-    let scheduler = Scheduler::new(args.policy(), args.common.dry_run)
-        .with_window(args.window)
-        .with_period(args.period)
-        .with_limits(args.cpus.clone().map(|CpuList(pool)| pool), args.cross_node)
-        .with_exclusions(args.common.exclusions())
-        .with_override_numad(args.override_numad);
+    let mut scheduler = Scheduler::new(args.policy(), args.common.dry_run);
+    configure(&mut scheduler, &args);
     info!(
         "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}{}{}{}",
         args.period,

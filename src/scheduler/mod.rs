@@ -111,8 +111,12 @@ impl Scheduler {
         self
     }
 
-    /// [`Scheduler::with_override_numad`] on a running scheduler (a configuration reloaded).
+    /// [`Scheduler::with_override_numad`] on a running scheduler (a configuration reloaded): a
+    /// change is said in the log again at the next cycle.
     pub fn set_override_numad(&mut self, override_numad: bool) {
+        if override_numad == self.override_numad {
+            return;
+        }
         self.override_numad = override_numad;
         self.numad_said = None;
         for record in self.domains.records_mut() {
