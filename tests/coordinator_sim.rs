@@ -29,6 +29,15 @@ fn lab() -> SimHost {
     host
 }
 
+/// The lab's hog (1) alone, on a host only ~200 MiB above its 5 % reserve: no idle guest to take
+/// from.
+fn short_lab() -> SimHost {
+    let mut host = lab();
+    host.domains.truncate(1);
+    host.host_used = host.host_total - 1024 * MIB - 610 * MIB;
+    host
+}
+
 /// The host's reserve under `policy()`, KiB.
 fn reserve(host: &SimHost) -> u64 {
     (host.host_total as f64 * policy().host_reserve_pct / 100.0) as u64
@@ -109,10 +118,7 @@ fn a_hog_is_fed_without_an_oom_while_idle_guests_shrink_then_memory_returns() {
 
 #[test]
 fn a_host_short_of_memory_keeps_its_reserve_and_the_hog_is_limited() {
-    let mut host = lab();
-    // Only ~200 MiB above the 5 % reserve, and no idle guest to take from.
-    host.domains.truncate(1);
-    host.host_used = host.host_total - 1024 * MIB - 610 * MIB;
+    let mut host = short_lab();
     let mut c = Coordinator::new(policy(), false);
     run(&mut host, &mut c, 3);
     host.domains[0].mem.work(40.0 * 1024.0, 1800 * MIB);
@@ -988,10 +994,8 @@ fn pressures(host: &mut SimHost, c: &mut Coordinator, cycles: usize) -> Vec<Opti
 
 #[test]
 fn a_host_that_cannot_feed_its_hog_says_so_and_one_that_can_says_zero() {
-    // The host of the test above: ~200 MiB above its reserve, the hog wants 800 MiB more.
-    let mut host = lab();
-    host.domains.truncate(1);
-    host.host_used = host.host_total - 1024 * MIB - 610 * MIB;
+    // The hog wants 800 MiB more than the host has above its reserve.
+    let mut host = short_lab();
     let mut c = Coordinator::new(policy(), false);
     pressures(&mut host, &mut c, 3);
     host.domains[0].mem.work(40.0 * 1024.0, 1800 * MIB);

@@ -33,6 +33,18 @@ fn busy<'a>(name: &'a str, pin: &'a str) -> Spec<'a> {
     }
 }
 
+/// An idle one-vCPU guest of 512 MiB (its max too) on pCPU 1.
+fn idle(name: &str) -> Spec<'_> {
+    Spec {
+        name,
+        vcpus: 1,
+        cur_mib: 512,
+        max_mib: 512,
+        pins: "1",
+        work: "idle",
+    }
+}
+
 fn spread(usage: &[f64]) -> f64 {
     vmbalance::report::spread(usage.iter().copied())
 }
@@ -451,22 +463,8 @@ fn coordinator_feeds_a_hog_shrinks_idle_guests_and_returns_memory_to_the_host() 
             pins: "0",
             work: "idle",
         },
-        Spec {
-            name: "idle0",
-            vcpus: 1,
-            cur_mib: 512,
-            max_mib: 512,
-            pins: "1",
-            work: "idle",
-        },
-        Spec {
-            name: "idle1",
-            vcpus: 1,
-            cur_mib: 512,
-            max_mib: 512,
-            pins: "1",
-            work: "idle",
-        },
+        idle("idle0"),
+        idle("idle1"),
     ];
     let lab = Lab::guests(&specs);
     let names = ["hog", "idle0", "idle1"];
@@ -1065,14 +1063,7 @@ fn both_daemons_run_unprivileged_in_the_libvirt_group_and_say_which_group_outsid
     let specs = [
         busy("unpriv0", "0"),
         busy("unpriv1", "0"),
-        Spec {
-            name: "unpriv-idle",
-            vcpus: 1,
-            cur_mib: 512,
-            max_mib: 512,
-            pins: "1",
-            work: "idle",
-        },
+        idle("unpriv-idle"),
     ];
     let _lab = Lab::guests(&specs);
     run_in_group_ok(SCHEDULER, &["--cycles", "3", "2"]);
@@ -1522,18 +1513,7 @@ fn the_package_installs_runs_its_units_balances_the_guests_and_purges_clean() {
 
     // Run both units' own command lines, user and settings, against the lab's guests.
     system_user("vmbalance-e2e", "libvirt");
-    let specs = [
-        busy("pkg0", "0"),
-        busy("pkg1", "0"),
-        Spec {
-            name: "pkg-idle",
-            vcpus: 1,
-            cur_mib: 512,
-            max_mib: 512,
-            pins: "1",
-            work: "idle",
-        },
-    ];
+    let specs = [busy("pkg0", "0"), busy("pkg1", "0"), idle("pkg-idle")];
     let _lab = Lab::guests(&specs);
     let notify = std::env::temp_dir().join("vmbalance-pkg-notify");
     let _ = std::fs::remove_file(&notify);
