@@ -7,49 +7,11 @@
 //!     --set '<policy exclude="yes"/>' --live --config
 //! ```
 //!
+//! (the metadata is read with the domain's XML: [`crate::domain_xml::DomainFacts::opted_out`]).
 //! An excluded domain is read, never changed: the vCPU scheduler still counts its vCPUs as load
 //! on the pCPUs they run on, and the memory coordinator never resizes its balloon.
 
 use crate::host::{DomainId, DomainRef};
-
-/// The XML namespace of vmbalance's element in a domain's metadata.
-pub const METADATA_URI: &str = "http://vmbalance.org/xmlns/libvirt/1.0";
-
-/// What a domain's vmbalance metadata element (as `virDomainGetMetadata` returns it) asks for:
-///
-/// ```xml
-/// <policy exclude="yes" guaranteed-mib="1024"/>
-/// ```
-///
-/// `exclude` (`yes`, `true` or `1`): leave the domain alone. `guaranteed-mib`: the memory
-/// coordinator never shrinks its balloon under this many MiB (oVirt's "guaranteed memory").
-/// Anything else, or XML that does not parse, asks for nothing.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DomainMetadata {
-    /// The domain asks to be left alone.
-    pub exclude: bool,
-    /// No shrink takes its balloon under this, KiB (0: no guarantee).
-    pub guaranteed_kib: u64,
-}
-
-impl DomainMetadata {
-    /// Read vmbalance's metadata element.
-    pub fn parse(xml: &str) -> Self {
-        let Ok(doc) = roxmltree::Document::parse(xml) else {
-            return Self::default();
-        };
-        let root = doc.root_element();
-        Self {
-            exclude: root
-                .attribute("exclude")
-                .is_some_and(|v| matches!(v.trim(), "yes" | "true" | "1")),
-            guaranteed_kib: root
-                .attribute("guaranteed-mib")
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map_or(0, |mib| mib.min(1 << 40).saturating_mul(1024)),
-        }
-    }
-}
 
 /// What one `--exclude` argument matches.
 #[derive(Clone, Debug)]
@@ -113,7 +75,7 @@ impl Exclusions {
 
     /// Why `domain` is left alone, if it is.
     pub fn reason(&self, domain: &DomainRef) -> Option<Reason> {
-        if domain.opted_out {
+        if domain.facts.opted_out {
             return Some(Reason::Metadata);
         }
         self.patterns
@@ -155,10 +117,9 @@ mod tests {
     use super::*;
 
     fn domain(name: &str, id: u8, opted_out: bool) -> DomainRef {
-        DomainRef {
-            opted_out,
-            ..DomainRef::new(DomainId([id; 16]), name)
-        }
+        let mut domain = DomainRef::new(DomainId([id; 16]), name);
+        domain.facts.opted_out = opted_out;
+        domain
     }
 
     #[test]
@@ -192,27 +153,5 @@ mod tests {
     fn bad_patterns_are_refused() {
         assert!(ExcludePattern::parse("[").is_err());
         assert!(ExcludePattern::parse("web-[0-9]").is_ok());
-    }
-
-    #[test]
-    fn metadata_asks_with_exclude_yes_and_guarantees_in_mib() {
-        let ns = format!("xmlns=\"{METADATA_URI}\"");
-        let m = DomainMetadata::parse(&format!(
-            "<policy {ns} exclude=\"yes\" guaranteed-mib=\"1024\"/>"
-        ));
-        assert_eq!(
-            m,
-            DomainMetadata {
-                exclude: true,
-                guaranteed_kib: 1024 * 1024
-            }
-        );
-        assert!(DomainMetadata::parse("<policy exclude='true'/>").exclude);
-        assert!(!DomainMetadata::parse("<policy exclude=\"no\"/>").exclude);
-        assert_eq!(
-            DomainMetadata::parse("<policy guaranteed-mib='lots'/>"),
-            DomainMetadata::default()
-        );
-        assert_eq!(DomainMetadata::parse("not xml"), DomainMetadata::default());
     }
 }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Instant;
 
+use crate::domain_xml::DomainFacts;
 use crate::topology::Topology;
 
 /// A domain's UUID: the stable key of a guest across samples.
@@ -71,27 +72,8 @@ pub struct DomainRef {
     pub id: DomainId,
     /// Human-readable name, for logs.
     pub name: String,
-    /// The domain asks, in its own metadata, to be left alone by vmbalance (see
-    /// [`crate::exclusions`]).
-    pub opted_out: bool,
-    /// The memory its metadata guarantees it: no shrink goes under this, KiB (0: none).
-    pub guaranteed_kib: u64,
-    /// The NUMA nodes its memory is strictly bound to (`<numatune>`), where it is.
-    pub memory_nodes: Option<Vec<u32>>,
-    /// Why its balloon would free nothing on the host (hugepages, locked memory, VFIO), where so.
-    pub memory_held: Option<&'static str>,
-    /// Memory hugepages hold for some of its NUMA cells only, KiB (0: none): a balloon shrunk
-    /// into it would free nothing on the host.
-    pub held_kib: u64,
-    /// Its max memory, from its definition, where known: what it may grow to, known without
-    /// asking its QEMU (so known of a domain that does not answer).
-    pub max_kib: Option<u64>,
-    /// Its balloon deflates on its own when the guest runs short (deflate-on-oom): the guest may
-    /// grow back to its max memory without being asked.
-    pub autodeflate: bool,
-    /// Its vCPU placement is `auto` (`<vcpu placement='auto'>`): libvirt asked numad where to
-    /// run it, and numad owns its placement.
-    pub auto_placement: bool,
+    /// What its XML says (read once per run of the domain).
+    pub facts: DomainFacts,
     /// Which run of the domain this is (libvirt's domain ID, new at every start), where known: a
     /// domain that restarted under the same UUID starts new series.
     pub run: Option<u32>,
@@ -103,14 +85,7 @@ impl DomainRef {
         Self {
             id,
             name: name.to_string(),
-            opted_out: false,
-            guaranteed_kib: 0,
-            memory_nodes: None,
-            memory_held: None,
-            held_kib: 0,
-            max_kib: None,
-            autodeflate: false,
-            auto_placement: false,
+            facts: DomainFacts::default(),
             run: None,
         }
     }

@@ -21,6 +21,7 @@ pub mod coordinator;
 pub mod cpu_plan;
 pub mod cpuset;
 pub mod daemon;
+pub mod domain_xml;
 pub mod exclusions;
 pub mod host;
 pub mod ledger;

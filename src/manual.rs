@@ -2,7 +2,7 @@
 //! an operator looks for in a daemon's manual: EXIT STATUS, SIGNALS, FILES, ENVIRONMENT, and the
 //! domain METADATA each daemon reads.
 
-use crate::exclusions::METADATA_URI;
+use crate::domain_xml::METADATA_URI;
 
 /// The man page of command `command` (named `name`), in roff.
 pub fn render(command: clap::Command) -> std::io::Result<String> {

@@ -197,7 +197,7 @@ fn an_excluded_guest_is_never_touched() {
     // Guest 2 idles with 85 % free: it would be shrunk, but it is excluded (and guest 3 opts out
     // in its metadata). Not even its statistics period is set.
     let mut host = lab();
-    host.domains[2].opted_out = true;
+    host.domains[2].facts.opted_out = true;
     let mut c = Coordinator::new(policy(), false).with_exclusions(Exclusions::new(vec![
         ExcludePattern::parse("dom2").unwrap(),
     ]));
@@ -220,7 +220,7 @@ fn a_guest_whose_memory_is_held_is_never_shrunk_to_feed_others() {
     // Guest 2 idles with 85 % free, but its memory is backed by hugepages: shrinking its balloon
     // would free nothing on the host. It is left alone, even while the hog starves.
     let mut host = lab();
-    host.domains[1].memory_held = Some("backed by hugepages");
+    host.domains[1].facts.memory_held = Some("backed by hugepages");
     host.domain_mut(&vmbalance::host::DomainId([1; 16]))
         .mem
         .work(20.0 * MIB as f64, 1900 * MIB);
@@ -406,7 +406,7 @@ fn two_guests_starving_alike_are_fed_alike() {
 #[test]
 fn no_guest_is_shrunk_under_the_minimum_its_metadata_guarantees() {
     let mut host = lab();
-    host.domains[1].guaranteed_kib = 900 * MIB;
+    host.domains[1].facts.guaranteed_kib = 900 * MIB;
     host.domains[0].mem.work(40.0 * 1024.0, 1800 * MIB);
     let mut c = Coordinator::new(policy(), false);
     run(&mut host, &mut c, 80);
@@ -619,8 +619,8 @@ mod traces {
                     Lie::Autodeflate => mem.autodeflate = true,
                 }
                 host.add_guest(n as u8 + 1, mem);
-                host.domains[n].guaranteed_kib = guarantee * MIB;
-                host.domains[n].memory_nodes = node.map(|n| vec![n]);
+                host.domains[n].facts.guaranteed_kib = guarantee * MIB;
+                host.domains[n].facts.memory_nodes = node.map(|n| vec![n]);
             }
             for (d, pct) in host.domains.iter_mut().zip(&touched_pct) {
                 let m = &mut d.mem;
@@ -643,7 +643,7 @@ mod traces {
                     let bound: u64 = host
                         .domains
                         .iter()
-                        .filter(|d| d.memory_nodes == Some(vec![node]))
+                        .filter(|d| d.facts.memory_nodes == Some(vec![node]))
                         .map(|d| d.mem.resident as u64 + untouched(d))
                         .sum();
                     let others = 512 * MIB;
@@ -660,7 +660,7 @@ mod traces {
             let floors: Vec<u64> = host
                 .domains
                 .iter()
-                .map(|d| d.mem.actual.min(policy().min_guest_kib.max(d.guaranteed_kib)))
+                .map(|d| d.mem.actual.min(policy().min_guest_kib.max(d.facts.guaranteed_kib)))
                 .collect();
             let mut c = Coordinator::new(policy(), false);
             for cycle in 0..90 {
@@ -859,7 +859,7 @@ fn two_node_host(reports_nodes: bool) -> SimHost {
     host.reports_nodes = reports_nodes;
     for (n, node) in [(1, 0), (2, 1)] {
         host.add_guest(n, SimMemory::new(512 * MIB, 2048 * MIB, 200 * MIB));
-        host.domains[usize::from(n) - 1].memory_nodes = Some(vec![node]);
+        host.domains[usize::from(n) - 1].facts.memory_nodes = Some(vec![node]);
     }
     host
 }
@@ -962,7 +962,7 @@ fn a_domain_that_cannot_be_read_counts_at_its_max_memory_even_if_never_read() {
 fn a_guest_partly_backed_by_hugepages_is_never_shrunk_into_them() {
     // Guests 2 and 3 are idle alike; hugepages hold 800 MiB of guest 3 (one of its NUMA cells).
     let mut host = lab();
-    host.domains[2].held_kib = 800 * MIB;
+    host.domains[2].facts.held_kib = 800 * MIB;
     let mut c = Coordinator::new(policy(), false);
     run(&mut host, &mut c, 60);
     let (free, held) = (host.domains[1].mem.actual, host.domains[2].mem.actual);

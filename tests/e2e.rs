@@ -941,7 +941,7 @@ fn scheduler_stays_in_its_pool_leaves_excluded_guests_alone_and_survives_sighup(
         "metadata",
         &Lab::domain("xmeta"),
         "--uri",
-        vmbalance::exclusions::METADATA_URI,
+        vmbalance::domain_xml::METADATA_URI,
         "--key",
         "vmbalance",
         "--set",

@@ -203,7 +203,7 @@ fn set_vmbalance_metadata(h: &LibvirtHost, name: &str, xml: &str) {
         virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
         Some(xml),
         Some("vmbalance"),
-        Some(vmbalance::exclusions::METADATA_URI),
+        Some(vmbalance::domain_xml::METADATA_URI),
         virt::sys::VIR_DOMAIN_AFFECT_LIVE,
     )
     .unwrap();
@@ -216,14 +216,14 @@ fn a_domain_opts_out_in_its_metadata() {
     let listed = h.active_domains().unwrap();
     let opted: Vec<(&str, bool)> = listed
         .iter()
-        .map(|d| (d.name.as_str(), d.opted_out))
+        .map(|d| (d.name.as_str(), d.facts.opted_out))
         .collect();
     assert!(opted.contains(&("web", true)), "{opted:?}");
     assert!(opted.contains(&("db", false)), "{opted:?}");
     // The per-domain sampling path carries it too.
     let samples = h.sample_vcpus().unwrap();
     let web = samples.iter().find(|s| s.domain.name == "web").unwrap();
-    assert!(web.domain.opted_out);
+    assert!(web.domain.facts.opted_out);
 }
 
 #[test]
@@ -236,7 +236,7 @@ fn a_domain_is_guaranteed_memory_in_its_metadata() {
         .iter()
         .map(|s| {
             let d = &s.domain;
-            (d.name.as_str(), d.guaranteed_kib, d.opted_out)
+            (d.name.as_str(), d.facts.guaranteed_kib, d.facts.opted_out)
         })
         .collect();
     assert!(
@@ -338,7 +338,7 @@ fn each_numa_nodes_memory_and_a_guests_binding_come_from_the_two_node_host() {
         domains
             .iter()
             .find(|d| d.name == name)
-            .map(|d| d.memory_nodes.clone())
+            .map(|d| d.facts.memory_nodes.clone())
             .unwrap()
     };
     assert_eq!(binding("bound"), Some(vec![1]));
@@ -349,7 +349,7 @@ fn each_numa_nodes_memory_and_a_guests_binding_come_from_the_two_node_host() {
         domains
             .iter()
             .filter(|d| d.name != "test")
-            .all(|d| d.max_kib == Some(65536))
+            .all(|d| d.facts.max_kib == Some(65536))
     );
     // Hugepages backing one of a guest's two NUMA cells hold that cell only: it is managed,
     // never shrunk into the held half.
@@ -367,7 +367,7 @@ fn each_numa_nodes_memory_and_a_guests_binding_come_from_the_two_node_host() {
         .into_iter()
         .find(|d| d.name == "half-huge")
         .unwrap();
-    assert_eq!((half.memory_held, half.held_kib), (None, 32768));
+    assert_eq!((half.facts.memory_held, half.facts.held_kib), (None, 32768));
     // A host of one node (the custom node file describes none) has no node figures: its one
     // budget says it all.
     assert!(host().node_memory().unwrap().is_empty());

@@ -252,6 +252,7 @@ fn admin_restrictions_exclusions_and_the_pool_are_respected() {
     host.domain_mut(&vmbalance::host::DomainId([2; 16])).vcpus[0].configured = Some(vec![0]);
     host.domain_mut(&vmbalance::host::DomainId([3; 16])).vcpus[0].configured = Some(vec![0, 3]);
     host.domain_mut(&vmbalance::host::DomainId([5; 16]))
+        .facts
         .opted_out = true;
     let mut sched = Scheduler::new(CpuPolicy::default(), false)
         .with_limits(Some(vec![0, 1, 2]), false)
@@ -311,7 +312,7 @@ fn vcpus_stay_on_their_numa_node_unless_crossing_is_allowed() {
         for n in 1..=4 {
             host.add(n, &[(90.0, &[0])]);
         }
-        host.domains[0].memory_nodes = Some(vec![0]);
+        host.domains[0].facts.memory_nodes = Some(vec![0]);
         host
     };
     let node_of = |host: &SimHost, n: usize| host.domains[n].vcpus[0].affinity[0] / 2;
@@ -416,7 +417,7 @@ proptest::proptest! {
             let d = host.domains.last_mut().unwrap();
             let start: Vec<u32> = pins.iter().map(|p| node_of(p[0])).collect();
             if *bound {
-                d.memory_nodes = Some(vec![start[0]]);
+                d.facts.memory_nodes = Some(vec![start[0]]);
             }
             homes.push((start, *bound));
         }
@@ -607,7 +608,7 @@ fn vcpus_numad_places_are_left_alone_unless_overridden() {
         host.numad = numad;
         host.add(1, &[(90.0, &[0])]);
         host.add(2, &[(90.0, &[0])]);
-        host.domains[1].auto_placement = auto;
+        host.domains[1].facts.auto_placement = auto;
         host
     };
     // numad runs on the host: nothing is touched.

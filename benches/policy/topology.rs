@@ -50,7 +50,7 @@ fn topo_host(sc: &TopoScenario, seed: u64) -> SimHost {
         let d = host.domains.last_mut().unwrap();
         d.home_node = Some(node);
         if rng.below(3) == 0 {
-            d.memory_nodes = Some(vec![node]);
+            d.facts.memory_nodes = Some(vec![node]);
         }
         dom += 1;
         n += k;

@@ -43,7 +43,7 @@ fn guest_line(sample: &BalloonSample, state: GuestState) -> GuestLine {
 /// (A domain whose memory is held is backed already.)
 fn unbacked_as_reported(sample: &BalloonSample) -> u64 {
     let stats = &sample.stats;
-    if sample.domain.autodeflate {
+    if sample.domain.facts.autodeflate {
         return at_max_kib(stats.max_kib, stats.rss_kib);
     }
     stats
@@ -134,7 +134,9 @@ impl Coordinator {
             stalled_pct: h.stalled_pct,
         });
         // Each NUMA node's memory, where some guest is bound to nodes (rule 6).
-        let bound = samples.iter().any(|s| s.domain.memory_nodes.is_some());
+        let bound = samples
+            .iter()
+            .any(|s| s.domain.facts.memory_nodes.is_some());
         let mut snapshot = MemSnapshot {
             host: host_memory,
             nodes: if bound {
@@ -155,7 +157,10 @@ impl Coordinator {
             if self.exclusions.excludes(dom, &mut record.excluded) {
                 record.followed = None;
                 report.guests.push(guest_line(sample, GuestState::Excluded));
-                snapshot.add_unbacked(dom.memory_nodes.as_deref(), unbacked_as_reported(sample));
+                snapshot.add_unbacked(
+                    dom.facts.memory_nodes.as_deref(),
+                    unbacked_as_reported(sample),
+                );
                 continue;
             }
             let guest = record.followed.get_or_insert_with(Followed::default);
@@ -163,18 +168,20 @@ impl Coordinator {
             if !Self::arm(guest, host, sample, dry_run, period, &mut report)? {
                 // Not read this cycle: its next report is a first sight.
                 guest.history = MemoryHistory::new();
-                if dom.memory_held.is_none() {
-                    snapshot
-                        .add_unbacked(dom.memory_nodes.as_deref(), unbacked_as_reported(sample));
+                if dom.facts.memory_held.is_none() {
+                    snapshot.add_unbacked(
+                        dom.facts.memory_nodes.as_deref(),
+                        unbacked_as_reported(sample),
+                    );
                 }
                 continue;
             }
             let judged = Self::classify(guest, sample, &self.policy);
-            snapshot.add_unbacked(dom.memory_nodes.as_deref(), judged.unbacked_kib);
+            snapshot.add_unbacked(dom.facts.memory_nodes.as_deref(), judged.unbacked_kib);
             if let Some((g, standing)) = judged.fresh {
                 snapshot.guests.push(g);
                 snapshot.standing.insert(g.id, standing);
-                if let Some(nodes) = &dom.memory_nodes {
+                if let Some(nodes) = &dom.facts.memory_nodes {
                     snapshot.bound.insert(g.id, nodes.clone());
                 }
             }
@@ -189,11 +196,11 @@ impl Coordinator {
             let last = record.followed.as_ref().and_then(|g| g.last_read);
             let at_max = match last {
                 Some(last) => Some(at_max_kib(last.max_kib, last.rss_kib)),
-                None => dom.max_kib,
+                None => dom.facts.max_kib,
             };
-            if dom.memory_held.is_none() {
+            if dom.facts.memory_held.is_none() {
                 let at_max = at_max.unwrap_or(0);
-                snapshot.add_unbacked(dom.memory_nodes.as_deref(), at_max);
+                snapshot.add_unbacked(dom.facts.memory_nodes.as_deref(), at_max);
             }
             report.not_answering.push(dom.name.clone());
         }
@@ -239,7 +246,7 @@ impl Coordinator {
         report: &mut MemReport,
     ) -> HostResult<bool> {
         let dom = &sample.domain;
-        if let Some(reason) = dom.memory_held {
+        if let Some(reason) = dom.facts.memory_held {
             if guest.stats != Stats::Held {
                 warn!(
                     "domain {}: its memory is {reason}, so ballooning it would free nothing on the host; it is left alone",
@@ -300,15 +307,17 @@ impl Coordinator {
         });
         let reading = guest.history.record(dom.id, sample.at, stats);
         let mut fresh = None;
-        let mut trusted = !dom.autodeflate;
+        let mut trusted = !dom.facts.autodeflate;
         let state = match reading {
             MemoryReading::Fresh(g) => {
                 guest.implausible_said = false;
                 guest.ledger.observe(&g, &dom.name);
                 // Memory its hugepages hold is a floor too: a shrink into it frees nothing.
                 let standing = Standing {
-                    self_deflates: dom.autodeflate,
-                    ..guest.ledger.standing(dom.guaranteed_kib.max(dom.held_kib))
+                    self_deflates: dom.facts.autodeflate,
+                    ..guest
+                        .ledger
+                        .standing(dom.facts.guaranteed_kib.max(dom.facts.held_kib))
                 };
                 let status = policy.status(&g, &standing);
                 guest.ledger.judged(status);

@@ -19,16 +19,13 @@ use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
 
-use crate::exclusions::{DomainMetadata, METADATA_URI};
+use crate::domain_xml::DomainFacts;
 use crate::host::{
     BalloonSample, BalloonStats, DomainId, DomainRef, Host, HostError, HostMemory, HostResult,
     NodeCpus, NodeMemory, VcpuInfo, VcpuSample, balloons_domain_by_domain, read_or_skip,
     vcpus_domain_by_domain,
 };
-use crate::topology::{
-    Topology, balloon_autodeflates, hugepages_held_kib, max_memory_kib, memory_held_by,
-    strict_memory_nodes, vcpu_placement_auto,
-};
+use crate::topology::Topology;
 
 /// Where libvirt does not announce pin changes (see [`events`]), bulk samples re-read the vCPU
 /// pins of every domain this often (in samples), so pins changed by someone else are seen; between
@@ -52,32 +49,19 @@ enum ConfiguredPins {
     Pinned(Vec<Vec<u32>>),
 }
 
-/// What is read once per run of a domain (its domain ID): whether it asks to be left alone, what
-/// its XML says of its memory, and its configured vCPU affinity.
-struct DomainFacts {
+/// What is read once per run of a domain (its domain ID): what its XML says, and its configured
+/// vCPU affinity.
+struct KnownFacts {
     run: u32,
-    metadata: DomainMetadata,
-    memory_nodes: Option<Vec<u32>>,
-    memory_held: Option<&'static str>,
-    held_kib: u64,
-    max_kib: Option<u64>,
-    autodeflate: bool,
-    auto_placement: bool,
+    facts: DomainFacts,
     configured: ConfiguredPins,
 }
 
-impl DomainFacts {
+impl KnownFacts {
     /// `domain` with what these facts say of it.
     fn describe(&self, domain: &DomainRef) -> DomainRef {
         DomainRef {
-            opted_out: self.metadata.exclude,
-            guaranteed_kib: self.metadata.guaranteed_kib,
-            memory_nodes: self.memory_nodes.clone(),
-            memory_held: self.memory_held,
-            held_kib: self.held_kib,
-            max_kib: self.max_kib,
-            autodeflate: self.autodeflate,
-            auto_placement: self.auto_placement,
+            facts: self.facts.clone(),
             run: Some(self.run),
             ..domain.clone()
         }
@@ -227,7 +211,7 @@ struct Session {
     /// How many fields the host's memory statistics have (0 until learnt).
     node_memory_fields: std::os::raw::c_int,
     /// What was read once per domain run, by UUID.
-    facts: HashMap<DomainId, DomainFacts>,
+    facts: HashMap<DomainId, KnownFacts>,
     /// The host's topology.
     capabilities: Capabilities,
     /// Device hot-plugs announced by libvirt, where it announces them.
@@ -717,49 +701,24 @@ impl LibvirtHost {
         }
     }
 
-    /// The facts of run `run` of domain `id`, read on first sight of that run: whether its
-    /// metadata asks vmbalance to leave it alone or guarantees it memory (`virDomainGetMetadata`), and what its live XML
-    /// says of its memory: a strict NUMA binding, memory a balloon cannot give back.
-    fn facts(&mut self, id: &DomainId, run: u32) -> HostResult<&mut DomainFacts> {
+    /// The facts of run `run` of domain `id`, read on first sight of that run from its live XML
+    /// (`virDomainGetXMLDesc`), vmbalance's metadata included.
+    fn facts(&mut self, id: &DomainId, run: u32) -> HostResult<&mut KnownFacts> {
         if self.session.facts.get(id).is_none_or(|f| f.run != run) {
             let dom = self.domain(id)?;
-            let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
-            let metadata = match self.counted(1, |_| dom.metadata(kind, Some(METADATA_URI), 0)) {
-                Ok(xml) => DomainMetadata::parse(&xml),
-                Err(e) if e.code().to_raw() == sys::VIR_ERR_NO_DOMAIN_METADATA => {
-                    DomainMetadata::default()
-                }
+            let xml = match self.counted(1, |_| dom.xml_desc(0)) {
+                Ok(xml) => xml,
                 Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
-                Err(e) => match self.error(e, || format!("reading the metadata of domain {id}")) {
-                    HostError::Unsupported(_) => DomainMetadata::default(),
-                    e => return Err(e),
-                },
+                Err(e) => return Err(self.error(e, || format!("reading the XML of domain {id}"))),
             };
-            // The live XML says whether its memory is strictly bound to NUMA nodes.
-            let (memory_nodes, memory_held, held_kib, max_kib, autodeflate, auto_placement) =
-                match self.counted(1, |_| dom.xml_desc(0)) {
-                    Ok(xml) => (
-                        strict_memory_nodes(&xml),
-                        memory_held_by(&xml),
-                        hugepages_held_kib(&xml),
-                        max_memory_kib(&xml),
-                        balloon_autodeflates(&xml),
-                        vcpu_placement_auto(&xml),
-                    ),
-                    Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
-                    Err(e) => {
-                        return Err(self.error(e, || format!("reading the XML of domain {id}")));
-                    }
-                };
-            let facts = DomainFacts {
+            let facts = DomainFacts::parse(&xml).ok_or_else(|| {
+                HostError::Other(anyhow!(
+                    "the XML libvirt gave for domain {id} does not parse"
+                ))
+            })?;
+            let facts = KnownFacts {
                 run,
-                metadata,
-                memory_nodes,
-                memory_held,
-                held_kib,
-                max_kib,
-                autodeflate,
-                auto_placement,
+                facts,
                 configured: ConfiguredPins::Unread,
             };
             self.session.facts.insert(*id, facts);

@@ -66,7 +66,7 @@ impl AllowedSets {
     /// (no topology, or a node that cannot be told).
     fn node_cpus(&self, domain: &DomainRef, vcpu: &VcpuInfo) -> Option<Cow<'_, [u32]>> {
         let topology = self.topology.as_ref()?;
-        if let Some(bound) = &domain.memory_nodes {
+        if let Some(bound) = &domain.facts.memory_nodes {
             return Some(Cow::Owned(topology.cpus_of_nodes(bound)));
         }
         if self.cross_node {
@@ -184,10 +184,8 @@ mod tests {
             Allowed::Only(Arc::from(node0))
         );
         // Memory strictly bound to node 0: node 0, even while it runs on node 1, even across.
-        let bound = DomainRef {
-            memory_nodes: Some(vec![0]),
-            ..domain(2)
-        };
+        let mut bound = domain(2);
+        bound.facts.memory_nodes = Some(vec![0]);
         let mut crossing = AllowedSets::new(None).with_cross_node(true);
         crossing.begin(&online, topology);
         assert_eq!(

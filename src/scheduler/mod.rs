@@ -289,7 +289,7 @@ impl Scheduler {
             let excluded = self
                 .exclusions
                 .excludes(&sample.domain, &mut record.excluded);
-            let numad_domain = sample.domain.auto_placement && !self.override_numad;
+            let numad_domain = sample.domain.facts.auto_placement && !self.override_numad;
             if numad_domain && !std::mem::replace(&mut record.numad_said, true) {
                 log::info!(
                     "domain {}: its vCPU placement is auto (numad chose its nodes): its vCPUs are left alone (--override-numad to balance them)",

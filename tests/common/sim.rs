@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use vmbalance::domain_xml::DomainFacts;
 use vmbalance::host::{
     BalloonStats, DomainId, DomainRef, Host, HostError, HostMemory, HostResult, NodeCpus,
     NodeMemory, VcpuInfo,
@@ -219,23 +220,13 @@ impl SimMemory {
 pub struct SimDomain {
     pub id: DomainId,
     pub name: String,
-    /// NUMA nodes its memory is strictly bound to.
-    pub memory_nodes: Option<Vec<u32>>,
+    /// What its XML says; its `max_kib` and `autodeflate` are `mem`'s, whatever is set here.
+    pub facts: DomainFacts,
     /// The NUMA node its memory lives on, bound or not (for [`SimHost::work`]; `None`: nowhere
     /// in particular, no vCPU of it runs remote).
     pub home_node: Option<u32>,
-    /// Why its balloon frees nothing on the host (hugepages, locked, VFIO), if so.
-    pub memory_held: Option<&'static str>,
-    /// Memory hugepages hold for some of its NUMA cells, KiB.
-    pub held_kib: u64,
     /// Its run (domain ID): a restart gives it a new one.
     pub run: u32,
-    /// Its metadata asks vmbalance to leave it alone.
-    pub opted_out: bool,
-    /// The memory its metadata guarantees it, KiB.
-    pub guaranteed_kib: u64,
-    /// Its vCPU placement is `auto` (numad's).
-    pub auto_placement: bool,
     pub vcpus: Vec<SimVcpu>,
     pub mem: SimMemory,
 }
@@ -246,14 +237,11 @@ impl SimDomain {
         DomainRef {
             id: self.id,
             name: self.name.clone(),
-            opted_out: self.opted_out,
-            guaranteed_kib: self.guaranteed_kib,
-            memory_nodes: self.memory_nodes.clone(),
-            memory_held: self.memory_held,
-            held_kib: self.held_kib,
-            max_kib: Some(self.mem.max),
-            autodeflate: self.mem.autodeflate,
-            auto_placement: self.auto_placement,
+            facts: DomainFacts {
+                max_kib: Some(self.mem.max),
+                autodeflate: self.mem.autodeflate,
+                ..self.facts.clone()
+            },
             run: Some(self.run),
         }
     }
@@ -366,14 +354,9 @@ impl SimHost {
         self.domains.push(SimDomain {
             id,
             name: format!("dom{n}"),
-            memory_nodes: None,
+            facts: DomainFacts::default(),
             home_node: None,
-            memory_held: None,
-            held_kib: 0,
             run: 1,
-            opted_out: false,
-            guaranteed_kib: 0,
-            auto_placement: false,
             vcpus: vcpus
                 .iter()
                 .map(|&(demand, affinity)| SimVcpu {
@@ -465,7 +448,7 @@ impl SimHost {
                     .domains
                     .iter()
                     .filter_map(|d| {
-                        let nodes = d.memory_nodes.as_ref()?;
+                        let nodes = d.facts.memory_nodes.as_ref()?;
                         nodes
                             .contains(&node)
                             .then(|| d.mem.resident / nodes.len() as f64)
@@ -710,7 +693,7 @@ impl Host for SimHost {
         // The balloon stalls at what the guest uses rather than taking it.
         d.mem.actual = kib.max(d.mem.used.ceil() as u64);
         // What the balloon takes goes back to the host, unless the guest's memory is held.
-        if d.memory_held.is_none() && !d.mem.frees_nothing {
+        if d.facts.memory_held.is_none() && !d.mem.frees_nothing {
             d.mem.resident = d.mem.resident.min(d.mem.actual as f64);
         }
         self.resizes += 1;
