@@ -66,23 +66,33 @@ impl<R> Tracker<R> {
     /// The record of `domain`, seen this cycle: `fresh()` on first sight and when the domain runs
     /// anew (a new run under the same UUID), else the record kept.
     pub fn see(&mut self, domain: &DomainRef, fresh: impl FnOnce() -> R) -> (Sight, &mut R) {
+        self.see_run(domain.id, domain.run, fresh)
+    }
+
+    /// The record of run `run` of domain `id`, seen this cycle (see [`Tracker::see`]).
+    pub fn see_run(
+        &mut self,
+        id: DomainId,
+        run: Option<u32>,
+        fresh: impl FnOnce() -> R,
+    ) -> (Sight, &mut R) {
         let cycle = self.cycle;
-        let sight = match self.entries.get(&domain.id) {
+        let sight = match self.entries.get(&id) {
             None => Sight::New,
-            Some(e) if e.run != domain.run => Sight::Restarted,
+            Some(e) if e.run != run => Sight::Restarted,
             Some(_) => Sight::Known,
         };
         if sight != Sight::Known {
             self.entries.insert(
-                domain.id,
+                id,
                 Entry {
-                    run: domain.run,
+                    run,
                     seen: cycle,
                     record: fresh(),
                 },
             );
         }
-        let entry = self.entries.get_mut(&domain.id).expect("inserted above");
+        let entry = self.entries.get_mut(&id).expect("inserted above");
         entry.seen = cycle;
         (sight, &mut entry.record)
     }
@@ -111,6 +121,17 @@ impl<R> Tracker<R> {
             .map(|(id, e)| (*id, &e.record))
             .collect();
         all.sort_by_key(|(id, _)| *id);
+        all
+    }
+
+    /// Every record with its domain and the run it is about, in UUID order.
+    pub fn sorted_runs(&self) -> Vec<(DomainId, Option<u32>, &R)> {
+        let mut all: Vec<_> = self
+            .entries
+            .iter()
+            .map(|(id, e)| (*id, e.run, &e.record))
+            .collect();
+        all.sort_by_key(|(id, ..)| *id);
         all
     }
 

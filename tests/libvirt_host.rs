@@ -196,6 +196,41 @@ fn the_configured_affinity_is_read_and_our_live_pins_leave_it_alone() {
     assert_eq!(again.vcpus(&db).unwrap()[1].configured, Some(anywhere));
 }
 
+#[test]
+fn a_domain_restarted_under_its_uuid_is_read_afresh() {
+    let mut h = host();
+    set_vmbalance_metadata(&h, "db", "<policy exclude=\"yes\"/>");
+    let find = |h: &mut LibvirtHost| {
+        h.active_domains()
+            .unwrap()
+            .into_iter()
+            .find(|d| d.name == "db")
+            .expect("db is running")
+    };
+    let first = find(&mut h);
+    assert!(first.facts.opted_out);
+    assert_eq!(h.vcpus(&first.id).unwrap()[0].configured, Some(vec![2]));
+    // The configuration moves vCPU 0 to pCPU 1: read once per run, so this run keeps pCPU 2.
+    let dom = h.connection().lookup_domain_by_name("db").unwrap();
+    let config = dom.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE).unwrap();
+    let moved = config.replace(
+        "<vcpupin vcpu='0' cpuset='2'/>",
+        "<vcpupin vcpu='0' cpuset='1'/>",
+    );
+    assert_ne!(moved, config, "{config}");
+    h.connection().define_domain_xml(&moved).unwrap();
+    assert_eq!(h.vcpus(&first.id).unwrap()[0].configured, Some(vec![2]));
+    // Destroyed and started again between two listings: a new run under the same UUID, whose
+    // facts (its live metadata went with the old run) and configuration are read afresh.
+    dom.destroy().unwrap();
+    dom.create().unwrap();
+    let second = find(&mut h);
+    assert_eq!(second.id, first.id);
+    assert_ne!(second.run, first.run);
+    assert!(!second.facts.opted_out, "{second:?}");
+    assert_eq!(h.vcpus(&second.id).unwrap()[0].configured, Some(vec![1]));
+}
+
 /// Set the vmbalance metadata element of domain `name` (live), as `virsh metadata` does.
 fn set_vmbalance_metadata(h: &LibvirtHost, name: &str, xml: &str) {
     let dom = h.connection().lookup_domain_by_name(name).unwrap();

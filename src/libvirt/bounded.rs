@@ -6,22 +6,20 @@
 //! a domain's job waits up to 30 s for whoever holds it (a migration, a dump, or our own stuck
 //! call). [`Bounded`] runs such a call on a worker thread and waits for it at most a deadline. A
 //! call still running then is left to finish on its own, and what it waits on is *stuck* until it
-//! does: no other call is made on it meanwhile (each would only add a blocked thread), and a
-//! domain stuck is skipped by the daemons, said once, until it answers again.
+//! does: its [`Slot`] stays busy, and no other call is made on it meanwhile (each would only add a
+//! blocked thread); a domain stuck is skipped by the daemons, said once, until it answers again.
 //!
 //! Each call runs on a connection of its own, taken from a pool ([`Connections`]) and given back
 //! when it returns: a call stuck in libvirt holds up every other call on its connection (measured
 //! on real guests: with one stuck call on the daemon's connection, the others took 5 to 20 s), so
 //! a stuck call keeps its connection to itself.
 
-use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
-
-use crate::host::DomainId;
 
 /// Where bounded calls get a connection.
 #[derive(Clone)]
@@ -81,15 +79,17 @@ impl std::fmt::Debug for Connections {
     }
 }
 
-/// What a bounded call waits on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Target {
-    /// One domain.
-    Domain(DomainId),
-    /// Every domain (a bulk statistics call).
-    AllDomains,
-    /// The listing of the domains, which waits on any domain held by a blocked libvirt call.
-    Listing,
+/// What one call waits on (a domain, the listing, every domain's statistics), with room for one
+/// call at a time: a call is made only while its slot is free, and a call past its deadline keeps
+/// it busy until it returns. A domain's slot lives in the libvirt layer's record of that domain.
+#[derive(Clone, Debug, Default)]
+pub struct Slot(Arc<AtomicBool>);
+
+impl Slot {
+    /// Is a call on it still running (past its deadline, as seen between calls)?
+    pub fn is_busy(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// How often a wait looks whether the daemon was asked to stop.
@@ -101,8 +101,8 @@ pub struct Bounded {
     deadline: Duration,
     /// Where each call gets its connection.
     connections: Connections,
-    /// Targets with a call running: waited for, or past its deadline (stuck).
-    running: Arc<Mutex<HashSet<Target>>>,
+    /// Calls running: waited for, or past their deadline (stuck).
+    running: Arc<AtomicUsize>,
 }
 
 impl Bounded {
@@ -130,40 +130,22 @@ impl Bounded {
         self.deadline = deadline;
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashSet<Target>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The domains a call is stuck on.
-    pub fn stuck_domains(&self) -> Vec<DomainId> {
-        let mut stuck: Vec<DomainId> = self
-            .running()
-            .iter()
-            .filter_map(|t| match t {
-                Target::Domain(id) => Some(*id),
-                Target::AllDomains | Target::Listing => None,
-            })
-            .collect();
-        stuck.sort();
-        stuck
-    }
-
-    /// Is any call stuck?
+    /// Is any call stuck (still running past its deadline)?
     pub fn any_stuck(&self) -> bool {
-        !self.running().is_empty()
+        self.running.load(Ordering::Acquire) > 0
     }
 
-    /// Run `call` on `target` with a connection of its own, waiting at most the deadline (less
-    /// when `stop` says the daemon is stopping). `None` when it did not return in time, or
-    /// `target` is stuck already: the call is then left to finish on its own.
+    /// Run `call` on `slot` with a connection of its own, waiting at most the deadline (less
+    /// when `stop` says the daemon is stopping). `None` when it did not return in time, or a
+    /// call on `slot` is still running: the call is then left to finish on its own.
     pub fn run<T: Send + 'static>(
         &self,
-        target: Target,
+        slot: &Slot,
         stop: impl Fn() -> bool,
         call: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
     ) -> Option<Result<T, virt::error::Error>> {
         let connections = self.connections.clone();
-        self.run_plain(target, stop, move || {
+        self.run_plain(slot, stop, move || {
             let conn = connections.take()?;
             let out = call(&conn);
             connections.give_back(conn);
@@ -171,32 +153,35 @@ impl Bounded {
         })
     }
 
-    /// Run `call` on `target` on a worker thread, waiting at most the deadline (see
+    /// Run `call` on `slot` on a worker thread, waiting at most the deadline (see
     /// [`Bounded::run`]).
     fn run_plain<T: Send + 'static>(
         &self,
-        target: Target,
+        slot: &Slot,
         stop: impl Fn() -> bool,
         call: impl FnOnce() -> T + Send + 'static,
     ) -> Option<T> {
-        if !self.running().insert(target) {
+        if slot.0.swap(true, Ordering::AcqRel) {
             return None;
         }
+        self.running.fetch_add(1, Ordering::AcqRel);
         let (tx, rx) = mpsc::channel();
-        let running = Arc::clone(&self.running);
+        let (busy, running) = (Arc::clone(&slot.0), Arc::clone(&self.running));
+        let done = move || {
+            busy.store(false, Ordering::Release);
+            running.fetch_sub(1, Ordering::AcqRel);
+        };
         let spawned = std::thread::Builder::new()
             .name("libvirt-call".into())
             .spawn(move || {
                 let value = call();
-                running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&target);
+                done();
                 // The caller may have given up waiting: then the value is dropped.
                 let _ = tx.send(value);
             });
         if let Err(e) = spawned {
-            self.running().remove(&target);
+            slot.0.store(false, Ordering::Release);
+            self.running.fetch_sub(1, Ordering::AcqRel);
             log::warn!("cannot start a thread for a libvirt call ({e}); skipped");
             return None;
         }
@@ -219,8 +204,6 @@ impl Bounded {
 mod tests {
     use super::*;
 
-    const ID: DomainId = DomainId([1; 16]);
-
     /// Calls waited for at most `deadline`, on libvirt's test driver.
     fn bounded(deadline: Duration) -> Bounded {
         let conn = Connect::open(Some("test:///default")).expect("the test driver opens");
@@ -230,10 +213,11 @@ mod tests {
     #[test]
     fn a_quick_call_returns_its_value() {
         let b = bounded(Duration::from_secs(5));
-        assert_eq!(b.run_plain(Target::Domain(ID), || false, || 7), Some(7));
-        assert!(!b.any_stuck());
+        let slot = Slot::default();
+        assert_eq!(b.run_plain(&slot, || false, || 7), Some(7));
+        assert!(!b.any_stuck() && !slot.is_busy());
         // A call with a connection of its own, on the test driver.
-        let listed = b.run(Target::AllDomains, || false, |c| c.list_all_domains(0));
+        let listed = b.run(&slot, || false, |c| c.list_all_domains(0));
         assert_eq!(listed.map(|r| r.map(|l| l.len())), Some(Ok(1)));
     }
 
@@ -242,20 +226,24 @@ mod tests {
         let b = bounded(Duration::from_millis(50));
         let (release, held) = mpsc::channel::<()>();
         let started = Instant::now();
-        let out = b.run_plain(Target::Domain(ID), || false, move || held.recv().is_ok());
+        let (domain, other) = (Slot::default(), Slot::default());
+        let out = b.run_plain(&domain, || false, move || held.recv().is_ok());
         assert_eq!(out, None);
         assert!(started.elapsed() < Duration::from_secs(1));
-        assert_eq!(b.stuck_domains(), [ID]);
-        // No second call is made on a stuck target; others go on.
-        assert_eq!(b.run_plain(Target::Domain(ID), || false, || 1), None);
-        assert_eq!(b.run_plain(Target::AllDomains, || false, || 2), Some(2));
-        // Once the stuck call returns, the target answers again.
+        assert!(domain.is_busy() && b.any_stuck());
+        // No second call is made on a stuck slot; others go on.
+        assert_eq!(b.run_plain(&domain, || false, || 1), None);
+        assert_eq!(b.run_plain(&other, || false, || 2), Some(2));
+        // A copy of the slot (the record that holds it) sees the same call.
+        assert_eq!(b.run_plain(&domain.clone(), || false, || 1), None);
+        // Once the stuck call returns, the slot answers again.
         release.send(()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while b.any_stuck() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(b.run_plain(Target::Domain(ID), || false, || 3), Some(3));
+        assert!(!domain.is_busy());
+        assert_eq!(b.run_plain(&domain, || false, || 3), Some(3));
     }
 
     #[test]
@@ -263,7 +251,7 @@ mod tests {
         let b = bounded(Duration::from_secs(60));
         let started = Instant::now();
         let out = b.run_plain(
-            Target::AllDomains,
+            &Slot::default(),
             || started.elapsed() > Duration::from_millis(200),
             || std::thread::sleep(Duration::from_secs(5)),
         );

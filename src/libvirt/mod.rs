@@ -2,15 +2,16 @@
 
 mod bounded;
 mod events;
+mod known;
 mod numad;
 mod raw;
 
-use bounded::{Bounded, Connections, Target};
+use bounded::{Bounded, Connections, Slot};
+use known::{ConfiguredPins, Known, KnownPins};
 
 use raw::Definition;
 pub use raw::{cpu_map_len, cpus_in_map, map_of_cpus};
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
@@ -26,6 +27,7 @@ use crate::host::{
     vcpus_domain_by_domain,
 };
 use crate::topology::Topology;
+use crate::tracker::Tracker;
 
 /// Where libvirt does not announce pin changes (see [`events`]), bulk samples re-read the vCPU
 /// pins of every domain this often (in samples), so pins changed by someone else are seen; between
@@ -36,44 +38,6 @@ const PIN_REFRESH_SAMPLES: u64 = 10;
 /// libvirt's pin records nor its events: this often (in samples) every domain's vCPUs are read
 /// with `virDomainGetVcpus`, which reports the real affinity of each thread, one call per domain.
 const AFFINITY_CHECK_SAMPLES: u64 = 30;
-
-/// The vCPU affinity of a domain's persistent configuration, read when the vCPU scheduler first
-/// needs it.
-#[derive(Clone, Debug)]
-enum ConfiguredPins {
-    /// Not read yet.
-    Unread,
-    /// The domain has no persistent configuration.
-    Transient,
-    /// Each vCPU's configured affinity, by vCPU number.
-    Pinned(Vec<Vec<u32>>),
-}
-
-/// What is read once per run of a domain (its domain ID): what its XML says, and its configured
-/// vCPU affinity.
-struct KnownFacts {
-    run: u32,
-    facts: DomainFacts,
-    configured: ConfiguredPins,
-}
-
-impl KnownFacts {
-    /// `domain` with what these facts say of it.
-    fn describe(&self, domain: &DomainRef) -> DomainRef {
-        DomainRef {
-            facts: self.facts.clone(),
-            run: Some(self.run),
-            ..domain.clone()
-        }
-    }
-}
-
-/// vCPU pins known for one domain, and which incarnation (domain ID) they belong to.
-struct KnownPins {
-    domain_id: u32,
-    read_at_sample: u64,
-    affinity: Vec<Vec<u32>>,
-}
 
 /// Open a read-write connection, with an error that names the URI and the likely cause.
 fn open(uri: &str) -> anyhow::Result<Connect> {
@@ -195,33 +159,26 @@ enum Capabilities {
     Read(Option<Topology>),
 }
 
-/// What is learnt through one connection: a new connection starts with `Session::default()`.
+/// What is learnt of the host through one connection: a new connection starts with
+/// `Session::default()`.
 #[derive(Default)]
 struct Session {
-    /// Handles of the domains seen in the last listing, by UUID.
-    domains: HashMap<DomainId, Domain>,
     /// pCPUs present, from the last node read; sizes the affinity bitmaps.
     present_cpus: Option<u32>,
-    /// Pins known per domain, for bulk samples (which carry none).
-    pins: HashMap<DomainId, KnownPins>,
     /// Set once the driver showed it has no bulk statistics (e.g. the test driver).
     no_bulk_stats: bool,
     /// Pin changes announced by libvirt, where it announces them.
     pin_events: PinEvents,
     /// How many fields the host's memory statistics have (0 until learnt).
     node_memory_fields: std::os::raw::c_int,
-    /// What was read once per domain run, by UUID.
-    facts: HashMap<DomainId, KnownFacts>,
     /// The host's topology.
     capabilities: Capabilities,
     /// Device hot-plugs announced by libvirt, where it announces them.
     device_events: DeviceEvents,
-    /// The last listing that answered: each active domain's UUID, name and run. Used while a
-    /// listing does not answer.
-    last_listing: Vec<(DomainId, String, u32)>,
-    /// A listing did not answer in time, and it was said.
-    listing_stuck_said: bool,
 }
+
+/// One active domain as a listing gives it: its UUID, name and run (domain ID).
+type Listed = (DomainId, String, u32);
 
 /// A connection to one libvirt host.
 pub struct LibvirtHost {
@@ -236,17 +193,20 @@ pub struct LibvirtHost {
     event_loop: bool,
     /// Where the host's available memory is read from.
     memory_source: MemorySource,
-    /// What was learnt through the current connection.
+    /// What was learnt of the host through the current connection.
     session: Session,
+    /// What is known of each domain run of the last listing that answered: its one record.
+    domains: Tracker<Known>,
+    /// Room for one listing of the domains at a time.
+    listing: Slot,
+    /// Room for one bulk statistics call (over every domain) at a time.
+    bulk: Slot,
+    /// A listing did not answer in time, and it was said.
+    listing_stuck_said: bool,
     /// Calls that may wait on a domain's QEMU, bounded in time.
     bounded: Bounded,
     /// Is the daemon stopping? A bounded call stops waiting at once when it is.
     stop: fn() -> bool,
-    /// The domains said to be stuck (not answering), by UUID, with their names.
-    stuck_said: HashMap<DomainId, String>,
-    /// Domains whose read failed in the last sample (not vanished, not stuck), by UUID, with
-    /// their names.
-    unreadable: HashMap<DomainId, String>,
     /// numad, on a host that is this machine.
     numad: numad::Numad,
 }
@@ -282,11 +242,13 @@ impl LibvirtHost {
             event_loop,
             memory_source: MemorySource::for_uri(uri),
             session: Session::default(),
+            domains: Tracker::new(),
+            listing: Slot::default(),
+            bulk: Slot::default(),
+            listing_stuck_said: false,
             bounded,
             stop: || false,
             numad: numad::Numad::default(),
-            stuck_said: HashMap::new(),
-            unreadable: HashMap::new(),
         })
     }
 
@@ -301,24 +263,19 @@ impl LibvirtHost {
 
     /// Say which domains became stuck, and which answer again, since the last time.
     fn say_stuck(&mut self) {
-        let stuck = self.bounded.stuck_domains();
         let deadline = self.bounded.deadline().as_secs_f64();
-        for id in &stuck {
-            if !self.stuck_said.contains_key(id) {
-                let name = self.name_of(id);
+        for known in self.domains.records_mut() {
+            let stuck = known.slot.is_busy();
+            let name = &known.name;
+            if stuck && !known.stuck_said {
                 log::warn!(
                     "domain {name} did not answer within {deadline:.1} s (busy in a libvirt job, or its QEMU is stopped or hung): it is skipped until it answers"
                 );
-                self.stuck_said.insert(*id, name);
-            }
-        }
-        self.stuck_said.retain(|id, name| {
-            let still = stuck.contains(id);
-            if !still {
+            } else if !stuck && known.stuck_said {
                 log::info!("domain {name} answers again");
             }
-            still
-        });
+            known.stuck_said = stuck;
+        }
     }
 
     /// Domain `id`'s vCPUs, read directly.
@@ -332,8 +289,7 @@ impl LibvirtHost {
             move |dom| raw::domain_vcpus(dom, present),
         )?;
         let nvcpus = raw.iter().map(|v| v.number + 1).max().unwrap_or(0);
-        let run = self.run_of(id)?;
-        let configured = self.configured(id, run, nvcpus)?;
+        let configured = self.configured(id, nvcpus)?;
         Ok(raw
             .into_iter()
             .map(|v| VcpuInfo {
@@ -392,40 +348,48 @@ impl LibvirtHost {
     /// vanishing, not answering or losing the connection: the daemons then count it at its most
     /// cautious ([`Host::stuck_domains`]).
     fn note_unreadable<T>(&mut self, id: &DomainId, read: &HostResult<T>) {
-        if let Err(HostError::Other(_) | HostError::Unsupported(_) | HostError::Denied(_)) = read {
-            let name = self.name_of(id);
-            self.unreadable.insert(*id, name);
+        if let Err(HostError::Other(_) | HostError::Unsupported(_) | HostError::Denied(_)) = read
+            && let Some(known) = self.domains.get_mut(id)
+        {
+            known.unreadable = true;
         }
     }
 
-    /// The domains of the last listing that answered, as they were described then (the listing
-    /// does not answer now: said once).
+    /// Every domain known, described, in UUID order; `keep` chooses which.
+    fn described_known(&self, keep: impl Fn(&Known) -> bool) -> Vec<DomainRef> {
+        self.domains
+            .sorted_runs()
+            .into_iter()
+            .filter(|(_, _, known)| keep(known))
+            .filter_map(|(id, run, known)| known.describe(id, run))
+            .collect()
+    }
+
+    /// The domains of the last listing that answered (the listing does not answer now: said
+    /// once).
     fn last_listing(&mut self) -> HostResult<Vec<DomainRef>> {
-        if !std::mem::replace(&mut self.session.listing_stuck_said, true) {
+        if !std::mem::replace(&mut self.listing_stuck_said, true) {
             log::warn!(
                 "listing the domains did not answer within {:.1} s (a domain is held by a libvirt call that blocks: a dump or save to a file that does not open, a hung storage call): going on with the {} domains listed before",
                 self.bounded.deadline().as_secs_f64(),
-                self.session.last_listing.len()
+                self.domains.len()
             );
         }
-        Ok(self
-            .session
-            .last_listing
-            .iter()
-            .filter_map(|(id, name, run)| {
-                let facts = self.session.facts.get(id).filter(|f| f.run == *run)?;
-                Some(facts.describe(&DomainRef::new(*id, name)))
-            })
-            .collect())
+        Ok(self.described_known(|_| true))
     }
 
-    /// The name of domain `id`, from what is known of it, else its UUID.
-    fn name_of(&self, id: &DomainId) -> String {
-        self.session
-            .domains
-            .get(id)
-            .and_then(|d| d.name().ok())
-            .unwrap_or_else(|| id.to_string())
+    /// A listing answered: its domains are the ones known from now on, each with its record
+    /// (fresh for a domain not known, or known under an earlier run), and the others are
+    /// forgotten.
+    fn listed(&mut self, listed: &[Listed]) {
+        if std::mem::take(&mut self.listing_stuck_said) {
+            log::info!("listing the domains answers again");
+        }
+        self.domains.begin_cycle();
+        for (id, name, run) in listed {
+            self.domains.see_run(*id, Some(*run), || Known::new(name));
+        }
+        self.domains.end_cycle();
     }
 
     /// Which figure stands for the host's available memory, for the start-up line.
@@ -492,42 +456,11 @@ impl LibvirtHost {
         &self.conn
     }
 
-    /// The handle of a domain by UUID: from the last listing, else looked up afresh.
-    fn domain(&mut self, id: &DomainId) -> HostResult<Domain> {
-        if let Some(dom) = self.session.domains.get(id) {
-            return Ok(dom.clone());
-        }
-        match self.counted(1, |h| h.conn.lookup_domain_by_uuid_string(&id.to_string())) {
-            Ok(dom) => {
-                self.session.domains.insert(*id, dom.clone());
-                Ok(dom)
-            }
-            Err(e) if is_vanished(&e) => Err(HostError::Vanished(*id)),
-            Err(e) => Err(self.error(e, || format!("looking up domain {id}"))),
-        }
-    }
-
-    /// Run `op`, which makes `calls` libvirt calls, on a domain's handle: "no such domain" and
-    /// "not running" are [`HostError::Vanished`], any other failure says what was being done.
-    fn on_domain<T>(
-        &mut self,
-        id: &DomainId,
-        calls: u64,
-        what: impl FnOnce() -> String,
-        op: impl FnOnce(&Domain) -> Result<T, virt::error::Error>,
-    ) -> HostResult<T> {
-        let dom = self.domain(id)?;
-        match self.counted(calls, |_| op(&dom)) {
-            Ok(v) => Ok(v),
-            Err(e) if is_vanished(&e) => Err(HostError::Vanished(*id)),
-            Err(e) => Err(self.error(e, what)),
-        }
-    }
-
-    /// Like [`LibvirtHost::on_domain`], for a call that may wait on the domain's QEMU (its monitor,
-    /// or a job someone else holds): it runs on a worker thread, waited for at most the deadline.
-    /// One that does not answer in time is [`HostError::Stuck`], and so is every call on the domain
-    /// until it answers.
+    /// Run `op`, which makes `calls` libvirt calls, on domain `id`, looked up on the call's own
+    /// connection, on a worker thread waited for at most the deadline: "no such domain" and "not
+    /// running" are [`HostError::Vanished`], any other failure says what was being done. A call
+    /// that does not answer in time is [`HostError::Stuck`], and so is every call on the domain
+    /// until it answers (one call on a domain at a time).
     fn on_domain_bounded<T: Send + 'static>(
         &mut self,
         id: &DomainId,
@@ -536,12 +469,15 @@ impl LibvirtHost {
         op: impl FnOnce(&Domain) -> Result<T, virt::error::Error> + Send + 'static,
     ) -> HostResult<T> {
         let uuid = id.to_string();
-        let stop = self.stop;
+        // A domain not known (not listed yet) has a slot for this call alone.
+        let slot = self
+            .domains
+            .get(id)
+            .map(|k| k.slot.clone())
+            .unwrap_or_default();
         // The domain is looked up on the call's own connection (one call more).
         let call = move |conn: &Connect| op(&conn.lookup_domain_by_uuid_string(&uuid)?);
-        let answer = self.counted(calls + 1, |h| {
-            h.bounded.run(Target::Domain(*id), stop, call)
-        });
+        let answer = self.counted(calls + 1, |h| h.bounded.run(&slot, h.stop, call));
         match answer {
             None => Err(HostError::Stuck(*id)),
             Some(Ok(v)) => Ok(v),
@@ -550,19 +486,23 @@ impl LibvirtHost {
         }
     }
 
-    /// `virConnectGetAllDomainStats` for `groups`, bounded in time; `None` when the driver does not
-    /// support it, when it did not answer in time, or while a domain is stuck (the caller then
-    /// reads domain by domain). vCPU times are read without waiting for domains busy in a job
-    /// (`NOWAIT`), which does not keep the call from waiting on a QEMU nobody else holds.
-    fn bulk_stats(&mut self, groups: u32) -> HostResult<Option<Vec<raw::DomainStats>>> {
+    /// `virConnectGetAllDomainStats` for `groups`, bounded in time, with the instant its figures
+    /// were read; `None` when the driver does not support it, when it did not answer in time, or
+    /// while a domain is stuck (the caller then reads domain by domain). vCPU times are read
+    /// without waiting for domains busy in a job (`NOWAIT`), which does not keep the call from
+    /// waiting on a QEMU nobody else holds.
+    fn bulk_stats(&mut self, groups: u32) -> HostResult<Option<(Vec<raw::DomainStats>, Instant)>> {
         // With a domain stuck, a bulk call would wait on it again: read domain by domain.
         if self.session.no_bulk_stats || self.bounded.any_stuck() {
             return Ok(None);
         }
         let nowait = groups == sys::VIR_DOMAIN_STATS_VCPU;
         let call = move |conn: &Connect| raw::all_domain_stats(conn, groups, nowait);
-        let Some(read) = self.counted(1, |h| h.bounded.run(Target::AllDomains, h.stop, call))
-        else {
+        let before = Instant::now();
+        let bulk = self.bulk.clone();
+        let answer = self.counted(1, |h| h.bounded.run(&bulk, h.stop, call));
+        let at = midway(before);
+        let Some(read) = answer else {
             log::debug!(
                 "the bulk statistics call did not answer in time: reading domain by domain"
             );
@@ -570,10 +510,12 @@ impl LibvirtHost {
         };
         match read {
             Ok(records) => {
-                if std::mem::take(&mut self.session.listing_stuck_said) {
-                    log::info!("listing the domains answers again");
-                }
-                Ok(Some(records))
+                let listed: Vec<Listed> = records
+                    .iter()
+                    .map(|r| (DomainId(r.uuid), r.name.clone(), r.id))
+                    .collect();
+                self.listed(&listed);
+                Ok(Some((records, at)))
             }
             Err(e) => match self.error(e, || "reading the statistics of all domains".into()) {
                 HostError::Unsupported(_) => {
@@ -585,39 +527,32 @@ impl LibvirtHost {
         }
     }
 
-    /// The affinity of a domain's vCPUs: from what we know, re-read when unknown, stale, or the
-    /// domain restarted.
-    fn known_pins(
-        &mut self,
-        id: &DomainId,
-        domain_id: u32,
-        nvcpus: u32,
-    ) -> HostResult<Vec<Vec<u32>>> {
+    /// The affinity of a domain's `nvcpus` vCPUs: from what we know, re-read when unknown or
+    /// stale.
+    fn known_pins(&mut self, id: &DomainId, nvcpus: u32) -> HostResult<Vec<Vec<u32>>> {
         let polled = !self.follows_pin_events();
-        let fresh = self.session.pins.get(id).is_some_and(|k| {
-            k.domain_id == domain_id
-                && k.affinity.len() >= nvcpus as usize
-                && (!polled || self.samples - k.read_at_sample < PIN_REFRESH_SAMPLES)
-        });
-        if !fresh {
-            let present = self.present_cpus()?;
-            let affinity = self.on_domain_bounded(
-                id,
-                1,
-                || format!("reading the vCPU pins of domain {id}"),
-                move |dom| raw::vcpu_pin_info(dom, nvcpus, present, Definition::Live),
-            )?;
-            let read_at_sample = self.samples;
-            self.session.pins.insert(
-                *id,
-                KnownPins {
-                    domain_id,
-                    read_at_sample,
-                    affinity,
-                },
-            );
+        let samples = self.samples;
+        let known = self.domains.get(id).and_then(|k| k.pins.as_ref());
+        if let Some(k) = known
+            && k.affinity.len() >= nvcpus as usize
+            && (!polled || samples - k.read_at_sample < PIN_REFRESH_SAMPLES)
+        {
+            return Ok(k.affinity.clone());
         }
-        Ok(self.session.pins[id].affinity.clone())
+        let present = self.present_cpus()?;
+        let affinity = self.on_domain_bounded(
+            id,
+            1,
+            || format!("reading the vCPU pins of domain {id}"),
+            move |dom| raw::vcpu_pin_info(dom, nvcpus, present, Definition::Live),
+        )?;
+        if let Some(known) = self.domains.get_mut(id) {
+            known.pins = Some(KnownPins {
+                read_at_sample: samples,
+                affinity: affinity.clone(),
+            });
+        }
+        Ok(affinity)
     }
 
     /// Register for pin-change events, once per connection, where libvirt emits them for every
@@ -670,11 +605,11 @@ impl LibvirtHost {
             return;
         };
         for uuid in watch.take() {
-            let id = DomainId(uuid);
-            if self.session.facts.remove(&id).is_some() {
+            if let Some(known) = self.domains.get_mut(&DomainId(uuid)) {
+                known.read_again();
                 debug!(
                     "domain {}: a device was added or removed; its XML is read again",
-                    self.name_of(&id)
+                    known.name
                 );
             }
         }
@@ -683,132 +618,161 @@ impl LibvirtHost {
     /// Apply the pin changes libvirt announced since the last sample to the pins we know. A
     /// change we cannot apply makes the domain's pins unknown, so they are read again.
     fn apply_pin_events(&mut self) {
-        let session = &mut self.session;
-        let PinEvents::Watched(watch) = &session.pin_events else {
+        let PinEvents::Watched(watch) = &self.session.pin_events else {
             return;
         };
         for change in watch.take() {
-            let id = DomainId(change.uuid);
-            let Some(known) = session.pins.get_mut(&id) else {
-                continue;
-            };
-            match (known.affinity.get_mut(change.vcpu as usize), change.cpus) {
-                (Some(affinity), Some(cpus)) => *affinity = cpus,
-                _ => {
-                    session.pins.remove(&id);
-                }
+            if let Some(known) = self.domains.get_mut(&DomainId(change.uuid)) {
+                known.set_pin(change.vcpu, change.cpus);
             }
         }
     }
 
-    /// The facts of run `run` of domain `id`, read on first sight of that run from its live XML
-    /// (`virDomainGetXMLDesc`), vmbalance's metadata included.
-    fn facts(&mut self, id: &DomainId, run: u32) -> HostResult<&mut KnownFacts> {
-        if self.session.facts.get(id).is_none_or(|f| f.run != run) {
-            let dom = self.domain(id)?;
-            let xml = match self.counted(1, |_| dom.xml_desc(0)) {
-                Ok(xml) => xml,
-                Err(e) if is_vanished(&e) => return Err(HostError::Vanished(*id)),
-                Err(e) => return Err(self.error(e, || format!("reading the XML of domain {id}"))),
-            };
-            let facts = DomainFacts::parse(&xml).ok_or_else(|| {
-                HostError::Other(anyhow!(
-                    "the XML libvirt gave for domain {id} does not parse"
-                ))
-            })?;
-            let facts = KnownFacts {
-                run,
-                facts,
-                configured: ConfiguredPins::Unread,
-            };
-            self.session.facts.insert(*id, facts);
+    /// What the XML of domain `id` says, read once per run (and again after a device hot-plug
+    /// or SIGHUP) with `virDomainGetXMLDesc`, vmbalance's metadata included. While it cannot be
+    /// read again, the facts read before stand.
+    fn facts(&mut self, id: &DomainId) -> HostResult<DomainFacts> {
+        if let Some(known) = self.domains.get(id)
+            && let Some(facts) = known.facts.as_ref().filter(|_| !known.facts_stale)
+        {
+            return Ok(facts.clone());
         }
-        Ok(self.session.facts.get_mut(id).expect("just read"))
-    }
-
-    /// Domain `id`, named `name`, in its run `run`, with what is read of it once per run; `None`
-    /// when it vanished or cannot be read (said, see [`read_or_skip`]).
-    fn described(&mut self, id: DomainId, name: &str, run: u32) -> HostResult<Option<DomainRef>> {
-        let domain = DomainRef::new(id, name);
-        let facts = self.facts(&id, run).map(|f| f.describe(&domain));
-        read_or_skip(&domain, facts)
-    }
-
-    /// The vCPU affinity of domain `id`'s persistent configuration (run `run`, `nvcpus` vCPUs),
-    /// read once per run; `None` for a transient domain.
-    fn configured(
-        &mut self,
-        id: &DomainId,
-        run: u32,
-        nvcpus: u32,
-    ) -> HostResult<Option<Vec<Vec<u32>>>> {
-        match &self.facts(id, run)?.configured {
-            ConfiguredPins::Transient => return Ok(None),
-            ConfiguredPins::Pinned(pins) => return Ok(Some(pins.clone())),
-            ConfiguredPins::Unread => {}
-        }
-        let present = self.present_cpus()?;
-        let persistent = self.on_domain(
-            id,
-            1,
-            || format!("asking whether domain {id} is persistent"),
-            |dom| dom.is_persistent(),
-        )?;
-        let configured = if persistent {
-            Some(self.on_domain(
+        let read = self
+            .on_domain_bounded(
                 id,
                 1,
-                || format!("reading the configured vCPU pins of domain {id}"),
-                |dom| raw::vcpu_pin_info(dom, nvcpus, present, Definition::Config),
-            )?)
-        } else {
-            None
+                || format!("reading the XML of domain {id}"),
+                |dom| dom.xml_desc(0),
+            )
+            .and_then(|xml| {
+                DomainFacts::parse(&xml).ok_or_else(|| {
+                    HostError::Other(anyhow!(
+                        "the XML libvirt gave for domain {id} does not parse"
+                    ))
+                })
+            });
+        let Some(known) = self.domains.get_mut(id) else {
+            return read;
         };
-        self.facts(id, run)?.configured = configured
-            .clone()
-            .map_or(ConfiguredPins::Transient, ConfiguredPins::Pinned);
+        match read {
+            Ok(facts) => {
+                known.facts = Some(facts.clone());
+                known.facts_stale = false;
+                Ok(facts)
+            }
+            Err(HostError::Stuck(_)) if known.facts.is_some() => {
+                Ok(known.facts.clone().expect("checked"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Domain `id`, named `name`, in its run `run`, with its facts; `None` when it vanished or
+    /// cannot be read (said, see [`read_or_skip`]).
+    fn described(&mut self, id: DomainId, name: &str, run: u32) -> HostResult<Option<DomainRef>> {
+        let domain = DomainRef {
+            run: Some(run),
+            ..DomainRef::new(id, name)
+        };
+        let facts = self.facts(&id);
+        Ok(read_or_skip(&domain, facts)?.map(|facts| DomainRef { facts, ..domain }))
+    }
+
+    /// The vCPU affinity of domain `id`'s persistent configuration (`nvcpus` vCPUs), read once
+    /// per run; `None` for a transient domain, and for a domain not listed.
+    fn configured(&mut self, id: &DomainId, nvcpus: u32) -> HostResult<Option<Vec<Vec<u32>>>> {
+        match self.domains.get(id).map(|k| &k.configured) {
+            None | Some(ConfiguredPins::Transient) => return Ok(None),
+            Some(ConfiguredPins::Pinned(pins)) => return Ok(Some(pins.clone())),
+            Some(ConfiguredPins::Unread) => {}
+        }
+        let present = self.present_cpus()?;
+        let configured = self.on_domain_bounded(
+            id,
+            2,
+            || format!("reading the configured vCPU pins of domain {id}"),
+            move |dom| {
+                if !dom.is_persistent()? {
+                    return Ok(None);
+                }
+                raw::vcpu_pin_info(dom, nvcpus, present, Definition::Config).map(Some)
+            },
+        )?;
+        if let Some(known) = self.domains.get_mut(id) {
+            known.configured = configured
+                .clone()
+                .map_or(ConfiguredPins::Transient, ConfiguredPins::Pinned);
+        }
         Ok(configured)
     }
 
     /// Keep the known pins true to the real affinity `vcpus` report, saying when it differs (a
     /// change made outside libvirt).
     fn note_real_affinity(&mut self, domain: &DomainRef, vcpus: &[VcpuInfo]) {
-        let Some(known) = self.session.pins.get_mut(&domain.id) else {
+        let Some(known) = self.domains.get_mut(&domain.id) else {
             return;
         };
         for v in vcpus {
-            if let Some(slot) = known.affinity.get_mut(v.number as usize)
-                && *slot != v.affinity
+            let said = known
+                .pins
+                .as_ref()
+                .and_then(|k| k.affinity.get(v.number as usize));
+            if let Some(said) = said
+                && *said != v.affinity
             {
                 debug!(
                     "domain {} vCPU{}: affinity {:?}, not {:?} as libvirt last said (changed outside libvirt)",
-                    domain.name, v.number, v.affinity, slot
+                    domain.name, v.number, v.affinity, said
                 );
-                *slot = v.affinity.clone();
+                known.set_pin(v.number, Some(v.affinity.clone()));
             }
         }
     }
 
-    /// After a bulk sample of the domains `sampled`: say which domains are stuck, and forget what
-    /// was learnt of the domains neither sampled nor stuck.
-    fn after_bulk_sample(&mut self, sampled: impl Iterator<Item = DomainId>) {
+    /// Read each domain's facts, configured affinity and pins again: the operator changed
+    /// something (SIGHUP), or the connection is new (its events may have been missed).
+    fn read_everything_again(&mut self) {
+        for known in self.domains.records_mut() {
+            known.read_again();
+            known.pins = None;
+        }
+    }
+
+    /// Start a sample: no domain is unreadable yet, and the domains whose devices changed are
+    /// read again.
+    fn begin_sample(&mut self) {
+        for known in self.domains.records_mut() {
+            known.unreadable = false;
+        }
+        self.forget_replugged();
+    }
+
+    /// The domains of a bulk sample, `records`, each described and read with `read` (skipped
+    /// where it gives nothing); then which domains are stuck is said.
+    fn each_record<S>(
+        &mut self,
+        records: &[raw::DomainStats],
+        mut read: impl FnMut(&mut Self, DomainRef, &raw::DomainStats) -> HostResult<Option<S>>,
+    ) -> HostResult<Vec<S>> {
+        let mut out = Vec::with_capacity(records.len());
+        for rec in records {
+            let Some(domain) = self.described(DomainId(rec.uuid), &rec.name, rec.id)? else {
+                continue;
+            };
+            if let Some(sample) = read(self, domain, rec)? {
+                out.push(sample);
+            }
+        }
         self.say_stuck();
-        let mut seen: std::collections::HashSet<DomainId> = sampled.collect();
-        seen.extend(self.bounded.stuck_domains());
-        self.forget_others(&seen);
+        Ok(out)
     }
 
-    /// Forget what was learnt of domains not in `seen`.
-    fn forget_others(&mut self, seen: &std::collections::HashSet<DomainId>) {
-        let session = &mut self.session;
-        session.pins.retain(|id, _| seen.contains(id));
-        session.domains.retain(|id, _| seen.contains(id));
-        session.facts.retain(|id, _| seen.contains(id));
-    }
-
-    /// The domain's run (its domain ID), from its handle.
-    fn run_of(&mut self, id: &DomainId) -> HostResult<u32> {
-        Ok(self.domain(id)?.id().unwrap_or(u32::MAX))
+    /// A sample taken domain by domain with `sample` (the driver has no bulk statistics, or a
+    /// domain is stuck); then which domains are stuck is said.
+    fn domain_by_domain<S>(&mut self, sample: fn(&mut Self) -> HostResult<S>) -> HostResult<S> {
+        let out = sample(self)?;
+        self.say_stuck();
+        Ok(out)
     }
 
     fn present_cpus(&mut self) -> HostResult<u32> {
@@ -832,15 +796,10 @@ impl Host for LibvirtHost {
     /// One `virConnectGetAllDomainStats` call for every domain's vCPU times, plus the pins where
     /// they are not known; per-domain calls where the driver has no bulk statistics.
     fn sample_vcpus(&mut self) -> HostResult<Vec<VcpuSample>> {
-        self.unreadable.clear();
-        self.forget_replugged();
-        let before = Instant::now();
-        let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_VCPU)? else {
-            let out = vcpus_domain_by_domain(self)?;
-            self.say_stuck();
-            return Ok(out);
+        self.begin_sample();
+        let Some((records, at)) = self.bulk_stats(sys::VIR_DOMAIN_STATS_VCPU)? else {
+            return self.domain_by_domain(vcpus_domain_by_domain);
         };
-        let at = midway(before);
         self.samples += 1;
         self.watch_pins();
         self.apply_pin_events();
@@ -850,25 +809,18 @@ impl Host for LibvirtHost {
                 "re-reading every vCPU's real affinity (changes made outside libvirt), every {AFFINITY_CHECK_SAMPLES} samples"
             );
         }
-        let mut out = Vec::with_capacity(records.len());
-        self.session.last_listing.clear();
-        for rec in records {
-            let Some(domain) = self.described(DomainId(rec.uuid), &rec.name, rec.id)? else {
-                continue;
-            };
-            let listed = (domain.id, rec.name.clone(), rec.id);
-            self.session.last_listing.push(listed);
+        self.each_record(&records, |h, domain, rec| {
             let from_bulk = match rec.u64("vcpu.maximum") {
                 Some(max) => {
                     let max = u32::try_from(max).unwrap_or(u32::MAX);
-                    let pins = self.known_pins(&domain.id, rec.id, max);
-                    let configured = self.configured(&domain.id, rec.id, max);
+                    let pins = h.known_pins(&domain.id, max);
+                    let configured = h.configured(&domain.id, max);
                     match (
                         read_or_skip(&domain, pins)?,
                         read_or_skip(&domain, configured)?,
                     ) {
                         (Some(affinity), Some(configured)) => {
-                            Some(bulk_vcpus(&rec, max, &affinity, configured.as_deref()))
+                            Some(bulk_vcpus(rec, max, &affinity, configured.as_deref()))
                         }
                         _ => None,
                     }
@@ -883,42 +835,26 @@ impl Host for LibvirtHost {
                     Some(vcpus)
                 }
                 _ => {
-                    let read = self.vcpus(&domain.id);
+                    let read = h.vcpus(&domain.id);
                     let vcpus = read_or_skip(&domain, read)?;
                     if let Some(vcpus) = &vcpus {
-                        self.note_real_affinity(&domain, vcpus);
+                        h.note_real_affinity(&domain, vcpus);
                     }
                     vcpus
                 }
             };
-            if let Some(vcpus) = vcpus {
-                out.push(VcpuSample { domain, vcpus, at });
-            }
-        }
-        self.after_bulk_sample(out.iter().map(|s| s.domain.id));
-        Ok(out)
+            Ok(vcpus.map(|vcpus| VcpuSample { domain, vcpus, at }))
+        })
     }
 
     /// One `virConnectGetAllDomainStats` call for every domain's balloon figures; per-domain calls
     /// where the driver has no bulk statistics.
     fn sample_balloons(&mut self) -> HostResult<Vec<BalloonSample>> {
-        self.unreadable.clear();
-        self.forget_replugged();
-        let before = Instant::now();
-        let Some(records) = self.bulk_stats(sys::VIR_DOMAIN_STATS_BALLOON)? else {
-            let out = balloons_domain_by_domain(self)?;
-            self.say_stuck();
-            return Ok(out);
+        self.begin_sample();
+        let Some((records, at)) = self.bulk_stats(sys::VIR_DOMAIN_STATS_BALLOON)? else {
+            return self.domain_by_domain(balloons_domain_by_domain);
         };
-        let at = midway(before);
-        let mut out = Vec::with_capacity(records.len());
-        self.session.last_listing.clear();
-        for rec in records {
-            let Some(domain) = self.described(DomainId(rec.uuid), &rec.name, rec.id)? else {
-                continue;
-            };
-            let listed = (domain.id, rec.name.clone(), rec.id);
-            self.session.last_listing.push(listed);
+        self.each_record(&records, |h, domain, rec| {
             let stats = match (rec.u64("balloon.current"), rec.u64("balloon.maximum")) {
                 (Some(actual_kib), Some(max_kib)) => Some(BalloonStats {
                     actual_kib,
@@ -931,16 +867,12 @@ impl Host for LibvirtHost {
                 }),
                 // This driver's records carry no balloon statistics: read the domain directly.
                 _ => {
-                    let read = self.balloon_stats(&domain.id);
+                    let read = h.balloon_stats(&domain.id);
                     read_or_skip(&domain, read)?
                 }
             };
-            if let Some(stats) = stats {
-                out.push(BalloonSample { domain, stats, at });
-            }
-        }
-        self.after_bulk_sample(out.iter().map(|s| s.domain.id));
-        Ok(out)
+            Ok(stats.map(|stats| BalloonSample { domain, stats, at }))
+        })
     }
 
     /// The active domains, listed on a connection of the pool and waited for at most the
@@ -950,34 +882,36 @@ impl Host for LibvirtHost {
     /// each read on its own, bounded too.
     fn active_domains(&mut self) -> HostResult<Vec<DomainRef>> {
         let flags = sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;
-        let call = move |conn: &Connect| conn.list_all_domains(flags);
-        let answer = self.counted(1, |h| h.bounded.run(Target::Listing, h.stop, call));
+        // The handles stay on the call's connection: only what they say comes back.
+        let call = move |conn: &Connect| {
+            Ok(conn
+                .list_all_domains(flags)?
+                .into_iter()
+                .filter_map(|dom| {
+                    // A domain that vanishes between the listing and these reads is not listed.
+                    let (uuid, name) = (dom.uuid().ok()?, dom.name().ok()?);
+                    Some((
+                        DomainId(*uuid.as_bytes()),
+                        name,
+                        dom.id().unwrap_or(u32::MAX),
+                    ))
+                })
+                .collect::<Vec<Listed>>())
+        };
+        let listing = self.listing.clone();
+        let answer = self.counted(1, |h| h.bounded.run(&listing, h.stop, call));
         let Some(listed) = answer else {
             return self.last_listing();
         };
         let listed = listed
             .map_err(|e| self.error(e, || format!("listing the active domains of {}", self.uri)))?;
-        if std::mem::take(&mut self.session.listing_stuck_said) {
-            log::info!("listing the domains answers again");
-        }
-        self.session.domains.clear();
-        self.session.last_listing.clear();
+        self.listed(&listed);
         let mut out = Vec::with_capacity(listed.len());
-        for dom in listed {
-            // A domain that vanishes between the listing and these reads is simply not listed.
-            let (Ok(uuid), Ok(name)) = (dom.uuid(), dom.name()) else {
-                continue;
-            };
-            let id = DomainId(*uuid.as_bytes());
-            let run = dom.id().unwrap_or(u32::MAX);
-            self.session.domains.insert(id, dom);
+        for (id, name, run) in listed {
             if let Some(domain) = self.described(id, &name, run)? {
-                self.session.last_listing.push((id, name, run));
                 out.push(domain);
             }
         }
-        let seen: std::collections::HashSet<DomainId> = out.iter().map(|d| d.id).collect();
-        self.session.facts.retain(|id, _| seen.contains(id));
         Ok(out)
     }
 
@@ -1018,13 +952,8 @@ impl Host for LibvirtHost {
             move |dom| dom.pin_vcpu(vcpu, &map),
         )?;
         // Keep the known pins true to what we just set.
-        if let Some(slot) = self
-            .session
-            .pins
-            .get_mut(id)
-            .and_then(|k| k.affinity.get_mut(vcpu as usize))
-        {
-            *slot = cpus.to_vec();
+        if let Some(known) = self.domains.get_mut(id) {
+            known.set_pin(vcpu, Some(cpus.to_vec()));
         }
         Ok(())
     }
@@ -1124,19 +1053,11 @@ impl Host for LibvirtHost {
 
     /// The domains that did not answer in time, and those whose read failed in the last sample.
     fn stuck_domains(&self) -> Vec<DomainRef> {
-        self.stuck_said
-            .iter()
-            .chain(&self.unreadable)
-            .filter_map(|(id, name)| {
-                let facts = self.session.facts.get(id)?;
-                Some(facts.describe(&DomainRef::new(*id, name)))
-            })
-            .collect()
+        self.described_known(|k| k.stuck_said || k.unreadable)
     }
 
     fn reload(&mut self) {
-        self.session.facts.clear();
-        self.session.pins.clear();
+        self.read_everything_again();
         self.session.capabilities = Capabilities::Unread;
     }
 
@@ -1157,9 +1078,11 @@ impl Host for LibvirtHost {
     }
 
     /// Open the connection again (the daemon restarted or dropped it). What was learnt through the
-    /// old connection (domain handles, pins, driver abilities) is forgotten.
+    /// old connection (driver abilities, and each domain's facts and pins, whose events may have
+    /// been missed) is read again; calls still running on a domain keep it busy.
     fn reconnect(&mut self) -> HostResult<()> {
         self.session = Session::default();
+        self.read_everything_again();
         self.conn = open(&self.uri).map_err(|e| HostError::Disconnected(format!("{e:#}")))?;
         self.bounded
             .set_connections(Connections::for_uri(&self.uri, &self.conn));
