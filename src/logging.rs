@@ -50,19 +50,6 @@ pub fn stderr_is_the_journal() -> bool {
     stream == format!("{}:{}", meta.dev(), meta.ino())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn priorities_are_syslogs() {
-        assert_eq!(priority(log::Level::Error), 3);
-        assert_eq!(priority(log::Level::Warn), 4);
-        assert_eq!(priority(log::Level::Info), 6);
-        assert_eq!(priority(log::Level::Debug), 7);
-    }
-}
-
 /// How often a quiet daemon says how it is doing.
 pub const SUMMARY_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -182,6 +169,15 @@ impl CycleLog {
 #[cfg(test)]
 mod pacing {
     use super::*;
+
+    #[test]
+    fn priorities_are_syslogs() {
+        assert_eq!(priority(log::Level::Error), 3);
+        assert_eq!(priority(log::Level::Warn), 4);
+        assert_eq!(priority(log::Level::Info), 6);
+        assert_eq!(priority(log::Level::Debug), 7);
+    }
+
     use crate::report::{CpuReport, Decision, GuestLine, GuestState, MemReport};
     use std::time::Duration;
 

@@ -28,8 +28,11 @@ pub trait Report: fmt::Display + Serialize {
     fn trouble(&self) -> Option<String>;
 }
 
-/// The parts of a trouble joined, or `None` when there is none.
-fn troubles(parts: Vec<String>) -> Option<String> {
+/// The parts of a trouble, and the domains not answering, joined; `None` when there is none.
+fn troubles(mut parts: Vec<String>, not_answering: &[String]) -> Option<String> {
+    if !not_answering.is_empty() {
+        parts.push(format!("not answering: {}", not_answering.join(" ")));
+    }
     (!parts.is_empty()).then(|| parts.join("; "))
 }
 
@@ -388,10 +391,7 @@ impl Report for CpuReport {
         if self.decision == Decision::Planned && !self.balanced && self.planned == 0 {
             parts.push("unbalanced, and no pin change within the limits helps".to_string());
         }
-        if !self.not_answering.is_empty() {
-            parts.push(format!("not answering: {}", self.not_answering.join(" ")));
-        }
-        troubles(parts)
+        troubles(parts, &self.not_answering)
     }
 }
 
@@ -610,10 +610,7 @@ impl Report for MemReport {
         if self.host.is_some_and(|h| h.available_mib < h.reserve_mib) {
             parts.push("the host is under its reserve".to_string());
         }
-        if !self.not_answering.is_empty() {
-            parts.push(format!("not answering: {}", self.not_answering.join(" ")));
-        }
-        troubles(parts)
+        troubles(parts, &self.not_answering)
     }
 }
 
