@@ -12,7 +12,9 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Command, Parser};
+
+use crate::given::Given;
 
 /// Why the options could not be made.
 #[derive(Debug)]
@@ -33,10 +35,10 @@ impl std::fmt::Display for Problem {
 }
 
 /// The options of `T` from the command line `argv` (program name first) and the file its
-/// `--config` names, if any.
-pub fn parse<T: Parser>(argv: &[OsString]) -> Result<T, Problem> {
+/// `--config` names, if any, with each option as given.
+pub fn parse<T: Parser>(argv: &[OsString]) -> Result<(T, Given), Problem> {
     let Some(path) = config_path(argv) else {
-        return T::try_parse_from(argv).map_err(Problem::CommandLine);
+        return options_of::<T>(T::command(), argv);
     };
     let text = std::fs::read_to_string(&path).map_err(|e| {
         Problem::File(format!(
@@ -47,8 +49,12 @@ pub fn parse<T: Parser>(argv: &[OsString]) -> Result<T, Problem> {
     with_file::<T>(argv, &path, &text)
 }
 
-/// `argv` with the configuration `text` (read from `path`) under it.
-pub fn with_file<T: Parser>(argv: &[OsString], path: &Path, text: &str) -> Result<T, Problem> {
+/// `argv` with the configuration `text` (read from `path`) under it, with each option as given.
+pub fn with_file<T: Parser>(
+    argv: &[OsString],
+    path: &Path,
+    text: &str,
+) -> Result<(T, Given), Problem> {
     let at = |line: Option<usize>, message: &str| {
         Problem::File(match line {
             Some(line) => format!("{} line {line}: {message}", path.display()),
@@ -98,11 +104,17 @@ pub fn with_file<T: Parser>(argv: &[OsString], path: &Path, text: &str) -> Resul
         all.push(period.into());
     }
     all.extend(rest.iter().cloned());
+    options_of::<T>(command.args_override_self(true), &all)
+}
+
+/// The options of `T` that `command` (its definition) reads from `words`, with each as given.
+fn options_of<T: Parser>(command: Command, words: &[OsString]) -> Result<(T, Given), Problem> {
     let matches = command
-        .args_override_self(true)
-        .try_get_matches_from(&all)
+        .clone()
+        .try_get_matches_from(words)
         .map_err(Problem::CommandLine)?;
-    T::from_arg_matches(&matches).map_err(Problem::CommandLine)
+    let options = T::from_arg_matches(&matches).map_err(Problem::CommandLine)?;
+    Ok((options, Given::of(&command, &matches)))
 }
 
 /// Where `--config FILE` (or `--config=FILE`) of `argv` points.
@@ -183,46 +195,56 @@ fn file_words(command: &clap::Command, text: &str) -> Result<Words, (Option<usiz
                 known.join(", ")
             )));
         };
-        let flag = format!("--{name}");
-        let option_words = match (arg.get_action(), value) {
-            (ArgAction::SetTrue, toml::Value::Boolean(on)) => {
-                if *on {
-                    vec![flag]
-                } else {
-                    Vec::new()
-                }
-            }
-            (ArgAction::SetTrue, other) => {
-                return Err(wrong(format!(
-                    "'{key}' takes true or false, not {}",
-                    other.type_str()
-                )));
-            }
-            (ArgAction::Count, toml::Value::Integer(n)) if (0..=3).contains(n) => {
-                vec![flag; *n as usize]
-            }
-            (ArgAction::Count, _) => {
-                return Err(wrong(format!("'{key}' takes a count from 0 to 3")));
-            }
-            (ArgAction::Append, toml::Value::Array(items)) => items
-                .iter()
-                .map(|item| {
-                    scalar(item)
-                        .map(|v| format!("{flag}={v}"))
-                        .map_err(|kind| wrong(format!("'{key}' lists {kind}, not a string")))
-                })
-                .collect::<Result<_, _>>()?,
-            (_, value) => {
-                let v = scalar(value).map_err(|kind| {
-                    wrong(format!("'{key}' takes a string or a number, not {kind}"))
-                })?;
-                vec![format!("{flag}={v}")]
-            }
-        };
+        let option_words = option_words(arg, key, &name, value).map_err(wrong)?;
         let id = arg.get_id().to_string();
         words.options.push((Key { name, id, line }, option_words));
     }
     Ok(words)
+}
+
+/// The command-line words of option `arg`, named `name`, set to `value` under `key` in the file;
+/// else what is wrong with the value.
+fn option_words(
+    arg: &clap::Arg,
+    key: &str,
+    name: &str,
+    value: &toml::Value,
+) -> Result<Vec<String>, String> {
+    let flag = format!("--{name}");
+    Ok(match (arg.get_action(), value) {
+        (ArgAction::SetTrue, toml::Value::Boolean(on)) => {
+            if *on {
+                vec![flag]
+            } else {
+                Vec::new()
+            }
+        }
+        (ArgAction::SetTrue, other) => {
+            return Err(format!(
+                "'{key}' takes true or false, not {}",
+                other.type_str()
+            ));
+        }
+        (ArgAction::Count, toml::Value::Integer(n)) if (0..=3).contains(n) => {
+            vec![flag; *n as usize]
+        }
+        (ArgAction::Count, _) => {
+            return Err(format!("'{key}' takes a count from 0 to 3"));
+        }
+        (ArgAction::Append, toml::Value::Array(items)) => items
+            .iter()
+            .map(|item| {
+                scalar(item)
+                    .map(|v| format!("{flag}={v}"))
+                    .map_err(|kind| format!("'{key}' lists {kind}, not a string"))
+            })
+            .collect::<Result<_, _>>()?,
+        (_, value) => {
+            let v = scalar(value)
+                .map_err(|kind| format!("'{key}' takes a string or a number, not {kind}"))?;
+            vec![format!("{flag}={v}")]
+        }
+    })
 }
 
 /// A string or a number as a command-line word; else the kind of value it is.
@@ -303,7 +325,7 @@ pub fn process_argv() -> Vec<OsString> {
 
 /// Parse `T` from this process's command line and configuration file, or exit: 0 after `--help`
 /// or `--version`, 2 with one line for a mistake in either.
-pub fn parse_or_exit<T: Parser>() -> T {
+pub fn parse_or_exit<T: Parser>() -> (T, Given) {
     match parse::<T>(&process_argv()) {
         Ok(parsed) => parsed,
         Err(Problem::CommandLine(e))
@@ -353,7 +375,9 @@ mod tests {
     }
 
     fn parse(words: &[&str], text: &str) -> Result<Opts, String> {
-        with_file::<Opts>(&argv(words), Path::new("/etc/x.toml"), text).map_err(|p| p.to_string())
+        with_file::<Opts>(&argv(words), Path::new("/etc/x.toml"), text)
+            .map(|(opts, _)| opts)
+            .map_err(|p| p.to_string())
     }
 
     #[test]

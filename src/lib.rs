@@ -23,6 +23,7 @@ pub mod cpuset;
 pub mod daemon;
 pub mod domain_xml;
 pub mod exclusions;
+pub mod given;
 pub mod host;
 pub mod ledger;
 pub mod libvirt;

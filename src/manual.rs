@@ -57,8 +57,19 @@ fn sections(name: &str) -> String {
     } else {
         "memory-coordinator"
     };
-    let mut out = String::new();
-    out.push_str(&section(
+    [
+        exit_status(),
+        signals(scheduler, unit),
+        files(name, scheduler, unit),
+        environment(),
+        metadata(scheduler),
+    ]
+    .concat()
+}
+
+/// EXIT STATUS: what each status means.
+fn exit_status() -> String {
+    section(
         "EXIT STATUS",
         &[
             (
@@ -74,13 +85,17 @@ fn sections(name: &str) -> String {
                 "A usage error: a bad option or PERIOD, a configuration or web configuration file with a mistake (the line is named), options that contradict each other. One line on stderr.".into(),
             ),
         ],
-    ));
+    )
+}
+
+/// SIGNALS: what each signal does to the scheduler (`scheduler`) or the coordinator, run by `unit`.
+fn signals(scheduler: bool, unit: &str) -> String {
     let stop = if scheduler {
         "Stop after the current cycle, with exit status 0. With --restore-on-exit, every vCPU the daemon re-pinned is put back to the affinity it had when first seen, unless someone else pinned it since."
     } else {
         "Stop after the current cycle, with exit status 0. Balloons stay where they are."
     };
-    out.push_str(&section(
+    section(
         "SIGNALS",
         &[
             ("SIGINT, SIGTERM", stop.into()),
@@ -91,7 +106,11 @@ fn sections(name: &str) -> String {
                 ),
             ),
         ],
-    ));
+    )
+}
+
+/// FILES: what the daemon `name` reads and its package installs.
+fn files(name: &str, scheduler: bool, unit: &str) -> String {
     let mut files = vec![
         (
             format!("/etc/vmbalance/{name}.toml"),
@@ -120,8 +139,12 @@ fn sections(name: &str) -> String {
         ));
     }
     let files: Vec<(&str, String)> = files.iter().map(|(f, t)| (f.as_str(), t.clone())).collect();
-    out.push_str(&section("FILES", &files));
-    out.push_str(&section(
+    section("FILES", &files)
+}
+
+/// ENVIRONMENT: the variables the daemons read.
+fn environment() -> String {
+    section(
         "ENVIRONMENT",
         &[
             ("LIBVIRT_DEFAULT_URI", "The libvirt URI when --connect is not given (else qemu:///system).".into()),
@@ -129,7 +152,11 @@ fn sections(name: &str) -> String {
             ("JOURNAL_STREAM", "Set by systemd: when it names stderr, each log line carries its syslog priority and no timestamp, and quiet cycles log at debug level.".into()),
             ("NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID", "Set by systemd for Type=notify: READY, STATUS, STOPPING and watchdog pings go there.".into()),
         ],
-    ));
+    )
+}
+
+/// METADATA: what a domain may ask in its own metadata.
+fn metadata(scheduler: bool) -> String {
     let mut metadata = vec![
         (
             "",
@@ -158,8 +185,7 @@ fn sections(name: &str) -> String {
             "No shrink takes the domain under 1024 MiB (its guaranteed minimum).".into(),
         ));
     }
-    out.push_str(&section("METADATA", &metadata));
-    out
+    section("METADATA", &metadata)
 }
 
 #[cfg(test)]

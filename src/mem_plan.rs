@@ -251,38 +251,6 @@ pub struct MemPlan {
 }
 
 impl MemPolicy {
-    /// The settings `self` has other than `old`, by name, as (name, old, new): what a reload
-    /// changed.
-    pub fn differences(&self, old: &MemPolicy) -> Vec<(&'static str, String, String)> {
-        macro_rules! fields {
-            ($($field:ident),+) => {
-                vec![$((
-                    stringify!($field),
-                    format!("{:?}", old.$field),
-                    format!("{:?}", self.$field),
-                )),+]
-            };
-        }
-        let all: Vec<(&'static str, String, String)> = fields!(
-            starve_pct,
-            waste_pct,
-            target_free_pct,
-            cushion_kib,
-            host_reserve_pct,
-            host_target_pct,
-            host_stall_pct,
-            min_guest_kib,
-            consuming_kib_s,
-            min_step_kib,
-            max_step_kib,
-            return_fraction,
-            period_secs,
-            runway_periods,
-            headroom_pct
-        );
-        all.into_iter().filter(|(_, was, now)| was != now).collect()
-    }
-
     /// `unmet_kib` as a share, in [0, 1], of the memory the reserve lets guests have: the
     /// host's total less its reserve. `None` when the host's memory is unknown.
     pub fn unmet_share(&self, unmet_kib: u64, host: Option<HostMemory>) -> Option<f64> {

@@ -96,7 +96,7 @@ fn sighup_applies_a_new_threshold_at_once_keeping_the_rates_and_a_bad_file_chang
     d.send("-HUP");
     let said = d.wait_for("reloaded ");
     assert!(
-        said.contains("period 200ms -> 300ms") && said.contains("threshold 10 -> 25"),
+        said.contains("PERIOD 0.2 -> 0.3") && said.contains("--threshold 10 -> 25"),
         "{said}"
     );
     // The very next cycle decides: the rates were kept (no "first sample").
@@ -151,13 +151,21 @@ fn the_coordinator_reloads_its_policy_too() {
     );
     std::fs::write(
         &file,
-        "period = 0.2\nstarve-pct = 10\nhost-reserve-pct = 8\n",
+        "period = 0.2\nstarve-pct = 10\nhost-reserve-pct = 8\nwait = true\n",
     )
     .unwrap();
     d.send("-HUP");
     let said = d.wait_for("reloaded ");
+    // In the user's words, as the scheduler says it; a change only a restart applies is said
+    // apart.
     assert!(
-        said.contains("starve_pct 15.0 -> 10.0") && said.contains("host_reserve_pct 5.0 -> 8.0"),
+        said.contains("--starve-pct 15 -> 10") && said.contains("--host-reserve-pct 5 -> 8"),
         "{said}"
+    );
+    assert!(!said.contains("--wait"), "{said}");
+    let log = d.log();
+    assert!(
+        log.contains("reload: --wait changes at the next restart (false -> true)"),
+        "{log}"
     );
 }

@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use common::sim::SimHost;
 use vmbalance::coordinator::Coordinator;
-use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{LoopOptions, Turn, host_turn, run_cycles};
 use vmbalance::mem_plan::MemPolicy;
 use vmbalance::report::{CpuReport, Decision};
-use vmbalance::scheduler::Scheduler;
+use vmbalance::scheduler::{Scheduler, SchedulerConfig};
 
 /// Simulated time per turn; the loop itself waits only a millisecond between turns.
 const PERIOD: Duration = Duration::from_secs(3);
@@ -39,7 +38,7 @@ fn run_scheduler(
     cycles: u64,
     mut before_turn: impl FnMut(usize, &mut SimHost),
 ) -> (anyhow::Result<()>, Vec<Option<CpuReport>>) {
-    let mut scheduler = Scheduler::new(CpuPolicy::default(), false);
+    let mut scheduler = Scheduler::new(SchedulerConfig::default());
     let turns: Turns = RefCell::new(Vec::new());
     let result = run_cycles("sim:///", options(cycles), || {
         before_turn(turns.borrow().len(), host);
@@ -131,7 +130,7 @@ fn an_error_that_may_pass_is_retried_with_backoff_and_the_state_is_kept() {
     let mut host = SimHost::new(2);
     host.add(1, &[(60.0, &[0]), (60.0, &[0])]);
     host.add(2, &[(10.0, &[1])]);
-    let mut scheduler = Scheduler::new(CpuPolicy::default(), false);
+    let mut scheduler = Scheduler::new(SchedulerConfig::default());
     let mut turns: Vec<Option<CpuReport>> = Vec::new();
     let result = run_cycles("sim:///", options(3), || {
         host.advance(PERIOD);

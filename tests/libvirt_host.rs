@@ -294,8 +294,7 @@ fn the_topology_comes_from_the_capabilities() {
 
 #[test]
 fn a_transient_domain_restarted_under_the_same_uuid_starts_fresh_in_the_scheduler() {
-    use vmbalance::cpu_plan::CpuPolicy;
-    use vmbalance::scheduler::Scheduler;
+    use vmbalance::scheduler::{Scheduler, SchedulerConfig};
     let mut h = host();
     let xml = |cpuset: &str| {
         format!(
@@ -309,7 +308,7 @@ fn a_transient_domain_restarted_under_the_same_uuid_starts_fresh_in_the_schedule
         .create_domain_xml(&xml("0-4"), 0)
         .expect("create a transient domain");
     let id = id_of(&mut h, "eph");
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     for _ in 0..2 {
         sched.cycle(&mut h).unwrap();
     }

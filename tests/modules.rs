@@ -110,3 +110,70 @@ fn no_module_imports_one_that_imports_it_back() {
         circles.join("\n")
     );
 }
+
+/// Lines a function of `src/` may have at most: one that needs more does several things.
+const LONGEST_FUNCTION: usize = 79;
+
+/// Each function of the `.rs` file `text` (its tests left out) and how many lines it spans,
+/// from its `fn` line to the brace that closes it at the same indent.
+fn function_lengths(text: &str) -> Vec<(String, usize)> {
+    let code = text.split("#[cfg(test)]").next().unwrap_or("");
+    let lines: Vec<&str> = code.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let indent = &line[..line.len() - trimmed.len()];
+        let Some(at) = trimmed.find("fn ") else {
+            continue;
+        };
+        let head = &trimmed[..at];
+        let is_fn = head
+            .split_whitespace()
+            .all(|w| matches!(w, "pub" | "pub(crate)" | "const" | "unsafe" | "async"));
+        if !is_fn || trimmed.ends_with(';') || trimmed.starts_with("//") {
+            continue;
+        }
+        let name: String = trimmed[at + 3..]
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let close = format!("{indent}}}");
+        if let Some(end) = lines[i + 1..].iter().position(|l| *l == close) {
+            out.push((name, end + 2));
+        }
+    }
+    out
+}
+
+#[test]
+fn no_function_in_src_is_longer_than_it_can_be_read_whole() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut paths = Vec::new();
+    files(&src, &mut paths);
+    let mut long = Vec::new();
+    let mut counted = 0;
+    for path in paths {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file = path.strip_prefix(&src).unwrap().display().to_string();
+        for (name, lines) in function_lengths(&text) {
+            counted += 1;
+            // The plot's drawing is a list of calls to the drawing library, read as one.
+            let drawing = file == "plot.rs" && name.starts_with("draw_");
+            if lines > LONGEST_FUNCTION && !drawing {
+                long.push(format!("{file}: {name} ({lines} lines)"));
+            }
+        }
+    }
+    assert!(counted > 300, "too few functions found: {counted}");
+    assert!(
+        long.is_empty(),
+        "functions of 80 lines or more:\n{}",
+        long.join("\n")
+    );
+    // The scanner itself: a function's lines run from its `fn` to its closing brace.
+    let sample = "fn a() {\n    x();\n}\n\n    pub fn b(\n        y: u8,\n    ) {\n    }\n";
+    assert_eq!(
+        function_lengths(sample),
+        [("a".to_string(), 3), ("b".to_string(), 4)]
+    );
+}

@@ -5,8 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::sim::SimHost;
-use vmbalance::cpu_plan::CpuPolicy;
-use vmbalance::scheduler::Scheduler;
+use vmbalance::scheduler::{Scheduler, SchedulerConfig};
 
 const PERIOD: Duration = Duration::from_secs(3);
 
@@ -35,7 +34,7 @@ fn busy_vcpus_crowded_on_one_pcpu_are_spread_in_one_cycle_and_then_left_alone() 
     for n in 1..=4 {
         host.add(n, &[(90.0, &[0])]);
     }
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     let changes = run(&mut host, &mut sched, 12);
     // First cycle samples, second re-pins three vCPUs, then nothing.
     assert_eq!(changes[..2], [0, 3]);
@@ -48,7 +47,7 @@ fn unpinned_vcpus_are_pinned_once() {
     let mut host = SimHost::new(2);
     host.add(1, &[(50.0, &[0, 1]), (50.0, &[0, 1])]);
     host.add(2, &[(20.0, &[0, 1])]);
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     let changes = run(&mut host, &mut sched, 6);
     assert_eq!(changes.iter().sum::<usize>(), 3);
     for d in &host.domains {
@@ -60,7 +59,10 @@ fn unpinned_vcpus_are_pinned_once() {
 fn dry_run_changes_nothing() {
     let mut host = SimHost::new(2);
     host.add(1, &[(60.0, &[0]), (60.0, &[0])]);
-    let mut sched = Scheduler::new(CpuPolicy::default(), true);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        dry_run: true,
+        ..SchedulerConfig::default()
+    });
     let changes = run(&mut host, &mut sched, 4);
     assert!(changes.iter().all(|&c| c == 0));
     host.advance(PERIOD);
@@ -74,7 +76,7 @@ fn domains_vanishing_or_appearing_mid_run_do_not_stop_the_scheduler() {
     let mut host = SimHost::new(2);
     let a = host.add(1, &[(80.0, &[0])]);
     host.add(2, &[(80.0, &[0])]);
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     run(&mut host, &mut sched, 1);
     // Domain 1 is listed, then stops before its vCPUs are read.
     host.vanish_after_listing.push(a);
@@ -97,7 +99,7 @@ fn never_pins_to_an_offline_pcpu() {
     host.online = vec![0, 1, 3];
     host.add(1, &[(40.0, &[0, 1, 2, 3]), (40.0, &[0, 1, 2, 3])]);
     host.add(2, &[(40.0, &[0]), (40.0, &[0])]);
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     // SimHost::pin_vcpu fails on an offline pCPU; any such call would show as a skipped move.
     for _ in 0..5 {
         host.advance(PERIOD);
@@ -122,7 +124,7 @@ fn demand_reveals_a_contended_pcpu_that_usage_calls_balanced() {
             host.add(n, &[(100.0, &[0])]);
         }
         host.add(4, &[(100.0, &[1])]);
-        let mut sched = Scheduler::new(CpuPolicy::default(), false);
+        let mut sched = Scheduler::new(SchedulerConfig::default());
         let changes = run(&mut host, &mut sched, 10);
         let per_pcpu: Vec<usize> = (0..2)
             .map(|p| {
@@ -157,7 +159,10 @@ fn changes_on_a_swinging_host(jitter: f64, window: usize) -> usize {
         host.add(2 * p + 1, &[(level, &pcpu)]);
         host.add(2 * p + 2, &[(100.0 - level, &pcpu)]);
     }
-    let mut sched = Scheduler::new(CpuPolicy::default(), false).with_window(window);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        window,
+        ..SchedulerConfig::default()
+    });
     run(&mut host, &mut sched, 200).iter().sum()
 }
 
@@ -188,7 +193,7 @@ fn a_real_imbalance_is_fixed_at_once_even_when_loads_swing() {
     for n in 1..=8 {
         host.add(n, &[(50.0, &[0])]);
     }
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     let changes = run(&mut host, &mut sched, 30);
     assert_eq!(changes[1], 6, "{changes:?}");
     assert!(changes[2..].iter().all(|&c| c == 0), "{changes:?}");
@@ -207,7 +212,7 @@ fn a_one_sample_dip_moves_nothing() {
     for (n, demand, pcpu) in [(1u8, 70.0, 0u32), (2, 30.0, 0), (3, 50.0, 1), (4, 50.0, 1)] {
         host.add(n, &[(demand, &[pcpu])]);
     }
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     let mut changes = run(&mut host, &mut sched, 8);
     host.domains[0].vcpus[0].demand = 40.0;
     host.advance(PERIOD);
@@ -226,7 +231,7 @@ fn a_lasting_change_is_acted_on_once_it_holds_for_a_second_sample() {
         let pcpu = [u32::from(n % 2)];
         host.add(n, &[(40.0, &pcpu)]);
     }
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     let mut changes = run(&mut host, &mut sched, 8);
     host.domains[0].vcpus[0].demand = 100.0;
     host.advance(PERIOD);
@@ -254,11 +259,11 @@ fn admin_restrictions_exclusions_and_the_pool_are_respected() {
     host.domain_mut(&vmbalance::host::DomainId([5; 16]))
         .facts
         .opted_out = true;
-    let mut sched = Scheduler::new(CpuPolicy::default(), false)
-        .with_limits(Some(vec![0, 1, 2]), false)
-        .with_exclusions(Exclusions::new(vec![
-            ExcludePattern::parse("dom4").unwrap(),
-        ]));
+    let mut sched = Scheduler::new(SchedulerConfig {
+        pool: Some(vec![0, 1, 2]),
+        exclusions: Exclusions::new(vec![ExcludePattern::parse("dom4").unwrap()]),
+        ..SchedulerConfig::default()
+    });
     let changes = run(&mut host, &mut sched, 10);
     let pin = |n: u8| host.domains[n as usize - 1].vcpus[0].affinity.clone();
     for n in [1, 2, 4, 5] {
@@ -281,7 +286,7 @@ fn a_transient_domain_keeps_the_affinity_it_was_first_seen_with() {
     host.add(2, &[(90.0, &[0])]);
     // dom1 has no persistent configuration: its first-seen pin (pCPU 0) is its admin's word.
     host.domains[0].vcpus[0].configured = None;
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     run(&mut host, &mut sched, 5);
     assert_eq!(host.domains[0].vcpus[0].affinity, [0]);
     assert_eq!(host.domains[1].vcpus[0].affinity, [1]);
@@ -320,14 +325,17 @@ fn vcpus_stay_on_their_numa_node_unless_crossing_is_allowed() {
     let mut host = setup();
     run(
         &mut host,
-        &mut Scheduler::new(CpuPolicy::default(), false),
+        &mut Scheduler::new(SchedulerConfig::default()),
         6,
     );
     assert!((0..4).all(|n| node_of(&host, n) == 0));
     assert_eq!(spread(&host.pcpu_usage()[..2]), 0.0);
     // With --cross-node the unbound ones spread over both nodes; the bound one stays on node 0.
     let mut host = setup();
-    let mut sched = Scheduler::new(CpuPolicy::default(), false).with_limits(None, true);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        cross_node: true,
+        ..SchedulerConfig::default()
+    });
     let report = {
         run(&mut host, &mut sched, 6);
         host.advance(PERIOD);
@@ -350,7 +358,10 @@ fn a_sample_that_takes_most_of_the_period_is_not_decided_on() {
     }
     // Reading the vCPUs takes 2 s of a 3 s period (a domain stuck in a libvirt job).
     host.sample_delay = Duration::from_secs(2);
-    let mut sched = Scheduler::new(CpuPolicy::default(), false).with_period(PERIOD);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        period: Some(PERIOD),
+        ..SchedulerConfig::default()
+    });
     let changes = run(&mut host, &mut sched, 4);
     assert_eq!(changes.iter().sum::<usize>(), 0, "{changes:?}");
     // Quick again: decided on at once.
@@ -366,7 +377,7 @@ fn restore_puts_every_re_pinned_vcpu_back_as_first_seen() {
         host.add(n, &[(90.0, &[0])]);
     }
     host.add(4, &[(10.0, &[0, 1, 2, 3])]);
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     run(&mut host, &mut sched, 4);
     assert!(host.domains.iter().any(|d| d.vcpus[0].affinity != [0]));
     // dom3 goes away before the daemon stops: nothing to restore there.
@@ -422,7 +433,10 @@ proptest::proptest! {
             homes.push((start, *bound));
         }
         host.topology = Some(topology.clone());
-        let mut sched = Scheduler::new(CpuPolicy::default(), false).with_limits(None, cross);
+        let mut sched = Scheduler::new(SchedulerConfig {
+            cross_node: cross,
+            ..SchedulerConfig::default()
+        });
         // From the second cycle (the first only samples): a vCPU that started outside its
         // domain's bound node has been brought into it.
         for cycle in 0..8 {
@@ -462,7 +476,7 @@ fn a_transient_domain_restarted_under_the_same_uuid_is_a_fresh_record() {
     host.add(2, &[(90.0, &[2])]);
     host.add(3, &[(90.0, &[3])]);
     host.domains[0].vcpus[0].configured = None;
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     run(&mut host, &mut sched, 3);
     assert!(
         matches!(host.domains[0].vcpus[0].affinity[..], [0] | [1]),
@@ -492,7 +506,7 @@ fn restore_leaves_alone_a_vcpu_pinned_by_someone_else_since() {
     for n in 1..=3 {
         host.add(n, &[(90.0, &[0])]);
     }
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     run(&mut host, &mut sched, 3);
     let moved: Vec<usize> = (0..3)
         .filter(|&i| host.domains[i].vcpus[0].affinity != [0])
@@ -520,7 +534,7 @@ fn a_domain_that_does_not_answer_stalls_no_other() {
     host.add(5, &[(10.0, &[0, 1, 2, 3])]);
     // dom5's QEMU stops answering: the others are balanced as usual, and dom5 is left as it is.
     host.stuck.push(vmbalance::host::DomainId([5; 16]));
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     let changes = run(&mut host, &mut sched, 4);
     assert_eq!(changes[..2], [0, 3], "{changes:?}");
     let on: Vec<u32> = host.domains[..4]
@@ -560,7 +574,7 @@ fn an_over_committed_host_says_how_much_demand_it_cannot_serve_and_a_fitting_one
     for n in 1..=4 {
         host.add(n, &[(100.0, &[0, 1])]);
     }
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     let read: Vec<f64> = pressures(&mut host, &mut sched, 12)
         .into_iter()
         .flatten()
@@ -579,7 +593,7 @@ fn an_over_committed_host_says_how_much_demand_it_cannot_serve_and_a_fitting_one
         for (n, &load) in loads.iter().enumerate() {
             host.add(n as u8 + 1, &[(load, &[0, 1])]);
         }
-        let mut sched = Scheduler::new(CpuPolicy::default(), false);
+        let mut sched = Scheduler::new(SchedulerConfig::default());
         let read: Vec<f64> = pressures(&mut host, &mut sched, 8)
             .into_iter()
             .flatten()
@@ -592,7 +606,7 @@ fn an_over_committed_host_says_how_much_demand_it_cannot_serve_and_a_fitting_one
     for n in 1..=4 {
         host.add(n, &[(100.0, &[0, 1])]);
     }
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     assert!(
         pressures(&mut host, &mut sched, 6)
             .iter()
@@ -613,21 +627,24 @@ fn vcpus_numad_places_are_left_alone_unless_overridden() {
     };
     // numad runs on the host: nothing is touched.
     let mut host = crowded(false, true);
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     assert_eq!(run(&mut host, &mut sched, 6).iter().sum::<usize>(), 0);
     // A domain whose placement is auto stays put; the other one moves.
     let mut host = crowded(true, false);
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     assert_eq!(run(&mut host, &mut sched, 6).iter().sum::<usize>(), 1);
     assert_eq!(host.domains[1].vcpus[0].affinity, [0]);
     assert_eq!(host.domains[0].vcpus[0].affinity, [1]);
     // Told otherwise, the scheduler balances whatever numad does.
     let mut host = crowded(true, true);
-    let mut sched = Scheduler::new(CpuPolicy::default(), false).with_override_numad(true);
+    let mut sched = Scheduler::new(SchedulerConfig {
+        override_numad: true,
+        ..SchedulerConfig::default()
+    });
     assert_eq!(run(&mut host, &mut sched, 6).iter().sum::<usize>(), 1);
     // And numad stopping hands the host back at the next cycle.
     let mut host = crowded(false, true);
-    let mut sched = Scheduler::new(CpuPolicy::default(), false);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
     assert_eq!(run(&mut host, &mut sched, 3).iter().sum::<usize>(), 0);
     host.numad = false;
     assert_eq!(run(&mut host, &mut sched, 3).iter().sum::<usize>(), 1);

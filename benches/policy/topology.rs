@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::sim::{Rng, SimHost, smt_capabilities};
 
 use crate::vcpu::{mixed_demand, ours};
+use vmbalance::scheduler::{Scheduler, SchedulerConfig};
 
 /// A topology scenario: how many vCPUs per pCPU, and where they start.
 struct TopoScenario {
@@ -98,7 +99,10 @@ fn topo_run(sc: &TopoScenario, seed: u64, runner: TopoRunner) -> TopoOutcome {
     let topology = host.topology.take();
     let mut sched = match runner {
         TopoRunner::Aware | TopoRunner::Flat => Some(ours()),
-        TopoRunner::CrossNode => Some(ours().with_limits(None, true)),
+        TopoRunner::CrossNode => Some(Scheduler::new(SchedulerConfig {
+            cross_node: true,
+            ..SchedulerConfig::default()
+        })),
         TopoRunner::Nobody => None,
     };
     if !matches!(runner, TopoRunner::Flat) {

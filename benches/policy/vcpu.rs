@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::sim::{Rng, SimHost};
 use vmbalance::cpu_plan::{CpuPlan, CpuPolicy, PinMove, plan};
 use vmbalance::sampling::{CpuSnapshot, VcpuLoad, pcpu_usage};
-use vmbalance::scheduler::Scheduler;
+use vmbalance::scheduler::{Scheduler, SchedulerConfig};
 
 /// The seed's policy, for comparison: pin unpinned vCPUs round-robin; then, when the busiest and
 /// the freest pCPU differ by more than the threshold, move the one vCPU from the busiest to the
@@ -64,41 +64,47 @@ fn seed_plan(s: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
 
 /// The real scheduler cycle with our planner.
 pub(crate) fn ours() -> Scheduler {
-    Scheduler::new(CpuPolicy::default(), false)
+    Scheduler::new(SchedulerConfig::default())
 }
 
 /// The real scheduler cycle with the seed's planner, deciding in every cycle as the seed did.
 fn seed() -> Scheduler {
-    Scheduler::with_planner(CpuPolicy::default(), false, seed_plan)
-        .with_window(1)
-        .without_settling()
+    Scheduler::new(SchedulerConfig {
+        window: 1,
+        ..SchedulerConfig::default()
+    })
+    .with_planner(seed_plan)
+    .without_settling()
 }
 
 /// Ours with `--max-changes 1`.
 fn ours_one_change_a_cycle() -> Scheduler {
-    Scheduler::new(
-        CpuPolicy {
+    Scheduler::new(SchedulerConfig {
+        policy: CpuPolicy {
             max_changes: Some(1),
             ..CpuPolicy::default()
         },
-        false,
-    )
+        ..SchedulerConfig::default()
+    })
 }
 
 /// Ours with `--window 5`.
 fn ours_window_5() -> Scheduler {
-    Scheduler::new(CpuPolicy::default(), false).with_window(5)
+    Scheduler::new(SchedulerConfig {
+        window: 5,
+        ..SchedulerConfig::default()
+    })
 }
 
 /// Ours with `--threshold 20`.
 fn ours_threshold_20() -> Scheduler {
-    Scheduler::new(
-        CpuPolicy {
+    Scheduler::new(SchedulerConfig {
+        policy: CpuPolicy {
             threshold: 20.0,
             ..CpuPolicy::default()
         },
-        false,
-    )
+        ..SchedulerConfig::default()
+    })
 }
 
 /// Pin changes [`budgeted_plan`] may still make, over all its cycles.
@@ -120,7 +126,7 @@ fn budgeted_plan(s: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
 
 /// The real scheduler cycle with our planner limited to `BUDGET` pin changes in all.
 fn ours_budgeted() -> Scheduler {
-    Scheduler::with_planner(CpuPolicy::default(), false, budgeted_plan)
+    Scheduler::new(SchedulerConfig::default()).with_planner(budgeted_plan)
 }
 
 /// The first phase of the scenario (40 cycles, no shake) with our planner limited to `budget`

@@ -2,18 +2,19 @@
 //! fed and idle memory goes back to the host.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use clap::Parser;
 use log::info;
 use vmbalance::coordinator::Coordinator;
 use vmbalance::daemon::{
-    CommonArgs, StopSignal, call_deadline, exit_with, parse_args, parse_non_negative, parse_period,
-    reload_args, say_reloaded, warn_fixed_on_reload,
+    CommonArgs, Daemon, Given, Running, StopSignal, call_deadline, exit_with, parse_args,
+    parse_non_negative, serve,
 };
+use vmbalance::host::{Host, HostResult};
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::mem_plan::MemPolicy;
+use vmbalance::report::MemReport;
 
 /// Move memory between the running libvirt domains and the host with their balloons.
 ///
@@ -28,10 +29,6 @@ use vmbalance::mem_plan::MemPolicy;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "memory_coordinator", version, allow_negative_numbers = true)]
 struct Args {
-    /// Seconds between two samples, from 0.1 to 86400 (a day), e.g. 3 or 0.5
-    #[arg(value_name = "PERIOD", value_parser = parse_period)]
-    period: Duration,
-
     /// A guest with less than this % of its memory free, and still consuming, is starving
     #[arg(long, value_name = "PCT", default_value_t = DEFAULT.starve_pct, value_parser = parse_non_negative)]
     starve_pct: f64,
@@ -184,22 +181,46 @@ impl Args {
             min_step_kib: self.min_step_mib * 1024,
             max_step_kib: self.max_step_mib * 1024,
             return_fraction: self.return_pct / 100.0,
-            period_secs: self.period.as_secs_f64(),
+            period_secs: self.common.period.as_secs_f64(),
             runway_periods: self.runway_periods,
             headroom_pct: self.headroom_pct,
         })
     }
 }
 
-fn run(args: Args, policy: MemPolicy) -> Result<()> {
+/// The memory coordinator as a daemon.
+struct MemDaemon(Coordinator);
+
+impl Daemon for MemDaemon {
+    type Args = Args;
+    type Report = MemReport;
+    const AT_RESTART: &'static [&'static str] = &[];
+
+    fn common(args: &Args) -> &CommonArgs {
+        &args.common
+    }
+
+    fn cycle(&mut self, host: &mut dyn Host) -> HostResult<Option<MemReport>> {
+        self.0.cycle(host)
+    }
+
+    fn configure(&mut self, args: &Args) -> Result<(), String> {
+        let policy = args.policy().map_err(|e| format!("{e:#}"))?;
+        self.0
+            .reconfigure(policy, args.common.dry_run, args.common.exclusions());
+        Ok(())
+    }
+}
+
+fn run(args: Args, given: Given, policy: MemPolicy) -> Result<()> {
     let uri = args.common.uri();
+    let period = args.common.period;
     let mut host = LibvirtHost::connect(&uri)?
-        .with_deadline(call_deadline(args.period), StopSignal::stop_requested);
+        .with_deadline(call_deadline(period), StopSignal::stop_requested);
     let coordinator =
         Coordinator::new(policy, args.common.dry_run).with_exclusions(args.common.exclusions());
     info!(
-        "memory_coordinator on {uri}: period {:?}, starving under {}% free, wasting over {}% (shrunk to {}% free, {} MiB at least), host reserve {}% (host available memory: {}), {}, guest floor {} MiB{}",
-        args.period,
+        "memory_coordinator on {uri}: period {period:?}, starving under {}% free, wasting over {}% (shrunk to {}% free, {} MiB at least), host reserve {}% (host available memory: {}), {}, guest floor {} MiB{}",
         args.starve_pct,
         args.waste_pct,
         policy.target_free_pct,
@@ -214,58 +235,15 @@ fn run(args: Args, policy: MemPolicy) -> Result<()> {
         args.min_guest_mib,
         args.common.dry_run_note()
     );
-    let coordinator = std::cell::RefCell::new(coordinator);
-    let mut running = (args.clone(), policy);
-    args.common.serve(
-        &uri,
-        args.period,
-        &mut host,
-        |host| coordinator.borrow_mut().cycle(host),
-        || reload(&mut running, &mut coordinator.borrow_mut()),
-    )
-}
-
-/// SIGHUP: re-read the command line and `--config` file into `running` (the options and their
-/// policy), and apply what changed to `coordinator` from the next cycle, keeping what it knows
-/// (rates, the ledger, balloons behind). A bad file or inconsistent options change nothing (one
-/// error line). The new period, if any.
-fn reload(running: &mut (Args, MemPolicy), coordinator: &mut Coordinator) -> Option<Duration> {
-    let (new, path) = reload_args::<Args>(running.0.common.config.as_deref())?;
-    let policy = match new.policy() {
-        Ok(policy) => policy,
-        Err(e) => {
-            log::error!("reload: {e:#}; the running configuration is kept");
-            return None;
-        }
+    let running = Running {
+        args: args.clone(),
+        given,
     };
-    let (old, old_policy) = &*running;
-    let mut changed: Vec<String> = policy
-        .differences(old_policy)
-        .into_iter()
-        .map(|(name, was, now)| format!("{name} {was} -> {now}"))
-        .collect();
-    if old.common.dry_run != new.common.dry_run {
-        changed.push(format!(
-            "dry-run {} -> {}",
-            old.common.dry_run, new.common.dry_run
-        ));
-    }
-    if format!("{:?}", old.common.exclude) != format!("{:?}", new.common.exclude) {
-        changed.push(format!(
-            "exclude {:?} -> {:?}",
-            old.common.exclude, new.common.exclude
-        ));
-    }
-    warn_fixed_on_reload(&old.common, &new.common);
-    coordinator.reconfigure(policy, new.common.dry_run, new.common.exclusions());
-    say_reloaded(&path, &changed);
-    let period = new.period;
-    *running = (new, policy);
-    Some(period)
+    serve(&mut MemDaemon(coordinator), &mut host, &uri, running)
 }
 
 fn main() -> ExitCode {
-    let args: Args = parse_args();
+    let (args, given) = parse_args::<Args>();
     let policy = match args.policy() {
         Ok(policy) => policy,
         Err(e) => {
@@ -274,5 +252,47 @@ fn main() -> ExitCode {
         }
     };
     args.common.init_logging();
-    exit_with(run(args, policy))
+    exit_with(run(args, given, policy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmbalance::daemon::options_not_reloaded;
+
+    #[test]
+    fn every_option_is_applied_by_a_reload_or_said_to_need_a_restart() {
+        let missed = options_not_reloaded::<Args>(MemDaemon::AT_RESTART, |args| {
+            let policy = args.policy().ok()?;
+            let common = &args.common;
+            Some(format!(
+                "{policy:?} {} {:?}",
+                common.dry_run, common.exclude
+            ))
+        });
+        assert!(
+            missed.is_empty(),
+            "a reload neither applies these options nor says they need a restart: {missed:?}"
+        );
+    }
+
+    #[test]
+    fn the_operations_guide_lists_every_option_a_reload_does_not_apply() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md");
+        let guide = std::fs::read_to_string(path).unwrap();
+        let listed = guide
+            .split("apply only at a restart")
+            .nth(1)
+            .and_then(|rest| rest.split("A test of each daemon").next())
+            .expect("the guide lists the options that apply only at a restart");
+        for long in vmbalance::daemon::AT_RESTART
+            .iter()
+            .chain(MemDaemon::AT_RESTART)
+        {
+            assert!(
+                listed.contains(&format!("`--{long}`")),
+                "--{long} is not listed"
+            );
+        }
+    }
 }

@@ -1,19 +1,19 @@
 //! `vcpu_scheduler PERIOD`: re-pin vCPUs every PERIOD seconds so pCPU load stays balanced.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
 use log::info;
 use vmbalance::cpu_plan::CpuPolicy;
 use vmbalance::daemon::{
-    CommonArgs, CpuList, StopSignal, UsageError, call_deadline, exit_with, parse_args, parse_cpus,
-    parse_non_negative, parse_period, parse_positive_count, reload_args, say_reloaded,
+    CommonArgs, CpuList, Daemon, Given, Running, StopSignal, UsageError, call_deadline, exit_with,
+    parse_args, parse_cpus, parse_non_negative, parse_positive_count, serve,
 };
-use vmbalance::host::{Host, HostError};
+use vmbalance::host::{Host, HostError, HostResult};
 use vmbalance::libvirt::LibvirtHost;
-use vmbalance::scheduler::{DEFAULT_WINDOW, Scheduler};
+use vmbalance::report::CpuReport;
+use vmbalance::scheduler::{DEFAULT_WINDOW, Scheduler, SchedulerConfig};
 
 /// Balance the vCPUs of the running libvirt domains over the host's pCPUs.
 ///
@@ -27,10 +27,6 @@ use vmbalance::scheduler::{DEFAULT_WINDOW, Scheduler};
 #[derive(Parser, Debug, Clone)]
 #[command(name = "vcpu_scheduler", version, allow_negative_numbers = true)]
 struct Args {
-    /// Seconds between two samples, from 0.1 to 86400 (a day), e.g. 3 or 0.5
-    #[arg(value_name = "PERIOD", value_parser = parse_period)]
-    period: Duration,
-
     /// Largest allowed gap between the busiest and the freest pCPU, in percentage points
     #[arg(long, value_name = "POINTS", default_value_t = CpuPolicy::DEFAULT.threshold, value_parser = parse_non_negative)]
     threshold: f64,
@@ -92,116 +88,68 @@ fn check_pool(pool: &[u32], online: &[u32], uri: &str) -> Result<()> {
 }
 
 impl Args {
-    /// The planner's policy these options ask for.
-    fn policy(&self) -> CpuPolicy {
-        CpuPolicy {
-            threshold: self.threshold,
-            max_changes: self.max_changes,
+    /// What these options ask of the scheduler.
+    fn config(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            policy: CpuPolicy {
+                threshold: self.threshold,
+                max_changes: self.max_changes,
+            },
+            dry_run: self.common.dry_run,
+            window: self.window,
+            pool: self.cpus.clone().map(|CpuList(pool)| pool),
+            cross_node: self.cross_node,
+            exclusions: self.common.exclusions(),
+            period: Some(self.common.period),
+            override_numad: self.override_numad,
         }
     }
 }
 
-/// SIGHUP: re-read the command line and `--config` file into `running`, and apply what changed
-/// to `scheduler` from the next cycle, keeping what it knows. A bad file changes nothing (one
-/// error line naming it). `online` are the host's pCPUs, for `--cpus`. The new period, if any.
-fn reload(running: &mut Args, scheduler: &mut Scheduler, online: &[u32]) -> Option<Duration> {
-    let (new, path) = reload_args::<Args>(running.common.config.as_deref())?;
-    if let Some(CpuList(pool)) = &new.cpus
-        && let Err(e) = check_pool(pool, online, "this host")
-    {
-        log::error!(
-            "reload of {}: {e}; the running configuration is kept",
-            path.display()
-        );
-        return None;
+/// The vCPU scheduler as a daemon: the scheduler, and the host's online pCPUs at start, which
+/// `--cpus` must name (on a reload too).
+struct VcpuDaemon {
+    scheduler: Scheduler,
+    online: Vec<u32>,
+}
+
+impl Daemon for VcpuDaemon {
+    type Args = Args;
+    type Report = CpuReport;
+    const AT_RESTART: &'static [&'static str] = &["restore-on-exit"];
+
+    fn common(args: &Args) -> &CommonArgs {
+        &args.common
     }
-    let mut changed = Vec::new();
-    let mut note = |name: &str, old: String, new: String| {
-        if old != new {
-            changed.push(format!("{name} {old} -> {new}"));
+
+    fn cycle(&mut self, host: &mut dyn Host) -> HostResult<Option<CpuReport>> {
+        self.scheduler.cycle(host)
+    }
+
+    fn configure(&mut self, args: &Args) -> Result<(), String> {
+        if let Some(CpuList(pool)) = &args.cpus {
+            check_pool(pool, &self.online, "this host").map_err(|e| e.to_string())?;
         }
-    };
-    note(
-        "period",
-        format!("{:?}", running.period),
-        format!("{:?}", new.period),
-    );
-    note(
-        "threshold",
-        running.threshold.to_string(),
-        new.threshold.to_string(),
-    );
-    note("window", running.window.to_string(), new.window.to_string());
-    note(
-        "max-changes",
-        format!("{:?}", running.max_changes),
-        format!("{:?}", new.max_changes),
-    );
-    note(
-        "cpus",
-        format!("{:?}", running.cpus),
-        format!("{:?}", new.cpus),
-    );
-    note(
-        "cross-node",
-        running.cross_node.to_string(),
-        new.cross_node.to_string(),
-    );
-    note(
-        "dry-run",
-        running.common.dry_run.to_string(),
-        new.common.dry_run.to_string(),
-    );
-    note(
-        "override-numad",
-        running.override_numad.to_string(),
-        new.override_numad.to_string(),
-    );
-    note(
-        "exclude",
-        format!("{:?}", running.common.exclude),
-        format!("{:?}", new.common.exclude),
-    );
-    vmbalance::daemon::warn_fixed_on_reload(&running.common, &new.common);
-    if running.restore_on_exit != new.restore_on_exit {
-        log::warn!("reload: restore-on-exit changes at the next restart");
+        self.scheduler.configure(args.config());
+        Ok(())
     }
-    configure(scheduler, &new);
-    say_reloaded(&path, &changed);
-    let period = new.period;
-    let restore = running.restore_on_exit;
-    *running = new;
-    running.restore_on_exit = restore;
-    Some(period)
 }
 
-/// Give `scheduler` what `args` ask for: its policy, window, pool, NUMA crossing, exclusions,
-/// numad and period. At start, and again on each reload (what it knows is kept).
-fn configure(scheduler: &mut Scheduler, args: &Args) {
-    scheduler.set_policy(args.policy(), args.common.dry_run);
-    scheduler.set_window(args.window);
-    scheduler.set_override_numad(args.override_numad);
-    scheduler.set_limits(
-        args.cpus.clone().map(|CpuList(pool)| pool),
-        args.cross_node,
-        args.common.exclusions(),
-        args.period,
-    );
-}
-
-fn run(args: Args) -> Result<()> {
+fn run(args: Args, given: Given) -> Result<()> {
     let uri = args.common.uri();
+    let period = args.common.period;
     let mut host = LibvirtHost::connect(&uri)?
-        .with_deadline(call_deadline(args.period), StopSignal::stop_requested);
+        .with_deadline(call_deadline(period), StopSignal::stop_requested);
     let online = host.node_cpus().map_err(HostError::into_anyhow)?.online;
     if let Some(CpuList(pool)) = &args.cpus {
         check_pool(pool, &online, &uri)?;
     }
-    let mut scheduler = Scheduler::new(args.policy(), args.common.dry_run);
-    configure(&mut scheduler, &args);
+    let mut daemon = VcpuDaemon {
+        scheduler: Scheduler::new(args.config()),
+        online,
+    };
     info!(
-        "vcpu_scheduler on {uri}: period {:?}, threshold {} points{}{}{}{}",
-        args.period,
+        "vcpu_scheduler on {uri}: period {period:?}, threshold {} points{}{}{}{}",
         args.threshold,
         args.cpus
             .as_ref()
@@ -216,26 +164,58 @@ fn run(args: Args) -> Result<()> {
         )),
         args.common.dry_run_note()
     );
-    let scheduler = std::cell::RefCell::new(scheduler);
-    let mut running = args.clone();
-    let result = args.common.serve(
-        &uri,
-        args.period,
-        &mut host,
-        |host| scheduler.borrow_mut().cycle(host),
-        || reload(&mut running, &mut scheduler.borrow_mut(), &online),
-    );
-    let mut scheduler = scheduler.into_inner();
+    let running = Running {
+        args: args.clone(),
+        given,
+    };
+    let result = serve(&mut daemon, &mut host, &uri, running);
     if args.restore_on_exit && !args.common.dry_run {
         // Stopping: each restore is still waited for, up to the deadline.
-        host = host.with_deadline(call_deadline(args.period), || false);
-        scheduler.restore(&mut host);
+        host = host.with_deadline(call_deadline(period), || false);
+        daemon.scheduler.restore(&mut host);
     }
     result
 }
 
 fn main() -> ExitCode {
-    let args: Args = parse_args();
+    let (args, given) = parse_args::<Args>();
     args.common.init_logging();
-    exit_with(run(args))
+    exit_with(run(args, given))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmbalance::daemon::options_not_reloaded;
+
+    #[test]
+    fn every_option_is_applied_by_a_reload_or_said_to_need_a_restart() {
+        let missed = options_not_reloaded::<Args>(VcpuDaemon::AT_RESTART, |args| {
+            Some(format!("{:?}", args.config()))
+        });
+        assert!(
+            missed.is_empty(),
+            "a reload neither applies these options nor says they need a restart: {missed:?}"
+        );
+    }
+
+    #[test]
+    fn the_operations_guide_lists_every_option_a_reload_does_not_apply() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md");
+        let guide = std::fs::read_to_string(path).unwrap();
+        let listed = guide
+            .split("apply only at a restart")
+            .nth(1)
+            .and_then(|rest| rest.split("A test of each daemon").next())
+            .expect("the guide lists the options that apply only at a restart");
+        for long in vmbalance::daemon::AT_RESTART
+            .iter()
+            .chain(VcpuDaemon::AT_RESTART)
+        {
+            assert!(
+                listed.contains(&format!("`--{long}`")),
+                "--{long} is not listed"
+            );
+        }
+    }
 }

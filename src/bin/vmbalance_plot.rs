@@ -49,6 +49,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args: Args = parse_args();
+    let (args, _): (Args, _) = parse_args();
     exit_with(run(&args))
 }

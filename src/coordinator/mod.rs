@@ -13,7 +13,7 @@ use log::warn;
 
 use crate::exclusions::Exclusions;
 use crate::host::{
-    BalloonSample, DomainId, DomainNames, Host, HostError, HostMemory, HostResult,
+    BalloonSample, DomainId, DomainNames, DomainRef, Host, HostError, HostMemory, HostResult,
     changed_or_skipped,
 };
 use crate::ledger::{GuestLedger, at_max_kib, host_floor_kib};
@@ -149,60 +149,10 @@ impl Coordinator {
         let mut names = DomainNames::default();
         self.guests.begin_cycle();
         for sample in &samples {
-            let dom = &sample.domain;
-            let (sight, record) = self.guests.see(dom, GuestRecord::default);
-            if sight == Sight::Restarted {
-                log::debug!("domain {} restarted: its history starts again", dom.name);
-            }
-            if self.exclusions.excludes(dom, &mut record.excluded) {
-                record.followed = None;
-                report.guests.push(guest_line(sample, GuestState::Excluded));
-                snapshot.add_unbacked(
-                    dom.facts.memory_nodes.as_deref(),
-                    unbacked_as_reported(sample),
-                );
-                continue;
-            }
-            let guest = record.followed.get_or_insert_with(Followed::default);
-            let (dry_run, period) = (self.dry_run, self.stats_period_secs);
-            if !Self::arm(guest, host, sample, dry_run, period, &mut report)? {
-                // Not read this cycle: its next report is a first sight.
-                guest.history = MemoryHistory::new();
-                if dom.facts.memory_held.is_none() {
-                    snapshot.add_unbacked(
-                        dom.facts.memory_nodes.as_deref(),
-                        unbacked_as_reported(sample),
-                    );
-                }
-                continue;
-            }
-            let judged = Self::classify(guest, sample, &self.policy);
-            snapshot.add_unbacked(dom.facts.memory_nodes.as_deref(), judged.unbacked_kib);
-            if let Some((g, standing)) = judged.fresh {
-                snapshot.guests.push(g);
-                snapshot.standing.insert(g.id, standing);
-                if let Some(nodes) = &dom.facts.memory_nodes {
-                    snapshot.bound.insert(g.id, nodes.clone());
-                }
-            }
-            names.insert(dom);
-            report.guests.push(judged.line);
+            self.observe(host, sample, &mut snapshot, &mut report, &mut names)?;
         }
-        // A domain that does not answer, or whose read failed, keeps its record, and counts in
-        // the budget at its most cautious: all of its max memory the host did not back at its
-        // last read, or all of its max memory when it was never read.
         for dom in &stuck {
-            let (_, record) = self.guests.see(dom, GuestRecord::default);
-            let last = record.followed.as_ref().and_then(|g| g.last_read);
-            let at_max = match last {
-                Some(last) => Some(at_max_kib(last.max_kib, last.rss_kib)),
-                None => dom.facts.max_kib,
-            };
-            if dom.facts.memory_held.is_none() {
-                let at_max = at_max.unwrap_or(0);
-                snapshot.add_unbacked(dom.facts.memory_nodes.as_deref(), at_max);
-            }
-            report.not_answering.push(dom.name.clone());
+            self.count_unanswering(dom, &mut snapshot, &mut report);
         }
         self.guests.end_cycle();
         if let Some(h) = &mut report.host {
@@ -215,6 +165,80 @@ impl Coordinator {
         report.unmet_share = self.policy.unmet_share(plan.unmet_kib, snapshot.host);
         self.apply(host, &plan, &snapshot, &names, &mut report)?;
         Ok(Some(report))
+    }
+
+    /// Observe the guest of `sample`: its record seen, its statistics armed, its report judged
+    /// into `snapshot` (its figures and standing when the planner may act on them, and what it
+    /// may still make the host back), its line in `report`, its name in `names`.
+    fn observe(
+        &mut self,
+        host: &mut dyn Host,
+        sample: &BalloonSample,
+        snapshot: &mut MemSnapshot,
+        report: &mut MemReport,
+        names: &mut DomainNames,
+    ) -> HostResult<()> {
+        let dom = &sample.domain;
+        let (sight, record) = self.guests.see(dom, GuestRecord::default);
+        if sight == Sight::Restarted {
+            log::debug!("domain {} restarted: its history starts again", dom.name);
+        }
+        if self.exclusions.excludes(dom, &mut record.excluded) {
+            record.followed = None;
+            report.guests.push(guest_line(sample, GuestState::Excluded));
+            snapshot.add_unbacked(
+                dom.facts.memory_nodes.as_deref(),
+                unbacked_as_reported(sample),
+            );
+            return Ok(());
+        }
+        let guest = record.followed.get_or_insert_with(Followed::default);
+        let (dry_run, period) = (self.dry_run, self.stats_period_secs);
+        if !Self::arm(guest, host, sample, dry_run, period, report)? {
+            // Not read this cycle: its next report is a first sight.
+            guest.history = MemoryHistory::new();
+            if dom.facts.memory_held.is_none() {
+                snapshot.add_unbacked(
+                    dom.facts.memory_nodes.as_deref(),
+                    unbacked_as_reported(sample),
+                );
+            }
+            return Ok(());
+        }
+        let judged = Self::classify(guest, sample, &self.policy);
+        snapshot.add_unbacked(dom.facts.memory_nodes.as_deref(), judged.unbacked_kib);
+        if let Some((g, standing)) = judged.fresh {
+            snapshot.guests.push(g);
+            snapshot.standing.insert(g.id, standing);
+            if let Some(nodes) = &dom.facts.memory_nodes {
+                snapshot.bound.insert(g.id, nodes.clone());
+            }
+        }
+        names.insert(dom);
+        report.guests.push(judged.line);
+        Ok(())
+    }
+
+    /// A domain that does not answer, or whose read failed, keeps its record, and counts in
+    /// the budget at its most cautious: all of its max memory the host did not back at its
+    /// last read, or all of its max memory when it was never read.
+    fn count_unanswering(
+        &mut self,
+        dom: &DomainRef,
+        snapshot: &mut MemSnapshot,
+        report: &mut MemReport,
+    ) {
+        let (_, record) = self.guests.see(dom, GuestRecord::default);
+        let last = record.followed.as_ref().and_then(|g| g.last_read);
+        let at_max = match last {
+            Some(last) => Some(at_max_kib(last.max_kib, last.rss_kib)),
+            None => dom.facts.max_kib,
+        };
+        if dom.facts.memory_held.is_none() {
+            let at_max = at_max.unwrap_or(0);
+            snapshot.add_unbacked(dom.facts.memory_nodes.as_deref(), at_max);
+        }
+        report.not_answering.push(dom.name.clone());
     }
 
     /// The host's memory; `None` (said once) when the driver does not report it.

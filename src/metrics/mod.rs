@@ -122,38 +122,47 @@ struct RunFamilies {
     period: Gauge,
 }
 
+/// `vmbalance_build_info` of `daemon`: 1, labelled with the daemon and its version.
+fn build_info(r: &Registry, daemon: Daemon) {
+    let info = register(
+        r,
+        prometheus::GaugeVec::new(
+            prometheus::Opts::new(
+                "vmbalance_build_info",
+                "1, labelled with the daemon and its version.",
+            ),
+            &["daemon", "version"],
+        )
+        .expect("a valid metric name"),
+    );
+    info.with_label_values(&[daemon.as_str(), env!("CARGO_PKG_VERSION")])
+        .set(1.0);
+}
+
+/// `vmbalance_decision_duration_seconds`: time one decision took, from 1 µs up.
+fn decision_histogram(r: &Registry) -> Histogram {
+    register(
+        r,
+        Histogram::with_opts(
+            HistogramOpts::new(
+                "vmbalance_decision_duration_seconds",
+                "Time one decision (planning, not reading or applying) took.",
+            )
+            .buckets(prometheus::exponential_buckets(1e-6, 4.0, 12).expect("valid buckets")),
+        )
+        .expect("a valid metric name"),
+    )
+}
+
 impl RunFamilies {
     fn new(r: &Registry, daemon: Daemon, period: Duration) -> Self {
-        let info = register(
-            r,
-            prometheus::GaugeVec::new(
-                prometheus::Opts::new(
-                    "vmbalance_build_info",
-                    "1, labelled with the daemon and its version.",
-                ),
-                &["daemon", "version"],
-            )
-            .expect("a valid metric name"),
-        );
-        info.with_label_values(&[daemon.as_str(), env!("CARGO_PKG_VERSION")])
-            .set(1.0);
+        build_info(r, daemon);
         let period_gauge = gauge(
             r,
             "vmbalance_period_seconds",
             "The daemon's PERIOD: time between two cycles.",
         );
         period_gauge.set(period.as_secs_f64());
-        let decision_seconds = register(
-            r,
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "vmbalance_decision_duration_seconds",
-                    "Time one decision (planning, not reading or applying) took.",
-                )
-                .buckets(prometheus::exponential_buckets(1e-6, 4.0, 12).expect("valid buckets")),
-            )
-            .expect("a valid metric name"),
-        );
         let connected = gauge(
             r,
             "vmbalance_libvirt_connected",
@@ -172,7 +181,7 @@ impl RunFamilies {
                 "vmbalance_last_cycle_timestamp_seconds",
                 "When the last cycle ended (Unix time): a daemon whose value stops moving is stalled or disconnected.",
             ),
-            decision_seconds,
+            decision_seconds: decision_histogram(r),
             libvirt_calls: counter(
                 r,
                 "vmbalance_libvirt_calls_total",

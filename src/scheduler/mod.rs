@@ -30,11 +30,9 @@ use record::{DomainRecord, VcpuRecord};
 pub struct Scheduler {
     /// Everything remembered about each domain, one record per domain run.
     domains: Tracker<DomainRecord>,
-    /// Samples over which vCPU loads are averaged.
-    window: usize,
-    policy: CpuPolicy,
+    /// What the options ask for.
+    config: SchedulerConfig,
     planner: Planner,
-    dry_run: bool,
     cycles: u64,
     /// Set after a cycle that changed pins: the next interval straddles the change, so its
     /// figures mix the old placement and the new, and the next cycle only observes (rule 7).
@@ -43,18 +41,12 @@ pub struct Scheduler {
     settle_after_changes: bool,
     /// Whether the host reports run-queue delay, once known (said once in the log).
     delay_reported: Option<bool>,
-    /// Where each vCPU may go (rule 9).
+    /// Where each vCPU may go (rule 9), within the configuration's pool and NUMA crossing.
     allowed: AllowedSets,
-    /// Domains left alone.
-    exclusions: Exclusions,
-    /// The daemon's period, where known: a sample that takes a good part of it is not decided on.
-    period: Option<Duration>,
     /// Said that sampling is slow, and not yet that it is back to normal.
     slow: bool,
     /// The host topology last said in the log.
     topology_said: TopologySaid,
-    /// Balance the vCPUs numad places too (`--override-numad`).
-    override_numad: bool,
     /// Whether numad ran on the host at the last cycle, once said in the log.
     numad_said: Option<bool>,
 }
@@ -76,52 +68,101 @@ pub const DEFAULT_WINDOW: usize = 1;
 /// A vCPU planning policy: a snapshot in, pin moves out.
 pub type Planner = fn(&CpuSnapshot, &CpuPolicy) -> CpuPlan;
 
-impl Scheduler {
-    /// A scheduler with no history, averaging loads over [`DEFAULT_WINDOW`] samples.
-    pub fn new(policy: CpuPolicy, dry_run: bool) -> Self {
-        Self::with_planner(policy, dry_run, plan)
-    }
+/// What the vCPU scheduler's options ask for: given whole at start and again on each reload.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// The planner's policy (`--threshold`, `--max-changes`).
+    pub policy: CpuPolicy,
+    /// Decide and say, change nothing (`--dry-run`).
+    pub dry_run: bool,
+    /// Samples over which vCPU loads are averaged (`--window`; 1: judge each sample alone).
+    pub window: usize,
+    /// Pin vCPUs only within these pCPUs, sorted (`--cpus`; `None`: every online pCPU).
+    pub pool: Option<Vec<u32>>,
+    /// Let vCPUs whose memory is not bound to a NUMA node leave the node they run on
+    /// (`--cross-node`).
+    pub cross_node: bool,
+    /// Domains left alone: read, never re-pinned (`--exclude`, and their own metadata).
+    pub exclusions: Exclusions,
+    /// The daemon's period, where known (PERIOD): a cycle whose sampling took more than half of
+    /// it decides nothing (its domains were read at instants too far apart to compare).
+    pub period: Option<Duration>,
+    /// Balance the vCPUs numad places too (`--override-numad`): when numad runs on the host, or
+    /// a domain's vCPU placement is `auto`, they are otherwise left alone.
+    pub override_numad: bool,
+}
 
-    /// A scheduler deciding with another planner (benchmarks compare policies this way).
-    pub fn with_planner(policy: CpuPolicy, dry_run: bool, planner: Planner) -> Self {
+impl Default for SchedulerConfig {
+    /// The defaults of the options, loads averaged over [`DEFAULT_WINDOW`] samples.
+    fn default() -> Self {
+        Self {
+            policy: CpuPolicy::default(),
+            dry_run: false,
+            window: DEFAULT_WINDOW,
+            pool: None,
+            cross_node: false,
+            exclusions: Exclusions::default(),
+            period: None,
+            override_numad: false,
+        }
+    }
+}
+
+impl Scheduler {
+    /// A scheduler with no history, configured as `config` says.
+    pub fn new(config: SchedulerConfig) -> Self {
         Self {
             domains: Tracker::new(),
-            window: DEFAULT_WINDOW,
-            policy,
-            planner,
-            dry_run,
+            allowed: AllowedSets::new(config.pool.clone()).with_cross_node(config.cross_node),
+            config,
+            planner: plan,
             cycles: 0,
             settling: false,
             settle_after_changes: true,
             delay_reported: None,
-            allowed: AllowedSets::default(),
-            exclusions: Exclusions::default(),
-            period: None,
             slow: false,
             topology_said: TopologySaid::Nothing,
-            override_numad: false,
             numad_said: None,
         }
     }
 
-    /// Balance the vCPUs numad places too (when numad runs on the host, or a domain's vCPU
-    /// placement is `auto`), which are otherwise left alone.
-    pub fn with_override_numad(mut self, override_numad: bool) -> Self {
-        self.override_numad = override_numad;
+    /// Decide with another planner (benchmarks compare policies this way).
+    pub fn with_planner(mut self, planner: Planner) -> Self {
+        self.planner = planner;
         self
     }
 
-    /// [`Scheduler::with_override_numad`] on a running scheduler (a configuration reloaded): a
-    /// change is said in the log again at the next cycle.
-    pub fn set_override_numad(&mut self, override_numad: bool) {
-        if override_numad == self.override_numad {
-            return;
+    /// Decide in every cycle, even right after pin changes (benchmarks use it to run the seed's
+    /// one-move-per-period policy as it was).
+    pub fn without_settling(mut self) -> Self {
+        self.settle_after_changes = false;
+        self
+    }
+
+    /// Apply `config` from the next cycle, keeping all the scheduler knows (rates, first-seen
+    /// affinities, the samples of each window): a configuration reloaded. A change of
+    /// `--override-numad` is said in the log again.
+    pub fn configure(&mut self, config: SchedulerConfig) {
+        if config.window != self.config.window {
+            for record in self.domains.records_mut() {
+                for v in record.vcpus.values_mut() {
+                    v.history.set_window(config.window);
+                }
+            }
         }
-        self.override_numad = override_numad;
-        self.numad_said = None;
-        for record in self.domains.records_mut() {
-            record.numad_said = false;
+        if config.override_numad != self.config.override_numad {
+            self.numad_said = None;
+            for record in self.domains.records_mut() {
+                record.numad_said = false;
+            }
         }
+        self.allowed = AllowedSets::new(config.pool.clone()).with_cross_node(config.cross_node);
+        self.config = config;
+    }
+
+    /// What the scheduler runs with.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
     }
 
     /// Does numad place every domain's vCPUs on this host (it runs, and is not overridden)?
@@ -129,7 +170,7 @@ impl Scheduler {
     fn numad_owns_the_host(&mut self, host: &mut dyn Host) -> bool {
         let running = host.numad_running();
         if self.numad_said != Some(running) {
-            match (running, self.override_numad) {
+            match (running, self.config.override_numad) {
                 (true, false) => log::warn!(
                     "numad runs on this host and places the guests' processes: every vCPU is left alone, so the two tools do not undo each other's pins (--override-numad to balance anyway, or stop numad)"
                 ),
@@ -143,71 +184,7 @@ impl Scheduler {
             }
             self.numad_said = Some(running);
         }
-        running && !self.override_numad
-    }
-
-    /// Pin vCPUs only within `pool` (sorted pCPU numbers; `--cpus`), and let vCPUs whose memory
-    /// is not bound to a NUMA node leave the node they run on only with `cross_node`.
-    pub fn with_limits(mut self, pool: Option<Vec<u32>>, cross_node: bool) -> Self {
-        self.allowed = AllowedSets::new(pool).with_cross_node(cross_node);
-        self
-    }
-
-    /// Run every `period`: a cycle whose sampling took more than half of it decides nothing
-    /// (its domains were read at instants too far apart to compare their loads).
-    pub fn with_period(mut self, period: Duration) -> Self {
-        self.period = Some(period);
-        self
-    }
-
-    /// Leave the domains `exclusions` names alone: read, never re-pinned.
-    pub fn with_exclusions(mut self, exclusions: Exclusions) -> Self {
-        self.exclusions = exclusions;
-        self
-    }
-
-    /// Average vCPU loads over the last `window` samples (1: judge each sample alone).
-    pub fn with_window(mut self, window: usize) -> Self {
-        self.window = window;
-        self
-    }
-
-    /// Change the policy and the dry-run mode from the next cycle, keeping all the scheduler
-    /// knows (rates, first-seen affinities): a configuration reloaded.
-    pub fn set_policy(&mut self, policy: CpuPolicy, dry_run: bool) {
-        self.policy = policy;
-        self.dry_run = dry_run;
-    }
-
-    /// Average vCPU loads over the last `window` samples from now on, the samples kept.
-    pub fn set_window(&mut self, window: usize) {
-        self.window = window;
-        for record in self.domains.records_mut() {
-            for v in record.vcpus.values_mut() {
-                v.history.set_window(window);
-            }
-        }
-    }
-
-    /// Change the pool, NUMA crossing, exclusions and period from the next cycle (see the
-    /// `with_` builders).
-    pub fn set_limits(
-        &mut self,
-        pool: Option<Vec<u32>>,
-        cross_node: bool,
-        exclusions: Exclusions,
-        period: Duration,
-    ) {
-        self.allowed = AllowedSets::new(pool).with_cross_node(cross_node);
-        self.exclusions = exclusions;
-        self.period = Some(period);
-    }
-
-    /// Decide in every cycle, even right after pin changes (benchmarks use it to run the seed's
-    /// one-move-per-period policy as it was).
-    pub fn without_settling(mut self) -> Self {
-        self.settle_after_changes = false;
-        self
+        running && !self.config.override_numad
     }
 
     /// Run one cycle. `Ok(None)` when the host has no active domain.
@@ -221,7 +198,7 @@ impl Scheduler {
         if samples.is_empty() && stuck.is_empty() {
             return Ok(None);
         }
-        let mut report = CpuReport::new(self.dry_run);
+        let mut report = CpuReport::new(self.config.dry_run);
         let mut names = DomainNames::default();
         let numad_host = self.numad_owns_the_host(host);
         let topology = host.topology()?;
@@ -249,16 +226,17 @@ impl Scheduler {
             return Ok(Some(report));
         }
         let started = std::time::Instant::now();
-        let plan = (self.planner)(&snapshot, &self.policy);
+        let plan = (self.planner)(&snapshot, &self.config.policy);
         report.decision_secs = Some(started.elapsed().as_secs_f64());
         self.apply(host, &plan, &snapshot, &names, &mut report)?;
         report.decision = Decision::Planned;
         report.basis = Some(plan.basis);
         report.planned = plan.moves.len();
-        report.balanced = plan.before.fixable_spread <= self.policy.threshold;
+        report.balanced = plan.before.fixable_spread <= self.config.policy.threshold;
         report.predicted_spread = plan.after.spread;
-        report.unserved_share = unserved_share(&snapshot, &plan, self.policy.threshold);
-        self.settling = self.settle_after_changes && !self.dry_run && !report.moves.is_empty();
+        report.unserved_share = unserved_share(&snapshot, &plan, self.config.policy.threshold);
+        self.settling =
+            self.settle_after_changes && !self.config.dry_run && !report.moves.is_empty();
         Ok(Some(report))
     }
 
@@ -287,9 +265,10 @@ impl Scheduler {
             record.name.clone_from(&sample.domain.name);
             record.keep_only(&sample.vcpus);
             let excluded = self
+                .config
                 .exclusions
                 .excludes(&sample.domain, &mut record.excluded);
-            let numad_domain = sample.domain.facts.auto_placement && !self.override_numad;
+            let numad_domain = sample.domain.facts.auto_placement && !self.config.override_numad;
             if numad_domain && !std::mem::replace(&mut record.numad_said, true) {
                 log::info!(
                     "domain {}: its vCPU placement is auto (numad chose its nodes): its vCPUs are left alone (--override-numad to balance them)",
@@ -305,7 +284,7 @@ impl Scheduler {
             for vcpu in &sample.vcpus {
                 let v = vcpus
                     .entry(vcpu.number)
-                    .or_insert_with(|| VcpuRecord::new(self.window, vcpu));
+                    .or_insert_with(|| VcpuRecord::new(self.config.window, vcpu));
                 sampler.record(sample.domain.id, sample.at, vcpu, &mut v.history);
                 // Rule 9: where each vCPU may go.
                 let key = VcpuKey {
@@ -349,7 +328,7 @@ impl Scheduler {
     /// Did sampling take more than half the period? Said once when it starts being so, and
     /// once when it stops.
     fn sampling_was_slow(&mut self, took: Duration) -> bool {
-        let Some(period) = self.period else {
+        let Some(period) = self.config.period else {
             return false;
         };
         let slow = took > period / 2;
@@ -484,7 +463,7 @@ impl Scheduler {
             snapshot.vcpus.iter().map(|v| (v.key, &v.allowed)).collect();
         for m in &plan.moves {
             let domain = names.of(&m.key.domain);
-            let made = self.dry_run
+            let made = self.config.dry_run
                 || changed_or_skipped(
                     &domain,
                     &format!("vCPU{} could be pinned", m.key.vcpu),
@@ -494,7 +473,7 @@ impl Scheduler {
                 report.skipped += 1;
                 continue;
             }
-            if !self.dry_run
+            if !self.config.dry_run
                 && let Some(v) = self.vcpu_record(&m.key)
             {
                 v.pinned_to = Some(m.to);
