@@ -178,15 +178,44 @@ pub struct Standing {
     pub self_deflates: bool,
 }
 
+/// One guest as the planner sees it: its figures (which it derefs to), what its history and the
+/// admin say of it, and where its memory must live.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedGuest {
+    /// Its figures, from its latest report.
+    pub memory: GuestMemory,
+    /// What its history and the admin say of it.
+    pub standing: Standing,
+    /// The NUMA nodes its memory is strictly bound to, where it is.
+    pub nodes: Option<Vec<u32>>,
+}
+
+impl From<GuestMemory> for PlannedGuest {
+    /// A guest with a default standing, bound to no node.
+    fn from(memory: GuestMemory) -> Self {
+        Self {
+            memory,
+            standing: Standing::default(),
+            nodes: None,
+        }
+    }
+}
+
+impl std::ops::Deref for PlannedGuest {
+    type Target = GuestMemory;
+
+    fn deref(&self) -> &GuestMemory {
+        &self.memory
+    }
+}
+
 /// Everything the memory planner needs at one instant.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MemSnapshot {
-    /// Guests with a fresh report and a rate.
-    pub guests: Vec<GuestMemory>,
+    /// Guests with a fresh report and a rate: one list, each with all the planner knows of it.
+    pub guests: Vec<PlannedGuest>,
     /// The host's memory, when the driver reports it; without it nothing is taken from the host.
     pub host: Option<HostMemory>,
-    /// What each guest's history says of it; a guest missing here has a default standing.
-    pub standing: HashMap<DomainId, Standing>,
     /// Memory guests may still make the host back, KiB: what they hold free (every page a guest
     /// never touched is free in it), as last reported and moved by their balloons since
     /// ([`crate::ledger::GuestLedger::unbacked_kib`]). The host may have to back it at any time, so it
@@ -194,8 +223,6 @@ pub struct MemSnapshot {
     pub unbacked_kib: u64,
     /// Each NUMA node's memory, on a host of two nodes or more (empty: one budget for all).
     pub nodes: Vec<NodeMemory>,
-    /// The NUMA nodes each guest's memory is strictly bound to, for the guests bound.
-    pub bound: HashMap<DomainId, Vec<u32>>,
     /// What the guests bound to each node may still make it back, KiB (a guest bound to several
     /// nodes counts on each: it may touch any of them).
     pub node_unbacked_kib: HashMap<u32, u64>,
@@ -211,9 +238,24 @@ impl MemSnapshot {
         }
     }
 
-    /// The standing of guest `id`.
+    /// Guest `id`, if it is in the snapshot.
+    pub fn guest(&self, id: &DomainId) -> Option<&PlannedGuest> {
+        self.guests.iter().find(|g| g.id == *id)
+    }
+
+    /// Each guest, by UUID.
+    fn by_id(&self) -> HashMap<DomainId, &PlannedGuest> {
+        self.guests.iter().map(|g| (g.id, g)).collect()
+    }
+
+    /// Guest `id`, to change, if it is in the snapshot.
+    pub fn guest_mut(&mut self, id: &DomainId) -> Option<&mut PlannedGuest> {
+        self.guests.iter_mut().find(|g| g.id == *id)
+    }
+
+    /// The standing of guest `id` (a default one for a guest not in the snapshot).
     pub fn standing(&self, id: &DomainId) -> Standing {
-        self.standing.get(id).copied().unwrap_or_default()
+        self.guest(id).map(|g| g.standing).unwrap_or_default()
     }
 }
 
@@ -369,7 +411,7 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
     // Rule 2.
     let status: Vec<MemStatus> = guests
         .iter()
-        .map(|g| policy.status(g, &snapshot.standing(&g.id)))
+        .map(|g| policy.status(g, &g.standing))
         .collect();
     let mut target: Vec<u64> = guests.iter().map(|g| g.actual_kib).collect();
     let mut out = MemPlan::default();
@@ -381,7 +423,7 @@ pub fn plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> MemPlan {
     // Rule 3: a guest behind its last grant is fed nothing, and does not hold up rule 4 either.
     let starving: Vec<usize> = (0..guests.len())
         .filter(|&i| status[i] == MemStatus::Starving)
-        .filter(|&i| !snapshot.standing(&guests[i].id).behind)
+        .filter(|&i| !guests[i].standing.behind)
         .collect();
     let mut wanted = Fed::default();
     if starving.is_empty() {
@@ -431,7 +473,7 @@ fn cushion_givers(
         .filter(|&i| guests[i].pace_kib_s() <= policy.consuming_kib_s)
         .map(|i| {
             let g = &guests[i];
-            let share = policy.share_keep_kib(g, &snapshot.standing(&g.id));
+            let share = policy.share_keep_kib(g, &g.standing);
             let step_left = policy
                 .max_step_kib
                 .saturating_sub(g.actual_kib.saturating_sub(target[i]));
@@ -444,7 +486,7 @@ fn cushion_givers(
 }
 
 /// The resizes that take each of `guests` to its `target` size (same order), shrinks first.
-pub fn changes_to(guests: &[GuestMemory], target: &[u64]) -> Vec<BalloonChange> {
+pub fn changes_to(guests: &[PlannedGuest], target: &[u64]) -> Vec<BalloonChange> {
     let mut changes: Vec<BalloonChange> = guests
         .iter()
         .zip(target)
@@ -467,7 +509,7 @@ fn givers(snapshot: &MemSnapshot, status: &[MemStatus], policy: &MemPolicy) -> V
         .filter(|&i| status[i] == MemStatus::Wasting)
         .map(|i| {
             let g = &guests[i];
-            let excess = policy.excess_kib(g, &snapshot.standing(&g.id));
+            let excess = policy.excess_kib(g, &g.standing);
             (i, excess.min(policy.max_step_kib))
         })
         .filter(|&(_, can)| can > 0)
@@ -477,7 +519,7 @@ fn givers(snapshot: &MemSnapshot, status: &[MemStatus], policy: &MemPolicy) -> V
 }
 
 /// Order `givers` (guest index, KiB) by their guest's free share, most free first, then by index.
-fn most_free_first(guests: &[GuestMemory], givers: &mut [(usize, u64)]) {
+fn most_free_first(guests: &[PlannedGuest], givers: &mut [(usize, u64)]) {
     givers.sort_by(|a, b| {
         guests[b.0]
             .free_pct()
@@ -501,7 +543,7 @@ fn feed(snapshot: &MemSnapshot, starving: &[usize], policy: &MemPolicy, target: 
         .iter()
         .map(|&i| {
             let g = &guests[i];
-            (i, want_kib(g, &snapshot.standing(&g.id), policy))
+            (i, want_kib(g, &g.standing, policy))
         })
         .collect();
     let asked: u64 = wants.iter().map(|&(_, w)| w).sum();
@@ -549,7 +591,7 @@ fn within_nodes(snapshot: &MemSnapshot, policy: &MemPolicy, grants: &mut [u64]) 
         .collect();
     let mut groups: BTreeMap<&[u32], Vec<usize>> = BTreeMap::new();
     for (i, g) in snapshot.guests.iter().enumerate() {
-        if let Some(nodes) = snapshot.bound.get(&g.id).filter(|_| grants[i] > 0) {
+        if let Some(nodes) = g.nodes.as_ref().filter(|_| grants[i] > 0) {
             groups.entry(nodes.as_slice()).or_default().push(i);
         }
     }
@@ -643,7 +685,7 @@ fn return_to_host(
     let mut to_host_kib = 0;
     for &(i, can) in givers {
         let g = &snapshot.guests[i];
-        let excess = policy.excess_kib(g, &snapshot.standing(&g.id));
+        let excess = policy.excess_kib(g, &g.standing);
         let step = ((excess as f64 * fraction).ceil() as u64)
             .max(policy.min_step_kib)
             .min(can);
@@ -667,12 +709,7 @@ pub fn checked_plan(snapshot: &MemSnapshot, policy: &MemPolicy) -> (MemPlan, Vec
 
 /// How change `c` breaks a hard limit of its guest `g` (rule 6), if it does; `g` is `None` when
 /// the guest is not in the snapshot.
-fn change_problems(
-    c: &BalloonChange,
-    g: Option<&GuestMemory>,
-    snapshot: &MemSnapshot,
-    policy: &MemPolicy,
-) -> Vec<String> {
+fn change_problems(c: &BalloonChange, g: Option<&PlannedGuest>, policy: &MemPolicy) -> Vec<String> {
     let Some(g) = g else {
         return vec![format!("{}: not in the snapshot", c.id)];
     };
@@ -683,7 +720,7 @@ fn change_problems(
             c.id, c.to_kib, g.max_kib
         ));
     }
-    let floor = policy.hard_floor_kib(g, &snapshot.standing(&c.id));
+    let floor = policy.hard_floor_kib(g, &g.standing);
     if c.shrinks() && c.to_kib < floor {
         found.push(format!(
             "{}: {} KiB under its floor {} KiB (uses {} KiB)",
@@ -710,12 +747,11 @@ fn granted_kib(changes: &[BalloonChange]) -> u64 {
 
 /// Rule 6: every way `plan` breaks a hard limit for `snapshot`; empty when it is safe to apply.
 pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) -> Vec<String> {
-    let guests: HashMap<DomainId, &GuestMemory> =
-        snapshot.guests.iter().map(|g| (g.id, g)).collect();
+    let guests = snapshot.by_id();
     let mut found: Vec<String> = plan
         .changes
         .iter()
-        .flat_map(|c| change_problems(c, guests.get(&c.id).copied(), snapshot, policy))
+        .flat_map(|c| change_problems(c, guests.get(&c.id).copied(), policy))
         .collect();
     let granted = granted_kib(&plan.changes);
     let budget = policy.host_budget_kib(snapshot.host, snapshot.unbacked_kib);
@@ -732,7 +768,8 @@ pub fn violations(snapshot: &MemSnapshot, plan: &MemPlan, policy: &MemPolicy) ->
 
 /// What is said of change `c`, a grant beyond what its guest's NUMA nodes can spare.
 fn beyond_nodes_said(snapshot: &MemSnapshot, c: &BalloonChange) -> String {
-    let nodes = snapshot.bound.get(&c.id).map_or(String::new(), |n| {
+    let bound = snapshot.guest(&c.id).and_then(|g| g.nodes.as_ref());
+    let nodes = bound.map_or(String::new(), |n| {
         n.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
     });
     format!(
@@ -751,11 +788,10 @@ pub fn safe_part(
     mut plan: MemPlan,
     policy: &MemPolicy,
 ) -> (MemPlan, Vec<String>) {
-    let guests: HashMap<DomainId, &GuestMemory> =
-        snapshot.guests.iter().map(|g| (g.id, g)).collect();
+    let guests = snapshot.by_id();
     let mut dropped = Vec::new();
     plan.changes.retain(|c| {
-        let problems = change_problems(c, guests.get(&c.id).copied(), snapshot, policy);
+        let problems = change_problems(c, guests.get(&c.id).copied(), policy);
         dropped.extend(problems.iter().take(1).cloned());
         problems.is_empty()
     });

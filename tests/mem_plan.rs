@@ -4,7 +4,9 @@ use std::collections::HashMap;
 
 use proptest::prelude::*;
 use vmbalance::host::{DomainId, HostMemory, NodeMemory};
-use vmbalance::mem_plan::{MemPlan, MemPolicy, MemSnapshot, MemStatus, Standing, plan, violations};
+use vmbalance::mem_plan::{
+    MemPlan, MemPolicy, MemSnapshot, MemStatus, PlannedGuest, Standing, plan, violations,
+};
 use vmbalance::sampling::GuestMemory;
 
 const MIB: u64 = 1024;
@@ -31,10 +33,30 @@ fn policy() -> MemPolicy {
 
 fn snapshot(guests: Vec<GuestMemory>, host: Option<HostMemory>) -> MemSnapshot {
     MemSnapshot {
-        guests,
+        guests: guests.into_iter().map(PlannedGuest::from).collect(),
         host,
         ..MemSnapshot::default()
     }
+}
+
+/// Guest `id` of `s` has `standing`.
+fn set_standing(s: &mut MemSnapshot, id: DomainId, standing: Standing) {
+    s.guest_mut(&id)
+        .expect("the guest is in the snapshot")
+        .standing = standing;
+}
+
+/// Guest `n`'s memory is strictly bound to NUMA node `node`.
+fn bind(s: &mut MemSnapshot, n: u8, node: u32) {
+    let g = s
+        .guest_mut(&DomainId([n; 16]))
+        .expect("the guest is in the snapshot");
+    g.nodes = Some(vec![node]);
+}
+
+/// The NUMA nodes guest `id` of `s` is bound to.
+fn nodes_of(s: &MemSnapshot, id: DomainId) -> Option<&Vec<u32>> {
+    s.guest(&id).and_then(|g| g.nodes.as_ref())
 }
 
 fn checked(s: MemSnapshot, pol: &MemPolicy) -> (MemSnapshot, MemPlan) {
@@ -140,7 +162,8 @@ fn memory_guests_may_still_touch_is_not_the_hosts_to_give() {
 
 /// Guest `n`'s balloon did not follow its last grant.
 fn mark_behind(s: &mut MemSnapshot, n: u8) {
-    s.standing.insert(
+    set_standing(
+        s,
         DomainId([n; 16]),
         Standing {
             behind: true,
@@ -263,7 +286,7 @@ fn reclaim(mut g: GuestMemory, pol: &MemPolicy, host_mib: (u64, u64)) -> Vec<u64
     for _ in 0..200 {
         let status = pol.status(&g, &standing);
         let mut s = snapshot(vec![g], host(host_mib.0, host_mib.1));
-        s.standing = HashMap::from([(g.id, standing)]);
+        s.guests[0].standing = standing;
         let (s, p) = checked(s, pol);
         standing.reclaiming = status == MemStatus::Wasting;
         let next = size_mib(&s, &p, 1);
@@ -361,7 +384,8 @@ fn a_guest_bound_to_a_full_numa_node_is_fed_only_from_that_node() {
         host(16384, 6600),
     );
     s.nodes = two_nodes(600);
-    s.bound = HashMap::from([(DomainId([1; 16]), vec![0]), (DomainId([2; 16]), vec![1])]);
+    bind(&mut s, 1, 0);
+    bind(&mut s, 2, 1);
     let (_, p) = checked(s.clone(), &policy());
     let grant = |p: &MemPlan, n: u8| {
         p.changes
@@ -379,7 +403,7 @@ fn a_guest_bound_to_a_full_numa_node_is_fed_only_from_that_node() {
     assert_eq!(grant(&p, 1), node0_spare - 150);
     // Two guests bound to the same full node share it in proportion to their wants.
     s.node_unbacked_kib.clear();
-    s.bound.insert(DomainId([3; 16]), vec![0]);
+    bind(&mut s, 3, 0);
     let (_, p) = checked(s.clone(), &policy());
     assert!(grant(&p, 1).abs_diff(grant(&p, 3)) <= 1, "{p:?}");
     assert!(grant(&p, 1) + grant(&p, 3) <= node0_spare);
@@ -390,7 +414,7 @@ fn a_guest_bound_to_a_full_numa_node_is_fed_only_from_that_node() {
     // A change another planner makes beyond the node is dropped alone.
     let mut s = snapshot(vec![starving(1), starving(2)], host(16384, 6600));
     s.nodes = two_nodes(600);
-    s.bound = HashMap::from([(DomainId([1; 16]), vec![0])]);
+    bind(&mut s, 1, 0);
     let greedy = MemPlan {
         changes: [1, 2]
             .map(|n| vmbalance::mem_plan::BalloonChange {
@@ -577,7 +601,8 @@ fn a_wasting_guest_is_never_shrunk_under_its_floor_what_it_uses_or_its_guarantee
         vec![guest(1, 2000, 1800, 0.0), guest(2, 1000, 10, 300.0)],
         host(16384, 8000),
     );
-    s.standing.insert(
+    set_standing(
+        &mut s,
         DomainId([1; 16]),
         Standing {
             guaranteed_kib: 1900 * MIB,
@@ -614,7 +639,8 @@ fn violations_catch_unsafe_plans() {
     s.unbacked_kib = 100 * MIB;
     assert!(found(&s, 1250, "may still touch"));
     // Nor is a guarantee to be shrunk under.
-    s.standing.insert(
+    set_standing(
+        &mut s,
         DomainId([1; 16]),
         Standing {
             guaranteed_kib: 950 * MIB,
@@ -684,7 +710,7 @@ fn arb_snapshot() -> impl Strategy<Value = (MemSnapshot, MemPolicy)> {
                 let node_count = nodes.len();
                 // Guest i is bound to the nodes whose bit is set in bindings[i] (nodes the host
                 // has or not: a node it does not describe grants nothing).
-                let bound = guests
+                let bound: HashMap<DomainId, Vec<u32>> = guests
                     .iter()
                     .zip(&bindings)
                     .filter(|&(_, &bits)| bits != 0 && node_count > 0)
@@ -694,8 +720,14 @@ fn arb_snapshot() -> impl Strategy<Value = (MemSnapshot, MemPolicy)> {
                     })
                     .collect();
                 let s = MemSnapshot {
-                    standing: guests.iter().map(|(g, st)| (g.id, *st)).collect(),
-                    guests: guests.into_iter().map(|(g, _)| g).collect(),
+                    guests: guests
+                        .into_iter()
+                        .map(|(memory, standing)| PlannedGuest {
+                            nodes: bound.get(&memory.id).cloned(),
+                            memory,
+                            standing,
+                        })
+                        .collect(),
                     host: host.map(|(total, free_pct)| {
                         HostMemory::new(total * MIB, total * MIB * free_pct / 100)
                     }),
@@ -714,7 +746,6 @@ fn arb_snapshot() -> impl Strategy<Value = (MemSnapshot, MemPolicy)> {
                             free_kib: free * MIB,
                         })
                         .collect(),
-                    bound,
                 };
                 let pol = MemPolicy {
                     host_target_pct,
@@ -784,13 +815,13 @@ proptest! {
                 let granted: u64 = p
                     .changes
                     .iter()
-                    .filter(|c| !c.shrinks() && s.bound.get(&c.id) == Some(&vec![n.node]))
+                    .filter(|c| !c.shrinks() && nodes_of(&s, c.id) == Some(&vec![n.node]))
                     .map(|c| c.to_kib - c.from_kib)
                     .sum();
                 prop_assert!(granted <= spare, "node {}: {granted} > {spare}", n.node);
             }
             for c in p.changes.iter().filter(|c| !c.shrinks()) {
-                if let Some(nodes) = s.bound.get(&c.id) {
+                if let Some(nodes) = nodes_of(&s, c.id) {
                     prop_assert!(
                         nodes.iter().any(|&b| s.nodes.iter().any(|n| n.node == b)),
                         "granted from nodes {nodes:?} the host does not describe"

@@ -105,6 +105,7 @@ fn mem_snapshot(guests: usize, seed: u64) -> MemSnapshot {
                     rate_kib_s: rng.range(-20.0, 40.0) * 1024.0,
                     latest_rate_kib_s: 0.0,
                 }
+                .into()
             })
             .collect(),
         host: Some(HostMemory::new(1 << 30, 1 << 28)),

@@ -18,7 +18,8 @@ use crate::host::{
 };
 use crate::ledger::{GuestLedger, at_max_kib, host_floor_kib};
 use crate::mem_plan::{
-    BalloonChange, MemPlan, MemPlanner, MemPolicy, MemSnapshot, Standing, checked_plan,
+    BalloonChange, MemPlan, MemPlanner, MemPolicy, MemSnapshot, PlannedGuest, Standing,
+    checked_plan,
 };
 use crate::report::{GuestLine, GuestState, HostLine, MemReport, ResizeLine, ResizeWhy, mib};
 use crate::sampling::{GuestMemory, MemoryHistory, MemoryReading};
@@ -207,12 +208,12 @@ impl Coordinator {
         }
         let judged = Self::classify(guest, sample, &self.policy);
         snapshot.add_unbacked(dom.facts.memory_nodes.as_deref(), judged.unbacked_kib);
-        if let Some((g, standing)) = judged.fresh {
-            snapshot.guests.push(g);
-            snapshot.standing.insert(g.id, standing);
-            if let Some(nodes) = &dom.facts.memory_nodes {
-                snapshot.bound.insert(g.id, nodes.clone());
-            }
+        if let Some((memory, standing)) = judged.fresh {
+            snapshot.guests.push(PlannedGuest {
+                memory,
+                standing,
+                nodes: dom.facts.memory_nodes.clone(),
+            });
         }
         names.insert(dom);
         report.guests.push(judged.line);
@@ -423,7 +424,7 @@ impl Coordinator {
 
     /// Why change `c` of the plan for `snapshot` is made, in a word and with its figures.
     fn reason(&self, c: &BalloonChange, snapshot: &MemSnapshot) -> (ResizeWhy, String) {
-        let Some(g) = snapshot.guests.iter().find(|g| g.id == c.id) else {
+        let Some(g) = snapshot.guest(&c.id) else {
             return (ResizeWhy::Idle, String::new());
         };
         let free = g.free_pct();
