@@ -11,6 +11,7 @@ use vmbalance::daemon::{
     CommonArgs, Daemon, Given, Running, StopSignal, call_deadline, exit_with, parse_args,
     parse_non_negative, serve,
 };
+use vmbalance::exclusions::Exclusions;
 use vmbalance::host::{Host, HostResult};
 use vmbalance::libvirt::LibvirtHost;
 use vmbalance::mem_plan::MemPolicy;
@@ -123,6 +124,15 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 }
 
 impl Args {
+    /// What these options ask of the coordinator: its policy, dry-run mode and exclusions.
+    fn config(&self) -> Result<(MemPolicy, bool, Exclusions)> {
+        Ok((
+            self.policy()?,
+            self.common.dry_run,
+            self.common.exclusions(),
+        ))
+    }
+
     /// The policy, after checking the options make sense together.
     fn policy(&self) -> Result<MemPolicy> {
         ensure!(
@@ -205,9 +215,8 @@ impl Daemon for MemDaemon {
     }
 
     fn configure(&mut self, args: &Args) -> Result<(), String> {
-        let policy = args.policy().map_err(|e| format!("{e:#}"))?;
-        self.0
-            .reconfigure(policy, args.common.dry_run, args.common.exclusions());
+        let (policy, dry_run, exclusions) = args.config().map_err(|e| format!("{e:#}"))?;
+        self.0.reconfigure(policy, dry_run, exclusions);
         Ok(())
     }
 }
@@ -258,17 +267,12 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmbalance::daemon::options_not_reloaded;
+    use vmbalance::daemon::{options_not_reloaded, restart_options_not_in_the_guide};
 
     #[test]
     fn every_option_is_applied_by_a_reload_or_said_to_need_a_restart() {
         let missed = options_not_reloaded::<Args>(MemDaemon::AT_RESTART, |args| {
-            let policy = args.policy().ok()?;
-            let common = &args.common;
-            Some(format!(
-                "{policy:?} {} {:?}",
-                common.dry_run, common.exclude
-            ))
+            args.config().ok().map(|config| format!("{config:?}"))
         });
         assert!(
             missed.is_empty(),
@@ -278,21 +282,11 @@ mod tests {
 
     #[test]
     fn the_operations_guide_lists_every_option_a_reload_does_not_apply() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md");
-        let guide = std::fs::read_to_string(path).unwrap();
-        let listed = guide
-            .split("apply only at a restart")
-            .nth(1)
-            .and_then(|rest| rest.split("A test of each daemon").next())
-            .expect("the guide lists the options that apply only at a restart");
-        for long in vmbalance::daemon::AT_RESTART
-            .iter()
-            .chain(MemDaemon::AT_RESTART)
-        {
-            assert!(
-                listed.contains(&format!("`--{long}`")),
-                "--{long} is not listed"
-            );
-        }
+        let guide = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"));
+        let missing = restart_options_not_in_the_guide(guide, MemDaemon::AT_RESTART);
+        assert!(
+            missing.is_empty(),
+            "docs/operations.md does not list {missing:?}"
+        );
     }
 }

@@ -120,3 +120,20 @@ pub fn options_not_reloaded<A: Parser>(
     }
     missed
 }
+
+/// The options among [`AT_RESTART`] and `own` (a daemon's own) that `guide` (the operations
+/// guide's text) does not list as applying only at a restart: for each daemon's tests, so the
+/// guide follows the declarations.
+pub fn restart_options_not_in_the_guide(guide: &str, own: &[&str]) -> Vec<String> {
+    let listed = guide
+        .split("apply only at a restart")
+        .nth(1)
+        .and_then(|rest| rest.split("A test of each daemon").next())
+        .unwrap_or_default();
+    AT_RESTART
+        .iter()
+        .chain(own)
+        .filter(|long| !listed.contains(&format!("`--{long}`")))
+        .map(|long| format!("--{long}"))
+        .collect()
+}
