@@ -6,8 +6,8 @@
 
 use clap::{ArgAction, ArgMatches, Command};
 
-/// The options every daemon applies only at a restart, by long name: the connection, the run's
-/// shape, the log level and the metrics endpoint. (`--config` itself cannot change: a reload
+/// The options every daemon applies only at a restart, by long name: the connection and what it
+/// may hold of libvirtd, the run's shape, the log level and the metrics endpoint. (`--config` itself cannot change: a reload
 /// re-reads the file the command line names.)
 pub const AT_RESTART: &[&str] = &[
     "connect",
@@ -18,6 +18,7 @@ pub const AT_RESTART: &[&str] = &[
     "wait",
     "metrics-address",
     "web-config-file",
+    "max-libvirt-calls",
     "config",
 ];
 

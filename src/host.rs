@@ -324,6 +324,10 @@ pub trait Host {
         false
     }
 
+    /// Wait at most `deadline` for each call that may wait on a domain's QEMU from now on (the
+    /// period changed); a host whose calls never wait ignores it.
+    fn set_call_deadline(&mut self, _deadline: std::time::Duration) {}
+
     /// Forget what is read once per domain (its configured affinity, its metadata, its pins), so
     /// the next sample reads it again: the operator changed something (SIGHUP).
     fn reload(&mut self) {}

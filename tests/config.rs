@@ -90,7 +90,10 @@ fn a_bad_file_at_start_is_one_line_naming_it_and_exit_2() {
 fn sighup_applies_a_new_threshold_at_once_keeping_the_rates_and_a_bad_file_changes_nothing() {
     let uri = common::test_uri("node.xml");
     let file = config("reload", "period = 0.2\nthreshold = 10\n");
-    let d = Daemon::start(SCHEDULER, &["-c", &uri, "--config", file.to_str().unwrap()]);
+    let d = Daemon::start(
+        SCHEDULER,
+        &["-c", &uri, "--config", file.to_str().unwrap(), "-v"],
+    );
     d.wait_for("cycle 4:");
     std::fs::write(&file, "period = 0.3\nthreshold = 25\n").unwrap();
     d.send("-HUP");
@@ -130,6 +133,11 @@ fn sighup_applies_a_new_threshold_at_once_keeping_the_rates_and_a_bad_file_chang
         "no cycle after a bad reload:\n{log}"
     );
     assert_eq!(log.matches("reloaded ").count(), 1, "{log}");
+    // The deadline of each call follows the new period (half of it, at least 1 s).
+    std::fs::write(&file, "period = 4\nthreshold = 25\n").unwrap();
+    d.send("-HUP");
+    d.wait_for("PERIOD 0.3 -> 4");
+    d.wait_for("waited for at most 2.0 s");
 }
 
 #[test]

@@ -1192,6 +1192,17 @@ fn scheduler_balances_the_others_while_a_guests_qemu_is_stopped() {
         per_pcpu[pins(n)[0].unwrap() as usize] += 1;
     }
     assert!(per_pcpu.iter().all(|&c| c == 2), "{per_pcpu:?}");
+    // The guests that answer keep their run-queue delay while one is stuck: every decision
+    // balances demand, none falls back to usage.
+    let bases: Vec<&str> = reports
+        .iter()
+        .filter(|r| r["decision"] == "planned")
+        .filter_map(|r| r["basis"].as_str())
+        .collect();
+    assert!(
+        !bases.is_empty() && bases.iter().all(|b| *b == "demand"),
+        "{bases:?}"
+    );
     // No figure beyond what an interval allows: at most 110 % per vCPU, 2 vCPUs per pCPU.
     for r in &reports {
         for pcpu in r["pcpus"].as_array().into_iter().flatten() {

@@ -225,7 +225,8 @@ fn run(args: Args, given: Given, policy: MemPolicy) -> Result<()> {
     let uri = args.common.uri();
     let period = args.common.period;
     let mut host = LibvirtHost::connect(&uri)?
-        .with_deadline(call_deadline(period), StopSignal::stop_requested);
+        .with_deadline(call_deadline(period), StopSignal::stop_requested)
+        .with_call_budget(args.common.max_libvirt_calls);
     let coordinator =
         Coordinator::new(policy, args.common.dry_run).with_exclusions(args.common.exclusions());
     info!(

@@ -139,7 +139,8 @@ fn run(args: Args, given: Given) -> Result<()> {
     let uri = args.common.uri();
     let period = args.common.period;
     let mut host = LibvirtHost::connect(&uri)?
-        .with_deadline(call_deadline(period), StopSignal::stop_requested);
+        .with_deadline(call_deadline(period), StopSignal::stop_requested)
+        .with_call_budget(args.common.max_libvirt_calls);
     let online = host.node_cpus().map_err(HostError::into_anyhow)?.online;
     if let Some(CpuList(pool)) = &args.cpus {
         check_pool(pool, &online, &uri)?;

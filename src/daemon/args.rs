@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use clap::builder::TypedValueParser as _;
 
 use crate::exclusions::{ExcludePattern, Exclusions};
 use crate::metrics::WebConfig;
@@ -65,6 +66,12 @@ pub struct CommonArgs {
     /// docs/vcpu_scheduler.md)
     #[arg(long = "exclude", value_name = "PATTERN", value_parser = ExcludePattern::parse)]
     pub exclude: Vec<ExcludePattern>,
+
+    /// Most calls the daemon has running in libvirt at once: each holds one of libvirtd's worker
+    /// threads (20 by default, for every client) until it returns, and a call to a hung QEMU may
+    /// never return. Past it, domains are not read until some return
+    #[arg(long, value_name = "N", default_value_t = crate::libvirt::DEFAULT_CALL_BUDGET, value_parser = clap::value_parser!(u64).range(1..=64).map(|n| n as usize))]
+    pub max_libvirt_calls: usize,
 
     /// Serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9841 (a host name,
     /// [IPv6]:PORT, or :PORT for every interface) [default: off]

@@ -80,6 +80,9 @@ impl<D: Daemon, H: Host> Turns for Served<'_, D, H> {
     fn reload(&mut self) -> Option<Duration> {
         log::info!("SIGHUP: re-reading every domain's configured affinity, metadata and pins");
         self.host.reload();
-        reload::reload(self.daemon, &mut self.running)
+        let period = reload::reload(self.daemon, &mut self.running)?;
+        // The deadline of each call follows the period.
+        self.host.set_call_deadline(call_deadline(period));
+        Some(period)
     }
 }

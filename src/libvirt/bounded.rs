@@ -9,6 +9,12 @@
 //! does: its [`Slot`] stays busy, and no other call is made on it meanwhile (each would only add a
 //! blocked thread); a domain stuck is skipped by the daemons, said once, until it answers again.
 //!
+//! Each call holds one of libvirtd's worker threads until it returns, and a call to a hung QEMU
+//! may never return: calls still running past their deadline pile up in libvirtd, whose pool is
+//! small (20 workers by default), until it answers no client at all. So the calls running at once
+//! are capped at a budget ([`Bounded::new`]); past it no call is made (the domain is not read this
+//! cycle) until some return.
+//!
 //! Each call runs on a connection of its own, taken from a pool ([`Connections`]) and given back
 //! when it returns: a call stuck in libvirt holds up every other call on its connection (measured
 //! on real guests: with one stuck call on the daemon's connection, the others took 5 to 20 s), so
@@ -103,16 +109,41 @@ pub struct Bounded {
     connections: Connections,
     /// Calls running: waited for, or past their deadline (stuck).
     running: Arc<AtomicUsize>,
+    /// The most calls running at once: what the daemon may hold of libvirtd's workers.
+    budget: usize,
+}
+
+/// Why a call gave no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unanswered {
+    /// It did not return within the deadline, or a call on its slot is still running.
+    Late,
+    /// It was not made: the budget of calls running at once is spent.
+    OverBudget,
+    /// The daemon is stopping.
+    Stopping,
 }
 
 impl Bounded {
-    /// Calls on `connections`, each waited for at most `deadline`.
-    pub fn new(deadline: Duration, connections: Connections) -> Self {
+    /// Calls on `connections`, each waited for at most `deadline`, at most `budget` (at least
+    /// one) running at once.
+    pub fn new(deadline: Duration, connections: Connections, budget: usize) -> Self {
         Self {
             deadline,
             connections,
             running: Arc::default(),
+            budget: budget.max(1),
         }
+    }
+
+    /// The most calls running at once.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Calls running now: each holds one of libvirtd's workers.
+    pub fn outstanding(&self) -> usize {
+        self.running.load(Ordering::Acquire)
     }
 
     /// Make calls on `connections` from now on (a new connection to the host).
@@ -130,20 +161,16 @@ impl Bounded {
         self.deadline = deadline;
     }
 
-    /// Is any call stuck (still running past its deadline)?
-    pub fn any_stuck(&self) -> bool {
-        self.running.load(Ordering::Acquire) > 0
-    }
-
     /// Run `call` on `slot` with a connection of its own, waiting at most the deadline (less
-    /// when `stop` says the daemon is stopping). `None` when it did not return in time, or a
-    /// call on `slot` is still running: the call is then left to finish on its own.
+    /// when `stop` says the daemon is stopping). [`Unanswered`] when it did not return in time
+    /// (it is then left to finish on its own), a call on `slot` is still running, or the budget
+    /// is spent.
     pub fn run<T: Send + 'static>(
         &self,
         slot: &Slot,
         stop: impl Fn() -> bool,
         call: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
-    ) -> Option<Result<T, virt::error::Error>> {
+    ) -> Result<Result<T, virt::error::Error>, Unanswered> {
         let connections = self.connections.clone();
         self.run_plain(slot, stop, move || {
             let conn = connections.take()?;
@@ -160,9 +187,14 @@ impl Bounded {
         slot: &Slot,
         stop: impl Fn() -> bool,
         call: impl FnOnce() -> T + Send + 'static,
-    ) -> Option<T> {
+    ) -> Result<T, Unanswered> {
+        // Only this thread starts calls, so the count can only fall between this look and the
+        // start below.
+        if self.outstanding() >= self.budget {
+            return Err(Unanswered::OverBudget);
+        }
         if slot.0.swap(true, Ordering::AcqRel) {
-            return None;
+            return Err(Unanswered::Late);
         }
         self.running.fetch_add(1, Ordering::AcqRel);
         let (tx, rx) = mpsc::channel();
@@ -183,18 +215,21 @@ impl Bounded {
             slot.0.store(false, Ordering::Release);
             self.running.fetch_sub(1, Ordering::AcqRel);
             log::warn!("cannot start a thread for a libvirt call ({e}); skipped");
-            return None;
+            return Err(Unanswered::Late);
         }
         let until = Instant::now() + self.deadline;
         loop {
             let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() || stop() {
-                return None;
+            if stop() {
+                return Err(Unanswered::Stopping);
+            }
+            if left.is_zero() {
+                return Err(Unanswered::Late);
             }
             match rx.recv_timeout(left.min(STOP_CHECK)) {
-                Ok(value) => return Some(value),
+                Ok(value) => return Ok(value),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Unanswered::Late),
             }
         }
     }
@@ -207,18 +242,18 @@ mod tests {
     /// Calls waited for at most `deadline`, on libvirt's test driver.
     fn bounded(deadline: Duration) -> Bounded {
         let conn = Connect::open(Some("test:///default")).expect("the test driver opens");
-        Bounded::new(deadline, Connections::for_uri("test:///default", &conn))
+        Bounded::new(deadline, Connections::for_uri("test:///default", &conn), 4)
     }
 
     #[test]
     fn a_quick_call_returns_its_value() {
         let b = bounded(Duration::from_secs(5));
         let slot = Slot::default();
-        assert_eq!(b.run_plain(&slot, || false, || 7), Some(7));
-        assert!(!b.any_stuck() && !slot.is_busy());
+        assert_eq!(b.run_plain(&slot, || false, || 7), Ok(7));
+        assert!(b.outstanding() == 0 && !slot.is_busy());
         // A call with a connection of its own, on the test driver.
         let listed = b.run(&slot, || false, |c| c.list_all_domains(0));
-        assert_eq!(listed.map(|r| r.map(|l| l.len())), Some(Ok(1)));
+        assert_eq!(listed.map(|r| r.map(|l| l.len())), Ok(Ok(1)));
     }
 
     #[test]
@@ -228,22 +263,25 @@ mod tests {
         let started = Instant::now();
         let (domain, other) = (Slot::default(), Slot::default());
         let out = b.run_plain(&domain, || false, move || held.recv().is_ok());
-        assert_eq!(out, None);
+        assert_eq!(out, Err(Unanswered::Late));
         assert!(started.elapsed() < Duration::from_secs(1));
-        assert!(domain.is_busy() && b.any_stuck());
+        assert!(domain.is_busy() && b.outstanding() == 1);
         // No second call is made on a stuck slot; others go on.
-        assert_eq!(b.run_plain(&domain, || false, || 1), None);
-        assert_eq!(b.run_plain(&other, || false, || 2), Some(2));
+        assert_eq!(b.run_plain(&domain, || false, || 1), Err(Unanswered::Late));
+        assert_eq!(b.run_plain(&other, || false, || 2), Ok(2));
         // A copy of the slot (the record that holds it) sees the same call.
-        assert_eq!(b.run_plain(&domain.clone(), || false, || 1), None);
+        assert_eq!(
+            b.run_plain(&domain.clone(), || false, || 1),
+            Err(Unanswered::Late)
+        );
         // Once the stuck call returns, the slot answers again.
         release.send(()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while b.any_stuck() && Instant::now() < deadline {
+        while b.outstanding() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!domain.is_busy());
-        assert_eq!(b.run_plain(&domain, || false, || 3), Some(3));
+        assert_eq!(b.run_plain(&domain, || false, || 3), Ok(3));
     }
 
     #[test]
@@ -255,7 +293,82 @@ mod tests {
             || started.elapsed() > Duration::from_millis(200),
             || std::thread::sleep(Duration::from_secs(5)),
         );
-        assert_eq!(out, None);
+        assert_eq!(out, Err(Unanswered::Stopping));
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    /// What a step of a trace does: start a call on slot `n` that hangs until released, or one
+    /// that returns at once, or release every hung call on slot `n`.
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        Hangs(usize),
+        Returns(usize),
+        Release(usize),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..6usize).prop_map(Step::Hangs),
+            (0..6usize).prop_map(Step::Returns),
+            (0..6usize).prop_map(Step::Release),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Over any trace of domains hanging and answering, the calls running never exceed the
+        /// budget; a call on a free slot under the budget is made, and answers when its domain
+        /// does.
+        #[test]
+        fn the_calls_running_never_exceed_the_budget(
+            budget in 1..4usize,
+            steps in proptest::collection::vec(step(), 1..40),
+        ) {
+            let b = bounded(Duration::from_millis(20));
+            let b = Bounded { budget, ..b };
+            let slots: Vec<Slot> = (0..6).map(|_| Slot::default()).collect();
+            let mut gates: Vec<Vec<mpsc::Sender<()>>> = (0..6).map(|_| Vec::new()).collect();
+            for step in steps {
+                let before = b.outstanding();
+                match step {
+                    Step::Hangs(n) => {
+                        let (release, held) = mpsc::channel::<()>();
+                        let out = b.run_plain(&slots[n], || false, move || held.recv().is_ok());
+                        let expected = if before >= budget {
+                            Err(Unanswered::OverBudget)
+                        } else {
+                            Err(Unanswered::Late)
+                        };
+                        proptest::prop_assert_eq!(out, expected);
+                        gates[n].push(release);
+                    }
+                    Step::Returns(n) => {
+                        let out = b.run_plain(&slots[n], || false, || 7);
+                        if before >= budget {
+                            proptest::prop_assert_eq!(out, Err(Unanswered::OverBudget));
+                        } else if slots[n].is_busy() {
+                            proptest::prop_assert_eq!(out, Err(Unanswered::Late));
+                        } else {
+                            proptest::prop_assert_eq!(out, Ok(7));
+                        }
+                    }
+                    Step::Release(n) => {
+                        for gate in gates[n].drain(..) {
+                            let _ = gate.send(());
+                        }
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        while slots[n].is_busy() && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                proptest::prop_assert!(b.outstanding() <= budget, "{} > {budget}", b.outstanding());
+            }
+            for gate in gates.into_iter().flatten() {
+                let _ = gate.send(());
+            }
+        }
     }
 }

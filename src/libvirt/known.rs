@@ -54,6 +54,9 @@ pub struct Known {
     /// Its read failed in the last sample otherwise than by vanishing, not answering or losing
     /// the connection.
     pub unreadable: bool,
+    /// A call on it in the last sample was not answered (or not made: the budget of calls
+    /// running at once was spent), so it was not read.
+    pub missed: bool,
 }
 
 impl Known {
@@ -68,6 +71,7 @@ impl Known {
             slot: Slot::default(),
             stuck_said: false,
             unreadable: false,
+            missed: false,
         }
     }
 

@@ -6,7 +6,7 @@ mod known;
 mod numad;
 mod raw;
 
-use bounded::{Bounded, Connections, Slot};
+use bounded::{Bounded, Connections, Slot, Unanswered};
 use known::{ConfiguredPins, Known, KnownPins};
 
 use raw::Definition;
@@ -203,6 +203,8 @@ pub struct LibvirtHost {
     bulk: Slot,
     /// A listing did not answer in time, and it was said.
     listing_stuck_said: bool,
+    /// The budget of calls running at once was found spent, and it was said.
+    budget_said: bool,
     /// Calls that may wait on a domain's QEMU, bounded in time.
     bounded: Bounded,
     /// Is the daemon stopping? A bounded call stops waiting at once when it is.
@@ -213,6 +215,11 @@ pub struct LibvirtHost {
 
 /// How long a call that may wait on a domain's QEMU is waited for, by default.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The most calls a daemon has running in libvirt at once, by default: each holds one of
+/// libvirtd's worker threads (20 by default, shared with every other client) until it returns,
+/// and a call to a hung QEMU may never return. Both daemons together hold at most 8.
+pub const DEFAULT_CALL_BUDGET: usize = 4;
 
 impl LibvirtHost {
     /// Open a read-write connection to `uri`. libvirt's habit of printing every error to stderr is
@@ -233,7 +240,11 @@ impl LibvirtHost {
         // Events reach a connection only if the event loop was registered before it was opened.
         let event_loop = events::start_event_loop();
         let conn = open(uri)?;
-        let bounded = Bounded::new(DEFAULT_DEADLINE, Connections::for_uri(uri, &conn));
+        let bounded = Bounded::new(
+            DEFAULT_DEADLINE,
+            Connections::for_uri(uri, &conn),
+            DEFAULT_CALL_BUDGET,
+        );
         Ok(Self {
             conn,
             uri: uri.to_string(),
@@ -246,6 +257,7 @@ impl LibvirtHost {
             listing: Slot::default(),
             bulk: Slot::default(),
             listing_stuck_said: false,
+            budget_said: false,
             bounded,
             stop: || false,
             numad: numad::Numad::default(),
@@ -259,6 +271,32 @@ impl LibvirtHost {
         self.bounded.set_deadline(deadline);
         self.stop = stop;
         self
+    }
+
+    /// Hold at most `budget` calls running in libvirt at once (see [`DEFAULT_CALL_BUDGET`]).
+    pub fn with_call_budget(mut self, budget: usize) -> Self {
+        self.bounded = Bounded::new(
+            self.bounded.deadline(),
+            Connections::for_uri(&self.uri, &self.conn),
+            budget,
+        );
+        self
+    }
+
+    /// Calls this host has running in libvirt now (each holding one of libvirtd's workers).
+    pub fn calls_outstanding(&self) -> usize {
+        self.bounded.outstanding()
+    }
+
+    /// A call was not made: the budget of calls running at once is spent (said once, until
+    /// calls return).
+    fn over_budget(&mut self) {
+        if !std::mem::replace(&mut self.budget_said, true) {
+            log::warn!(
+                "{} calls to libvirt are still running, the most this daemon holds of libvirtd's workers (--max-libvirt-calls): domains are not read until some return",
+                self.bounded.outstanding()
+            );
+        }
     }
 
     /// Say which domains became stuck, and which answer again, since the last time.
@@ -479,43 +517,82 @@ impl LibvirtHost {
         let call = move |conn: &Connect| op(&conn.lookup_domain_by_uuid_string(&uuid)?);
         let answer = self.counted(calls + 1, |h| h.bounded.run(&slot, h.stop, call));
         match answer {
-            None => Err(HostError::Stuck(*id)),
-            Some(Ok(v)) => Ok(v),
-            Some(Err(e)) if is_vanished(&e) => Err(HostError::Vanished(*id)),
-            Some(Err(e)) => Err(self.error(e, what)),
+            Err(unanswered) => {
+                if unanswered == Unanswered::OverBudget {
+                    self.over_budget();
+                }
+                // Not read this sample: the daemons keep what they know of it.
+                if let Some(known) = self.domains.get_mut(id) {
+                    known.missed = true;
+                }
+                Err(HostError::Stuck(*id))
+            }
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if is_vanished(&e) => Err(HostError::Vanished(*id)),
+            Ok(Err(e)) => Err(self.error(e, what)),
         }
     }
 
-    /// `virConnectGetAllDomainStats` for `groups`, bounded in time, with the instant its figures
-    /// were read; `None` when the driver does not support it, when it did not answer in time, or
-    /// while a domain is stuck (the caller then reads domain by domain). vCPU times are read
+    /// The statistics `groups` of every domain that answers in one call, bounded in time, with
+    /// the instant its figures were read: `virConnectGetAllDomainStats`, or, while calls on some
+    /// domains are stuck, `virDomainListGetStats` over the others (a bulk call would wait on a
+    /// stuck domain again), so the domains that answer keep one read and their run-queue delay.
+    /// `None` when the driver does not support it, when it did not answer in time, or while the
+    /// listing itself is stuck (the caller then reads domain by domain). vCPU times are read
     /// without waiting for domains busy in a job (`NOWAIT`), which does not keep the call from
     /// waiting on a QEMU nobody else holds.
-    fn bulk_stats(&mut self, groups: u32) -> HostResult<Option<(Vec<raw::DomainStats>, Instant)>> {
-        // With a domain stuck, a bulk call would wait on it again: read domain by domain.
-        if self.session.no_bulk_stats || self.bounded.any_stuck() {
+    fn bulk_stats(&mut self, groups: u32) -> HostResult<Option<Vec<(raw::DomainStats, Instant)>>> {
+        if self.session.no_bulk_stats || self.listing.is_busy() {
             return Ok(None);
         }
+        let skip: Vec<[u8; 16]> = self
+            .domains
+            .sorted_runs()
+            .into_iter()
+            .filter(|(_, _, known)| known.slot.is_busy())
+            .map(|(id, _, _)| id.0)
+            .collect();
         let nowait = groups == sys::VIR_DOMAIN_STATS_VCPU;
-        let call = move |conn: &Connect| raw::all_domain_stats(conn, groups, nowait);
+        // The listing and the statistics, where some domains are left out.
+        let calls = if skip.is_empty() { 1 } else { 2 };
+        let call = move |conn: &Connect| {
+            if skip.is_empty() {
+                raw::all_domain_stats(conn, groups, nowait).map(|records| (None, records))
+            } else {
+                raw::listed_domain_stats(conn, &skip, groups, nowait)
+                    .map(|(listed, records)| (Some(listed), records))
+            }
+        };
         let before = Instant::now();
         let bulk = self.bulk.clone();
-        let answer = self.counted(1, |h| h.bounded.run(&bulk, h.stop, call));
+        let answer = self.counted(calls, |h| h.bounded.run(&bulk, h.stop, call));
         let at = midway(before);
-        let Some(read) = answer else {
-            log::debug!(
-                "the bulk statistics call did not answer in time: reading domain by domain"
-            );
-            return Ok(None);
+        let read = match answer {
+            Ok(read) => read,
+            Err(unanswered) => {
+                if unanswered == Unanswered::OverBudget {
+                    self.over_budget();
+                }
+                log::debug!(
+                    "the bulk statistics call did not answer in time: reading domain by domain"
+                );
+                return Ok(None);
+            }
         };
         match read {
-            Ok(records) => {
-                let listed: Vec<Listed> = records
-                    .iter()
-                    .map(|r| (DomainId(r.uuid), r.name.clone(), r.id))
-                    .collect();
+            Ok((listing, records)) => {
+                let listed: Vec<Listed> = match listing {
+                    Some(listing) => listing
+                        .into_iter()
+                        .map(|(uuid, name, run)| (DomainId(uuid), name, run))
+                        .collect(),
+                    None => records
+                        .iter()
+                        .map(|r| (DomainId(r.uuid), r.name.clone(), r.id))
+                        .collect(),
+                };
                 self.listed(&listed);
-                Ok(Some((records, at)))
+                Ok(Some(records.into_iter().map(|r| (r, at)).collect()))
             }
             Err(e) => match self.error(e, || "reading the statistics of all domains".into()) {
                 HostError::Unsupported(_) => {
@@ -525,6 +602,39 @@ impl LibvirtHost {
                 e => Err(e),
             },
         }
+    }
+
+    /// The statistics `groups` of each active domain read on its own (`virDomainListGetStats` of
+    /// one domain, bounded like every call on it), each with the instant it was read: while the
+    /// bulk call does not answer, this finds which domain holds it up (its call is stuck in turn)
+    /// and keeps the others' figures whole, run-queue delay included. `None` where the driver has
+    /// no such statistics (the caller then reads domain by domain the old way).
+    fn stats_one_by_one(
+        &mut self,
+        groups: u32,
+    ) -> HostResult<Option<Vec<(raw::DomainStats, Instant)>>> {
+        if self.session.no_bulk_stats {
+            return Ok(None);
+        }
+        let nowait = groups == sys::VIR_DOMAIN_STATS_VCPU;
+        let mut out = Vec::new();
+        for domain in self.active_domains()? {
+            let read = self.on_domain_bounded(
+                &domain.id,
+                1,
+                || format!("reading the statistics of domain {}", domain.id),
+                move |dom| raw::domain_stats(dom, groups, nowait),
+            );
+            if let Err(HostError::Unsupported(_)) = &read {
+                self.session.no_bulk_stats = true;
+                return Ok(None);
+            }
+            self.note_unreadable(&domain.id, &read);
+            if let Some(Some(record)) = read_or_skip(&domain, read)? {
+                out.push((record, Instant::now()));
+            }
+        }
+        Ok(Some(out))
     }
 
     /// The affinity of a domain's `nvcpus` vCPUs: from what we know, re-read when unknown or
@@ -743,23 +853,29 @@ impl LibvirtHost {
     fn begin_sample(&mut self) {
         for known in self.domains.records_mut() {
             known.unreadable = false;
+            known.missed = false;
+        }
+        if self.budget_said && self.bounded.outstanding() < self.bounded.budget() {
+            self.budget_said = false;
+            log::info!("calls to libvirt return again: every domain is read");
         }
         self.forget_replugged();
     }
 
-    /// The domains of a bulk sample, `records`, each described and read with `read` (skipped
-    /// where it gives nothing); then which domains are stuck is said.
+    /// The domains of a statistics sample, `records` (each with the instant it was read), each
+    /// described and read with `read` (skipped where it gives nothing); then which domains are
+    /// stuck is said.
     fn each_record<S>(
         &mut self,
-        records: &[raw::DomainStats],
-        mut read: impl FnMut(&mut Self, DomainRef, &raw::DomainStats) -> HostResult<Option<S>>,
+        records: &[(raw::DomainStats, Instant)],
+        mut read: impl FnMut(&mut Self, DomainRef, &raw::DomainStats, Instant) -> HostResult<Option<S>>,
     ) -> HostResult<Vec<S>> {
         let mut out = Vec::with_capacity(records.len());
-        for rec in records {
+        for (rec, at) in records {
             let Some(domain) = self.described(DomainId(rec.uuid), &rec.name, rec.id)? else {
                 continue;
             };
-            if let Some(sample) = read(self, domain, rec)? {
+            if let Some(sample) = read(self, domain, rec, *at)? {
                 out.push(sample);
             }
         }
@@ -797,8 +913,13 @@ impl Host for LibvirtHost {
     /// they are not known; per-domain calls where the driver has no bulk statistics.
     fn sample_vcpus(&mut self) -> HostResult<Vec<VcpuSample>> {
         self.begin_sample();
-        let Some((records, at)) = self.bulk_stats(sys::VIR_DOMAIN_STATS_VCPU)? else {
-            return self.domain_by_domain(vcpus_domain_by_domain);
+        let groups = sys::VIR_DOMAIN_STATS_VCPU;
+        let records = match self.bulk_stats(groups)? {
+            Some(records) => records,
+            None => match self.stats_one_by_one(groups)? {
+                Some(records) => records,
+                None => return self.domain_by_domain(vcpus_domain_by_domain),
+            },
         };
         self.samples += 1;
         self.watch_pins();
@@ -809,7 +930,7 @@ impl Host for LibvirtHost {
                 "re-reading every vCPU's real affinity (changes made outside libvirt), every {AFFINITY_CHECK_SAMPLES} samples"
             );
         }
-        self.each_record(&records, |h, domain, rec| {
+        self.each_record(&records, |h, domain, rec, at| {
             let from_bulk = match rec.u64("vcpu.maximum") {
                 Some(max) => {
                     let max = u32::try_from(max).unwrap_or(u32::MAX);
@@ -851,10 +972,15 @@ impl Host for LibvirtHost {
     /// where the driver has no bulk statistics.
     fn sample_balloons(&mut self) -> HostResult<Vec<BalloonSample>> {
         self.begin_sample();
-        let Some((records, at)) = self.bulk_stats(sys::VIR_DOMAIN_STATS_BALLOON)? else {
-            return self.domain_by_domain(balloons_domain_by_domain);
+        let groups = sys::VIR_DOMAIN_STATS_BALLOON;
+        let records = match self.bulk_stats(groups)? {
+            Some(records) => records,
+            None => match self.stats_one_by_one(groups)? {
+                Some(records) => records,
+                None => return self.domain_by_domain(balloons_domain_by_domain),
+            },
         };
-        self.each_record(&records, |h, domain, rec| {
+        self.each_record(&records, |h, domain, rec, at| {
             let stats = match (rec.u64("balloon.current"), rec.u64("balloon.maximum")) {
                 (Some(actual_kib), Some(max_kib)) => Some(BalloonStats {
                     actual_kib,
@@ -900,8 +1026,14 @@ impl Host for LibvirtHost {
         };
         let listing = self.listing.clone();
         let answer = self.counted(1, |h| h.bounded.run(&listing, h.stop, call));
-        let Some(listed) = answer else {
-            return self.last_listing();
+        let listed = match answer {
+            Ok(listed) => listed,
+            Err(unanswered) => {
+                if unanswered == Unanswered::OverBudget {
+                    self.over_budget();
+                }
+                return self.last_listing();
+            }
         };
         let listed = listed
             .map_err(|e| self.error(e, || format!("listing the active domains of {}", self.uri)))?;
@@ -1051,9 +1183,20 @@ impl Host for LibvirtHost {
             .collect())
     }
 
-    /// The domains that did not answer in time, and those whose read failed in the last sample.
+    /// The domains that did not answer in time, those not read in the last sample (the budget of
+    /// calls was spent), and those whose read failed.
     fn stuck_domains(&self) -> Vec<DomainRef> {
-        self.described_known(|k| k.stuck_said || k.unreadable)
+        self.described_known(|k| k.stuck_said || k.unreadable || k.missed)
+    }
+
+    fn set_call_deadline(&mut self, deadline: Duration) {
+        if deadline != self.bounded.deadline() {
+            log::debug!(
+                "calls that may wait on a domain are waited for at most {:.1} s",
+                deadline.as_secs_f64()
+            );
+            self.bounded.set_deadline(deadline);
+        }
     }
 
     fn reload(&mut self) {

@@ -268,6 +268,84 @@ pub fn all_domain_stats(
     if count < 0 {
         return Err(Error::last_error());
     }
+    // SAFETY: `records` is the list libvirt returned, of `count` records.
+    Ok(unsafe { take_records(records, count) })
+}
+
+/// `virDomainListGetStats` for every active domain but those in `skip` (by UUID), with the
+/// listing it was made from (each active domain's UUID, name and ID): the statistics groups in
+/// `stats` of every domain that answers, in one call, while the domains in `skip` (a call on them
+/// is stuck) keep out of it. `nowait` as for [`all_domain_stats`].
+#[allow(clippy::type_complexity)]
+pub fn listed_domain_stats(
+    conn: &Connect,
+    skip: &[[u8; 16]],
+    stats: u32,
+    nowait: bool,
+) -> Result<(Vec<([u8; 16], String, u32)>, Vec<DomainStats>), Error> {
+    let domains = conn.list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?;
+    let mut listed = Vec::with_capacity(domains.len());
+    let mut asked = Vec::with_capacity(domains.len());
+    for dom in &domains {
+        let (Ok(uuid), Ok(name)) = (dom.uuid(), dom.name()) else {
+            continue;
+        };
+        let uuid = *uuid.as_bytes();
+        listed.push((uuid, name, dom.id().unwrap_or(u32::MAX)));
+        if !skip.contains(&uuid) {
+            asked.push(dom);
+        }
+    }
+    Ok((listed, stats_of(&asked, stats, nowait)?))
+}
+
+/// `virDomainListGetStats` for one domain: its statistics groups `stats` (`nowait` as for
+/// [`all_domain_stats`]); `None` when libvirt gives no record for it.
+pub fn domain_stats(dom: &Domain, stats: u32, nowait: bool) -> Result<Option<DomainStats>, Error> {
+    Ok(stats_of(&[dom], stats, nowait)?.into_iter().next())
+}
+
+/// `virDomainListGetStats` over `domains`.
+fn stats_of(domains: &[&Domain], stats: u32, nowait: bool) -> Result<Vec<DomainStats>, Error> {
+    if domains.is_empty() {
+        return Ok(Vec::new());
+    }
+    // SAFETY: the pointers are only handed to libvirt below, while `domains` keeps the references
+    // they stand for alive.
+    let mut asked: Vec<sys::virDomainPtr> = domains.iter().map(|d| unsafe { d.as_ptr() }).collect();
+    asked.push(std::ptr::null_mut());
+    let flags = if nowait {
+        sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+    } else {
+        0
+    };
+    let mut records: *mut sys::virDomainStatsRecordPtr = std::ptr::null_mut();
+    // SAFETY: `asked` is a NULL-terminated array of live domain pointers; libvirt allocates the
+    // records and hands them to us (see take_records).
+    let count = unsafe {
+        sys::virDomainListGetStats(
+            asked.as_mut_ptr(),
+            stats as c_uint,
+            &mut records,
+            flags as c_uint,
+        )
+    };
+    if count < 0 {
+        return Err(Error::last_error());
+    }
+    // SAFETY: as above.
+    Ok(unsafe { take_records(records, count) })
+}
+
+/// The records of a statistics call, decoded, and the list freed.
+///
+/// # Safety
+/// `records` must be the NULL-terminated list of `count` records that virConnectGetAllDomainStats
+/// or virDomainListGetStats returned, not yet freed; it is freed here, exactly once.
+unsafe fn take_records(
+    records: *mut sys::virDomainStatsRecordPtr,
+    count: c_int,
+) -> Vec<DomainStats> {
     let mut out = Vec::with_capacity(count as usize);
     for i in 0..count as usize {
         // SAFETY: `records` holds `count` valid record pointers.
@@ -309,10 +387,10 @@ pub fn all_domain_stats(
         });
     }
     if !records.is_null() {
-        // SAFETY: the list came from virConnectGetAllDomainStats and nothing refers to it now.
+        // SAFETY: the list came from libvirt and nothing refers to it now.
         unsafe { sys::virDomainStatsRecordListFree(records) };
     }
-    Ok(out)
+    out
 }
 
 /// Which definition of a domain a call reads.
