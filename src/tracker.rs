@@ -115,13 +115,10 @@ impl<R> Tracker<R> {
 
     /// Every record, in UUID order.
     pub fn sorted(&self) -> Vec<(DomainId, &R)> {
-        let mut all: Vec<_> = self
-            .entries
-            .iter()
-            .map(|(id, e)| (*id, &e.record))
-            .collect();
-        all.sort_by_key(|(id, _)| *id);
-        all
+        self.sorted_runs()
+            .into_iter()
+            .map(|(id, _, record)| (id, record))
+            .collect()
     }
 
     /// Every record with its domain and the run it is about, in UUID order.

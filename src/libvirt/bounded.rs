@@ -136,6 +136,11 @@ impl Bounded {
         }
     }
 
+    /// Hold at most `budget` (at least one) calls running at once from now on.
+    pub fn set_budget(&mut self, budget: usize) {
+        self.budget = budget.max(1);
+    }
+
     /// The most calls running at once.
     pub fn budget(&self) -> usize {
         self.budget

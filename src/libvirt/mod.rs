@@ -275,11 +275,7 @@ impl LibvirtHost {
 
     /// Hold at most `budget` calls running in libvirt at once (see [`DEFAULT_CALL_BUDGET`]).
     pub fn with_call_budget(mut self, budget: usize) -> Self {
-        self.bounded = Bounded::new(
-            self.bounded.deadline(),
-            Connections::for_uri(&self.uri, &self.conn),
-            budget,
-        );
+        self.bounded.set_budget(budget);
         self
     }
 
@@ -604,6 +600,19 @@ impl LibvirtHost {
         }
     }
 
+    /// The statistics `groups` of every domain that answers, each record with the instant it was
+    /// read: in one call ([`LibvirtHost::bulk_stats`]), else domain by domain
+    /// ([`LibvirtHost::stats_one_by_one`]); `None` where the driver has no such statistics.
+    fn stats_records(
+        &mut self,
+        groups: u32,
+    ) -> HostResult<Option<Vec<(raw::DomainStats, Instant)>>> {
+        match self.bulk_stats(groups)? {
+            Some(records) => Ok(Some(records)),
+            None => self.stats_one_by_one(groups),
+        }
+    }
+
     /// The statistics `groups` of each active domain read on its own (`virDomainListGetStats` of
     /// one domain, bounded like every call on it), each with the instant it was read: while the
     /// bulk call does not answer, this finds which domain holds it up (its call is stuck in turn)
@@ -909,17 +918,13 @@ impl Host for LibvirtHost {
         self.calls
     }
 
-    /// One `virConnectGetAllDomainStats` call for every domain's vCPU times, plus the pins where
-    /// they are not known; per-domain calls where the driver has no bulk statistics.
+    /// Every domain's vCPU times from statistics records ([`LibvirtHost::stats_records`]), plus
+    /// the pins where they are not known; per-domain calls where the driver has no bulk
+    /// statistics.
     fn sample_vcpus(&mut self) -> HostResult<Vec<VcpuSample>> {
         self.begin_sample();
-        let groups = sys::VIR_DOMAIN_STATS_VCPU;
-        let records = match self.bulk_stats(groups)? {
-            Some(records) => records,
-            None => match self.stats_one_by_one(groups)? {
-                Some(records) => records,
-                None => return self.domain_by_domain(vcpus_domain_by_domain),
-            },
+        let Some(records) = self.stats_records(sys::VIR_DOMAIN_STATS_VCPU)? else {
+            return self.domain_by_domain(vcpus_domain_by_domain);
         };
         self.samples += 1;
         self.watch_pins();
@@ -968,17 +973,12 @@ impl Host for LibvirtHost {
         })
     }
 
-    /// One `virConnectGetAllDomainStats` call for every domain's balloon figures; per-domain calls
-    /// where the driver has no bulk statistics.
+    /// Every domain's balloon figures from statistics records ([`LibvirtHost::stats_records`]);
+    /// per-domain calls where the driver has no bulk statistics.
     fn sample_balloons(&mut self) -> HostResult<Vec<BalloonSample>> {
         self.begin_sample();
-        let groups = sys::VIR_DOMAIN_STATS_BALLOON;
-        let records = match self.bulk_stats(groups)? {
-            Some(records) => records,
-            None => match self.stats_one_by_one(groups)? {
-                Some(records) => records,
-                None => return self.domain_by_domain(balloons_domain_by_domain),
-            },
+        let Some(records) = self.stats_records(sys::VIR_DOMAIN_STATS_BALLOON)? else {
+            return self.domain_by_domain(balloons_domain_by_domain);
         };
         self.each_record(&records, |h, domain, rec, at| {
             let stats = match (rec.u64("balloon.current"), rec.u64("balloon.maximum")) {
