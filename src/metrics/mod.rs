@@ -174,7 +174,7 @@ impl RunFamilies {
             cycles_without_decision: counter(
                 r,
                 "vmbalance_cycles_without_decision_total",
-                "Cycles that made no decision: first sample, settling after changes, sampling too slow, no domain.",
+                "Cycles that made no decision: first sample, settling after changes, no domain.",
             ),
             last_cycle: gauge(
                 r,

@@ -193,7 +193,7 @@ impl Scheduler {
         let node = host.node_cpus()?;
         let started = host.now();
         let samples = host.sample_vcpus()?;
-        let slow = self.sampling_was_slow(host.now().saturating_duration_since(started));
+        self.say_slow_sampling(host.now().saturating_duration_since(started));
         let stuck = host.stuck_domains();
         if samples.is_empty() && stuck.is_empty() {
             return Ok(None);
@@ -219,9 +219,9 @@ impl Scheduler {
         report.nodes = node_lines(&report.pcpus, topology.as_ref());
         report.vcpu_lines = vcpu_lines(&snapshot, &names);
         self.say_basis_once(snapshot.reports_delay());
-        // Rule 7: right after pin changes, observe only. Likewise after a sample too slow to
-        // compare its domains (a domain stuck in libvirt).
-        if std::mem::take(&mut self.settling) || slow {
+        // Rule 7: right after pin changes, observe only. A slow sample is decided on: each
+        // domain's rates are over its own measured interval, and the cycle's calls are bounded.
+        if std::mem::take(&mut self.settling) {
             report.decision = Decision::Settling;
             return Ok(Some(report));
         }
@@ -325,26 +325,25 @@ impl Scheduler {
         snapshot
     }
 
-    /// Did sampling take more than half the period? Said once when it starts being so, and
-    /// once when it stops.
-    fn sampling_was_slow(&mut self, took: Duration) -> bool {
+    /// Say when sampling takes more than half the period, once when it starts being so and once
+    /// when it stops.
+    fn say_slow_sampling(&mut self, took: Duration) {
         let Some(period) = self.config.period else {
-            return false;
+            return;
         };
         let slow = took > period / 2;
         if slow != self.slow {
             self.slow = slow;
             if slow {
                 warn!(
-                    "reading the vCPUs took {:.1} s of a {:.1} s period (is a domain stuck in libvirt?): no decision until it is quick again",
+                    "reading the vCPUs took {:.1} s of a {:.1} s period (is libvirt slow, or a domain stuck?): the domains that answered are balanced",
                     took.as_secs_f64(),
                     period.as_secs_f64()
                 );
             } else {
-                info!("reading the vCPUs is quick again: deciding again");
+                info!("reading the vCPUs is quick again");
             }
         }
-        slow
     }
 
     /// Say what the host's topology is and what the planner makes of it, once per connection
