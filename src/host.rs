@@ -190,7 +190,7 @@ pub struct NodeMemory {
 
 /// Why a call to the host failed. The daemons act on the kind: a vanished domain is skipped, a
 /// lost connection is re-opened, an unsupported call is worked around, a refused one (lost rights)
-/// ends the daemon, anything else is retried with a growing delay.
+/// ends the daemon, anything else is retried at the next period.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// The domain stopped or was undefined since it was listed: a normal event on a live host.
@@ -200,6 +200,10 @@ pub enum HostError {
     /// skipped until it does, the others going on.
     #[error("domain {0} does not answer")]
     Stuck(DomainId),
+    /// The hypervisor's daemon did not answer a host-wide call in time (hung, or stopped): the
+    /// cycle is given up, and the next one tries again.
+    #[error("{0}")]
+    NotAnswering(String),
     /// The connection to the hypervisor is down (the message says why); [`Host::reconnect`] may
     /// bring it back.
     #[error("{0}")]
@@ -328,6 +332,10 @@ pub trait Host {
     /// period changed); a host whose calls never wait ignores it.
     fn set_call_deadline(&mut self, _deadline: std::time::Duration) {}
 
+    /// A cycle begins: from now on its calls together wait at most one call deadline, however
+    /// many domains do not answer.
+    fn begin_cycle(&mut self) {}
+
     /// Forget what is read once per domain (its configured affinity, its metadata, its pins), so
     /// the next sample reads it again: the operator changed something (SIGHUP).
     fn reload(&mut self) {}
@@ -350,8 +358,9 @@ pub trait Host {
     }
 }
 
-/// Read one domain's figures with `read`: a domain that vanished is `None` (debug log), one that
-/// cannot be read is `None` with a warning; neither stops the cycle. A lost connection does.
+/// Read one domain's figures with `read`: a domain that vanished, does not answer or cannot be
+/// read is `None` (the host says which once; here a debug line); none stops the cycle. A lost
+/// connection, or a hypervisor that does not answer at all, does.
 pub fn read_or_skip<T>(domain: &DomainRef, read: HostResult<T>) -> HostResult<Option<T>> {
     match read {
         Ok(value) => Ok(Some(value)),
@@ -363,9 +372,9 @@ pub fn read_or_skip<T>(domain: &DomainRef, read: HostResult<T>) -> HostResult<Op
             log::debug!("domain {} does not answer; skipped", domain.name);
             Ok(None)
         }
-        Err(e @ HostError::Disconnected(_)) => Err(e),
+        Err(e @ (HostError::Disconnected(_) | HostError::NotAnswering(_))) => Err(e),
         Err(e) => {
-            log::warn!("domain {}: {e:#}; skipped this cycle", domain.name);
+            log::debug!("domain {}: {e:#}; skipped this cycle", domain.name);
             Ok(None)
         }
     }
@@ -421,7 +430,7 @@ pub fn changed_or_skipped(domain: &str, what: &str, result: HostResult<()>) -> H
             log::debug!("domain {domain} does not answer; skipped");
             Ok(false)
         }
-        Err(e @ HostError::Disconnected(_)) => Err(e),
+        Err(e @ (HostError::Disconnected(_) | HostError::NotAnswering(_))) => Err(e),
         Err(e) => {
             log::warn!("{e:#}");
             Ok(false)

@@ -1,4 +1,4 @@
-//! The daemon loop against a simulated host whose connection drops: reconnection with backoff,
+//! The daemon loop against a simulated host whose connection drops: reconnection every period,
 //! state kept across it. Uses the real `run_cycles` and `host_turn` the binaries use.
 
 mod common;
@@ -54,7 +54,7 @@ fn run_scheduler(
 }
 
 #[test]
-fn a_connection_lost_mid_cycle_is_reopened_with_backoff_and_the_state_is_kept() {
+fn a_connection_lost_mid_cycle_is_reopened_and_the_state_is_kept() {
     let mut host = SimHost::new(2);
     host.add(1, &[(60.0, &[0]), (60.0, &[0])]);
     host.add(2, &[(10.0, &[1])]);
@@ -126,7 +126,7 @@ fn the_memory_coordinator_reconnects_too() {
 }
 
 #[test]
-fn an_error_that_may_pass_is_retried_with_backoff_and_the_state_is_kept() {
+fn an_error_that_may_pass_is_retried_and_the_state_is_kept() {
     let mut host = SimHost::new(2);
     host.add(1, &[(60.0, &[0]), (60.0, &[0])]);
     host.add(2, &[(10.0, &[1])]);

@@ -1400,6 +1400,100 @@ fn both_daemons_go_on_while_a_guest_is_busy_in_a_long_dump() {
     assert!(!mem.log.contains("breaks a limit"), "{}", mem.log);
 }
 
+/// Send `signal` to the libvirtd the lab started.
+fn signal_libvirtd(signal: &str) {
+    let pidfile = common::lab::lab_dir().join("libvirtd.pid");
+    let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{pidfile:?}: {e}"));
+    let sent = Command::new("kill")
+        .args([signal, pid.trim()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill {signal} {pid}");
+}
+
+/// Continues a stopped libvirtd when dropped, so a failed assertion leaves the lab usable.
+struct ThawOnDrop;
+
+impl Drop for ThawOnDrop {
+    fn drop(&mut self) {
+        signal_libvirtd("-CONT");
+    }
+}
+
+#[test]
+#[ignore = "needs the real-guest lab: run `make e2e`"]
+fn both_daemons_live_through_a_hung_libvirtd_and_resume_when_it_thaws() {
+    // libvirtd itself stopped (SIGSTOP) for 20 s, as a hung daemon is. Before, each daemon's next
+    // host-wide call (the CPU map, the host's memory) blocked its main thread until libvirtd
+    // came back: no watchdog ping (systemd would have killed it), no exit on SIGTERM.
+    let _lab = Lab::guests(&[busy("stall0", "0"), busy("stall1", "0")]);
+    let watchdog = Duration::from_secs(4);
+    let usec = watchdog.as_micros().to_string();
+    let mut daemons = Vec::new();
+    for (bin, name) in [(SCHEDULER, "sched"), (COORDINATOR, "coord")] {
+        let (socket, messages) = common::notify::fake_systemd(name);
+        let env = [
+            ("NOTIFY_SOCKET", socket.as_os_str()),
+            ("WATCHDOG_USEC", std::ffi::OsStr::new(&usec)),
+        ];
+        let mut d = Daemon::start_with_env(bin, &["2"], &env);
+        d.wait_cycles(3, Duration::from_secs(60));
+        daemons.push((d, messages));
+    }
+    let (mut coord, coord_messages) = daemons.pop().unwrap();
+    let (sched, sched_messages) = daemons.pop().unwrap();
+    signal_libvirtd("-STOP");
+    let thaw = ThawOnDrop;
+    let frozen_at = Instant::now();
+    std::thread::sleep(Duration::from_secs(20));
+    let cycles_frozen = coord.cycles();
+    let during: Vec<_> = coord_messages.try_iter().collect();
+    // The scheduler is asked to stop while libvirtd is still stopped.
+    let asked = Instant::now();
+    let Ended { code, log, .. } = sched.stop();
+    let stopped_in = asked.elapsed();
+    let sched_during: Vec<_> = sched_messages.try_iter().collect();
+    drop(thaw);
+    let thawed_at = Instant::now();
+    coord.wait_cycles(cycles_frozen + 2, Duration::from_secs(30));
+    let resumed_in = thawed_at.elapsed();
+    let coord_end = coord.stop();
+    eprintln!("scheduler:\n{log}\ncoordinator:\n{}", coord_end.log);
+    eprintln!(
+        "libvirtd stopped {:.1} s; scheduler stopped {:.2} s after SIGTERM; coordinator cycling again {:.1} s after libvirtd thawed; longest watchdog silence {:.1} s (scheduler), {:.1} s (coordinator)",
+        (thawed_at - frozen_at).as_secs_f64(),
+        stopped_in.as_secs_f64(),
+        resumed_in.as_secs_f64(),
+        common::notify::longest_silence(&sched_during).as_secs_f64(),
+        common::notify::longest_silence(&during).as_secs_f64(),
+    );
+    assert_eq!(code, Some(0), "{log}");
+    assert!(stopped_in < Duration::from_secs(2), "{stopped_in:?}");
+    for (what, messages) in [("scheduler", &sched_during), ("coordinator", &during)] {
+        let silence = common::notify::longest_silence(messages);
+        assert!(
+            silence < watchdog,
+            "{what}: {silence:?} without a watchdog ping"
+        );
+    }
+    for (what, log) in [("scheduler", &log), ("coordinator", &coord_end.log)] {
+        assert_eq!(
+            log.matches("a cycle failed").count(),
+            1,
+            "{what} says it once:\n{log}"
+        );
+        assert!(log.contains("did not answer within"), "{what}:\n{log}");
+    }
+    assert!(
+        coord_end.log.contains("cycles succeed again"),
+        "{}",
+        coord_end.log
+    );
+    assert_eq!(coord_end.code, Some(0));
+    // Back within a period and a deadline of libvirtd's return, and a margin.
+    assert!(resumed_in < Duration::from_secs(12), "{resumed_in:?}");
+}
+
 /// The unit's `ExecStart=` with `$VAR`s expanded from its `EnvironmentFile=`, if it has one (as
 /// systemd does: each `$VAR` splits into words), and its `SupplementaryGroups=`.
 fn unit_command(unit: &str) -> (Vec<String>, String) {

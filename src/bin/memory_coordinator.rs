@@ -249,7 +249,9 @@ fn run(args: Args, given: Given, policy: MemPolicy) -> Result<()> {
         args: args.clone(),
         given,
     };
-    serve(&mut MemDaemon(coordinator), &mut host, &uri, running)
+    let result = serve(&mut MemDaemon(coordinator), &mut host, &uri, running);
+    host.close();
+    result
 }
 
 fn main() -> ExitCode {

@@ -175,6 +175,7 @@ fn run(args: Args, given: Given) -> Result<()> {
         host = host.with_deadline(call_deadline(period), || false);
         daemon.scheduler.restore(&mut host);
     }
+    host.close();
     result
 }
 

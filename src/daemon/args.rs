@@ -69,7 +69,8 @@ pub struct CommonArgs {
 
     /// Most calls the daemon has running in libvirt at once: each holds one of libvirtd's worker
     /// threads (20 by default, for every client) until it returns, and a call to a hung QEMU may
-    /// never return. Past it, domains are not read until some return
+    /// never return. Calls on domains leave one to the host-wide reads; past it, domains are not
+    /// read until some return
     #[arg(long, value_name = "N", default_value_t = crate::libvirt::DEFAULT_CALL_BUDGET, value_parser = clap::value_parser!(u64).range(1..=64).map(|n| n as usize))]
     pub max_libvirt_calls: usize,
 

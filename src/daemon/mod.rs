@@ -12,9 +12,7 @@ use std::time::Duration;
 pub use crate::given::{AT_RESTART, Given};
 pub use args::*;
 pub use reload::{Running, options_not_reloaded, restart_options_not_in_the_guide};
-pub use run::{
-    LoopOptions, MAX_RECONNECT_DELAY, Turn, Turns, host_turn, reconnect_delay, run_cycles,
-};
+pub use run::{LoopOptions, Turn, Turns, host_turn, run_cycles};
 pub use signals::StopSignal;
 
 use crate::host::{Host, HostResult};

@@ -1,4 +1,4 @@
-//! The daemons' loop: a turn every period, reconnection with a growing delay, what each turn
+//! The daemons' loop: a turn every period (reconnecting or retrying included), what each turn
 //! says (log, JSON, metrics, systemd), and the run's totals.
 
 use std::net::SocketAddr;
@@ -65,15 +65,6 @@ pub enum Turn<R> {
     Failed(String),
 }
 
-/// Longest wait between two reconnection attempts.
-pub const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(60);
-
-/// The wait before the next reconnection attempt, after waiting `previous` (zero at first): one
-/// period, then twice as long each time, at most [`MAX_RECONNECT_DELAY`].
-pub fn reconnect_delay(previous: Duration, period: Duration) -> Duration {
-    (previous * 2).clamp(period, MAX_RECONNECT_DELAY.max(period))
-}
-
 /// What a loop turns: one turn of a daemon against its host, and a reload on SIGHUP. A closure
 /// giving turns is one (it never reloads).
 pub trait Turns {
@@ -102,8 +93,10 @@ impl<R: Report + Export, F: FnMut() -> anyhow::Result<Turn<R>>> Turns for F {
 /// that finds no active domain (with `wait`, it waits for domains instead), or Ctrl-C/SIGTERM;
 /// on SIGHUP it reloads before the next turn. Each cycle's report is logged as one info line, and
 /// with `json` also printed on stdout as one JSON object with its cycle number and time (Unix
-/// seconds). While the connection is down it retries with a doubling delay (at most
-/// [`MAX_RECONNECT_DELAY`]), saying so once. The end is logged with the run's totals. Any other
+/// seconds). While the connection is down, or cycles fail in a way that may pass, it tries again
+/// every period, saying so once: it acts in the first cycle after libvirt is back (a period is
+/// a few calls, cheap for libvirt; a longer wait would leave the guests unwatched longer). The
+/// end is logged with the run's totals. Any other
 /// error ends the loop and is returned.
 pub fn run_cycles<T: Turns>(uri: &str, options: LoopOptions, mut turns: T) -> anyhow::Result<()> {
     let mut stop = StopSignal::install()?;
@@ -117,15 +110,14 @@ pub fn run_cycles<T: Turns>(uri: &str, options: LoopOptions, mut turns: T) -> an
         options,
         totals: Totals::default(),
         idle: false,
-        delay: Duration::ZERO,
-        failing: Duration::ZERO,
+        disconnected: false,
+        failing: false,
         exporter,
         cycle_log,
         service: Service::from_env(),
     };
     loop {
-        let wait = run.options.period.max(run.delay).max(run.failing);
-        if run.started() && run.sleep(&mut stop, wait) {
+        if run.started() && run.sleep(&mut stop, run.options.period) {
             return run.end("stopping on signal");
         }
         if StopSignal::reload_requested()
@@ -172,10 +164,10 @@ struct Run<'a> {
     totals: Totals,
     /// Said that there is no active domain, and still none since.
     idle: bool,
-    /// The wait before the next reconnection attempt; zero while connected.
-    delay: Duration,
-    /// The wait before the next try after a failed cycle; zero while cycles succeed.
-    failing: Duration,
+    /// The connection is down (said), and no cycle has run since.
+    disconnected: bool,
+    /// A cycle failed (said), and none has succeeded since.
+    failing: bool,
     /// Where metrics go, with `--metrics-address`.
     exporter: Option<Exporter>,
     /// The pacing of the per-cycle log.
@@ -234,21 +226,19 @@ impl Run<'_> {
 
     /// Has a turn run yet (so the next one waits)?
     fn started(&self) -> bool {
-        self.totals.cycles > 0 || !self.delay.is_zero() || !self.failing.is_zero()
+        self.totals.cycles > 0 || self.disconnected || self.failing
     }
 
-    /// A cycle failed in a way that may pass: say so once, and wait longer before each try. The
+    /// A cycle failed in a way that may pass: say so once; the next period tries again. The
     /// daemon's state (rates, ledger, first affinities) is kept.
     fn failed(&mut self, why: &str) {
-        if self.failing.is_zero() {
+        if !std::mem::replace(&mut self.failing, true) {
             log::warn!(
-                "a cycle failed: {why}; trying again with a growing delay (at most {} s), keeping what the daemon knows",
-                MAX_RECONNECT_DELAY.as_secs()
+                "a cycle failed: {why}; trying again every period, keeping what the daemon knows"
             );
         } else {
             log::debug!("a cycle failed again: {why}");
         }
-        self.failing = reconnect_delay(self.failing, self.options.period);
         self.service
             .turn(false, &format!("a cycle failed: {why}; trying again"));
         if let Some(e) = &self.exporter {
@@ -257,12 +247,16 @@ impl Run<'_> {
         }
     }
 
-    /// The connection is down: say so once, and wait longer before each attempt.
+    /// The connection is down: say so once; the next period tries again.
     fn lost(&mut self, why: &str) {
-        if self.delay.is_zero() {
-            log::warn!("lost the connection to {} ({why}); reconnecting", self.uri);
+        if !std::mem::replace(&mut self.disconnected, true) {
+            log::warn!(
+                "lost the connection to {} ({why}); reconnecting every period",
+                self.uri
+            );
+        } else {
+            log::debug!("still no connection to {}: {why}", self.uri);
         }
-        self.delay = reconnect_delay(self.delay, self.options.period);
         self.service.turn(
             false,
             &format!("lost the connection to {} ({why}); reconnecting", self.uri),
@@ -275,13 +269,11 @@ impl Run<'_> {
 
     /// A cycle ran: count it, saying so if it ran on a new connection.
     fn cycled(&mut self) {
-        if !self.delay.is_zero() {
+        if std::mem::take(&mut self.disconnected) {
             log::info!("reconnected to {}", self.uri);
-            self.delay = Duration::ZERO;
         }
-        if !self.failing.is_zero() {
+        if std::mem::take(&mut self.failing) {
             log::info!("cycles succeed again");
-            self.failing = Duration::ZERO;
         }
         self.totals.cycles += 1;
     }
@@ -359,6 +351,7 @@ pub fn host_turn<H: Host + ?Sized, R: Report>(
     cycle: impl FnOnce(&mut H) -> HostResult<Option<R>>,
 ) -> anyhow::Result<Turn<R>> {
     let before = host.api_calls();
+    host.begin_cycle();
     match cycle(host) {
         Ok(Some(mut report)) => {
             let calls = host.api_calls() - before;
@@ -376,6 +369,7 @@ pub fn host_turn<H: Host + ?Sized, R: Report>(
             Ok(Turn::Disconnected(why))
         }
         Err(HostError::Other(e)) => Ok(Turn::Failed(format!("{e:#}"))),
+        Err(HostError::NotAnswering(why)) => Ok(Turn::Failed(why)),
         Err(e @ (HostError::Vanished(_) | HostError::Stuck(_))) => Ok(Turn::Failed(e.to_string())),
         Err(e @ (HostError::Denied(_) | HostError::Unsupported(_))) => Err(e.into_anyhow()),
     }
@@ -395,24 +389,4 @@ fn print_json<R: Report>(report: &R, cycle: u64) -> anyhow::Result<()> {
     writeln!(out, "{value}")
         .and_then(|()| out.flush())
         .context("writing the JSON report to stdout")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reconnection_waits_double_up_to_a_minute() {
-        let period = Duration::from_secs(3);
-        let mut delay = Duration::ZERO;
-        let mut waits = Vec::new();
-        for _ in 0..7 {
-            delay = reconnect_delay(delay, period);
-            waits.push(delay.as_secs());
-        }
-        assert_eq!(waits, [3, 6, 12, 24, 48, 60, 60]);
-        // A period longer than the cap is waited out, not cut short.
-        let hour = Duration::from_secs(3600);
-        assert_eq!(reconnect_delay(Duration::ZERO, hour), hour);
-    }
 }

@@ -68,10 +68,15 @@ impl Connections {
         }
     }
 
-    /// Give `conn` back after a call that returned.
-    fn give_back(&self, conn: Connect) {
+    /// Give `conn` back after a call that returned: kept for the next call while it is alive
+    /// and fewer than `keep` are idle, else closed (a pool grown while calls were stuck shrinks
+    /// once they return; a connection libvirtd dropped is not handed out again).
+    fn give_back(&self, conn: Connect, keep: usize) {
         if let Connections::Pool { idle, .. } = self {
-            idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < keep && conn.is_alive().unwrap_or(false) {
+                idle.push(conn);
+            }
         }
     }
 }
@@ -111,6 +116,9 @@ pub struct Bounded {
     running: Arc<AtomicUsize>,
     /// The most calls running at once: what the daemon may hold of libvirtd's workers.
     budget: usize,
+    /// When the current cycle's time is up: no call is waited for past it, and none is started
+    /// after it, however many domains do not answer.
+    cycle_end: Option<Instant>,
 }
 
 /// Why a call gave no answer.
@@ -122,6 +130,8 @@ pub enum Unanswered {
     OverBudget,
     /// The daemon is stopping.
     Stopping,
+    /// It was not made: the cycle's time is up.
+    OutOfTime,
 }
 
 impl Bounded {
@@ -133,7 +143,19 @@ impl Bounded {
             connections,
             running: Arc::default(),
             budget: budget.max(1),
+            cycle_end: None,
         }
+    }
+
+    /// Start a cycle: from now on, calls together wait at most one deadline, until the next
+    /// cycle (or [`Bounded::end_cycle`]).
+    pub fn begin_cycle(&mut self) {
+        self.cycle_end = Some(Instant::now() + self.deadline);
+    }
+
+    /// Out of any cycle: each call waits at most the deadline on its own.
+    pub fn end_cycle(&mut self) {
+        self.cycle_end = None;
     }
 
     /// Hold at most `budget` (at least one) calls running at once from now on.
@@ -141,14 +163,14 @@ impl Bounded {
         self.budget = budget.max(1);
     }
 
-    /// The most calls running at once.
-    pub fn budget(&self) -> usize {
-        self.budget
-    }
-
     /// Calls running now: each holds one of libvirtd's workers.
     pub fn outstanding(&self) -> usize {
         self.running.load(Ordering::Acquire)
+    }
+
+    /// Is there room in the budget for a call on domains?
+    pub fn has_room_for_domains(&self) -> bool {
+        self.outstanding() < self.room(Kind::Domains)
     }
 
     /// Make calls on `connections` from now on (a new connection to the host).
@@ -176,13 +198,35 @@ impl Bounded {
         stop: impl Fn() -> bool,
         call: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
     ) -> Result<Result<T, virt::error::Error>, Unanswered> {
-        let connections = self.connections.clone();
-        self.run_plain(slot, stop, move || {
+        let (connections, keep) = (self.connections.clone(), self.budget);
+        self.run_plain(slot, stop, Kind::Domains, move || {
             let conn = connections.take()?;
             let out = call(&conn);
-            connections.give_back(conn);
+            connections.give_back(conn, keep);
             out
         })
+    }
+
+    /// Run `call` on `conn` (the daemon's own connection), bounded like [`Bounded::run`].
+    pub fn run_on<T: Send + 'static>(
+        &self,
+        conn: &Connect,
+        slot: &Slot,
+        stop: impl Fn() -> bool,
+        call: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
+    ) -> Result<Result<T, virt::error::Error>, Unanswered> {
+        let conn = conn.clone();
+        self.run_plain(slot, stop, Kind::Host, move || call(&conn))
+    }
+
+    /// How many calls may be running for a call of `kind` to start: domains' calls leave one
+    /// of the budget (when it has more than one) to the host-wide calls, so that calls stuck on
+    /// domains never keep the daemon from reading the host.
+    fn room(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Host => self.budget,
+            Kind::Domains => self.budget.saturating_sub(1).max(1),
+        }
     }
 
     /// Run `call` on `slot` on a worker thread, waiting at most the deadline (see
@@ -191,38 +235,42 @@ impl Bounded {
         &self,
         slot: &Slot,
         stop: impl Fn() -> bool,
+        kind: Kind,
         call: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Unanswered> {
         // Only this thread starts calls, so the count can only fall between this look and the
         // start below.
-        if self.outstanding() >= self.budget {
+        if self.outstanding() >= self.room(kind) {
             return Err(Unanswered::OverBudget);
         }
+        let now = Instant::now();
+        let until = match self.cycle_end {
+            Some(end) if end <= now => return Err(Unanswered::OutOfTime),
+            Some(end) => end.min(now + self.deadline),
+            None => now + self.deadline,
+        };
         if slot.0.swap(true, Ordering::AcqRel) {
             return Err(Unanswered::Late);
         }
         self.running.fetch_add(1, Ordering::AcqRel);
         let (tx, rx) = mpsc::channel();
-        let (busy, running) = (Arc::clone(&slot.0), Arc::clone(&self.running));
-        let done = move || {
-            busy.store(false, Ordering::Release);
-            running.fetch_sub(1, Ordering::AcqRel);
+        // Frees the slot and the budget when the call ends, even by a panic.
+        let finished = Finished {
+            busy: Arc::clone(&slot.0),
+            running: Arc::clone(&self.running),
         };
         let spawned = std::thread::Builder::new()
             .name("libvirt-call".into())
             .spawn(move || {
                 let value = call();
-                done();
+                drop(finished);
                 // The caller may have given up waiting: then the value is dropped.
                 let _ = tx.send(value);
             });
         if let Err(e) = spawned {
-            slot.0.store(false, Ordering::Release);
-            self.running.fetch_sub(1, Ordering::AcqRel);
             log::warn!("cannot start a thread for a libvirt call ({e}); skipped");
             return Err(Unanswered::Late);
         }
-        let until = Instant::now() + self.deadline;
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if stop() {
@@ -240,6 +288,27 @@ impl Bounded {
     }
 }
 
+/// What a call reads: one or more domains (on a pooled connection), or the host (on the
+/// daemon's own connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Domains,
+    Host,
+}
+
+/// A call's claim on its slot and on the budget, given up when the call ends (however it ends).
+struct Finished {
+    busy: Arc<AtomicBool>,
+    running: Arc<AtomicUsize>,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.busy.store(false, Ordering::Release);
+        self.running.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,7 +323,7 @@ mod tests {
     fn a_quick_call_returns_its_value() {
         let b = bounded(Duration::from_secs(5));
         let slot = Slot::default();
-        assert_eq!(b.run_plain(&slot, || false, || 7), Ok(7));
+        assert_eq!(b.run_plain(&slot, || false, Kind::Domains, || 7), Ok(7));
         assert!(b.outstanding() == 0 && !slot.is_busy());
         // A call with a connection of its own, on the test driver.
         let listed = b.run(&slot, || false, |c| c.list_all_domains(0));
@@ -267,16 +336,24 @@ mod tests {
         let (release, held) = mpsc::channel::<()>();
         let started = Instant::now();
         let (domain, other) = (Slot::default(), Slot::default());
-        let out = b.run_plain(&domain, || false, move || held.recv().is_ok());
+        let out = b.run_plain(
+            &domain,
+            || false,
+            Kind::Domains,
+            move || held.recv().is_ok(),
+        );
         assert_eq!(out, Err(Unanswered::Late));
         assert!(started.elapsed() < Duration::from_secs(1));
         assert!(domain.is_busy() && b.outstanding() == 1);
         // No second call is made on a stuck slot; others go on.
-        assert_eq!(b.run_plain(&domain, || false, || 1), Err(Unanswered::Late));
-        assert_eq!(b.run_plain(&other, || false, || 2), Ok(2));
+        assert_eq!(
+            b.run_plain(&domain, || false, Kind::Domains, || 1),
+            Err(Unanswered::Late)
+        );
+        assert_eq!(b.run_plain(&other, || false, Kind::Domains, || 2), Ok(2));
         // A copy of the slot (the record that holds it) sees the same call.
         assert_eq!(
-            b.run_plain(&domain.clone(), || false, || 1),
+            b.run_plain(&domain.clone(), || false, Kind::Domains, || 1),
             Err(Unanswered::Late)
         );
         // Once the stuck call returns, the slot answers again.
@@ -286,7 +363,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(!domain.is_busy());
-        assert_eq!(b.run_plain(&domain, || false, || 3), Ok(3));
+        assert_eq!(b.run_plain(&domain, || false, Kind::Domains, || 3), Ok(3));
     }
 
     #[test]
@@ -296,14 +373,93 @@ mod tests {
         let out = b.run_plain(
             &Slot::default(),
             || started.elapsed() > Duration::from_millis(200),
+            Kind::Domains,
             || std::thread::sleep(Duration::from_secs(5)),
         );
         assert_eq!(out, Err(Unanswered::Stopping));
         assert!(started.elapsed() < Duration::from_secs(1));
     }
 
+    #[test]
+    fn a_cycle_waits_one_deadline_whatever_the_number_of_calls_that_hang() {
+        let mut b = bounded(Duration::from_millis(300));
+        b.set_budget(8);
+        let (release, held) = mpsc::channel::<()>();
+        let held = Arc::new(Mutex::new(held));
+        b.begin_cycle();
+        let started = Instant::now();
+        let outcomes: Vec<_> = (0..6)
+            .map(|_| {
+                let held = Arc::clone(&held);
+                b.run_plain(
+                    &Slot::default(),
+                    || false,
+                    Kind::Domains,
+                    move || {
+                        let _ = held.lock().map(|h| h.recv());
+                    },
+                )
+            })
+            .collect();
+        let took = started.elapsed();
+        // The first call waits out the cycle's time; the others are not even made.
+        assert_eq!(outcomes[0], Err(Unanswered::Late));
+        assert!(
+            outcomes[1..]
+                .iter()
+                .all(|o| *o == Err(Unanswered::OutOfTime))
+        );
+        assert_eq!(b.outstanding(), 1);
+        assert!(took < Duration::from_millis(600), "{took:?}");
+        // A new cycle has its own time.
+        b.begin_cycle();
+        assert_eq!(
+            b.run_plain(&Slot::default(), || false, Kind::Domains, || 1),
+            Ok(1)
+        );
+        drop(release);
+    }
+
+    #[test]
+    fn calls_stuck_on_domains_leave_room_for_the_host() {
+        let b = bounded(Duration::from_millis(20));
+        let gates: Vec<_> = (0..3)
+            .map(|_| {
+                let (release, held) = mpsc::channel::<()>();
+                let out = b.run_plain(
+                    &Slot::default(),
+                    || false,
+                    Kind::Domains,
+                    move || held.recv().is_ok(),
+                );
+                assert_eq!(out, Err(Unanswered::Late));
+                release
+            })
+            .collect();
+        // The budget of 4 less one is held by domains: no more domain calls, but the host's.
+        let domain = b.run_plain(&Slot::default(), || false, Kind::Domains, || 1);
+        assert_eq!(domain, Err(Unanswered::OverBudget));
+        let host = b.run_plain(&Slot::default(), || false, Kind::Host, || 2);
+        assert_eq!(host, Ok(2));
+        drop(gates);
+    }
+
+    #[test]
+    fn a_call_that_panics_gives_its_slot_and_budget_back() {
+        let b = bounded(Duration::from_secs(5));
+        let slot = Slot::default();
+        let out = b.run_plain(
+            &slot,
+            || false,
+            Kind::Domains,
+            || -> u32 { panic!("a bug in a call") },
+        );
+        assert_eq!(out, Err(Unanswered::Late));
+        assert!(!slot.is_busy() && b.outstanding() == 0);
+    }
+
     /// What a step of a trace does: start a call on slot `n` that hangs until released, or one
-    /// that returns at once, or release every hung call on slot `n`.
+    /// that returns at once, or release every hung call on slot `n`. Slot 5 is the host's.
     #[derive(Clone, Copy, Debug)]
     enum Step {
         Hangs(usize),
@@ -337,11 +493,12 @@ mod tests {
             let mut gates: Vec<Vec<mpsc::Sender<()>>> = (0..6).map(|_| Vec::new()).collect();
             for step in steps {
                 let before = b.outstanding();
+                let kind = |n: usize| if n == 5 { Kind::Host } else { Kind::Domains };
                 match step {
                     Step::Hangs(n) => {
                         let (release, held) = mpsc::channel::<()>();
-                        let out = b.run_plain(&slots[n], || false, move || held.recv().is_ok());
-                        let expected = if before >= budget {
+                        let out = b.run_plain(&slots[n], || false, kind(n), move || held.recv().is_ok());
+                        let expected = if before >= b.room(kind(n)) {
                             Err(Unanswered::OverBudget)
                         } else {
                             Err(Unanswered::Late)
@@ -350,8 +507,8 @@ mod tests {
                         gates[n].push(release);
                     }
                     Step::Returns(n) => {
-                        let out = b.run_plain(&slots[n], || false, || 7);
-                        if before >= budget {
+                        let out = b.run_plain(&slots[n], || false, kind(n), || 7);
+                        if before >= b.room(kind(n)) {
                             proptest::prop_assert_eq!(out, Err(Unanswered::OverBudget));
                         } else if slots[n].is_busy() {
                             proptest::prop_assert_eq!(out, Err(Unanswered::Late));

@@ -55,8 +55,13 @@ pub struct Known {
     /// the connection.
     pub unreadable: bool,
     /// A call on it in the last sample was not answered (or not made: the budget of calls
-    /// running at once was spent), so it was not read.
+    /// running at once was spent, or someone else holds it), so it was not read.
     pub missed: bool,
+    /// It was said to be held by someone else's job (and not yet said to be free again).
+    pub held_said: bool,
+    /// The failure said of its reads, until it reads again: a domain that keeps failing the
+    /// same way is said once.
+    pub failure_said: Option<String>,
 }
 
 impl Known {
@@ -72,6 +77,8 @@ impl Known {
             stuck_said: false,
             unreadable: false,
             missed: false,
+            held_said: false,
+            failure_said: None,
         }
     }
 

@@ -4,10 +4,12 @@ mod bounded;
 mod events;
 mod known;
 mod numad;
+mod opening;
 mod raw;
 
 use bounded::{Bounded, Connections, Slot, Unanswered};
 use known::{ConfiguredPins, Known, KnownPins};
+use opening::{NotOpened, OPEN_DEADLINE, Opening};
 
 use raw::Definition;
 pub use raw::{cpu_map_len, cpus_in_map, map_of_cpus};
@@ -48,6 +50,14 @@ fn open(uri: &str) -> anyhow::Result<Connect> {
             connect_hint(e.message())
         )
     })
+}
+
+/// The error for a libvirt that accepted the connection but did not answer it.
+fn not_answering_at_start(uri: &str) -> anyhow::Error {
+    anyhow!(
+        "cannot connect to libvirt at '{uri}': it did not answer within {} s (is libvirtd, or virtqemud, hung or stopped? 'virsh -c {uri} list' tells)",
+        OPEN_DEADLINE.as_secs()
+    )
 }
 
 /// True for the errors libvirt gives when a domain stopped or was undefined under our feet.
@@ -201,6 +211,11 @@ pub struct LibvirtHost {
     listing: Slot,
     /// Room for one bulk statistics call (over every domain) at a time.
     bulk: Slot,
+    /// Room for one host-wide call on the daemon's own connection at a time.
+    host_calls: Slot,
+    /// A new connection still being opened (libvirtd did not answer in time).
+    opening: Option<Opening>,
+
     /// A listing did not answer in time, and it was said.
     listing_stuck_said: bool,
     /// The budget of calls running at once was found spent, and it was said.
@@ -212,6 +227,9 @@ pub struct LibvirtHost {
     /// numad, on a host that is this machine.
     numad: numad::Numad,
 }
+
+/// How long closing the connections is waited for when the daemon ends.
+pub const CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a call that may wait on a domain's QEMU is waited for, by default.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
@@ -239,7 +257,12 @@ impl LibvirtHost {
         }
         // Events reach a connection only if the event loop was registered before it was opened.
         let event_loop = events::start_event_loop();
-        let conn = open(uri)?;
+        let conn = Opening::start(uri, open)
+            .wait(OPEN_DEADLINE, || false)
+            .map_err(|e| match e {
+                NotOpened::Failed(e) => e,
+                NotOpened::Late | NotOpened::Stopping => not_answering_at_start(uri),
+            })?;
         let bounded = Bounded::new(
             DEFAULT_DEADLINE,
             Connections::for_uri(uri, &conn),
@@ -256,6 +279,9 @@ impl LibvirtHost {
             domains: Tracker::new(),
             listing: Slot::default(),
             bulk: Slot::default(),
+            host_calls: Slot::default(),
+            opening: None,
+
             listing_stuck_said: false,
             budget_said: false,
             bounded,
@@ -269,6 +295,7 @@ impl LibvirtHost {
     /// `stop` tells whether the daemon is stopping, which ends any such wait at once.
     pub fn with_deadline(mut self, deadline: Duration, stop: fn() -> bool) -> Self {
         self.bounded.set_deadline(deadline);
+        self.bounded.end_cycle();
         self.stop = stop;
         self
     }
@@ -277,6 +304,21 @@ impl LibvirtHost {
     pub fn with_call_budget(mut self, budget: usize) -> Self {
         self.bounded.set_budget(budget);
         self
+    }
+
+    /// Close the connections, waiting at most [`CLOSE_WAIT`]: closing is a call to libvirtd
+    /// too, and a libvirtd that does not answer must not keep the daemon from exiting.
+    pub fn close(self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let closing = std::thread::Builder::new()
+            .name("libvirt-close".into())
+            .spawn(move || {
+                drop(self);
+                let _ = tx.send(());
+            });
+        if closing.is_ok() && rx.recv_timeout(CLOSE_WAIT).is_err() {
+            log::debug!("libvirt did not answer the close: exiting without it");
+        }
     }
 
     /// Calls this host has running in libvirt now (each holding one of libvirtd's workers).
@@ -309,6 +351,12 @@ impl LibvirtHost {
                 log::info!("domain {name} answers again");
             }
             known.stuck_said = stuck;
+            if !known.unreadable
+                && !known.missed
+                && let Some(failure) = known.failure_said.take()
+            {
+                log::info!("domain {name} reads again (it failed: {failure})");
+            }
         }
     }
 
@@ -341,7 +389,7 @@ impl LibvirtHost {
 
     /// Domain `id`'s balloon and guest memory figures (bounded in time).
     fn read_balloon_stats(&mut self, id: &DomainId) -> HostResult<BalloonStats> {
-        self.on_domain_bounded(
+        self.on_domain_in_job(
             id,
             2,
             || format!("reading the memory statistics of domain {id}"),
@@ -380,13 +428,33 @@ impl LibvirtHost {
 
     /// Remember domain `id` as unreadable this sample when `read` failed otherwise than by
     /// vanishing, not answering or losing the connection: the daemons then count it at its most
-    /// cautious ([`Host::stuck_domains`]).
+    /// cautious ([`Host::stuck_domains`]). The failure is said once, until the domain reads
+    /// again or fails otherwise.
     fn note_unreadable<T>(&mut self, id: &DomainId, read: &HostResult<T>) {
-        if let Err(HostError::Other(_) | HostError::Unsupported(_) | HostError::Denied(_)) = read
-            && let Some(known) = self.domains.get_mut(id)
-        {
-            known.unreadable = true;
+        let Err(e @ (HostError::Other(_) | HostError::Unsupported(_) | HostError::Denied(_))) =
+            read
+        else {
+            return;
+        };
+        let message = format!("{e:#}");
+        let Some(known) = self.domains.get_mut(id) else {
+            log::warn!("domain {id}: {message}; skipped");
+            return;
+        };
+        known.unreadable = true;
+        if known.failure_said.as_deref() != Some(message.as_str()) {
+            log::warn!(
+                "domain {}: {message}; it is skipped, and counted at its most cautious, until it reads again",
+                known.name
+            );
+            known.failure_said = Some(message);
         }
+    }
+
+    /// [`read_or_skip`], saying a failure once ([`LibvirtHost::note_unreadable`]).
+    fn skip<T>(&mut self, domain: &DomainRef, read: HostResult<T>) -> HostResult<Option<T>> {
+        self.note_unreadable(&domain.id, &read);
+        read_or_skip(domain, read)
     }
 
     /// Every domain known, described, in UUID order; `keep` chooses which.
@@ -490,6 +558,41 @@ impl LibvirtHost {
         &self.conn
     }
 
+    /// Run `op`, which makes `calls` host-wide libvirt calls (`what` says which), on the daemon's
+    /// own connection, bounded like every call: libvirtd hung or stopped makes it
+    /// [`HostError::NotAnswering`] (the cycle is given up), never a daemon blocked for good.
+    /// libvirt's own failure is left to the caller.
+    fn on_host<T: Send + 'static>(
+        &mut self,
+        calls: u64,
+        what: &str,
+        op: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
+    ) -> HostResult<Result<T, virt::error::Error>> {
+        let slot = self.host_calls.clone();
+        let answer = self.counted(calls, |h| h.bounded.run_on(&h.conn, &slot, h.stop, op));
+        match answer {
+            Ok(read) => Ok(read),
+            Err(unanswered) => {
+                let why = match unanswered {
+                    Unanswered::Stopping => "the daemon is stopping".to_string(),
+                    Unanswered::OutOfTime => {
+                        "the cycle's time was up (calls before it did not answer)".to_string()
+                    }
+                    Unanswered::OverBudget => {
+                        self.over_budget();
+                        "every call this daemon may hold in libvirtd is still running".to_string()
+                    }
+                    Unanswered::Late => format!(
+                        "libvirt at {} did not answer within {:.1} s (is libvirtd, or virtqemud, hung or stopped?)",
+                        self.uri,
+                        self.bounded.deadline().as_secs_f64()
+                    ),
+                };
+                Err(HostError::NotAnswering(format!("{what}: {why}")))
+            }
+        }
+    }
+
     /// Run `op`, which makes `calls` libvirt calls, on domain `id`, looked up on the call's own
     /// connection, on a worker thread waited for at most the deadline: "no such domain" and "not
     /// running" are [`HostError::Vanished`], any other failure says what was being done. A call
@@ -526,6 +629,61 @@ impl LibvirtHost {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if is_vanished(&e) => Err(HostError::Vanished(*id)),
             Ok(Err(e)) => Err(self.error(e, what)),
+        }
+    }
+
+    /// [`LibvirtHost::on_domain_bounded`] for a call that needs domain `id`'s job or its QEMU
+    /// monitor: made only when `virDomainGetControlInfo` (in the same worker; it waits on
+    /// neither) says nobody has held them longer than the deadline, since the call would only
+    /// queue behind the holder (a migration, a dump, another client's call to a hung QEMU),
+    /// keeping one of libvirtd's workers for up to 30 s. A domain held is skipped, said once
+    /// until it is free.
+    fn on_domain_in_job<T: Send + 'static>(
+        &mut self,
+        id: &DomainId,
+        calls: u64,
+        what: impl FnOnce() -> String,
+        op: impl FnOnce(&Domain) -> Result<T, virt::error::Error> + Send + 'static,
+    ) -> HostResult<T> {
+        let longer_than = self.bounded.deadline();
+        let gated = move |dom: &Domain| match raw::control(dom, longer_than)? {
+            raw::Control::Free => op(dom).map(Ok),
+            held => Ok(Err(held)),
+        };
+        let answer = self.on_domain_bounded(id, calls + 1, what, gated)?;
+        let Some(known) = self.domains.get_mut(id) else {
+            return answer.map_err(|_| HostError::Stuck(*id));
+        };
+        match answer {
+            Ok(value) => {
+                if std::mem::take(&mut known.held_said) {
+                    log::info!("domain {} is free again", known.name);
+                }
+                Ok(value)
+            }
+            Err(held) => {
+                known.missed = true;
+                if !std::mem::replace(&mut known.held_said, true) {
+                    let why = match held {
+                        raw::Control::InJob { secs } => {
+                            format!(
+                                "a libvirt job has held it for {secs:.0} s (a migration, a dump, another client's call)"
+                            )
+                        }
+                        raw::Control::Occupied { secs } => {
+                            format!("a call has waited on its QEMU for {secs:.0} s")
+                        }
+                        raw::Control::Broken | raw::Control::Free => {
+                            "its QEMU monitor failed".to_string()
+                        }
+                    };
+                    log::warn!(
+                        "domain {}: {why}: it is not called until it is free",
+                        known.name
+                    );
+                }
+                Err(HostError::Stuck(*id))
+            }
         }
     }
 
@@ -628,18 +786,19 @@ impl LibvirtHost {
         let nowait = groups == sys::VIR_DOMAIN_STATS_VCPU;
         let mut out = Vec::new();
         for domain in self.active_domains()? {
-            let read = self.on_domain_bounded(
-                &domain.id,
-                1,
-                || format!("reading the statistics of domain {}", domain.id),
-                move |dom| raw::domain_stats(dom, groups, nowait),
-            );
+            let what = || format!("reading the statistics of domain {}", domain.id);
+            let read_stats = move |dom: &Domain| raw::domain_stats(dom, groups, nowait);
+            // Without NOWAIT the call takes the domain's job.
+            let read = if nowait {
+                self.on_domain_bounded(&domain.id, 1, what, read_stats)
+            } else {
+                self.on_domain_in_job(&domain.id, 1, what, read_stats)
+            };
             if let Err(HostError::Unsupported(_)) = &read {
                 self.session.no_bulk_stats = true;
                 return Ok(None);
             }
-            self.note_unreadable(&domain.id, &read);
-            if let Some(Some(record)) = read_or_skip(&domain, read)? {
+            if let Some(Some(record)) = self.skip(&domain, read)? {
                 out.push((record, Instant::now()));
             }
         }
@@ -680,23 +839,27 @@ impl LibvirtHost {
         if !matches!(self.session.pin_events, PinEvents::Untried) {
             return;
         }
-        self.session.pin_events = PinEvents::Polled;
         if !self.event_loop {
+            self.session.pin_events = PinEvents::Polled;
             return;
         }
-        let qemu = self.counted(1, |h| {
-            h.conn
-                .driver_type()
-                .is_ok_and(|t| t.eq_ignore_ascii_case("QEMU"))
-        });
-        if !qemu {
+        let register = |conn: &Connect| {
+            if !conn.driver_type()?.eq_ignore_ascii_case("QEMU") {
+                return Ok(None);
+            }
+            events::PinWatch::register(conn).map(Some)
+        };
+        // Not answering: tried again at the next sample.
+        let Ok(registered) = self.on_host(2, "registering for pin-change events", register) else {
             return;
-        }
-        match self.counted(1, |h| events::PinWatch::register(&h.conn)) {
-            Ok(watch) => {
+        };
+        self.session.pin_events = PinEvents::Polled;
+        match registered {
+            Ok(Some(watch)) => {
                 debug!("following vCPU pin changes through libvirt events");
                 self.session.pin_events = PinEvents::Watched(watch);
             }
+            Ok(None) => {}
             Err(e) => debug!(
                 "no pin-change events ({}): re-reading pins every {PIN_REFRESH_SAMPLES} samples",
                 e.message()
@@ -708,17 +871,22 @@ impl LibvirtHost {
     /// removed since the last call (registering for those events first, once per connection),
     /// so their XML is read again: a hot-plugged VFIO or vDPA device pins a guest's memory.
     fn forget_replugged(&mut self) {
-        if matches!(self.session.device_events, DeviceEvents::Untried) {
-            self.session.device_events = DeviceEvents::Unavailable;
-            if self.event_loop {
-                match self.counted(2, |h| events::DeviceWatch::register(&h.conn)) {
-                    Ok(watch) => self.session.device_events = DeviceEvents::Watched(watch),
-                    Err(e) => debug!(
+        if matches!(self.session.device_events, DeviceEvents::Untried) && self.event_loop {
+            let register = |conn: &Connect| events::DeviceWatch::register(conn);
+            // Not answering: tried again at the next sample.
+            match self.on_host(2, "registering for device events", register) {
+                Ok(Ok(watch)) => self.session.device_events = DeviceEvents::Watched(watch),
+                Ok(Err(e)) => {
+                    self.session.device_events = DeviceEvents::Unavailable;
+                    debug!(
                         "no device events ({}): a hot-plugged device is seen on SIGHUP",
                         e.message()
-                    ),
+                    );
                 }
+                Err(_) => {}
             }
+        } else if !self.event_loop {
+            self.session.device_events = DeviceEvents::Unavailable;
         }
         let DeviceEvents::Watched(watch) = &self.session.device_events else {
             return;
@@ -787,14 +955,16 @@ impl LibvirtHost {
     }
 
     /// Domain `id`, named `name`, in its run `run`, with its facts; `None` when it vanished or
-    /// cannot be read (said, see [`read_or_skip`]).
+    /// cannot be read (said once, see [`LibvirtHost::skip`]).
     fn described(&mut self, id: DomainId, name: &str, run: u32) -> HostResult<Option<DomainRef>> {
         let domain = DomainRef {
             run: Some(run),
             ..DomainRef::new(id, name)
         };
         let facts = self.facts(&id);
-        Ok(read_or_skip(&domain, facts)?.map(|facts| DomainRef { facts, ..domain }))
+        Ok(self
+            .skip(&domain, facts)?
+            .map(|facts| DomainRef { facts, ..domain }))
     }
 
     /// The vCPU affinity of domain `id`'s persistent configuration (`nvcpus` vCPUs), read once
@@ -864,7 +1034,7 @@ impl LibvirtHost {
             known.unreadable = false;
             known.missed = false;
         }
-        if self.budget_said && self.bounded.outstanding() < self.bounded.budget() {
+        if self.budget_said && self.bounded.has_room_for_domains() {
             self.budget_said = false;
             log::info!("calls to libvirt return again: every domain is read");
         }
@@ -941,10 +1111,7 @@ impl Host for LibvirtHost {
                     let max = u32::try_from(max).unwrap_or(u32::MAX);
                     let pins = h.known_pins(&domain.id, max);
                     let configured = h.configured(&domain.id, max);
-                    match (
-                        read_or_skip(&domain, pins)?,
-                        read_or_skip(&domain, configured)?,
-                    ) {
+                    match (h.skip(&domain, pins)?, h.skip(&domain, configured)?) {
                         (Some(affinity), Some(configured)) => {
                             Some(bulk_vcpus(rec, max, &affinity, configured.as_deref()))
                         }
@@ -962,7 +1129,7 @@ impl Host for LibvirtHost {
                 }
                 _ => {
                     let read = h.vcpus(&domain.id);
-                    let vcpus = read_or_skip(&domain, read)?;
+                    let vcpus = h.skip(&domain, read)?;
                     if let Some(vcpus) = &vcpus {
                         h.note_real_affinity(&domain, vcpus);
                     }
@@ -994,7 +1161,7 @@ impl Host for LibvirtHost {
                 // This driver's records carry no balloon statistics: read the domain directly.
                 _ => {
                     let read = h.balloon_stats(&domain.id);
-                    read_or_skip(&domain, read)?
+                    h.skip(&domain, read)?
                 }
             };
             Ok(stats.map(|stats| BalloonSample { domain, stats, at }))
@@ -1054,14 +1221,15 @@ impl Host for LibvirtHost {
     }
 
     fn node_cpus(&mut self) -> HostResult<NodeCpus> {
-        let cpus = match self.counted(1, |h| raw::node_cpu_map(&h.conn)) {
+        let cpus = match self.on_host(1, "reading the host's online CPUs", raw::node_cpu_map)? {
             Ok((present, online)) => NodeCpus { present, online },
             Err(e) => match self.error(e, || "reading the host's online CPUs".into()) {
                 HostError::Unsupported(_) => {
                     // Drivers without a CPU map: every CPU the node reports counts as online.
+                    const WHAT: &str = "reading the host's CPU count";
                     let info = self
-                        .counted(1, |h| h.conn.node_info())
-                        .map_err(|e| self.error(e, || "reading the host's CPU count".into()))?;
+                        .on_host(1, WHAT, |conn| conn.node_info())?
+                        .map_err(|e| self.error(e, || WHAT.into()))?;
                     NodeCpus {
                         present: info.cpus,
                         online: (0..info.cpus).collect(),
@@ -1076,8 +1244,8 @@ impl Host for LibvirtHost {
 
     fn set_affinity(&mut self, id: &DomainId, vcpu: u32, cpus: &[u32]) -> HostResult<()> {
         let map = map_of_cpus(cpus, self.present_cpus()?);
-        // Pinning takes the domain's job: bounded, in case someone else holds it.
-        self.on_domain_bounded(
+        // Pinning takes the domain's job: not made while someone else holds it.
+        self.on_domain_in_job(
             id,
             1,
             || format!("pinning vCPU {vcpu} of domain {id} to pCPUs {cpus:?}"),
@@ -1098,7 +1266,7 @@ impl Host for LibvirtHost {
 
     fn enable_balloon_stats(&mut self, id: &DomainId, period_secs: u32) -> HostResult<()> {
         let period = i32::try_from(period_secs).unwrap_or(i32::MAX);
-        self.on_domain_bounded(
+        self.on_domain_in_job(
             id,
             1,
             || format!("setting the balloon statistics period of domain {id} (does it have a <memballoon> device?)"),
@@ -1107,7 +1275,7 @@ impl Host for LibvirtHost {
     }
 
     fn set_balloon(&mut self, id: &DomainId, kib: u64) -> HostResult<()> {
-        self.on_domain_bounded(
+        self.on_domain_in_job(
             id,
             1,
             || format!("setting the balloon of domain {id} to {kib} KiB"),
@@ -1120,10 +1288,13 @@ impl Host for LibvirtHost {
     fn host_memory(&mut self) -> HostResult<HostMemory> {
         const WHAT: &str = "reading the host's memory statistics";
         // The first read asks how many fields there are, then reads them.
-        let mut known = self.session.node_memory_fields;
+        let known = self.session.node_memory_fields;
         let calls = if known > 0 { 1 } else { 2 };
-        let fields = self
-            .counted(calls, |h| raw::node_memory_stats(&h.conn, &mut known))
+        let (fields, known) = self
+            .on_host(calls, WHAT, move |conn| {
+                let mut known = known;
+                raw::node_memory_stats(conn, &mut known).map(|fields| (fields, known))
+            })?
             .map_err(|e| self.error(e, || WHAT.into()))?;
         self.session.node_memory_fields = known;
         let get = |name: &str| fields.iter().find(|(f, _)| f == name).map(|&(_, v)| v);
@@ -1161,10 +1332,12 @@ impl Host for LibvirtHost {
         }
         // libvirt reads consecutive cells: from the first node to the last.
         let count = (last - first + 1) as i32;
-        let free_bytes = match self.counted(1, |h| h.conn.cells_free_memory(first as i32, count)) {
+        const WHAT: &str = "reading the NUMA nodes' free memory";
+        let cells = move |conn: &Connect| conn.cells_free_memory(first as i32, count);
+        let free_bytes = match self.on_host(1, WHAT, cells)? {
             Ok(free) => free,
             Err(e) => {
-                return match self.error(e, || "reading the NUMA nodes' free memory".into()) {
+                return match self.error(e, || WHAT.into()) {
                     HostError::Unsupported(_) => Ok(Vec::new()),
                     e => Err(e),
                 };
@@ -1189,6 +1362,10 @@ impl Host for LibvirtHost {
         self.described_known(|k| k.stuck_said || k.unreadable || k.missed)
     }
 
+    fn begin_cycle(&mut self) {
+        self.bounded.begin_cycle();
+    }
+
     fn set_call_deadline(&mut self, deadline: Duration) {
         if deadline != self.bounded.deadline() {
             log::debug!(
@@ -1209,9 +1386,10 @@ impl Host for LibvirtHost {
         if let Capabilities::Read(known) = &self.session.capabilities {
             return Ok(known.clone());
         }
-        let topology = match self.counted(1, |h| h.conn.capabilities()) {
+        const WHAT: &str = "reading the host's capabilities";
+        let topology = match self.on_host(1, WHAT, |conn| conn.capabilities())? {
             Ok(xml) => Topology::from_capabilities(&xml),
-            Err(e) => match self.error(e, || "reading the host's capabilities".into()) {
+            Err(e) => match self.error(e, || WHAT.into()) {
                 HostError::Unsupported(_) => None,
                 e => return Err(e),
             },
@@ -1223,10 +1401,30 @@ impl Host for LibvirtHost {
     /// Open the connection again (the daemon restarted or dropped it). What was learnt through the
     /// old connection (driver abilities, and each domain's facts and pins, whose events may have
     /// been missed) is read again; calls still running on a domain keep it busy.
+    ///
+    /// The open is bounded too: one that libvirtd does not answer in time goes on, and the next
+    /// attempt takes its answer.
     fn reconnect(&mut self) -> HostResult<()> {
+        let opening = match self.opening.take() {
+            Some(opening) if opening.is_of(&self.uri) => opening,
+            _ => Opening::start(&self.uri, open),
+        };
+        let deadline = self.bounded.deadline().max(Duration::from_secs(1));
+        let conn = match opening.wait(deadline, self.stop) {
+            Ok(conn) => conn,
+            Err(NotOpened::Failed(e)) => return Err(HostError::Disconnected(format!("{e:#}"))),
+            Err(NotOpened::Late | NotOpened::Stopping) => {
+                self.opening = Some(opening);
+                return Err(HostError::Disconnected(format!(
+                    "libvirt at {} did not answer a new connection within {:.1} s",
+                    self.uri,
+                    deadline.as_secs_f64()
+                )));
+            }
+        };
         self.session = Session::default();
         self.read_everything_again();
-        self.conn = open(&self.uri).map_err(|e| HostError::Disconnected(format!("{e:#}")))?;
+        self.conn = conn;
         self.bounded
             .set_connections(Connections::for_uri(&self.uri, &self.conn));
         Ok(())

@@ -5,6 +5,7 @@
 //! only ever see owned Rust values.
 
 use std::os::raw::{c_int, c_uchar, c_uint, c_void};
+use std::time::Duration;
 
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -437,6 +438,43 @@ pub fn vcpu_pin_info(
         .take(filled as usize)
         .map(|m| cpus_in_map(m, present_cpus))
         .collect())
+}
+
+/// What holds a domain's control interface, as `virDomainGetControlInfo` tells without waiting on
+/// it (it needs neither the domain's job nor its QEMU).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Control {
+    /// Free, or held for less than the time asked about.
+    Free,
+    /// A job (ours or another client's: a migration, a dump, a call waiting on QEMU) has held it
+    /// for `secs` seconds.
+    InJob { secs: f64 },
+    /// A call has waited on the QEMU monitor for `secs` seconds.
+    Occupied { secs: f64 },
+    /// The monitor failed: the domain's QEMU cannot be talked to.
+    Broken,
+}
+
+/// `virDomainGetControlInfo`: is domain `dom` held longer than `longer_than` (a call needing its
+/// job or monitor would wait)?
+pub fn control(dom: &Domain, longer_than: Duration) -> Result<Control, Error> {
+    let mut info = sys::virDomainControlInfo {
+        state: 0,
+        details: 0,
+        stateTime: 0,
+    };
+    // SAFETY: `info` is a valid, writable virDomainControlInfo; flags must be 0.
+    if unsafe { sys::virDomainGetControlInfo(dom.as_ptr(), &mut info, 0) } < 0 {
+        return Err(Error::last_error());
+    }
+    let secs = info.stateTime as f64 / 1000.0;
+    let held = Duration::from_millis(info.stateTime) > longer_than;
+    Ok(match info.state as sys::virDomainControlState {
+        sys::VIR_DOMAIN_CONTROL_JOB if held => Control::InJob { secs },
+        sys::VIR_DOMAIN_CONTROL_OCCUPIED if held => Control::Occupied { secs },
+        sys::VIR_DOMAIN_CONTROL_ERROR => Control::Broken,
+        _ => Control::Free,
+    })
 }
 
 #[cfg(test)]

@@ -242,6 +242,11 @@ pub struct Ended {
 impl Daemon {
     /// Start `bin --json` with `args` against qemu:///system.
     pub fn start(bin: &str, args: &[&str]) -> Self {
+        Self::start_with_env(bin, args, &[])
+    }
+
+    /// [`Daemon::start`] with the environment variables `env` set.
+    pub fn start_with_env(bin: &str, args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let file = |ext: &str| {
             std::env::temp_dir().join(format!(
                 "vmb-e2e-{}-{}.{ext}",
@@ -254,6 +259,7 @@ impl Daemon {
             .args(["--connect", "qemu:///system", "--json"])
             .args(args)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(&json).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -7,4 +7,5 @@ pub fn test_uri(file: &str) -> String {
 }
 pub mod daemon;
 pub mod lab;
+pub mod notify;
 pub mod sim;
