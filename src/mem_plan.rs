@@ -11,8 +11,9 @@
 //!    ([`crate::host::BalloonStats::free_kib`]).
 //! 2. **Status.** A guest is **starving** when it is still consuming (its used memory grows
 //!    faster than `consuming_kib_s`) and its free memory is under `starve_pct` % of its balloon,
-//!    or would run out within `runway_periods` periods at its current rate (a small guest running
-//!    a fast hog has no time to wait for the percentage). Its rate here and in rule 3 is its
+//!    or would run out within `runway_periods` periods and `blind_secs` at its current rate (a
+//!    small guest running a fast hog has no time to wait for the percentage; the coordinator may
+//!    be blind that long while libvirt restarts). Its rate here and in rule 3 is its
 //!    *pace*: the last interval's rate alone when its consumption jumped to more than twice its
 //!    rate, so a burst is fed a report sooner ([`GuestMemory::pace_kib_s`]); **wasting** when free memory is over
 //!    `waste_pct` % and it is not consuming, and it stays wasting, while it does not consume,
@@ -25,8 +26,9 @@
 //!    move (see [`crate::sampling::MemoryHistory`]), two when it predates it. The second period
 //!    is a margin for a burst: a guest may eat twice its recent rate for a period and still keep
 //!    its headroom (seen on real guests: a guest that fell behind caught up at 4 times its
-//!    rate). The headroom is `runway_periods` periods of consumption (at the fastest rate of its
-//!    last few reports: one report's rate swings), and at least `headroom_pct` % of its balloon.
+//!    rate). The headroom is `runway_periods` periods and `blind_secs` of consumption (at the
+//!    fastest rate of its last few reports: one report's rate swings), and at least
+//!    `headroom_pct` % of its balloon.
 //!    No more than it needs (what a guest holds free is memory no other guest can have), and
 //!    nothing while it has that much (it is fed again, in time, as its free memory falls). A
 //!    guest whose balloon did not follow its last grant (its `actual` stayed under the size it
@@ -110,7 +112,18 @@ pub struct MemPolicy {
     /// A starving guest is fed so that two periods ahead it still has this % of its balloon free
     /// (and its runway).
     pub headroom_pct: f64,
+    /// Seconds of consumption a consuming guest keeps free on top of its runway periods (see
+    /// [`BLIND_SECS`]).
+    pub blind_secs: f64,
 }
+
+/// Seconds of a consuming guest's consumption it keeps free on top of its runway by default
+/// ([`MemPolicy::blind_secs`], rules 2 and 3): the coordinator may be blind that long when libvirt
+/// restarts. Measured on real guests: a
+/// libvirtd restart leaves it 3 to 6 s without answers, and the first cycle on the new connection
+/// comes within a period of its return; before this margin, a guest growing at 10 MiB/s was fed
+/// 17 s of runway and came within a few MiB of the OOM killer over a 6 s restart.
+pub const BLIND_SECS: f64 = 10.0;
 
 impl MemPolicy {
     /// The defaults, written once: `--help`, the man page and the daemon take them from here.
@@ -130,6 +143,7 @@ impl MemPolicy {
         period_secs: 3.0,
         runway_periods: 3.0,
         headroom_pct: 8.0,
+        blind_secs: BLIND_SECS,
     };
 }
 
@@ -309,7 +323,7 @@ impl MemPolicy {
         let consuming = pace > self.consuming_kib_s;
         let free = g.free_pct();
         let runway_secs = g.free_kib as f64 / pace.max(f64::MIN_POSITIVE);
-        let short = free < self.starve_pct || runway_secs < self.runway_periods * self.period_secs;
+        let short = free < self.starve_pct || runway_secs < self.runway_secs();
         let has_excess = self.excess_kib(g, standing) >= MIB;
         if consuming && short {
             MemStatus::Starving
@@ -318,6 +332,12 @@ impl MemPolicy {
         } else {
             MemStatus::Balanced
         }
+    }
+
+    /// How long a consuming guest's free memory must last (rule 2): its runway periods and the
+    /// time the coordinator may be blind.
+    pub fn runway_secs(&self) -> f64 {
+        self.runway_periods * self.period_secs + self.blind_secs
     }
 
     /// The size no shrink may go under (rule 6): the guest floor, what the guest uses plus a
@@ -647,8 +667,9 @@ fn beyond_nodes(
 /// consumption, it still has its headroom; nothing under 1 MiB; within its one step and its max
 /// memory (rule 6).
 fn want_kib(g: &GuestMemory, standing: &Standing, policy: &MemPolicy) -> u64 {
-    let per_period = g.pace_kib_s().max(standing.peak_rate_kib_s) * policy.period_secs;
-    let runway = policy.runway_periods * per_period;
+    let rate = g.pace_kib_s().max(standing.peak_rate_kib_s);
+    let per_period = rate * policy.period_secs;
+    let runway = rate * policy.runway_secs();
     let headroom = runway.max(g.actual_kib as f64 * policy.headroom_pct / 100.0);
     let need = (2.0 * per_period + headroom - g.free_kib as f64).ceil();
     let need = if need >= MIB as f64 { need as u64 } else { 0 };

@@ -27,8 +27,13 @@ fn host(total_mib: u64, free_mib: u64) -> Option<HostMemory> {
     Some(HostMemory::new(total_mib * MIB, free_mib * MIB))
 }
 
+/// The default policy without the blind margin, so each rule's arithmetic shows plainly; the
+/// margin has a test of its own.
 fn policy() -> MemPolicy {
-    MemPolicy::default()
+    MemPolicy {
+        blind_secs: 0.0,
+        ..MemPolicy::default()
+    }
 }
 
 fn snapshot(guests: Vec<GuestMemory>, host: Option<HostMemory>) -> MemSnapshot {
@@ -233,6 +238,25 @@ fn a_starving_guest_with_no_wasting_peer_is_fed_by_the_host() {
     assert_eq!(size_mib(&s, &p, 1), 1250);
     assert_eq!(size_mib(&s, &p, 2), 1000);
     assert_eq!(p.from_host_kib, 250 * MIB);
+}
+
+#[test]
+fn a_growing_guest_keeps_free_what_a_blind_spell_of_the_coordinator_would_eat() {
+    // 300 MiB free at 20 MiB/s: 15 s of runway. With 9 s of runway periods it is not starving,
+    // but a libvirt restart may leave the coordinator blind for 10 s more: it is starving, and
+    // fed so that two periods ahead it still has 19 s of its consumption (380 MiB) free.
+    let g = guest(1, 2000, 300, 20.0);
+    let blind = MemPolicy::default();
+    assert_eq!(blind.blind_secs, vmbalance::mem_plan::BLIND_SECS);
+    let (s, p) = plan_for(vec![g], host(16384, 8000));
+    assert_eq!(
+        size_mib(&s, &p, 1),
+        2000,
+        "without the margin it has enough"
+    );
+    let s = snapshot(vec![g], host(16384, 8000));
+    let p = plan(&s, &blind);
+    assert_eq!(size_mib(&s, &p, 1), 2000 + 120 + 380 - 300);
 }
 
 #[test]

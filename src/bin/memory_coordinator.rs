@@ -80,8 +80,9 @@ struct Args {
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT.max_step_kib / 1024, value_parser = clap::value_parser!(u64).range(1..=MAX_MIB))]
     max_step_mib: u64,
 
-    /// A consuming guest whose free memory would run out within this many periods is starving,
-    /// whatever its free %
+    /// A consuming guest whose free memory would run out within this many periods (and 10 s more,
+    /// the time a libvirt restart may leave the coordinator blind) is starving, whatever its
+    /// free %
     #[arg(long, value_name = "N", default_value_t = DEFAULT.runway_periods, value_parser = parse_runway)]
     runway_periods: f64,
 
@@ -194,6 +195,7 @@ impl Args {
             period_secs: self.common.period.as_secs_f64(),
             runway_periods: self.runway_periods,
             headroom_pct: self.headroom_pct,
+            blind_secs: DEFAULT.blind_secs,
         })
     }
 }
