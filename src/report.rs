@@ -76,7 +76,7 @@ named_enum! {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
-    /// The first cycle: no usage yet.
+    /// No usage yet: the first cycle, or the first whose reads answered.
     #[default]
     FirstSample,
     /// Right after pin changes: observed only (rule 7 of [`crate::cpu_plan`]).

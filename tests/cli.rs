@@ -130,7 +130,16 @@ fn dry_run_logs_the_plan() {
     let uri = common::test_uri("node.xml");
     let o = run(
         SCHEDULER,
-        &["--connect", &uri, "--dry-run", "--cycles", "2", "0.2"],
+        &[
+            "--connect",
+            &uri,
+            "--dry-run",
+            "--threshold",
+            "0",
+            "--cycles",
+            "2",
+            "0.2",
+        ],
     );
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
@@ -153,7 +162,11 @@ fn dry_run_logs_the_plan() {
 #[test]
 fn a_real_run_pins_then_stays_put() {
     let uri = common::test_uri("node.xml");
-    let o = run(SCHEDULER, &["-c", &uri, "--cycles", "5", "0.2"]);
+    // The test driver's vCPUs are idle: at threshold 0 even those are pinned (rule 1).
+    let o = run(
+        SCHEDULER,
+        &["-c", &uri, "--threshold", "0", "--cycles", "5", "0.2"],
+    );
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(
@@ -173,12 +186,21 @@ fn a_real_run_pins_then_stays_put() {
     );
     // The pins took: the next cycles see every vCPU pinned and change nothing.
     for cycle in [4, 5] {
-        assert!(
-            line(cycle).ends_with("balanced, no change"),
-            "{}",
-            line(cycle)
-        );
+        assert!(line(cycle).ends_with(", no change"), "{}", line(cycle));
     }
+}
+
+#[test]
+fn idle_vcpus_that_float_are_left_floating() {
+    // The test driver's vCPUs use no CPU time: at the default threshold none is worth a pin.
+    let uri = common::test_uri("node.xml");
+    let o = run(SCHEDULER, &["-c", &uri, "--cycles", "3", "0.2"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("done: 3 cycles, 0 changes, 0 skipped"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -186,7 +208,17 @@ fn a_change_budget_spreads_the_pinning_over_cycles() {
     let uri = common::test_uri("node.xml");
     let o = run(
         SCHEDULER,
-        &["-c", &uri, "--max-changes", "4", "--cycles", "6", "0.2"],
+        &[
+            "-c",
+            &uri,
+            "--threshold",
+            "0",
+            "--max-changes",
+            "4",
+            "--cycles",
+            "6",
+            "0.2",
+        ],
     );
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
@@ -201,7 +233,7 @@ fn a_change_budget_spreads_the_pinning_over_cycles() {
     assert!(line(2).contains("moved 4:"), "{}", line(2));
     assert!(line(3).ends_with("no decision"), "{}", line(3));
     assert!(line(4).contains("moved 2:"), "{}", line(4));
-    assert!(line(6).ends_with("balanced, no change"), "{}", line(6));
+    assert!(line(6).ends_with(", no change"), "{}", line(6));
     assert!(err.contains("done: 6 cycles, 6 changes"), "{err}");
 }
 
@@ -392,7 +424,17 @@ fn scheduler_json_has_one_object_per_cycle_with_the_documented_fields() {
     let uri = common::test_uri("node.xml");
     let o = run(
         SCHEDULER,
-        &["-q", "--json", "-c", &uri, "--cycles", "3", "0.1"],
+        &[
+            "-q",
+            "--json",
+            "-c",
+            &uri,
+            "--threshold",
+            "0",
+            "--cycles",
+            "3",
+            "0.1",
+        ],
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let cycles = json_lines(&o);
@@ -510,6 +552,8 @@ fn pins_stay_in_the_pool_and_excluded_domains_are_left_alone() {
             "2,4",
             "--exclude",
             "batch",
+            "--threshold",
+            "0",
             "--cycles",
             "2",
             "--json",
@@ -558,6 +602,8 @@ fn restore_on_exit_puts_the_pins_back_when_the_daemon_ends() {
             "--connect",
             &uri,
             "--restore-on-exit",
+            "--threshold",
+            "0",
             "--cycles",
             "2",
             "0.1",

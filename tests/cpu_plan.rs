@@ -257,24 +257,70 @@ fn never_pins_to_an_offline_pcpu() {
     assert!(p.moves.iter().any(|m| m.key == key(0, 0)));
 }
 
+/// vCPU `v`'s load as the planner reads it in `s`: its demand where the host reports delay, else
+/// its usage (rule 6); `None` without a usage (rule 5).
+fn load_of(s: &CpuSnapshot, v: &VcpuLoad) -> Option<f64> {
+    v.usage?;
+    if s.reports_delay() {
+        v.demand_or_usage()
+    } else {
+        v.usage
+    }
+}
+
+/// The online pCPUs charged with a vCPU of unknown usage (rule 5), worked out here on its own.
+fn unknown_pcpus(s: &CpuSnapshot) -> std::collections::BTreeSet<u32> {
+    s.vcpus
+        .iter()
+        .filter(|v| v.usage.is_none())
+        .filter_map(VcpuLoad::charged_pcpu)
+        .filter(|p| s.pcpus.contains(p))
+        .collect()
+}
+
 #[test]
 fn vcpus_without_a_usage_yet_are_not_touched() {
     let s = snapshot(
-        &[0, 1],
+        &[0, 1, 2],
+        &[(None, Pin::Spans(9)), on(1, 50.0), on(1, 50.0)],
+    );
+    let p = default_plan(&s);
+    assert!(p.moves.iter().all(|m| m.key != key(0, 0)));
+    assert_eq!(p.moves.len(), 1);
+}
+
+#[test]
+fn a_pcpu_whose_load_is_partly_unknown_is_left_alone() {
+    // pCPU 0 runs two 50 % vCPUs and two whose load nobody measured (their domain did not
+    // answer): it may be far busier than 100 %, or not. pCPU 1 is crowded too, pCPUs 2 and 3 free.
+    let s = snapshot(
+        &[0, 1, 2, 3],
         &[
             (None, Pin::Spans(0)),
             (None, Pin::On(0)),
             on(0, 50.0),
             on(0, 50.0),
+            on(1, 60.0),
+            on(1, 60.0),
+            (Some(40.0), Pin::Spans(2)),
         ],
     );
     let p = default_plan(&s);
+    // Nothing leaves pCPU 0 and nothing goes there; pCPU 1 is relieved, the floating vCPU pinned.
     assert!(
+        p.moves.iter().all(|m| m.from != Some(0) && m.to != 0),
+        "{:?}",
         p.moves
-            .iter()
-            .all(|m| m.key != key(0, 0) && m.key != key(0, 1))
     );
-    assert_eq!(p.moves.len(), 1);
+    assert!(p.moves.iter().any(|m| m.from == Some(1)), "{:?}", p.moves);
+    assert!(p.moves.iter().any(|m| m.key == key(1, 2)), "{:?}", p.moves);
+    // Once its loads are known, pCPU 0 is relieved too.
+    let mut known = s.clone();
+    for v in &mut known.vcpus[..2] {
+        v.usage = Some(5.0);
+    }
+    let p = default_plan(&known);
+    assert!(p.moves.iter().any(|m| m.from == Some(0)), "{:?}", p.moves);
 }
 
 #[test]
@@ -376,14 +422,25 @@ proptest! {
     fn plans_obey_the_rules(s in arb_swinging_host(), threshold in 0u32..30) {
         let policy = CpuPolicy { threshold: f64::from(threshold), ..CpuPolicy::default() };
         let p = plan(&s, &policy);
+        let unknown = unknown_pcpus(&s);
         for m in &p.moves {
             let v = s.vcpus.iter().find(|v| v.key == m.key).unwrap();
             prop_assert!(s.pcpus.contains(&m.to), "pinned to offline pCPU {}", m.to);
             prop_assert!(v.usage.is_some(), "moved a vCPU of unknown usage");
             prop_assert_ne!(v.pinned, Some(m.to), "no-op move");
+            // Rule 5: nothing onto or off a pCPU whose load is partly unknown.
+            prop_assert!(!unknown.contains(&m.to), "moved onto pCPU {} of unknown load", m.to);
+            let from = v.charged_pcpu();
+            prop_assert!(from.is_none_or(|f| !unknown.contains(&f)), "moved off pCPU {from:?} of unknown load");
         }
-        // Every vCPU with a usage and no single online pin gets pinned.
-        for v in s.vcpus.iter().filter(|v| v.usage.is_some() && v.pinned.is_none()) {
+        // Every vCPU with a usage of at least half the threshold and no single online pin gets
+        // pinned, unless it runs on a pCPU of unknown load or every pCPU's load is partly unknown.
+        let some_known = s.pcpus.iter().any(|p| !unknown.contains(p));
+        let on_known = |v: &&VcpuLoad| {
+            some_known && v.charged_pcpu().is_none_or(|p| !unknown.contains(&p))
+        };
+        let worth = |v: &&VcpuLoad| load_of(&s, v).is_some_and(|l| l >= policy.threshold / 2.0);
+        for v in s.vcpus.iter().filter(|v| v.pinned.is_none()).filter(worth).filter(on_known) {
             prop_assert!(p.moves.iter().any(|m| m.key == v.key), "{:?} left unpinned", v.key);
         }
         let unplaced = s.vcpus.iter().any(|v| v.pinned.is_none());
@@ -431,8 +488,16 @@ proptest! {
             rounds += 1;
             prop_assert!(rounds <= 4 * s.vcpus.len() + 16, "budgeted plans never settle");
         }
-        // Every vCPU with a usage ends pinned.
-        for v in now.vcpus.iter().filter(|v| v.usage.is_some()) {
+        // Every vCPU with a usage of at least half the threshold ends pinned, but on a pCPU of
+        // unknown load (rule 5).
+        let unknown = unknown_pcpus(&s);
+        let some_known = s.pcpus.iter().any(|p| !unknown.contains(p));
+        let on_known = |v: &&VcpuLoad| {
+            some_known && v.charged_pcpu().is_none_or(|p| !unknown.contains(&p))
+        };
+        let threshold = CpuPolicy::default().threshold;
+        let worth = |v: &&VcpuLoad| load_of(&s, v).is_some_and(|l| l >= threshold / 2.0);
+        for v in now.vcpus.iter().filter(worth).filter(on_known) {
             prop_assert!(v.pinned.is_some(), "{:?} left unpinned", v.key);
         }
     }

@@ -308,7 +308,14 @@ fn a_transient_domain_restarted_under_the_same_uuid_starts_fresh_in_the_schedule
         .create_domain_xml(&xml("0-4"), 0)
         .expect("create a transient domain");
     let id = id_of(&mut h, "eph");
-    let mut sched = Scheduler::new(SchedulerConfig::default());
+    // The test driver's vCPUs are idle: at threshold 0 they are pinned all the same (rule 1).
+    let mut sched = Scheduler::new(SchedulerConfig {
+        policy: vmbalance::cpu_plan::CpuPolicy {
+            threshold: 0.0,
+            ..Default::default()
+        },
+        ..SchedulerConfig::default()
+    });
     for _ in 0..2 {
         sched.cycle(&mut h).unwrap();
     }

@@ -101,7 +101,8 @@ fn promtool_accepts(text: &str) {
 #[test]
 fn the_scheduler_exports_its_pins_loads_and_cycles() {
     let uri = common::test_uri("node.xml");
-    let d = Running::start(SCHEDULER, &["-c", &uri, "0.2"]);
+    // The test driver's vCPUs are idle: at threshold 0 they are pinned all the same (rule 1).
+    let d = Running::start(SCHEDULER, &["-c", &uri, "--threshold", "0", "0.2"]);
     d.wait_for("cycle 4:");
     let text = d.scrape();
     promtool_accepts(&text);

@@ -20,8 +20,9 @@ const WATCHDOG: Duration = Duration::from_millis(400);
 fn the_daemon_says_ready_status_and_stopping_and_feeds_the_watchdog() {
     let (path, rx) = fake_systemd("binary");
     let uri = common::test_uri("node.xml");
+    // The test driver's vCPUs are idle: at threshold 0 they are pinned all the same (rule 1).
     let out = Command::new(SCHEDULER)
-        .args(["-c", &uri, "--cycles", "4", "1"])
+        .args(["-c", &uri, "--threshold", "0", "--cycles", "4", "1"])
         .env("NOTIFY_SOCKET", &path)
         .env("WATCHDOG_USEC", WATCHDOG.as_micros().to_string())
         .env_remove("WATCHDOG_PID")

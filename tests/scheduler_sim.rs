@@ -547,6 +547,45 @@ fn a_domain_that_does_not_answer_stalls_no_other() {
     assert_eq!(report.not_answering, ["dom5"], "{report}");
 }
 
+#[test]
+fn a_domain_that_stops_answering_keeps_its_load_and_its_pcpu_is_not_taken_for_idle() {
+    // pCPU 0 runs two 50 % vCPUs, pCPU 1 one vCPU of dom3 at 90 %: balanced (a 10-point gap).
+    let mut host = SimHost::new(2);
+    host.add(1, &[(50.0, &[0])]);
+    host.add(2, &[(50.0, &[0])]);
+    let busy = host.add(3, &[(90.0, &[1])]);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
+    assert_eq!(run(&mut host, &mut sched, 3), [0, 0, 0]);
+    // dom3 stops answering. Counted at 0 %, pCPU 1 would look idle and get a 50 % vCPU (140 %
+    // in truth); its last figures stand instead, where it was.
+    host.stuck.push(busy);
+    assert_eq!(run(&mut host, &mut sched, 3), [0, 0, 0]);
+    host.advance(PERIOD);
+    let report = sched.cycle(&mut host).unwrap().unwrap();
+    let usage: Vec<f64> = report.pcpus.iter().map(|p| p.usage).collect();
+    assert!(usage[1] > 80.0, "{usage:?} in {report}");
+    assert_eq!(report.not_answering, ["dom3"], "{report}");
+}
+
+#[test]
+fn a_domain_stuck_before_its_load_was_known_freezes_its_pcpu() {
+    // dom3 stops answering after its first reading: its load on pCPU 1 is unknown, so nothing
+    // goes there, although pCPU 0 is crowded; once it answers, pCPU 0 is relieved.
+    let mut host = SimHost::new(2);
+    host.add(1, &[(90.0, &[0])]);
+    host.add(2, &[(90.0, &[0])]);
+    let quiet = host.add(3, &[(5.0, &[1])]);
+    let mut sched = Scheduler::new(SchedulerConfig::default());
+    assert_eq!(run(&mut host, &mut sched, 1), [0]);
+    host.stuck.push(quiet);
+    host.advance(PERIOD);
+    assert_eq!(run(&mut host, &mut sched, 3), [0, 0, 0]);
+    host.stuck.clear();
+    host.advance(PERIOD);
+    let changes = run(&mut host, &mut sched, 3);
+    assert_eq!(changes.iter().sum::<usize>(), 1, "{changes:?}");
+}
+
 /// The fleet signal of each decision of `cycles` cycles (`None` where no decision was made).
 fn pressures(host: &mut SimHost, sched: &mut Scheduler, cycles: usize) -> Vec<Option<f64>> {
     (0..cycles)

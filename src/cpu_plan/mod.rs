@@ -6,7 +6,10 @@
 //! implements a rule says `rule N`.
 //!
 //! 1. **Pinning.** Every vCPU whose affinity is not exactly one online pCPU (libvirt's default
-//!    spans them all) is pinned to one, heaviest first onto the least-loaded pCPU.
+//!    spans them all) is pinned to one, heaviest first onto the least-loaded pCPU, once its load
+//!    reaches half the threshold: an idle vCPU that floats unbalances nothing, and the kernel
+//!    places it well, so pinning it would only cost pin changes (on a host of idle guests, one
+//!    per vCPU at once).
 //! 2. **Balance.** The host is balanced when the busiest pCPU that runs two or more vCPUs is at
 //!    most `threshold` points above the freest pCPU. A pCPU running a single vCPU cannot be made
 //!    less busy by moving that vCPU (it would only make another pCPU as busy), so it never counts
@@ -33,7 +36,10 @@
 //!    [`crate::sampling::RateSeries`]; swings of different vCPUs add as independent). Steady loads have
 //!    no swing, and the rule is the threshold alone.
 //! 5. **Unknown loads.** vCPUs whose load is not known yet (first sample) are neither moved nor
-//!    pinned; nothing is ever pinned to an offline pCPU.
+//!    pinned; nothing is ever pinned to an offline pCPU. A pCPU charged with such a vCPU has a
+//!    load nobody measured: nothing is moved onto it or off it (`unknown.rs`). A domain that did
+//!    not answer this cycle keeps its last figures where it was, never moved, never counted as
+//!    idle (that lives in [`crate::scheduler`], which remembers them; rule 5).
 //! 6. **Demand.** Loads are demands (used plus waited for, see [`Basis`]) when the hypervisor
 //!    reports run-queue delay, usages otherwise; the rules are the same.
 //! 7. **Settling.** After a cycle that changed pins, the next cycle only observes: its interval
@@ -81,6 +87,7 @@ mod placement;
 mod pressure;
 mod reach;
 mod steps;
+mod unknown;
 
 use std::collections::BTreeMap;
 
@@ -220,6 +227,15 @@ fn max_steps(vcpus: usize) -> usize {
 
 /// Plan the pin changes for one snapshot.
 pub fn plan(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
+    // Rule 5: pCPUs whose load is partly unknown are left alone.
+    match unknown::leaving_alone(snapshot, &unknown::unknown_pcpus(snapshot)) {
+        Some(known) => plan_known(&known, policy),
+        None => plan_known(snapshot, policy),
+    }
+}
+
+/// Plan the pin changes for a snapshot whose pCPUs that may be changed have known loads.
+fn plan_known(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
     // Rule 8: a plan the budget affords is made as it is. Cutting the steps short where their
     // count of changes first exceeds the budget is not enough: a plan may pass through more
     // changes than it ends with (a vCPU moved on and back, a node balanced again after a step
@@ -254,7 +270,7 @@ fn plan_within(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
         Basis::Usage
     };
     let max_changes = policy.max_changes.unwrap_or(usize::MAX);
-    let (mut s, unplaced) = placement(snapshot, basis, max_changes);
+    let (mut s, unplaced) = placement(snapshot, basis, max_changes, threshold / 2.0);
     let before = s.balance();
     // Rule 1: pin the unpinned (rule 9: and those pinned outside their set), heaviest first, onto
     // the least-loaded pCPU each may use (rule 10: away from its guest's other vCPUs where one
@@ -306,7 +322,12 @@ fn plan_within(snapshot: &CpuSnapshot, policy: &CpuPolicy) -> CpuPlan {
 /// vCPUs rule 1 is to place (unpinned, or pinned outside their allowed set), heaviest first, as
 /// many as `max_changes` affords (rule 8: the others stay where they run, unmoved, for a later
 /// decision).
-fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Placement, Vec<usize>) {
+fn placement(
+    snapshot: &CpuSnapshot,
+    basis: Basis,
+    max_changes: usize,
+    idle_under: f64,
+) -> (Placement, Vec<usize>) {
     let pcpus = &snapshot.pcpus;
     let index = PcpuIndex::new(pcpus);
     let index_of = |p: u32| index.of(p);
@@ -351,8 +372,12 @@ fn placement(snapshot: &CpuSnapshot, basis: Basis, max_changes: usize) -> (Place
         original.push(at);
         charged.push(load.charged_pcpu().and_then(index_of));
         // Rule 5: a vCPU without a load yet is not moved. Rule 9: nor one with nowhere to go, or
-        // pinned to the one pCPU it may use.
-        let movable = load.usage.is_some() && options > 0 && !(options == 1 && at.is_some());
+        // pinned to the one pCPU it may use. Rule 1: nor an idle one that floats.
+        let idle_floating = load.pinned.is_none() && figure < idle_under;
+        let movable = load.usage.is_some()
+            && options > 0
+            && !(options == 1 && at.is_some())
+            && !idle_floating;
         facts.movable.push(movable);
         if movable && at.is_none() {
             unplaced.push(v);

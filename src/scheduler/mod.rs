@@ -11,6 +11,7 @@ mod record;
 pub use allowed::AllowedSets;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
@@ -21,7 +22,9 @@ use crate::host::{
     DomainNames, DomainRef, Host, HostResult, VcpuSample, changed_or_skipped, read_or_skip,
 };
 use crate::report::{CpuReport, Decision, MoveLine, NodeLine, PcpuLine, PinWhy, VcpuLine, spread};
-use crate::sampling::{Allowed, CpuSampler, CpuSnapshot, VcpuKey, pcpu_demand, pcpu_usage};
+use crate::sampling::{
+    Allowed, CpuSampler, CpuSnapshot, VcpuKey, VcpuLoad, pcpu_demand, pcpu_usage,
+};
 use crate::topology::Topology;
 use crate::tracker::Tracker;
 use record::{DomainRecord, VcpuRecord};
@@ -106,6 +109,17 @@ impl Default for SchedulerConfig {
             override_numad: false,
         }
     }
+}
+
+/// Rule 10: which of `snapshot`'s pCPUs share a core; rule 9: which make a NUMA node, as
+/// `topology` says.
+fn with_topology(snapshot: &mut CpuSnapshot, topology: &Topology) {
+    snapshot.cores = topology.sibling_groups(&snapshot.pcpus);
+    snapshot.nodes = topology
+        .nodes()
+        .into_iter()
+        .map(|n| cpu_plan::allowed(&snapshot.pcpus, &[Some(topology.cpus_of_node(n))]))
+        .collect();
 }
 
 impl Scheduler {
@@ -212,7 +226,8 @@ impl Scheduler {
             &mut report,
             &mut names,
         );
-        if self.cycles == 1 {
+        // Rule 5: nothing measured yet (the first cycle, or the first whose reads answered).
+        if self.cycles == 1 || snapshot.vcpus.iter().all(|v| v.usage.is_none()) {
             return Ok(Some(report));
         }
         report.pcpus = pcpu_lines(&snapshot);
@@ -301,28 +316,48 @@ impl Scheduler {
             report.vcpus += sample.vcpus.len();
             names.insert(&sample.domain);
         }
-        // Domains that do not answer are not read, but what is known of them is kept.
-        for domain in stuck {
-            self.domains.see(domain, DomainRecord::default);
-            report.not_answering.push(domain.name.clone());
-        }
-        self.domains.end_cycle();
         let mut snapshot = sampler.finish();
         for v in &mut snapshot.vcpus {
             if let Some(set) = allowed.remove(&v.key) {
                 v.allowed = set;
             }
+            self.remember(v);
         }
-        // Rule 10: which pCPUs share a core; rule 9: which make a NUMA node.
+        for domain in stuck
+            .iter()
+            .filter(|d| !samples.iter().any(|s| s.domain.id == d.id))
+        {
+            self.stand_in(domain, &mut snapshot);
+            report.not_answering.push(domain.name.clone());
+            names.insert(domain);
+        }
+        snapshot.vcpus.sort_by_key(|v| v.key);
+        self.domains.end_cycle();
         if let Some(topology) = topology {
-            snapshot.cores = topology.sibling_groups(&snapshot.pcpus);
-            snapshot.nodes = topology
-                .nodes()
-                .into_iter()
-                .map(|n| cpu_plan::allowed(&snapshot.pcpus, &[Some(topology.cpus_of_node(n))]))
-                .collect();
+            with_topology(&mut snapshot, topology);
         }
         snapshot
+    }
+
+    /// Rule 5: domain `domain` does not answer: it is not read, but what is known of it is kept, and its
+    /// vCPUs stand in `snapshot` where they were with their last figures (unknown where it had
+    /// none yet): never moved, never counted idle.
+    fn stand_in(&mut self, domain: &DomainRef, snapshot: &mut CpuSnapshot) {
+        let (_, record) = self.domains.see(domain, DomainRecord::default);
+        let last = record.vcpus.values().filter_map(|v| v.last_load.clone());
+        snapshot.vcpus.extend(last.map(|v| VcpuLoad {
+            allowed: Allowed::Only(Arc::from([])),
+            ..v
+        }));
+    }
+
+    /// Remember vCPU `v`'s figures and place in its record, to stand for it while its domain does
+    /// not answer.
+    fn remember(&mut self, v: &VcpuLoad) {
+        let record = self.domains.get_mut(&v.key.domain);
+        if let Some(r) = record.and_then(|r| r.vcpus.get_mut(&v.key.vcpu)) {
+            r.last_load = Some(v.clone());
+        }
     }
 
     /// Say when sampling takes more than half the period, once when it starts being so and once
@@ -476,6 +511,10 @@ impl Scheduler {
                 && let Some(v) = self.vcpu_record(&m.key)
             {
                 v.pinned_to = Some(m.to);
+                // Should its domain stop answering, its last figures stand where it is now.
+                if let Some(last) = &mut v.last_load {
+                    last.pinned = Some(m.to);
+                }
             }
             let (why, reason) = move_reason(m, allowed.get(&m.key).copied(), plan.basis, report);
             if let Some(line) = report

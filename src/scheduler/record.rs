@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::host::VcpuInfo;
-use crate::sampling::VcpuHistory;
+use crate::sampling::{VcpuHistory, VcpuLoad};
 
 /// Everything the scheduler remembers about one domain run.
 #[derive(Debug, Default)]
@@ -46,6 +46,9 @@ pub struct VcpuRecord {
     pub first_affinity: Vec<u32>,
     /// The pCPU this scheduler last pinned it to, if it re-pinned it.
     pub pinned_to: Option<u32>,
+    /// Its figures and place at its last reading: what stands for it while its domain does not
+    /// answer (never zero).
+    pub last_load: Option<VcpuLoad>,
 }
 
 impl VcpuRecord {
@@ -55,6 +58,7 @@ impl VcpuRecord {
             history: VcpuHistory::new(window),
             first_affinity: vcpu.affinity.clone(),
             pinned_to: None,
+            last_load: None,
         }
     }
 }
