@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::lab::{Daemon, Ended, Lab, Spec, balloon, pcpu_usage, pins, run, virsh};
+use common::lab::{Daemon, Ended, Lab, Spec, balloon, pcpu_usage, pins, run, signal_qemu, virsh};
 use serde_json::Value;
 
 const SCHEDULER: &str = env!("CARGO_BIN_EXE_vcpu_scheduler");
@@ -642,12 +642,13 @@ fn settling_reads(reports: &[Value], name: &str) -> usize {
 }
 
 /// A guest that grew and stopped was lent what it needed, no more: at the end it holds free at
-/// most its headroom (3 periods of its consumption, or 8 % of its balloon) plus 2 periods of its
-/// consumption, at the fastest rate it was fed at, and a step of slack. `end` is its (balloon
-/// size, usable memory) in MiB; the coordinator ran with a 2 s period.
+/// most its headroom (3 periods and the blind margin of its consumption, or 8 % of its balloon)
+/// plus 2 periods of its consumption, at the fastest rate it was fed at, and a step of slack.
+/// `end` is its (balloon size, usable memory) in MiB; the coordinator ran with a 2 s period.
 fn assert_lent_no_more_than_needed(reports: &[Value], name: &str, (size, free): (u64, u64)) {
     let fastest = fastest_rate(reports, name);
-    let lent_at_most = (3.0 * 2.0 * fastest).max(0.08 * size as f64) + 2.0 * 2.0 * fastest + 8.0;
+    let runway = (3.0 * 2.0 + vmbalance::mem_plan::BLIND_SECS) * fastest;
+    let lent_at_most = runway.max(0.08 * size as f64) + 2.0 * 2.0 * fastest + 8.0;
     eprintln!(
         "{name} ends with {free} MiB free; its fastest rate {fastest:.1} MiB/s allows {lent_at_most:.0}; read {} times with its balloon settling",
         settling_reads(reports, name)
@@ -1093,18 +1094,6 @@ fn both_daemons_run_unprivileged_in_the_libvirt_group_and_say_which_group_outsid
     }
 }
 
-/// Stop (`-STOP`) or resume (`-CONT`) guest `name`'s QEMU process, as a QEMU hung on its storage
-/// is: its monitor does not answer.
-fn signal_qemu(name: &str, signal: &str) {
-    let pidfile = format!("/run/libvirt/qemu/{}.pid", Lab::domain(name));
-    let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{pidfile}: {e}"));
-    let sent = std::process::Command::new("kill")
-        .args([signal, pid.trim()])
-        .status()
-        .unwrap();
-    assert!(sent.success(), "kill {signal} {pid}");
-}
-
 /// The times (Unix seconds) of the reports' cycles.
 fn cycle_times(reports: &[Value]) -> Vec<f64> {
     reports.iter().filter_map(|r| r["time"].as_f64()).collect()
@@ -1153,8 +1142,17 @@ fn coordinator_feeds_a_grower_while_another_guests_qemu_is_stopped() {
     );
     // A cycle every period, give or take the deadline a stuck call is waited for.
     assert!(gap < 2.0 + 2.0 + 1.0, "a gap of {gap:.1} s between cycles");
-    assert!(log.contains("did not answer within"), "{log}");
-    assert!(log.contains("answers again"), "{log}");
+    // The stopped guest is said not to answer (its own read stuck, or, where another call of
+    // ours already waits on its QEMU, left alone without one), and then to answer again.
+    assert!(
+        log.contains("vmblab-frozen did not answer within")
+            || log.contains("vmblab-frozen: a call has waited on its QEMU"),
+        "{log}"
+    );
+    assert!(
+        log.contains("vmblab-frozen answers again") || log.contains("vmblab-frozen is free again"),
+        "{log}"
+    );
     assert!(stopped_in < Duration::from_secs(2), "{stopped_in:?}");
     assert!(!log.contains("breaks a limit"), "{log}");
 }

@@ -57,6 +57,8 @@ pub struct Known {
     /// A call on it in the last sample was not answered (or not made: the budget of calls
     /// running at once was spent, or someone else holds it), so it was not read.
     pub missed: bool,
+    /// It was missed in the previous sample: it goes first in this one.
+    pub missed_last: bool,
     /// It was said to be held by someone else's job (and not yet said to be free again).
     pub held_said: bool,
     /// The failure said of its reads, until it reads again: a domain that keeps failing the
@@ -77,6 +79,7 @@ impl Known {
             stuck_said: false,
             unreadable: false,
             missed: false,
+            missed_last: false,
             held_said: false,
             failure_said: None,
         }

@@ -7,7 +7,7 @@ mod numad;
 mod opening;
 mod raw;
 
-use bounded::{Bounded, Connections, Slot, Unanswered};
+use bounded::{Bounded, Connections, Kind, Slot, Unanswered};
 use known::{ConfiguredPins, Known, KnownPins};
 use opening::{NotOpened, OPEN_DEADLINE, Opening};
 
@@ -218,6 +218,8 @@ pub struct LibvirtHost {
 
     /// A listing did not answer in time, and it was said.
     listing_stuck_said: bool,
+    /// A listing has answered at least once (before, an unanswered listing knows no domain).
+    ever_listed: bool,
     /// The budget of calls running at once was found spent, and it was said.
     budget_said: bool,
     /// Calls that may wait on a domain's QEMU, bounded in time.
@@ -236,8 +238,11 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
 
 /// The most calls a daemon has running in libvirt at once, by default: each holds one of
 /// libvirtd's worker threads (20 by default, shared with every other client) until it returns,
-/// and a call to a hung QEMU may never return. Both daemons together hold at most 8.
-pub const DEFAULT_CALL_BUDGET: usize = 4;
+/// and a call to a hung QEMU may never return. Both daemons together hold at most 10. One is kept
+/// for host-wide calls; a domain whose lock libvirt holds in a call that blocks (a dump into a
+/// file that does not open) costs three: the bulk read, a listing and its own read, which leaves
+/// one to read the other domains one by one.
+pub const DEFAULT_CALL_BUDGET: usize = 5;
 
 impl LibvirtHost {
     /// Open a read-write connection to `uri`. libvirt's habit of printing every error to stderr is
@@ -283,6 +288,7 @@ impl LibvirtHost {
             opening: None,
 
             listing_stuck_said: false,
+            ever_listed: false,
             budget_said: false,
             bounded,
             stop: || false,
@@ -468,8 +474,16 @@ impl LibvirtHost {
     }
 
     /// The domains of the last listing that answered (the listing does not answer now: said
-    /// once).
+    /// once). With none yet, nothing is known of the domains: the cycle is given up, never taken
+    /// for one that found no domain.
     fn last_listing(&mut self) -> HostResult<Vec<DomainRef>> {
+        if !self.ever_listed {
+            return Err(HostError::NotAnswering(format!(
+                "listing the domains of {}: no answer within {:.1} s",
+                self.uri,
+                self.bounded.deadline().as_secs_f64()
+            )));
+        }
         if !std::mem::replace(&mut self.listing_stuck_said, true) {
             log::warn!(
                 "listing the domains did not answer within {:.1} s (a domain is held by a libvirt call that blocks: a dump or save to a file that does not open, a hung storage call): going on with the {} domains listed before",
@@ -487,6 +501,7 @@ impl LibvirtHost {
         if std::mem::take(&mut self.listing_stuck_said) {
             log::info!("listing the domains answers again");
         }
+        self.ever_listed = true;
         self.domains.begin_cycle();
         for (id, name, run) in listed {
             self.domains.see_run(*id, Some(*run), || Known::new(name));
@@ -614,7 +629,9 @@ impl LibvirtHost {
             .unwrap_or_default();
         // The domain is looked up on the call's own connection (one call more).
         let call = move |conn: &Connect| op(&conn.lookup_domain_by_uuid_string(&uuid)?);
-        let answer = self.counted(calls + 1, |h| h.bounded.run(&slot, h.stop, call));
+        let answer = self.counted(calls + 1, |h| {
+            h.bounded.run(&slot, h.stop, Kind::Domains, call)
+        });
         match answer {
             Err(unanswered) => {
                 if unanswered == Unanswered::OverBudget {
@@ -719,7 +736,7 @@ impl LibvirtHost {
         };
         let before = Instant::now();
         let bulk = self.bulk.clone();
-        let answer = self.counted(calls, |h| h.bounded.run(&bulk, h.stop, call));
+        let answer = self.counted(calls, |h| h.bounded.run(&bulk, h.stop, Kind::Domains, call));
         let at = midway(before);
         let read = match answer {
             Ok(read) => read,
@@ -785,7 +802,10 @@ impl LibvirtHost {
         }
         let nowait = groups == sys::VIR_DOMAIN_STATS_VCPU;
         let mut out = Vec::new();
-        for domain in self.active_domains()? {
+        let mut domains = self.active_domains()?;
+        // The domains not read last time (the cycle's time ran out before them) go first.
+        domains.sort_by_key(|d| !self.domains.get(&d.id).is_some_and(|k| k.missed_last));
+        for domain in domains {
             let what = || format!("reading the statistics of domain {}", domain.id);
             let read_stats = move |dom: &Domain| raw::domain_stats(dom, groups, nowait);
             // Without NOWAIT the call takes the domain's job.
@@ -1032,7 +1052,7 @@ impl LibvirtHost {
     fn begin_sample(&mut self) {
         for known in self.domains.records_mut() {
             known.unreadable = false;
-            known.missed = false;
+            known.missed_last = std::mem::take(&mut known.missed);
         }
         if self.budget_said && self.bounded.has_room_for_domains() {
             self.budget_said = false;
@@ -1121,12 +1141,11 @@ impl Host for LibvirtHost {
                 // This driver's records carry no vCPU statistics.
                 None => None,
             };
-            // A vCPU that may run on several pCPUs is charged to the pCPU it last ran on, which
-            // only the per-domain call tells; such a vCPU is pinned once, so this is rare.
+            // A vCPU that may run on several pCPUs is charged to no pCPU between the affinity
+            // checks (only the per-domain call tells where it last ran): the scheduler leaves
+            // such a vCPU floating only while it is idle, and pins it once it is not.
             let vcpus = match from_bulk {
-                Some(vcpus) if !check_affinity && vcpus.iter().all(|v| v.affinity.len() == 1) => {
-                    Some(vcpus)
-                }
+                Some(vcpus) if !check_affinity => Some(vcpus),
                 _ => {
                     let read = h.vcpus(&domain.id);
                     let vcpus = h.skip(&domain, read)?;
@@ -1192,7 +1211,7 @@ impl Host for LibvirtHost {
                 .collect::<Vec<Listed>>())
         };
         let listing = self.listing.clone();
-        let answer = self.counted(1, |h| h.bounded.run(&listing, h.stop, call));
+        let answer = self.counted(1, |h| h.bounded.run(&listing, h.stop, Kind::Listing, call));
         let listed = match answer {
             Ok(listed) => listed,
             Err(unanswered) => {
@@ -1357,9 +1376,20 @@ impl Host for LibvirtHost {
     }
 
     /// The domains that did not answer in time, those not read in the last sample (the budget of
-    /// calls was spent), and those whose read failed.
+    /// calls was spent, or the cycle's time), and those whose read failed; one whose XML was
+    /// never read is described by its name alone (nothing is known of it, but that it runs).
     fn stuck_domains(&self) -> Vec<DomainRef> {
-        self.described_known(|k| k.stuck_said || k.unreadable || k.missed)
+        self.domains
+            .sorted_runs()
+            .into_iter()
+            .filter(|(_, _, k)| k.stuck_said || k.unreadable || k.missed)
+            .map(|(id, run, known)| {
+                known.describe(id, run).unwrap_or_else(|| DomainRef {
+                    run,
+                    ..DomainRef::new(id, &known.name)
+                })
+            })
+            .collect()
     }
 
     fn begin_cycle(&mut self) {

@@ -161,6 +161,18 @@ impl Drop for Lab {
     }
 }
 
+/// Stop (`-STOP`) or resume (`-CONT`) guest `name`'s QEMU process, as a QEMU hung on its storage
+/// is: its monitor does not answer.
+pub fn signal_qemu(name: &str, signal: &str) {
+    let pidfile = format!("/run/libvirt/qemu/{}.pid", Lab::domain(name));
+    let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{pidfile}: {e}"));
+    let sent = Command::new("kill")
+        .args([signal, pid.trim()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill {signal} {pid}");
+}
+
 /// `virsh domstats --raw` of one domain, as key → value.
 pub fn domstats(domain: &str, groups: &[&str]) -> BTreeMap<String, String> {
     let mut args = vec!["domstats", "--raw"];
