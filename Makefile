@@ -53,7 +53,7 @@ test-unit: test-deps rust-version
 ## real QEMU guests, tear the lab down whatever happened.
 e2e: test-deps
 	lab/lab.sh setup $(LAB_DIR)
-	VMB_LAB_DIR=$(LAB_DIR) $(CARGO) test --locked --test e2e -- --ignored --test-threads=1 --nocapture; \
+	VMB_LAB_DIR=$(LAB_DIR) $(CARGO) test --locked --test e2e --test e2e_scale -- --ignored --test-threads=1 --nocapture; \
 		status=$$?; lab/lab.sh teardown $(LAB_DIR); exit $$status
 
 ## Watch both daemons fix a real host (about three minutes; needs root).

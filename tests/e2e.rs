@@ -1425,7 +1425,8 @@ fn both_daemons_live_through_a_hung_libvirtd_and_resume_when_it_thaws() {
     // host-wide call (the CPU map, the host's memory) blocked its main thread until libvirtd
     // came back: no watchdog ping (systemd would have killed it), no exit on SIGTERM.
     let _lab = Lab::guests(&[busy("stall0", "0"), busy("stall1", "0")]);
-    let watchdog = Duration::from_secs(4);
+    // A turn may wait 5 s on a host-wide call (HOST_DEADLINE) before giving up on libvirtd.
+    let watchdog = Duration::from_secs(12);
     let usec = watchdog.as_micros().to_string();
     let mut daemons = Vec::new();
     for (bin, name) in [(SCHEDULER, "sched"), (COORDINATOR, "coord")] {

@@ -103,7 +103,10 @@ impl Slot {
     }
 }
 
-/// The least a host-wide call or a listing is waited for, even past the cycle's time.
+/// How long a host-wide call is waited for at least.
+pub const HOST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The least a listing is waited for, even past the cycle's time.
 const HOST_GRACE: Duration = Duration::from_millis(500);
 
 /// How often a wait looks whether the daemon was asked to stop.
@@ -122,6 +125,8 @@ pub struct Bounded {
     /// When the current cycle's time is up: no call is waited for past it, and none is started
     /// after it, however many domains do not answer.
     cycle_end: Option<Instant>,
+    /// The least a host-wide call is waited for ([`HOST_DEADLINE`]).
+    host_floor: Duration,
 }
 
 /// Why a call gave no answer.
@@ -147,6 +152,7 @@ impl Bounded {
             running: Arc::default(),
             budget: budget.max(1),
             cycle_end: None,
+            host_floor: HOST_DEADLINE,
         }
     }
 
@@ -249,11 +255,13 @@ impl Bounded {
         }
         let now = Instant::now();
         let until = match (self.cycle_end, kind) {
-            // A host-wide call is quick on a libvirtd that answers: it gets a moment even when
-            // the domains' calls spent the cycle's time, so that those do not fail the cycle.
-            (Some(end), Kind::Host | Kind::Listing) => {
-                end.max(now + HOST_GRACE).min(now + self.deadline)
-            }
+            // A host-wide call waits on no QEMU: it is only slow when libvirtd is (starved of CPU
+            // by busy guests, or hung). It is waited for longer, past the cycle's time: a cycle
+            // failed for a slow answer loses every decision, and only a hung libvirtd needs
+            // giving up on.
+            (_, Kind::Host) => now + self.deadline.max(self.host_floor),
+            // A listing gets a moment even when the domains' calls spent the cycle's time.
+            (Some(end), Kind::Listing) => end.max(now + HOST_GRACE).min(now + self.deadline),
             (Some(end), Kind::Domains) if end <= now => return Err(Unanswered::OutOfTime),
             (Some(end), Kind::Domains) => end.min(now + self.deadline),
             (None, _) => now + self.deadline,
@@ -329,10 +337,13 @@ impl Drop for Finished {
 mod tests {
     use super::*;
 
-    /// Calls waited for at most `deadline`, on libvirt's test driver.
+    /// Calls waited for at most `deadline` (host-wide ones too), on libvirt's test driver.
     fn bounded(deadline: Duration) -> Bounded {
         let conn = Connect::open(Some("test:///default")).expect("the test driver opens");
-        Bounded::new(deadline, Connections::for_uri("test:///default", &conn), 4)
+        Bounded {
+            host_floor: Duration::ZERO,
+            ..Bounded::new(deadline, Connections::for_uri("test:///default", &conn), 4)
+        }
     }
 
     #[test]
@@ -437,6 +448,19 @@ mod tests {
             Ok(1)
         );
         drop(release);
+    }
+
+    #[test]
+    fn a_slow_host_wide_call_is_waited_for_longer_than_a_domains() {
+        let b = Bounded {
+            host_floor: Duration::from_secs(2),
+            ..bounded(Duration::from_millis(50))
+        };
+        let slow = || std::thread::sleep(Duration::from_millis(300));
+        let domain = b.run_plain(&Slot::default(), || false, Kind::Domains, slow);
+        assert_eq!(domain, Err(Unanswered::Late));
+        let host = b.run_plain(&Slot::default(), || false, Kind::Host, slow);
+        assert_eq!(host, Ok(()));
     }
 
     #[test]

@@ -600,7 +600,10 @@ impl LibvirtHost {
                     Unanswered::Late => format!(
                         "libvirt at {} did not answer within {:.1} s (is libvirtd, or virtqemud, hung or stopped?)",
                         self.uri,
-                        self.bounded.deadline().as_secs_f64()
+                        self.bounded
+                            .deadline()
+                            .max(bounded::HOST_DEADLINE)
+                            .as_secs_f64()
                     ),
                 };
                 Err(HostError::NotAnswering(format!("{what}: {why}")))
