@@ -119,10 +119,10 @@ pub struct MemPolicy {
 
 /// Seconds of a consuming guest's consumption it keeps free on top of its runway by default
 /// ([`MemPolicy::blind_secs`], rules 2 and 3): the coordinator may be blind that long when libvirt
-/// restarts. Measured on real guests: a
-/// libvirtd restart leaves it 3 to 6 s without answers, and the first cycle on the new connection
-/// comes within a period of its return; before this margin, a guest growing at 10 MiB/s was fed
-/// 17 s of runway and came within a few MiB of the OOM killer over a 6 s restart.
+/// restarts. Measured on real guests: a libvirtd restart leaves it 3 to 6 s without answers, and
+/// the first cycle on the new connection comes within a period of its return; before this
+/// margin, a guest growing at 10 MiB/s was fed 17 s of runway and came within a few MiB of the
+/// OOM killer over a 6 s restart.
 pub const BLIND_SECS: f64 = 10.0;
 
 impl MemPolicy {

@@ -96,8 +96,7 @@ impl<R: Report + Export, F: FnMut() -> anyhow::Result<Turn<R>>> Turns for F {
 /// seconds). While the connection is down, or cycles fail in a way that may pass, it tries again
 /// every period, saying so once: it acts in the first cycle after libvirt is back (a period is
 /// a few calls, cheap for libvirt; a longer wait would leave the guests unwatched longer). The
-/// end is logged with the run's totals. Any other
-/// error ends the loop and is returned.
+/// end is logged with the run's totals. Any other error ends the loop and is returned.
 pub fn run_cycles<T: Turns>(uri: &str, options: LoopOptions, mut turns: T) -> anyhow::Result<()> {
     let mut stop = StopSignal::install()?;
     let exporter = options

@@ -177,6 +177,11 @@ impl Bounded {
         self.running.load(Ordering::Acquire)
     }
 
+    /// How long a host-wide call is waited for: the deadline, and at least [`HOST_DEADLINE`].
+    pub fn host_deadline(&self) -> Duration {
+        self.deadline.max(self.host_floor)
+    }
+
     /// Is there room in the budget for a call on domains?
     pub fn has_room_for_domains(&self) -> bool {
         self.outstanding() < self.room(Kind::Domains)
@@ -259,7 +264,7 @@ impl Bounded {
             // by busy guests, or hung). It is waited for longer, past the cycle's time: a cycle
             // failed for a slow answer loses every decision, and only a hung libvirtd needs
             // giving up on.
-            (_, Kind::Host) => now + self.deadline.max(self.host_floor),
+            (_, Kind::Host) => now + self.host_deadline(),
             // A listing gets a moment even when the domains' calls spent the cycle's time.
             (Some(end), Kind::Listing) => end.max(now + HOST_GRACE).min(now + self.deadline),
             (Some(end), Kind::Domains) if end <= now => return Err(Unanswered::OutOfTime),
@@ -315,8 +320,8 @@ pub enum Kind {
     /// budget, but given a moment even past the cycle's time, since a cycle without it knows no
     /// domain.
     Listing,
-    /// The host (on the daemon's own connection): within the whole budget, and given a moment
-    /// even past the cycle's time.
+    /// The host (on the daemon's own connection): within the whole budget, and waited for
+    /// [`Bounded::host_deadline`] whatever the cycle's time.
     Host,
 }
 

@@ -215,7 +215,6 @@ pub struct LibvirtHost {
     host_calls: Slot,
     /// A new connection still being opened (libvirtd did not answer in time).
     opening: Option<Opening>,
-
     /// A listing did not answer in time, and it was said.
     listing_stuck_said: bool,
     /// A listing has answered at least once (before, an unanswered listing knows no domain).
@@ -286,7 +285,6 @@ impl LibvirtHost {
             bulk: Slot::default(),
             host_calls: Slot::default(),
             opening: None,
-
             listing_stuck_said: false,
             ever_listed: false,
             budget_said: false,
@@ -573,6 +571,22 @@ impl LibvirtHost {
         &self.conn
     }
 
+    /// Make `calls` libvirt calls with `call` on `slot`, bounded as `kind` says, on a pooled
+    /// connection; a call not made because the budget is spent is said ([`Self::over_budget`]).
+    fn run_bounded<T: Send + 'static>(
+        &mut self,
+        calls: u64,
+        slot: &Slot,
+        kind: Kind,
+        call: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
+    ) -> Result<Result<T, virt::error::Error>, Unanswered> {
+        let answer = self.counted(calls, |h| h.bounded.run(slot, h.stop, kind, call));
+        if answer.as_ref().err() == Some(&Unanswered::OverBudget) {
+            self.over_budget();
+        }
+        answer
+    }
+
     /// Run `op`, which makes `calls` host-wide libvirt calls (`what` says which), on the daemon's
     /// own connection, bounded like every call: libvirtd hung or stopped makes it
     /// [`HostError::NotAnswering`] (the cycle is given up), never a daemon blocked for good.
@@ -590,20 +604,15 @@ impl LibvirtHost {
             Err(unanswered) => {
                 let why = match unanswered {
                     Unanswered::Stopping => "the daemon is stopping".to_string(),
-                    Unanswered::OutOfTime => {
-                        "the cycle's time was up (calls before it did not answer)".to_string()
-                    }
                     Unanswered::OverBudget => {
                         self.over_budget();
                         "every call this daemon may hold in libvirtd is still running".to_string()
                     }
-                    Unanswered::Late => format!(
+                    // A host-wide call is never cut short by the cycle's time.
+                    Unanswered::Late | Unanswered::OutOfTime => format!(
                         "libvirt at {} did not answer within {:.1} s (is libvirtd, or virtqemud, hung or stopped?)",
                         self.uri,
-                        self.bounded
-                            .deadline()
-                            .max(bounded::HOST_DEADLINE)
-                            .as_secs_f64()
+                        self.bounded.host_deadline().as_secs_f64()
                     ),
                 };
                 Err(HostError::NotAnswering(format!("{what}: {why}")))
@@ -632,14 +641,8 @@ impl LibvirtHost {
             .unwrap_or_default();
         // The domain is looked up on the call's own connection (one call more).
         let call = move |conn: &Connect| op(&conn.lookup_domain_by_uuid_string(&uuid)?);
-        let answer = self.counted(calls + 1, |h| {
-            h.bounded.run(&slot, h.stop, Kind::Domains, call)
-        });
-        match answer {
-            Err(unanswered) => {
-                if unanswered == Unanswered::OverBudget {
-                    self.over_budget();
-                }
+        match self.run_bounded(calls + 1, &slot, Kind::Domains, call) {
+            Err(_) => {
                 // Not read this sample: the daemons keep what they know of it.
                 if let Some(known) = self.domains.get_mut(id) {
                     known.missed = true;
@@ -739,14 +742,11 @@ impl LibvirtHost {
         };
         let before = Instant::now();
         let bulk = self.bulk.clone();
-        let answer = self.counted(calls, |h| h.bounded.run(&bulk, h.stop, Kind::Domains, call));
+        let answer = self.run_bounded(calls, &bulk, Kind::Domains, call);
         let at = midway(before);
         let read = match answer {
             Ok(read) => read,
-            Err(unanswered) => {
-                if unanswered == Unanswered::OverBudget {
-                    self.over_budget();
-                }
+            Err(_) => {
                 log::debug!(
                     "the bulk statistics call did not answer in time: reading domain by domain"
                 );
@@ -1150,8 +1150,9 @@ impl Host for LibvirtHost {
             let vcpus = match from_bulk {
                 Some(vcpus) if !check_affinity => Some(vcpus),
                 _ => {
+                    // `vcpus` says a failure itself.
                     let read = h.vcpus(&domain.id);
-                    let vcpus = h.skip(&domain, read)?;
+                    let vcpus = read_or_skip(&domain, read)?;
                     if let Some(vcpus) = &vcpus {
                         h.note_real_affinity(&domain, vcpus);
                     }
@@ -1182,8 +1183,9 @@ impl Host for LibvirtHost {
                 }),
                 // This driver's records carry no balloon statistics: read the domain directly.
                 _ => {
+                    // `balloon_stats` says a failure itself.
                     let read = h.balloon_stats(&domain.id);
-                    h.skip(&domain, read)?
+                    read_or_skip(&domain, read)?
                 }
             };
             Ok(stats.map(|stats| BalloonSample { domain, stats, at }))
@@ -1214,15 +1216,8 @@ impl Host for LibvirtHost {
                 .collect::<Vec<Listed>>())
         };
         let listing = self.listing.clone();
-        let answer = self.counted(1, |h| h.bounded.run(&listing, h.stop, Kind::Listing, call));
-        let listed = match answer {
-            Ok(listed) => listed,
-            Err(unanswered) => {
-                if unanswered == Unanswered::OverBudget {
-                    self.over_budget();
-                }
-                return self.last_listing();
-            }
+        let Ok(listed) = self.run_bounded(1, &listing, Kind::Listing, call) else {
+            return self.last_listing();
         };
         let listed = listed
             .map_err(|e| self.error(e, || format!("listing the active domains of {}", self.uri)))?;
@@ -1438,10 +1433,10 @@ impl Host for LibvirtHost {
     /// The open is bounded too: one that libvirtd does not answer in time goes on, and the next
     /// attempt takes its answer.
     fn reconnect(&mut self) -> HostResult<()> {
-        let opening = match self.opening.take() {
-            Some(opening) if opening.is_of(&self.uri) => opening,
-            _ => Opening::start(&self.uri, open),
-        };
+        let opening = self
+            .opening
+            .take()
+            .unwrap_or_else(|| Opening::start(&self.uri, open));
         let deadline = self.bounded.deadline().max(Duration::from_secs(1));
         let conn = match opening.wait(deadline, self.stop) {
             Ok(conn) => conn,

@@ -55,11 +55,6 @@ impl Opening {
         }
     }
 
-    /// Is this the open of `uri`?
-    pub fn is_of(&self, uri: &str) -> bool {
-        self.uri == uri
-    }
-
     /// Wait at most `deadline` for the connection (less when `stop` says the daemon is
     /// stopping).
     pub fn wait(&self, deadline: Duration, stop: impl Fn() -> bool) -> Result<Connect, NotOpened> {

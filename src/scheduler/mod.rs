@@ -323,10 +323,8 @@ impl Scheduler {
             }
             self.remember(v);
         }
-        for domain in stuck
-            .iter()
-            .filter(|d| !samples.iter().any(|s| s.domain.id == d.id))
-        {
+        let read: std::collections::HashSet<_> = samples.iter().map(|s| s.domain.id).collect();
+        for domain in stuck.iter().filter(|d| !read.contains(&d.id)) {
             self.stand_in(domain, &mut snapshot);
             report.not_answering.push(domain.name.clone());
             names.insert(domain);
@@ -339,9 +337,9 @@ impl Scheduler {
         snapshot
     }
 
-    /// Rule 5: domain `domain` does not answer: it is not read, but what is known of it is kept, and its
-    /// vCPUs stand in `snapshot` where they were with their last figures (unknown where it had
-    /// none yet): never moved, never counted idle.
+    /// Rule 5: domain `domain` does not answer: it is not read, but what is known of it is kept,
+    /// and its vCPUs stand in `snapshot` where they were with their last figures (unknown where
+    /// it had none yet): never moved, never counted idle.
     fn stand_in(&mut self, domain: &DomainRef, snapshot: &mut CpuSnapshot) {
         let (_, record) = self.domains.see(domain, DomainRecord::default);
         let last = record.vcpus.values().filter_map(|v| v.last_load.clone());
