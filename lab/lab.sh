@@ -169,6 +169,7 @@ cmd_define() {
     <initrd>$dir/initrd.gz</initrd>
     <cmdline>console=ttyS0 quiet vmb.work=$work</cmdline>
   </os>
+  <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
