@@ -76,7 +76,8 @@ named_enum! {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
-    /// No usage yet: the first cycle, or the first whose reads answered.
+    /// No usage yet (the first cycle, or the first whose reads answered), or no demand yet
+    /// where run-queue delay is read: no decision.
     #[default]
     FirstSample,
     /// Right after pin changes: observed only (rule 7 of [`crate::cpu_plan`]).
@@ -320,7 +321,7 @@ impl fmt::Display for CpuReport {
         write!(f, "{} domains, {} vCPUs", self.domains, self.vcpus)?;
         write_not_answering(f, &self.not_answering)?;
         if self.decision == Decision::FirstSample {
-            return write!(f, "; first sample, usage from the next cycle");
+            return write!(f, "; first sample, rates from the next cycle");
         }
         f.write_str("; pCPU usage %:")?;
         for p in &self.pcpus {

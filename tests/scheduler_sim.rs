@@ -5,7 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::sim::SimHost;
-use vmbalance::scheduler::{Scheduler, SchedulerConfig};
+use vmbalance::host::DomainId;
+use vmbalance::scheduler::{DEMAND_GRACE_CYCLES, Scheduler, SchedulerConfig};
 
 const PERIOD: Duration = Duration::from_secs(3);
 
@@ -684,4 +685,31 @@ fn vcpus_numad_places_are_left_alone_unless_overridden() {
     assert_eq!(run(&mut host, &mut sched, 3).iter().sum::<usize>(), 0);
     host.numad = false;
     assert_eq!(run(&mut host, &mut sched, 3).iter().sum::<usize>(), 1);
+}
+
+#[test]
+fn a_host_that_reports_delay_does_not_balance_usage_for_a_cycle_without_it() {
+    // Four busy vCPUs spread over 2 pCPUs, balanced on demand. Then they are crowded on pCPU 0
+    // in a cycle that reads no run-queue delay (domains read one by one while some stop
+    // answering): usage alone would move them, but the host reports delay, so the scheduler
+    // waits for demand a few cycles before it balances usage instead.
+    let mut host = SimHost::new(2);
+    host.reports_delay = true;
+    let ids: Vec<DomainId> = (1..=4).map(|n| host.add(n, &[(90.0, &[0])])).collect();
+    let mut sched = Scheduler::new(SchedulerConfig::default());
+    run(&mut host, &mut sched, 6);
+    assert_eq!(host.pcpu_usage().iter().filter(|&&u| u > 100.0).count(), 0);
+    for id in &ids {
+        host.domain_mut(id).vcpus[0].affinity = vec![0];
+    }
+    host.reports_delay = false;
+    let without = run(&mut host, &mut sched, 1 + DEMAND_GRACE_CYCLES as usize);
+    assert!(
+        without[..DEMAND_GRACE_CYCLES as usize]
+            .iter()
+            .all(|&c| c == 0),
+        "{without:?}"
+    );
+    // Past the grace, usage is balanced.
+    assert!(without[DEMAND_GRACE_CYCLES as usize] > 0, "{without:?}");
 }

@@ -133,6 +133,10 @@ pub fn run_cycles<T: Turns>(uri: &str, options: LoopOptions, mut turns: T) -> an
             .turn()
             .inspect_err(|_| run.totals.summary("stopping on error"))?;
         let go_on = match turn {
+            // Cut short by the stop (its calls stopped waiting): not a failure to report.
+            Turn::Disconnected(_) | Turn::Failed(_) if stop.requested() => {
+                return run.end("stopping on signal");
+            }
             Turn::Disconnected(why) => {
                 run.lost(&why);
                 continue;

@@ -59,6 +59,9 @@ pub struct Known {
     pub missed: bool,
     /// It was missed in the previous sample: it goes first in this one.
     pub missed_last: bool,
+    /// Its QEMU's CPU time (ns, counted in clock ticks) at the last look while domains were read
+    /// one by one; `None` while the bulk call answers.
+    pub cpu_seen: Option<u64>,
     /// It was said to be held by someone else's job (and not yet said to be free again).
     pub held_said: bool,
     /// The failure said of its reads, until it reads again: a domain that keeps failing the
@@ -81,6 +84,7 @@ impl Known {
             missed: false,
             missed_last: false,
             held_said: false,
+            cpu_seen: None,
             failure_said: None,
         }
     }

@@ -221,6 +221,8 @@ pub struct LibvirtHost {
     ever_listed: bool,
     /// The budget of calls running at once was found spent, and it was said.
     budget_said: bool,
+    /// The domains last said not to be asked because their QEMU did not run (sorted names).
+    quiet_said: Vec<String>,
     /// Calls that may wait on a domain's QEMU, bounded in time.
     bounded: Bounded,
     /// Is the daemon stopping? A bounded call stops waiting at once when it is.
@@ -288,6 +290,7 @@ impl LibvirtHost {
             listing_stuck_said: false,
             ever_listed: false,
             budget_said: false,
+            quiet_said: Vec::new(),
             bounded,
             stop: || false,
             numad: numad::Numad::default(),
@@ -333,6 +336,10 @@ impl LibvirtHost {
     /// A call was not made: the budget of calls running at once is spent (said once, until
     /// calls return).
     fn over_budget(&mut self) {
+        // Calls stop waiting when the daemon stops: nothing to say of them.
+        if (self.stop)() {
+            return;
+        }
         if !std::mem::replace(&mut self.budget_said, true) {
             log::warn!(
                 "{} calls to libvirt are still running, the most this daemon holds of libvirtd's workers (--max-libvirt-calls): domains are not read until some return",
@@ -343,6 +350,10 @@ impl LibvirtHost {
 
     /// Say which domains became stuck, and which answer again, since the last time.
     fn say_stuck(&mut self) {
+        // Calls stop waiting when the daemon stops: they are not stuck.
+        if (self.stop)() {
+            return;
+        }
         let deadline = self.bounded.deadline().as_secs_f64();
         for known in self.domains.records_mut() {
             let stuck = known.slot.is_busy();
@@ -374,6 +385,12 @@ impl LibvirtHost {
             || format!("reading the vCPUs of domain {id}"),
             move |dom| raw::domain_vcpus(dom, present),
         )?;
+        self.vcpu_infos(id, raw)
+    }
+
+    /// Domain `id`'s vCPUs as `virDomainGetVcpus` gave them (`raw`), with their configured
+    /// affinity.
+    fn vcpu_infos(&mut self, id: &DomainId, raw: Vec<raw::RawVcpu>) -> HostResult<Vec<VcpuInfo>> {
         let nvcpus = raw.iter().map(|v| v.number + 1).max().unwrap_or(0);
         let configured = self.configured(id, nvcpus)?;
         Ok(raw
@@ -482,7 +499,7 @@ impl LibvirtHost {
                 self.bounded.deadline().as_secs_f64()
             )));
         }
-        if !std::mem::replace(&mut self.listing_stuck_said, true) {
+        if !(self.stop)() && !std::mem::replace(&mut self.listing_stuck_said, true) {
             log::warn!(
                 "listing the domains did not answer within {:.1} s (a domain is held by a libvirt call that blocks: a dump or save to a file that does not open, a hung storage call): going on with the {} domains listed before",
                 self.bounded.deadline().as_secs_f64(),
@@ -716,8 +733,9 @@ impl LibvirtHost {
     /// stuck domain again), so the domains that answer keep one read and their run-queue delay.
     /// `None` when the driver does not support it, when it did not answer in time, or while the
     /// listing itself is stuck (the caller then reads domain by domain). vCPU times are read
-    /// without waiting for domains busy in a job (`NOWAIT`), which does not keep the call from
-    /// waiting on a QEMU nobody else holds.
+    /// without waiting for domains busy in a job (`NOWAIT`); a domain whose job is free is still
+    /// asked through its QEMU (libvirt 9's vCPU group sends `query-stats` in the job), so a
+    /// stopped or hung QEMU nobody else holds keeps the call.
     fn bulk_stats(&mut self, groups: u32) -> HostResult<Option<Vec<(raw::DomainStats, Instant)>>> {
         if self.session.no_bulk_stats || self.listing.is_busy() {
             return Ok(None);
@@ -755,6 +773,11 @@ impl LibvirtHost {
         };
         match read {
             Ok((listing, records)) => {
+                // The bulk call answers: what was seen of QEMUs' CPU time while it did not is
+                // stale by the next time it does not.
+                for known in self.domains.records_mut() {
+                    known.cpu_seen = None;
+                }
                 let listed: Vec<Listed> = match listing {
                     Some(listing) => listing
                         .into_iter()
@@ -779,44 +802,65 @@ impl LibvirtHost {
     }
 
     /// The statistics `groups` of every domain that answers, each record with the instant it was
-    /// read: in one call ([`LibvirtHost::bulk_stats`]), else domain by domain
-    /// ([`LibvirtHost::stats_one_by_one`]); `None` where the driver has no such statistics.
+    /// read: in one call ([`LibvirtHost::bulk_stats`]); else, for balloons, domain by domain
+    /// ([`LibvirtHost::balloon_records_one_by_one`]). `None` where the driver has no such
+    /// statistics, and for vCPUs whenever the bulk call is not answered: the caller then reads
+    /// each domain's vCPUs with `virDomainGetVcpus`, which takes neither the domain's job nor its
+    /// QEMU (libvirt's vCPU statistics take the job and ask QEMU for `query-stats`, and a QEMU
+    /// that is stopped or hung would keep one of libvirtd's workers per domain asked).
     fn stats_records(
         &mut self,
         groups: u32,
     ) -> HostResult<Option<Vec<(raw::DomainStats, Instant)>>> {
         match self.bulk_stats(groups)? {
             Some(records) => Ok(Some(records)),
-            None => self.stats_one_by_one(groups),
+            None if groups == sys::VIR_DOMAIN_STATS_VCPU => Ok(None),
+            None => self.balloon_records_one_by_one(groups),
         }
     }
 
-    /// The statistics `groups` of each active domain read on its own (`virDomainListGetStats` of
-    /// one domain, bounded like every call on it), each with the instant it was read: while the
-    /// bulk call does not answer, this finds which domain holds it up (its call is stuck in turn)
-    /// and keeps the others' figures whole, run-queue delay included. `None` where the driver has
-    /// no such statistics (the caller then reads domain by domain the old way).
-    fn stats_one_by_one(
+    /// The balloon statistics `groups` of each active domain read on its own
+    /// (`virDomainListGetStats` of one domain, in its job, bounded like every call on it), each
+    /// with the instant it was read, while the bulk call does not answer. Only a domain whose
+    /// QEMU ran since the last look is asked ([`LibvirtHost::ran_since_last_look`]): when calls
+    /// are stuck, many QEMUs may be frozen at once (a storage outage), and asking each would keep
+    /// one of libvirtd's workers per frozen domain until the budget of calls is spent and no
+    /// domain is read at all. `None` where the driver has no such statistics (the caller then
+    /// reads domain by domain the old way).
+    fn balloon_records_one_by_one(
         &mut self,
         groups: u32,
     ) -> HostResult<Option<Vec<(raw::DomainStats, Instant)>>> {
         if self.session.no_bulk_stats {
             return Ok(None);
         }
-        let nowait = groups == sys::VIR_DOMAIN_STATS_VCPU;
         let mut out = Vec::new();
+        let mut quiet = Vec::new();
         let mut domains = self.active_domains()?;
         // The domains not read last time (the cycle's time ran out before them) go first.
         domains.sort_by_key(|d| !self.domains.get(&d.id).is_some_and(|k| k.missed_last));
         for domain in domains {
-            let what = || format!("reading the statistics of domain {}", domain.id);
-            let read_stats = move |dom: &Domain| raw::domain_stats(dom, groups, nowait);
-            // Without NOWAIT the call takes the domain's job.
-            let read = if nowait {
-                self.on_domain_bounded(&domain.id, 1, what, read_stats)
-            } else {
-                self.on_domain_in_job(&domain.id, 1, what, read_stats)
+            // `virDomainGetInfo` waits on neither the domain's job nor its QEMU.
+            let read = self.on_domain_bounded(
+                &domain.id,
+                1,
+                || format!("reading the CPU time of domain {}", domain.id),
+                |dom| Ok(dom.info()?.cpu_time),
+            );
+            let Some(cpu_ns) = self.skip(&domain, read)? else {
+                continue;
             };
+            if !self.ran_since_last_look(&domain.id, cpu_ns) {
+                // Not read: it keeps its last figures.
+                if let Some(known) = self.domains.get_mut(&domain.id) {
+                    known.missed = true;
+                }
+                quiet.push(domain.name.clone());
+                continue;
+            }
+            let what = || format!("reading the statistics of domain {}", domain.id);
+            let read_stats = move |dom: &Domain| raw::domain_stats(dom, groups, false);
+            let read = self.on_domain_in_job(&domain.id, 1, what, read_stats);
             if let Err(HostError::Unsupported(_)) = &read {
                 self.session.no_bulk_stats = true;
                 return Ok(None);
@@ -825,7 +869,90 @@ impl LibvirtHost {
                 out.push((record, Instant::now()));
             }
         }
+        self.say_quiet(quiet);
         Ok(Some(out))
+    }
+
+    /// Whether domain `id` ran since the last look while the bulk call does not answer, from its
+    /// CPU time `cpu_ns` now (read by a call that waits on neither its job nor its QEMU): false
+    /// at the first look, and when it has not run since, as a QEMU that is stopped or hung (a
+    /// storage outage freezes many at once): a call that needs its QEMU would keep one of
+    /// libvirtd's workers until it runs again, so none is made. CPU time is counted in clock
+    /// ticks, so a domain idle enough is taken for quiet too, until it runs again.
+    fn ran_since_last_look(&mut self, id: &DomainId, cpu_ns: u64) -> bool {
+        self.domains
+            .get_mut(id)
+            .is_some_and(|known| known.cpu_seen.replace(cpu_ns).is_some_and(|b| b != cpu_ns))
+    }
+
+    /// Every domain's vCPUs read on its own while the bulk call does not answer: its times and
+    /// affinity by `virDomainGetVcpus`, which waits on neither its job nor its QEMU, so every
+    /// domain is read however many QEMUs are frozen; and the run-queue delay of the domains that
+    /// ran since the last look ([`LibvirtHost::ran_since_last_look`]) from their own statistics
+    /// (without waiting for their job), so those keep balancing on demand. A domain not asked
+    /// counts its usage (nothing, when it did not run).
+    fn vcpus_one_by_one(&mut self) -> HostResult<Vec<VcpuSample>> {
+        let mut out = Vec::new();
+        let mut domains = self.active_domains()?;
+        // The domains not read last time (the cycle's time ran out before them) go first.
+        domains.sort_by_key(|d| !self.domains.get(&d.id).is_some_and(|k| k.missed_last));
+        let present = self.present_cpus()?;
+        for domain in domains {
+            let id = domain.id;
+            let seen = self.domains.get(&id).and_then(|k| k.cpu_seen);
+            // One worker for both reads: the delay only where the vCPUs ran since the last look.
+            let read = self.on_domain_bounded(
+                &id,
+                3,
+                || format!("reading the vCPUs of domain {id}"),
+                move |dom| {
+                    let raw = raw::domain_vcpus(dom, present)?;
+                    let cpu_ns: u64 = raw.iter().map(|v| v.cpu_time_ns).sum();
+                    let delays = if seen.is_some_and(|seen| seen != cpu_ns) {
+                        let stats = raw::domain_stats(dom, sys::VIR_DOMAIN_STATS_VCPU, true);
+                        // Without its delay, a vCPU counts its usage.
+                        stats.ok().flatten()
+                    } else {
+                        None
+                    };
+                    Ok((raw, cpu_ns, delays))
+                },
+            );
+            self.note_unreadable(&id, &read);
+            let Some((raw, cpu_ns, delays)) = read_or_skip(&domain, read)? else {
+                continue;
+            };
+            let at = Instant::now();
+            self.ran_since_last_look(&id, cpu_ns);
+            let infos = self.vcpu_infos(&id, raw);
+            let Some(mut vcpus) = self.skip(&domain, infos)? else {
+                continue;
+            };
+            if let Some(record) = delays {
+                for v in &mut vcpus {
+                    v.delay_ns = record.u64(&format!("vcpu.{}.delay", v.number));
+                }
+            }
+            out.push(VcpuSample { domain, vcpus, at });
+        }
+        self.say_stuck();
+        Ok(out)
+    }
+
+    /// Say which domains were not asked because their QEMU did not run since the last look,
+    /// when they change.
+    fn say_quiet(&mut self, mut quiet: Vec<String>) {
+        quiet.sort();
+        if quiet != self.quiet_said {
+            if !quiet.is_empty() {
+                log::info!(
+                    "calls to libvirt are stuck: {} domains whose QEMU has not run since the last look are not asked for their memory figures (a stopped or hung QEMU would keep the call), until it runs: {}",
+                    quiet.len(),
+                    quiet.join(" ")
+                );
+            }
+            self.quiet_said = quiet;
+        }
     }
 
     /// The affinity of a domain's `nvcpus` vCPUs: from what we know, re-read when unknown or
@@ -1117,7 +1244,10 @@ impl Host for LibvirtHost {
     fn sample_vcpus(&mut self) -> HostResult<Vec<VcpuSample>> {
         self.begin_sample();
         let Some(records) = self.stats_records(sys::VIR_DOMAIN_STATS_VCPU)? else {
-            return self.domain_by_domain(vcpus_domain_by_domain);
+            if self.session.no_bulk_stats {
+                return self.domain_by_domain(vcpus_domain_by_domain);
+            }
+            return self.vcpus_one_by_one();
         };
         self.samples += 1;
         self.watch_pins();
@@ -1152,9 +1282,13 @@ impl Host for LibvirtHost {
                 _ => {
                     // `vcpus` says a failure itself.
                     let read = h.vcpus(&domain.id);
-                    let vcpus = read_or_skip(&domain, read)?;
-                    if let Some(vcpus) = &vcpus {
+                    let mut vcpus = read_or_skip(&domain, read)?;
+                    if let Some(vcpus) = &mut vcpus {
                         h.note_real_affinity(&domain, vcpus);
+                        // The run-queue delay is the record's: this call carries none.
+                        for v in vcpus {
+                            v.delay_ns = rec.u64(&format!("vcpu.{}.delay", v.number));
+                        }
                     }
                     vcpus
                 }

@@ -29,6 +29,10 @@ use crate::topology::Topology;
 use crate::tracker::Tracker;
 use record::{DomainRecord, VcpuRecord};
 
+/// How many cycles without a demand a host that reports run-queue delay waits before it
+/// balances usage instead (rule 5).
+pub const DEMAND_GRACE_CYCLES: u64 = 3;
+
 /// The vCPU scheduler's state across cycles.
 pub struct Scheduler {
     /// Everything remembered about each domain, one record per domain run.
@@ -44,6 +48,8 @@ pub struct Scheduler {
     settle_after_changes: bool,
     /// Whether the host reports run-queue delay, once known (said once in the log).
     delay_reported: Option<bool>,
+    /// The last cycle that read some run-queue delay.
+    delay_read_at: Option<u64>,
     /// Where each vCPU may go (rule 9), within the configuration's pool and NUMA crossing.
     allowed: AllowedSets,
     /// Said that sampling is slow, and not yet that it is back to normal.
@@ -134,6 +140,7 @@ impl Scheduler {
             settling: false,
             settle_after_changes: true,
             delay_reported: None,
+            delay_read_at: None,
             slow: false,
             topology_said: TopologySaid::Nothing,
             numad_said: None,
@@ -226,8 +233,22 @@ impl Scheduler {
             &mut report,
             &mut names,
         );
-        // Rule 5: nothing measured yet (the first cycle, or the first whose reads answered).
-        if self.cycles == 1 || snapshot.vcpus.iter().all(|v| v.usage.is_none()) {
+        // Rule 5: nothing measured yet (the first cycle, or the first whose reads answered), or
+        // no demand for a moment on a host that reports run-queue delay (read but not measured
+        // yet, or not read in this cycle: domains read one by one while some stop answering): a
+        // decision on usage alone would not be the one demand makes.
+        let delay_read = samples
+            .iter()
+            .flat_map(|s| &s.vcpus)
+            .any(|v| v.delay_ns.is_some());
+        if delay_read {
+            self.delay_read_at = Some(self.cycles);
+        }
+        let demand_missed = self
+            .delay_read_at
+            .is_some_and(|at| self.cycles - at <= DEMAND_GRACE_CYCLES)
+            && !snapshot.reports_delay();
+        if self.cycles == 1 || snapshot.vcpus.iter().all(|v| v.usage.is_none()) || demand_missed {
             return Ok(Some(report));
         }
         report.pcpus = pcpu_lines(&snapshot);
