@@ -53,11 +53,10 @@ test-unit: test-deps rust-version
 ## real QEMU guests, tear the lab down whatever happened.
 e2e: test-deps
 	lab/lab.sh setup $(LAB_DIR)
-	VMB_LAB_DIR=$(LAB_DIR) $(CARGO) test --locked --test e2e -- --ignored --test-threads=1 --nocapture; \
+	VMB_LAB_DIR=$(LAB_DIR) $(CARGO) test --locked --test e2e --test e2e_scale -- --ignored --test-threads=1 --nocapture; \
 		status=$$?; lab/lab.sh teardown $(LAB_DIR); exit $$status
 
-## The host-scale test on real guests (root; about 15 minutes): not in `make test` yet, since two
-## dozen TCG guests overload a 2-core machine (see docs/testing.md).
+## The host-scale test on real guests alone (root; about 7 minutes; `make e2e` runs it too).
 e2e-scale: test-deps
 	lab/lab.sh setup $(LAB_DIR)
 	VMB_LAB_DIR=$(LAB_DIR) $(CARGO) test --locked --test e2e_scale -- --ignored --test-threads=1 --nocapture; \
