@@ -118,11 +118,17 @@ impl WebConfig {
         let file: File = if text.trim().is_empty() {
             File::default()
         } else {
-            serde_yaml_ng::from_str(text).map_err(|e| match e.location() {
-                Some(at) if !e.to_string().contains(" line ") => {
-                    anyhow::anyhow!("line {}: {e}", at.line())
+            serde_saphyr::from_str(text).map_err(|e| {
+                // One line for the operator: the message, without a rendered snippet.
+                let message = e.to_string();
+                let first = message.lines().next().unwrap_or_default();
+                let message = first.strip_prefix("error: ").unwrap_or(first).to_string();
+                match e.location() {
+                    Some(at) if !message.contains("line ") => {
+                        anyhow::anyhow!("line {}: {message}", at.line())
+                    }
+                    _ => anyhow::anyhow!("{message}"),
                 }
-                _ => anyhow::anyhow!("{e}"),
             })?
         };
         let users = file.basic_auth_users.unwrap_or_default();
