@@ -13,6 +13,9 @@ UNITDIR ?= $(PREFIX)/lib/systemd/system
 SYSCONFDIR ?= /etc
 # The Grafana dashboard (import it in Grafana, or point a dashboard provisioner at this directory).
 DATADIR ?= $(PREFIX)/share/vmbalance
+DOCDIR ?= $(PREFIX)/share/doc/vmbalance
+# The operator's documentation, installed beside the man pages (the units and --help point at it).
+OPERATOR_DOCS = README.md docs/operations.md docs/vcpu_scheduler.md docs/memory_coordinator.md docs/metrics.md docs/fleet.md
 UNITS := vcpu-scheduler memory-coordinator
 # Where `make e2e` builds its lab of real guests (outside the source tree; removed afterwards).
 LAB_DIR ?= /tmp/vmbalance-lab
@@ -20,7 +23,7 @@ BINARIES := vcpu_scheduler memory_coordinator vmbalance_plot
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: all build binaries test test-unit e2e e2e-scale demo lint clean deps test-deps install uninstall rust-version deb
+.PHONY: all build binaries test test-unit e2e e2e-scale demo lint clean deps test-deps install uninstall rust-version deb deb-check
 
 # The oldest Rust that builds vmbalance (Cargo.toml's rust-version).
 RUST_MIN := $(shell sed -n 's/^rust-version *= *"\(.*\)"/\1/p' Cargo.toml)
@@ -71,11 +74,13 @@ lint: deps rust-version
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-## Install the binaries, their man pages (generated from --help's definitions), the systemd units
-## and their configuration files in $(SYSCONFDIR)/vmbalance (kept if already there). Honours PREFIX and DESTDIR.
+## Install the binaries, their man pages (generated from --help's definitions), the operator's
+## documentation, the systemd units and their configuration files in $(SYSCONFDIR)/vmbalance (kept
+## if already there). Honours PREFIX and DESTDIR.
 ## Never installs packages: a packager's build machine has them, or runs `make deps` first.
 install: binaries
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(DATADIR)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(DATADIR) $(DESTDIR)$(DOCDIR)
+	install -m 644 $(OPERATOR_DOCS) $(DESTDIR)$(DOCDIR)/
 	install -m 644 dist/grafana-dashboard.json dist/vmbalance-alerts.yml dist/vmbalance-fleet-rules.yml $(DESTDIR)$(DATADIR)/
 	install -m 755 $(addprefix $(BIN_DIR)/,$(BINARIES)) $(DESTDIR)$(BINDIR)/
 	for b in $(BINARIES); do $(BIN_DIR)/$$b --man > $(DESTDIR)$(MANDIR)/$$b.1; done
@@ -94,6 +99,8 @@ uninstall:
 	-rmdir $(DESTDIR)$(SYSCONFDIR)/vmbalance 2>/dev/null
 	rm -f $(DESTDIR)$(DATADIR)/grafana-dashboard.json $(DESTDIR)$(DATADIR)/vmbalance-alerts.yml $(DESTDIR)$(DATADIR)/vmbalance-fleet-rules.yml
 	-rmdir $(DESTDIR)$(DATADIR) 2>/dev/null
+	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,$(notdir $(OPERATOR_DOCS)))
+	-rmdir $(DESTDIR)$(DOCDIR) 2>/dev/null
 
 clean:
 	$(CARGO) clean
@@ -107,6 +114,13 @@ deb: deps rust-version
 	@command -v dpkg-shlibdeps >/dev/null 2>&1 || { echo "installing dpkg-dev with apt-get"; \
 		$(SUDO) apt-get update -qq && $(APT_INSTALL) dpkg-dev; }
 	dist/deb/build.sh
+
+## Build the package and check it as Debian does: lintian with no error and no warning (the info
+## tags left are explained in docs/operations.md). Installs lintian with apt-get when missing.
+deb-check: deb
+	@command -v lintian >/dev/null 2>&1 || { echo "installing lintian with apt-get"; \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) lintian; }
+	lintian --fail-on error,warning --info target/debian/vmbalance_*.deb
 
 ## Say clearly when the installed Rust is older than the one vmbalance needs.
 rust-version:
