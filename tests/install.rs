@@ -250,6 +250,8 @@ fn the_installed_units_are_sandboxed() {
             // The notify protocol, and a watchdog for a daemon stuck in a cycle.
             "Type=notify\n",
             "WatchdogSec=",
+            // A configuration error (exit 2) is not retried for ever.
+            "RestartPreventExitStatus=2\n",
             // Ordered after libvirt in every layout, sockets included...
             "After=libvirtd.service libvirtd.socket virtqemud.service virtqemud.socket\n",
         ] {
