@@ -836,9 +836,7 @@ impl LibvirtHost {
         }
         let mut out = Vec::new();
         let mut quiet = Vec::new();
-        let mut domains = self.active_domains()?;
-        // The domains not read last time (the cycle's time ran out before them) go first.
-        domains.sort_by_key(|d| !self.domains.get(&d.id).is_some_and(|k| k.missed_last));
+        let domains = self.active_domains_missed_first()?;
         for domain in domains {
             // `virDomainGetInfo` waits on neither the domain's job nor its QEMU.
             let read = self.on_domain_bounded(
@@ -873,6 +871,14 @@ impl LibvirtHost {
         Ok(Some(out))
     }
 
+    /// The active domains ([`Host::active_domains`]), those not read last time (the cycle's time
+    /// ran out before them) first.
+    fn active_domains_missed_first(&mut self) -> HostResult<Vec<DomainRef>> {
+        let mut domains = self.active_domains()?;
+        domains.sort_by_key(|d| !self.domains.get(&d.id).is_some_and(|k| k.missed_last));
+        Ok(domains)
+    }
+
     /// Whether domain `id` ran since the last look while the bulk call does not answer, from its
     /// CPU time `cpu_ns` now (read by a call that waits on neither its job nor its QEMU): false
     /// at the first look, and when it has not run since, as a QEMU that is stopped or hung (a
@@ -893,9 +899,7 @@ impl LibvirtHost {
     /// counts its usage (nothing, when it did not run).
     fn vcpus_one_by_one(&mut self) -> HostResult<Vec<VcpuSample>> {
         let mut out = Vec::new();
-        let mut domains = self.active_domains()?;
-        // The domains not read last time (the cycle's time ran out before them) go first.
-        domains.sort_by_key(|d| !self.domains.get(&d.id).is_some_and(|k| k.missed_last));
+        let domains = self.active_domains_missed_first()?;
         let present = self.present_cpus()?;
         for domain in domains {
             let id = domain.id;
@@ -918,8 +922,7 @@ impl LibvirtHost {
                     Ok((raw, cpu_ns, delays))
                 },
             );
-            self.note_unreadable(&id, &read);
-            let Some((raw, cpu_ns, delays)) = read_or_skip(&domain, read)? else {
+            let Some((raw, cpu_ns, delays)) = self.skip(&domain, read)? else {
                 continue;
             };
             let at = Instant::now();
@@ -930,7 +933,7 @@ impl LibvirtHost {
             };
             if let Some(record) = delays {
                 for v in &mut vcpus {
-                    v.delay_ns = record.u64(&format!("vcpu.{}.delay", v.number));
+                    v.delay_ns = record.vcpu_delay(v.number);
                 }
             }
             out.push(VcpuSample { domain, vcpus, at });
@@ -1287,7 +1290,7 @@ impl Host for LibvirtHost {
                         h.note_real_affinity(&domain, vcpus);
                         // The run-queue delay is the record's: this call carries none.
                         for v in vcpus {
-                            v.delay_ns = rec.u64(&format!("vcpu.{}.delay", v.number));
+                            v.delay_ns = rec.vcpu_delay(v.number);
                         }
                     }
                     vcpus
@@ -1614,7 +1617,7 @@ fn bulk_vcpus(
                 cpu_time_ns: rec.u64(&format!("vcpu.{n}.time"))?,
                 last_pcpu: None,
                 affinity: affinity.get(n as usize).cloned().unwrap_or_default(),
-                delay_ns: rec.u64(&format!("vcpu.{n}.delay")),
+                delay_ns: rec.vcpu_delay(n),
                 configured: configured.and_then(|c| c.get(n as usize).cloned()),
             })
         })

@@ -204,6 +204,11 @@ impl DomainStats {
             .find(|(f, _)| f == name)
             .and_then(|(_, v)| v.as_u64())
     }
+
+    /// vCPU `n`'s run-queue delay (ns), where the record has it.
+    pub fn vcpu_delay(&self, n: u32) -> Option<u64> {
+        self.u64(&format!("vcpu.{n}.delay"))
+    }
 }
 
 /// A fixed-size C field name as a string (up to its NUL).
